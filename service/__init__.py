@@ -1,0 +1,1 @@
+"""LitServe service: many LoRA adapters on one shared base model."""

@@ -1,0 +1,76 @@
+"""Every Prometheus metric the service exports, defined once.
+
+LitServe runs the API servers, the generation worker and the job runner in separate processes,
+so metrics use prometheus_client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR must be set (and
+the folder wiped) by the main process *before* this module is imported anywhere; ``/metrics``
+serves a registry holding only a MultiProcessCollector, so each family appears exactly once.
+The Grafana dashboard and the alert rules in deploy/ name these metrics; a test keeps them honest.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+# --- HTTP (API server processes) -------------------------------------------------------------
+REQUESTS = Counter("loraserve_requests_total", "HTTP requests answered", ["endpoint", "status"])
+REQUEST_SECONDS = Histogram(
+    "loraserve_request_duration_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS
+)
+
+# --- generation (worker process) -------------------------------------------------------------
+QUEUE_WAIT_SECONDS = Histogram(
+    "loraserve_queue_wait_seconds", "time from arrival to joining a batch", buckets=FAST_BUCKETS
+)
+TTFT_SECONDS = Histogram(
+    "loraserve_time_to_first_token_seconds", "arrival to first generated token", ["adapter"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_SECONDS = Histogram(
+    "loraserve_inter_token_latency_seconds", "time between generated tokens of one request",
+    buckets=FAST_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "loraserve_batch_size", "rows in a decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+PROMPT_TOKENS = Counter("loraserve_prompt_tokens_total", "prompt tokens processed", ["adapter"])
+GENERATED_TOKENS = Counter("loraserve_generated_tokens_total", "tokens generated", ["adapter"])
+REQUESTS_RUNNING = Gauge(
+    "loraserve_requests_running", "requests in the running batch", multiprocess_mode="livesum"
+)
+REQUESTS_WAITING = Gauge(
+    "loraserve_requests_waiting", "requests queued for the worker", multiprocess_mode="livesum"
+)
+
+# --- adapters (worker process) ---------------------------------------------------------------
+ADAPTERS_LOADED = Gauge("loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum")
+ADAPTER_LOAD_SECONDS = Histogram(
+    "loraserve_adapter_load_seconds", "time to load one adapter from disk", buckets=FAST_BUCKETS
+)
+ADAPTER_CACHE_HITS = Counter("loraserve_adapter_cache_hits_total", "adapter lookups served from memory")
+ADAPTER_CACHE_MISSES = Counter("loraserve_adapter_cache_misses_total", "adapter lookups that loaded from disk")
+ADAPTER_CACHE_EVICTIONS = Counter("loraserve_adapter_cache_evictions_total", "adapters evicted (LRU)")
+
+# --- model (worker process) ------------------------------------------------------------------
+MODEL_INFO = Gauge(
+    "loraserve_model_info", "constant 1, labelled with what the worker serves",
+    ["model", "device", "dtype", "weights"], multiprocess_mode="mostrecent",
+)
+GPU_MEMORY_BYTES = Gauge(
+    "loraserve_gpu_memory_bytes", "CUDA memory of the generation worker", ["kind"], multiprocess_mode="mostrecent"
+)
+
+# --- training jobs (job runner process) ------------------------------------------------------
+TRAIN_JOBS = Gauge("loraserve_train_jobs", "training jobs by status", ["status"], multiprocess_mode="mostrecent")
+TRAIN_JOBS_FINISHED = Counter("loraserve_train_jobs_finished_total", "training jobs that ended", ["status"])
+TRAIN_STEPS = Counter("loraserve_train_steps_total", "optimizer steps taken by training jobs")
+TRAIN_LOSS = Gauge("loraserve_train_loss", "latest training loss of the running job", multiprocess_mode="mostrecent")
+TRAIN_TOKENS_PER_SECOND = Gauge(
+    "loraserve_train_tokens_per_second", "training throughput of the running job", multiprocess_mode="mostrecent"
+)
+TRAIN_JOB_SECONDS = Histogram(
+    "loraserve_train_job_duration_seconds", "wall time of finished training jobs",
+    buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
+)

@@ -1,0 +1,51 @@
+"""Service settings: every command-line flag is also a LORASERVE_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid")
+
+    model: str = Field("distilgpt2", description="base model: hub id or local folder")
+    allow_random_weights: bool = Field(
+        False, description="if the base cannot be loaded, serve random weights of its architecture (demo only)"
+    )
+    adapter_dir: Path = Field(Path("adapters"), description="one PEFT folder per adapter name")
+    data_dir: Path = Field(Path("data"), description="job store, datasets, job folders, metrics")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="required for everything but /health and /metrics")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU"
+    )
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_timeout: float = Field(0.01, gt=0, le=1.0, description="seconds a worker waits to fill a batch")
+    max_loaded_adapters: int = Field(16, ge=1, description="LRU capacity of the in-worker adapter cache")
+    max_new_tokens_cap: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
+    request_timeout: float = Field(120.0, gt=0, description="server-side deadline for one request, seconds")
+    num_api_servers: int = Field(1, ge=1)
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_concurrent_jobs: int = Field(1, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.adapter_dir / ".staging"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        return self.data_dir / "prometheus"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"

@@ -1,0 +1,1 @@
+"""LoRA SFT trainer: PEFT adapters from a Hugging Face Accelerate loop."""

