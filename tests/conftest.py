@@ -1,0 +1,32 @@
+"""Shared fixtures: real models with random weights and GPT-2's real tokenizer.
+
+Built once per test session. ``tiny_base`` (2 layers, 64 wide) keeps most tests fast;
+``distil_base`` has distilgpt2's exact shape for the tests where the shape matters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the hub; fail fast instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.model import make_random_base
+
+    return make_random_base(tmp_path_factory.mktemp("bases") / "tiny-gpt2", **TINY_SHAPE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def distil_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.model import DISTILGPT2_SHAPE, make_random_base
+
+    return make_random_base(tmp_path_factory.mktemp("bases") / "distilgpt2-random", **DISTILGPT2_SHAPE, seed=0)
