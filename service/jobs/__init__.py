@@ -1,0 +1,1 @@
+"""Training jobs: the SQLite job store, the runner that spawns trainer processes, and the HTTP routes."""
