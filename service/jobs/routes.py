@@ -18,7 +18,12 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
         raise ApiError(501, "not_implemented", "training jobs are not available yet")
 
     for path, method in (
-        ("/train", "POST"), ("/train", "GET"), ("/train/{job_id}", "GET"), ("/train/{job_id}", "DELETE"),
-        ("/train/{job_id}/events", "GET"), ("/train/{job_id}/logs", "GET"), ("/datasets", "POST"),
+        ("/train", "POST"),
+        ("/train", "GET"),
+        ("/train/{job_id}", "GET"),
+        ("/train/{job_id}", "DELETE"),
+        ("/train/{job_id}/events", "GET"),
+        ("/train/{job_id}/logs", "GET"),
+        ("/datasets", "POST"),
     ):
         app.add_api_route(path, _not_yet, methods=[method], dependencies=deps)

@@ -1,0 +1,492 @@
+"""The job store: SQLite in WAL mode, shared by every API process and the job runner.
+
+Each call opens its own short connection (processes are forked; a connection must never cross a
+fork) and every write runs in ``BEGIN IMMEDIATE``, so concurrent writers queue on SQLite's lock
+instead of losing updates. State changes are compare-and-set (``UPDATE ... WHERE status = ?``),
+and a running job belongs to the runner holding its lease (``lease_owner``, ``lease_expires``,
+renewed by heartbeats): a runner whose lease is gone may not write the job any more.
+
+The SQL stays portable (plain types, no SQLite functions, ``?`` placeholders that a PostgreSQL
+driver spells ``%s``). What PostgreSQL would need instead: ``SELECT ... FOR UPDATE SKIP LOCKED`` in
+``claim_next`` and a lock around the running-jobs count (see docs/jobs.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+PROGRESS_KEYS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "tokens_per_second",
+    "eta_seconds",
+    "lr",
+)
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        overwrite INTEGER NOT NULL DEFAULT 0,
+        base_model TEXT,
+        dataset TEXT,
+        num_rows INTEGER NOT NULL DEFAULT 0,
+        progress TEXT NOT NULL DEFAULT '{}',
+        created_at DOUBLE PRECISION NOT NULL,
+        started_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        resume INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_expires DOUBLE PRECISION,
+        trainer_pid INTEGER
+    )""",
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_adapter ON jobs (adapter, status)",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key TEXT PRIMARY KEY,
+        request_hash TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS datasets (
+        id TEXT PRIMARY KEY,
+        num_rows INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+]
+
+_COLUMN_NAMES = (
+    "id",
+    "adapter",
+    "status",
+    "error",
+    "overwrite",
+    "base_model",
+    "dataset",
+    "num_rows",
+    "progress",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "attempts",
+    "resume",
+    "cancel_requested",
+    "lease_owner",
+    "lease_expires",
+    "trainer_pid",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+
+
+class StoreConflict(Exception):
+    """A write the store refused; ``code`` and ``param`` say why (the routes map them to HTTP)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, job: Job | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param, self.job = code, message, param, job
+
+
+@dataclass
+class Job:
+    id: str
+    adapter: str
+    status: str
+    error: str | None = None
+    overwrite: bool = False
+    base_model: str | None = None
+    dataset: str | None = None
+    num_rows: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float = 0.0
+    attempts: int = 0
+    resume: bool = False
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    trainer_pid: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @classmethod
+    def _from_row(cls, row: tuple) -> Job:
+        d = dict(zip(_COLUMN_NAMES, row, strict=True))
+        d["progress"] = json.loads(d["progress"] or "{}")
+        for key in ("overwrite", "resume", "cancel_requested"):
+            d[key] = bool(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    num_rows: int
+    size_bytes: int
+    sha256: str
+    created_at: float
+
+
+def new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:20]}"
+
+
+def new_dataset_id() -> str:
+    return f"ds-{uuid.uuid4().hex[:20]}"
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (Linux), so a reused pid is not mistaken for the old process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields and fields[0] in ("Z", "X"):  # zombie or dead: not running any more
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def make_owner_id() -> str:
+    """Lease owner id of this process: host, pid, the pid's start time and a random token."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}|{pid}|{_proc_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` ran on this host and that process is gone (False when unsure: leases expire)."""
+    if not owner:
+        return True
+    parts = owner.split("|")
+    if len(parts) != 4 or parts[0] != socket.gethostname():
+        return False
+    pid, started = int(parts[1]), parts[2]
+    if Path("/proc").is_dir():
+        now = _proc_start_time(pid)
+        return now is None or (started != "-" and now != started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class JobStore:
+    """All reads and writes of jobs, idempotency keys and datasets."""
+
+    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect()
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    # --- connections ---------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
+        con = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        con.execute("PRAGMA synchronous=FULL")  # a finished job's row must survive a power cut too
+        return con
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    @staticmethod
+    def _get(con: sqlite3.Connection, job_id: str) -> Job | None:
+        row = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job._from_row(row) if row else None
+
+    # --- API side ------------------------------------------------------------------------------
+    def create_job(
+        self,
+        job: Job,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        before_insert: Callable[[], None] | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert a queued job; returns (job, created).
+
+        With an idempotency key already used for the same request, returns that job and False; for a
+        different request raises ``StoreConflict("idempotency_key_reused")``. A queued or running job
+        for the same adapter raises ``StoreConflict("adapter_busy")``. ``before_insert`` runs inside
+        the transaction (after the checks) so callers can refuse at the last moment.
+        """
+        now = time.time()
+        with self._write() as con:
+            if idempotency_key is not None:
+                hit = con.execute(
+                    "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?", (idempotency_key,)
+                ).fetchone()
+                if hit is not None:
+                    if hit[0] != request_hash:
+                        raise StoreConflict(
+                            "idempotency_key_reused",
+                            "this Idempotency-Key was already used with a different request body",
+                            "Idempotency-Key",
+                        )
+                    existing = self._get(con, hit[1])
+                    if existing is not None:
+                        return existing, False
+            busy = con.execute(
+                "SELECT id FROM jobs WHERE adapter = ? AND status IN ('queued', 'running')", (job.adapter,)
+            ).fetchone()
+            if busy is not None:
+                raise StoreConflict(
+                    "adapter_busy",
+                    f"adapter '{job.adapter}' is already being trained by job {busy[0]}; "
+                    "cancel it or wait for it to finish",
+                    "adapter",
+                )
+            if before_insert is not None:
+                before_insert()
+            con.execute(
+                "INSERT INTO jobs (id, adapter, status, overwrite, base_model, dataset, num_rows, progress, "
+                "created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, '{}', ?, ?)",
+                (
+                    job.id,
+                    job.adapter,
+                    int(job.overwrite),
+                    job.base_model,
+                    job.dataset,
+                    job.num_rows,
+                    now,
+                    now,
+                ),
+            )
+            if idempotency_key is not None:
+                con.execute(
+                    "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (idempotency_key, request_hash, job.id, now),
+                )
+            created = self._get(con, job.id)
+        assert created is not None
+        return created, True
+
+    def get(self, job_id: str) -> Job | None:
+        with self._read() as con:
+            return self._get(con, job_id)
+
+    def list_jobs(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        with self._read() as con:
+            if status is None:
+                rows = con.execute(
+                    f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = con.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE status = ? ORDER BY created_at DESC, id LIMIT ?",
+                    (status, limit),
+                ).fetchall()
+        return [Job._from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as con:
+            rows = con.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        out = dict.fromkeys(STATUSES, 0)
+        out.update({s: n for s, n in rows})
+        return out
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Queued → cancelled now; running → flagged, the runner stops the trainer. None if unknown."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, error = NULL "
+                "WHERE id = ? AND status = 'queued'",
+                (now, now, job_id),
+            )
+            con.execute(
+                "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'running'",
+                (now, job_id),
+            )
+            return self._get(con, job_id)
+
+    # --- datasets ------------------------------------------------------------------------------
+    def add_dataset(self, ds: Dataset) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO datasets (id, num_rows, size_bytes, sha256, created_at) VALUES (?, ?, ?, ?, ?)",
+                (ds.id, ds.num_rows, ds.size_bytes, ds.sha256, ds.created_at),
+            )
+
+    def get_dataset(self, dataset_id: str) -> Dataset | None:
+        with self._read() as con:
+            row = con.execute(
+                "SELECT id, num_rows, size_bytes, sha256, created_at FROM datasets WHERE id = ?",
+                (dataset_id,),
+            ).fetchone()
+        return Dataset(*row) if row else None
+
+    # --- runner side ---------------------------------------------------------------------------
+    def claim_next(self, owner: str, lease_seconds: float, max_running: int) -> Job | None:
+        """Take the oldest queued job if fewer than ``max_running`` jobs run (across all runners)."""
+        now = time.time()
+        with self._write() as con:
+            (running,) = con.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running'").fetchone()
+            if running >= max_running:
+                return None
+            row = con.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            cur = con.execute(
+                "UPDATE jobs SET status = 'running', lease_owner = ?, lease_expires = ?, updated_at = ?, "
+                "started_at = COALESCE(started_at, ?), attempts = attempts + 1, trainer_pid = NULL "
+                "WHERE id = ? AND status = 'queued'",
+                (owner, now + lease_seconds, now, now, row[0]),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self._get(con, row[0])
+
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> Job | None:
+        """Renew the lease; returns the job (with ``cancel_requested``), or None if the lease is lost."""
+        now = time.time()
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (now + lease_seconds, job_id, owner),
+            )
+            return self._get(con, job_id) if cur.rowcount == 1 else None
+
+    def set_trainer_pid(self, job_id: str, owner: str, pid: int | None) -> bool:
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET trainer_pid = ?, updated_at = ? WHERE id = ? AND status = 'running' "
+                "AND lease_owner = ?",
+                (pid, time.time(), job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def update_progress(self, job_id: str, owner: str, progress: dict[str, Any]) -> bool:
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? AND status = 'running' "
+                "AND lease_owner = ?",
+                (json.dumps(progress), time.time(), job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def finish(self, job_id: str, owner: str, status: str, error: str | None = None) -> Job | None:
+        """running → succeeded|failed|cancelled, only by the lease holder. None if the lease was lost."""
+        assert status in FINISHED
+        now = time.time()
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ?, lease_owner = NULL, "
+                "lease_expires = NULL, trainer_pid = NULL "
+                "WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (status, error, now, now, job_id, owner),
+            )
+            return self._get(con, job_id) if cur.rowcount == 1 else None
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give a running job back to the queue (clean shutdown): the next runner resumes it.
+
+        The attempt is not counted: a clean stop is not a failure.
+        """
+        now = time.time()
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET status = 'queued', resume = 1, attempts = attempts - 1, lease_owner = NULL, "
+                "lease_expires = NULL, trainer_pid = NULL, updated_at = ? "
+                "WHERE id = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 0",
+                (now, job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def recover_stale(
+        self, max_attempts: int, is_dead: Callable[[str | None], bool] = owner_is_dead
+    ) -> list[tuple[Job, str]]:
+        """Running jobs whose runner is gone (lease expired, or its process is dead on this host).
+
+        Each goes back to the queue to resume from its last checkpoint, or, after ``max_attempts``
+        interrupted runs, fails with the reason; one already asked to cancel is cancelled.
+        Returns [(job as it was, new status)].
+        """
+        now = time.time()
+        out: list[tuple[Job, str]] = []
+        with self._write() as con:
+            rows = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
+            for job in map(Job._from_row, rows):
+                expired = job.lease_expires is None or job.lease_expires < now
+                if not (expired or is_dead(job.lease_owner)):
+                    continue
+                if job.cancel_requested:
+                    new, error = "cancelled", None
+                elif job.attempts >= max_attempts:
+                    new = "failed"
+                    error = (
+                        f"training was interrupted {job.attempts} times (the job runner stopped without "
+                        "finishing it, e.g. the server was killed); giving up"
+                    )
+                else:
+                    new, error = "queued", None
+                finished_at = now if new != "queued" else None
+                cur = con.execute(
+                    "UPDATE jobs SET status = ?, error = ?, resume = 1, lease_owner = NULL, "
+                    "lease_expires = NULL, finished_at = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'running' AND COALESCE(lease_owner, '') = ?",
+                    (new, error, finished_at, now, job.id, job.lease_owner or ""),
+                )
+                if cur.rowcount == 1:
+                    out.append((job, new))
+        return out
