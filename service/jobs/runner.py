@@ -1,13 +1,426 @@
-"""The job runner: one process started by the server; claims queued jobs and runs each in a trainer child."""
+"""The job runner: one process started by the server; claims queued jobs and runs each in a trainer child.
+
+Each job runs as ``python -m trainer train ...`` in its own session (so its own process group),
+with ``PR_SET_PDEATHSIG`` so that it dies with the runner. Accelerate keeps process-wide state and
+training can crash or run out of memory; in a child none of that reaches the server.
+
+The loop (single-threaded, every ``POLL_SECONDS``):
+  * reads each trainer's new progress lines into the store and the metrics;
+  * renews the job's lease (heartbeat) and sees cancellation requests: SIGTERM to the trainer,
+    which writes a checkpoint and exits; the job ends ``cancelled``;
+  * notices exited trainers: success -> verify and publish the adapter -> ``succeeded``; any other
+    end -> ``failed`` with the reason (the trainer's error line, the signal that killed it, or the
+    log's last lines);
+  * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
+    from their last checkpoint, failing them after ``MAX_ATTEMPTS`` interrupted runs;
+  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners).
+On ``stop_event`` (or SIGTERM/SIGINT, or the parent's death) running trainers get SIGTERM, write a
+checkpoint and exit; their jobs go back to the queue and resume on the next start.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import logging
 import multiprocessing.synchronize
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
 
+from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
+from service.jobs.publish import PublishError, is_complete, publish_adapter, published_by
+from service.jobs.store import FINISHED, PROGRESS_KEYS, STATUSES, Job, JobStore, make_owner_id, owner_is_dead
 from service.settings import Settings
+
+log = logging.getLogger("loraserve.jobs")
+
+POLL_SECONDS = 0.25
+HEARTBEAT_SECONDS = 1.0  # also how quickly a cancel request reaches the trainer
+LEASE_SECONDS = 15.0  # a runner silent this long has lost its jobs to the next runner
+RECOVER_SECONDS = 2.0
+METRICS_SECONDS = 2.0
+STOP_GRACE_SECONDS = 60.0  # SIGTERM -> checkpoint -> exit; then SIGKILL
+MAX_ATTEMPTS = 3  # runs of one job cut short by a dying runner before the job fails
+STALL_SECONDS = 1800.0  # a trainer that writes neither progress nor log for this long is killed
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class _Run:
+    job: Job
+    paths: JobPaths
+    proc: subprocess.Popen
+    log_fh: IO[bytes]
+    offset: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    steps_counted: int = 0
+    done: bool = False
+    error_message: str | None = None
+    stop_reason: str | None = None  # "cancel" | "shutdown" | "stall" | "lost"
+    term_sent_at: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    log_size: int = 0
+
+
+def _metrics():
+    # Imported lazily: the server sets PROMETHEUS_MULTIPROC_DIR before starting this process.
+    from service import metrics
+
+    return metrics
+
+
+def _die_with_parent_fn():
+    """preexec_fn for the trainer: SIGKILL it when the runner dies (Linux), so no orphan trains on."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def _set() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os._exit(1)
+
+    return _set
+
+
+def trainer_base(settings: Settings) -> tuple[str, bool]:
+    """What to pass as the trainer's ``--model`` (and whether to allow random weights).
+
+    The adapter must fit the base the server serves. A local folder is passed as is. With random
+    weights allowed and no real weights found, the server serves the random base it built in its
+    model cache; the trainer gets that exact folder rather than building its own.
+    """
+    if Path(settings.model).expanduser().is_dir():
+        return str(Path(settings.model).expanduser()), False
+    if settings.allow_random_weights:
+        from trainer.model import resolve_base
+
+        cache = getattr(settings, "model_cache_dir", None)
+        source = resolve_base(settings.model, allow_random=True, random_cache=cache)
+        if source.random_weights:
+            return str(source.path), True
+    return settings.model, settings.allow_random_weights
+
+
+def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool]) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "trainer", "train",
+        "--config", str(paths.config),
+        "--data", str(paths.data),
+        "--output", str(paths.output),
+        "--checkpoint-dir", str(paths.checkpoints),
+        "--progress-jsonl", str(paths.progress),
+        "--model", base[0],
+    ]  # fmt: skip
+    if base[1]:
+        cmd.append("--allow-random-weights")
+    if _has_checkpoint(paths.checkpoints):
+        cmd.append("--resume")
+    return cmd
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name.startswith("checkpoint-") and p.is_dir() for p in folder.iterdir())
+
+
+def _signal_name(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
+
+
+def _kill_orphan(job: Job) -> None:
+    """A trainer left running by a dead runner (only where PDEATHSIG is unavailable): stop it."""
+    pid = job.trainer_pid
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if job.id.encode() in cmdline:
+        log.warning("job %s: killing trainer %d left by a runner that died", job.id, pid)
+        _kill_group(pid, signal.SIGKILL)
+
+
+class Runner:
+    """The runner's state; ``run_runner`` drives it. Tests may drive ``tick`` directly."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = JobStore(settings.jobs_db)
+        self.owner = make_owner_id()
+        self.runs: dict[str, _Run] = {}
+        self._base: tuple[str, bool] | None = None
+        self._last_recover = 0.0
+        self._last_metrics = 0.0
+
+    # --- one pass of the loop ------------------------------------------------------------------
+    def tick(self, *, claim: bool = True) -> None:
+        now = time.monotonic()
+        for run in list(self.runs.values()):
+            self._poll(run, now)
+        if now - self._last_recover >= RECOVER_SECONDS:
+            self._last_recover = now
+            self.recover()
+        if claim:
+            while len(self.runs) < self.settings.max_concurrent_jobs and self._claim_one():
+                pass
+        if now - self._last_metrics >= METRICS_SECONDS:
+            self._last_metrics = now
+            self._update_gauges()
+
+    def recover(self) -> None:
+        for job, new in self.store.recover_stale(MAX_ATTEMPTS, owner_is_dead, skip_owner=self.owner):
+            _kill_orphan(job)
+            log.warning("job %s: its runner is gone; now %s", job.id, new)
+            if new in FINISHED:
+                self._count_finished(job, new)
+
+    def _claim_one(self) -> bool:
+        job = self.store.claim_next(self.owner, LEASE_SECONDS, self.settings.max_concurrent_jobs)
+        if job is None:
+            return False
+        try:
+            self._start(job)
+        except Exception as exc:  # a job that cannot start fails; the runner goes on
+            log.exception("job %s: could not start the trainer", job.id)
+            self._end(job, "failed", f"could not start the trainer: {type(exc).__name__}: {exc}")
+        return True
+
+    def _start(self, job: Job) -> None:
+        paths = job_paths(self.settings, job.id)
+        final = self.settings.adapter_dir / job.adapter
+        # The runner may have died after the trainer finished: publish what is there, do not retrain.
+        if published_by(final, job.id):
+            self._end(job, "succeeded", None)
+            return
+        if is_complete(paths.output):
+            log.info("job %s: publishing the output of an earlier run", job.id)
+            self._publish(job, paths)
+            return
+        if not paths.data.is_file() or not paths.config.is_file():
+            self._end(job, "failed", f"the job's files are missing from {paths.root}")
+            return
+        if self._base is None:
+            self._base = trainer_base(self.settings)
+        cmd = trainer_command(self.settings, paths, self._base)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the trainer exports no metrics of its own
+        if self.settings.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        log_fh = open(paths.log, "ab")  # noqa: SIM115 (closed when the run ends)
+        log_fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(cmd)}\n".encode())
+        log_fh.flush()
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent_fn(),
+                close_fds=True,
+            )
+        except BaseException:
+            log_fh.close()
+            raise
+        offset = paths.progress.stat().st_size if paths.progress.exists() else 0
+        step = int(job.progress.get("step") or 0)
+        run = _Run(job=job, paths=paths, proc=proc, log_fh=log_fh, offset=offset, steps_counted=step)
+        run.progress = dict(job.progress)
+        self.runs[job.id] = run
+        self.store.set_trainer_pid(job.id, self.owner, proc.pid)
+        log.info(
+            "job %s: training adapter %r (attempt %d, pid %d)", job.id, job.adapter, job.attempts, proc.pid
+        )
+
+    def _poll(self, run: _Run, now: float) -> None:
+        self._read_progress(run, now)
+        rc = run.proc.poll()
+        if rc is not None:
+            self._read_progress(run, now)
+            self._finished(run, rc)
+            return
+        if now - run.last_heartbeat >= HEARTBEAT_SECONDS:
+            run.last_heartbeat = now
+            current = self.store.heartbeat(run.job.id, self.owner, LEASE_SECONDS)
+            if current is None:  # someone took the job over: stop training it here
+                log.warning("job %s: lease lost; stopping its trainer", run.job.id)
+                self._stop(run, "lost", signal.SIGKILL)
+            elif current.cancel_requested and run.stop_reason is None:
+                log.info("job %s: cancel requested; stopping the trainer at its next step", run.job.id)
+                self._stop(run, "cancel")
+        try:
+            size = run.paths.log.stat().st_size
+        except OSError:
+            size = run.log_size
+        if size != run.log_size:
+            run.log_size, run.last_activity = size, now
+        if run.stop_reason is None and now - run.last_activity > STALL_SECONDS:
+            log.warning("job %s: no progress for %.0f s; killing the trainer", run.job.id, STALL_SECONDS)
+            self._stop(run, "stall", signal.SIGKILL)
+        if run.term_sent_at is not None and now - run.term_sent_at > STOP_GRACE_SECONDS:
+            _kill_group(run.proc.pid, signal.SIGKILL)
+
+    def _stop(self, run: _Run, reason: str, sig: int = signal.SIGTERM) -> None:
+        run.stop_reason = run.stop_reason or reason
+        if run.term_sent_at is None or sig == signal.SIGKILL:
+            run.term_sent_at = time.monotonic()
+            _kill_group(run.proc.pid, sig)
+
+    def _read_progress(self, run: _Run, now: float) -> None:
+        events, run.offset = read_progress(run.paths.progress, run.offset)
+        if not events:
+            return
+        run.last_activity = now
+        m = _metrics()
+        for _, ev in events:
+            for key in PROGRESS_KEYS:
+                if key in ev:
+                    run.progress[key] = ev[key]
+            kind = ev.get("event")
+            if kind == "done":
+                run.done = True
+            elif kind == "error":
+                run.error_message = str(
+                    ev.get("message") or ev.get("error") or "the trainer reported an error"
+                )
+        step = int(run.progress.get("step") or 0)
+        if step > run.steps_counted:
+            m.TRAIN_STEPS.inc(step - run.steps_counted)
+            run.steps_counted = step
+        if run.progress.get("loss") is not None:
+            m.TRAIN_LOSS.set(float(run.progress["loss"]))
+        if run.progress.get("tokens_per_second") is not None:
+            m.TRAIN_TOKENS_PER_SECOND.set(float(run.progress["tokens_per_second"]))
+        self.store.update_progress(run.job.id, self.owner, run.progress)
+
+    def _finished(self, run: _Run, rc: int) -> None:
+        del self.runs[run.job.id]
+        run.log_fh.close()
+        job, reason = run.job, run.stop_reason
+        if reason == "lost":
+            return
+        if rc == 0 and is_complete(run.paths.output):
+            self._publish(job, run.paths)
+            return
+        if reason == "cancel":
+            self._end(job, "cancelled", None)
+            return
+        if reason == "shutdown":
+            if self.store.release(job.id, self.owner):
+                log.info("job %s: stopped for shutdown; it resumes on the next start", job.id)
+            else:  # a cancel arrived meanwhile
+                self._end(job, "cancelled", None)
+            return
+        self._end(job, "failed", self._failure_reason(run, rc))
+
+    def _failure_reason(self, run: _Run, rc: int) -> str:
+        if run.stop_reason == "stall":
+            return f"the trainer made no progress for {STALL_SECONDS:.0f} s and was killed"
+        if rc < 0:
+            why = f"the training process was killed by {_signal_name(rc)}"
+            if rc == -signal.SIGKILL:
+                why += " (out of memory, or killed by someone)"
+            return why + (f"; last error: {run.error_message}" if run.error_message else "")
+        if run.error_message:
+            return run.error_message
+        if rc == 0:
+            return f"the trainer exited without producing an adapter in {run.paths.output}"
+        lines = [ln for ln in tail_text(run.paths.log, 4000).splitlines() if ln.strip()]
+        return f"the trainer exited with status {rc}: " + (" | ".join(lines[-3:]) or "no output")
+
+    def _publish(self, job: Job, paths: JobPaths) -> None:
+        final = self.settings.adapter_dir / job.adapter
+        try:
+            sha = publish_adapter(paths.output, final, job.id, overwrite=job.overwrite)
+        except (PublishError, OSError) as exc:
+            self._end(job, "failed", f"publishing the adapter failed: {exc}")
+            return
+        log.info("job %s: published adapter %r (sha256 %s)", job.id, job.adapter, sha[:12])
+        self._end(job, "succeeded", None)
+
+    def _end(self, job: Job, status: str, error: str | None) -> None:
+        ended = self.store.finish(job.id, self.owner, status, error)
+        if ended is None:
+            log.warning("job %s: lease lost before it could be marked %s", job.id, status)
+            return
+        log.info("job %s: %s%s", job.id, status, f" ({error})" if error else "")
+        self._count_finished(ended, status)
+
+    def _count_finished(self, job: Job, status: str) -> None:
+        m = _metrics()
+        m.TRAIN_JOBS_FINISHED.labels(status=status).inc()
+        if job.started_at is not None:
+            m.TRAIN_JOB_SECONDS.observe(max(0.0, time.time() - job.started_at))
+        self._last_metrics = 0.0  # refresh the by-status gauge on the next tick
+
+    def _update_gauges(self) -> None:
+        m = _metrics()
+        counts = self.store.counts()
+        for status in STATUSES:
+            m.TRAIN_JOBS.labels(status=status).set(counts.get(status, 0))
+
+    # --- shutdown ------------------------------------------------------------------------------
+    def shutdown(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM every trainer (each checkpoints and exits), wait, requeue their jobs."""
+        for run in self.runs.values():
+            self._stop(run, "shutdown")
+        deadline = time.monotonic() + grace
+        while self.runs and time.monotonic() < deadline:
+            self.tick(claim=False)
+            time.sleep(POLL_SECONDS)
+        for run in list(self.runs.values()):
+            _kill_group(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+            self._finished(run, run.proc.returncode)
 
 
 def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event) -> None:
     """Loop until ``stop_event`` is set, running queued training jobs."""
-    while not stop_event.wait(1.0):
-        pass
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    parent = os.getppid()
+    runner = Runner(settings)
+    runner.recover()  # jobs of a runner that died go back to the queue (or fail) before anything starts
+    log.info(
+        "job runner started (owner %s, up to %d job(s) at once)", runner.owner, settings.max_concurrent_jobs
+    )
+    try:
+        while not (stop.is_set() or stop_event.is_set()):
+            if os.getppid() != parent:
+                log.warning("job runner: the server process is gone; stopping")
+                break
+            try:
+                runner.tick()
+            except Exception:  # a store hiccup (disk full, locked too long) must not end the runner
+                log.exception("job runner: tick failed; retrying")
+                time.sleep(1.0)
+            stop_event.wait(POLL_SECONDS)
+    finally:
+        runner.shutdown()
+        log.info("job runner stopped")

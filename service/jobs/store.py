@@ -454,12 +454,16 @@ class JobStore:
             return cur.rowcount == 1
 
     def recover_stale(
-        self, max_attempts: int, is_dead: Callable[[str | None], bool] = owner_is_dead
+        self,
+        max_attempts: int,
+        is_dead: Callable[[str | None], bool] = owner_is_dead,
+        skip_owner: str | None = None,
     ) -> list[tuple[Job, str]]:
         """Running jobs whose runner is gone (lease expired, or its process is dead on this host).
 
         Each goes back to the queue to resume from its last checkpoint, or, after ``max_attempts``
         interrupted runs, fails with the reason; one already asked to cancel is cancelled.
+        Jobs of ``skip_owner`` (the caller, alive by definition) are left alone.
         Returns [(job as it was, new status)].
         """
         now = time.time()
@@ -467,6 +471,8 @@ class JobStore:
         with self._write() as con:
             rows = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
             for job in map(Job._from_row, rows):
+                if skip_owner is not None and job.lease_owner == skip_owner:
+                    continue
                 expired = job.lease_expires is None or job.lease_expires < now
                 if not (expired or is_dead(job.lease_owner)):
                     continue

@@ -1,0 +1,97 @@
+"""Where a job's files live, and reading them while a trainer writes them.
+
+<data-dir>/jobs/<job-id>/config.yaml      the full trainer config (defaults + the request's keys)
+                         data.jsonl       the rows, one JSON object a line
+                         checkpoints/     the trainer's resumable checkpoints
+                         progress.jsonl   the trainer's JSON-lines progress (appended across resumes)
+                         train.log        the trainer's stdout and stderr (appended across resumes)
+<data-dir>/datasets/<dataset-id>.jsonl    uploaded datasets
+<adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+JOB_ID = re.compile(r"^job-[0-9a-f]{20}$")
+DATASET_ID = re.compile(r"^ds-[0-9a-f]{20}$")
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    root: Path
+    config: Path
+    data: Path
+    checkpoints: Path
+    progress: Path
+    log: Path
+    output: Path  # the trainer's --output: a staging folder, published under the adapter's name
+
+
+def job_paths(settings: Settings, job_id: str) -> JobPaths:
+    if not JOB_ID.match(job_id):  # ids become paths: never let one escape the jobs folder
+        raise ValueError(f"bad job id {job_id!r}")
+    root = settings.data_dir / "jobs" / job_id
+    return JobPaths(
+        root=root,
+        config=root / "config.yaml",
+        data=root / "data.jsonl",
+        checkpoints=root / "checkpoints",
+        progress=root / "progress.jsonl",
+        log=root / "train.log",
+        output=settings.staging_dir / job_id,
+    )
+
+
+def dataset_path(settings: Settings, dataset_id: str) -> Path:
+    if not DATASET_ID.match(dataset_id):
+        raise ValueError(f"bad dataset id {dataset_id!r}")
+    return settings.data_dir / "datasets" / f"{dataset_id}.jsonl"
+
+
+def read_progress(path: Path, offset: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """Complete JSON lines after byte ``offset``: ([(end offset, event)], new offset).
+
+    A line still being written (no newline yet) is left for the next call; a line that is not
+    JSON (never expected) is skipped rather than stopping the reader.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    out: list[tuple[int, dict[str, Any]]] = []
+    pos = offset
+    for raw in chunk.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        pos += len(raw)
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            out.append((pos, event))
+    return out, pos
+
+
+def tail_text(path: Path, max_bytes: int) -> str:
+    """The last ``max_bytes`` of a text file (whole lines where possible); '' if it does not exist."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    if size > max_bytes and b"\n" in data:
+        data = data[data.index(b"\n") + 1 :]
+    return data.decode("utf-8", errors="replace")
