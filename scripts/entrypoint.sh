@@ -18,6 +18,11 @@ if [ -n "${LORASERVE_API_KEY_FILE:-}" ] && [ -z "${LORASERVE_API_KEY:-}" ]; then
     export LORASERVE_API_KEY
 fi
 
+# An empty variable (compose's ${LORASERVE_API_KEY:-}) means no key, not the empty key.
+if [ -z "${LORASERVE_API_KEY:-}" ]; then
+    unset LORASERVE_API_KEY
+fi
+
 # The container listens on all interfaces, so mutations (uploads, deletes, training) need a key
 # unless the operator opts out explicitly.
 key_in_args=0
