@@ -1,0 +1,595 @@
+"""Everything that does no I/O, shared by ``Client`` and ``AsyncClient``.
+
+An endpoint is an ``Op``: how to build its request and how to parse its response. The two clients only send
+ops (``_send``) and sleep between retries; they hold no endpoint logic of their own. The retry policy, error
+mapping, server-sent-event decoding and progress display live here too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Generic, TextIO, TypedDict, TypeVar
+
+import httpx
+
+from ._exceptions import (
+    STATUS_ERRORS,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    JobFailedError,
+    LoraserveError,
+)
+from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
+
+__version__ = "0.1.0"
+log = logging.getLogger("loraserve_client")
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+# Generation and uploads can take long; a dead host should not.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+# Server-sent events may be silent for a long time (a queued job), so only connecting is bounded.
+STREAM_TIMEOUT = httpx.Timeout(None, connect=5.0)
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Statuses that say the server refused the request before doing anything: safe to repeat any request.
+REFUSED_STATUSES = frozenset({429, 503})
+
+T = TypeVar("T")
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    url = (base_url or os.environ.get("LORASERVE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    if httpx.URL(url).scheme not in ("http", "https"):
+        raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+    return url
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    return api_key if api_key is not None else (os.environ.get("LORASERVE_API_KEY") or None)
+
+
+def default_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    headers = {"User-Agent": f"loraserve-client/{__version__}", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(extra or {})
+    return headers
+
+
+# ---------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries on connection errors and on 429/502/503/504.
+
+    The delay is the server's ``Retry-After`` when it sends one (up to ``max_retry_after``; a longer wait is
+    not retried but raised, with ``retry_after`` on the error), else exponential backoff with jitter:
+    ``min(initial_delay * 2**attempt, max_delay) * (1 - jitter * random())``.
+    """
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+    jitter: float = 0.25
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.initial_delay * 2**attempt, self.max_delay) * (1 - self.jitter * random.random())
+
+    def delay(self, op: Op[Any], attempt: int, error: LoraserveError) -> float | None:
+        """Seconds to wait before retry number ``attempt + 1``, or None to raise ``error`` now."""
+        if attempt >= self.max_retries:
+            return None
+        if isinstance(error, APIConnectionError):
+            retryable = getattr(error, "_retryable", True)
+            # A request that may have reached the server is repeated only when repeating it is harmless.
+            if not retryable or (error.sent and not op.idempotent):
+                return None
+            return self.backoff(attempt)
+        if isinstance(error, APIStatusError) and error.status_code in RETRY_STATUSES:
+            if not op.idempotent and error.status_code not in REFUSED_STATUSES:
+                return None
+            after = error.retry_after
+            if after is None:
+                return self.backoff(attempt)
+            return after if after <= self.max_retry_after else None
+        return None
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def log_retry(op: Op[Any], attempt: int, delay: float, error: LoraserveError) -> None:
+    log.info("%s %s failed (%s); retry %d in %.2fs", op.method, op.path, error, attempt + 1, delay)
+
+
+# ---------------------------------------------------------------- ops: request building and parsing
+
+
+@dataclass
+class Op(Generic[T]):
+    """One endpoint call: the request to build and how to read a successful response.
+
+    ``idempotent`` ops are retried on any retryable failure; the others only when the server certainly did
+    nothing (the connection never opened, or 429/503).
+    """
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, Any] | None = None
+    json: Any = None
+    content: bytes | None = None
+    files: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = True
+    timeout: httpx.Timeout | None = None
+
+
+def build_request(http: httpx.Client | httpx.AsyncClient, op: Op[Any]) -> httpx.Request:
+    """Built afresh for every attempt: a multipart body is a stream and is consumed by sending it."""
+    return http.build_request(
+        op.method,
+        op.path,
+        params=op.params,
+        json=op.json,
+        content=op.content,
+        files=op.files,
+        data=op.data,
+        headers=op.headers,
+        timeout=op.timeout if op.timeout is not None else httpx.USE_CLIENT_DEFAULT,
+    )
+
+
+def read_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        req = response.request
+        raise LoraserveError(
+            f"{req.method} {req.url} answered {response.status_code} with a body that is not JSON: "
+            f"{response.text[:200]!r}"
+        ) from exc
+
+
+def _model(cls: Any) -> Callable[[httpx.Response], Any]:
+    return lambda response: cls.model_validate(read_json(response))
+
+
+def _segment(value: str, what: str) -> str:
+    """One URL path segment; names that would change the path itself are refused here."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value:
+        raise ValueError(f"invalid {what}: {value!r}")
+    return urllib.parse.quote(value, safe="")
+
+
+class GenerateParams(TypedDict, total=False):
+    """Sampling parameters of ``generate``/``stream``; any left out (or None) take the server's defaults."""
+
+    max_new_tokens: int | None
+    temperature: float | None  # 0 is greedy
+    top_p: float | None
+    top_k: int | None  # 0 disables top-k
+    seed: int | None  # makes sampling reproducible
+    stop: str | list[str] | None  # a matched stop string ends the text and is not included
+    raw: bool  # True: send the prompt as is, without the adapter's template
+
+
+def generate_body(
+    prompt: str, adapter: str | None, params: Mapping[str, Any], stream: bool
+) -> dict[str, Any]:
+    """Only what the caller set is sent, so the server's defaults apply to the rest."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    unknown = set(params) - set(GenerateParams.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    body: dict[str, Any] = {"prompt": prompt, "adapter": adapter}
+    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw")})
+    stop = params.get("stop")
+    if stop is not None:
+        body["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    if params.get("raw"):
+        body["raw"] = True
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def generate(prompt: str, adapter: str | None, params: Mapping[str, Any]) -> Op[Generation]:
+    return Op("POST", "/generate", _model(Generation), json=generate_body(prompt, adapter, params, False))
+
+
+def generate_stream(prompt: str, adapter: str | None, params: Mapping[str, Any]) -> Op[None]:
+    body = generate_body(prompt, adapter, params, True)
+    return Op("POST", "/generate", _no_parse, json=body, headers={"Accept": "text/event-stream"})
+
+
+def health() -> Op[dict[str, Any]]:
+    return Op("GET", "/health", read_json)
+
+
+def list_adapters() -> Op[list[AdapterInfo]]:
+    return Op("GET", "/adapters", lambda r: [AdapterInfo.model_validate(a) for a in read_json(r)["adapters"]])
+
+
+def get_adapter(name: str) -> Op[AdapterInfo]:
+    return Op("GET", f"/adapters/{_segment(name, 'adapter name')}", _model(AdapterInfo))
+
+
+def delete_adapter(name: str) -> Op[str]:
+    return Op(
+        "DELETE", f"/adapters/{_segment(name, 'adapter name')}", lambda r: read_json(r).get("deleted", name)
+    )
+
+
+def upload_adapter(name: str, folder: PathLike, template: Mapping[str, Any] | None = None) -> Op[AdapterInfo]:
+    """A PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors``, and the prompt template from
+    ``loraserve.json`` when the folder has one (``template`` overrides it)."""
+    folder = Path(folder)
+    files = {}
+    for field_name, filename, ctype in (
+        ("adapter_config", "adapter_config.json", "application/json"),
+        ("adapter_model", "adapter_model.safetensors", "application/octet-stream"),
+    ):
+        path = folder / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {filename} is missing")
+        files[field_name] = (filename, path.read_bytes(), ctype)
+    if template is None and (folder / "loraserve.json").is_file():
+        template = json.loads((folder / "loraserve.json").read_text(encoding="utf-8")).get("template")
+    data = {"template": json.dumps(template)} if template else None
+    # PUT replaces with the same content when repeated, so it is safe to retry.
+    return Op(
+        "PUT", f"/adapters/{_segment(name, 'adapter name')}", _model(AdapterInfo), files=files, data=data
+    )
+
+
+def is_path(value: Any) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+def jsonl_bytes(source: PathLike | Iterable[Mapping[str, Any]]) -> bytes:
+    """JSONL for ``POST /datasets`` from a .jsonl file, a .json file holding a list, or rows."""
+    if is_path(source):
+        raw = Path(source).read_bytes()
+        if not raw.lstrip().startswith(b"["):
+            return raw
+        rows = json.loads(raw)
+    else:
+        rows = _rows(source)
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+
+
+def _rows(rows: Iterable[Mapping[str, Any]]) -> list[Any]:
+    if isinstance(rows, Mapping | str | bytes):
+        raise TypeError("rows must be a list of objects, e.g. [{'prompt': ..., 'response': ...}]")
+    return list(rows)
+
+
+def upload_dataset(source: PathLike | Iterable[Mapping[str, Any]]) -> Op[Dataset]:
+    # Each POST stores a new dataset, so it is repeated only when the server certainly did not store it.
+    return Op(
+        "POST",
+        "/datasets",
+        _model(Dataset),
+        content=jsonl_bytes(source),
+        headers={"Content-Type": "application/x-ndjson"},
+        idempotent=False,
+    )
+
+
+def new_idempotency_key() -> str:
+    return f"loraserve-client-{uuid.uuid4().hex}"
+
+
+def train(
+    adapter: str,
+    *,
+    data: Iterable[Mapping[str, Any]] | None,
+    dataset: str | None,
+    config: Mapping[str, Any] | None,
+    overwrite: bool,
+    idempotency_key: str | None = None,
+) -> Op[Job]:
+    """``POST /train`` with one Idempotency-Key for the call: a retry after a lost answer returns the job the
+    first attempt queued instead of queueing a second one."""
+    if (data is None) == (dataset is None):
+        raise ValueError(
+            "pass exactly one of data= (rows or a JSONL path) or dataset= (an id from datasets.upload)"
+        )
+    body: dict[str, Any] = {"adapter": adapter, "overwrite": bool(overwrite)}
+    if data is not None:
+        body["data"] = _rows(data)
+    else:
+        body["dataset"] = dataset
+    if config:
+        body["config"] = dict(config)
+    headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+    return Op("POST", "/train", _model(Job), json=body, headers=headers)
+
+
+def list_jobs(status: str | None) -> Op[list[Job]]:
+    params = {"status": status} if status else None
+    return Op("GET", "/train", lambda r: [Job.model_validate(j) for j in read_json(r)["jobs"]], params=params)
+
+
+def get_job(job_id: str) -> Op[Job]:
+    return Op("GET", f"/train/{_segment(job_id, 'job id')}", _model(Job))
+
+
+def cancel_job(job_id: str) -> Op[Job]:
+    return Op("DELETE", f"/train/{_segment(job_id, 'job id')}", _model(Job))
+
+
+def job_logs(job_id: str) -> Op[str]:
+    return Op(
+        "GET", f"/train/{_segment(job_id, 'job id')}/logs", lambda r: r.text, headers={"Accept": "text/plain"}
+    )
+
+
+def job_events(job_id: str) -> Op[None]:
+    return Op(
+        "GET",
+        f"/train/{_segment(job_id, 'job id')}/events",
+        _no_parse,
+        headers={"Accept": "text/event-stream"},
+        timeout=STREAM_TIMEOUT,
+    )
+
+
+def _no_parse(response: httpx.Response) -> None:
+    return None
+
+
+# ---------------------------------------------------------------- errors
+
+
+def status_error(response: httpx.Response) -> APIStatusError:
+    """The typed error for a 4xx/5xx, with code/message/param from the envelope when the body has one."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    code = param = kind = None
+    envelope = body.get("error") if isinstance(body, dict) else None
+    if isinstance(envelope, dict):
+        code, param, kind = envelope.get("code"), envelope.get("param"), envelope.get("type")
+        message = str(envelope.get("message") or code or response.reason_phrase)
+    elif isinstance(body, dict) and "detail" in body:
+        message = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])
+    else:
+        message = response.text.strip()[:500] or response.reason_phrase or "error"
+    cls = STATUS_ERRORS.get(response.status_code, APIStatusError)
+    return cls(response.status_code, code, message, param, type=kind, response=response, body=body)
+
+
+def connection_error(exc: httpx.RequestError, request: httpx.Request) -> APIConnectionError:
+    where = f"{request.method} {request.url}"
+    # Only a failed connect proves the request never left this machine.
+    sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    if isinstance(exc, httpx.TimeoutException):
+        kind = type(exc).__name__.replace("Timeout", "").lower() or "request"
+        error: APIConnectionError = APITimeoutError(f"{where}: {kind} timed out", request=request, sent=sent)
+    elif not sent:
+        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        error = APIConnectionError(
+            f"cannot connect to {origin} ({where}): {exc or type(exc).__name__}", request=request, sent=sent
+        )
+    else:
+        error = APIConnectionError(f"{where}: {exc or type(exc).__name__}", request=request, sent=sent)
+        if not isinstance(
+            exc, httpx.TransportError
+        ):  # e.g. a body that cannot be decoded: repeating won't help
+            error._retryable = False  # type: ignore[attr-defined]
+    error.__cause__ = exc
+    error.__suppress_context__ = True
+    return error
+
+
+# ---------------------------------------------------------------- server-sent events
+
+DONE = object()  # "data: [DONE]": the stream's end marker
+SKIP = object()  # an event that carries nothing for the caller
+
+
+class SSEDecoder:
+    """Lines in, the ``data`` of each complete event out (``event:``, ``id:`` and comments are ignored)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        data, self._data = self._data, []
+        return "\n".join(data) if data else None
+
+
+def _event_json(data: str, response: httpx.Response | None) -> Any:
+    if data.strip() == "[DONE]":
+        return DONE
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise LoraserveError(f"unreadable server-sent event: {data[:200]!r}") from exc
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        status = response.status_code if response is not None else 500
+        cls = STATUS_ERRORS.get(status, APIStatusError)
+        raise cls(
+            status,
+            err.get("code"),
+            str(err.get("message") or err.get("code")),
+            err.get("param"),
+            type=err.get("type"),
+            response=response,
+            body=payload,
+        )
+    return payload
+
+
+class GenerationStreamState:
+    """Turns ``POST /generate`` stream events into text deltas and keeps what the last ones said."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def feed(self, data: str, response: httpx.Response | None = None) -> Any:
+        payload = _event_json(data, response)
+        if payload is DONE:
+            return DONE
+        self.id = payload.get("id") or self.id
+        self.finish_reason = payload.get("finish_reason") or self.finish_reason
+        if payload.get("usage"):
+            self.usage = Usage.model_validate(payload["usage"])
+        delta = payload.get("text") or ""
+        if not delta:
+            return SKIP
+        self.parts.append(delta)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class JobEventState:
+    def feed(self, data: str, response: httpx.Response | None = None) -> Any:
+        payload = _event_json(data, response)
+        return payload if payload is DONE else JobEvent.model_validate(payload)
+
+
+# ---------------------------------------------------------------- waiting for jobs
+
+ProgressArg = bool | Callable[[Job], None]
+
+
+class ProgressDisplay:
+    """What ``wait(progress=...)`` shows: a tqdm bar when tqdm is importable, else one plain line (rewritten
+    in place on a terminal, one line per change otherwise). A callable gets every polled ``Job`` instead."""
+
+    def __init__(self, progress: ProgressArg, stream: TextIO | None = None):
+        self._callback = progress if callable(progress) else None
+        self._enabled = bool(progress)
+        self._stream = stream or sys.stderr
+        self._bar: Any = None
+        self._last = ""
+        self._tqdm: Any = None
+        if self._enabled and self._callback is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            self._tqdm = tqdm
+
+    def update(self, job: Job) -> None:
+        if self._callback is not None:
+            self._callback(job)
+        elif self._enabled and self._tqdm is not None:
+            self._update_bar(job)
+        elif self._enabled:
+            self._update_line(job)
+
+    def _update_bar(self, job: Job) -> None:
+        p = job.progress
+        if self._bar is None:
+            self._bar = self._tqdm(
+                total=None, unit="step", desc=f"train {job.adapter}", file=self._stream, dynamic_ncols=True
+            )
+        bar = self._bar
+        if p is not None and p.total_steps and bar.total != p.total_steps:
+            bar.total = p.total_steps
+        if p is not None and p.step is not None:
+            bar.n = p.step
+        postfix = {"status": job.status}
+        if p is not None and p.loss is not None:
+            postfix["loss"] = f"{p.loss:.4f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.refresh()
+
+    def _update_line(self, job: Job) -> None:
+        line = describe_job(job)
+        if line == self._last:
+            return
+        tty = self._stream.isatty()
+        if tty:
+            self._stream.write("\r" + line.ljust(len(self._last)))
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+        self._last = line
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._last and self._stream.isatty():
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def describe_job(job: Job) -> str:
+    """One line: ``pirate [job-1] running step 12/40 epoch 0.60 loss 2.3140 eta 9s``."""
+    parts = [f"{job.adapter} [{job.job_id}] {job.status}"]
+    p = job.progress
+    if p is not None:
+        if p.step is not None:
+            parts.append(f"step {p.step}/{p.total_steps or '?'}")
+        if p.epoch is not None:
+            parts.append(f"epoch {p.epoch:.2f}")
+        if p.loss is not None:
+            parts.append(f"loss {p.loss:.4f}")
+        if p.eta_seconds is not None and job.status == "running":
+            parts.append(f"eta {p.eta_seconds:.0f}s")
+    if job.error:
+        parts.append(f"error: {job.error}")
+    return " ".join(parts)
+
+
+def finish_wait(job: Job, check: bool) -> Job:
+    if check and job.status != "succeeded":
+        raise JobFailedError(job)
+    return job

@@ -1,0 +1,100 @@
+"""Typed responses, mirrored from the HTTP contract in docs/api.md.
+
+Unknown fields from a newer server are kept (``extra="allow"``) rather than rejected, so an older client
+keeps working.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Generation(_Model):
+    """``POST /generate``. ``finish_reason``: "eos" (the model ended), "stop" (a stop string matched, not
+    included in ``text``) or "length"."""
+
+    id: str | None = None
+    text: str
+    adapter: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class AdapterInfo(_Model):
+    name: str
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] = []
+    size_bytes: int | None = None
+    created: datetime | None = None
+    sha256: str | None = None
+    base_model: str | None = None
+    loaded: bool = False
+    template: dict[str, Any] | None = None
+
+
+class JobProgress(_Model):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobEvent(JobProgress):
+    """One line of ``GET /train/{id}/events``: the trainer's progress line ("start", "step", "eval",
+    "checkpoint", "done", "error") or a job status change."""
+
+    event: str | None = None
+    status: str | None = None
+    lr: float | None = None
+    time: float | None = None
+    message: str | None = None
+
+
+class Job(_Model):
+    job_id: str
+    adapter: str | None = None
+    status: str
+    error: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: JobProgress | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the job can no longer change: succeeded, failed or cancelled."""
+        return self.status in FINISHED_STATUSES
+
+
+class Dataset(_Model):
+    """``POST /datasets``: the id to pass as ``train(dataset=...)`` and the number of rows stored."""
+
+    dataset: str
+    rows: int
+
+    @property
+    def id(self) -> str:
+        return self.dataset
