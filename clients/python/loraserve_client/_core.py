@@ -396,6 +396,7 @@ def status_error(response: httpx.Response) -> APIStatusError:
 
 def connection_error(exc: httpx.RequestError, request: httpx.Request) -> APIConnectionError:
     where = f"{request.method} {request.url}"
+    path = f"{request.method} {request.url.raw_path.decode()}"
     # Only a failed connect proves the request never left this machine.
     sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     if isinstance(exc, httpx.TimeoutException):
@@ -404,7 +405,7 @@ def connection_error(exc: httpx.RequestError, request: httpx.Request) -> APIConn
     elif not sent:
         origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
         error = APIConnectionError(
-            f"cannot connect to {origin} ({where}): {exc or type(exc).__name__}", request=request, sent=sent
+            f"cannot connect to {origin} ({path}): {exc or type(exc).__name__}", request=request, sent=sent
         )
     else:
         error = APIConnectionError(f"{where}: {exc or type(exc).__name__}", request=request, sent=sent)
