@@ -1,29 +1,302 @@
-"""HTTP routes for training jobs and dataset uploads (/train, /datasets)."""
+"""HTTP routes for training jobs and dataset uploads (/train, /datasets).
+
+These run in the server's API processes (LitServe forks several): nothing is kept in memory, every
+request reads and writes the SQLite store and the job's files. Blocking work (SQLite, validation,
+file writes) runs in the thread pool so the event loop keeps serving /generate.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
 
-from fastapi import Depends, FastAPI
+import yaml
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
+from service.jobs.datasets import link_dataset, read_capped, upload_dataset
+from service.jobs.files import DATASET_ID, JOB_ID, job_paths, read_progress, tail_text
+from service.jobs.store import STATUSES, Job, JobStore, StoreConflict, new_job_id
+from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
 from service.settings import Settings
+from trainer.publish import write_atomic
+
+PUBLIC_PROGRESS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "tokens_per_second",
+    "eta_seconds",
+    "lr",
+)
+SSE_POLL_SECONDS = 0.5
+SSE_PING_SECONDS = 15.0
+MAX_LOG_BYTES = 16 * 1024 * 1024
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str
+    data: list[Any] | None = None
+    dataset: str | None = None
+    config: dict[str, Any] | None = None
+    overwrite: bool = False
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_json(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The public ``Job`` object (docs/api.md)."""
+    src = job.progress if progress is None else progress
+    prog = {key: src.get(key) for key in PUBLIC_PROGRESS}
+    prog["step"] = prog["step"] or 0
+    return {
+        "job_id": job.id,
+        "adapter": job.adapter,
+        "status": job.status,
+        "error": job.error,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "progress": prog,
+        "cancel_requested": job.cancel_requested and not job.finished,
+        "attempts": job.attempts,
+        "dataset": job.dataset,
+        "rows": job.num_rows,
+        "overwrite": job.overwrite,
+    }
+
+
+def _request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _parse_train_request(raw: bytes) -> tuple[TrainRequest, dict[str, Any]]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "the request body must be a JSON object")
+    try:
+        req = TrainRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ApiError(422, "invalid_request", msg, param) from None
+    return req, body
 
 
 def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> None:
     """Add /train and /datasets to ``app``; every route depends on ``auth``."""
     deps = [Depends(auth)]
+    stores: dict[int, JobStore] = {}
 
-    def _not_yet() -> None:
-        raise ApiError(501, "not_implemented", "training jobs are not available yet")
+    def store() -> JobStore:
+        # One per process, made on first use: LitServe forks API processes after registration.
+        pid = os.getpid()
+        if pid not in stores:
+            stores[pid] = JobStore(settings.jobs_db)
+        return stores[pid]
 
-    for path, method in (
-        ("/train", "POST"),
-        ("/train", "GET"),
-        ("/train/{job_id}", "GET"),
-        ("/train/{job_id}", "DELETE"),
-        ("/train/{job_id}/events", "GET"),
-        ("/train/{job_id}/logs", "GET"),
-        ("/datasets", "POST"),
-    ):
-        app.add_api_route(path, _not_yet, methods=[method], dependencies=deps)
+    async def call(fn, *args, **kwargs):
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    async def load_job(job_id: str) -> Job:
+        job = await call(store().get, job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise ApiError(404, "job_not_found", f"training job '{job_id}' does not exist", "job_id")
+        return job
+
+    @app.post("/train", status_code=202, dependencies=deps, tags=["training"])
+    async def create_job(request: Request) -> JSONResponse:
+        raw = await read_capped(
+            request,
+            settings.max_dataset_bytes,
+            "the request body",
+            "; upload large datasets with POST /datasets and pass their id as 'dataset'",
+        )
+        req, body = _parse_train_request(raw)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= 255):
+            raise ApiError(
+                422, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters", "Idempotency-Key"
+            )
+        digest = _request_hash(body)
+        if key is not None:
+            existing = await call(_idempotent_hit, store(), key, digest)
+            if existing is not None:
+                return _accepted(existing)
+        check_adapter_name(req.adapter)
+        if (req.data is None) == (req.dataset is None):
+            raise ApiError(
+                422, "invalid_request", "give exactly one of 'data' (rows) or 'dataset' (an id)", "data"
+            )
+        if req.dataset is not None:
+            ds = await call(store().get_dataset, req.dataset) if DATASET_ID.match(req.dataset) else None
+            if ds is None:
+                raise ApiError(404, "dataset_not_found", f"dataset '{req.dataset}' does not exist", "dataset")
+            num_rows = ds.num_rows
+        else:
+            num_rows = await call(check_rows, req.data, "data")
+        cfg = check_config(req.config, settings)
+        if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
+            raise ApiError(
+                409,
+                "adapter_exists",
+                f"adapter '{req.adapter}' already exists; pass \"overwrite\": true to replace it",
+                "adapter",
+            )
+        job = Job(
+            id=new_job_id(),
+            adapter=req.adapter,
+            status="queued",
+            overwrite=req.overwrite,
+            base_model=settings.model,
+            dataset=req.dataset,
+            num_rows=num_rows,
+        )
+        paths = job_paths(settings, job.id)
+
+        def write_and_insert() -> tuple[Job, bool]:
+            # Files first, row second: a runner never sees a job without its files.
+            paths.root.mkdir(parents=True)
+            try:
+                write_atomic(paths.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                if req.dataset is not None:
+                    link_dataset(settings, req.dataset, paths.data)
+                else:
+                    write_atomic(paths.data, to_jsonl(req.data or []))
+                created, is_new = store().create_job(job, key, digest)
+            except BaseException:
+                shutil.rmtree(paths.root, ignore_errors=True)
+                raise
+            if not is_new:
+                shutil.rmtree(paths.root, ignore_errors=True)
+            return created, is_new
+
+        try:
+            created, _ = await call(write_and_insert)
+        except StoreConflict as exc:
+            status = 409 if exc.code == "adapter_busy" else 422
+            raise ApiError(status, exc.code, exc.message, exc.param) from None
+        return _accepted(created)
+
+    @app.get("/train", dependencies=deps, tags=["training"])
+    async def list_jobs(
+        status: str | None = Query(None, description="queued|running|succeeded|failed|cancelled"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise ApiError(422, "invalid_status", f"status must be one of {', '.join(STATUSES)}", "status")
+        jobs = await call(store().list_jobs, status, limit)
+        return {"jobs": [job_json(j) for j in jobs]}
+
+    @app.get("/train/{job_id}", dependencies=deps, tags=["training"])
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return job_json(await load_job(job_id))
+
+    @app.delete("/train/{job_id}", dependencies=deps, tags=["training"])
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = await load_job(job_id)
+        if job.status in ("succeeded", "failed"):
+            raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
+        job = await call(store().request_cancel, job_id)
+        assert job is not None
+        if job.status in ("succeeded", "failed"):  # it ended while we asked
+            raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
+        return job_json(job)
+
+    @app.get("/train/{job_id}/logs", dependencies=deps, tags=["training"])
+    async def job_logs(
+        job_id: str, tail: int = Query(1024 * 1024, ge=1, le=MAX_LOG_BYTES)
+    ) -> PlainTextResponse:
+        job = await load_job(job_id)
+        text = await call(tail_text, job_paths(settings, job.id).log, tail)
+        return PlainTextResponse(text)
+
+    @app.get("/train/{job_id}/events", dependencies=deps, tags=["training"])
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        job = await load_job(job_id)
+        last = request.headers.get("last-event-id", "")
+        offset = int(last) if last.isdigit() else 0
+        return StreamingResponse(
+            _event_stream(request, store(), settings, job, offset),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/datasets", status_code=201, dependencies=deps, tags=["training"])
+    async def create_dataset(request: Request) -> dict[str, Any]:
+        ds = await upload_dataset(request, store(), settings)
+        return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}
+
+
+def _idempotent_hit(store: JobStore, key: str, digest: str) -> Job | None:
+    try:
+        return store.find_idempotent(key, digest)
+    except StoreConflict as exc:
+        raise ApiError(422, exc.code, exc.message, exc.param) from None
+
+
+def _accepted(job: Job) -> JSONResponse:
+    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/train/{job.id}"})
+
+
+def _sse(data: dict[str, Any], event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+async def _event_stream(
+    request: Request, store: JobStore, settings: Settings, job: Job, offset: int
+) -> AsyncIterator[bytes]:
+    """One event per progress line (id = byte offset, for Last-Event-ID), plus status changes; ends
+    after the event that carries a finished status."""
+    path = job_paths(settings, job.id).progress
+    if not job.finished:  # a finished job replays its lines first, then its final status
+        yield _sse({**job_json(job), "event": "status"}, offset)
+    status, last_sent = job.status, time.monotonic()
+    while True:
+        current = await run_in_threadpool(store.get, job.id)
+        if current is None:  # deleted underneath us; nothing more will come
+            return
+        # The file is read after the status: lines written before the job ended are all sent first.
+        events, offset = await run_in_threadpool(read_progress, path, offset)
+        for end, ev in events:
+            progress = {key: ev.get(key) for key in PUBLIC_PROGRESS}
+            data = {**job_json(current, progress), "status": "running", "event": ev.get("event")}
+            if ev.get("message"):
+                data["message"] = ev["message"]
+            yield _sse(data, end)
+            last_sent = time.monotonic()
+        if current.status != status or current.finished:
+            status = current.status
+            yield _sse({**job_json(current), "event": "status"}, offset)
+            last_sent = time.monotonic()
+            if current.finished:
+                return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_sent > SSE_PING_SECONDS:
+            yield b": ping\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(SSE_POLL_SECONDS)

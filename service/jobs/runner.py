@@ -125,6 +125,7 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
         "--checkpoint-dir", str(paths.checkpoints),
         "--progress-jsonl", str(paths.progress),
         "--model", base[0],
+        "--job-id", paths.root.name,
     ]  # fmt: skip
     if base[1]:
         cmd.append("--allow-random-weights")

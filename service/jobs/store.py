@@ -110,6 +110,14 @@ class StoreConflict(Exception):
         self.code, self.message, self.param, self.job = code, message, param, job
 
 
+def _key_reused() -> StoreConflict:
+    return StoreConflict(
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used with a different request body",
+        "Idempotency-Key",
+    )
+
+
 @dataclass
 class Job:
     id: str
@@ -275,11 +283,7 @@ class JobStore:
                 ).fetchone()
                 if hit is not None:
                     if hit[0] != request_hash:
-                        raise StoreConflict(
-                            "idempotency_key_reused",
-                            "this Idempotency-Key was already used with a different request body",
-                            "Idempotency-Key",
-                        )
+                        raise _key_reused()
                     existing = self._get(con, hit[1])
                     if existing is not None:
                         return existing, False
@@ -318,6 +322,18 @@ class JobStore:
             created = self._get(con, job.id)
         assert created is not None
         return created, True
+
+    def find_idempotent(self, key: str, request_hash: str) -> Job | None:
+        """The job an Idempotency-Key made, or None; ``StoreConflict`` if it came with another request."""
+        with self._read() as con:
+            hit = con.execute(
+                "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?", (key,)
+            ).fetchone()
+            if hit is None:
+                return None
+            if hit[0] != request_hash:
+                raise _key_reused()
+            return self._get(con, hit[1])
 
     def get(self, job_id: str) -> Job | None:
         with self._read() as con:

@@ -1,0 +1,106 @@
+"""Dataset uploads (``POST /datasets``) and the request bodies of ``POST /train``: read with a size cap,
+validate every row, store atomically as ``<data-dir>/datasets/<id>.jsonl``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.errors import ApiError
+from service.jobs.files import dataset_path
+from service.jobs.store import Dataset, JobStore, new_dataset_id
+from service.jobs.validate import check_rows, parse_jsonl, to_jsonl
+from service.settings import Settings
+from trainer.publish import write_atomic
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an uploaded file
+
+
+async def read_capped(request: Request, limit: int, what: str, hint: str = "") -> bytes:
+    """The request body, refusing (413) as soon as it passes ``limit`` bytes."""
+
+    def too_large(size: str) -> ApiError:
+        return ApiError(
+            413, "payload_too_large", f"{what} is {size} bytes; the limit is {limit} bytes{hint}", None
+        )
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large(f"more than {limit}")
+    return bytes(buf)
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def read_upload(request: Request, settings: Settings) -> bytes:
+    """The JSONL bytes of an upload: the raw body, or the multipart file field ``file``."""
+    limit = settings.max_dataset_bytes
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        return await read_capped(request, limit, "the dataset")
+    body = await read_capped(request, limit + MULTIPART_OVERHEAD, "the upload")
+    try:
+        form = await MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=10).parse()
+    except MultiPartException as exc:
+        raise ApiError(
+            400, "invalid_multipart", f"could not read the multipart upload: {exc.message}"
+        ) from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "missing_file", "the multipart upload needs a file field named 'file'", "file")
+    data = await upload.read()
+    await upload.close()
+    if len(data) > limit:
+        raise ApiError(
+            413, "payload_too_large", f"the dataset is {len(data)} bytes; the limit is {limit} bytes"
+        )
+    return data
+
+
+def save_dataset(store: JobStore, settings: Settings, raw: bytes) -> Dataset:
+    """Validate every row of an upload and store it; 422 names the first bad row."""
+    rows, lines = parse_jsonl(raw)
+    n = check_rows(rows, "data", line_numbers=lines or None)
+    data = to_jsonl(rows)
+    ds = Dataset(
+        id=new_dataset_id(),
+        num_rows=n,
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        created_at=time.time(),
+    )
+    path = dataset_path(settings, ds.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    store.add_dataset(ds)
+    return ds
+
+
+def link_dataset(settings: Settings, dataset_id: str, dest: Path) -> None:
+    """Give a job its own copy of a dataset (a hard link where possible: no bytes copied)."""
+    src = dataset_path(settings, dataset_id)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+async def upload_dataset(request: Request, store: JobStore, settings: Settings) -> Dataset:
+    raw = await read_upload(request, settings)
+    return await run_in_threadpool(save_dataset, store, settings, raw)
