@@ -14,7 +14,7 @@ class Settings(BaseSettings):
 
     model: str = Field("distilgpt2", description="base model: hub id or local folder")
     allow_random_weights: bool = Field(
-        False, description="if the base cannot be loaded, serve random weights of its architecture (demo only)"
+        False, description="if the base cannot be loaded, serve random weights of its shape (demo only)"
     )
     adapter_dir: Path = Field(Path("adapters"), description="one PEFT folder per adapter name")
     data_dir: Path = Field(Path("data"), description="job store, datasets, job folders, metrics")
@@ -49,3 +49,18 @@ class Settings(BaseSettings):
     @property
     def jobs_db(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def worker_status_path(self) -> Path:
+        """Written atomically by the generation worker; readiness and adapter listings read it."""
+        return self.data_dir / "worker-status.json"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where random-weights bases are built when ``allow_random_weights`` is set."""
+        return self.data_dir / "models"
+
+    @property
+    def max_in_flight(self) -> int:
+        """Generation requests admitted at once (running batch + queue); more get 503 + Retry-After."""
+        return self.max_batch_size + self.max_queue

@@ -1,0 +1,209 @@
+"""Run the service: ``python -m service --model M --adapter-dir D --data-dir D --host H --port P``.
+
+Every flag is also an environment variable (``--max-batch-size`` = ``LORASERVE_MAX_BATCH_SIZE``);
+flags win. Prefer ``LORASERVE_API_KEY`` over ``--api-key`` (argv is visible to other users).
+
+    python -m service --model distilgpt2 --adapter-dir adapters --data-dir data --port 8000
+    python -m service --allow-random-weights ...   # demo without downloadable weights (loud warning)
+
+Process tree: this main process -> LitServe's manager, one spawned generation worker, forked
+API servers; plus the job runner (spawned here). SIGTERM and SIGINT stop all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from flags over LORASERVE_* variables over defaults; exits 2 with a message when invalid."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"LORASERVE_{name.upper()}"
+        help_text = f"{field.description or ''} [env {env}]".strip()
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)
+    args = vars(parser.parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        parser.exit(2, f"python -m service: invalid settings: {problems}\n")
+
+
+def prepare_metrics_dir(settings: Settings) -> None:
+    """Multiprocess metrics need their folder set and emptied before prometheus_client is imported.
+
+    Children inherit the variable: spawned ones (generation worker, job runner) and forked ones.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
+    prom = settings.prometheus_dir.resolve()
+    shutil.rmtree(prom, ignore_errors=True)
+    prom.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+
+
+def resolve_device(settings: Settings) -> tuple[str, str]:
+    """(device, dtype): CUDA when asked or available under auto; fp16 on CUDA, fp32 on CPU by default."""
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("python -m service: --device cuda was asked for but torch sees no CUDA device")
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+def _host_for_litserve(host: str) -> str:
+    host = {"localhost": "127.0.0.1"}.get(host, host)
+    if host not in ("0.0.0.0", "127.0.0.1", "::"):
+        raise SystemExit(
+            f"python -m service: --host must be 0.0.0.0, 127.0.0.1 or :: (what LitServe binds), not {host}"
+        )
+    return host
+
+
+class _Stop:
+    """SIGTERM handler: LitServe itself shuts down only on Ctrl-C (KeyboardInterrupt).
+
+    Once the server is serving, the main thread waits on LitServe's shutdown event, so a helper
+    thread sets that event and LitServe runs its normal shutdown (stop API servers, worker,
+    manager). Before that (resolving the model, worker setup) a KeyboardInterrupt unwinds start-up
+    and ``main`` stops whatever was started. Forked children (uvicorn re-raises the signal after
+    its own graceful exit) inherit this handler and just die of the signal, as without it.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.requested = False
+        self.server = None
+
+    def __call__(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.requested:
+            return
+        self.requested = True
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        if self.server is not None and self.server.serving:
+            threading.Thread(target=self.server.request_shutdown, name="sigterm", daemon=True).start()
+            return
+        raise KeyboardInterrupt
+
+
+def _stop_children(runner: mp.process.BaseProcess | None, stop_event) -> None:
+    """Stop the job runner gently, then anything LitServe left behind."""
+    if runner is not None:
+        stop_event.set()
+        runner.join(10)
+    for child in mp.active_children():
+        child.terminate()
+    for child in mp.active_children():
+        child.join(3)
+        if child.is_alive():
+            log.warning("%s (pid %s) did not stop; killing it", child.name, child.pid)
+            child.kill()
+            child.join(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    settings.adapter_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    host = _host_for_litserve(settings.host)
+    if not 1024 <= settings.port <= 65535:
+        raise SystemExit("python -m service: --port must be between 1024 and 65535")
+    prepare_metrics_dir(settings)
+    settings.worker_status_path.unlink(missing_ok=True)  # readiness must not see a previous run's worker
+
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    runner = stop_event = None
+    try:
+        from trainer.model import ModelSourceError, resolve_base
+
+        try:
+            base = resolve_base(
+                settings.model,
+                allow_random=settings.allow_random_weights,
+                random_cache=settings.model_cache_dir,
+            )
+        except ModelSourceError as exc:
+            print(f"python -m service: {exc}", file=sys.stderr)
+            return 2
+        device, dtype = resolve_device(settings)
+
+        from service.app import ServedModel, build_server
+        from service.jobs.runner import run_runner
+
+        model = ServedModel(settings.model, base.path, base.origin, base.random_weights, device, dtype)
+        server, _ = build_server(settings, model)
+        stop.server = server
+        log.info(
+            "serving %s (%s weights from %s) on %s/%s at http://%s:%s",
+            settings.model,
+            base.origin,
+            base.path,
+            device,
+            dtype,
+            host,
+            settings.port,
+        )
+        spawn = mp.get_context("spawn")
+        stop_event = spawn.Event()
+        runner = spawn.Process(target=run_runner, args=(settings, stop_event), name="job-runner")
+        runner.start()
+        server.run(
+            host=host,
+            port=settings.port,
+            num_api_servers=settings.num_api_servers,
+            log_level=settings.log_level,
+            generate_client_file=False,
+        )
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("the server failed")
+        return 1
+    finally:
+        signal.signal(
+            signal.SIGTERM, signal.SIG_IGN
+        )  # already stopping; a second TERM must not interrupt that
+        _stop_children(runner, stop_event)
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

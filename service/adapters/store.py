@@ -1,0 +1,380 @@
+"""The disk side of adapters: the adapter directory is the source of truth.
+
+``<adapter-dir>/<name>/`` holds a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors,
+plus loraserve.json written by the trainer or by an upload). A folder that appears there is
+servable on its next request: nothing here caches the listing. Uploads are validated without
+torch and without pickle (the safetensors header is parsed by hand), staged under ``.staging/``
+and renamed in atomically, so a name is always absent or a complete adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.errors import ApiError
+from service.schemas import AdapterInfo, adapter_name_problem
+from trainer.publish import publish_dir, staging_dir, write_atomic
+from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+RECORD_FILE = "loraserve.json"
+MAX_CONFIG_BYTES = 1024 * 1024
+_SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
+# PEFT's key for one LoRA matrix of a GPT-2 block,
+# e.g. base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.transformer\.h\.(\d+)\.((?:attn|mlp)\.\w+)\.lora_([AB])\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter must fit: the GPT-2 base's dimensions, from its config.json."""
+
+    model_type: str
+    n_layer: int
+    n_embd: int
+    n_inner: int
+
+    @classmethod
+    def from_model_dir(cls, path: Path) -> BaseShape:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        n_embd = int(cfg["n_embd"])
+        return cls(
+            cfg.get("model_type", ""), int(cfg["n_layer"]), n_embd, int(cfg.get("n_inner") or 4 * n_embd)
+        )
+
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """GPT-2 block modules LoRA can wrap, by path inside a block: (in_features, out_features)."""
+        return {
+            "attn.c_attn": (self.n_embd, 3 * self.n_embd),
+            "attn.c_proj": (self.n_embd, self.n_embd),
+            "mlp.c_fc": (self.n_embd, self.n_inner),
+            "mlp.c_proj": (self.n_inner, self.n_embd),
+        }
+
+
+# --- names and lookups ---------------------------------------------------------------------------
+
+
+def check_name(name: str, param: str = "name") -> None:
+    problem = adapter_name_problem(name)
+    if problem:
+        raise ApiError(422, "invalid_adapter_name", problem, param)
+
+
+def adapter_path(adapter_dir: Path, name: str) -> Path:
+    """The folder of ``name``; the name must already be valid (it cannot contain '/' or '..')."""
+    return Path(adapter_dir) / name
+
+
+def exists(adapter_dir: Path, name: str) -> bool:
+    folder = adapter_path(adapter_dir, name)
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def names(adapter_dir: Path) -> list[str]:
+    """Every servable adapter name, sorted. Hidden folders (``.staging``) and invalid names are skipped."""
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or adapter_name_problem(entry.name) or not entry.is_dir():
+            continue
+        if exists(root, entry.name):
+            found.append(entry.name)
+    return sorted(found)
+
+
+def read_record(adapter_dir: Path, name: str) -> dict[str, Any]:
+    """loraserve.json of an adapter, or {} when the folder is a plain PEFT folder."""
+    try:
+        data = json.loads((adapter_path(adapter_dir, name) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def template_for(adapter_dir: Path, name: str | None) -> PromptTemplate:
+    """The prompt template recorded with the adapter; the default one for the base or a plain folder."""
+    if name is None:
+        return DEFAULT_TEMPLATE
+    tpl = read_record(adapter_dir, name).get("template")
+    return PromptTemplate.from_dict(tpl) if isinstance(tpl, dict) else DEFAULT_TEMPLATE
+
+
+def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:
+    check_name(name)
+    folder = adapter_path(adapter_dir, name)
+    if not exists(adapter_dir, name):
+        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    except (OSError, ValueError) as exc:  # deleted or replaced while we read it
+        raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
+    record = read_record(adapter_dir, name)
+    created = record.get("created") or datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()
+    template = (
+        record.get("template") if isinstance(record.get("template"), dict) else DEFAULT_TEMPLATE.to_dict()
+    )
+    return AdapterInfo(
+        name=name,
+        rank=int(config.get("r", 0)),
+        alpha=float(config.get("lora_alpha", 0)),
+        target_modules=config.get("target_modules") or [],
+        size_bytes=size,
+        created=created,
+        sha256=record.get("sha256"),
+        base_model=record.get("base_model") or config.get("base_model_name_or_path"),
+        loaded=name in loaded,
+        template=template,
+    )
+
+
+def list_infos(adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset()) -> list[AdapterInfo]:
+    out = []
+    for name in names(adapter_dir):
+        try:
+            out.append(info(adapter_dir, name, loaded))
+        except ApiError:  # vanished between listing and reading
+            continue
+    return out
+
+
+# --- upload validation -----------------------------------------------------------------------------
+
+
+def _bad(message: str, param: str) -> ApiError:
+    return ApiError(422, "invalid_adapter", message, param)
+
+
+def parse_safetensors_header(raw: bytes) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets}, after checking the file is well formed.
+
+    The format is an 8-byte little-endian header length, a JSON header, then the tensor bytes;
+    every tensor's byte range must lie inside the data and match its dtype and shape.
+    """
+    param = "adapter_model"
+    if len(raw) < 8:
+        raise _bad("adapter_model is not a safetensors file (shorter than its 8-byte header length)", param)
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > min(len(raw) - 8, 100 * 1024 * 1024):
+        raise _bad(
+            f"adapter_model is not a safetensors file (header length {header_len} exceeds the file)", param
+        )
+    try:
+        header = json.loads(raw[8 : 8 + header_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"adapter_model has an unreadable safetensors header: {exc}", param) from exc
+    if not isinstance(header, dict):
+        raise _bad("adapter_model's safetensors header is not a JSON object", param)
+    header.pop("__metadata__", None)
+    data_len = len(raw) - 8 - header_len
+    tensors: dict[str, dict[str, Any]] = {}
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise _bad(f"adapter_model: tensor {key!r} has a malformed header entry", param)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise _bad(
+                f"adapter_model: tensor {key!r} has dtype {dtype}; expected one of F16, BF16, F32", param
+            )
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _bad(f"adapter_model: tensor {key!r} has an invalid shape {shape!r}", param)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _bad(f"adapter_model: tensor {key!r} has invalid data offsets", param)
+        start, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        if not 0 <= start <= end <= data_len or end - start != count * _SAFETENSORS_DTYPES[dtype]:
+            raise _bad(f"adapter_model: tensor {key!r} does not fit the file (truncated or corrupt)", param)
+        tensors[key] = entry
+    if not tensors:
+        raise _bad("adapter_model holds no tensors", param)
+    return tensors
+
+
+def _module_paths(n_layer: int, modules: dict[str, tuple[int, int]]) -> list[str]:
+    return [f"transformer.h.{i}.{m}" for i in range(n_layer) for m in modules]
+
+
+def _check_target_modules(targets: Any, shape: BaseShape) -> None:
+    modules = shape.linear_modules()
+    paths = _module_paths(shape.n_layer, modules)
+    if isinstance(targets, str):  # PEFT reads a string as a regex over full module names
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise _bad(f"target_modules regex {targets!r} does not compile: {exc}", "adapter_config") from exc
+        if not any(pattern.fullmatch(p) for p in paths):
+            raise _bad(f"target_modules {targets!r} matches no module of GPT-2", "adapter_config")
+        return
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise _bad("target_modules must be a non-empty list of module names", "adapter_config")
+    for target in targets:
+        if not any(p == target or p.endswith("." + target) for p in paths):
+            known = sorted({m.split(".")[-1] for m in modules})
+            raise _bad(
+                f"target module {target!r} does not exist in GPT-2 (LoRA can target {', '.join(known)})",
+                "adapter_config",
+            )
+
+
+def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> dict[str, Any]:
+    """Check an uploaded adapter against the base; returns the parsed adapter_config.json.
+
+    Checks: config is a LoRA config, the target modules exist in GPT-2, the safetensors file is
+    well formed, holds only LoRA A/B matrices of existing modules in layers the base has, and
+    every shape fits the base (A: rank x in_features, B: out_features x rank).
+    """
+    if shape.model_type != "gpt2":
+        raise ApiError(500, "unsupported_base", f"the base model type {shape.model_type!r} is not GPT-2")
+    if len(config_raw) > MAX_CONFIG_BYTES:
+        raise _bad("adapter_config is larger than 1 MiB", "adapter_config")
+    try:
+        config = json.loads(config_raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"adapter_config is not valid JSON: {exc}", "adapter_config") from exc
+    if not isinstance(config, dict):
+        raise _bad("adapter_config must be a JSON object", "adapter_config")
+    if config.get("peft_type") != "LORA":
+        raise _bad(
+            f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served", "adapter_config"
+        )
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise _bad(f"task_type is {config.get('task_type')!r}; expected CAUSAL_LM", "adapter_config")
+    if config.get("use_dora"):
+        raise _bad("DoRA adapters are not supported", "adapter_config")
+    if config.get("modules_to_save"):
+        raise _bad("modules_to_save is not supported (LoRA matrices only)", "adapter_config")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise _bad(f"r must be a positive integer, got {rank!r}", "adapter_config")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+        raise _bad(f"lora_alpha must be a positive number, got {alpha!r}", "adapter_config")
+    _check_target_modules(config.get("target_modules"), shape)
+
+    tensors = parse_safetensors_header(weights_raw)
+    modules = shape.linear_modules()
+    ranks: dict[tuple[int, str], dict[str, int]] = {}
+    for key, entry in tensors.items():
+        m = _LORA_KEY.fullmatch(key)
+        if not m:
+            raise _bad(
+                f"adapter_model: unexpected tensor {key!r} (only GPT-2 LoRA A/B matrices)", "adapter_model"
+            )
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= shape.n_layer:
+            raise _bad(
+                f"adapter_model: {key!r} targets layer {layer}, the base has {shape.n_layer}", "adapter_model"
+            )
+        if module not in modules:
+            raise _bad(
+                f"adapter_model: {key!r} targets {module!r}, which GPT-2 does not have", "adapter_model"
+            )
+        fan_in, fan_out = modules[module]
+        dims = entry["shape"]
+        if len(dims) != 2:
+            raise _bad(f"adapter_model: {key!r} has shape {dims}, expected a matrix", "adapter_model")
+        r, expected = (dims[0], [dims[0], fan_in]) if which == "A" else (dims[1], [fan_out, dims[1]])
+        if dims != expected or r < 1:
+            want = f"[rank, {fan_in}]" if which == "A" else f"[{fan_out}, rank]"
+            raise _bad(f"adapter_model: {key!r} has shape {dims}, the base needs {want}", "adapter_model")
+        ranks.setdefault((layer, module), {})[which] = r
+    for (layer, module), got in ranks.items():
+        if set(got) != {"A", "B"} or got["A"] != got["B"]:
+            raise _bad(
+                f"adapter_model: layer {layer} {module} needs matching lora_A and lora_B", "adapter_model"
+            )
+        if not config.get("rank_pattern") and got["A"] != rank:
+            raise _bad(
+                f"adapter_model: layer {layer} {module} has rank {got['A']}, config says r={rank}",
+                "adapter_model",
+            )
+    return config
+
+
+def parse_template(raw: str | None) -> PromptTemplate:
+    if raw is None or raw == "":
+        return DEFAULT_TEMPLATE
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        template = PromptTemplate.from_dict(data)
+        template.render_prompt("x")
+        template.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ApiError(
+            422, "invalid_template", f"template is not a valid prompt template: {exc}", "template"
+        ) from exc
+    return template
+
+
+# --- writes ----------------------------------------------------------------------------------------
+
+
+def publish(
+    adapter_dir: Path,
+    name: str,
+    config_raw: bytes,
+    weights_raw: bytes,
+    template: PromptTemplate,
+    base_model: str,
+) -> bool:
+    """Write a validated adapter to staging and rename it in; True if the name was new."""
+    adapter_dir = Path(adapter_dir)
+    staging = staging_dir(adapter_dir, f"upload-{name}")
+    try:
+        (staging / CONFIG_FILE).write_bytes(config_raw)
+        (staging / WEIGHTS_FILE).write_bytes(weights_raw)
+        record = {
+            "template": template.to_dict(),
+            "base_model": base_model,
+            "sha256": hashlib.sha256(weights_raw).hexdigest(),
+            "created": datetime.now(UTC).isoformat(),
+            "job": None,
+            "format": 1,
+        }
+        write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+        created = not adapter_path(adapter_dir, name).exists()
+        publish_dir(staging, adapter_path(adapter_dir, name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return created
+
+
+def delete(adapter_dir: Path, name: str) -> None:
+    """Remove an adapter: one rename takes the name away, then the files go.
+
+    A worker that already loaded the adapter keeps its copy in memory, so requests already
+    running finish; new requests get 404 because the folder is gone.
+    """
+    check_name(name)
+    adapter_dir = Path(adapter_dir)
+    folder = adapter_path(adapter_dir, name)
+    if not folder.is_dir():
+        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+    trash = adapter_dir / ".staging" / f"deleted-{name}-{uuid.uuid4().hex[:12]}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(folder, trash)
+    except FileNotFoundError as exc:  # a concurrent delete won
+        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name") from exc
+    shutil.rmtree(trash, ignore_errors=True)

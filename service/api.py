@@ -1,0 +1,544 @@
+"""The generation pipe between HTTP and the engine, on both sides of LitServe's queue.
+
+API-server process (never holds the model):
+    ``prepare_job`` validates a request with the tokenizer and the adapter folder only (unknown
+    adapter 404, prompt over the context 400, ``max_new_tokens`` over the cap 422) *before* it is
+    queued, so a bad request never reaches, and never fails, a batch. ``EngineClient`` bounds the
+    requests in flight (503 + Retry-After beyond), puts the job on LitServe's request queue and
+    reads the worker's events back from LitServe's response buffer.
+
+Generation worker (spawned by LitServe, one per device):
+    ``EngineAPI.setup`` builds the ``Engine``; ``EngineLoop`` drives it. The loop is continuous
+    batching: between two engine steps it drains the queue, admits newcomers while the engine has
+    capacity and answers finished rows at once. When nothing is running it *blocks* on the queue
+    (LitServe's ContinuousBatchingLoop spins a core there, and admits requests from another thread
+    while ``step`` runs, which a single-threaded engine cannot allow).
+
+Streamed and non-streamed requests are the same job on the same queue and share engine batches;
+the ``stream`` flag only decides whether the worker sends every text delta or one final event.
+Wire format (plain dicts, pickled by LitServe's transport):
+    job    {"id", "prompt_ids", "adapter", "params": {...SamplingParams}, "stream", "arrived", "deadline"}
+    cancel {"cancel": job id}                         (deadline passed, client went away)
+    event  {"id", "text", "finished": False}          (stream only: a text delta)
+           {"id", "text", "finished": True, "finish_reason", "usage": {...}}
+           {"id", "finished": True, "error": {"status", "code", "message", "param"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import litserve as ls
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+from service.errors import ApiError
+from trainer.publish import write_atomic
+
+log = logging.getLogger(__name__)
+
+ENGINE_PATH = "/_engine"  # LitServe needs a route for the LitAPI; the app removes it (see app.py)
+IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking deadlines again
+MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
+STATUS_EVERY_S = 1.0  # at most this often the worker rewrites its status file while busy
+RETRY_AFTER_S = 1
+
+
+# =====================================================================================================
+# API-server side
+# =====================================================================================================
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the API process knows about the base without loading it: context size and tokenizer."""
+
+    context: int
+    tokenizer: Any
+
+
+def prepare_job(
+    *,
+    prompt_text: str,
+    adapter: str | None,
+    params: dict[str, Any],
+    stream: bool,
+    limits: ModelLimits,
+    adapter_dir: Path,
+    max_new_tokens_cap: int,
+    request_timeout: float,
+    adapter_param: str = "adapter",
+    max_tokens_param: str = "max_new_tokens",
+) -> dict[str, Any]:
+    """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
+
+    ``prompt_text`` is final (already rendered with a template when the route wants one);
+    ``params`` are SamplingParams fields. Every check here uses only the disk and the tokenizer.
+    """
+    from service.adapters import store
+
+    if adapter is not None:
+        store.check_name(adapter, adapter_param)
+        if not store.exists(adapter_dir, adapter):
+            raise ApiError(404, "adapter_not_found", f"adapter {adapter!r} does not exist", adapter_param)
+    max_new = params["max_new_tokens"]
+    if max_new > max_new_tokens_cap:
+        raise ApiError(
+            422,
+            "max_new_tokens_too_large",
+            f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
+            max_tokens_param,
+        )
+    prompt_ids = limits.tokenizer.encode(prompt_text)
+    prompt_len = max(1, len(prompt_ids))  # the engine starts an empty prompt from BOS
+    if prompt_len + max_new > limits.context:
+        room = limits.context - prompt_len
+        hint = (
+            f"lower {max_tokens_param} to {room} or shorten the prompt" if room > 0 else "shorten the prompt"
+        )
+        raise ApiError(
+            400,
+            "prompt_too_long",
+            f"the prompt has {prompt_len} tokens and {max_tokens_param} is {max_new}, which exceeds the "
+            f"model's context of {limits.context} tokens: {hint}",
+            "prompt",
+        )
+    now = time.monotonic()
+    return {
+        "id": f"gen-{uuid.uuid4().hex[:24]}",
+        "prompt_ids": prompt_ids,
+        "adapter": adapter,
+        "params": params,
+        "stream": stream,
+        "arrived": now,
+        "deadline": now + request_timeout,
+    }
+
+
+class Overloaded(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            503,
+            "overloaded",
+            f"the server is at its limit of {limit} generation requests in flight; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+@dataclass
+class Submission:
+    """One job on its way through the worker; ``next_event`` returns what the worker sends back."""
+
+    client: EngineClient
+    job: dict[str, Any]
+    uid: str
+    item: ResponseBufferItem
+    done: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return self.job["id"]
+
+    def remaining(self, grace: float = 1.0) -> float:
+        """Seconds left before the API side gives up (a little after the worker's own deadline)."""
+        return max(0.0, self.job["deadline"] + grace - time.monotonic())
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next worker event; after a final one (result or error) the submission is done.
+
+        Raises TimeoutError when the deadline passes first (the caller answers 504 and closes).
+        """
+        queue = self.item.response_queue
+        while not queue:
+            self.item.event.clear()
+            await asyncio.wait_for(self.item.event.wait(), self.remaining())
+        data, status = queue.popleft()
+        if status == LitAPIStatus.ERROR or not isinstance(data, dict):  # LitServe-level failure
+            self.done = True
+            return _error_event(self.job_id, 500, "generation_failed", _describe_error(data))
+        if data.get("finished"):
+            self.done = True
+        return data
+
+    def close(self) -> None:
+        """Forget the job and free its slot; if it has not finished, tell the worker to drop it."""
+        if self.uid not in self.client.server.response_buffer:
+            return
+        self.client.server.response_buffer.pop(self.uid, None)
+        if not self.done:
+            self.done = True
+            self.client.cancel(self.job_id)
+        self.client.release()
+
+
+class EngineClient:
+    """Submits jobs from an API-server process to the generation worker through LitServe's queues.
+
+    The in-flight counter is shared memory created before LitServe forks its API servers, so the
+    bound holds across all of them.
+    """
+
+    def __init__(self, server: ls.LitServer, max_in_flight: int) -> None:
+        self.server = server
+        self.max_in_flight = max_in_flight
+        self._in_flight = mp.get_context("fork").Value("i", 0)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight.value
+
+    def reserve(self) -> None:
+        with self._in_flight.get_lock():
+            if self._in_flight.value >= self.max_in_flight:
+                raise Overloaded(self.max_in_flight)
+            self._in_flight.value += 1
+
+    def release(self) -> None:
+        with self._in_flight.get_lock():
+            self._in_flight.value = max(0, self._in_flight.value - 1)
+
+    def submit(self, job: dict[str, Any], consumer_id: int) -> Submission:
+        """Queue ``job`` (the caller has reserved a slot); its events come back to ``consumer_id``."""
+        uid = str(uuid.uuid4())
+        item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
+        self.server.response_buffer[uid] = item
+        try:
+            self.server._get_request_queue(ENGINE_PATH).put((consumer_id, uid, time.monotonic(), job))
+        except Exception as exc:  # the manager is gone: the server is shutting down
+            self.server.response_buffer.pop(uid, None)
+            self.release()
+            raise ApiError(
+                503,
+                "unavailable",
+                "the generation worker is not reachable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from exc
+        return Submission(self, job, uid, item)
+
+    def cancel(self, job_id: str) -> None:
+        try:
+            self.server._get_request_queue(ENGINE_PATH).put(
+                (None, None, time.monotonic(), {"cancel": job_id})
+            )
+        except Exception:  # the manager is gone: the server is shutting down
+            log.debug("could not send cancel for %s", job_id, exc_info=True)
+
+
+def _describe_error(data: Any) -> str:
+    if isinstance(data, bytes):
+        try:
+            data = pickle.loads(data)
+        except Exception:
+            return "the generation worker failed"
+    detail = getattr(data, "detail", None) or str(data)
+    return f"the generation worker failed: {detail}" if detail else "the generation worker failed"
+
+
+def _error_event(
+    job_id: str, status: int, code: str, message: str, param: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "finished": True,
+        "error": {"status": status, "code": code, "message": message, "param": param},
+    }
+
+
+def raise_for_event(event: dict[str, Any]) -> None:
+    """Turn a worker error event into the ApiError the route answers with."""
+    err = event.get("error")
+    if err:
+        raise ApiError(err["status"], err["code"], err["message"], err.get("param"))
+
+
+# =====================================================================================================
+# Worker side
+# =====================================================================================================
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker needs, resolved by the main process (picklable: it crosses a spawn)."""
+
+    model_path: str
+    model_name: str  # what the user asked for
+    origin: str  # "hub" | "local" | "random"
+    random_weights: bool
+    adapter_dir: str
+    device: str  # "cpu" | "cuda"
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    max_batch_size: int
+    max_loaded_adapters: int
+    status_path: str
+    log_level: str = "info"
+
+
+def write_status(path: str | Path, status: dict[str, Any]) -> None:
+    """The worker's status for readiness and adapter listings, written atomically."""
+    body = dict(status, pid=os.getpid(), updated=datetime.now(UTC).isoformat())
+    write_atomic(Path(path), json.dumps(body, indent=2) + "\n")
+
+
+def read_status(path: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class EngineAPI(ls.LitAPI):
+    """The LitAPI of the generation worker: ``setup`` builds the engine, ``EngineLoop`` drives it."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(
+            api_path=ENGINE_PATH, stream=True, max_batch_size=config.max_batch_size, loop=EngineLoop()
+        )
+        self.config = config
+        self.engine = None
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from service import metrics
+        from service.engine import Engine
+
+        cfg = self.config
+        if not logging.getLogger().handlers:  # a spawned process starts without our logging setup
+            logging.basicConfig(
+                level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+        status = {
+            "status": "starting",
+            "model": cfg.model_name,
+            "model_path": cfg.model_path,
+            "device": device,
+            "dtype": cfg.dtype,
+            "weights": cfg.origin,
+            "random_weights": cfg.random_weights,
+        }
+        write_status(cfg.status_path, status)
+        try:
+            self.engine = Engine(
+                cfg.model_path,
+                cfg.adapter_dir,
+                device=device,
+                dtype=getattr(torch, cfg.dtype),
+                max_batch_size=cfg.max_batch_size,
+                max_loaded_adapters=cfg.max_loaded_adapters,
+            )
+        except Exception as exc:
+            write_status(
+                cfg.status_path, dict(status, status="failed", detail=f"{type(exc).__name__}: {exc}")
+            )
+            raise
+        self.status = dict(status, status="ready")
+        write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
+        metrics.MODEL_INFO.labels(cfg.model_name, device, cfg.dtype, cfg.origin).set(1)
+        if cfg.random_weights:
+            log.warning(
+                "generation worker serves RANDOM WEIGHTS of %s: output is meaningless", cfg.model_name
+            )
+        log.info("generation worker ready: %s on %s (%s)", cfg.model_name, device, cfg.dtype)
+
+    def predict(self, x: Any) -> Any:  # pragma: no cover - EngineLoop never calls it
+        raise NotImplementedError("EngineLoop drives the engine directly")
+
+
+@dataclass
+class _Live:
+    """A job the worker has taken from the queue and still owes an answer."""
+
+    uid: str
+    consumer: int
+    job: dict[str, Any]
+    text: list[str] = field(default_factory=list)
+
+
+class EngineLoop(LitLoop):
+    """Continuous batching over LitServe's request queue, one engine step at a time, in one thread."""
+
+    def __call__(
+        self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner
+    ):
+        _Driver(self, lit_api, request_queue, transport).serve()
+
+
+class _Driver:
+    """Owns the engine in the worker. The engine records its own batch, token and latency metrics;
+    the driver adds the queue it keeps in front of the engine (``requests_waiting``)."""
+
+    def __init__(self, loop: EngineLoop, lit_api: EngineAPI, request_queue, transport) -> None:
+        from service import metrics
+        from service.engine import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams
+
+        self.loop, self.api, self.engine = loop, lit_api, lit_api.engine
+        self.queue, self.transport = request_queue, transport
+        self.metrics = metrics
+        self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
+        self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
+        self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
+        self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
+        self.loaded: list[str] = []
+        self.status_at = 0.0
+
+    # --- the loop, in execution order -----------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            idle = not self.engine.has_active() and not self.waiting
+            if not self.receive(block=idle):
+                log.info("generation worker: stop requested")
+                return
+            self.expire()
+            self.admit()
+            self.metrics.REQUESTS_WAITING.set(len(self.waiting) + self.engine.stats()["waiting"])
+            if self.engine.has_active():
+                self.step()
+            elif self.waiting:
+                time.sleep(0.01)  # nothing running and nothing admitted: do not spin
+            self.publish_status(force=idle)
+
+    def receive(self, block: bool) -> bool:
+        """Move queue items into ``waiting`` (or apply cancels); False when LitServe asks us to stop.
+
+        Blocks (without spinning) only while the worker has nothing else to do.
+        """
+        for n in range(MAX_DRAIN):
+            try:
+                item = self.queue.get(timeout=IDLE_WAIT_S) if block and n == 0 else self.queue.get_nowait()
+            except Empty:
+                return True
+            except (EOFError, OSError):  # the manager died: the server is going away
+                return False
+            if item == _SENTINEL_VALUE or item is None:
+                return False
+            consumer, uid, _, payload = item
+            if "cancel" in payload:
+                self.cancel(payload["cancel"])
+            else:
+                self.waiting.append(_Live(uid, consumer, payload))
+        return True
+
+    def expire(self) -> None:
+        """Answer 504 for every job past its deadline, queued or running."""
+        now = time.monotonic()
+        for live in [w for w in self.waiting if w.job["deadline"] <= now]:
+            self.waiting.remove(live)
+            self.fail(live, 504, "timeout", "the request waited past its deadline")
+        for live in [r for r in self.running.values() if r.job["deadline"] <= now]:
+            self.drop(live.job["id"])
+            self.fail(live, 504, "timeout", "generation ran past the request deadline")
+
+    def admit(self) -> None:
+        """Hand waiting jobs to the engine while it has room; a job the engine refuses fails alone."""
+        while self.waiting and self.engine.has_capacity():
+            live = self.waiting.popleft()
+            job = live.job
+            try:
+                self.engine.add(
+                    self.GenerationRequest(
+                        job["id"],
+                        list(job["prompt_ids"]),
+                        job["adapter"],
+                        self.SamplingParams(**job["params"]),
+                        arrival=job["arrived"],
+                    )
+                )
+            except self.AdapterNotFound as exc:
+                self.fail(live, 404, "adapter_not_found", str(exc), "adapter")
+            except self.PromptTooLong as exc:
+                self.fail(live, 400, "prompt_too_long", str(exc), "prompt")
+            except ValueError as exc:
+                self.fail(live, 422, "invalid_request", str(exc))
+            except Exception as exc:
+                log.exception("engine.add failed for %s", job["id"])
+                self.fail(live, 500, "generation_failed", f"{type(exc).__name__}: {exc}")
+            else:
+                self.running[job["id"]] = live
+
+    def step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # the whole step failed: every job gets the error, nobody hangs
+            log.exception("engine.step failed")
+            for live in list(self.running.values()):
+                self.drop(live.job["id"])
+                self.fail(live, 500, "generation_failed", f"{type(exc).__name__}: {exc}")
+            return
+        for ev in events:
+            live = self.running.get(ev.id)
+            if live is None:  # cancelled or expired meanwhile
+                continue
+            if ev.finished:
+                del self.running[ev.id]
+            if ev.finish_reason == "error":
+                self.fail(live, 500, "generation_failed", ev.error or "generation failed")
+            elif ev.finished:
+                live.text.append(ev.text)
+                self.send(
+                    live,
+                    {
+                        "id": ev.id,
+                        "text": ev.text if live.job["stream"] else "".join(live.text),
+                        "finished": True,
+                        "finish_reason": ev.finish_reason,
+                        "usage": {
+                            "prompt_tokens": ev.prompt_tokens,
+                            "completion_tokens": ev.completion_tokens,
+                        },
+                    },
+                )
+            elif live.job["stream"]:
+                if ev.text:
+                    self.send(live, {"id": ev.id, "text": ev.text, "finished": False})
+            else:
+                live.text.append(ev.text)
+
+    # --- helpers --------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        for live in self.waiting:
+            if live.job["id"] == job_id:
+                self.waiting.remove(live)
+                return
+        self.drop(job_id)
+
+    def drop(self, job_id: str) -> None:
+        """Take a job out of the engine; no further events are sent for it."""
+        if self.running.pop(job_id, None) is None:
+            return
+        try:
+            self.engine.cancel(job_id)
+        except Exception:
+            log.exception("engine.cancel failed for %s", job_id)
+
+    def fail(self, live: _Live, status: int, code: str, message: str, param: str | None = None) -> None:
+        self.send(live, _error_event(live.job["id"], status, code, message, param))
+
+    def send(self, live: _Live, event: dict[str, Any]) -> None:
+        self.loop.put_response(
+            self.transport, live.consumer, live.uid, event, LitAPIStatus.OK, LoopResponseType.STREAMING
+        )
+
+    def publish_status(self, force: bool = False) -> None:
+        """Rewrite the status file when the set of loaded adapters changed (rate-limited while busy)."""
+        now = time.monotonic()
+        if not force and now - self.status_at < STATUS_EVERY_S:
+            return
+        self.status_at = now
+        loaded = sorted(self.engine.stats()["adapters_loaded"])
+        if loaded != self.loaded:
+            self.loaded = loaded
+            write_status(self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded))
