@@ -1,0 +1,205 @@
+"""The generation worker's LRU of loaded adapters, kept in step with the adapter directory.
+
+The directory is the source of truth: every lookup stats ``<adapter_dir>/<name>/adapter_model.safetensors``.
+A new folder is loaded on its first request; a replaced one (different inode, size or mtime: the
+publish path swaps whole folders) is reloaded on the next request; a deleted one is not found.
+An entry is *pinned* while rows of the running batch use it: pinned entries are never evicted, and
+a replaced or evicted version stays alive (held by its rows) until those rows finish, so running
+rows keep the weights they started with. At most ``capacity`` entries are cached; when all are
+pinned, ``can_acquire`` says no and the scheduler keeps the request waiting.
+
+Used from the engine's single thread only (no locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service import metrics
+from service.engine.lora import CONFIG_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def valid_name(name: str) -> bool:
+    return isinstance(name, str) and bool(NAME_RE.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class Version:
+    """Identity of one version of an adapter folder's weights file."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Version:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    name: str
+    version: Version
+    weights: Any  # engine.lora.LoraWeights
+    loaded_at: float
+    load_seconds: float
+    refs: int = 0  # running rows using this version
+    cached: bool = True  # False once evicted or superseded (kept alive only by its rows)
+    meta: dict = field(default_factory=dict)
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter."""
+
+
+class AdapterCache:
+    def __init__(
+        self, adapter_dir: str | Path, load: Callable[[Path], tuple[Any, os.stat_result]], capacity: int
+    ):
+        """``load(folder) -> (weights, stat of the weights file as read)`` raises on a bad adapter."""
+        if capacity < 1:
+            raise ValueError("max_loaded_adapters must be >= 1")
+        self.dir = Path(adapter_dir)
+        self.load = load
+        self.capacity = capacity
+        self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self.hits = self.misses = self.evictions = self.reloads = 0
+
+    # --- disk ---------------------------------------------------------------------------------
+    def folder(self, name: str) -> Path:
+        return self.dir / name
+
+    def disk_version(self, name: str) -> Version | None:
+        """The version on disk now, or None when the adapter does not exist (or the name is invalid)."""
+        if not valid_name(name):
+            return None
+        try:
+            st = os.stat(self.folder(name) / WEIGHTS_FILE)
+            if not (self.folder(name) / CONFIG_FILE).is_file():
+                return None
+        except OSError:
+            return None
+        return Version.of(st)
+
+    def exists(self, name: str) -> bool:
+        return self.disk_version(name) is not None
+
+    # --- lookups ------------------------------------------------------------------------------
+    def _current(self, name: str, version: Version) -> LoadedAdapter | None:
+        entry = self.entries.get(name)
+        return entry if entry is not None and entry.version == version else None
+
+    def can_acquire(self, name: str) -> bool:
+        """Whether ``acquire(name)`` fits the capacity: loaded, room left, or an idle entry to evict."""
+        v = self.disk_version(name)
+        if v is None or self._current(name, v) is not None:
+            return True  # not found -> acquire raises at once; loaded -> hit
+        if len(self.entries) < self.capacity:
+            return True
+        return any(e.refs == 0 or e.name == name for e in self.entries.values())
+
+    def acquire(self, name: str) -> LoadedAdapter:
+        """The current version of ``name``, loaded if needed, pinned for one row (``release`` it).
+
+        Raises KeyError (via the caller's AdapterNotFound) when the folder is gone, AdapterError when
+        it cannot be loaded.
+        """
+        version = self.disk_version(name)
+        if version is None:
+            raise FileNotFoundError(name)
+        entry = self._current(name, version)
+        if entry is not None:
+            self.hits += 1
+            metrics.ADAPTER_CACHE_HITS.inc()
+            self.entries.move_to_end(name)
+        else:
+            entry = self._load(name)
+        entry.refs += 1
+        return entry
+
+    def release(self, entry: LoadedAdapter) -> None:
+        entry.refs -= 1
+        if entry.refs == 0 and entry.cached and len(self.entries) > self.capacity:
+            self._evict_idle()
+
+    def _load(self, name: str) -> LoadedAdapter:
+        self.misses += 1
+        metrics.ADAPTER_CACHE_MISSES.inc()
+        t0 = time.perf_counter()
+        try:
+            weights, st = self.load(self.folder(name))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}") from exc
+        seconds = time.perf_counter() - t0
+        metrics.ADAPTER_LOAD_SECONDS.observe(seconds)
+        entry = LoadedAdapter(name, Version.of(st), weights, time.time(), seconds)
+        old = self.entries.pop(name, None)
+        if old is not None:  # superseded: its running rows keep it alive
+            old.cached = False
+            self.reloads += 1
+            log.info("adapter %s: new version loaded (%.1f ms)", name, seconds * 1e3)
+        else:
+            log.info("adapter %s loaded (%.1f ms)", name, seconds * 1e3)
+        self.entries[name] = entry
+        self._evict_idle()
+        metrics.ADAPTERS_LOADED.set(len(self.entries))
+        return entry
+
+    def _evict_idle(self) -> None:
+        """Drop least recently used unpinned entries while over capacity."""
+        for name in list(self.entries):
+            if len(self.entries) <= self.capacity:
+                break
+            e = self.entries[name]
+            if e.refs == 0:
+                del self.entries[name]
+                e.cached = False
+                self.evictions += 1
+                metrics.ADAPTER_CACHE_EVICTIONS.inc()
+                log.info("adapter %s evicted (LRU)", name)
+        metrics.ADAPTERS_LOADED.set(len(self.entries))
+
+    def forget_missing(self) -> None:
+        """Drop idle entries whose folder is gone (frees memory after DELETE)."""
+        for name in list(self.entries):
+            e = self.entries[name]
+            if e.refs == 0 and self.disk_version(name) is None:
+                del self.entries[name]
+                e.cached = False
+        metrics.ADAPTERS_LOADED.set(len(self.entries))
+
+    def loaded(self) -> list[str]:
+        return list(self.entries)
+
+    def stats(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "loaded": [
+                {
+                    "name": e.name,
+                    "refs": e.refs,
+                    "load_ms": round(e.load_seconds * 1e3, 2),
+                    "rank": getattr(e.weights, "rank", None),
+                    "bytes": getattr(e.weights, "nbytes", None),
+                }
+                for e in self.entries.values()
+            ],
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "reloads": self.reloads,
+        }

@@ -1,0 +1,14 @@
+"""Generation engine: continuous batching of many LoRA adapters on one GPT-2 base (see docs/engine.md).
+
+    engine = Engine(model_path, adapter_dir)
+    engine.add(GenerationRequest("r1", prompt_ids, "my-adapter", SamplingParams(temperature=0)))
+    while engine.has_active():
+        for event in engine.step(): ...
+
+One thread only: the worker loop owns the engine.
+"""
+
+from .engine import Engine
+from .types import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams, TokenEvent
+
+__all__ = ["AdapterNotFound", "Engine", "GenerationRequest", "PromptTooLong", "SamplingParams", "TokenEvent"]

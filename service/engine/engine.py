@@ -1,0 +1,346 @@
+"""The generation engine: continuous batching of many LoRA adapters on one GPT-2 base.
+
+``add`` queues a request (after checking its adapter exists and it fits the context); every
+``step`` admits waiting requests into free rows and prefills them (their first token), then runs
+one decode step for the rows that were already running (one token each). A finished row leaves
+the batch in the same step, so its slot is free for the next request at once.
+
+Threading: an Engine is used from ONE thread (the worker loop). It holds no locks; calls from a
+second thread raise RuntimeError instead of corrupting the batch.
+
+Context: ``prompt_tokens + max_new_tokens`` must fit the model's ``n_positions``, otherwise ``add``
+raises PromptTooLong. The engine never clips ``max_new_tokens``; clipping (if wanted) is the
+caller's decision, made before ``add``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from service import metrics
+from service.adapters.cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from trainer.model import load_base_model, load_tokenizer
+from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+
+from .batch import Batch, Row
+from .lora import parse_adapter, read_adapter_files
+from .model import CAPACITY_STEP, GPT2Runner
+from .sampling import choose_tokens, make_generator
+from .text import Detokenizer, StopMatcher, byte_table
+from .types import AdapterNotFound, GenerationRequest, PromptTooLong, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:
+    """None means float16 on CUDA and float32 on CPU."""
+    if dtype is not None:
+        return dtype
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+class Engine:
+    def __init__(
+        self,
+        model_path: str | Path,
+        adapter_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch_size: int = 16,
+        max_loaded_adapters: int = 16,
+        max_prefill_tokens: int = 2048,
+    ):
+        """Load the base and its tokenizer. ``max_prefill_tokens`` bounds the prompt tokens admitted
+        in one step (a step with a huge prefill delays every running row's next token)."""
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(device, dtype)
+        self.model_path = Path(model_path)
+        self.adapter_dir = Path(adapter_dir)
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
+        model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
+        self.runner = GPT2Runner(model, max_rows=max_batch_size)
+        self.n_positions = self.runner.n_positions
+        self.shapes = self.runner.module_shapes()
+        self.eos_ids = self._eos_ids(model)
+        self.bos_id = (
+            self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos_ids)
+        )
+        self.byte_table = byte_table(self.tokenizer)
+        if self.byte_table is None:
+            log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
+        self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
+        self.batch = Batch(self.runner, max_batch_size)
+        self.waiting: deque[GenerationRequest] = deque()
+        self._owner: int | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.started = time.time()
+
+    @staticmethod
+    def _eos_ids(model) -> set[int]:
+        ids: set[int] = set()
+        for source in (model.config, getattr(model, "generation_config", None)):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list | tuple):
+                ids.update(int(e) for e in eos)
+        return ids
+
+    def _load_adapter(self, folder: Path):
+        cfg, weights, st = read_adapter_files(folder)
+        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), st
+
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        elif self._owner != me:
+            raise RuntimeError("Engine is single-threaded: call add/step/cancel from one thread only")
+
+    # --- public API -----------------------------------------------------------------------------
+    def adapter_template(self, name: str | None) -> PromptTemplate:
+        """The prompt template recorded in ``<adapter_dir>/<name>/loraserve.json``, else the default."""
+        if name is None:
+            return DEFAULT_TEMPLATE
+        if not self.adapters.exists(name):
+            raise AdapterNotFound(name)
+        try:
+            record = json.loads((self.adapters.folder(name) / "loraserve.json").read_text(encoding="utf-8"))
+            return PromptTemplate.from_dict(record["template"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return DEFAULT_TEMPLATE
+
+    def add(self, req: GenerationRequest) -> None:
+        """Queue a request; it joins the batch at the next ``step``.
+
+        Raises AdapterNotFound, PromptTooLong, or ValueError (bad parameters, duplicate id).
+        An empty prompt is started from the BOS token (counted as one prompt token).
+        """
+        self._check_thread()
+        req.params.validate()
+        if not req.prompt_ids:
+            req.prompt_ids = [self.bos_id]
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt_ids must be token ids in [0, {vocab})")
+        if len(req.prompt_ids) + req.params.max_new_tokens > self.n_positions:
+            raise PromptTooLong(len(req.prompt_ids), req.params.max_new_tokens, self.n_positions)
+        if req.adapter is not None and not self.adapters.exists(req.adapter):
+            raise AdapterNotFound(req.adapter, "" if valid_name(req.adapter) else "invalid adapter name")
+        if any(r.id == req.id for r in self.waiting) or any(r.req.id == req.id for r in self.batch.rows):
+            raise ValueError(f"request id {req.id!r} is already queued or running")
+        self.waiting.append(req)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a waiting or running request; no event is produced for it."""
+        self._check_thread()
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                return
+        for row in self.batch.rows:
+            if row.req.id == request_id:
+                self._leave([row])
+                return
+
+    def has_active(self) -> bool:
+        return bool(self.waiting) or bool(self.batch.rows)
+
+    def has_capacity(self) -> bool:
+        """True while running + waiting requests are fewer than ``max_batch_size``.
+
+        ``add`` accepts more than that (they wait for a free row); this is the hint for how many
+        to take from an upstream queue.
+        """
+        return len(self.batch.rows) + len(self.waiting) < self.max_batch_size
+
+    def stats(self) -> dict:
+        cache = self.adapters.stats()
+        return {
+            "rows": len(self.batch.rows),
+            "waiting": len(self.waiting),
+            "max_batch_size": self.max_batch_size,
+            "adapters_loaded": self.adapters.loaded(),
+            "adapter_cache": cache,
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "kv_capacity_tokens": self.runner.capacity,
+            "kv_bytes": self.runner.kv_bytes(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "n_positions": self.n_positions,
+        }
+
+    def step(self) -> list[TokenEvent]:
+        """Admit and prefill newcomers (first token each), then one decode step for the rows
+        already running (one token each). Finished rows leave before this returns."""
+        self._check_thread()
+        events: list[TokenEvent] = []
+        running = len(self.batch.rows)
+        newcomers = self._admit(events)
+        if newcomers:
+            try:
+                logits = self.batch.join(newcomers)
+            except Exception as exc:  # e.g. out of memory: only these requests fail
+                log.exception("prefill failed")
+                for row in newcomers:
+                    self._release(row)
+                    events.append(self._error(row.req, f"prefill failed: {exc}"))
+            else:
+                self._sample(newcomers, logits, events)
+        if running:
+            rows = self.batch.rows[:running]
+            metrics.BATCH_SIZE.observe(running)
+            try:
+                logits = self.batch.decode(running)
+            except Exception as exc:
+                log.exception("decode step failed")
+                self._leave(rows)
+                events.extend(self._error(r.req, f"decode failed: {exc}", r.completion) for r in rows)
+            else:
+                self._sample(rows, logits, events)
+        finished = [r for r in self.batch.rows if r.finished]
+        if finished:
+            self._leave(finished)
+        metrics.REQUESTS_RUNNING.set(len(self.batch.rows))
+        self.steps += 1
+        return events
+
+    # --- internals ------------------------------------------------------------------------------
+    def _admit(self, events: list[TokenEvent]) -> list[Row]:
+        """Take waiting requests, in order, while rows and the prefill budget allow.
+
+        A request whose adapter cannot be loaded without evicting a pinned one waits (others may
+        pass it); a request whose adapter vanished or is broken gets an error event.
+        """
+        admitted: list[Row] = []
+        passed: list[GenerationRequest] = []
+        free, budget = self.batch.free, self.max_prefill_tokens
+        reserve = 0
+        while self.waiting and free > len(admitted):
+            req = self.waiting[0]
+            if admitted and len(req.prompt_ids) > budget:
+                break
+            self.waiting.popleft()
+            entry: LoadedAdapter | None = None
+            if req.adapter is not None:
+                if not self.adapters.can_acquire(req.adapter):
+                    passed.append(req)
+                    continue
+                try:
+                    entry = self.adapters.acquire(req.adapter)
+                except FileNotFoundError:
+                    events.append(self._error(req, str(AdapterNotFound(req.adapter))))
+                    continue
+                except AdapterError as exc:
+                    events.append(self._error(req, str(exc)))
+                    continue
+            admitted.append(self._new_row(req, entry))
+            budget -= len(req.prompt_ids)
+            reserve = max(reserve, len(req.prompt_ids) + req.params.max_new_tokens)
+        self.waiting.extendleft(reversed(passed))
+        if admitted:
+            for r in self.batch.rows:
+                reserve = max(reserve, r.length + r.req.params.max_new_tokens - r.completion + 1)
+            # reserve the KV positions the admitted rows may need, so decode never grows the cache
+            step = CAPACITY_STEP
+            self.batch.reserve(min(self.n_positions, -(-reserve // step) * step))
+        return admitted
+
+    def _new_row(self, req: GenerationRequest, entry: LoadedAdapter | None) -> Row:
+        now = time.monotonic()
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - req.arrival))
+        metrics.PROMPT_TOKENS.labels(adapter=req.adapter or "__base__").inc(len(req.prompt_ids))
+        gen, seed = (None, None) if req.params.greedy else make_generator(req.params.seed, self.device)
+        return Row(
+            req=req,
+            adapter=entry,
+            generator=gen,
+            seed=seed,
+            detok=Detokenizer(self.tokenizer, self.byte_table),
+            stopper=StopMatcher(req.params.stop),
+            prompt_ids=list(req.prompt_ids),
+            admitted=now,
+        )
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]) -> None:
+        tokens = choose_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        now = time.monotonic()
+        per_adapter: dict[str, int] = {}
+        for row, token in zip(rows, tokens, strict=True):
+            events.append(self._advance(row, token, now))
+            per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
+        for label, n in per_adapter.items():
+            metrics.GENERATED_TOKENS.labels(adapter=label).inc(n)
+        self.tokens_generated += len(rows)
+
+    def _advance(self, row: Row, token: int, now: float) -> TokenEvent:
+        """Record one generated token: text delta, stop conditions, latency metrics."""
+        if row.completion == 0:
+            metrics.TTFT_SECONDS.labels(adapter=row.label).observe(max(0.0, now - row.req.arrival))
+        else:
+            metrics.INTER_TOKEN_SECONDS.observe(now - row.last_time)
+        row.last_time = now
+        row.completion += 1
+        row.last_token = token
+        p = row.req.params
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            text, stopped = row.stopper.feed(row.detok.flush(), final=True)
+            reason = "stop" if stopped else "eos"
+        else:
+            piece = row.detok.push(token)
+            out_of_tokens = row.completion >= p.max_new_tokens
+            if out_of_tokens:
+                piece += row.detok.flush()
+            text, stopped = row.stopper.feed(piece, final=out_of_tokens)
+            if stopped:
+                reason = "stop"
+            elif out_of_tokens:
+                reason = "length"
+        row.finished = reason is not None
+        return TokenEvent(
+            id=row.req.id,
+            text=text,
+            token_id=token,
+            finished=row.finished,
+            finish_reason=reason,
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=row.completion,
+        )
+
+    def _error(self, req: GenerationRequest, message: str, completion: int = 0) -> TokenEvent:
+        return TokenEvent(
+            id=req.id,
+            text="",
+            token_id=None,
+            finished=True,
+            finish_reason="error",
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=completion,
+            error=message,
+        )
+
+    def _release(self, row: Row) -> None:
+        if not row.released and row.adapter is not None:
+            self.adapters.release(row.adapter)
+        row.released = True
+
+    def _leave(self, rows: list[Row]) -> None:
+        for r in rows:
+            self._release(r)
+        self.batch.remove(rows)
+        metrics.REQUESTS_RUNNING.set(len(self.batch.rows))

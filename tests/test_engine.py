@@ -1,0 +1,508 @@
+"""Engine behaviour on a real (tiny, random-weight) GPT-2 with real PEFT LoRA adapters.
+
+Adapters are made with PEFT on the ``tiny_base`` fixture with non-zero random B
+(``init_lora_weights=False``), so every adapter changes the output and a mix-up shows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from service import metrics
+from service.engine import (
+    AdapterNotFound,
+    Engine,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+    TokenEvent,
+)
+from trainer.publish import publish_dir, staging_dir
+
+PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy", "1 2 3", "Once upon a time"]
+
+
+def make_adapter(base: Path, out: Path, seed: int, r: int = 8) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model import load_base_model
+
+    torch.manual_seed(seed)
+    model = load_base_model(base)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_src(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("adapters-src")
+    for i, name in enumerate(["a", "b", "c"]):
+        make_adapter(tiny_base, root / name, seed=100 + i)
+    make_adapter(tiny_base, root / ".a-v2", seed=999)
+    return root
+
+
+@pytest.fixture()
+def adapter_dir(adapter_src: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "adapters"
+    shutil.copytree(adapter_src, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared_engine(tiny_base: Path, adapter_src: Path) -> Engine:
+    """One engine for the tests that do not change the adapter folder (built once: faster)."""
+    return Engine(tiny_base, adapter_src, max_batch_size=8)
+
+
+def greedy(n: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0, **kw)
+
+
+def request(
+    engine: Engine, rid: str, prompt: str, adapter: str | None, params: SamplingParams
+) -> GenerationRequest:
+    return GenerationRequest(rid, engine.tokenizer.encode(prompt), adapter, params)
+
+
+class Result:
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.text = ""
+        self.events: list[TokenEvent] = []
+
+    @property
+    def last(self) -> TokenEvent:
+        return self.events[-1]
+
+
+def drain(
+    engine: Engine, results: dict[str, Result] | None = None, max_steps: int = 10_000
+) -> dict[str, Result]:
+    results = {} if results is None else results
+    for _ in range(max_steps):
+        if not engine.has_active():
+            break
+        for ev in engine.step():
+            res = results.setdefault(ev.id, Result())
+            assert not (res.events and res.last.finished), f"event after finish for {ev.id}"
+            res.events.append(ev)
+            if ev.token_id is not None:
+                res.tokens.append(ev.token_id)
+            res.text += ev.text
+    assert not engine.has_active()
+    return results
+
+
+def step(engine: Engine, results: dict[str, Result]) -> list[TokenEvent]:
+    """One engine step, recorded into ``results`` (for tests that act between steps)."""
+    events = engine.step()
+    for ev in events:
+        res = results.setdefault(ev.id, Result())
+        res.events.append(ev)
+        if ev.token_id is not None:
+            res.tokens.append(ev.token_id)
+        res.text += ev.text
+    return events
+
+
+def run(engine: Engine, reqs: list[GenerationRequest]) -> dict[str, Result]:
+    for r in reqs:
+        engine.add(r)
+    return drain(engine)
+
+
+def solo(engine: Engine, req: GenerationRequest) -> Result:
+    return run(engine, [req])[req.id]
+
+
+# --- batching --------------------------------------------------------------------------------------
+def test_mixed_batch_greedy_equals_each_alone(shared_engine: Engine):
+    eng = shared_engine
+    specs = [(0, None), (1, "a"), (2, "b"), (0, "a"), (3, "b"), (1, None), (3, "a")]
+    reqs = [request(eng, f"m{i}", PROMPTS[p], ad, greedy(12)) for i, (p, ad) in enumerate(specs)]
+    mixed = run(eng, reqs)
+    alone = {
+        r.id: solo(eng, request(eng, r.id, PROMPTS[p], ad, greedy(12)))
+        for r, (p, ad) in zip(reqs, specs, strict=True)
+    }
+    for r in reqs:
+        assert mixed[r.id].tokens == alone[r.id].tokens, r.id
+        assert mixed[r.id].text == alone[r.id].text
+        assert mixed[r.id].last.finish_reason == "length"
+        assert mixed[r.id].last.completion_tokens == 12 == len(mixed[r.id].tokens)
+        assert mixed[r.id].last.prompt_tokens == len(r.prompt_ids)
+    # the adapters really change the output (otherwise the test above could not fail)
+    assert mixed["m0"].tokens != mixed["m3"].tokens
+    assert mixed["m1"].tokens != mixed["m5"].tokens
+    assert mixed["m4"].tokens != mixed["m6"].tokens
+
+
+def test_matches_peft_generate(shared_engine: Engine, tiny_base: Path, adapter_src: Path):
+    """The engine's own LoRA forward reproduces PEFT's greedy generation."""
+    from peft import PeftModel
+
+    from trainer.model import load_base_model
+
+    eng = shared_engine
+    model = PeftModel.from_pretrained(load_base_model(tiny_base), adapter_src / "b").eval()
+    for p in PROMPTS[:2]:
+        ids = eng.tokenizer.encode(p)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=50256)
+        assert solo(eng, request(eng, "peft", p, "b", greedy(10))).tokens == out[0, len(ids) :].tolist()
+
+
+def test_join_mid_generation(shared_engine: Engine):
+    eng = shared_engine
+    first = [
+        request(eng, "j0", PROMPTS[0], "a", greedy(20)),
+        request(eng, "j1", PROMPTS[1], None, greedy(20)),
+    ]
+    late = request(eng, "j2", PROMPTS[3], "b", greedy(8))
+    ref = {
+        r.id: solo(
+            eng,
+            request(
+                eng, r.id, eng.tokenizer.decode(r.prompt_ids), r.adapter, greedy(r.params.max_new_tokens)
+            ),
+        )
+        for r in [*first, late]
+    }
+    for r in first:
+        eng.add(r)
+    results: dict[str, Result] = {}
+    for _ in range(5):
+        step(eng, results)
+    assert eng.stats()["rows"] == 2
+    eng.add(late)
+    step(eng, results)  # the newcomer gets its first token in the very next step
+    assert len(results["j2"].tokens) == 1 and eng.stats()["rows"] == 3
+    drain(eng, results)
+    for rid in ("j0", "j1", "j2"):
+        assert results[rid].tokens == ref[rid].tokens, rid
+    assert len(results["j2"].tokens) == 8
+
+
+def test_finished_rows_leave_at_once(shared_engine: Engine):
+    eng = shared_engine
+    eng.add(request(eng, "short", PROMPTS[0], "a", greedy(2)))
+    eng.add(request(eng, "long", PROMPTS[1], "b", greedy(10)))
+    eng.step()  # prefill: one token each
+    ev = {e.id: e for e in eng.step()}
+    assert ev["short"].finished and ev["short"].finish_reason == "length"
+    assert eng.stats()["rows"] == 1
+    drain(eng)
+
+
+def test_seeded_sampling_reproducible_in_batch(shared_engine: Engine):
+    eng = shared_engine
+
+    def sampled(rid: str, seed: int | None, **kw) -> GenerationRequest:
+        return request(eng, rid, PROMPTS[2], "a", SamplingParams(max_new_tokens=16, seed=seed, **kw))
+
+    alone = solo(eng, sampled("s", 7, temperature=1.3, top_k=50, top_p=0.9)).tokens
+    batch = run(
+        eng,
+        [
+            sampled("x", 1, temperature=0.8),
+            sampled("s", 7, temperature=1.3, top_k=50, top_p=0.9),
+            request(eng, "g", PROMPTS[0], None, greedy(16)),
+            sampled("y", None, temperature=2.0, top_p=0.5),
+        ],
+    )
+    assert batch["s"].tokens == alone
+    other = solo(eng, sampled("s2", 8, temperature=1.3, top_k=50, top_p=0.9)).tokens
+    assert other != alone  # the seed matters
+    greedy_tokens = solo(eng, request(eng, "g0", PROMPTS[2], "a", greedy(16))).tokens
+    assert alone != greedy_tokens  # sampling is not greedy in disguise
+
+
+def test_top_k_one_is_greedy(shared_engine: Engine):
+    eng = shared_engine
+    a = solo(
+        eng, request(eng, "k1", PROMPTS[1], "b", SamplingParams(max_new_tokens=10, top_k=1, temperature=5.0))
+    )
+    b = solo(eng, request(eng, "k0", PROMPTS[1], "b", greedy(10)))
+    assert a.tokens == b.tokens
+
+
+# --- stopping and text ------------------------------------------------------------------------------
+def test_stop_string_cuts_text(shared_engine: Engine):
+    eng = shared_engine
+    full = solo(eng, request(eng, "full", PROMPTS[3], "b", greedy(24)))
+    text = full.text
+    assert text == eng.tokenizer.decode(full.tokens)
+    # a stop string that starts in the middle of the output (spanning tokens when possible)
+    start = len(text) // 2
+    stop = text[start : start + 5]
+    cut = text.find(stop)
+    res = solo(eng, request(eng, "stop", PROMPTS[3], "b", greedy(24, stop=["never-appears", stop])))
+    assert res.last.finish_reason == "stop"
+    assert res.text == text[:cut]
+    assert stop not in res.text
+    assert res.tokens == full.tokens[: len(res.tokens)] and len(res.tokens) < 24
+    # no event released any part of the stop string before the match was certain
+    emitted = ""
+    for ev in res.events:
+        emitted += ev.text
+        assert text[:cut].startswith(emitted)
+
+
+def test_length_and_context_limits(shared_engine: Engine):
+    eng = shared_engine
+    res = solo(eng, request(eng, "len", PROMPTS[0], None, greedy(5)))
+    assert res.last.finish_reason == "length" and res.last.completion_tokens == 5
+    n_pos = eng.n_positions
+    with pytest.raises(PromptTooLong, match=str(n_pos)):
+        eng.add(GenerationRequest("long", [11] * (n_pos - 3), None, greedy(4)))
+    # exactly at the limit is fine
+    res = run(eng, [GenerationRequest("edge", [11] * (n_pos - 4), None, greedy(4))])["edge"]
+    assert res.last.finish_reason == "length" and len(res.tokens) == 4
+
+
+def test_bad_parameters_rejected(shared_engine: Engine):
+    eng = shared_engine
+    for params in (SamplingParams(max_new_tokens=0), SamplingParams(temperature=-1), SamplingParams(top_p=0)):
+        with pytest.raises(ValueError):
+            eng.add(GenerationRequest("bad", [1, 2], None, params))
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add(GenerationRequest("bad", [10**6], None, greedy(2)))
+    eng.add(GenerationRequest("dup", [1, 2], None, greedy(2)))
+    with pytest.raises(ValueError, match="already"):
+        eng.add(GenerationRequest("dup", [1, 2], None, greedy(2)))
+    drain(eng)
+
+
+def test_eos_finishes_row(tiny_base: Path, tmp_path: Path, adapter_src: Path):
+    """A base whose EOS embedding is a scaled copy of a token the model picks greedily ends on EOS."""
+    from trainer.model import load_base_model, load_tokenizer
+
+    base = tmp_path / "eos-base"
+    shutil.copytree(tiny_base, base)
+    model = load_base_model(base)
+    tok = load_tokenizer(base)
+    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    target = int(out[0, -1])
+    with torch.no_grad():
+        model.transformer.wte.weight[tok.eos_token_id] = model.transformer.wte.weight[target] * 3
+    model.save_pretrained(base)
+    eng = Engine(base, adapter_src)
+    res = solo(eng, request(eng, "eos", PROMPTS[1], None, greedy(30)))
+    assert res.last.finish_reason == "eos"
+    assert res.tokens[-1] == tok.eos_token_id and tok.eos_token_id not in res.tokens[:-1]
+    assert len(res.tokens) < 30 and res.last.completion_tokens == len(res.tokens)
+    assert res.text == tok.decode(res.tokens[:-1]) and "<|endoftext|>" not in res.text
+    # ignore_eos keeps going to the length limit
+    res = solo(eng, request(eng, "eos2", PROMPTS[1], None, greedy(30, ignore_eos=True)))
+    assert res.last.finish_reason == "length" and len(res.tokens) == 30
+
+
+def test_text_deltas_concatenate_on_multibyte_output(shared_engine: Engine):
+    """Sampling from a random model emits stray bytes of multi-byte characters; deltas still add up."""
+    eng = shared_engine
+    multibyte = 0
+    for seed in range(6):
+        params = SamplingParams(max_new_tokens=40, temperature=3.0, seed=seed)
+        res = solo(eng, request(eng, f"mb{seed}", "日本語のテキスト 🎉 héllo", "a", params))
+        assert res.text == eng.tokenizer.decode(res.tokens)
+        for ev in res.events[:-1]:
+            assert "\ufffd" not in ev.text or ev.text.count("\ufffd") <= res.text.count("\ufffd")
+        multibyte += sum(1 for ch in res.text if ord(ch) > 127)
+    assert multibyte > 0  # the test exercised multi-byte output
+
+
+# --- adapters ----------------------------------------------------------------------------------------
+def test_unknown_and_invalid_adapter(shared_engine: Engine):
+    eng = shared_engine
+    with pytest.raises(AdapterNotFound, match="nope"):
+        eng.add(request(eng, "u", PROMPTS[0], "nope", greedy(2)))
+    for bad in ("../a", ".a-v2", "", "a/b"):
+        with pytest.raises(AdapterNotFound):
+            eng.add(request(eng, "u", PROMPTS[0], bad, greedy(2)))
+    with pytest.raises(AdapterNotFound):
+        eng.adapter_template("nope")
+    assert not eng.has_active()
+
+
+def test_adapter_appears_and_disappears(tiny_base: Path, adapter_dir: Path, adapter_src: Path):
+    eng = Engine(tiny_base, adapter_dir)
+    with pytest.raises(AdapterNotFound):
+        eng.add(request(eng, "n0", PROMPTS[0], "new", greedy(4)))
+    shutil.copytree(adapter_src / "b", adapter_dir / "new")  # appears: servable with no call
+    new = solo(eng, request(eng, "n1", PROMPTS[0], "new", greedy(6)))
+    assert new.tokens == solo(eng, request(eng, "n2", PROMPTS[0], "b", greedy(6))).tokens
+    # deleted while running: the running row finishes, new requests are rejected
+    eng.add(request(eng, "n3", PROMPTS[1], "new", greedy(10)))
+    res: dict[str, Result] = {}
+    step(eng, res)
+    shutil.rmtree(adapter_dir / "new")
+    with pytest.raises(AdapterNotFound):
+        eng.add(request(eng, "n4", PROMPTS[0], "new", greedy(4)))
+    drain(eng, res)
+    assert res["n3"].last.finish_reason == "length" and len(res["n3"].tokens) == 10
+    # deleted between add and admission: an error event names the adapter
+    shutil.copytree(adapter_src / "c", adapter_dir / "gone")
+    eng.add(request(eng, "n5", PROMPTS[0], "gone", greedy(4)))
+    shutil.rmtree(adapter_dir / "gone")
+    (ev,) = eng.step()
+    assert ev.finished and ev.finish_reason == "error" and "gone" in ev.error
+
+
+def test_lru_eviction(tiny_base: Path, adapter_dir: Path):
+    eng = Engine(tiny_base, adapter_dir, max_loaded_adapters=2)
+    before = metrics.ADAPTER_CACHE_EVICTIONS._value.get()
+    ref = {}
+    for name in ("a", "b", "c"):
+        ref[name] = solo(eng, request(eng, name, PROMPTS[0], name, greedy(6))).tokens
+    st = eng.stats()
+    assert st["adapters_loaded"] == ["b", "c"]
+    assert st["adapter_cache"]["misses"] == 3 and st["adapter_cache"]["evictions"] == 1
+    assert metrics.ADAPTER_CACHE_EVICTIONS._value.get() - before == 1
+    solo(eng, request(eng, "b2", PROMPTS[0], "b", greedy(2)))  # hit, b becomes most recent
+    assert eng.stats()["adapter_cache"]["hits"] == 1
+    again = solo(eng, request(eng, "a2", PROMPTS[0], "a", greedy(6)))  # reload a, evict c (LRU)
+    assert again.tokens == ref["a"]
+    assert eng.stats()["adapters_loaded"] == ["b", "a"]
+    assert eng.stats()["adapter_cache"]["misses"] == 4
+
+
+def test_pinned_adapters_are_not_evicted(tiny_base: Path, adapter_dir: Path):
+    """With both cache entries in use, a third adapter's request waits for a free entry."""
+    eng = Engine(tiny_base, adapter_dir, max_loaded_adapters=2)
+    eng.add(request(eng, "pa", PROMPTS[0], "a", greedy(3)))
+    eng.add(request(eng, "pb", PROMPTS[1], "b", greedy(12)))
+    eng.add(request(eng, "pc", PROMPTS[2], "c", greedy(4)))
+    eng.step()
+    assert eng.stats()["rows"] == 2 and eng.stats()["waiting"] == 1
+    res = drain(eng)
+    assert all(res[r].last.finish_reason == "length" for r in ("pa", "pb", "pc"))
+    assert len(eng.stats()["adapters_loaded"]) <= 2
+    ref = Engine(tiny_base, adapter_dir)
+    assert res["pc"].tokens == solo(ref, request(ref, "pc", PROMPTS[2], "c", greedy(4))).tokens
+
+
+def test_replaced_adapter_is_picked_up(tiny_base: Path, adapter_dir: Path, tmp_path: Path):
+    eng = Engine(tiny_base, adapter_dir)
+    v1_long = solo(eng, request(eng, "v1", PROMPTS[1], "a", greedy(12))).tokens
+    eng.add(request(eng, "old", PROMPTS[1], "a", greedy(12)))
+    res: dict[str, Result] = {}
+    step(eng, res)  # running on version 1
+    staging = staging_dir(adapter_dir, "a")
+    shutil.copytree(adapter_dir / ".a-v2", staging, dirs_exist_ok=True)
+    publish_dir(staging, adapter_dir / "a")  # atomic swap, as uploads and training publish
+    eng.add(request(eng, "new", PROMPTS[1], "a", greedy(12)))
+    drain(eng, res)
+    assert res["old"].tokens == v1_long  # kept the weights it started with
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    shutil.copytree(adapter_dir / "a", fresh_dir / "a")
+    fresh = Engine(tiny_base, fresh_dir)
+    assert res["new"].tokens == solo(fresh, request(fresh, "v2", PROMPTS[1], "a", greedy(12))).tokens
+    assert res["new"].tokens != v1_long
+    assert eng.stats()["adapter_cache"]["reloads"] == 1
+
+
+def test_broken_adapter_fails_only_its_request(tiny_base: Path, adapter_dir: Path):
+    eng = Engine(tiny_base, adapter_dir)
+    (adapter_dir / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    cfg = json.loads((adapter_dir / "b" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (adapter_dir / "b" / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run(
+        eng,
+        [
+            request(eng, "x", PROMPTS[0], "a", greedy(4)),
+            request(eng, "y", PROMPTS[0], "b", greedy(4)),
+            request(eng, "z", PROMPTS[0], "c", greedy(4)),
+        ],
+    )
+    assert res["x"].last.finish_reason == "error" and "'a'" in res["x"].last.error
+    assert res["y"].last.finish_reason == "error" and "DoRA" in res["y"].last.error
+    assert res["z"].last.finish_reason == "length"
+
+
+def test_adapter_template(tiny_base: Path, adapter_dir: Path):
+    from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+
+    eng = Engine(tiny_base, adapter_dir)
+    assert eng.adapter_template(None) == DEFAULT_TEMPLATE
+    assert eng.adapter_template("a") == DEFAULT_TEMPLATE  # no loraserve.json
+    custom = PromptTemplate(name="q-a", user="Q: {content}\n", assistant_prefix="A:")
+    (adapter_dir / "b" / "loraserve.json").write_text(json.dumps({"template": custom.to_dict(), "format": 1}))
+    assert eng.adapter_template("b") == custom
+
+
+# --- engine plumbing ------------------------------------------------------------------------------------
+def test_cancel_and_capacity(shared_engine: Engine):
+    eng = shared_engine
+    for i in range(eng.max_batch_size):
+        assert eng.has_capacity()
+        eng.add(request(eng, f"c{i}", PROMPTS[i % 4], None, greedy(50)))
+    assert not eng.has_capacity()
+    eng.add(request(eng, "extra", PROMPTS[0], None, greedy(3)))  # accepted: waits for a row
+    eng.step()
+    assert eng.stats()["rows"] == eng.max_batch_size and eng.stats()["waiting"] == 1
+    eng.cancel("c3")
+    eng.cancel("does-not-exist")
+    ids = {e.id for e in eng.step()}
+    assert "c3" not in ids and "extra" in ids
+    for i in range(eng.max_batch_size):
+        eng.cancel(f"c{i}")
+    res = drain(eng)
+    assert set(res) == {"extra"} and res["extra"].last.finish_reason == "length"
+
+
+def test_single_thread_enforced(tiny_base: Path, adapter_src: Path):
+    eng = Engine(tiny_base, adapter_src)
+    eng.step()
+    errors = []
+
+    def other():
+        try:
+            eng.step()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert errors and "one thread" in str(errors[0])
+
+
+def test_metrics_updated(shared_engine: Engine):
+    from prometheus_client import REGISTRY
+
+    eng = shared_engine
+
+    def value(name, labels=None):
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    gen0 = value("loraserve_generated_tokens_total", {"adapter": "a"})
+    prompt0 = value("loraserve_prompt_tokens_total", {"adapter": "__base__"})
+    ttft0 = value("loraserve_time_to_first_token_seconds_count", {"adapter": "a"})
+    batch0 = value("loraserve_batch_size_count")
+    reqs = [request(eng, "ma", PROMPTS[0], "a", greedy(5)), request(eng, "mb", PROMPTS[1], None, greedy(3))]
+    run(eng, reqs)
+    assert value("loraserve_generated_tokens_total", {"adapter": "a"}) - gen0 == 5
+    assert value("loraserve_prompt_tokens_total", {"adapter": "__base__"}) - prompt0 == len(
+        reqs[1].prompt_ids
+    )
+    assert value("loraserve_time_to_first_token_seconds_count", {"adapter": "a"}) - ttft0 == 1
+    assert value("loraserve_batch_size_count") - batch0 == 4  # decode steps after the shared prefill
+    assert value("loraserve_requests_running") == 0
