@@ -522,19 +522,46 @@ def test_wait_raises_on_failure_and_timeout():
 
 def test_events_yield_progress_until_the_stream_ends():
     lines = [
-        {"event": "start", "step": 0, "total_steps": 2},
-        {"event": "step", "step": 1, "loss": 2.0},
-        {"event": "done", "step": 2, "loss": 1.0},
+        {**job_json("running", 0, 2), "event": "status"},
+        {**job_json("running", 1, 2, 2.0), "event": "step"},
+        {**job_json("succeeded", 2, 2, 1.0), "event": "status"},
     ]
-    body = "".join(f"data: {json.dumps(x)}\n\n" for x in lines)
+    body = ": ping\n\n" + "".join(f"id: {i}\ndata: {json.dumps(x)}\n\n" for i, x in enumerate(lines))
     rec = Recorder(
         httpx.Response(202, json={"job_id": "job-1", "status": "queued"}), httpx.Response(200, text=body)
     )
     with rec.client() as client:
         events = list(client.train("pirate", data=[{"text": "x"}]).events())
-    assert [(e.event, e.step) for e in events] == [("start", 0), ("step", 1), ("done", 2)]
-    assert isinstance(events[1], lc.JobEvent) and events[1].loss == 2.0
+    assert [(e.event, e.status, e.progress.step) for e in events] == [
+        ("status", "running", 0),
+        ("step", "running", 1),
+        ("status", "succeeded", 2),
+    ]
+    assert isinstance(events[1], lc.JobEvent) and events[1].progress.loss == 2.0 and events[-1].done
     assert rec.requests[-1].url.path == "/train/job-1/events"
+
+
+def test_client_models_read_every_field_the_server_sends():
+    """The client mirrors the server's wire models (it never imports the service): a field the server adds
+    or renames shows up here."""
+    schemas = pytest.importorskip("service.schemas")
+    routes = pytest.importorskip("service.jobs.routes")
+    from service.jobs.store import Job as StoredJob
+
+    pairs = [
+        (lc.Generation, schemas.GenerateResponse),
+        (lc.Usage, schemas.Usage),
+        (lc.AdapterInfo, schemas.AdapterInfo),
+    ]
+    for ours, theirs in pairs:
+        assert set(theirs.model_fields) <= set(ours.model_fields), (ours.__name__, set(theirs.model_fields))
+    chunk_fields = set(schemas.GenerateChunk.model_fields)
+    assert chunk_fields <= {"id", "text", "adapter", "finish_reason", "usage"}, chunk_fields
+    sent = routes.job_json(StoredJob(id="job-1", adapter="pirate", status="running", progress={"step": 3}))
+    assert set(sent) == set(lc.Job.model_fields)
+    assert set(sent["progress"]) == set(lc.JobProgress.model_fields)
+    job = lc.Job.model_validate(sent)
+    assert job.progress.step == 3 and job.created_at.year == 1970
 
 
 # ---------------------------------------------------------------- async

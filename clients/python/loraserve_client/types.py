@@ -43,7 +43,7 @@ class AdapterInfo(_Model):
     name: str
     rank: int | None = None
     alpha: float | None = None
-    target_modules: list[str] = []
+    target_modules: list[str] | str = []  # PEFT also allows one regular expression
     size_bytes: int | None = None
     created: datetime | None = None
     sha256: str | None = None
@@ -60,17 +60,7 @@ class JobProgress(_Model):
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
-
-
-class JobEvent(JobProgress):
-    """One line of ``GET /train/{id}/events``: the trainer's progress line ("start", "step", "eval",
-    "checkpoint", "done", "error") or a job status change."""
-
-    event: str | None = None
-    status: str | None = None
     lr: float | None = None
-    time: float | None = None
-    message: str | None = None
 
 
 class Job(_Model):
@@ -82,6 +72,11 @@ class Job(_Model):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     progress: JobProgress | None = None
+    cancel_requested: bool = False
+    attempts: int | None = None
+    dataset: str | None = None
+    rows: int | None = None
+    overwrite: bool | None = None
 
     @property
     def done(self) -> bool:
@@ -89,11 +84,22 @@ class Job(_Model):
         return self.status in FINISHED_STATUSES
 
 
+class JobEvent(Job):
+    """One event of ``GET /train/{id}/events``: the job as of that moment, and what happened: ``event`` is
+    "status" (the status changed) or the trainer's progress event ("start", "step", "eval", "checkpoint",
+    "done", "error", with ``message`` for errors)."""
+
+    event: str | None = None
+    message: str | None = None
+
+
 class Dataset(_Model):
     """``POST /datasets``: the id to pass as ``train(dataset=...)`` and the number of rows stored."""
 
     dataset: str
     rows: int
+    size_bytes: int | None = None
+    sha256: str | None = None
 
     @property
     def id(self) -> str:
