@@ -57,9 +57,12 @@ RUN groupadd --gid 10001 loraserve \
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /opt/venv /opt/venv
 COPY scripts/entrypoint.sh /usr/local/bin/loraserve-entrypoint
+# docker run --rm --gpus all IMAGE python /opt/loraserve/gpu_check.py --random-weights
+COPY scripts/gpu_check.py /opt/loraserve/gpu_check.py
 # LORASERVE_* are the server's settings (service/settings.py). The model cache, the adapters and
 # the job data (SQLite job store, datasets, job folders) are volumes. The Prometheus multiprocess
-# folder is scratch space, wiped by the entrypoint at every start.
+# folder is wiped at every start (by the entrypoint, and again by the server); it is the one the
+# server uses, <data dir>/prometheus.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -70,7 +73,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \
     LORASERVE_PORT=8000 \
     LORASERVE_DEVICE=cuda \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/loraserve-metrics \
+    PROMETHEUS_MULTIPROC_DIR=/data/jobs/prometheus \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/data/hf", "/data/adapters", "/data/jobs"]
