@@ -11,25 +11,22 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
-from service.jobs.datasets import link_dataset, read_capped, upload_dataset
-from service.jobs.files import DATASET_ID, JOB_ID, job_paths, read_progress, tail_text
-from service.jobs.store import STATUSES, Job, JobStore, StoreConflict, new_job_id
-from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
+from service.jobs.datasets import read_capped, upload_dataset
+from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
+from service.jobs.store import STATUSES, Job, JobStore, StoreConflict
+from service.jobs.submit import TrainRequest, submit_job
 from service.settings import Settings
-from trainer.publish import write_atomic
 
 PUBLIC_PROGRESS = (
     "step",
@@ -44,16 +41,6 @@ PUBLIC_PROGRESS = (
 SSE_POLL_SECONDS = 0.5
 SSE_PING_SECONDS = 15.0
 MAX_LOG_BYTES = 16 * 1024 * 1024
-
-
-class TrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    adapter: str
-    data: list[Any] | None = None
-    dataset: str | None = None
-    config: dict[str, Any] | None = None
-    overwrite: bool = False
 
 
 def _iso(ts: float | None) -> str | None:
@@ -145,56 +132,8 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
             existing = await call(_idempotent_hit, store(), key, digest)
             if existing is not None:
                 return _accepted(existing)
-        check_adapter_name(req.adapter)
-        if (req.data is None) == (req.dataset is None):
-            raise ApiError(
-                422, "invalid_request", "give exactly one of 'data' (rows) or 'dataset' (an id)", "data"
-            )
-        if req.dataset is not None:
-            ds = await call(store().get_dataset, req.dataset) if DATASET_ID.match(req.dataset) else None
-            if ds is None:
-                raise ApiError(404, "dataset_not_found", f"dataset '{req.dataset}' does not exist", "dataset")
-            num_rows = ds.num_rows
-        else:
-            num_rows = await call(check_rows, req.data, "data")
-        cfg = check_config(req.config, settings)
-        if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
-            raise ApiError(
-                409,
-                "adapter_exists",
-                f"adapter '{req.adapter}' already exists; pass \"overwrite\": true to replace it",
-                "adapter",
-            )
-        job = Job(
-            id=new_job_id(),
-            adapter=req.adapter,
-            status="queued",
-            overwrite=req.overwrite,
-            base_model=settings.model,
-            dataset=req.dataset,
-            num_rows=num_rows,
-        )
-        paths = job_paths(settings, job.id)
-
-        def write_and_insert() -> tuple[Job, bool]:
-            # Files first, row second: a runner never sees a job without its files.
-            paths.root.mkdir(parents=True)
-            try:
-                write_atomic(paths.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                if req.dataset is not None:
-                    link_dataset(settings, req.dataset, paths.data)
-                else:
-                    write_atomic(paths.data, to_jsonl(req.data or []))
-                created, is_new = store().create_job(job, key, digest)
-            except BaseException:
-                shutil.rmtree(paths.root, ignore_errors=True)
-                raise
-            if not is_new:
-                shutil.rmtree(paths.root, ignore_errors=True)
-            return created, is_new
-
         try:
-            created, _ = await call(write_and_insert)
+            created, _ = await call(submit_job, store(), settings, req, key, digest)
         except StoreConflict as exc:
             status = 409 if exc.code == "adapter_busy" else 422
             raise ApiError(status, exc.code, exc.message, exc.param) from None
@@ -219,8 +158,13 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
         job = await load_job(job_id)
         if job.status in ("succeeded", "failed"):
             raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
+        was = job.status
         job = await call(store().request_cancel, job_id)
         assert job is not None
+        if was == "queued" and job.status == "cancelled":  # the runner never saw it: count it here
+            from service import metrics
+
+            metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
         if job.status in ("succeeded", "failed"):  # it ended while we asked
             raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
         return job_json(job)

@@ -47,7 +47,7 @@ HEARTBEAT_SECONDS = 1.0  # also how quickly a cancel request reaches the trainer
 LEASE_SECONDS = 15.0  # a runner silent this long has lost its jobs to the next runner
 RECOVER_SECONDS = 2.0
 METRICS_SECONDS = 2.0
-STOP_GRACE_SECONDS = 60.0  # SIGTERM -> checkpoint -> exit; then SIGKILL
+STOP_GRACE_SECONDS = 8.0  # SIGTERM -> checkpoint -> exit, then SIGKILL (the server waits 10 s for the runner)
 MAX_ATTEMPTS = 3  # runs of one job cut short by a dying runner before the job fails
 STALL_SECONDS = 1800.0  # a trainer that writes neither progress nor log for this long is killed
 

@@ -1,0 +1,81 @@
+"""Turning a validated ``POST /train`` request into a queued job: checks, files, then the store row."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from service.errors import ApiError
+from service.jobs.datasets import link_dataset
+from service.jobs.files import DATASET_ID, job_paths
+from service.jobs.store import Job, JobStore, new_job_id
+from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
+from service.settings import Settings
+from trainer.publish import write_atomic
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str
+    data: list[Any] | None = None
+    dataset: str | None = None
+    config: dict[str, Any] | None = None
+    overwrite: bool = False
+
+
+def submit_job(
+    store: JobStore, settings: Settings, req: TrainRequest, key: str | None = None, digest: str | None = None
+) -> tuple[Job, bool]:
+    """Validate ``req`` (422/404/409 as ``ApiError``), write the job's files, insert the queued row.
+
+    Returns (job, created); with an ``Idempotency-Key`` seen before, the earlier job and False.
+    ``StoreConflict`` propagates (adapter already in training, key reused with another body).
+    """
+    check_adapter_name(req.adapter)
+    if (req.data is None) == (req.dataset is None):
+        msg = "give exactly one of 'data' (rows) or 'dataset' (an id)"
+        raise ApiError(422, "invalid_request", msg, "data")
+    if req.dataset is not None:
+        ds = store.get_dataset(req.dataset) if DATASET_ID.match(req.dataset) else None
+        if ds is None:
+            raise ApiError(404, "dataset_not_found", f"dataset '{req.dataset}' does not exist", "dataset")
+        num_rows = ds.num_rows
+    else:
+        num_rows = check_rows(req.data, "data")
+    cfg = check_config(req.config, settings)
+    if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
+        raise ApiError(
+            409,
+            "adapter_exists",
+            f"adapter '{req.adapter}' already exists; pass 'overwrite': true to replace it",
+            "adapter",
+        )
+    job = Job(
+        id=new_job_id(),
+        adapter=req.adapter,
+        status="queued",
+        overwrite=req.overwrite,
+        base_model=settings.model,
+        dataset=req.dataset,
+        num_rows=num_rows,
+    )
+    paths = job_paths(settings, job.id)
+    # Files first, row second: a runner never sees a job without its files.
+    paths.root.mkdir(parents=True)
+    try:
+        write_atomic(paths.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if req.dataset is not None:
+            link_dataset(settings, req.dataset, paths.data)
+        else:
+            write_atomic(paths.data, to_jsonl(req.data or []))
+        created, is_new = store.create_job(job, key, digest)
+    except BaseException:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    if not is_new:  # an idempotent retry that raced the first request: keep the first job only
+        shutil.rmtree(paths.root, ignore_errors=True)
+    return created, is_new

@@ -1,0 +1,186 @@
+"""The job runner with real trainer processes on the tiny base (no HTTP server): publish, cancel, a
+killed trainer, a clean stop that resumes from the checkpoint, and the training metrics."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from service.jobs.files import job_paths
+from service.jobs.publish import file_sha256
+from service.jobs.store import Job, JobStore
+from service.jobs.submit import TrainRequest, submit_job
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+CTX = mp.get_context("spawn")  # as the server starts it
+ROWS = [
+    json.loads(line) for line in (Path(__file__).parent.parent / "examples" / "fixed_sentence.jsonl").open()
+]
+
+
+def quick(epochs: int, save_steps: int = 0) -> dict:
+    return {
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "training": {
+            "num_train_epochs": epochs,
+            "eval_fraction": 0,
+            "save_steps": save_steps,
+            "max_seq_length": 64,
+        },
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_base: Path) -> Settings:
+    return Settings(
+        model=str(tiny_base), adapter_dir=tmp_path / "adapters", data_dir=tmp_path / "data", device="cpu"
+    )
+
+
+def submit(store: JobStore, settings: Settings, adapter: str, config: dict) -> Job:
+    job, created = submit_job(store, settings, TrainRequest(adapter=adapter, data=ROWS, config=config))
+    assert created
+    return job
+
+
+def wait_for(store: JobStore, job_id: str, pred: Callable[[Job], bool], timeout: float, what: str) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = store.get(job_id)
+        if pred(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not {what} within {timeout} s: {store.get(job_id)}")
+
+
+@contextmanager
+def runner(settings: Settings) -> Iterator[tuple[mp.process.BaseProcess, object]]:
+    from service.jobs.runner import run_runner
+
+    stop = CTX.Event()
+    proc = CTX.Process(target=run_runner, args=(settings, stop), name="job-runner")
+    proc.start()
+    try:
+        yield proc, stop
+    finally:
+        stop.set()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise AssertionError("the runner did not stop within 30 s of stop_event")
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def metric_values(prom_dir: Path) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(prom_dir))
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_publish_cancel_and_killed_trainer(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(prom))  # the spawned runner exports here
+    store = JobStore(settings.jobs_db)
+    first = submit(store, settings, "first", quick(2))
+    doomed = submit(store, settings, "doomed", quick(200, save_steps=0))
+    second = submit(store, settings, "second", quick(1))
+    never = submit(store, settings, "never", quick(1))
+    assert store.request_cancel(never.id).status == "cancelled"  # queued -> cancelled at once
+
+    with runner(settings) as (proc, _):
+        done = wait_for(store, first.id, lambda j: j.finished, 180, "finished")
+        assert done.status == "succeeded", done.error
+        adapter = settings.adapter_dir / "first"
+        meta = json.loads((adapter / "loraserve.json").read_text())
+        assert meta["job"] == first.id
+        assert meta["sha256"] == file_sha256(adapter / "adapter_model.safetensors")
+        assert done.progress["step"] == done.progress["total_steps"] == 6  # 24 rows / batch 8 x 2 epochs
+        assert not (settings.staging_dir / first.id).exists()
+        assert "python" in (job_paths(settings, first.id).log).read_text()
+
+        # kill -9 of a training child: the job fails with the reason within seconds
+        running = wait_for(store, doomed.id, lambda j: j.progress.get("step", 0) >= 1, 120, "training")
+        assert running.status == "running" and running.trainer_pid
+        killed_at = time.monotonic()
+        os.kill(running.trainer_pid, signal.SIGKILL)
+        failed = wait_for(store, doomed.id, lambda j: j.finished, 10, "failed")
+        assert failed.status == "failed" and "SIGKILL" in failed.error
+        assert time.monotonic() - killed_at < 5
+        assert not (settings.adapter_dir / "doomed").exists()
+
+        # the runner lives on and runs the next job
+        nxt = wait_for(store, second.id, lambda j: j.finished, 180, "finished")
+        assert nxt.status == "succeeded", nxt.error
+        assert proc.is_alive()
+    assert store.get(never.id).status == "cancelled" and not (settings.adapter_dir / "never").exists()
+    assert job_paths(settings, never.id).progress.exists() is False  # it never started
+
+    values = metric_values(prom)
+    assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 2
+    assert values["loraserve_train_jobs_finished_total{status=failed}"] == 1
+    assert values["loraserve_train_steps_total"] >= 6 + 3 + 1
+    assert values["loraserve_train_loss"] > 0
+    assert values["loraserve_train_tokens_per_second"] > 0
+    assert any(
+        k.startswith("loraserve_train_job_duration_seconds_count") and v == 3 for k, v in values.items()
+    )
+
+
+def test_cancel_running_then_clean_stop_resumes(settings: Settings) -> None:
+    store = JobStore(settings.jobs_db)
+    cancel_me = submit(store, settings, "cancel-me", quick(200, save_steps=0))
+    resumed = submit(store, settings, "resumed", quick(8, save_steps=3))  # 24 steps
+    with runner(settings):
+        wait_for(store, cancel_me.id, lambda j: j.progress.get("step", 0) >= 1, 120, "training")
+        assert store.request_cancel(cancel_me.id).cancel_requested
+        t0 = time.monotonic()
+        cancelled = wait_for(store, cancel_me.id, lambda j: j.finished, 30, "cancelled")
+        assert cancelled.status == "cancelled" and cancelled.error is None
+        stop_seconds = time.monotonic() - t0
+        assert "SIGTERM" in job_paths(settings, cancel_me.id).log.read_text()  # it stopped at a step
+        assert not (settings.adapter_dir / "cancel-me").exists()
+
+        # a clean stop of the runner (server shutdown) while the next job trains ...
+        wait_for(store, resumed.id, lambda j: j.progress.get("step", 0) >= 4, 120, "past a checkpoint")
+    back = store.get(resumed.id)
+    assert back.status == "queued" and back.resume and back.attempts == 0, back  # ... requeues it
+    paths = job_paths(settings, resumed.id)
+    assert any(p.name.startswith("checkpoint-") for p in paths.checkpoints.iterdir())
+    stopped_at = back.progress["step"]
+
+    with runner(settings):  # ... and the next start resumes it from its checkpoint
+        done = wait_for(store, resumed.id, lambda j: j.finished, 180, "finished")
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1 and done.progress["step"] == 24
+    starts = [json.loads(line) for line in paths.progress.read_text().splitlines()]
+    starts = [e for e in starts if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"] and starts[1]["step"] <= stopped_at
+    assert starts[1]["step"] >= 3  # resumed from a checkpoint, not from scratch
+    assert json.loads((settings.adapter_dir / "resumed" / "loraserve.json").read_text())["job"] == resumed.id
+    print(f"cancel of a running job took {stop_seconds:.1f} s")
