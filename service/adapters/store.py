@@ -212,6 +212,13 @@ def _module_paths(n_layer: int, modules: dict[str, tuple[int, int]]) -> list[str
     return [f"transformer.h.{i}.{m}" for i in range(n_layer) for m in modules]
 
 
+def _targeted(targets: Any, path: str) -> bool:
+    """Whether PEFT's ``target_modules`` selects the module at ``path`` (list of names, or a regex)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
 def _check_target_modules(targets: Any, shape: BaseShape) -> None:
     modules = shape.linear_modules()
     paths = _module_paths(shape.n_layer, modules)
@@ -286,6 +293,12 @@ def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> 
         if module not in modules:
             raise _bad(
                 f"adapter_model: {key!r} targets {module!r}, which GPT-2 does not have", "adapter_model"
+            )
+        if not _targeted(config["target_modules"], f"transformer.h.{layer}.{module}"):
+            raise _bad(
+                f"adapter_model: {key!r} is for a module that target_modules "
+                f"{config['target_modules']!r} does not select",
+                "adapter_model",
             )
         fan_in, fan_out = modules[module]
         dims = entry["shape"]
