@@ -1,0 +1,170 @@
+"""End to end: a real Prometheus (Debian's `prometheus` binary) scrapes the real server on loopback.
+
+The test starts the service on the tiny random-weights base, starts Prometheus with the repo's own
+scrape config and alert rules (retargeted to the server's port, 1 s intervals, a temporary storage
+folder), makes a known number of `/generate` requests, and asks Prometheus, through its HTTP API,
+how many there were. Then every dashboard query runs against the live data. Both processes are
+bounded in time and stopped by their pids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from helpers.server import free_port, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM_DIR = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "loraserve.json"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import check_dashboards  # noqa: E402
+
+GENERATE_OK = 5  # /generate requests answered 200
+GENERATE_404 = 1  # one naming an adapter that does not exist
+# Dashboard queries over the serving path must return data once those requests were made.
+MUST_HAVE_DATA = (
+    "loraserve_requests_total",
+    "loraserve_request_duration_seconds_bucket",
+    "loraserve_time_to_first_token_seconds_bucket",
+    "loraserve_generated_tokens_total",
+    "loraserve_prompt_tokens_total",
+    "loraserve_batch_size_bucket",
+    "loraserve_queue_wait_seconds_bucket",
+    "loraserve_model_info",
+)
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: apt-get install prometheus (.ci/run does it)")
+    return found
+
+
+@contextmanager
+def running_prometheus(target: str, tmp: Path, timeout: float = 30.0) -> Iterator[str]:
+    """Prometheus on a free loopback port, scraping ``target`` every second with the repo's rules."""
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM_DIR / name) for name in config["rule_files"]]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [target]}]
+    tmp.mkdir(parents=True, exist_ok=True)
+    config_path = tmp / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = tmp / "prometheus.log"
+    cmd = [
+        _binary("prometheus"),
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={tmp / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"prometheus not ready within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {r.status_code} {body}"
+    return body["data"]["result"]
+
+
+def wait_for(prom: str, expr: str, want, timeout: float = 20.0):
+    """Polls until ``want(result)`` holds; returns the last result either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = query(prom, expr)
+        if want(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def by_label(result: list[dict], label: str) -> dict[str, float]:
+    return {series["metric"].get(label, ""): float(series["value"][1]) for series in result}
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_the_service_and_counts_generate_requests(tiny_base: Path, tmp_path: Path) -> None:
+    tool_check = shutil.which("promtool")
+    with running_server(tiny_base, tmp_path / "adapters", tmp_path / "data", api_key="e2e-key") as srv:
+        target = srv.url.removeprefix("http://")
+        with running_prometheus(target, tmp_path / "prom") as prom:
+            up = wait_for(prom, 'up{job="loraserve"}', lambda r: by_label(r, "instance").get(target) == 1.0)
+            assert by_label(up, "instance") == {target: 1.0}, "Prometheus never scraped the service"
+
+            with srv.client() as client:
+                for i in range(GENERATE_OK):
+                    r = client.post("/generate", json={"prompt": f"hello {i}", "max_new_tokens": 4})
+                    assert r.status_code == 200, r.text
+                r = client.post("/generate", json={"prompt": "hi", "adapter": "no-such-adapter"})
+                assert r.status_code == 404, r.text
+                metrics_text = client.get("/metrics").text
+
+            expr = 'sum by (status) (loraserve_requests_total{job="loraserve", endpoint="/generate"})'
+            want = {"200": GENERATE_OK, "404": GENERATE_404}
+            result = wait_for(prom, expr, lambda r: by_label(r, "status") == want)
+            assert by_label(result, "status") == want
+            total = query(prom, 'sum(loraserve_requests_total{endpoint="/generate"})')
+            assert float(total[0]["value"][1]) == GENERATE_OK + GENERATE_404
+
+            # Tokens per adapter: the base model's rows carry the label "__base__".
+            tokens = by_label(query(prom, "sum by (adapter) (loraserve_generated_tokens_total)"), "adapter")
+            assert set(tokens) == {"__base__"} and 0 < tokens["__base__"] <= GENERATE_OK * 4
+
+            # Every dashboard query runs on the live data; the serving panels have some.
+            time.sleep(2)  # at least two samples of every series inside the rate window
+            dashboard = json.loads(DASHBOARD.read_text())
+            empty = []
+            for q in check_dashboards.dashboard_queries(dashboard, DASHBOARD.name):
+                expr = q.expr.replace("[1m]", "[30s]")  # rate windows that this short run fills
+                result = query(prom, expr)
+                if not result and any(m in expr for m in MUST_HAVE_DATA):
+                    empty.append(q.where)
+            assert not empty, f"dashboard queries with no data after serving requests: {empty}"
+
+            # The repo's rules load and evaluate without errors on real series.
+            rules = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            health = {r["name"]: r["health"] for g in rules for r in g["rules"]}
+            assert health and set(health.values()) == {"ok"}, health
+
+    # The exposition itself passes Prometheus' own lint (names, suffixes, help, types).
+    assert tool_check, "promtool is not installed: apt-get install prometheus"
+    lint = subprocess.run(
+        [tool_check, "check", "metrics"], input=metrics_text, capture_output=True, text=True
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
