@@ -337,6 +337,20 @@ def test_kubernetes_base_serves_on_one_gpu_with_probes_and_volumes() -> None:
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
 
 
+def test_kubernetes_scale_out_overlay_shares_only_the_adapter_volume() -> None:
+    docs = [d for d in yaml.safe_load_all(_kustomize(DEPLOY / "k8s" / "overlays" / "scale-out")) if d]
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert set(claims) == {"loraserve-adapters"}
+    assert claims["loraserve-adapters"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] > 1
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU to surge onto
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert set(volumes["jobs"]) == {"name", "emptyDir"}, "the SQLite job store must not be shared"
+    assert set(volumes["hf-cache"]) == {"name", "emptyDir"}
+    assert volumes["adapters"]["persistentVolumeClaim"]["claimName"] == "loraserve-adapters"
+
+
 # --- Prometheus ---------------------------------------------------------------------------------
 
 
