@@ -46,9 +46,9 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 FROM ${CUDA_IMAGE} AS runtime
 # tini as PID 1: forwards SIGTERM to the server (which shuts its worker processes down) and reaps
-# the training child processes the job runner starts.
+# the training child processes the job runner starts. CA certificates for model downloads.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends tini ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 loraserve \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loraserve --shell /usr/sbin/nologin loraserve \
