@@ -122,7 +122,7 @@ def _stop(server: Server, grace: float) -> list[tuple[int, str]]:
 
 @contextmanager
 def running_server(
-    base: Path,
+    base: Path | str,
     adapter_dir: Path,
     data_dir: Path,
     *,

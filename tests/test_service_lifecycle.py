@@ -1,0 +1,128 @@
+"""The server as an operator meets it: start-up on random weights (``make run``), API keys,
+overload and deadlines, and SIGTERM taking down every process it started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from helpers.server import REPO, group_members, running_server
+
+KEY = "test-key-0123456789"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_refuses_unavailable_weights_unless_random_allowed(tmp_path: Path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--model",
+        "distilgpt2",
+        "--adapter-dir",
+        str(tmp_path / "a"),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--port",
+        "18999",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "distilgpt2" in done.stderr and "--allow-random-weights" in done.stderr
+
+
+def test_random_weights_api_key_and_sigterm(tmp_path: Path):
+    """``make run`` on a machine without distilgpt2: random weights, loudly, and readiness says so."""
+    data = tmp_path / "data"
+    with running_server(
+        "distilgpt2", tmp_path / "adapters", data, api_key=KEY, args=["--allow-random-weights"]
+    ) as srv:
+        ready = httpx.get(f"{srv.url}/health/ready").json()  # open without the key
+        assert ready == {
+            "status": "ready",
+            "model": "distilgpt2",
+            "device": "cpu",
+            "dtype": "float32",
+            "weights": "random",
+            "random_weights": True,
+            "detail": None,
+        }
+        assert "RANDOM WEIGHTS" in srv.log_path.read_text()
+        assert (data / "models").is_dir()
+
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert httpx.get(f"{srv.url}/metrics").status_code == 200
+        for method, path in (
+            ("GET", "/adapters"),
+            ("POST", "/generate"),
+            ("GET", "/train"),
+            ("GET", "/adapters/x"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+        ):
+            r = httpx.request(method, f"{srv.url}{path}", json={"prompt": "hi"})
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "missing_api_key" and "WWW-Authenticate" in r.headers
+            r = httpx.request(method, f"{srv.url}{path}", headers={"X-API-Key": KEY + "x"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{srv.url}/adapters", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{srv.url}/adapters", headers={"X-API-Key": KEY}).status_code == 200
+        with srv.client() as client:
+            r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+        # Every part of the tree is there before SIGTERM: manager, generation worker, API server, job runner.
+        members = group_members(srv.proc.pid)
+        cmdlines = [_cmdline(pid) for pid, _ in members]
+        assert len(members) >= 5, cmdlines
+        assert sum("spawn_main" in c for c in cmdlines) >= 2  # generation worker + job runner
+    # Leaving the block sent SIGTERM and checked that the whole group is gone.
+    assert srv.stop_seconds is not None and srv.stop_seconds < 10
+    assert srv.proc.returncode == 0
+    assert "signal SIGTERM: shutting down" in srv.log_path.read_text()
+
+
+def test_overload_and_deadline(tiny_base: Path, tmp_path: Path):
+    """One row, one queue slot, a 0.3 s deadline: long requests time out (504), the rest get 503."""
+    args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout", "0.3"]
+    with running_server(tiny_base, tmp_path / "a", tmp_path / "d", args=args) as srv, srv.client() as client:
+        body = {"prompt": "Count:", "max_new_tokens": 240, "temperature": 0, "raw": True}
+        start = time.monotonic()
+        r = client.post("/generate", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - start < 5
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: client.post("/generate", json=body), range(6)))
+        codes = sorted(r.status_code for r in results)
+        assert set(codes) <= {503, 504} and codes.count(503) >= 3, codes
+        for r in results:
+            if r.status_code == 503:
+                assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "overloaded"
+
+        with client.stream("POST", "/generate", json=dict(body, stream=True)) as r:
+            lines = [line for line in r.iter_lines() if line]
+        if r.status_code == 200:  # the first token came before the deadline, the end did not
+            assert '"code":"timeout"' in lines[-1].replace(" ", "") and "data: [DONE]" not in lines
+        else:  # a slow machine: not even the first token in time
+            assert r.status_code == 504
+
+        # The worker dropped what timed out, so short requests go through again (retried: the
+        # deadline is tight for a loaded machine).
+        small = [
+            client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 1, "temperature": 0}).status_code
+            for _ in range(5)
+        ]
+        assert 200 in small, small
