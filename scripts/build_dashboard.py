@@ -17,6 +17,8 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Every query is limited to the instances chosen in the dashboard's "instance" variable.
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
+# API traffic only: probes and scrapes would dilute the error share (as in the alert rule).
+API = 'endpoint!~"/health|/health/ready|/metrics"'
 
 
 @dataclass
@@ -58,13 +60,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 unit="reqps",
             ),
             Panel(
-                "Server errors (5xx share)",
+                "Server errors (5xx share of API requests)",
                 # `or vector(0)`: no 5xx series at all means a share of 0, not "no data".
                 [
                     (
-                        f'(sum(rate(loraserve_requests_total{{{SEL}, status=~"5.."}}[{RATE}]))'
+                        f'(sum(rate(loraserve_requests_total{{{SEL}, {API}, status=~"5.."}}[{RATE}]))'
                         " or vector(0)) / "
-                        f"sum(rate(loraserve_requests_total{{{SEL}}}[{RATE}]))",
+                        f"sum(rate(loraserve_requests_total{{{SEL}, {API}}}[{RATE}]))",
                         "5xx share",
                     )
                 ],
