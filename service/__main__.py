@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         pass
+    except (EOFError, ConnectionError):  # LitServe's monitor tore the tree down: a worker died
+        log.error("a server process died (see the log above); exit code 1, so a supervisor restarts us")
+        return 1
     except Exception:
         log.exception("the server failed")
         return 1
@@ -201,9 +204,24 @@ def main(argv: list[str] | None = None) -> int:
             signal.SIGTERM, signal.SIG_IGN
         )  # already stopping; a second TERM must not interrupt that
         _stop_children(runner, stop_event)
-        log.info("stopped")
+        if runner is not None:
+            log.info("stopped")
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit without the interpreter's teardown of torch and transformers (seconds, for nothing).
+
+    Every child is stopped by now; flush what is buffered and release named semaphores first.
+    """
+    from multiprocessing import util
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    util._run_finalizers()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -32,6 +32,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import time
 import uuid
 from collections import deque
@@ -300,6 +301,13 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    from multiprocessing import util
+
+    util._run_finalizers(0)  # unlink this process's named semaphores (else resource_tracker warns)
+    os._exit(0)  # a full interpreter teardown with torch loaded takes seconds
+
+
 class EngineAPI(ls.LitAPI):
     """The LitAPI of the generation worker: ``setup`` builds the engine, ``EngineLoop`` drives it."""
 
@@ -345,6 +353,8 @@ class EngineAPI(ls.LitAPI):
                 cfg.status_path, dict(status, status="failed", detail=f"{type(exc).__name__}: {exc}")
             )
             raise
+        # LitServe stops workers with SIGTERM; exit through Python so finalizers run (no leaked semaphores).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.status = dict(status, status="ready")
         write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
         metrics.MODEL_INFO.labels(cfg.model_name, device, cfg.dtype, cfg.origin).set(1)
