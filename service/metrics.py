@@ -25,16 +25,17 @@ QUEUE_WAIT_SECONDS = Histogram(
     "loraserve_queue_wait_seconds", "time from arrival to joining a batch", buckets=FAST_BUCKETS
 )
 TTFT_SECONDS = Histogram(
-    "loraserve_time_to_first_token_seconds", "arrival to first generated token", ["adapter"],
+    "loraserve_time_to_first_token_seconds",
+    "arrival to first generated token",
+    ["adapter"],
     buckets=LATENCY_BUCKETS,
 )
 INTER_TOKEN_SECONDS = Histogram(
-    "loraserve_inter_token_latency_seconds", "time between generated tokens of one request",
+    "loraserve_inter_token_latency_seconds",
+    "time between generated tokens of one request",
     buckets=FAST_BUCKETS,
 )
-BATCH_SIZE = Histogram(
-    "loraserve_batch_size", "rows in a decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
-)
+BATCH_SIZE = Histogram("loraserve_batch_size", "rows in a decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 PROMPT_TOKENS = Counter("loraserve_prompt_tokens_total", "prompt tokens processed", ["adapter"])
 GENERATED_TOKENS = Counter("loraserve_generated_tokens_total", "tokens generated", ["adapter"])
 REQUESTS_RUNNING = Gauge(
@@ -45,32 +46,48 @@ REQUESTS_WAITING = Gauge(
 )
 
 # --- adapters (worker process) ---------------------------------------------------------------
-ADAPTERS_LOADED = Gauge("loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum")
+ADAPTERS_LOADED = Gauge(
+    "loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum"
+)
 ADAPTER_LOAD_SECONDS = Histogram(
     "loraserve_adapter_load_seconds", "time to load one adapter from disk", buckets=FAST_BUCKETS
 )
 ADAPTER_CACHE_HITS = Counter("loraserve_adapter_cache_hits_total", "adapter lookups served from memory")
-ADAPTER_CACHE_MISSES = Counter("loraserve_adapter_cache_misses_total", "adapter lookups that loaded from disk")
+ADAPTER_CACHE_MISSES = Counter(
+    "loraserve_adapter_cache_misses_total", "adapter lookups that loaded from disk"
+)
 ADAPTER_CACHE_EVICTIONS = Counter("loraserve_adapter_cache_evictions_total", "adapters evicted (LRU)")
 
 # --- model (worker process) ------------------------------------------------------------------
 MODEL_INFO = Gauge(
-    "loraserve_model_info", "constant 1, labelled with what the worker serves",
-    ["model", "device", "dtype", "weights"], multiprocess_mode="mostrecent",
+    "loraserve_model_info",
+    "constant 1, labelled with what the worker serves",
+    ["model", "device", "dtype", "weights"],
+    multiprocess_mode="mostrecent",
 )
 GPU_MEMORY_BYTES = Gauge(
-    "loraserve_gpu_memory_bytes", "CUDA memory of the generation worker", ["kind"], multiprocess_mode="mostrecent"
+    "loraserve_gpu_memory_bytes",
+    "CUDA memory of the generation worker",
+    ["kind"],
+    multiprocess_mode="mostrecent",
 )
 
 # --- training jobs (job runner process) ------------------------------------------------------
-TRAIN_JOBS = Gauge("loraserve_train_jobs", "training jobs by status", ["status"], multiprocess_mode="mostrecent")
+TRAIN_JOBS = Gauge(
+    "loraserve_train_jobs", "training jobs by status", ["status"], multiprocess_mode="mostrecent"
+)
 TRAIN_JOBS_FINISHED = Counter("loraserve_train_jobs_finished_total", "training jobs that ended", ["status"])
 TRAIN_STEPS = Counter("loraserve_train_steps_total", "optimizer steps taken by training jobs")
-TRAIN_LOSS = Gauge("loraserve_train_loss", "latest training loss of the running job", multiprocess_mode="mostrecent")
+TRAIN_LOSS = Gauge(
+    "loraserve_train_loss", "latest training loss of the running job", multiprocess_mode="mostrecent"
+)
 TRAIN_TOKENS_PER_SECOND = Gauge(
-    "loraserve_train_tokens_per_second", "training throughput of the running job", multiprocess_mode="mostrecent"
+    "loraserve_train_tokens_per_second",
+    "training throughput of the running job",
+    multiprocess_mode="mostrecent",
 )
 TRAIN_JOB_SECONDS = Histogram(
-    "loraserve_train_job_duration_seconds", "wall time of finished training jobs",
+    "loraserve_train_job_duration_seconds",
+    "wall time of finished training jobs",
     buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
 )
