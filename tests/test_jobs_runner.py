@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,14 +100,13 @@ def metric_values(prom_dir: Path) -> dict[str, float]:
     return out
 
 
-def test_publish_cancel_and_killed_trainer(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, monkeypatch) -> None:
     prom = tmp_path / "prometheus"
     prom.mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(prom))  # the spawned runner exports here
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(prom))  # the spawned runners export here
     store = JobStore(settings.jobs_db)
-    first = submit(store, settings, "first", quick(2))
-    doomed = submit(store, settings, "doomed", quick(200, save_steps=0))
-    second = submit(store, settings, "second", quick(1))
+    first = submit(store, settings, "first", quick(2))  # 24 rows / batch 8 x 2 epochs = 6 steps
+    resumed = submit(store, settings, "resumed", quick(8, save_steps=3))  # 24 steps, a checkpoint every 3
     never = submit(store, settings, "never", quick(1))
     assert store.request_cancel(never.id).status == "cancelled"  # queued -> cancelled at once
 
@@ -120,57 +117,18 @@ def test_publish_cancel_and_killed_trainer(settings: Settings, tmp_path: Path, m
         meta = json.loads((adapter / "loraserve.json").read_text())
         assert meta["job"] == first.id
         assert meta["sha256"] == file_sha256(adapter / "adapter_model.safetensors")
-        assert done.progress["step"] == done.progress["total_steps"] == 6  # 24 rows / batch 8 x 2 epochs
+        assert done.progress["step"] == done.progress["total_steps"] == 6
         assert not (settings.staging_dir / first.id).exists()
-        assert "python" in (job_paths(settings, first.id).log).read_text()
-
-        # kill -9 of a training child: the job fails with the reason within seconds
-        running = wait_for(store, doomed.id, lambda j: j.progress.get("step", 0) >= 1, 120, "training")
-        assert running.status == "running" and running.trainer_pid
-        killed_at = time.monotonic()
-        os.kill(running.trainer_pid, signal.SIGKILL)
-        failed = wait_for(store, doomed.id, lambda j: j.finished, 10, "failed")
-        assert failed.status == "failed" and "SIGKILL" in failed.error
-        assert time.monotonic() - killed_at < 5
-        assert not (settings.adapter_dir / "doomed").exists()
-
-        # the runner lives on and runs the next job
-        nxt = wait_for(store, second.id, lambda j: j.finished, 180, "finished")
-        assert nxt.status == "succeeded", nxt.error
-        assert proc.is_alive()
-    assert store.get(never.id).status == "cancelled" and not (settings.adapter_dir / "never").exists()
-    assert job_paths(settings, never.id).progress.exists() is False  # it never started
-
-    values = metric_values(prom)
-    assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 2
-    assert values["loraserve_train_jobs_finished_total{status=failed}"] == 1
-    assert values["loraserve_train_steps_total"] >= 6 + 3 + 1
-    assert values["loraserve_train_loss"] > 0
-    assert values["loraserve_train_tokens_per_second"] > 0
-    assert any(
-        k.startswith("loraserve_train_job_duration_seconds_count") and v == 3 for k, v in values.items()
-    )
-
-
-def test_cancel_running_then_clean_stop_resumes(settings: Settings) -> None:
-    store = JobStore(settings.jobs_db)
-    cancel_me = submit(store, settings, "cancel-me", quick(200, save_steps=0))
-    resumed = submit(store, settings, "resumed", quick(8, save_steps=3))  # 24 steps
-    with runner(settings):
-        wait_for(store, cancel_me.id, lambda j: j.progress.get("step", 0) >= 1, 120, "training")
-        assert store.request_cancel(cancel_me.id).cancel_requested
-        t0 = time.monotonic()
-        cancelled = wait_for(store, cancel_me.id, lambda j: j.finished, 30, "cancelled")
-        assert cancelled.status == "cancelled" and cancelled.error is None
-        stop_seconds = time.monotonic() - t0
-        assert "SIGTERM" in job_paths(settings, cancel_me.id).log.read_text()  # it stopped at a step
-        assert not (settings.adapter_dir / "cancel-me").exists()
-
+        assert "--job-id" in job_paths(settings, first.id).log.read_text()
         # a clean stop of the runner (server shutdown) while the next job trains ...
-        wait_for(store, resumed.id, lambda j: j.progress.get("step", 0) >= 4, 120, "past a checkpoint")
+        at = wait_for(store, resumed.id, lambda j: j.progress.get("step", 0) >= 4, 120, "past a checkpoint")
+        pid = at.trainer_pid
+        assert pid and alive(pid)
+    assert not alive(pid)
     back = store.get(resumed.id)
     assert back.status == "queued" and back.resume and back.attempts == 0, back  # ... requeues it
     paths = job_paths(settings, resumed.id)
+    assert "SIGTERM" in paths.log.read_text()  # the trainer stopped at a step and wrote a checkpoint
     assert any(p.name.startswith("checkpoint-") for p in paths.checkpoints.iterdir())
     stopped_at = back.progress["step"]
 
@@ -178,9 +136,19 @@ def test_cancel_running_then_clean_stop_resumes(settings: Settings) -> None:
         done = wait_for(store, resumed.id, lambda j: j.finished, 180, "finished")
     assert done.status == "succeeded", done.error
     assert done.attempts == 1 and done.progress["step"] == 24
-    starts = [json.loads(line) for line in paths.progress.read_text().splitlines()]
-    starts = [e for e in starts if e["event"] == "start"]
-    assert len(starts) == 2 and starts[1]["resumed_from"] and starts[1]["step"] <= stopped_at
-    assert starts[1]["step"] >= 3  # resumed from a checkpoint, not from scratch
+    events = [json.loads(line) for line in paths.progress.read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"] and 3 <= starts[1]["step"] <= stopped_at
     assert json.loads((settings.adapter_dir / "resumed" / "loraserve.json").read_text())["job"] == resumed.id
-    print(f"cancel of a running job took {stop_seconds:.1f} s")
+    assert (
+        store.get(never.id).status == "cancelled"
+        and not paths.root.with_name(never.id).joinpath("progress.jsonl").exists()
+    )  # it never started
+
+    values = metric_values(prom)
+    assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 2
+    assert values["loraserve_train_steps_total"] >= 6 + 24
+    assert values["loraserve_train_loss"] > 0
+    assert values["loraserve_train_tokens_per_second"] > 0
+    assert values["loraserve_train_job_duration_seconds_count"] == 2
+    assert values["loraserve_train_jobs{status=succeeded}"] == 2
