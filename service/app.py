@@ -7,8 +7,8 @@ route) are removed: its health is not liveness and would need the key, and the i
 would bypass validation.
 
 Routes: POST /generate; GET /adapters, GET|PUT|DELETE /adapters/{name}; /train*, /datasets
-(service.jobs.routes); GET /health, /health/ready, /metrics (open, everything else needs the key
-when one is set). Middlewares, outermost first: request metrics, API key.
+(service.jobs.routes); /v1/* (service.openai_api); GET /health, /health/ready, /metrics (open,
+everything else needs the key when one is set). Middlewares, outermost first: request metrics, API key.
 """
 
 from __future__ import annotations
@@ -177,6 +177,10 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     install_error_handlers(app)
     _health_routes(app, settings)
     _generate_route(app, settings, client, limits)
+
+    from service.openai_api import register_openai_routes
+
+    register_openai_routes(app, settings, client, limits, model)
     _adapter_routes(app, settings, shape, model)
 
     from service.jobs.routes import register_job_routes

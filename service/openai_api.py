@@ -1,0 +1,548 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+The ``model`` field names an adapter, or the base (by its configured name or its id). Every
+choice of a request (``n`` per prompt, for every prompt of a list) is one engine job on the same
+queue as ``/generate``, so choices, streamed and non-streamed requests all share engine batches.
+Every job is validated before the first one is queued, and a streamed reply waits for the first
+event of every choice before it sends its 200: an error found before the first token (unknown
+model, bad parameters, prompt too long, overload) is a real 4xx/5xx status with the envelope.
+
+Completions send the prompt as is (no template), as OpenAI's legacy endpoint does. Chat renders
+the messages with the template the trainer recorded for the adapter (the default one for the
+base), stops where the template would start the next user turn, and drops the template's answer
+prefix (the space after ``Assistant:``) from the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from service.adapters import store
+from service.api import EngineClient, ModelLimits, Submission, prepare_job, raise_for_event
+from service.errors import ApiError, error_body
+from service.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from service.schemas import adapter_name_problem
+from service.settings import Settings
+from trainer.template import PromptTemplate
+
+if TYPE_CHECKING:
+    from service.app import ServedModel
+
+OWNER = "loraserve"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
+
+
+# --- model names -----------------------------------------------------------------------------------
+
+
+def base_model_id(model: ServedModel) -> str:
+    """The id the base is listed under: a hub id as given, a local folder by its folder name."""
+    local = Path(model.name).expanduser()
+    return local.name if local.is_dir() and local.name else model.name
+
+
+@dataclass(frozen=True)
+class Models:
+    """Maps OpenAI ``model`` names onto the base (None) or an adapter name, reading the adapter folder."""
+
+    base_id: str
+    base_names: frozenset[str]
+    adapter_dir: Path
+    base_created: int
+
+    def resolve(self, name: str) -> str | None:
+        if name in self.base_names:
+            return None
+        if adapter_name_problem(name) is None and store.exists(self.adapter_dir, name):
+            return name
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"the model {name!r} does not exist: GET /v1/models lists the base ({self.base_id!r}) "
+            "and every adapter",
+            "model",
+        )
+
+    def cards(self) -> list[ModelCard]:
+        out = [
+            ModelCard(
+                id=self.base_id, created=self.base_created, owned_by=OWNER, parent=None, root=self.base_id
+            )
+        ]
+        for name in store.names(self.adapter_dir):
+            if name in self.base_names:  # the base's name wins; such an adapter is reached via /generate
+                continue
+            out.append(self.adapter_card(name))
+        return out
+
+    def adapter_card(self, name: str) -> ModelCard:
+        created = _timestamp(store.read_record(self.adapter_dir, name).get("created"))
+        if created is None:
+            try:
+                created = int(store.adapter_path(self.adapter_dir, name).stat().st_mtime)
+            except OSError:
+                created = 0
+        return ModelCard(id=name, created=created, owned_by=OWNER, parent=self.base_id, root=self.base_id)
+
+    def card(self, name: str) -> ModelCard:
+        adapter = self.resolve(name)
+        if adapter is None:
+            return self.cards()[0]
+        return self.adapter_card(adapter)
+
+
+def _timestamp(iso: Any) -> int | None:
+    if not isinstance(iso, str):
+        return None
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return None
+
+
+# --- fan-out: one engine job per choice ------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One choice of a reply: its engine job and, once it has them, its usage and finish reason."""
+
+    index: int
+    prompt_index: int
+    sub: Submission
+    head: str = ""  # text put before the generated text (the prompt, with echo)
+    answer_prefix: str = ""  # dropped from the start of the generated text (chat)
+    pending: str = ""  # generated text held back while it might still be the answer prefix
+    started: bool = False
+    usage: dict[str, int] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def feed(self, text: str, final: bool) -> str:
+        """The next piece of the visible text, given the next generated text."""
+        out = ""
+        if not self.started:
+            self.pending += text
+            maybe_prefix = len(self.pending) < len(self.answer_prefix) and self.answer_prefix.startswith(
+                self.pending
+            )
+            if maybe_prefix and not final:
+                return ""
+            self.started = True
+            text, self.pending = self.pending, ""
+            if self.answer_prefix and text.startswith(self.answer_prefix):
+                text = text[len(self.answer_prefix) :]
+            out = self.head
+        return out + text
+
+    def finish(self, event: dict[str, Any]) -> None:
+        self.usage = event["usage"]
+        self.finish_reason = "length" if event["finish_reason"] == "length" else "stop"  # eos|stop -> stop
+
+
+def _usage(choices: list[Choice]) -> Usage:
+    """Prompt tokens once per prompt (its n choices share it), completion tokens of every choice."""
+    prompt = {c.prompt_index: c.usage["prompt_tokens"] for c in choices}
+    completion = sum(c.usage["completion_tokens"] for c in choices)
+    return Usage(
+        prompt_tokens=sum(prompt.values()),
+        completion_tokens=completion,
+        total_tokens=sum(prompt.values()) + completion,
+    )
+
+
+def _raise_for(event: dict[str, Any]) -> None:
+    err = event.get("error")
+    if err and err["code"] == "adapter_not_found":  # deleted after validation: say it in OpenAI's terms
+        raise ApiError(404, "model_not_found", err["message"], "model")
+    raise_for_event(event)
+
+
+async def _next(sub: Submission) -> dict[str, Any]:
+    try:
+        return await sub.next_event()
+    except TimeoutError:
+        raise ApiError(
+            504, "timeout", f"no result within the server's deadline of {sub.client.server.timeout} s"
+        ) from None
+
+
+async def _final(sub: Submission) -> dict[str, Any]:
+    while True:
+        event = await _next(sub)
+        _raise_for(event)
+        if event.get("finished"):
+            return event
+
+
+async def _all(awaitables: list[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Await every item; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _submit(
+    client: EngineClient, request: Request, jobs: list[dict[str, Any]], prompt_of: list[int]
+) -> list[Choice]:
+    """Reserve a slot and queue each job; on a refusal (503) the ones already queued are withdrawn."""
+    choices: list[Choice] = []
+    try:
+        for index, job in enumerate(jobs):
+            client.reserve()
+            sub = client.submit(job, request.app.response_queue_id)
+            choices.append(Choice(index=index, prompt_index=prompt_of[index], sub=sub))
+    except BaseException:
+        for c in choices:
+            c.sub.close()
+        raise
+    return choices
+
+
+def _close(choices: list[Choice]) -> None:
+    for c in choices:
+        c.sub.close()
+
+
+# --- SSE -------------------------------------------------------------------------------------------
+
+
+def _data(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _merged(choices: list[Choice], firsts: list[dict[str, Any]]) -> AsyncIterator[tuple[Choice, dict]]:
+    """Events of every choice as they come: the first ones already received, then the rest."""
+    queue: asyncio.Queue[tuple[Choice, dict[str, Any]]] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        while True:
+            try:
+                event = await choice.sub.next_event()
+            except TimeoutError:
+                event = {
+                    "finished": True,
+                    "error": {
+                        "status": 504,
+                        "code": "timeout",
+                        "param": None,
+                        "message": "generation ran past the server's deadline",
+                    },
+                }
+            await queue.put((choice, event))
+            if event.get("finished"):
+                return
+
+    tasks = []
+    for choice, first in zip(choices, firsts, strict=True):
+        queue.put_nowait((choice, first))
+        if not first.get("finished"):
+            tasks.append(asyncio.ensure_future(pump(choice)))
+    try:
+        for _ in range(len(choices)):  # one final event per choice ends it
+            while True:
+                choice, event = await queue.get()
+                yield choice, event
+                if event.get("finished"):
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _stream(
+    choices: list[Choice],
+    firsts: list[dict[str, Any]],
+    chunk,
+    opening: list[str],
+    include_usage: bool,
+    usage_chunk,
+) -> AsyncIterator[str]:
+    """Chunks as Server-Sent Events, ending with ``data: [DONE]``; a late error ends the stream without it."""
+    try:
+        for line in opening:
+            yield line
+        async for choice, event in _merged(choices, firsts):
+            if event.get("error"):
+                err = event["error"]
+                yield _data(error_body(err["status"], err["code"], err["message"], err.get("param")))
+                return
+            finished = bool(event.get("finished"))
+            if finished:
+                choice.finish(event)
+            for line in chunk(choice, choice.feed(event.get("text", ""), finished), finished):
+                yield line
+        if include_usage:
+            yield usage_chunk(_usage(choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        _close(choices)
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+
+def register_openai_routes(
+    app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits, model: ServedModel
+) -> None:
+    try:
+        base_created = int((Path(model.path) / "config.json").stat().st_mtime)
+    except OSError:
+        base_created = int(time.time())
+    base_id = base_model_id(model)
+    models = Models(base_id, frozenset({base_id, model.name}), settings.adapter_dir, base_created)
+
+    def make_jobs(
+        prompts: list[str],
+        adapter: str | None,
+        body: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        max_tokens_param: str,
+        extra_stop: list[str],
+        stream: bool,
+    ) -> tuple[list[dict[str, Any]], list[int]]:
+        """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
+        n = body.n or 1
+        stop = list(dict.fromkeys([*body.stop, *extra_stop]))
+        jobs, prompt_of = [], []
+        for p, prompt in enumerate(prompts):
+            max_new = max_tokens
+            if max_new is None:  # unset: the server default, shortened to what the context has room for
+                room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
+                max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
+            for i in range(n):
+                params = {
+                    "max_new_tokens": max_new,
+                    "temperature": 1.0 if body.temperature is None else body.temperature,
+                    "top_p": 1.0 if body.top_p is None else body.top_p,
+                    "top_k": body.top_k,
+                    "seed": None if body.seed is None else (body.seed + i) % (2**63),
+                    "stop": stop,
+                }
+                try:
+                    job = prepare_job(
+                        prompt_text=prompt,
+                        adapter=adapter,
+                        params=params,
+                        stream=stream,
+                        limits=limits,
+                        adapter_dir=settings.adapter_dir,
+                        max_new_tokens_cap=settings.max_new_tokens_cap,
+                        request_timeout=settings.request_timeout,
+                        adapter_param="model",
+                        max_tokens_param=max_tokens_param,
+                    )
+                except ApiError as exc:
+                    if exc.code == "prompt_too_long" and len(prompts) > 1:
+                        exc.param = f"prompt[{p}]"
+                        exc.message = f"prompt[{p}]: {exc.message}"
+                    if exc.code == "adapter_not_found":
+                        raise ApiError(404, "model_not_found", exc.message, "model") from None
+                    raise
+                jobs.append(job)
+                prompt_of.append(p)
+        return jobs, prompt_of
+
+    def check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> bool:
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(
+                400, "invalid_request", "stream_options is only allowed with stream: true", "stream_options"
+            )
+        return bool(body.stream_options and body.stream_options.include_usage)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    def list_models() -> ModelList:
+        """The base model and every adapter (an adapter's ``parent`` is the base)."""
+        return ModelList(data=models.cards())
+
+    @app.get("/v1/models/{name}", response_model=ModelCard, tags=["openai"], responses={404: {}})
+    def get_model(name: str) -> ModelCard:
+        return models.card(name)
+
+    @app.post("/v1/completions", response_model=Completion, tags=["openai"], responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
+        include_usage = check_stream_options(body)
+        adapter = models.resolve(body.model)
+        if body.best_of not in (None, body.n or 1):
+            raise ApiError(
+                422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
+            )
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        jobs, prompt_of = make_jobs(
+            prompts, adapter, body, body.max_tokens, "max_tokens", [], bool(body.stream)
+        )
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        choices = _submit(client, request, jobs, prompt_of)
+        if body.echo:
+            for c in choices:
+                c.head = prompts[c.prompt_index]
+
+        def reply(items: list[CompletionChoice], usage: Usage | None) -> Completion:
+            return Completion(id=rid, created=created, model=body.model, choices=items, usage=usage)
+
+        if not body.stream:
+            try:
+                finals = await _all([_final(c.sub) for c in choices])
+            finally:
+                _close(choices)
+            items = []
+            for c, final in zip(choices, finals, strict=True):
+                c.finish(final)
+                items.append(
+                    CompletionChoice(
+                        index=c.index, text=c.feed(final["text"], True), finish_reason=c.finish_reason
+                    )
+                )
+            return reply(items, _usage(choices))
+
+        def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
+            if not text and not finished:
+                return []
+            item = CompletionChoice(
+                index=choice.index, text=text, finish_reason=choice.finish_reason if finished else None
+            )
+            out = reply([item], None).model_dump()
+            if not include_usage:
+                out.pop("usage")
+            return [_data(out)]
+
+        def usage_chunk(usage: Usage) -> str:
+            return _data(reply([], usage).model_dump())
+
+        return await _stream_response(choices, chunk, [], include_usage, usage_chunk)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """Chat: the messages are rendered with the adapter's recorded prompt template."""
+        include_usage = check_stream_options(body)
+        adapter = models.resolve(body.model)
+        template = store.template_for(settings.adapter_dir, adapter)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        try:
+            prompt = template.render_chat_prompt(messages)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ApiError(
+                422, "invalid_messages", f"messages cannot be rendered: {exc}", "messages"
+            ) from None
+        max_tokens, param = body.max_tokens, "max_tokens"
+        if body.max_completion_tokens is not None:
+            max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+        jobs, prompt_of = make_jobs(
+            [prompt], adapter, body, max_tokens, param, _turn_stops(template), bool(body.stream)
+        )
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        choices = _submit(client, request, jobs, prompt_of)
+        prefix = _answer_prefix(template)
+        for c in choices:
+            c.answer_prefix = prefix
+
+        if not body.stream:
+            try:
+                finals = await _all([_final(c.sub) for c in choices])
+            finally:
+                _close(choices)
+            items = []
+            for c, final in zip(choices, finals, strict=True):
+                c.finish(final)
+                items.append(
+                    ChatChoice(
+                        index=c.index,
+                        message=AssistantMessage(content=c.feed(final["text"], True)),
+                        finish_reason=c.finish_reason,
+                    )
+                )
+            return ChatCompletion(
+                id=rid, created=created, model=body.model, choices=items, usage=_usage(choices)
+            )
+
+        def data(items: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            payload = ChatCompletionChunk(
+                id=rid, created=created, model=body.model, choices=items, usage=usage
+            )
+            out = payload.model_dump()
+            if not include_usage:
+                out.pop("usage")
+            for item in out["choices"]:  # a delta carries only what it changes
+                item["delta"] = {k: v for k, v in item["delta"].items() if v is not None}
+            return _data(out)
+
+        def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
+            lines = []
+            if text:
+                lines.append(data([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text))]))
+            if finished:
+                lines.append(
+                    data(
+                        [
+                            ChatChunkChoice(
+                                index=choice.index, delta=ChatDelta(), finish_reason=choice.finish_reason
+                            )
+                        ]
+                    )
+                )
+            return lines
+
+        opening = [
+            data([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
+            for c in choices
+        ]
+        return await _stream_response(choices, chunk, opening, include_usage, lambda u: data([], u))
+
+
+async def _stream_response(choices: list[Choice], chunk, opening, include_usage: bool, usage_chunk) -> Any:
+    """Wait for every choice's first event (an early error is a real status), then stream."""
+    try:
+        firsts = await _all([_next(c.sub) for c in choices])
+        for first in firsts:
+            _raise_for(first)
+    except BaseException:
+        _close(choices)
+        raise
+    return StreamingResponse(
+        _stream(choices, firsts, chunk, opening, include_usage, usage_chunk),
+        media_type="text/event-stream",
+        headers=_SSE_HEADERS,
+    )
+
+
+def _turn_stops(template: PromptTemplate) -> list[str]:
+    """Where the template would start the next user turn: a chat reply ends there."""
+    user_head = template.user.partition("{content}")[0].rstrip()
+    return [template.turn_separator + user_head] if user_head else []
+
+
+def _answer_prefix(template: PromptTemplate) -> str:
+    """What the template puts between ``Assistant:`` and the answer (a space): not part of the reply."""
+    return template.assistant_answer.partition("{content}")[0]
