@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         "auto", description="auto: float16 on CUDA, float32 on CPU"
     )
     max_batch_size: int = Field(16, ge=1, le=256)
-    batch_timeout: float = Field(0.01, gt=0, le=1.0, description="seconds a worker waits to fill a batch")
+    batch_timeout: float = Field(
+        0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
+    )
     max_loaded_adapters: int = Field(16, ge=1, description="LRU capacity of the in-worker adapter cache")
     max_new_tokens_cap: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
