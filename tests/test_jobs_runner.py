@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,8 +133,21 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
     assert any(p.name.startswith("checkpoint-") for p in paths.checkpoints.iterdir())
     stopped_at = back.progress["step"]
 
+    # A runner that died after its trainer had finished but before publishing: the next runner
+    # publishes the finished output (here replacing "first", as the job asked) instead of retraining.
+    orphan, _ = submit_job(store, settings, TrainRequest(adapter="first", data=ROWS, overwrite=True))
+    gone = "some-host|1|1|gone"
+    assert store.claim_next(gone, 0.01, max_running=5).id == resumed.id  # the oldest first
+    assert store.claim_next(gone, 0.01, max_running=5).id == orphan.id
+    assert store.release(resumed.id, gone)  # only the orphan stays "running", its lease expiring
+    shutil.copytree(settings.adapter_dir / "first", settings.staging_dir / orphan.id)
+
     with runner(settings):  # ... and the next start resumes it from its checkpoint
         done = wait_for(store, resumed.id, lambda j: j.finished, 180, "finished")
+        published = wait_for(store, orphan.id, lambda j: j.finished, 30, "published")
+    assert published.status == "succeeded", published.error
+    assert json.loads((settings.adapter_dir / "first" / "loraserve.json").read_text())["job"] == orphan.id
+    assert not job_paths(settings, orphan.id).log.exists()  # no trainer ran for it
     assert done.status == "succeeded", done.error
     assert done.attempts == 1 and done.progress["step"] == 24
     events = [json.loads(line) for line in paths.progress.read_text().splitlines()]
@@ -146,9 +160,9 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
     )  # it never started
 
     values = metric_values(prom)
-    assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 2
+    assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 3
     assert values["loraserve_train_steps_total"] >= 6 + 24
     assert values["loraserve_train_loss"] > 0
     assert values["loraserve_train_tokens_per_second"] > 0
-    assert values["loraserve_train_job_duration_seconds_count"] == 2
-    assert values["loraserve_train_jobs{status=succeeded}"] == 2
+    assert values["loraserve_train_job_duration_seconds_count"] == 3
+    assert values["loraserve_train_jobs{status=succeeded}"] == 3
