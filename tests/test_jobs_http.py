@@ -288,8 +288,10 @@ def test_kill9_of_the_whole_server_then_restart(tiny_base: Path, tmp_path: Path)
         end = wait_job(c, job["job_id"], lambda j: j["status"] not in ("queued", "running"), 240, "finished")
         assert end["status"] == "succeeded", end  # resumed from its checkpoint
         assert end["attempts"] == 2 and end["progress"]["step"] == 18
-        log = c.get(f"/train/{job['job_id']}/logs").text
-        assert "--resume" in log and "resumed from" in log
+        assert "--resume" in c.get(f"/train/{job['job_id']}/logs").text
+        progress = data / "jobs" / job["job_id"] / "progress.jsonl"
+        starts = [e for e in map(json.loads, progress.read_text().splitlines()) if e["event"] == "start"]
+        assert len(starts) == 2 and starts[1]["resumed_from"] and starts[1]["step"] >= 2  # from a checkpoint
         assert json.loads((adapters / "survivor" / "loraserve.json").read_text())["job"] == job["job_id"]
         r = c.post("/generate", json={"prompt": "hi", "adapter": "survivor", "max_new_tokens": 4})
         assert r.status_code == 200, r.text

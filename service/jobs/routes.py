@@ -113,7 +113,14 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
             raise ApiError(404, "job_not_found", f"training job '{job_id}' does not exist", "job_id")
         return job
 
-    @app.post("/train", status_code=202, dependencies=deps, tags=["training"])
+    train_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TrainRequest.model_json_schema()}},
+        }
+    }
+
+    @app.post("/train", status_code=202, dependencies=deps, tags=["training"], openapi_extra=train_body)
     async def create_job(request: Request) -> JSONResponse:
         raw = await read_capped(
             request,
@@ -188,7 +195,23 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.post("/datasets", status_code=201, dependencies=deps, tags=["training"])
+    dataset_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                },
+            },
+        }
+    }
+
+    @app.post("/datasets", status_code=201, dependencies=deps, tags=["training"], openapi_extra=dataset_body)
     async def create_dataset(request: Request) -> dict[str, Any]:
         ds = await upload_dataset(request, store(), settings)
         return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}

@@ -251,8 +251,11 @@ class Runner:
         step = int(job.progress.get("step") or 0)
         run = _Run(job=job, paths=paths, proc=proc, log_fh=log_fh, offset=offset, steps_counted=step)
         run.progress = dict(job.progress)
-        self.runs[job.id] = run
-        self.store.set_trainer_pid(job.id, self.owner, proc.pid)
+        self.runs[job.id] = run  # from here on the loop owns the child, whatever happens next
+        try:
+            self.store.set_trainer_pid(job.id, self.owner, proc.pid)
+        except Exception:  # only used to clean up orphans; the run goes on without it
+            log.exception("job %s: could not record the trainer's pid", job.id)
         log.info(
             "job %s: training adapter %r (attempt %d, pid %d)", job.id, job.adapter, job.attempts, proc.pid
         )
