@@ -92,7 +92,8 @@ def make_random_base(
     try:
         model.save_pretrained(staging)
         gpt2_tokenizer().save_pretrained(staging)
-        marker = {"random_weights": True, "seed": seed, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
+        shape = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
+        marker = {"random_weights": True, "seed": seed, **shape}
         (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -150,7 +151,8 @@ def resolve_base(
                 "allow random weights explicitly (--allow-random-weights) for a demo."
             ) from exc
 
-    cache = Path(random_cache or Path.home() / ".cache" / "loraserve") / f"random-{repo_id.replace('/', '--')}"
+    cache_root = Path(random_cache or Path.home() / ".cache" / "loraserve")
+    cache = cache_root / f"random-{repo_id.replace('/', '--')}"
     if not (cache / RANDOM_MARKER).exists():
         log.warning("building a random-weights %s-shaped base model in %s", name_or_path, cache)
         make_random_base(cache, **DISTILGPT2_SHAPE)
@@ -182,3 +184,58 @@ def load_base_model(path: str | Path, *, dtype=None, device: str | None = None):
     if device:
         model.to(device)
     return model
+
+
+def lora_targets_are_conv1d(model, target_modules) -> bool:
+    """True when the modules LoRA will wrap are GPT-2 ``Conv1D`` (weights stored fan_in x fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    def targeted(name: str) -> bool:
+        if target_modules == "all-linear":
+            return True
+        return any(name == t or name.endswith("." + t) for t in target_modules)
+
+    return any(isinstance(module, Conv1D) and targeted(name) for name, module in model.named_modules())
+
+
+def add_lora(model, lora, *, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with a fresh LoRA adapter described by ``lora`` (a ``trainer.config.LoraSettings``).
+
+    Gradient checkpointing is switched on *before* PEFT wraps the model, non-reentrant, with input
+    grads enabled: the embeddings are frozen, so reentrant checkpointing would see no input that
+    requires grad and LoRA weights would get no gradient.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    fan_in_fan_out = lora.fan_in_fan_out
+    if fan_in_fan_out is None:
+        fan_in_fan_out = lora_targets_are_conv1d(model, lora.target_modules)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, each tensor counted once (GPT-2 ties lm_head to wte)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

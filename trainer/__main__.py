@@ -1,0 +1,205 @@
+"""Command line: train, evaluate, build a random base, run the demo.
+
+    python -m trainer train --config examples/prototype.yaml --data rows.jsonl --output adapters/a \\
+        [--model M] [--val PATH] [--set training.learning_rate=1e-4 ...] [--resume [CKPT_DIR]] \\
+        [--checkpoint-dir DIR] [--progress-jsonl PATH|-] [--allow-random-weights]
+    python -m trainer eval --adapter adapters/a --data val.jsonl
+    python -m trainer make-random-base OUT [--layers 6 --n-embd 768 --n-head 12]
+    python -m trainer demo --workdir runs/local
+
+Exit codes: 0 ok; 2 bad input (config key, data row, missing file), one line on stderr;
+130/143 stopped by SIGINT/SIGTERM after writing a checkpoint; 1 anything unexpected (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import TrainerError, TrainingInterrupted
+
+log = logging.getLogger("trainer")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DEMO_SET = [
+    "training.num_train_epochs=20",
+    "training.per_device_train_batch_size=8",
+    "training.learning_rate=0.002",
+    "training.eval_fraction=0",
+    "training.fp16=false",
+    "lora.lora_dropout=0.0",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Train and evaluate LoRA adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA adapter and publish it atomically")
+    t.add_argument("--config", required=True, help="YAML file with lora: and training: sections")
+    t.add_argument(
+        "--model", help="base model: hub id or local folder (overrides training.model_name_or_path)"
+    )
+    t.add_argument("--data", required=True, help="training rows: JSON array or JSON lines")
+    t.add_argument("--val", help="validation rows (default: hold out training.eval_fraction)")
+    t.add_argument("--output", required=True, help="adapter folder to create (replaced atomically)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.seed=3")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CKPT_DIR",
+        help="resume from a checkpoint folder, or from the newest one when no folder is given",
+    )
+    t.add_argument(
+        "--checkpoint-dir", help="where checkpoints go (default: <output parent>/.checkpoints/<name>)"
+    )
+    t.add_argument("--progress-jsonl", help="append JSON-lines progress to this file ('-' for stdout)")
+    t.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="if the base cannot be loaded, use random weights of its architecture (loudly)",
+    )
+    t.add_argument("--job-id", help="recorded as 'job' in loraserve.json")
+
+    e = sub.add_parser("eval", help="eval loss/perplexity and generation metrics, base vs adapter")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--model", help="base model (default: the one recorded with the adapter)")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--limit", type=int, default=None, help="generate for at most this many rows")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--json", dest="json_out", help="also write the report to this file")
+
+    r = sub.add_parser(
+        "make-random-base", help="write a GPT-2 model with RANDOM weights and the real tokenizer"
+    )
+    r.add_argument("out")
+    r.add_argument("--layers", type=int, default=6)
+    r.add_argument("--n-embd", type=int, default=768)
+    r.add_argument("--n-head", type=int, default=12)
+    r.add_argument("--n-positions", type=int, default=1024)
+    r.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser(
+        "demo", help="train the demo adapter on examples/ with a random distilgpt2-shaped base"
+    )
+    d.add_argument("--workdir", default="runs/local")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer import train_adapter
+
+    summary = train_adapter(
+        args.config,
+        args.data,
+        args.output,
+        model=args.model,
+        val_path=args.val,
+        overrides=args.set,
+        resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir,
+        progress_jsonl=args.progress_jsonl,
+        allow_random_weights=args.allow_random_weights,
+        job=args.job_id,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = sys.stderr if args.progress_jsonl == "-" else sys.stdout
+        ppl = summary["perplexity"]
+        print(
+            f"adapter written to {Path(args.output).absolute()} "
+            f"(steps {summary['steps']}, train loss {summary['train_loss']:.4f}"
+            + (
+                f", eval loss {summary['eval_loss']:.4f}, perplexity {ppl:.2f}"
+                if summary["eval_loss"]
+                else ""
+            )
+            + ")",
+            file=out,
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_adapter, format_report
+
+    report = evaluate_adapter(
+        args.adapter,
+        args.data,
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    print(format_report(report), file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_make_random_base(args: argparse.Namespace) -> int:
+    from trainer.model import make_random_base, warn_random
+
+    out = make_random_base(
+        args.out,
+        n_layer=args.layers,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        n_positions=args.n_positions,
+        seed=args.seed,
+    )
+    warn_random(out)
+    print(out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer import train_adapter
+    from trainer.model import DISTILGPT2_SHAPE, RANDOM_MARKER, make_random_base
+
+    work = Path(args.workdir).absolute()
+    base = work / "base-distilgpt2-random"
+    if not (base / RANDOM_MARKER).exists() and not (base / "config.json").exists():
+        log.warning("building a distilgpt2-shaped base with RANDOM weights in %s", base)
+        make_random_base(base, **DISTILGPT2_SHAPE)
+    out = work / "adapters" / "demo"
+    summary = train_adapter(
+        EXAMPLES / "prototype.yaml",
+        EXAMPLES / "fixed_sentence.jsonl",
+        out,
+        model=str(base),
+        overrides=DEMO_SET,
+    )
+    print(
+        f"demo adapter: {out} (steps {summary['steps']}, train loss {summary['train_loss']:.4f}, "
+        f"{summary['trainable_params']:,} trainable of {summary['total_params']:,} params)"
+    )
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "make-random-base": cmd_make_random_base, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130 if exc.signal_name == "SIGINT" else 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

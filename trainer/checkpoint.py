@@ -1,0 +1,128 @@
+"""Resumable checkpoints: adapter + optimizer + scheduler + grad scaler + RNG + data position.
+
+Layout of one checkpoint (the base model is never copied; resuming needs the same base):
+    <checkpoint-dir>/checkpoint-0000120/
+        adapter_config.json, adapter_model.safetensors   the LoRA weights (PEFT format)
+        optimizer.pt, scheduler.pt, scaler.pt            scaler only under fp16
+        rng_state_<rank>.pt                              python, numpy, torch (and CUDA) RNG per process
+        trainer_state.json                               step, epoch, totals, eval history, fingerprints
+A checkpoint is written to ``.tmp-checkpoint-…`` and renamed in, so a crash while saving never
+leaves a half checkpoint that ``--resume`` would pick up. Only the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import TrainerError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write a checkpoint for ``state["step"]`` (every process calls this; each writes its RNG)."""
+    import torch
+
+    step = int(state["step"])
+    final = root / f"checkpoint-{step:07d}"
+    tmp = root / f".tmp-checkpoint-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from trainer.publish import publish_dir
+
+        publish_dir(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise TrainerError(f"{ckpt} is not a trainer checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote into live objects; returns the trainer state."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = read_state(ckpt)
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+    missing = [k for k in result.unexpected_keys if "lora_" in k]
+    if missing:
+        raise TrainerError(f"{ckpt}: adapter weights do not fit this model ({missing[0]} ...)")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (ckpt / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+    rng_file = ckpt / f"rng_state_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        # Our own file: it holds python/numpy RNG tuples, which weights_only cannot represent.
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
