@@ -27,6 +27,7 @@ Wire format (plain dicts, pickled by LitServe's transport):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -70,6 +71,28 @@ class ModelLimits:
     context: int
     tokenizer: Any
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters than this (its vocabulary string is at least that long:
+        byte-level BPE spells each byte as one character)."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
+
+    def check_prompt_chars(self, text: str, param: str = "prompt") -> None:
+        """400 for a text that cannot fit the context, decided without tokenizing it.
+
+        Tokenizing runs on the API process's event loop: a multi-megabyte prompt would stall every
+        other request (liveness included) for seconds before being refused anyway.
+        """
+        most = self.context * self.max_token_chars
+        if len(text) > most:
+            raise ApiError(
+                400,
+                "prompt_too_long",
+                f"the prompt has {len(text)} characters, more than the model's context of {self.context} "
+                "tokens can hold: shorten the prompt",
+                param,
+            )
+
 
 def prepare_job(
     *,
@@ -103,6 +126,7 @@ def prepare_job(
             f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
             max_tokens_param,
         )
+    limits.check_prompt_chars(prompt_text)
     prompt_ids = limits.tokenizer.encode(prompt_text)
     prompt_len = max(1, len(prompt_ids))  # the engine starts an empty prompt from BOS
     if prompt_len + max_new > limits.context:

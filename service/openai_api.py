@@ -334,6 +334,9 @@ def register_openai_routes(
         stop = list(dict.fromkeys([*body.stop, *extra_stop]))
         jobs, prompt_of = [], []
         for p, prompt in enumerate(prompts):
+            # Refuse a prompt that cannot fit before tokenizing it on the event loop (see ModelLimits).
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            limits.check_prompt_chars(prompt, param)
             max_new = max_tokens
             if max_new is None:  # unset: the server default, shortened to what the context has room for
                 room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
