@@ -1,0 +1,202 @@
+"""Benchmarks, one command each (CPU by default; ``--device cuda`` on a GPU):
+
+    python -m bench serve   # server vs naive FastAPI + PEFT vs offline ceiling; churn; short vs long
+    python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
+    python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
+
+Results go to docs/benchmarks/ (JSON, results.md, PNG plots); progress is JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench.common import REPO, log, write_json
+
+TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 512}
+
+
+def render(outdir: Path) -> Path:
+    """Write results.md and the plots from whatever results JSON exist in ``outdir``."""
+    from bench import report
+
+    parts = [
+        "# Benchmark results",
+        "",
+        "Every ratio below was measured in one run on one machine, with the methods interleaved; "
+        "the machine is shared and noisy, so absolute numbers mean little. How to reproduce: "
+        "[README.md](README.md).",
+        "",
+    ]
+    serve_json, train_json = outdir / "serve.json", outdir / "train.json"
+    if serve_json.exists():
+        res = json.loads(serve_json.read_text())
+        parts.append(report.serve_markdown(res))
+        report.plot_throughput(res, outdir / "throughput.png")
+        report.plot_latency_cdf(res, outdir / "latency_cdf.png")
+        report.plot_churn(res, outdir / "churn_memory.png")
+        parts += [
+            "![throughput](throughput.png)",
+            "",
+            "![latency CDF](latency_cdf.png)",
+            "",
+            "![memory under churn](churn_memory.png)",
+            "",
+        ]
+    if train_json.exists():
+        res = json.loads(train_json.read_text())
+        parts.append(report.train_markdown(res))
+        report.plot_loss_curves(res, outdir / "loss_curves.png")
+        parts += ["![loss curves](loss_curves.png)", ""]
+    path = outdir / "results.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def print_targets(res: dict) -> None:
+    print(f"\n{res['benchmark']} benchmark: targets (printed, never asserted)")
+    for t in res["targets"]:
+        m = t["measured"]
+        status = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        val = "n/a" if m is None else f"{m:.3f}"
+        print(f"  {t['what']:<75} {val:>9}  target {t['op']} {t['target']:<6} {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        sp.add_argument(
+            "--workdir", type=Path, default=REPO / "runs" / "bench", help="models, adapters, logs"
+        )
+        sp.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks", help="results and plots")
+        sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order alternates)")
+        sp.add_argument("--rank", type=int, default=32)
+        sp.add_argument(
+            "--tiny", action="store_true", help="a 2-layer, 64-wide base (smoke tests), not distilgpt2"
+        )
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="OMP/MKL threads for every process under test (default: torch's choice, all cores)",
+        )
+        sp.add_argument(
+            "--quiet-wait",
+            type=float,
+            default=10.0,
+            help="seconds to wait for other processes to calm down before each timed phase",
+        )
+
+    s = sub.add_parser("serve", help="serving benchmark")
+    common(s)
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    s.add_argument("--clients", type=int, default=32)
+    s.add_argument("--adapters", type=int, default=8)
+    s.add_argument("--sweep", default="1,8,32", help="concurrency levels for the throughput plot")
+    s.add_argument("--duration", type=float, default=40.0, help="time bound of each load run, seconds")
+    s.add_argument("--max-requests", type=int, default=512, help="count bound of each load run")
+    s.add_argument(
+        "--max-new-tokens", type=int, default=256, help="upper end of the 16..N max_new_tokens mix"
+    )
+    s.add_argument("--churn-adapters", type=int, default=200)
+    s.add_argument("--churn-requests", type=int, default=200)
+    s.add_argument("--cache-size", type=int, default=16)
+    s.add_argument("--churn-duration", type=float, default=90.0)
+    s.add_argument("--long-clients", type=int, default=8)
+    s.add_argument("--long-new-tokens", type=int, default=256)
+    s.add_argument("--n-short", type=int, default=8)
+    s.add_argument("--profile", action="store_true", help="py-spy the server during an extra, unmeasured run")
+
+    t = sub.add_parser("train", help="training benchmark")
+    common(t)
+    t.add_argument("--steps", type=int, default=20, help="optimizer steps per method")
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--grad-accum", type=int, default=4)
+    t.add_argument("--max-length", type=int, default=256, help="the prototype pads every row to this")
+    t.add_argument("--train-rows", type=int, default=160)
+    t.add_argument("--eval-rows", type=int, default=40)
+    t.add_argument("--methods", default="loraserve,hf-maxlen,hf-dynamic")
+
+    r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
+    r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
+
+    a = p.parse_args(argv)
+    if a.cmd == "report":
+        print(render(a.outdir))
+        return 0
+    shape = TINY_SHAPE if a.tiny else {}
+    if a.threads:  # inherited by every server, offline and training process this command starts
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
+    if a.cmd == "serve":
+        from bench.serve import ServeConfig, run
+
+        sweep = tuple(int(x) for x in a.sweep.split(",") if x)
+        cfg = ServeConfig(
+            workdir=a.workdir,
+            outdir=a.outdir,
+            device=a.device,
+            dtype=a.dtype,
+            base_shape=shape,
+            rank=a.rank,
+            clients=a.clients,
+            adapters=a.adapters,
+            sweep=sweep,
+            duration_s=a.duration,
+            max_requests=a.max_requests,
+            max_new_tokens=a.max_new_tokens,
+            rounds=a.rounds,
+            churn_adapters=a.churn_adapters,
+            churn_requests=a.churn_requests,
+            cache_size=a.cache_size,
+            churn_duration_s=a.churn_duration,
+            long_clients=a.long_clients,
+            long_new_tokens=a.long_new_tokens,
+            n_short=a.n_short,
+            quiet_wait_s=a.quiet_wait,
+            threads=a.threads,
+            profile=a.profile,
+            seed=a.seed,
+        )
+        res = run(cfg)
+        write_json(a.outdir / "serve.json", res)
+    else:
+        from bench.train import TrainConfig, run
+
+        cfg = TrainConfig(
+            workdir=a.workdir,
+            outdir=a.outdir,
+            device=a.device,
+            base_shape=shape,
+            rank=a.rank,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            grad_accum=a.grad_accum,
+            max_length=a.max_length,
+            train_rows=a.train_rows,
+            eval_rows=a.eval_rows,
+            rounds=a.rounds,
+            methods=tuple(a.methods.split(",")),
+            seed=a.seed,
+            quiet_wait_s=a.quiet_wait,
+            threads=a.threads,
+        )
+        res = run(cfg)
+        write_json(a.outdir / "train.json", res)
+    path = render(a.outdir)
+    print_targets(res)
+    log("done", results=str(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Benchmark fixtures: a random-weight base and r=32 LoRA adapters in the service's storage layout.
+
+Adapters get random, non-zero B matrices (PEFT initialises B to zero, which would make every
+adapter equal to the base and hide LoRA's cost in any output check). Writing safetensors
+directly from one PEFT state-dict template makes 200 adapters in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+PROTOTYPE_LORA = {
+    "r": 32,
+    "lora_alpha": 64,
+    "lora_dropout": 0.1,
+    "target_modules": ["c_attn", "c_proj"],
+}
+
+
+def ensure_base(workdir: Path, *, shape: dict | None = None) -> Path:
+    """A random-weight base of the distilgpt2 architecture (or ``shape``), built once per workdir."""
+    from trainer.model import RANDOM_MARKER, make_random_base
+
+    shape = shape or {}
+    name = "base-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items())) if shape else "base-distilgpt2"
+    out = workdir / name
+    if not (out / RANDOM_MARKER).exists():
+        make_random_base(out, **shape)
+    return out
+
+
+def make_adapters(
+    base: Path,
+    adapter_dir: Path,
+    names: list[str],
+    *,
+    r: int = 32,
+    b_std: float = 0.02,
+    seed: int = 0,
+) -> list[Path]:
+    """Write one PEFT LoRA adapter per name (``r``, alpha 2r, c_attn+c_proj) with random non-zero B.
+
+    Existing adapters with the same name and rank are kept, so repeated runs reuse them.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from trainer.model import load_base_model
+    from trainer.template import DEFAULT_TEMPLATE
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in names if not _is_complete(adapter_dir / n, r)]
+    if todo:
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=PROTOTYPE_LORA["lora_dropout"],
+            target_modules=PROTOTYPE_LORA["target_modules"],
+            fan_in_fan_out=True,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        config.base_model_name_or_path = str(base)
+        model = get_peft_model(load_base_model(base), config)
+        # Saved keys drop the adapter name ("...lora_A.default.weight" -> "...lora_A.weight").
+        shapes = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
+        staging_root = adapter_dir / ".staging"
+        staging_root.mkdir(exist_ok=True)
+        for name in todo:
+            gen = torch.Generator().manual_seed(seed * 100003 + _stable_hash(name))
+            tensors = {}
+            for key, shape in shapes.items():
+                if "lora_A" in key:  # kaiming-like scale, as PEFT's own init
+                    t = torch.randn(shape, generator=gen) / (shape[1] ** 0.5)
+                else:
+                    t = torch.randn(shape, generator=gen) * b_std
+                tensors[key] = t.contiguous()
+            stage = staging_root / f"{name}.tmp"
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir()
+            config.save_pretrained(stage)
+            save_file(tensors, stage / "adapter_model.safetensors", metadata={"format": "pt"})
+            sha = hashlib.sha256((stage / "adapter_model.safetensors").read_bytes()).hexdigest()
+            meta = {
+                "template": DEFAULT_TEMPLATE.to_dict(),
+                "base_model": str(base),
+                "sha256": sha,
+                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "job": None,
+                "format": 1,
+            }
+            (stage / "loraserve.json").write_text(json.dumps(meta, indent=2) + "\n")
+            final = adapter_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(stage, final)
+    return [adapter_dir / n for n in names]
+
+
+def _is_complete(path: Path, r: int) -> bool:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        cfg.get("r") == r
+        and (path / "adapter_model.safetensors").exists()
+        and (path / "loraserve.json").exists()
+    )
+
+
+def _stable_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")

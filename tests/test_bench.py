@@ -1,0 +1,153 @@
+"""Smoke tests of the benchmarks: each command runs end to end at a tiny size, so the code cannot rot.
+
+They check that every scenario produced real measurements (requests answered, tokens counted,
+ratios computed, plots written), never what the numbers are: targets are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_bench(args: list[str], tmp_path: Path, timeout: float) -> Path:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        *args,
+        "--tiny",
+        "--threads",
+        "1",
+        "--quiet-wait",
+        "0",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--outdir",
+        str(out),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "targets (printed, never asserted)" in proc.stdout
+    return out
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+
+
+@pytest.mark.slow
+def test_serve_benchmark_smoke(tmp_path: Path) -> None:
+    args = [
+        "serve",
+        "--rounds",
+        "1",
+        "--clients",
+        "4",
+        "--adapters",
+        "2",
+        "--sweep",
+        "4",
+        "--duration",
+        "2",
+        "--max-requests",
+        "8",
+        "--max-new-tokens",
+        "32",
+        "--churn-adapters",
+        "10",
+        "--churn-requests",
+        "10",
+        "--cache-size",
+        "4",
+        "--churn-duration",
+        "20",
+        "--long-clients",
+        "2",
+        "--long-new-tokens",
+        "32",
+        "--n-short",
+        "2",
+    ]
+    out = run_bench(args, tmp_path, timeout=240)
+    res = json.loads((out / "serve.json").read_text())
+    rnd = res["rounds"][0]
+    for key in ("server", "server_base_only", "naive"):
+        s = rnd[key]["summary"]
+        assert s["requests_ok"] >= 1 and s["requests_failed"] == 0, (key, s)
+        assert s["generated_tokens"] > 0 and s["tokens_per_s"] > 0, (key, s)
+    assert rnd["offline"]["requests_done"] == rnd["server"]["summary"]["requests_ok"]
+    assert rnd["offline"]["generated_tokens"] > 0
+    # The server streams (SSE), so every answered request has a time to first token within its latency.
+    assert res["streaming_ttft"] is True
+    for r in rnd["server"]["requests"]:
+        if r["error"] is None:
+            assert 0 < r["ttft"] <= r["latency"]
+    for key in ("server_vs_naive_tokens", "server_vs_offline_tokens", "lora_vs_base_tokens"):
+        assert res["ratios"][key] > 0, key
+    churn = res["extras"]["churn"]
+    assert churn["cold"]["requests_ok"] == 10 and churn["hot"]["requests_ok"] >= 1
+    assert churn["loads_in_metrics"] >= 6  # 10 adapters through a 4-slot cache: most requests load one
+    assert churn["load_s_p99"] is not None and churn["rss_mb"]
+    svl = res["extras"]["short_vs_long"]
+    assert svl["short_ok"] == 2 and svl["idle_latency_s"]["n"] == 2 and svl["ratio_p50"] > 0
+    md = (out / "results.md").read_text()
+    assert "| serving at 4 clients / 2 adapters vs naive FastAPI + PEFT, tokens/s |" in md
+    for name in ("throughput.png", "latency_cdf.png", "churn_memory.png"):
+        assert_png(out / name)
+
+
+@pytest.mark.slow
+def test_train_benchmark_smoke(tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--rounds",
+        "1",
+        "--steps",
+        "2",
+        "--train-rows",
+        "16",
+        "--eval-rows",
+        "4",
+        "--max-length",
+        "256",
+    ]
+    out = run_bench(args, tmp_path, timeout=240)
+    res = json.loads((out / "train.json").read_text())
+    runs = {r["method"]: r for r in res["runs"]}
+    assert set(runs) == {"loraserve", "hf-maxlen", "hf-dynamic"}
+    tokens = {r["real_tokens"] for r in runs.values()}
+    assert len(tokens) == 1, "every method must see exactly the same rows"
+    for r in runs.values():
+        assert r["steps"] == 2 and len(r["loss_curve"]) == 2, r["method"]
+        assert r["tokens_per_s"] > 0 and r["eval_loss"] > 0 and r["peak_mem_mb"] > 0
+    # Padding to max_length wastes compute on padding; dynamic padding pads far less.
+    assert runs["hf-maxlen"]["padding_fraction"] > runs["hf-dynamic"]["padding_fraction"]
+    assert res["ratios"]["ours_vs_prototype_tokens"] > 0
+    assert "trainer vs HF Trainer with dynamic padding" in (out / "results.md").read_text()
+    assert_png(out / "loss_curves.png")
+
+
+def test_percentiles_and_histogram_quantiles() -> None:
+    sys.path.insert(0, str(REPO))
+    from bench.common import percentile
+    from bench.promstats import bucket_quantile, bucket_upper_bound
+
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0 and percentile([], 50) is None
+    # 10 observations: 5 under 10 ms, 4 in (10, 25] ms, 1 in (25, 50] ms.
+    buckets = [(0.01, 5.0), (0.025, 9.0), (0.05, 10.0), (float("inf"), 10.0)]
+    assert bucket_quantile(buckets, 0.5) == pytest.approx(0.01)
+    assert bucket_quantile(buckets, 0.7) == pytest.approx(0.01 + 0.015 * 2 / 4)
+    assert bucket_upper_bound(buckets, 0.99) == 0.05
+    assert bucket_quantile([(0.01, 0.0), (float("inf"), 0.0)], 0.5) is None
