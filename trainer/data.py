@@ -141,6 +141,8 @@ def parse_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE)
         messages = _check_messages(row["messages"], where)
     elif "prompt" in row:
         answer_key = "response" if "response" in row else "completion"
+        if answer_key not in row:
+            raise TrainerError(f"{where}: field 'response' (or 'completion') is missing")
         messages = [
             {"role": "user", "content": _str_field(row, "prompt", where)},
             {"role": "assistant", "content": _str_field(row, answer_key, where)},
