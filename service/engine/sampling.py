@@ -13,6 +13,8 @@ import torch
 
 from .types import SamplingParams
 
+MIN_TEMPERATURE = 1e-4
+
 
 def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.Generator, int]:
     """A per-request generator; without a seed one is drawn from the OS (and reported)."""
@@ -25,7 +27,9 @@ def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on one row of fp32 logits; masked entries -inf."""
-    x = logits / temperature
+    # A temperature near zero (1e-45 is a valid float) would overflow the logits to inf and the
+    # softmax to NaN; below this it is greedy in all but name anyway.
+    x = logits / max(temperature, MIN_TEMPERATURE)
     if 0 < top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -34,6 +38,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         probs = torch.softmax(sorted_x, dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the first always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[0] = False  # explicitly: a top_p that rounds to 0 in fp32 (1e-50) would drop it too
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return x
 
