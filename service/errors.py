@@ -90,3 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         return error_response(exc.status_code, code, str(detail), None, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the envelope, not a text/plain 500,
+        # and no internals (paths, values) in the message.
+        return error_response(
+            500, "internal_error", f"the server failed to handle this request ({type(exc).__name__})"
+        )

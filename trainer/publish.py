@@ -81,8 +81,12 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Write one file atomically (temp file in the same folder, fsync, rename)."""
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. the disk is full: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise

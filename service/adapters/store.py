@@ -9,6 +9,7 @@ and renamed in atomically, so a name is always absent or a complete adapter.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -367,8 +368,16 @@ def publish(
         write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2) + "\n")
         created = not adapter_path(adapter_dir, name).exists()
         publish_dir(staging, adapter_path(adapter_dir, name))
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(
+                507,
+                "insufficient_storage",
+                f"no space left in the adapter directory to store {name!r} ({len(weights_raw)} bytes of "
+                "weights); the previous version, if any, is unchanged",
+                "adapter_model",
+            ) from exc
         raise
     return created
 
