@@ -520,6 +520,30 @@ def test_wait_raises_on_failure_and_timeout():
         assert 0.15 < time.monotonic() - start < 2
 
 
+def test_wait_rides_out_a_server_restart_but_not_a_long_outage():
+    # Each poll fails once (no retries in the client), as while a server restarts: wait keeps polling.
+    queued = httpx.Response(202, json={"job_id": "job-1", "status": "queued"})
+    down = httpx.ConnectError("refused")
+    states = [job_json("running", 1, 3), job_json("running", 2, 3), job_json("succeeded", 3, 3)]
+    running, later, done = (httpx.Response(200, json=x) for x in states)
+    rec = Recorder(queued, running, down, down, envelope(503, "starting", "model loading"), later, done)
+    with rec.client(retries=0) as client:
+        job = client.train("pirate", data=[{"text": "x"}])
+        assert job.wait(progress=False, poll_interval=0.001).status == "succeeded"
+    assert len(rec.requests) == 7
+    rec = Recorder(queued, running, down)
+    with rec.client(retries=0) as client:
+        job = client.train("pirate", data=[{"text": "x"}])
+        with pytest.raises(lc.APIConnectionError):
+            job.wait(progress=False, poll_interval=0.01, reconnect_for=0.1)
+        assert job.status == "running"
+    # A client error is not an outage: raised at once.
+    rec = Recorder(queued, envelope(404, "job_not_found", "gone", "job_id"))
+    with rec.client() as client, pytest.raises(lc.NotFoundError):
+        client.train("pirate", data=[{"text": "x"}]).wait(progress=False)
+    assert len(rec.requests) == 2
+
+
 def test_events_yield_progress_until_the_stream_ends():
     lines = [
         {**job_json("running", 0, 2), "event": "status"},

@@ -14,7 +14,7 @@ import httpx
 
 from . import _core
 from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, ProgressArg, RetryPolicy
-from ._exceptions import JobTimeoutError, LoraserveError
+from ._exceptions import APIConnectionError, APIStatusError, LoraserveError
 from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
 
 if TYPE_CHECKING:
@@ -216,24 +216,23 @@ class Jobs(_Resource):
         timeout: float | None = None,
         poll_interval: float = 0.5,
         check: bool = True,
+        reconnect_for: float = 300.0,
     ) -> Job:
         """Poll until the job ends and return its final state. ``check``: raise ``JobFailedError`` unless it
-        succeeded. ``timeout`` (seconds): raise ``JobTimeoutError`` (the job keeps running)."""
-        display = _core.ProgressDisplay(progress)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        succeeded. ``timeout`` (seconds): raise ``JobTimeoutError`` (the job keeps running). A server that
+        is unreachable or overloaded for less than ``reconnect_for`` seconds in a row (a restart) is waited
+        out."""
+        waiter = _core.Waiter(job_id, progress, timeout, poll_interval, reconnect_for)
         try:
             while True:
-                job = self.get(job_id)
-                display.update(job)
-                if job.done:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise JobTimeoutError(job, timeout)  # type: ignore[arg-type]
-                left = poll_interval if deadline is None else max(0.0, deadline - time.monotonic())
-                time.sleep(min(poll_interval, left))
+                try:
+                    if waiter.seen(self.get(job_id)):
+                        return waiter.finish(check)
+                except (APIConnectionError, APIStatusError) as exc:
+                    waiter.failed(exc)
+                time.sleep(waiter.pause())
         finally:
-            display.close()
-        return _core.finish_wait(job, check)
+            waiter.close()
 
 
 class TrainingJob:
@@ -266,14 +265,26 @@ class TrainingJob:
         *,
         poll_interval: float = 0.5,
         check: bool = True,
+        reconnect_for: float = 300.0,
     ) -> Job:
+        """See ``jobs.wait``; ``job.job`` follows every state seen, also when this raises."""
+        display = _core.ProgressDisplay(progress)
+
+        def seen(job: Job) -> None:
+            self.job = job
+            display.update(job)
+
         try:
-            self.job = self._client.jobs.wait(
-                self.id, progress=progress, timeout=timeout, poll_interval=poll_interval, check=check
+            self._client.jobs.wait(
+                self.id,
+                progress=seen,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                check=check,
+                reconnect_for=reconnect_for,
             )
-        except LoraserveError as exc:
-            self.job = getattr(exc, "job", self.job)
-            raise
+        finally:
+            display.close()
         return self.job
 
     def events(self) -> EventStream[JobEvent]:
@@ -516,23 +527,19 @@ class AsyncJobs(_Resource):
         timeout: float | None = None,
         poll_interval: float = 0.5,
         check: bool = True,
+        reconnect_for: float = 300.0,
     ) -> Job:
-        display = _core.ProgressDisplay(progress)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        waiter = _core.Waiter(job_id, progress, timeout, poll_interval, reconnect_for)
         try:
             while True:
-                job = await self.get(job_id)
-                display.update(job)
-                if job.done:
-                    break
-                if deadline is not None and loop.time() >= deadline:
-                    raise JobTimeoutError(job, timeout)  # type: ignore[arg-type]
-                left = poll_interval if deadline is None else max(0.0, deadline - loop.time())
-                await asyncio.sleep(min(poll_interval, left))
+                try:
+                    if waiter.seen(await self.get(job_id)):
+                        return waiter.finish(check)
+                except (APIConnectionError, APIStatusError) as exc:
+                    waiter.failed(exc)
+                await asyncio.sleep(waiter.pause())
         finally:
-            display.close()
-        return _core.finish_wait(job, check)
+            waiter.close()
 
 
 class AsyncTrainingJob:
@@ -558,14 +565,26 @@ class AsyncTrainingJob:
         *,
         poll_interval: float = 0.5,
         check: bool = True,
+        reconnect_for: float = 300.0,
     ) -> Job:
+        """See ``jobs.wait``; ``job.job`` follows every state seen, also when this raises."""
+        display = _core.ProgressDisplay(progress)
+
+        def seen(job: Job) -> None:
+            self.job = job
+            display.update(job)
+
         try:
-            self.job = await self._client.jobs.wait(
-                self.id, progress=progress, timeout=timeout, poll_interval=poll_interval, check=check
+            await self._client.jobs.wait(
+                self.id,
+                progress=seen,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                check=check,
+                reconnect_for=reconnect_for,
             )
-        except LoraserveError as exc:
-            self.job = getattr(exc, "job", self.job)
-            raise
+        finally:
+            display.close()
         return self.job
 
     def events(self) -> AsyncEventStream[JobEvent]:

@@ -29,6 +29,7 @@ from ._exceptions import (
     APIStatusError,
     APITimeoutError,
     JobFailedError,
+    JobTimeoutError,
     LoraserveError,
 )
 from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
@@ -588,7 +589,61 @@ def describe_job(job: Job) -> str:
     return " ".join(parts)
 
 
-def finish_wait(job: Job, check: bool) -> Job:
-    if check and job.status != "succeeded":
-        raise JobFailedError(job)
-    return job
+class Waiter:
+    """The bookkeeping of ``wait()``, shared by both clients (which only fetch the job and sleep): the
+    deadline, the progress display, and riding out a server restart: connection errors and 429/502/503/504
+    are tolerated for up to ``reconnect_for`` seconds in a row (the job lives on in the server's store)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        progress: ProgressArg,
+        timeout: float | None,
+        poll_interval: float,
+        reconnect_for: float,
+    ):
+        self.job_id = job_id
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.reconnect_for = reconnect_for
+        self.display = ProgressDisplay(progress)
+        self.job: Job | None = None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._outage_since: float | None = None
+
+    def seen(self, job: Job) -> bool:
+        """Record a fetched state; True when the job has ended."""
+        self.job, self._outage_since = job, None
+        self.display.update(job)
+        return job.done
+
+    def failed(self, error: LoraserveError) -> None:
+        """A poll failed after the client's own retries: raise ``error`` unless it is a tolerated outage."""
+        transient = isinstance(error, APIConnectionError) or (
+            isinstance(error, APIStatusError)
+            and (error.status_code in RETRY_STATUSES or error.status_code >= 500)
+        )
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        if not transient or now - self._outage_since > self.reconnect_for:
+            raise error
+        log.info("job %s: %s; still waiting", self.job_id, error)
+
+    def pause(self) -> float:
+        """Seconds to sleep before the next poll; raises ``JobTimeoutError`` once the deadline has passed."""
+        if self._deadline is None:
+            return self.poll_interval
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise JobTimeoutError(self.job_id, self.job, self.timeout or 0.0)
+        return min(self.poll_interval, left)
+
+    def finish(self, check: bool) -> Job:
+        assert self.job is not None
+        if check and self.job.status != "succeeded":
+            raise JobFailedError(self.job)
+        return self.job
+
+    def close(self) -> None:
+        self.display.close()

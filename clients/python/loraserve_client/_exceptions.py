@@ -111,8 +111,11 @@ class JobFailedError(LoraserveError):
 
 
 class JobTimeoutError(LoraserveError, TimeoutError):
-    def __init__(self, job: Job, timeout: float):
-        super().__init__(f"job {job.job_id} still {job.status} after {timeout:g}s")
+    """``job`` is the last state seen (None if the server never answered)."""
+
+    def __init__(self, job_id: str, job: Job | None, timeout: float):
+        state = job.status if job is not None else "unknown"
+        super().__init__(f"job {job_id} still {state} after waiting {timeout:g}s")
         self.job = job
 
 

@@ -197,7 +197,14 @@ def cmd_train(client: Client, args: argparse.Namespace) -> None:
         return
     if not args.json:
         print(f"queued job {job.id} for adapter {job.adapter}", file=sys.stderr)
-    final = job.wait(progress=_progress(args))
+    try:
+        final = job.wait(progress=_progress(args))
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped waiting; job {job.id} keeps running (loraserve jobs wait|cancel {job.id})",
+            file=sys.stderr,
+        )
+        raise
     _out(args, final, f"{final.status}: adapter {final.adapter} is ready (job {final.job_id})")
 
 
