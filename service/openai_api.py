@@ -20,6 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -290,16 +291,18 @@ async def _stream(
     try:
         for line in opening:
             yield line
-        async for choice, event in _merged(choices, firsts):
-            if event.get("error"):
-                err = event["error"]
-                yield _data(error_body(err["status"], err["code"], err["message"], err.get("param")))
-                return
-            finished = bool(event.get("finished"))
-            if finished:
-                choice.finish(event)
-            for line in chunk(choice, choice.feed(event.get("text", ""), finished), finished):
-                yield line
+        # aclosing: the pumps of the merge stop as soon as this stream ends, however it ends.
+        async with aclosing(_merged(choices, firsts)) as events:
+            async for choice, event in events:
+                if event.get("error"):
+                    err = event["error"]
+                    yield _data(error_body(err["status"], err["code"], err["message"], err.get("param")))
+                    return
+                finished = bool(event.get("finished"))
+                if finished:
+                    choice.finish(event)
+                for line in chunk(choice, choice.feed(event.get("text", ""), finished), finished):
+                    yield line
         if include_usage:
             yield usage_chunk(_usage(choices))
         yield "data: [DONE]\n\n"
