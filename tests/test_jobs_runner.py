@@ -107,7 +107,7 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(prom))  # the spawned runners export here
     store = JobStore(settings.jobs_db)
     first = submit(store, settings, "first", quick(2))  # 24 rows / batch 8 x 2 epochs = 6 steps
-    resumed = submit(store, settings, "resumed", quick(8, save_steps=3))  # 24 steps, a checkpoint every 3
+    resumed = submit(store, settings, "resumed", quick(4, save_steps=2))  # 12 steps, a checkpoint every 2
     never = submit(store, settings, "never", quick(1))
     assert store.request_cancel(never.id).status == "cancelled"  # queued -> cancelled at once
 
@@ -122,7 +122,7 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
         assert not (settings.staging_dir / first.id).exists()
         assert "--job-id" in job_paths(settings, first.id).log.read_text()
         # a clean stop of the runner (server shutdown) while the next job trains ...
-        at = wait_for(store, resumed.id, lambda j: j.progress.get("step", 0) >= 4, 120, "past a checkpoint")
+        at = wait_for(store, resumed.id, lambda j: j.progress.get("step", 0) >= 3, 120, "past a checkpoint")
         pid = at.trainer_pid
         assert pid and alive(pid)
     assert not alive(pid)
@@ -149,10 +149,10 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
     assert json.loads((settings.adapter_dir / "first" / "loraserve.json").read_text())["job"] == orphan.id
     assert not job_paths(settings, orphan.id).log.exists()  # no trainer ran for it
     assert done.status == "succeeded", done.error
-    assert done.attempts == 1 and done.progress["step"] == 24
+    assert done.attempts == 1 and done.progress["step"] == 12
     events = [json.loads(line) for line in paths.progress.read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]
-    assert len(starts) == 2 and starts[1]["resumed_from"] and 3 <= starts[1]["step"] <= stopped_at
+    assert len(starts) == 2 and starts[1]["resumed_from"] and 2 <= starts[1]["step"] <= stopped_at
     assert json.loads((settings.adapter_dir / "resumed" / "loraserve.json").read_text())["job"] == resumed.id
     assert (
         store.get(never.id).status == "cancelled"
@@ -161,7 +161,7 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
 
     values = metric_values(prom)
     assert values["loraserve_train_jobs_finished_total{status=succeeded}"] == 3
-    assert values["loraserve_train_steps_total"] >= 6 + 24
+    assert values["loraserve_train_steps_total"] >= 6 + 12
     assert values["loraserve_train_loss"] > 0
     assert values["loraserve_train_tokens_per_second"] > 0
     assert values["loraserve_train_job_duration_seconds_count"] == 3
