@@ -320,7 +320,26 @@ def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> 
                 f"adapter_model: layer {layer} {module} has rank {got['A']}, config says r={rank}",
                 "adapter_model",
             )
+    _check_finite(weights_raw, tensors)
     return config
+
+
+# exponent bits all ones = inf or NaN; read as unsigned integers, so no float conversion (and no torch)
+_NONFINITE = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def _check_finite(raw: bytes, tensors: dict[str, dict[str, Any]]) -> None:
+    """422 for a tensor holding NaN or inf: the worker would refuse to load it, failing every request."""
+    import numpy as np
+
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    data = memoryview(raw)[8 + header_len :]
+    for key, entry in tensors.items():
+        kind, mask = _NONFINITE[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        bits = np.frombuffer(data[start:end], dtype=kind)
+        if np.any((bits & mask) == mask):
+            raise _bad(f"adapter_model: {key!r} holds NaN or infinite values", "adapter_model")
 
 
 def parse_template(raw: str | None) -> PromptTemplate:
