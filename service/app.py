@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -45,6 +46,7 @@ from service.api import (
 )
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import ApiError, error_body, install_error_handlers
+from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
 from service.schemas import (
     AdapterInfo,
     AdapterList,
@@ -390,12 +392,28 @@ def _adapter_routes(app: FastAPI, settings: Settings, shape: store.BaseShape, mo
             raise ApiError(
                 422, "invalid_upload", "send multipart/form-data with adapter_config and adapter_model"
             )
-        async with request.form(max_files=4, max_fields=8) as form:
+        # Read with the cap first: a chunked body has no Content-Length, and the form parser alone
+        # would spool any amount of it to temporary files before the size check below.
+        raw = await read_capped(
+            request,
+            settings.max_upload_bytes + MULTIPART_OVERHEAD,
+            "the upload",
+            f" (adapter files up to {settings.max_upload_bytes} bytes, plus multipart framing)",
+        )
+        try:
+            form = await MultiPartParser(request.headers, _chunks(raw), max_files=4, max_fields=8).parse()
+        except MultiPartException as exc:
+            raise ApiError(
+                400, "invalid_multipart", f"could not read the multipart upload: {exc.message}"
+            ) from None
+        try:
             config_raw = await _form_file(form, "adapter_config")
             weights_raw = await _form_file(form, "adapter_model")
             template_field = form.get("template")
             if template_field is not None and not isinstance(template_field, str):
                 template_field = (await template_field.read()).decode("utf-8", "replace")
+        finally:
+            await form.close()
         if len(config_raw) + len(weights_raw) > settings.max_upload_bytes:
             raise ApiError(
                 413, "payload_too_large", f"the upload is larger than {settings.max_upload_bytes} bytes"
@@ -415,6 +433,10 @@ def _adapter_routes(app: FastAPI, settings: Settings, shape: store.BaseShape, mo
         """Remove an adapter; requests already running on it finish."""
         store.delete(adapter_dir, name)
         return Deleted(deleted=name)
+
+
+async def _chunks(data: bytes):
+    yield data
 
 
 async def _form_file(form, field: str) -> bytes:
