@@ -150,6 +150,7 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
     assert not job_paths(settings, orphan.id).log.exists()  # no trainer ran for it
     assert done.status == "succeeded", done.error
     assert done.attempts == 1 and done.progress["step"] == 12
+    assert not paths.checkpoints.exists()  # a finished job's checkpoints are removed
     events = [json.loads(line) for line in paths.progress.read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] and 2 <= starts[1]["step"] <= stopped_at

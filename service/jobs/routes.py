@@ -128,13 +128,13 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
             "the request body",
             "; upload large datasets with POST /datasets and pass their id as 'dataset'",
         )
-        req, body = _parse_train_request(raw)
+        req, body = await call(_parse_train_request, raw)  # large bodies: keep the event loop free
         key = request.headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= 255):
             raise ApiError(
                 422, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters", "Idempotency-Key"
             )
-        digest = _request_hash(body)
+        digest = await call(_request_hash, body)
         if key is not None:
             existing = await call(_idempotent_hit, store(), key, digest)
             if existing is not None:

@@ -26,6 +26,7 @@ import ctypes.util
 import logging
 import multiprocessing.synchronize
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,6 +374,12 @@ class Runner:
             return
         log.info("job %s: %s%s", job.id, status, f" ({error})" if error else "")
         self._count_finished(ended, status)
+        paths = job_paths(self.settings, job.id)
+        # Checkpoints only serve a resume, and nothing resumes a finished job; a failed job keeps them
+        # (with its log) for whoever looks into the failure. A staged output that was not published goes.
+        if status != "failed":
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        shutil.rmtree(paths.output, ignore_errors=True)
 
     def _count_finished(self, job: Job, status: str) -> None:
         m = _metrics()
