@@ -6,6 +6,9 @@ no cache copies when rows join or leave), applies LoRA per row group (``lora.Lor
 the per-call overhead and the cache-API churn of ``transformers`` (5.24 renames ``past_key_values``).
 Its logits match the Hugging Face model's to float rounding (tests/test_engine_model.py).
 
+Every method that touches the cache runs under ``torch.inference_mode`` (the cache tensors are
+inference tensors).
+
 KV layout: per layer ``K, V: [slots, heads, capacity, head_dim]``. Running rows occupy slots
 ``0..n-1`` contiguously, so a decode step reads the view ``K[:n, :, :L]`` without copying; a row
 that leaves is replaced by the last row (one row copy). Row ``i`` has ``lengths[i]`` cached tokens;
@@ -68,6 +71,7 @@ class GPT2Runner:
             out.append({name: tuple(mods[name].weight.shape) for name in TARGETS})
         return out
 
+    @torch.inference_mode()
     def ensure_capacity(self, positions: int) -> None:
         """Grow the cache's time axis to hold ``positions`` tokens per row (copies once per growth)."""
         if positions <= self.capacity:
@@ -88,6 +92,7 @@ class GPT2Runner:
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` cached positions into slot ``dst`` (compaction)."""
         for k, v in zip(self.k, self.v, strict=True):

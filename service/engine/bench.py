@@ -1,0 +1,269 @@
+"""Engine micro-benchmark: the engine against batched ``generate`` in the same process and run.
+
+    python -m service.engine.bench [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
+                                   [--dtype float32] [--json out.json]
+
+On a random-weights distilgpt2-shaped base (built once under ~/.cache/loraserve/bench) with
+``--adapters`` PEFT LoRA adapters (r=``--rank``, c_attn+c_proj) it times, interleaved and in
+alternating order each repetition:
+
+- ``generate_base``: ``GPT2LMHeadModel.generate`` on a left-padded batch, base only;
+- ``generate_lora``: PEFT ``generate(adapter_names=...)``, same batch, rows round-robin over adapters;
+- ``engine_base`` / ``engine_lora``: the same requests through ``Engine`` (all added at once);
+- ``engine_stream``: ``4 x batch`` requests with max_new_tokens 16..256 kept ``batch`` in flight
+  (a new one joins as soon as one leaves), against ``generate_stream``: the same requests as
+  offline ``generate`` batches (sorted by length inside windows of 4 batches; only each request's
+  own tokens count);
+- adapter cold loads (read + parse + place, the cache's miss path).
+
+EOS is ignored everywhere so every row produces exactly its token budget. Ratios are computed per
+repetition (same run, same load) and their median is reported: the machine is shared and noisy.
+This is a development tool (it needs PEFT); it is not imported by the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(root: Path, n_adapters: int, rank: int) -> tuple[Path, Path]:
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model import DISTILGPT2_SHAPE, load_base_model, make_random_base
+
+    base = root / "distilgpt2-random"
+    if not (base / "config.json").exists():
+        make_random_base(base, **DISTILGPT2_SHAPE, seed=0)
+    adapters = root / f"adapters-r{rank}"
+    for i in range(n_adapters):
+        out = adapters / f"bench-{i:02d}"
+        if (out / "adapter_model.safetensors").exists():
+            continue
+        torch.manual_seed(1000 + i)
+        model = load_base_model(base)
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+            init_lora_weights="gaussian",
+        )
+        pm = get_peft_model(model, cfg)
+        with torch.no_grad():  # non-zero B so the adapters change the output
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        pm.save_pretrained(out)
+    return base, adapters
+
+
+def wait_idle(max_wait: float = 60.0, threshold: float = 1.0) -> float:
+    """Wait (bounded) for the 1-minute load average to drop; returns the load average seen."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] > threshold and time.monotonic() - t0 < max_wait:
+        time.sleep(2)
+    return os.getloadavg()[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--root", type=Path, default=Path.home() / ".cache" / "loraserve" / "bench")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+
+    from service.engine import Engine, GenerationRequest, SamplingParams
+    from trainer.model import load_base_model
+
+    dtype = getattr(torch, args.dtype)
+    base, adapter_dir = build(args.root, args.adapters, args.rank)
+    names = [f"bench-{i:02d}" for i in range(args.adapters)]
+    rnd = random.Random(0)
+    B, N = args.batch, args.new_tokens
+    prompts = [[rnd.randrange(50000) for _ in range(rnd.randint(10, 60))] for _ in range(4 * B)]
+    stream_new = [rnd.randint(16, 256) for _ in range(4 * B)]
+
+    engine = Engine(
+        base,
+        adapter_dir,
+        device=args.device,
+        dtype=dtype,
+        max_batch_size=B,
+        max_loaded_adapters=max(16, args.adapters),
+    )
+    hf = load_base_model(base, dtype=dtype, device=args.device).eval()
+    peft = PeftModel.from_pretrained(
+        load_base_model(base, dtype=dtype, device=args.device),
+        str(adapter_dir / names[0]),
+        adapter_name=names[0],
+    )
+    for n in names[1:]:
+        peft.load_adapter(str(adapter_dir / n), adapter_name=n)
+    peft.eval()
+    pad = engine.tokenizer.eos_token_id
+    dev = torch.device(args.device)
+
+    def gen_batch(model, rows: list[list[int]], adapters: list[str | None] | None, new: int) -> int:
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        kw = {"adapter_names": [a or "__base__" for a in adapters]} if adapters else {}
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+                **kw,
+            )
+        return (out.shape[1] - width) * len(rows)
+
+    def engine_run(rows: list[list[int]], adapters: list[str | None], news: list[int], in_flight: int) -> int:
+        queue = list(range(len(rows)))
+        produced = 0
+        live = 0
+        while queue or engine.has_active():
+            while queue and live < in_flight:
+                i = queue.pop(0)
+                engine.add(
+                    GenerationRequest(
+                        f"q{i}",
+                        rows[i],
+                        adapters[i],
+                        SamplingParams(max_new_tokens=news[i], temperature=0, ignore_eos=True),
+                    )
+                )
+                live += 1
+            for ev in engine.step():
+                produced += ev.token_id is not None
+                live -= ev.finished
+        return produced
+
+    batch_rows = prompts[:B]
+    lora_adapters = [names[i % len(names)] for i in range(B)]
+    stream_adapters = [names[i % len(names)] for i in range(len(prompts))]
+
+    def gen_stream() -> int:
+        order = sorted(range(len(prompts)), key=lambda i: (i // (4 * B), stream_new[i]))
+        produced = 0
+        for s in range(0, len(order), B):
+            idx = order[s : s + B]
+            gen_batch(
+                peft,
+                [prompts[i] for i in idx],
+                [stream_adapters[i] for i in idx],
+                max(stream_new[i] for i in idx),
+            )
+            produced += sum(stream_new[i] for i in idx)  # only each request's own tokens count
+        return produced
+
+    methods = {
+        "generate_base": lambda: gen_batch(hf, batch_rows, None, N),
+        "generate_lora": lambda: gen_batch(peft, batch_rows, lora_adapters, N),
+        "engine_base": lambda: engine_run(batch_rows, [None] * B, [N] * B, B),
+        "engine_lora": lambda: engine_run(batch_rows, lora_adapters, [N] * B, B),
+    }
+    if not args.skip_stream:
+        methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
+        methods["generate_stream"] = gen_stream
+    # warm-up (untimed): first calls allocate caches and load adapters
+    gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
+    engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
+    engine_run(batch_rows, lora_adapters, [2] * B, B)
+
+    runs: list[dict[str, float]] = []
+    loads: list[float] = []
+    order = list(methods)
+    for rep in range(args.reps):
+        tps = {}
+        for name in order if rep % 2 == 0 else reversed(order):
+            loads.append(wait_idle())
+            t0 = time.perf_counter()
+            tokens = methods[name]()
+            tps[name] = tokens / (time.perf_counter() - t0)
+            print(f"rep {rep} {name:16s} {tps[name]:8.1f} tok/s", flush=True)
+        runs.append(tps)
+
+    ratio_defs = {
+        "engine_lora / engine_base": ("engine_lora", "engine_base"),
+        "engine_lora / generate_lora": ("engine_lora", "generate_lora"),
+        "engine_base / generate_base": ("engine_base", "generate_base"),
+        "generate_lora / generate_base": ("generate_lora", "generate_base"),
+        "engine_stream / generate_stream": ("engine_stream", "generate_stream"),
+    }
+    ratios = {
+        k: round(statistics.median(r[a] / r[b] for r in runs), 3)
+        for k, (a, b) in ratio_defs.items()
+        if a in runs[0] and b in runs[0]
+    }
+    medians = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+
+    # adapter cold loads: the cache's miss path (read both files, parse, transpose, scale, place)
+    from service.engine.lora import parse_adapter, read_adapter_files
+
+    loads_ms = []
+    for i in range(60):
+        t0 = time.perf_counter()
+        cfg, w, _ = read_adapter_files(adapter_dir / names[i % len(names)])
+        parse_adapter(cfg, w, engine.shapes, dtype=engine.dtype, device=engine.device)
+        loads_ms.append((time.perf_counter() - t0) * 1e3)
+    loads_ms.sort()
+    result = {
+        "config": {
+            "batch": B,
+            "adapters": args.adapters,
+            "rank": args.rank,
+            "new_tokens": N,
+            "reps": args.reps,
+            "dtype": args.dtype,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "load_avg_before_runs": [round(x, 2) for x in loads],
+        },
+        "tok_per_s_median": medians,
+        "ratios_median_of_same_rep": ratios,
+        "adapter_cold_load_ms": {
+            "p50": round(loads_ms[len(loads_ms) // 2], 2),
+            "p99": round(loads_ms[int(len(loads_ms) * 0.99) - 1], 2),
+            "max": round(loads_ms[-1], 2),
+        },
+        "runs": runs,
+    }
+    print(
+        json.dumps(
+            {k: result[k] for k in ("tok_per_s_median", "ratios_median_of_same_rep", "adapter_cold_load_ms")},
+            indent=2,
+        )
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

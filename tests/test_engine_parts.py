@@ -1,0 +1,167 @@
+"""The engine's parts on their own: the GPT-2 forward against Hugging Face's, LoRA against PEFT's,
+incremental detokenization, stop strings, sampling filters and adapter parsing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.engine.lora import AdapterFormatError, LoraPlan, parse_adapter, read_adapter_files
+from service.engine.model import GPT2Runner
+from service.engine.sampling import filter_logits
+from service.engine.text import Detokenizer, StopMatcher, byte_table
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base: Path):
+    from trainer.model import load_base_model, load_tokenizer
+
+    return load_base_model(tiny_base).eval(), load_tokenizer(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def table(tiny):
+    t = byte_table(tiny[1])
+    assert t is not None  # GPT-2's tokenizer is byte-level: the fast path is the one in use
+    return t
+
+
+def test_runner_matches_hf_logits_with_join_and_leave(tiny):
+    model, _ = tiny
+    runner = GPT2Runner(model, max_rows=4)
+    prompts = [[464, 2068, 7586, 21831, 18045, 625], [15496, 11], [16, 362, 513, 604]]
+    none = LoraPlan([])
+    logits = runner.prefill(prompts, [0, 1, 2], none)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for i, p in enumerate(seqs):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-5)
+    lengths = [len(p) for p in prompts]
+    for step in range(3):
+        toks = [int(t) for t in logits.argmax(-1)]
+        logits = runner.decode(toks, lengths, none)
+        for i, t in enumerate(toks):
+            seqs[i].append(t)
+            lengths[i] += 1
+        if step == 1:  # row 0 leaves: the last row moves into its slot
+            runner.move_row(2, 0, lengths[2])
+            seqs, lengths, logits = [seqs[2], seqs[1]], [lengths[2], lengths[1]], logits[[2, 1]]
+    with torch.no_grad():
+        for i, p in enumerate(seqs):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_matches_peft_logits(tiny_base: Path, tmp_path: Path, tiny):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from trainer.model import load_base_model
+
+    torch.manual_seed(5)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        use_rslora=True,
+    )
+    get_peft_model(load_base_model(tiny_base), cfg).save_pretrained(tmp_path / "ad")
+    peft = PeftModel.from_pretrained(load_base_model(tiny_base), tmp_path / "ad").eval()
+    runner = GPT2Runner(tiny[0], max_rows=2)
+    cfg_bytes, weights, _ = read_adapter_files(tmp_path / "ad")
+    w = parse_adapter(cfg_bytes, weights, runner.module_shapes(), dtype=torch.float32, device="cpu")
+    assert w.rank == 4 and w.target_modules == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    prompts = [[464, 2068, 7586], [15496, 11, 995, 0]]
+    # row 0 base, row 1 LoRA, in one packed prefill
+    logits = runner.prefill(prompts, [0, 1], LoraPlan.for_segments([(0, 3, None), (3, 7, w)]))
+    with torch.no_grad():
+        ref_lora = peft(torch.tensor([prompts[1]])).logits[0, -1]
+        with peft.disable_adapter():
+            ref_base = peft(torch.tensor([prompts[0]])).logits[0, -1]
+    torch.testing.assert_close(logits[1], ref_lora, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0], ref_base, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        base_same_prompt = tiny[0](torch.tensor([prompts[1]])).logits[0, -1]
+    assert (ref_lora - base_same_prompt).abs().max() > 1e-3  # the adapter matters
+
+
+def test_parse_adapter_rejects_what_does_not_fit(tiny):
+    from safetensors.torch import save
+
+    runner = GPT2Runner(tiny[0], max_rows=1)
+    shapes = runner.module_shapes()
+    cfg = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_{}.weight"
+    good = {key.format("A"): torch.zeros(2, 64), key.format("B"): torch.zeros(192, 2)}
+    assert parse_adapter(cfg, save(good), shapes, dtype=torch.float32, device="cpu").rank == 2
+    cases = {
+        "do not fit": {key.format("A"): torch.zeros(2, 65), key.format("B"): torch.zeros(192, 2)},
+        "not both": {key.format("A"): torch.zeros(2, 64)},
+        "unsupported tensor": {**good, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)},
+        "layer 7": {k.replace("h.0", "h.7"): v for k, v in good.items()},
+        "NaN": {key.format("A"): torch.full((2, 64), float("nan")), key.format("B"): torch.zeros(192, 2)},
+    }
+    for message, tensors in cases.items():
+        with pytest.raises(AdapterFormatError, match=message):
+            parse_adapter(cfg, save(tensors), shapes, dtype=torch.float32, device="cpu")
+    with pytest.raises(AdapterFormatError, match="does not parse"):
+        parse_adapter(cfg, b"garbage", shapes, dtype=torch.float32, device="cpu")
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        bad = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True}).encode()
+        parse_adapter(bad, save(good), shapes, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "text", ["héllo wörld 日本語のテキスト 🎉🎉 ✓ naïve Ωμέγα", "emoji 👩‍👩‍👧 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+)
+def test_detokenizer_deltas_on_multibyte_text(tiny, table, text: str):
+    tok = tiny[1]
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    for tbl in (table, None):  # the byte-level fast path and the generic fallback
+        d = Detokenizer(tok, tbl)
+        deltas = [d.push(i) for i in ids] + [d.flush()]
+        assert "".join(deltas) == tok.decode(ids) == text
+        assert all("\ufffd" not in x for x in deltas)  # no half characters ever emitted
+        assert any(x == "" for x in deltas)  # some tokens completed no character
+
+
+def test_detokenizer_invalid_bytes_match_decode(tiny, table):
+    tok = tiny[1]
+    ids = tok.encode("日本") + tok.encode(" 🎉")[:2] + tok.encode("ok") + tok.encode("🎉")[-1:]
+    d = Detokenizer(tok, table)
+    assert "".join([d.push(i) for i in ids] + [d.flush()]) == tok.decode(ids)
+    assert "\ufffd" in tok.decode(ids)
+
+
+def test_stop_matcher():
+    m = StopMatcher(["###", "\nUser:"])
+    out = [m.feed(piece) for piece in ["Hello", " wor", "ld\n", "Us", "ual #", "#", "#tail"]]
+    text = "".join(t for t, _ in out)
+    assert out[-1][1] is True and all(not s for _, s in out[:-1])
+    assert text == "Hello world\nUsual "
+    assert out[2] == ("ld", False)  # "\n" held: it may start "\nUser:"
+    assert out[3] == ("", False)  # "\nUs" held
+    m = StopMatcher(["abc"])
+    assert m.feed("xab") == ("x", False)
+    assert m.feed("", final=True) == ("ab", False)  # end of generation releases held text
+    m = StopMatcher(["b", "abc"])
+    assert m.feed("zabc") == ("z", True)  # the earliest match wins
+    assert StopMatcher([""]).feed("text") == ("text", False)
+
+
+def test_filter_logits():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    kept = torch.isfinite(filter_logits(logits, 1.0, 2, 1.0))
+    assert kept.tolist() == [True, True, False, False, False]
+    probs = torch.softmax(logits, -1)  # 0.636, 0.234, 0.086, ...
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.8))
+    assert kept.tolist() == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.5))
+    assert kept.tolist() == [True, False, False, False, False]
+    assert torch.isfinite(filter_logits(logits, 0.5, 0, 1.0)).all()
