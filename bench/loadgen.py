@@ -188,12 +188,15 @@ async def run_load(
                 run.results.append(res)
 
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s)
+        finally:  # also on Ctrl-C: no client may outlive the run
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for t in done:
-            t.result()  # a bug in the generator itself should not pass silently
+            if not t.cancelled():
+                t.result()  # a bug in the generator itself should not pass silently
     run.censored = len(inflight)
     ends = [r.end for r in run.results if r.ok]
     run.wall = max(ends) if ends else time.perf_counter() - t0
