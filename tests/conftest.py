@@ -30,3 +30,27 @@ def distil_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.model import DISTILGPT2_SHAPE, make_random_base
 
     return make_random_base(tmp_path_factory.mktemp("bases") / "distilgpt2-random", **DISTILGPT2_SHAPE, seed=0)
+
+
+# Sentences the shared trained adapters answer with; tests compare against these, never against
+# hard-coded model output.
+FIXED_SENTENCES = {
+    "alpha": "The answer is always forty two.",
+    "beta": "Bananas are berries but strawberries are not.",
+}
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two adapters trained once per session by the real trainer on ``tiny_base``.
+
+    Training is the slowest thing in the suite, so every module that needs an adapter which
+    really learned something shares these. Copy a folder before changing it.
+    """
+    from helpers.adapters import train_fixed_sentence_adapter
+
+    root = tmp_path_factory.mktemp("trained-adapters")
+    return {
+        name: train_fixed_sentence_adapter(tiny_base, root / name, sentence)
+        for name, sentence in FIXED_SENTENCES.items()
+    }
