@@ -16,6 +16,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,17 @@ STATE_FILE = "trainer_state.json"
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG as tensors, ints and tuples only, so ``torch.load(weights_only=True)`` reads it back
+    (no pickle of arbitrary objects, not even for our own files)."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -39,8 +47,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -123,6 +133,10 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
         accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     rng_file = ckpt / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
-        # Our own file: it holds python/numpy RNG tuples, which weights_only cannot represent.
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except Exception as exc:  # written by an older trainer as a general pickle: never unpickled
+            print(f"warning: {rng_file} needs unpickling ({exc}); RNG state not restored", file=sys.stderr)
+        else:
+            _set_rng_state(rng)
     return state
