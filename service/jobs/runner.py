@@ -229,6 +229,7 @@ class Runner:
         cmd = trainer_command(self.settings, paths, self._base)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the trainer exports no metrics of its own
+        env.pop("LORASERVE_API_KEY", None)  # nor does it need the server's secret
         if self.settings.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         log_fh = open(paths.log, "ab")  # noqa: SIM115 (closed when the run ends)
