@@ -91,6 +91,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(exc.status_code, code, str(detail), None, exc.headers)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Only parsing what a client sent recurses without bound (json.loads of '[[[[...' in a
+        # /train body, a dataset line, an adapter config, a safetensors header or a template).
+        return error_response(
+            422, "nesting_too_deep", "the request holds JSON nested too deeply to read; flatten it"
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Starlette still logs the traceback; the client gets the envelope, not a text/plain 500,
