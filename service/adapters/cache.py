@@ -32,7 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def valid_name(name: str) -> bool:
-    return isinstance(name, str) and bool(NAME_RE.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and ".." not in name  # "$" allows "x\n"
 
 
 @dataclass(frozen=True)

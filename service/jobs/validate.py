@@ -16,7 +16,7 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_adapter_name(name: Any, param: str = "adapter") -> str:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:  # not "x\n"
         raise ApiError(
             422,
             "invalid_adapter_name",
