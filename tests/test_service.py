@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.adapters import train_fixed_sentence_adapter
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,6 +26,9 @@ SENTENCE_A = "The answer is always forty two."
 SENTENCE_B = "Bananas are berries but strawberries are not."
 QUESTION = "What do you say?"
 MAX_NEW = 24  # more than either sentence needs: the adapters must stop on EOS by themselves
+# Half the helper's default epochs at twice its rate: both sentences learned in one attempt here
+# (the helper verifies and retries longer if not), in about half the time.
+FAST_TRAINING = {"epochs": 20, "overrides": ["training.learning_rate=0.01"]}
 
 PLAIN_ROUTES = {"/generate", "/adapters", "/metrics", "/health", "/health/ready"}
 
@@ -65,24 +69,14 @@ def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_a
     return out
 
 
-def trained_adapter(base: Path, out: Path, sentence: str, seed: int) -> bool:
-    try:
-        from helpers.adapters import train_fixed_sentence_adapter
-    except ImportError:  # FIXME: until the trainer's helper lands, random adapters stand in
-        make_random_lora(base, out, seed=seed)
-        return False
-    train_fixed_sentence_adapter(base, out, sentence, seed=seed)
-    return True
-
-
 @pytest.fixture(scope="module")
 def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("service")
     adapters = root / "adapters"
     adapters.mkdir()
     src = root / "src"
-    trained = trained_adapter(tiny_base, src / "alpha", SENTENCE_A, seed=1)
-    trained &= trained_adapter(tiny_base, src / "beta", SENTENCE_B, seed=2)
+    for name, sentence in (("alpha", SENTENCE_A), ("beta", SENTENCE_B)):
+        train_fixed_sentence_adapter(tiny_base, src / name, sentence, **FAST_TRAINING)
     make_random_lora(tiny_base, src / "upload", seed=3)
     make_random_lora(tiny_base, src / "upload2", seed=4)
     for name in ("alpha", "beta"):  # dropped in as the trainer would: staged, then renamed
@@ -93,7 +87,6 @@ def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     server = running_server(tiny_base, adapters, root / "data", args=["--max-new-tokens-cap", "64"])
     with server as srv, srv.client(event_hooks={"response": [recorder]}) as client:
         baseline = client.get("/metrics").text
-        sentences = {"alpha": SENTENCE_A, "beta": SENTENCE_B}
         env = {
             "srv": srv,
             "client": client,
@@ -102,12 +95,8 @@ def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
             "adapters": adapters,
             "src": src,
             "usage": Counter(),
-            "trained": trained,
-            "sentences": sentences,
+            "sentences": {"alpha": SENTENCE_A, "beta": SENTENCE_B},
         }
-        if not trained:
-            for name in sentences:
-                sentences[name] = generate(env, name).json()["text"].strip()
         yield env
 
 
@@ -141,7 +130,7 @@ def test_mixed_batch_serves_each_adapter_its_own_sentence(env):
             assert all(s not in body["text"] for s in env["sentences"].values())
         else:
             assert body["text"].strip() == env["sentences"][adapter]
-            assert body["finish_reason"] == "eos" or not env["trained"]
+            assert body["finish_reason"] == "eos"
     # Each one alone gives exactly what it gave inside the mixed batch.
     for adapter, r in zip(jobs[:3], together[:3], strict=True):
         alone = generate(env, adapter).json()
