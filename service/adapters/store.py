@@ -349,6 +349,11 @@ def parse_template(raw: str | None) -> PromptTemplate:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
+        not_text = sorted(
+            k for k, v in data.items() if k in PromptTemplate.__dataclass_fields__ and not isinstance(v, str)
+        )
+        if not_text:  # {"user": 5} would fail in str.format with an AttributeError (a 500)
+            raise ValueError(f"{', '.join(not_text)} must be text")
         template = PromptTemplate.from_dict(data)
         template.render_prompt("x")
         template.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
