@@ -165,3 +165,39 @@ def test_filter_logits():
     kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.5))
     assert kept.tolist() == [True, False, False, False, False]
     assert torch.isfinite(filter_logits(logits, 0.5, 0, 1.0)).all()
+
+
+def test_choose_tokens_follows_each_rows_filter():
+    """Batch sampling draws from exactly the distribution the reference filter defines, per row."""
+    from service.engine.sampling import choose_tokens, make_generator
+    from service.engine.types import SamplingParams
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]] * 4)
+    params = [
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=1.0, top_p=0.7),
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=0),
+    ]
+    gens = [make_generator(i, "cpu")[0] for i in range(3)] + [None]
+    reps = 1000  # every row type repeated, each copy with its own generator: 3000 draws per type
+    many = torch.cat([logits] * reps)
+    many_params = params * reps
+    many_gens = [
+        make_generator(100 + i, "cpu")[0] if p.temperature else None for i, p in enumerate(many_params)
+    ]
+    counts = torch.zeros(4, 6)
+    for _ in range(3):
+        for i, tok in enumerate(choose_tokens(many, many_params, many_gens)):
+            counts[i % 4, tok] += 1
+    draws = 3 * reps
+    for row, p in enumerate(params[:3]):
+        expected = torch.softmax(filter_logits(logits[row], p.temperature, p.top_k, p.top_p), -1)
+        assert ((counts[row] > 0) == (expected > 0)).all(), row  # same support
+        assert (counts[row] / draws - expected).abs().max() < 0.03, row  # same frequencies
+    assert counts[3, 0] == draws  # greedy row
+    # the same seed gives the same draws, alone or next to other rows
+    g_alone, g_batch = make_generator(7, "cpu")[0], make_generator(7, "cpu")[0]
+    alone = [choose_tokens(logits[1:2], params[1:2], [g_alone])[0] for _ in range(50)]
+    batch = [choose_tokens(logits, params, [gens[0], g_batch, gens[2], None])[1] for _ in range(50)]
+    assert alone == batch and len(set(alone)) > 1

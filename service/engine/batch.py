@@ -13,7 +13,7 @@ import torch
 
 from service.adapters.cache import LoadedAdapter
 
-from .lora import LoraPlan
+from .lora import LoraPlan, Stacks
 from .model import GPT2Runner
 from .text import Detokenizer, StopMatcher
 from .types import BASE_LABEL, GenerationRequest
@@ -52,6 +52,7 @@ class Batch:
         self.runner = runner
         self.max_rows = max_rows
         self.rows: list[Row] = []
+        self.stacks: list[Stacks] = []  # the last decode step's stacked adapters (reused while unchanged)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,7 +89,7 @@ class Batch:
     def decode(self, count: int) -> torch.Tensor:
         """One decode step for rows ``0..count-1``: feed each its last token; logits ``[count, vocab]``."""
         rows = self.rows[:count]
-        plan = LoraPlan.for_rows([r.weights for r in rows], self.runner.device)
+        plan = LoraPlan.for_rows([r.weights for r in rows], self.runner.device, self.stacks)
         logits = self.runner.decode([r.last_token for r in rows], [r.length for r in rows], plan)
         for r in rows:
             r.length += 1

@@ -159,32 +159,104 @@ def read_adapter_files(folder: str | os.PathLike) -> tuple[bytes, bytes, os.stat
     return cfg, weights, st
 
 
+class Stacks:
+    """The adapters of one batch stacked per layer and module: ``A [G, in, r_max]``, ``B [G, r_max, out]``.
+
+    Ranks are zero-padded to the largest and a module an adapter does not target is all zeros, so
+    padding adds exact zeros. Holds the adapters it was built from (its cache key compares them by
+    identity, so a freed adapter's id can never be mistaken for a live one).
+    """
+
+    def __init__(self, adapters: tuple[LoraWeights, ...]):
+        self.adapters = adapters
+        self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for layer in range(len(adapters[0].layers)):
+            mods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for module in TARGETS:
+                pairs = [w.layers[layer].get(module) for w in adapters]
+                present = [p for p in pairs if p is not None]
+                if not present:
+                    continue
+                a0, b0 = present[0]
+                r = max(p[0].shape[1] for p in present)
+                a = a0.new_zeros((len(adapters), a0.shape[0], r))
+                b = b0.new_zeros((len(adapters), r, b0.shape[1]))
+                for g, pair in enumerate(pairs):
+                    if pair is not None:
+                        a[g, :, : pair[0].shape[1]] = pair[0]
+                        b[g, : pair[1].shape[0]] = pair[1]
+                mods[module] = (a, b)
+            self.layers.append(mods)
+
+    def matches(self, adapters: tuple[LoraWeights, ...]) -> bool:
+        return len(adapters) == len(self.adapters) and all(
+            x is y for x, y in zip(adapters, self.adapters, strict=True)
+        )
+
+
 class LoraPlan:
     """Which rows of the current forward pass use which adapter.
 
-    ``groups`` holds ``(rows, weights)`` where ``rows`` is a slice (contiguous rows) or an index
-    tensor. Built once per forward pass and consulted by every target layer.
+    Two forms. ``groups`` holds ``(rows, weights)`` pairs (``rows`` a slice or an index tensor) and
+    runs two small matmuls per group: used for packed prefill (one contiguous range per request) and
+    for a decode batch with one adapter. A decode batch with several adapters is *stacked*: rows are
+    gathered into ``[G, rows_per_group, in]`` (short groups padded with a zero row) and each target
+    layer runs two ``bmm`` for all adapters at once, then scatters the deltas back, so the number
+    of kernel launches does not grow with the number of adapters.
     """
 
-    __slots__ = ("groups",)
+    __slots__ = ("gather", "groups", "pad", "scatter", "stacks")
 
     def __init__(self, groups: list[tuple[slice | torch.Tensor, LoraWeights]]):
         self.groups = groups
+        self.stacks: Stacks | None = None
+        self.gather = self.scatter = None
+        self.pad = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.groups) or self.stacks is not None
 
     @classmethod
-    def for_rows(cls, adapters: list[LoraWeights | None], device: torch.device | str) -> LoraPlan:
-        """One group per distinct adapter; rows of an adapter that are contiguous become a slice."""
+    def for_rows(
+        cls, adapters: list[LoraWeights | None], device: torch.device | str, cache: list[Stacks] | None = None
+    ) -> LoraPlan:
+        """Plan a decode batch: ``adapters[i]`` is row ``i``'s adapter (None: base model).
+
+        ``cache`` (a one-element list the caller keeps) reuses the previous step's stacks while
+        the set of adapters in the batch is unchanged.
+        """
         by_adapter: dict[int, tuple[LoraWeights, list[int]]] = {}
         for i, w in enumerate(adapters):
             if w is not None:
                 by_adapter.setdefault(id(w), (w, []))[1].append(i)
-        groups: list[tuple[slice | torch.Tensor, LoraWeights]] = []
-        for w, rows in by_adapter.values():
-            if rows[-1] - rows[0] + 1 == len(rows):
-                groups.append((slice(rows[0], rows[-1] + 1), w))
-            else:
-                groups.append((torch.tensor(rows, dtype=torch.long, device=device), w))
-        return cls(groups)
+        if len(by_adapter) <= 1:
+            groups: list[tuple[slice | torch.Tensor, LoraWeights]] = []
+            for w, rows in by_adapter.values():
+                if rows[-1] - rows[0] + 1 == len(rows):
+                    groups.append((slice(rows[0], rows[-1] + 1), w))
+                else:
+                    groups.append((torch.tensor(rows, dtype=torch.long, device=device), w))
+            return cls(groups)
+        members = tuple(w for w, _ in by_adapter.values())
+        stacks = cache[0] if cache and cache[0].matches(members) else None
+        if stacks is None:
+            stacks = Stacks(members)
+            if cache is not None:
+                cache[:] = [stacks]
+        width = max(len(rows) for _, rows in by_adapter.values())
+        n = len(adapters)
+        gather, scatter = [], []
+        for _, rows in by_adapter.values():
+            pad = width - len(rows)
+            gather += rows + [n] * pad  # row n is the zero row appended to x
+            scatter += rows + [rows[0]] * pad  # padded deltas are exact zeros
+        plan = cls([])
+        plan.stacks = stacks
+        plan.pad = any(len(rows) < width for _, rows in by_adapter.values())
+        plan.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        plan.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        return plan
 
     @classmethod
     def for_segments(cls, segments: list[tuple[int, int, LoraWeights | None]]) -> LoraPlan:
@@ -192,7 +264,16 @@ class LoraPlan:
         return cls([(slice(s, e), w) for s, e, w in segments if w is not None])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        """Add each group's LoRA delta to ``y`` (= base output for ``x``), in place."""
+        """Add each row's LoRA delta to ``y`` (= base output for ``x``), in place."""
+        if self.stacks is not None:
+            pair = self.stacks.layers[layer].get(module)
+            if pair is None:
+                return y
+            a, b = pair
+            src = torch.cat([x, x.new_zeros((1, x.shape[1]))]) if self.pad else x
+            xg = src.index_select(0, self.gather).view(a.shape[0], -1, x.shape[1])
+            delta = torch.bmm(torch.bmm(xg, a), b)
+            return y.index_add_(0, self.scatter, delta.view(-1, y.shape[1]))
         for rows, w in self.groups:
             pair = w.layers[layer].get(module)
             if pair is None:

@@ -1,8 +1,14 @@
 """Per-row next-token choice inside a shared batch: each row keeps its own temperature, top-k,
 top-p and random generator, so a seeded request draws the same tokens whatever its batch-mates.
 
-Greedy rows (temperature 0) take the argmax. Sampled rows are filtered together where that is a
-row-wise operation, and each draws with its own ``torch.Generator``.
+Greedy rows (temperature 0, or top_k 1) take the argmax. Sampled rows are processed together
+with row-wise operations (temperature, top-k, softmax), and each row draws ONE uniform number
+per token from its own ``torch.Generator`` and inverts its cumulative distribution
+(``searchsorted``): no per-row ``multinomial`` and no full-vocabulary sort in the common case.
+
+top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. It is
+found among the 256 most likely tokens when they cover ``top_p`` (the usual case for a trained
+model), otherwise by a full sort of that row.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 
 from .types import SamplingParams
 
-MIN_TEMPERATURE = 1e-4
+TOP_P_CANDIDATES = 256
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.Generator, int]:
@@ -26,32 +32,70 @@ def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row of fp32 logits; masked entries -inf."""
-    # A temperature near zero (1e-45 is a valid float) would overflow the logits to inf and the
-    # softmax to NaN; below this it is greedy in all but name anyway.
-    x = logits / max(temperature, MIN_TEMPERATURE)
+    """Reference filter for one row: temperature, top-k, top-p; removed entries are -inf.
+
+    ``choose_tokens`` does the same in batch form; the tests hold the two together.
+    """
+    x = logits / temperature
     if 0 < top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
     if top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
         probs = torch.softmax(sorted_x, dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop[0] = False  # explicitly: a top_p that rounds to 0 in fp32 (1e-50) would drop it too
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return x
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: ``weights [m, n] >= 0`` (unnormalised), ``u [m]`` uniform in [0, 1)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=weights.shape[1] - 1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, probabilities) of one row's top-p set, most likely first."""
+    k = min(TOP_P_CANDIDATES, probs.numel())
+    vals, ids = torch.topk(probs, k)
+    if k < probs.numel() and float(vals.sum()) < top_p:
+        vals, ids = torch.sort(probs, descending=True)
+    keep = (torch.cumsum(vals, dim=-1) - vals) < top_p
+    keep[0] = True
+    return ids[keep], vals[keep]
 
 
 def choose_tokens(
     logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
 ) -> list[int]:
     """Next token for every row of ``logits [n, vocab]`` (fp32)."""
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        x = filter_logits(logits[i], p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(x, dim=-1)
-        greedy[i] = int(torch.multinomial(probs, 1, generator=gens[i]).item())
-    return greedy
+    tokens = torch.argmax(logits, dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens.tolist()
+    out = tokens.tolist()
+    dev = logits.device
+    ps = [params[i] for i in sampled]
+    x = logits[sampled] / torch.tensor([p.temperature for p in ps], device=dev).unsqueeze(1)
+    ks = [p.top_k if 0 < p.top_k < x.shape[1] else 0 for p in ps]
+    if any(ks):
+        vals = torch.topk(x, max(ks), dim=-1).values
+        kth = vals.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).unsqueeze(1))
+        kth[torch.tensor([k == 0 for k in ks], device=dev)] = float("-inf")
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    # one uniform per row per token, from the row's own generator
+    u = torch.cat([torch.rand(1, generator=gens[i], device=dev) for i in sampled])
+    plain = [j for j, p in enumerate(ps) if p.top_p >= 1.0]
+    if plain:
+        idx = torch.tensor(plain, device=dev)
+        picked = _draw(probs[idx], u[idx]).tolist()
+        for j, t in zip(plain, picked, strict=True):
+            out[sampled[j]] = t
+    for j, p in enumerate(ps):
+        if p.top_p < 1.0:
+            ids, vals = _nucleus(probs[j], p.top_p)
+            out[sampled[j]] = int(ids[_draw(vals.unsqueeze(0), u[j : j + 1])[0]])
+    return out
