@@ -131,14 +131,20 @@ def running_server(
     args: Sequence[str] = (),
     ready_timeout: float = 120.0,
     stop_grace: float = 20.0,
+    prefix: Sequence[str] = (),
 ) -> Iterator[Server]:
-    """Start ``python -m service`` on a free loopback port and yield a ready ``Server``."""
+    """Start ``python -m service`` on a free loopback port and yield a ready ``Server``.
+
+    ``prefix`` goes before the command (e.g. ``unshare ... sh -c '...; exec "$@"'``); it must exec
+    the server in place, so that the process started is the server's main process.
+    """
     adapter_dir, data_dir = Path(adapter_dir), Path(data_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     cmd = [
+        *prefix,
         sys.executable,
         "-m",
         "service",
