@@ -377,7 +377,7 @@ class EngineAPI(ls.LitAPI):
                 cfg.status_path, dict(status, status="failed", detail=f"{type(exc).__name__}: {exc}")
             )
             raise
-        # LitServe stops workers with SIGTERM; exit through Python so finalizers run (no leaked semaphores).
+        # LitServe stops workers with SIGTERM: run the finalizers, skip the slow teardown (see below).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.status = dict(status, status="ready")
         write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
