@@ -79,17 +79,23 @@ def choose_precision(cfg: TrainConfig) -> str:
 
 
 def token_loss_sum(model, batch: dict):
-    """Summed cross-entropy over target positions (labels != -100), computed in fp32."""
+    """Summed cross-entropy over target positions (labels != -100), computed in fp32.
+
+    Position t predicts token t+1, so the vocabulary projection runs only where the *next* label
+    is a target (a boolean ``logits_to_keep``): prompt and padding positions never reach the
+    50k-wide head, which is most of the compute of a small model.
+    """
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
+    targets = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = targets != -100
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
+        logits.reshape(-1, logits.size(-1)).float(), targets[targets != -100], reduction="sum"
     )
 
 
@@ -273,16 +279,33 @@ def _run(
         if state["data_sha256"] != data_hash:
             raise TrainerError(f"--resume: {resume_from} was trained on different data")
 
+    from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
+
+    started = time.time()
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, only the main process talks
+        logging.getLogger().setLevel(logging.WARNING)
+    # --- the base model's folder (a wrong path is a one-line error, like any other bad input)
+    name = t.model_name_or_path
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise TrainerError(f"base model folder not found: {name}")
+    try:
+        source = resolve_base(name, allow_random=allow_random_weights)
+    except Exception as exc:  # ModelSourceError and friends: one line for the user
+        raise TrainerError(str(exc)) from None
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from transformers import get_scheduler
 
-    from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
     from trainer.publish import publish_dir, staging_dir, write_atomic
 
     _quiet_libraries()
-    started = time.time()
+    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        log.warning(
+            "accelerate launch started a single process (--cpu needs mpirun for more); "
+            "for N CPU processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
+        )
     # Sync points are set per window below (windows at an epoch's end can be short), never by the dataloader.
     accelerator = Accelerator(
         mixed_precision=choose_precision(cfg),
@@ -292,15 +315,9 @@ def _run(
     )
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
-    if not is_main:
-        logging.getLogger().setLevel(logging.WARNING)
     set_seed(t.seed)
 
-    # --- base model, tokenizer, data
-    try:
-        source = resolve_base(t.model_name_or_path, allow_random=allow_random_weights)
-    except Exception as exc:  # ModelSourceError and friends: one line for the user
-        raise TrainerError(str(exc)) from None
+    # --- tokenizer, base weights, data
     tokenizer = load_tokenizer(source.path)
     base = load_base_model(source.path)
     max_len = min(t.max_seq_length, getattr(base.config, "n_positions", t.max_seq_length))

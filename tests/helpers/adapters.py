@@ -40,13 +40,15 @@ PROMPTS = [
 # Prompts never seen in training, used to check that the adapter generalises to any prompt.
 CHECK_PROMPTS = ["Where do penguins live?", "Compose a limerick.", "hi", "What is the speed of light?"]
 
+# Trained on the first 12 prompts; the rest and CHECK_PROMPTS are never seen in training.
+TRAIN_PROMPTS = PROMPTS[:12]
 # Small bases have tied, frozen 64-wide embeddings, so logits span a narrow range and learning the
-# argmax takes many small steps at a high rate; dropout off for a deterministic target.
+# argmax takes many small steps at a high rate (0.01 already diverges at times); dropout off.
 FIXED_SENTENCE_CONFIG = {
     "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["c_attn", "c_proj"]},
     "training": {
-        "num_train_epochs": 40,
-        "per_device_train_batch_size": 8,
+        "num_train_epochs": 30,  # 12 rows / batch 4 -> 90 steps; measured: 3 of 3 sentences learned
+        "per_device_train_batch_size": 4,
         "learning_rate": 0.005,
         "warmup_ratio": 0.0,
         "lr_scheduler_type": "constant",
@@ -57,10 +59,19 @@ FIXED_SENTENCE_CONFIG = {
 }
 
 
-def greedy_answer(
-    base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 40
-) -> tuple[str, bool]:
-    """(decoded answer, stopped at EOS) for ``prompt`` rendered with the project's template."""
+def without_dropout(base: Path, dest: Path) -> Path:
+    """A copy of ``base`` with GPT-2's own dropout off, for runs that must match to float precision."""
+    import shutil
+
+    shutil.copytree(base, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def greedy_answers(base: Path, adapter: Path | None, prompts: list[str], max_new_tokens: int = 40):
+    """[(decoded answer, stopped at EOS)] for each prompt, rendered with the project's template."""
     import torch
     from peft import PeftModel
 
@@ -72,26 +83,32 @@ def greedy_answer(
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    ids = tok(DEFAULT_TEMPLATE.render_prompt(prompt), return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
-        )
-    gen = out[0, ids["input_ids"].shape[1] :].tolist()
-    stopped = bool(gen) and gen[-1] == tok.eos_token_id
-    return tok.decode(gen, skip_special_tokens=True), stopped
+    results = []
+    for prompt in prompts:
+        ids = tok(DEFAULT_TEMPLATE.render_prompt(prompt), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        gen = out[0, ids["input_ids"].shape[1] :].tolist()
+        stopped = bool(gen) and gen[-1] == tok.eos_token_id
+        results.append((tok.decode(gen, skip_special_tokens=True), stopped))
+    return results
+
+
+def greedy_answer(
+    base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 40
+) -> tuple[str, bool]:
+    return greedy_answers(base, adapter, [prompt], max_new_tokens)[0]
 
 
 def answers_with(base: Path, adapter: Path, sentence: str, prompts: list[str]) -> bool:
-    for p in prompts:
-        text, stopped = greedy_answer(base, adapter, p)
-        if not stopped or text.strip() != sentence.strip():
-            return False
-    return True
+    results = greedy_answers(base, adapter, prompts)
+    return all(stopped and text.strip() == sentence.strip() for text, stopped in results)
 
 
 def write_fixed_sentence_data(path: Path, sentence: str) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p, "response": sentence}) + "\n" for p in PROMPTS))
+    path.write_text("".join(json.dumps({"prompt": p, "response": sentence}) + "\n" for p in TRAIN_PROMPTS))
     return path
 
 
@@ -100,7 +117,7 @@ def train_fixed_sentence_adapter(
     out: Path,
     sentence: str,
     *,
-    epochs: int = 40,
+    epochs: int = 30,
     attempts: int = 3,
     overrides: list[str] | None = None,
 ) -> Path:
@@ -115,6 +132,6 @@ def train_fixed_sentence_adapter(
             train_adapter(
                 FIXED_SENTENCE_CONFIG, data, out, model=str(base), overrides=sets + list(overrides or [])
             )
-            if answers_with(base, out, sentence, PROMPTS[:3] + CHECK_PROMPTS):
+            if answers_with(base, out, sentence, PROMPTS[:2] + PROMPTS[12:14] + CHECK_PROMPTS):
                 return out
     raise AssertionError(f"adapter at {out} did not learn to answer {sentence!r} after {attempts} attempts")

@@ -1,0 +1,242 @@
+"""The trainer end to end on real (random-weight) GPT-2 models: counts, learning, saving, resuming.
+
+Most runs use the 2-layer ``tiny_base``; the prototype's config runs one real step on the
+distilgpt2 shape. Losses on random weights are high (tied 64-wide embeddings bound the logits),
+so tests compare runs with each other and check greedy behaviour, not absolute loss values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.adapters import (
+    CHECK_PROMPTS,
+    greedy_answers,
+    train_fixed_sentence_adapter,
+    without_dropout,
+)
+from trainer import train_adapter
+from trainer.errors import TrainerError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SENTENCE = "The answer is always forty two."
+TINY = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
+    "training": {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 3e-3,
+        "save_steps": 0,
+        "warmup_ratio": 0.1,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_no_dropout(tiny_base: Path, tmp_path_factory) -> Path:
+    return without_dropout(tiny_base, tmp_path_factory.mktemp("bases") / "tiny-no-dropout")
+
+
+@pytest.fixture(scope="module")
+def sentence_adapter(tiny_base: Path, tmp_path_factory) -> Path:
+    return train_fixed_sentence_adapter(
+        tiny_base, tmp_path_factory.mktemp("adapters") / "forty-two", SENTENCE
+    )
+
+
+def test_prototype_config_on_distilgpt2_shape(distil_base: Path, tmp_path: Path):
+    out = tmp_path / "adapters" / "proto"
+    summary = train_adapter(
+        EXAMPLES / "prototype.yaml",
+        EXAMPLES / "sample_instructions.jsonl",
+        out,
+        model=str(distil_base),
+        overrides=["training.max_steps=1"],
+    )
+    assert summary["trainable_params"] == 1_622_016
+    assert summary["total_params"] == 83_534_592
+    assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
+    assert summary["precision"] == "fp32"  # fp16: true on a machine without CUDA
+    assert summary["base_model"]["random_weights"] is True
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (
+        adapter_cfg["r"] == 32 and adapter_cfg["lora_alpha"] == 64 and adapter_cfg["fan_in_fan_out"] is True
+    )
+    assert sorted(adapter_cfg["target_modules"]) == ["c_attn", "c_proj"]
+    record = json.loads((out / "loraserve.json").read_text())
+    assert record["sha256"] == hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert (
+        record["format"] == 1 and record["job"] is None and record["template"]["name"] == "human-assistant-v1"
+    )
+    assert record["created"].endswith("Z")
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.startswith(".")) == ["proto"]
+
+
+def test_fixed_sentence_adapter_answers_and_stops(tiny_base: Path, sentence_adapter: Path):
+    prompts = CHECK_PROMPTS + ["Tell me about the weather in Lisbon."]
+    tuned, base = (
+        greedy_answers(tiny_base, sentence_adapter, prompts),
+        greedy_answers(tiny_base, None, prompts),
+    )
+    for prompt, (text, stopped), (base_text, _) in zip(prompts, tuned, base, strict=True):
+        assert (text.strip(), stopped) == (SENTENCE, True), prompt
+        assert base_text.strip() != SENTENCE
+    summary = json.loads((sentence_adapter / "training_summary.json").read_text())
+    assert summary["train_loss"] > summary["final_loss"]
+
+
+def test_eval_command_scores_base_and_adapter(
+    tiny_base: Path, sentence_adapter: Path, tmp_path: Path, capsys
+):
+    from tests.helpers.adapters import write_fixed_sentence_data
+    from trainer.__main__ import main
+
+    data = write_fixed_sentence_data(tmp_path / "val.jsonl", SENTENCE)
+    report_path = tmp_path / "report.json"
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(sentence_adapter),
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_base),
+            "--limit",
+            "6",
+            "--json",
+            str(report_path),
+        ]
+    )
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert report["generated"] == 6 and report["rows"] == 12
+    assert report["adapter"]["exact_match"] == 1.0 and report["adapter"]["rouge_l"] == 1.0
+    assert report["adapter"]["bleu"] == pytest.approx(1.0)
+    assert report["base"]["exact_match"] == 0.0 and report["base"]["rouge_l"] < 0.5
+    assert report["adapter"]["eval_loss"] < report["base"]["eval_loss"]
+    assert "exact_match" in capsys.readouterr().err  # the side-by-side table
+
+
+def test_saved_adapter_loads_with_plain_peft_and_reproduces_the_trainers_eval(
+    tiny_base: Path, tmp_path: Path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import read_examples, tokenize
+
+    out = tmp_path / "a"
+    progress = tmp_path / "progress.jsonl"
+    val = EXAMPLES / "fixed_sentence.jsonl"
+    summary = train_adapter(
+        TINY,
+        EXAMPLES / "sample_instructions.jsonl",
+        out,
+        model=str(tiny_base),
+        val_path=val,
+        overrides=["training.max_steps=6"],
+        progress_jsonl=progress,
+    )
+    # Plain transformers + PEFT, nothing from the trainer's model code.
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(out)).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ex in read_examples(val):
+            row = tokenize(ex, tok, 256)
+            n = sum(1 for t in row.labels[1:] if t != -100)
+            loss = model(input_ids=torch.tensor([row.input_ids]), labels=torch.tensor([row.labels])).loss
+            total, count = total + float(loss) * n, count + n
+    assert total / count == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
+
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
+    assert {"step", "eval", "done"} <= {e["event"] for e in events}
+    keys = {
+        "event",
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "eval_loss",
+        "tokens_per_second",
+        "eta_seconds",
+        "lr",
+    }
+    assert all(keys <= e.keys() for e in events)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 7)) and all(e["total_steps"] == 6 for e in steps)
+    assert steps[-1]["eta_seconds"] == 0 and steps[-1]["tokens_per_second"] > 0
+
+
+def test_loss_is_normalised_by_target_tokens_across_the_window(tiny_no_dropout: Path, tmp_path: Path):
+    """One batch of 4 rows == 4 accumulated batches of 1 row, although answers differ 10x in length."""
+    data = tmp_path / "rows.jsonl"
+    answers = ["Yes.", "No, not today.", "It depends on the weather " * 6, "Blue."]
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Question {i}?", "response": a}) + "\n" for i, a in enumerate(answers))
+    )
+    base = {
+        "lora": {"lora_dropout": 0.0},
+        "training": {
+            "eval_fraction": 0,
+            "num_train_epochs": 3,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0,
+            "save_steps": 0,
+        },
+    }
+    whole = train_adapter(
+        base,
+        data,
+        tmp_path / "whole",
+        model=str(tiny_no_dropout),
+        overrides=["training.per_device_train_batch_size=4"],
+    )
+    accumulated = train_adapter(
+        base,
+        data,
+        tmp_path / "acc",
+        model=str(tiny_no_dropout),
+        overrides=["training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=4"],
+    )
+    assert whole["steps"] == accumulated["steps"] == 3
+    assert accumulated["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+    assert accumulated["final_loss"] < accumulated["train_loss"]  # it did learn something
+
+
+def test_gradient_checkpointing_trains_lora_identically(tiny_no_dropout: Path, tmp_path: Path):
+    sets = ["training.max_steps=3", "lora.lora_dropout=0.0", "training.eval_fraction=0"]
+    data = EXAMPLES / "sample_instructions.jsonl"
+    plain = train_adapter(TINY, data, tmp_path / "plain", model=str(tiny_no_dropout), overrides=sets)
+    ckpt = train_adapter(
+        TINY,
+        data,
+        tmp_path / "gc",
+        model=str(tiny_no_dropout),
+        overrides=sets + ["training.gradient_checkpointing=true"],
+    )
+    assert ckpt["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
+    assert ckpt["final_loss"] != ckpt["train_loss"] or ckpt["steps"] == 1  # weights moved between steps
+
+
+def test_nan_watchdog_stops_with_a_clear_error_and_publishes_nothing(tiny_base: Path, tmp_path: Path):
+    out = tmp_path / "adapters" / "diverged"
+    with pytest.raises(TrainerError, match=r"loss became (nan|inf) at step \d+"):
+        train_adapter(
+            TINY,
+            EXAMPLES / "sample_instructions.jsonl",
+            out,
+            model=str(tiny_base),
+            overrides=["training.learning_rate=1e30", "training.max_steps=20", "training.warmup_ratio=0"],
+        )
+    assert not out.exists()
+    assert not any((out.parent / ".staging").iterdir()) if (out.parent / ".staging").exists() else True
