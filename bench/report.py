@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def _fmt(x, nd=2, unit=""):
@@ -48,7 +49,8 @@ def serve_markdown(res: dict) -> str:
     lines = [
         f"## Serving ({res['created']}, {res['wall_s']:.0f} s)",
         "",
-        f"Device {cfg['device']} ({cfg.get('dtype')}), {cfg['clients']} clients, {cfg['adapters']} adapters "
+        f"Device {cfg['device']} (dtype {cfg.get('dtype')}, threads {cfg.get('threads') or 'default'}), "
+        f"{cfg['clients']} clients, {cfg['adapters']} adapters "
         f"of rank {cfg['rank']}, {cfg['rounds']} interleaved rounds, each load run bounded to "
         f"{cfg['duration_s']:.0f} s "
         f"and {cfg['max_requests']} requests; max_new_tokens 16-{cfg.get('max_new_tokens', 256)} "
@@ -138,7 +140,8 @@ def train_markdown(res: dict) -> str:
         f"{cfg['steps']} optimizer steps (batch {cfg['batch_size']} × accumulation {cfg['grad_accum']}), "
         f"{cfg['train_rows']} training rows, {cfg['eval_rows']} eval rows, seed {cfg['seed']}, "
         f"LoRA r={cfg['rank']}, "
-        f"device {cfg['device']}, {cfg['rounds']} interleaved rounds; prototype padding to max_length "
+        f"device {cfg['device']} (threads {cfg.get('threads') or 'default'}), {cfg['rounds']} interleaved "
+        "rounds; prototype padding to max_length "
         f"{cfg['max_length']}. Tokens/s counts real (non-padding) tokens; eval loss is computed the same way "
         "for every adapter (mean cross-entropy over response tokens and EOS).",
         "",
@@ -212,6 +215,7 @@ def plot_latency_cdf(res: dict, path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("fraction of requests")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Latency CDF at {res['config']['clients']} clients (round 0)")
