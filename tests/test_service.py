@@ -16,19 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.adapters import train_fixed_sentence_adapter
+from conftest import FIXED_SENTENCES
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from trainer.publish import publish_dir, staging_dir
 
-SENTENCE_A = "The answer is always forty two."
-SENTENCE_B = "Bananas are berries but strawberries are not."
 QUESTION = "What do you say?"
 MAX_NEW = 24  # more than either sentence needs: the adapters must stop on EOS by themselves
-# Half the helper's default epochs at twice its rate: both sentences learned in one attempt here
-# (the helper verifies and retries longer if not), in about half the time.
-FAST_TRAINING = {"epochs": 20, "overrides": ["training.learning_rate=0.01"]}
 
 PLAIN_ROUTES = {"/generate", "/adapters", "/metrics", "/health", "/health/ready"}
 
@@ -70,13 +65,13 @@ def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_a
 
 
 @pytest.fixture(scope="module")
-def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
+def env(tiny_base: Path, trained_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("service")
     adapters = root / "adapters"
     adapters.mkdir()
     src = root / "src"
-    for name, sentence in (("alpha", SENTENCE_A), ("beta", SENTENCE_B)):
-        train_fixed_sentence_adapter(tiny_base, src / name, sentence, **FAST_TRAINING)
+    for name, folder in trained_adapters.items():  # the session's adapters, trained by the trainer
+        shutil.copytree(folder, src / name)
     make_random_lora(tiny_base, src / "upload", seed=3)
     make_random_lora(tiny_base, src / "upload2", seed=4)
     for name in ("alpha", "beta"):  # dropped in as the trainer would: staged, then renamed
@@ -95,7 +90,7 @@ def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
             "adapters": adapters,
             "src": src,
             "usage": Counter(),
-            "sentences": {"alpha": SENTENCE_A, "beta": SENTENCE_B},
+            "sentences": dict(FIXED_SENTENCES),
         }
         yield env
 
