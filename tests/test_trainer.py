@@ -240,3 +240,21 @@ def test_nan_watchdog_stops_with_a_clear_error_and_publishes_nothing(tiny_base: 
         )
     assert not out.exists()
     assert not any((out.parent / ".staging").iterdir()) if (out.parent / ".staging").exists() else True
+
+
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_base: Path, tmp_path: Path):
+    # A learning rate of 1e-30 leaves the weights as they are, so the eval loss never improves.
+    sets = [
+        "training.learning_rate=1e-30",
+        "training.lr_scheduler_type=constant",
+        "training.eval_steps=1",
+        "training.early_stopping_patience=2",
+        "training.max_steps=10",
+        "training.eval_fraction=0.2",
+    ]
+    summary = train_adapter(
+        TINY, EXAMPLES / "sample_instructions.jsonl", tmp_path / "a", model=str(tiny_base), overrides=sets
+    )
+    assert summary["stopped_early"] is True and summary["steps"] == 3
+    assert [e["step"] for e in summary["eval_history"]] == [1, 2, 3]
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()

@@ -253,3 +253,31 @@ def test_two_process_ddp_run_writes_one_adapter(tiny_base: Path, tmp_path: Path)
     )
     assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
     assert summary["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+
+
+def test_make_random_base_is_loud_about_random_weights(tmp_path: Path):
+    out = tmp_path / "base"
+    proc = subprocess.run(
+        trainer_cmd(
+            "make-random-base",
+            str(out),
+            "--layers",
+            "1",
+            "--n-embd",
+            "32",
+            "--n-head",
+            "2",
+            "--n-positions",
+            "64",
+        ),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM WEIGHTS" in proc.stderr and proc.stdout.strip() == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_head"]) == (1, 32, 2)
+    assert json.loads((out / "loraserve_random_weights.json").read_text())["random_weights"] is True
+    assert (out / "tokenizer.json").exists() or (out / "vocab.json").exists()
