@@ -29,7 +29,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def distil_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.model import DISTILGPT2_SHAPE, make_random_base
 
-    return make_random_base(tmp_path_factory.mktemp("bases") / "distilgpt2-random", **DISTILGPT2_SHAPE, seed=0)
+    out = tmp_path_factory.mktemp("bases") / "distilgpt2-random"
+    return make_random_base(out, **DISTILGPT2_SHAPE, seed=0)
 
 
 # Sentences the shared trained adapters answer with; tests compare against these, never against
