@@ -112,7 +112,9 @@ def test_schemathesis_no_5xx_and_every_4xx_names_the_problem(srv: Server, tmp_pa
         "--generation-deterministic",  # the same cases on every run: a failure here reproduces
         "--no-shrink",
         "--request-timeout", "60",  # the server's deadline is 30 s: a request without an answer hangs
-        "--workers", "2",
+        # One worker: with two threads, Hypothesis's ast.parse hits CPython 3.11.7's "AST constructor
+        # recursion depth mismatch" (python/cpython#106905, fixed in 3.11.8) now and then.
+        "--workers", "1",
         "--max-failures", "25",
         "--no-color",
         "--report", "junit", "--report-junit-path", str(tmp_path / "schemathesis.xml"),
