@@ -33,7 +33,7 @@ from tests.helpers.server import Server, running_server
 KEY = "rel-4c1d-" + "9f3e2a7b" * 3  # distinctive: the log check greps for it
 MAX_UPLOAD = 256 * 1024
 MAX_DATASET = 64 * 1024
-CAP = 16
+CAP = 64  # long enough that a stream is still generating when its adapter changes
 HOOKS = '''
 import schemathesis
 
@@ -420,6 +420,7 @@ def _stream(client: httpx.Client, adapter: str, started: threading.Event, out: d
                 started.set()
             elif line == "data: [DONE]":
                 out["done"] = True
+                out["done_at"] = time.monotonic()
     started.set()
     out["text"], out["final"] = "".join(text), final
 
@@ -437,7 +438,7 @@ def test_replace_and_delete_while_requests_use_the_adapter(client: httpx.Client,
 
     for change in ("replace", "delete"):
         streams = []
-        for _ in range(3):  # several rows on the old version at once
+        for _ in range(4):  # several rows on the old version at once
             started, out = threading.Event(), {}
             t = threading.Thread(target=_stream, args=(srv.client(timeout=60), "live", started, out))
             t.start()
@@ -448,11 +449,14 @@ def test_replace_and_delete_while_requests_use_the_adapter(client: httpx.Client,
             assert put(client, "live", *v2).status_code == 200
         else:
             assert client.delete("/adapters/live").status_code == 200
+        changed_at = time.monotonic()
         for t, _, out in streams:
             t.join(60)
             assert out.get("status") == 200 and out.get("done"), out
             assert out["text"] == solo_v1, (change, out)  # finished on the version it started with
             assert out["final"]["usage"]["completion_tokens"] >= 1
+        # The change really happened under running requests (not after they had all finished).
+        assert any(out["done_at"] > changed_at for _, _, out in streams), change
         later = client.post("/generate", json=body | {"adapter": "live"})
         if change == "replace":
             assert later.status_code == 200 and later.json()["text"] == solo_v2
