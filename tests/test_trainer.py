@@ -18,6 +18,7 @@ import torch
 from tests.helpers.adapters import (
     CHECK_PROMPTS,
     greedy_answers,
+    torch_threads,
     train_fixed_sentence_adapter,
     without_dropout,
 )
@@ -36,6 +37,12 @@ TINY = {
         "warmup_ratio": 0.1,
     },
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -162,8 +162,7 @@ def test_long_rows_are_cut_not_padded(tok):
 
 
 def test_batches_pad_to_their_longest_row_never_to_max_length(tok):
-    rows = [tokenize(parse_row({"prompt": "q", "response": "a " * n}, "x"), tok, 512)
-            for n in (1, 3, 9)]  # fmt: skip
+    rows = [tokenize(parse_row({"prompt": "q", "response": "a " * n}, "x"), tok, 512) for n in (1, 3, 9)]
     batch = collate(rows, tok.pad_token_id)
     longest = max(len(r.input_ids) for r in rows)
     assert batch["input_ids"].shape == (3, longest) and longest < 20
@@ -205,3 +204,37 @@ def test_generation_metrics_on_known_values():
     expected = (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
     assert bleu(["the cat was on the mat"], ["the cat sat on the mat"]) == pytest.approx(expected)
     assert exact_match(" Paris. ", "Paris.") == 1.0 and exact_match("Paris", "Paris.") == 0.0
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_lines_have_every_key_and_the_bar_follows(tmp_path, capsys):
+    from trainer.progress import Progress
+
+    path = tmp_path / "p.jsonl"
+    p = Progress(jsonl=path, bar=True)
+    p.emit("start", step=0, total_steps=4, epoch=0.0, lr=1e-3)
+    p.emit("step", step=1, epoch=0.25, loss=2.5, tokens_per_second=100.0, eta_seconds=3.0, lr=1e-3)
+    p.emit("eval", step=1, eval_loss=float("nan"), perplexity=float("inf"))
+    p.emit("done", step=4, path="/x")
+    p.close()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "step", "eval", "done"]
+    keys = {
+        "event",
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "eval_loss",
+        "tokens_per_second",
+        "eta_seconds",
+        "lr",
+    }
+    assert all(keys <= e.keys() for e in events)
+    assert events[2]["eval_loss"] is None and events[2]["perplexity"] is None  # NaN/inf are not JSON
+    assert events[3]["loss"] == 2.5 and events[3]["total_steps"] == 4  # state carries over
+    assert "4/4" in capsys.readouterr().err  # the tqdm bar on stderr
+    Progress(jsonl=path, enabled=False).emit("step", step=9)  # non-main processes write nothing
+    assert len(path.read_text().splitlines()) == 4

@@ -8,8 +8,12 @@ with another seed if a run falls short, so callers can rely on the adapter's beh
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -57,6 +61,21 @@ FIXED_SENTENCE_CONFIG = {
         "seed": 0,
     },
 }
+
+
+@contextmanager
+def torch_threads(n: int = 1):
+    """Run with ``n`` intra-op threads, then restore. Tiny models are several times faster on one
+    thread (measured: 4-5 s instead of 17-30 s per fixed-sentence adapter on a busy 2-core machine):
+    their ops are too small to split, and idle threads spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def without_dropout(base: Path, dest: Path) -> Path:
@@ -125,7 +144,7 @@ def train_fixed_sentence_adapter(
     from trainer import train_adapter
 
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="fixed-sentence-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fixed-sentence-") as tmp, torch_threads(1):
         data = write_fixed_sentence_data(Path(tmp) / "data.jsonl", sentence)
         for attempt in range(attempts):
             sets = [f"training.num_train_epochs={epochs * (attempt + 1)}", f"training.seed={attempt}"]
@@ -134,4 +153,10 @@ def train_fixed_sentence_adapter(
             )
             if answers_with(base, out, sentence, PROMPTS[:2] + PROMPTS[12:14] + CHECK_PROMPTS):
                 return out
+            log.warning(
+                "fixed-sentence adapter %s: attempt %d did not learn %r; training longer",
+                out,
+                attempt + 1,
+                sentence,
+            )
     raise AssertionError(f"adapter at {out} did not learn to answer {sentence!r} after {attempts} attempts")
