@@ -245,6 +245,11 @@ def test_tiny_temperature_and_top_p_sample_instead_of_failing_the_batch(client: 
         assert r.status_code == 200, (body, r.text)
         if not body.get("stream"):
             assert 1 <= r.json()["usage"]["completion_tokens"] <= 2
+    # A tiny temperature samples like the smallest one the sampler uses (1e-4), seed for seed; NaN
+    # probabilities instead would put every draw on the last token id (EOS) and end at once.
+    for seed in (1, 2, 3):
+        tiny, small = (gen(client, temperature=t, seed=seed, max_new_tokens=8).json() for t in (1e-45, 1e-4))
+        assert (tiny["text"], tiny["usage"]) == (small["text"], small["usage"]), (seed, tiny, small)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,9 @@ import torch
 from .types import SamplingParams
 
 TOP_P_CANDIDATES = 256
+# Temperatures below this act as this: 1e-45 is a valid float, but logits / 1e-45 overflow to inf and
+# the softmax to NaN (every draw then lands on the last token id, EOS). Below 1e-4 it is greedy-like.
+MIN_TEMPERATURE = 1e-4
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.Generator, int]:
@@ -36,7 +39,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
     ``choose_tokens`` does the same in batch form; the tests hold the two together.
     """
-    x = logits / temperature
+    x = logits / max(temperature, MIN_TEMPERATURE)
     if 0 < top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -78,7 +81,8 @@ def choose_tokens(
     out = tokens.tolist()
     dev = logits.device
     ps = [params[i] for i in sampled]
-    x = logits[sampled] / torch.tensor([p.temperature for p in ps], device=dev).unsqueeze(1)
+    temps = [max(p.temperature, MIN_TEMPERATURE) for p in ps]
+    x = logits[sampled] / torch.tensor(temps, device=dev).unsqueeze(1)
     ks = [p.top_k if 0 < p.top_k < x.shape[1] else 0 for p in ps]
     if any(ks):
         vals = torch.topk(x, max(ks), dim=-1).values
