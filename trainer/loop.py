@@ -156,6 +156,59 @@ def plan_windows(rows: list[Row], batches: list[list[int]], size: int) -> list[W
     return out
 
 
+def train_window(
+    accelerator,
+    net,
+    optimizer,
+    window: Window,
+    rows: list[Row],
+    pad_id: int,
+    *,
+    params: list,
+    max_grad_norm: float,
+    precision: str,
+    step: int,
+) -> tuple[float, float, bool]:
+    """One optimizer step over one window: (mean token loss, gradient norm, skipped by fp16 scaling).
+
+    This process runs its share of the window's micro-batches (every N-th of N processes). DDP needs
+    every process to run the same number of micro-steps, so a short share is topped up with a
+    zero-weight batch. ``accelerate.accumulate`` skips gradient sync until the k-th micro-step.
+    """
+    import torch
+
+    world = accelerator.num_processes
+    mine = window.batches[accelerator.process_index :: world]
+    k = math.ceil(len(window.batches) / world)
+    accelerator.gradient_accumulation_steps = k
+    accelerator.step = 0  # count micro-steps from the start of this window: sync on the k-th
+    pad_multiple = 8 if precision == "fp16" else None  # tensor-core friendly widths, still per batch
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss = grad_norm = float("nan")
+    for i in range(k):
+        idx, weight = (mine[i], 1.0) if i < len(mine) else (window.batches[0], 0.0)
+        batch = collate([rows[j] for j in idx], pad_id, pad_multiple)
+        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        with accelerator.accumulate(net):
+            summed = token_loss_sum(net, batch) * weight
+            # backward() divides by k and DDP averages over processes; undo both so the gradient is
+            # that of (the window's summed token loss) / (the window's target tokens).
+            accelerator.backward(summed * (k * world / window.target_tokens))
+            loss_sum += summed.detach()
+            if accelerator.sync_gradients:
+                loss = float(accelerator.reduce(loss_sum, reduction="sum")) / window.target_tokens
+                if not math.isfinite(loss):  # the watchdog: never step on a NaN/inf loss
+                    raise TrainerError(
+                        f"loss became {loss} at step {step}; lower training.learning_rate or use fp32/bf16"
+                    )
+                grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+                if not math.isfinite(grad_norm) and precision != "fp16":  # under fp16 the scaler skips it
+                    raise TrainerError(f"gradient norm became {grad_norm} at step {step}")
+            optimizer.step()  # step and zero_grad are no-ops until the window's last micro-step
+            optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, accelerator.optimizer_step_was_skipped
+
+
 class StopRequest:
     """SIGINT/SIGTERM -> finish the current step, checkpoint, exit. A second signal stops at once."""
 
@@ -457,45 +510,19 @@ def _run(
             )
             windows = plan_windows(train_rows, batches, window_size)
             for window in windows[run["step"] % steps_per_epoch :]:
-                # This process's share of the window; DDP needs every process to run the same number of
-                # micro-steps, so a short share is topped up with a zero-weight batch.
-                mine = window.batches[accelerator.process_index :: world]
-                k = math.ceil(len(window.batches) / world)
-                accelerator.gradient_accumulation_steps = k
-                accelerator.step = 0  # count micro-steps from the start of this window: sync on the k-th
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for i in range(k):
-                    idx, weight = (mine[i], 1.0) if i < len(mine) else (window.batches[0], 0.0)
-                    batch = {
-                        k_: v.to(accelerator.device)
-                        for k_, v in collate(
-                            [train_rows[j] for j in idx], pad_id, 8 if precision == "fp16" else None
-                        ).items()
-                    }
-                    with accelerator.accumulate(net):
-                        summed = token_loss_sum(net, batch) * weight
-                        # backward() divides by k and DDP averages over processes; undo both so the
-                        # gradient is that of (window's summed token loss) / (window's target tokens).
-                        accelerator.backward(summed * (k * world / window.target_tokens))
-                        loss_sum += summed.detach()
-                        if accelerator.sync_gradients:
-                            loss = float(accelerator.reduce(loss_sum, reduction="sum")) / window.target_tokens
-                            if not math.isfinite(loss):  # watchdog: never step on a NaN/inf loss
-                                raise TrainerError(
-                                    f"loss became {loss} at step {run['step'] + 1} "
-                                    f"(lr {scheduler.get_last_lr()[0]:.3g});"
-                                    " lower training.learning_rate or use fp32/bf16"
-                                )
-                            grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-                            if (
-                                not math.isfinite(grad_norm) and precision != "fp16"
-                            ):  # fp16: the scaler skips it
-                                raise TrainerError(
-                                    f"gradient norm became {grad_norm} at step {run['step'] + 1}"
-                                )
-                        optimizer.step()  # both are no-ops until the window's last micro-step
-                        optimizer.zero_grad(set_to_none=True)
-                if accelerator.optimizer_step_was_skipped:
+                loss, grad_norm, skipped = train_window(
+                    accelerator,
+                    net,
+                    optimizer,
+                    window,
+                    train_rows,
+                    pad_id,
+                    params=params,
+                    max_grad_norm=t.max_grad_norm,
+                    precision=precision,
+                    step=run["step"] + 1,
+                )
+                if skipped:
                     run["skipped_steps"] += 1  # fp16 overflow: the scaler lowered its scale instead
                 else:
                     scheduler.step()
@@ -537,17 +564,10 @@ def _run(
                             "early stopping: no better eval loss in %d evaluations", t.early_stopping_patience
                         )
                         run["stopped_early"] = True
-                if (
-                    stop.signal_name is None and world > 1
-                ):  # every process must agree to stop at the same step
-                    flag = accelerator.reduce(
-                        torch.tensor(float(stop.signal_name is not None), device=accelerator.device),
-                        reduction="sum",
-                    )
-                    if float(flag) > 0:
+                if world > 1:  # every process must stop at the same step, so they vote
+                    wanted = torch.tensor(float(stop.signal_name is not None), device=accelerator.device)
+                    if float(accelerator.reduce(wanted, reduction="sum")) > 0 and stop.signal_name is None:
                         stop.signal_name = "SIGTERM"
-                elif world > 1:
-                    accelerator.reduce(torch.tensor(1.0, device=accelerator.device), reduction="sum")
                 if stop.signal_name is not None:
                     raise TrainingInterrupted(stop.signal_name, str(save("interrupted")))
                 if run["stopped_early"] or step >= total_steps:
