@@ -47,6 +47,7 @@ from service.api import (
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import ApiError, error_body, install_error_handlers
 from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
+from service.limits import BodyLimitMiddleware
 from service.schemas import (
     AdapterInfo,
     AdapterList,
@@ -190,6 +191,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     register_job_routes(app, settings, auth)
 
     # Starlette puts the last added middleware outermost: metrics must also see 401s.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)  # after the key check
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, routes_of=app)

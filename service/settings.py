@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     num_api_servers: int = Field(1, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="body cap of every route without its own (generation, /v1/*)"
+    )
     max_concurrent_jobs: int = Field(1, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
