@@ -59,6 +59,18 @@ def error_response(
     return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers)
 
 
+def not_utf8_message(exc: UnicodeDecodeError) -> str:
+    """What to tell a client whose JSON body is not UTF-8 (JSON on the wire is UTF-8, RFC 8259)."""
+    bad = exc.object[exc.start : exc.start + 4].hex(" ")
+    return f"the request body is not valid UTF-8 JSON: {exc.reason} at byte {exc.start} ({bad})"
+
+
+def _nesting_too_deep() -> JSONResponse:
+    return error_response(
+        422, "nesting_too_deep", "the request holds JSON nested too deeply to read; flatten it"
+    )
+
+
 def _loc_to_param(loc: tuple | list) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -83,6 +95,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI turns any failure while parsing a JSON body into a generic 400 "There was an
+        # error parsing the body"; the cause it chains says what was wrong.
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            return error_response(422, "invalid_json", not_utf8_message(exc.__cause__))
+        if isinstance(exc.__cause__, RecursionError):
+            return _nesting_too_deep()
         detail = exc.detail
         if isinstance(detail, dict) and "error" in detail:
             return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)
@@ -95,9 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
         # Only parsing what a client sent recurses without bound (json.loads of '[[[[...' in a
         # /train body, a dataset line, an adapter config, a safetensors header or a template).
-        return error_response(
-            422, "nesting_too_deep", "the request holds JSON nested too deeply to read; flatten it"
-        )
+        return _nesting_too_deep()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ApiError
+from service.errors import ApiError, not_utf8_message
 from service.jobs.datasets import read_capped, upload_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.store import STATUSES, Job, JobStore, StoreConflict
@@ -78,7 +78,9 @@ def _request_hash(body: dict[str, Any]) -> str:
 def _parse_train_request(raw: bytes) -> tuple[TrainRequest, dict[str, Any]]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ApiError(422, "invalid_json", not_utf8_message(exc)) from None
+    except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_json", f"the request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the request body must be a JSON object")
