@@ -61,8 +61,9 @@ COPY scripts/entrypoint.sh /usr/local/bin/loraserve-entrypoint
 COPY scripts/gpu_check.py /opt/loraserve/gpu_check.py
 # LORASERVE_* are the server's settings (service/settings.py). The model cache, the adapters and
 # the job data (SQLite job store, datasets, job folders) are volumes. The Prometheus multiprocess
-# folder is wiped at every start (by the entrypoint, and again by the server); it is the one the
-# server uses, <data dir>/prometheus.
+# files live on local scratch, not on a volume: every process of the server rewrites them all the
+# time (mmap), they are worthless after a restart, and the server empties the folder at start.
+# The server honours this preset PROMETHEUS_MULTIPROC_DIR (it wins over LORASERVE_METRICS_DIR).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -73,7 +74,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \
     LORASERVE_PORT=8000 \
     LORASERVE_DEVICE=cuda \
-    PROMETHEUS_MULTIPROC_DIR=/data/jobs/prometheus \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/loraserve-metrics \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/data/hf", "/data/adapters", "/data/jobs"]

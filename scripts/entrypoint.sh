@@ -41,10 +41,7 @@ if [ -z "${LORASERVE_API_KEY:-}" ] && [ "$key_in_args" = 0 ]; then
         "upload, delete and train adapters" >&2
 fi
 
-# Multiprocess metrics: files left by an earlier run would be summed into this one's counters.
-if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
-    rm -rf "$PROMETHEUS_MULTIPROC_DIR"
-    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
-fi
+# Multiprocess metrics go to PROMETHEUS_MULTIPROC_DIR (the image sets local scratch, /tmp); the
+# server's main process empties that folder at start, before any of its processes writes there.
 
 exec python -m service "$@"

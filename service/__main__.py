@@ -16,10 +16,11 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -51,17 +52,36 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.exit(2, f"python -m service: invalid settings: {problems}\n")
 
 
-def prepare_metrics_dir(settings: Settings) -> None:
+def metrics_dir(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """The multiprocess metrics folder: a preset PROMETHEUS_MULTIPROC_DIR, else ``settings.prometheus_dir``.
+
+    The preset variable wins because prometheus_client reads it in every process that imports it:
+    a container can point it at local scratch and the server must write where it says.
+    """
+    preset = environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    return Path(preset) if preset else settings.prometheus_dir
+
+
+def prepare_metrics_dir(settings: Settings) -> Path:
     """Multiprocess metrics need their folder set and emptied before prometheus_client is imported.
 
-    Children inherit the variable: spawned ones (generation worker, job runner) and forked ones.
+    Only this (main) process empties it, before any child exists; children inherit the variable:
+    spawned ones (generation worker, job runner) and forked ones (API servers). Only the ``*.db``
+    files prometheus_client writes are removed, so a folder pointed at by mistake (``/tmp``) keeps
+    everything else.
     """
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
-    prom = settings.prometheus_dir.resolve()
-    shutil.rmtree(prom, ignore_errors=True)
+    prom = metrics_dir(settings, os.environ).expanduser().resolve()
+    if settings.metrics_dir is not None and settings.metrics_dir.expanduser().resolve() != prom:
+        log.warning(
+            "PROMETHEUS_MULTIPROC_DIR=%s is set; it wins over --metrics-dir %s", prom, settings.metrics_dir
+        )
     prom.mkdir(parents=True, exist_ok=True)
+    for stale in prom.glob("*.db"):  # a previous run's values would be summed into this run's
+        stale.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    return prom
 
 
 def resolve_device(settings: Settings) -> tuple[str, str]:

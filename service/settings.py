@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     )
     adapter_dir: Path = Field(Path("adapters"), description="one PEFT folder per adapter name")
     data_dir: Path = Field(Path("data"), description="job store, datasets, job folders, metrics")
+    metrics_dir: Path | None = Field(
+        None,
+        description="Prometheus multiprocess folder, emptied at start; default <data-dir>/prometheus "
+        "(a preset PROMETHEUS_MULTIPROC_DIR wins)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="required for everything but /health and /metrics")
@@ -49,7 +54,8 @@ class Settings(BaseSettings):
 
     @property
     def prometheus_dir(self) -> Path:
-        return self.data_dir / "prometheus"
+        """The configured metrics folder; ``python -m service`` lets a preset PROMETHEUS_MULTIPROC_DIR win."""
+        return self.metrics_dir or self.data_dir / "prometheus"
 
     @property
     def jobs_db(self) -> Path:

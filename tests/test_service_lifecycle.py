@@ -12,6 +12,10 @@ from pathlib import Path
 
 import httpx
 from helpers.server import REPO, group_members, running_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.__main__ import metrics_dir, parse_settings
+from service.settings import Settings
 
 KEY = "test-key-0123456789"
 
@@ -126,3 +130,46 @@ def test_overload_and_deadline(tiny_base: Path, tmp_path: Path):
             for _ in range(5)
         ]
         assert 200 in small, small
+
+
+def _samples(text: str, name: str) -> dict[tuple, float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_metrics_folder_precedence(tmp_path: Path):
+    """A preset PROMETHEUS_MULTIPROC_DIR wins, then --metrics-dir / LORASERVE_METRICS_DIR, then data-dir."""
+    plain = Settings(data_dir=tmp_path / "d")
+    assert metrics_dir(plain, {}) == tmp_path / "d" / "prometheus"
+    chosen = parse_settings(["--data-dir", str(tmp_path / "d"), "--metrics-dir", str(tmp_path / "m")])
+    assert metrics_dir(chosen, {}) == tmp_path / "m"
+    assert metrics_dir(chosen, {"PROMETHEUS_MULTIPROC_DIR": "/scratch/x"}) == Path("/scratch/x")
+    assert metrics_dir(chosen, {"PROMETHEUS_MULTIPROC_DIR": ""}) == tmp_path / "m"  # empty is unset
+
+
+def test_preset_metrics_folder_is_used_and_emptied_at_start(tiny_base: Path, tmp_path: Path):
+    """As in the container: metrics on local scratch named by PROMETHEUS_MULTIPROC_DIR, not the data dir."""
+    scratch = tmp_path / "scratch" / "metrics"
+    scratch.mkdir(parents=True)
+    (scratch / "counter_999999.db").write_bytes(b"an earlier run's values")  # unreadable if left there
+    (scratch / "notes.txt").write_text("not a metrics file")
+    data = tmp_path / "data"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(scratch)}
+    with running_server(tiny_base, tmp_path / "a", data, env=env) as srv, srv.client() as client:
+        assert not (scratch / "counter_999999.db").exists()
+        assert (scratch / "notes.txt").read_text() == "not a metrics file"  # only *.db files are removed
+        r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 3, "temperature": 0})
+        assert r.status_code == 200, r.text
+        text = client.get("/metrics").text
+        requests = _samples(text, "loraserve_requests_total")
+        assert requests[(("endpoint", "/generate"), ("status", "200"))] == 1
+        assert _samples(text, "loraserve_generated_tokens_total")[(("adapter", "__base__"),)] == 3
+        files = sorted(p.name for p in scratch.glob("*.db"))
+        assert any(f.startswith("counter_") for f in files) and any(f.startswith("histogram_") for f in files)
+        writers = {int(f.rsplit("_", 1)[1].removesuffix(".db")) for f in files}
+        assert len(writers) >= 2, files  # the API server and the generation worker write there
+        assert not (data / "prometheus").exists()
