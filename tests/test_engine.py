@@ -28,7 +28,9 @@ from trainer.publish import publish_dir, staging_dir
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy", "1 2 3", "Once upon a time"]
 
 
-def make_adapter(base: Path, out: Path, seed: int, r: int = 8) -> Path:
+def make_adapter(
+    base: Path, out: Path, seed: int, r: int = 8, targets: tuple[str, ...] = ("c_attn", "c_proj")
+) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from trainer.model import load_base_model
@@ -52,6 +54,7 @@ def adapter_src(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     for i, name in enumerate(["a", "b", "c"]):
         make_adapter(tiny_base, root / name, seed=100 + i)
     make_adapter(tiny_base, root / ".a-v2", seed=999)
+    make_adapter(tiny_base, root / "d", seed=104, r=4, targets=("c_attn", "c_fc"))  # other rank and modules
     return root
 
 
@@ -149,6 +152,17 @@ def test_mixed_batch_greedy_equals_each_alone(shared_engine: Engine):
     assert mixed["m0"].tokens != mixed["m3"].tokens
     assert mixed["m1"].tokens != mixed["m5"].tokens
     assert mixed["m4"].tokens != mixed["m6"].tokens
+
+
+def test_mixed_ranks_and_modules_in_one_batch(shared_engine: Engine):
+    """Adapters of different rank and target modules share a decode step (zero-padded stacks)."""
+    eng = shared_engine
+    specs = [(0, "d"), (1, "a"), (2, "d"), (3, None), (0, "b"), (1, "d")]
+    reqs = [request(eng, f"r{i}", PROMPTS[p], ad, greedy(10)) for i, (p, ad) in enumerate(specs)]
+    mixed = run(eng, reqs)
+    for r, (p, ad) in zip(reqs, specs, strict=True):
+        assert mixed[r.id].tokens == solo(eng, request(eng, r.id, PROMPTS[p], ad, greedy(10))).tokens, r.id
+    assert mixed["r0"].tokens != solo(eng, request(eng, "base0", PROMPTS[0], None, greedy(10))).tokens
 
 
 def test_matches_peft_generate(shared_engine: Engine, tiny_base: Path, adapter_src: Path):

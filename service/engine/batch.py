@@ -67,8 +67,11 @@ class Batch:
     def join(self, newcomers: list[Row]) -> torch.Tensor:
         """Prefill ``newcomers`` into the next free slots; logits of their last prompt tokens ``[m, vocab]``.
 
-        On failure the newcomers are not part of the batch.
+        On failure the newcomers are not part of the batch. Newcomers are reordered (in place) so
+        that requests on the same adapter are adjacent: their LoRA runs as one matmul pair.
         """
+        order = {}
+        newcomers.sort(key=lambda r: order.setdefault(id(r.weights), len(order)))
         n = len(self.rows)
         if len(newcomers) > self.free:
             raise RuntimeError("more newcomers than free slots")

@@ -260,8 +260,17 @@ class LoraPlan:
 
     @classmethod
     def for_segments(cls, segments: list[tuple[int, int, LoraWeights | None]]) -> LoraPlan:
-        """Packed prefill: each request is a contiguous token range ``[start, end)``."""
-        return cls([(slice(s, e), w) for s, e, w in segments if w is not None])
+        """Packed prefill: each request is a contiguous token range ``[start, end)``; adjacent
+        requests on the same adapter merge into one range (callers order requests by adapter)."""
+        merged: list[list] = []
+        for s, e, w in segments:
+            if w is None:
+                continue
+            if merged and merged[-1][2] is w and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e, w])
+        return cls([(slice(s, e), w) for s, e, w in merged])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """Add each row's LoRA delta to ``y`` (= base output for ``x``), in place."""
