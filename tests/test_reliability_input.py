@@ -64,6 +64,7 @@ def srv(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         "--max-new-tokens-cap", str(CAP),
         "--default-max-new-tokens", "4",
         "--request-timeout", "30",
+        "--max-request-bytes", str(16 * 1024 * 1024),  # 10 MiB prompts must reach the prompt check
     ]  # fmt: skip
     env = {"LORASERVE_MAX_DATASET_BYTES": str(MAX_DATASET)}
     with running_server(tiny_base, root / "adapters", root / "data", api_key=KEY, env=env, args=args) as s:
