@@ -8,6 +8,10 @@ flags win. Prefer ``LORASERVE_API_KEY`` over ``--api-key`` (argv is visible to o
 
 Process tree: this main process -> LitServe's manager, one spawned generation worker, forked
 API servers; plus the job runner (spawned here). SIGTERM and SIGINT stop all of them.
+
+``--role`` picks the parts: ``all`` (the tree above), ``serve`` (no job runner: jobs are queued in
+the shared ``--jobs-db`` for a runner elsewhere) or ``runner`` (the job runner and the job, adapter,
+health and metrics routes served by uvicorn in this process; no LitServe, no model loaded).
 """
 
 from __future__ import annotations
@@ -15,16 +19,21 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.app import ServedModel
 
 log = logging.getLogger("service")
 
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings.adapter_dir.mkdir(parents=True, exist_ok=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.jobs_root.mkdir(parents=True, exist_ok=True)
     host = _host_for_litserve(settings.host)
     if not 1024 <= settings.port <= 65535:
         raise SystemExit("python -m service: --port must be between 1024 and 65535")
@@ -188,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         from service.jobs.runner import run_runner
 
         model = ServedModel(settings.model, base.path, base.origin, base.random_weights, device, dtype)
-        server, _ = build_server(settings, model)
-        stop.server = server
+        server = None
+        if settings.serves_generation:
+            server, _ = build_server(settings, model)
+            stop.server = server
         log.info(
-            "serving %s (%s weights from %s) on %s/%s at http://%s:%s",
+            "role %s: %s %s (%s weights from %s) on %s/%s at http://%s:%s; job store %s",
+            settings.role,
+            "serving" if settings.serves_generation else "training jobs for",
             settings.model,
             base.origin,
             base.path,
@@ -199,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             dtype,
             host,
             settings.port,
+            settings.jobs_db,
         )
-        spawn = mp.get_context("spawn")
-        stop_event = spawn.Event()
-        runner = spawn.Process(target=run_runner, args=(settings, stop_event), name="job-runner")
-        runner.start()
+        if settings.runs_jobs:
+            spawn = mp.get_context("spawn")
+            stop_event = spawn.Event()
+            runner = spawn.Process(target=run_runner, args=(settings, stop_event), name="job-runner")
+            runner.start()
+        if server is None:
+            assert runner is not None
+            return _serve_runner_role(settings, model, runner, host, stop)
         server.run(
             host=host,
             port=settings.port,
@@ -224,9 +243,43 @@ def main(argv: list[str] | None = None) -> int:
             signal.SIGTERM, signal.SIG_IGN
         )  # already stopping; a second TERM must not interrupt that
         _stop_children(runner, stop_event)
-        if runner is not None:
+        if runner is not None or stop.server is not None:
             log.info("stopped")
     return 0
+
+
+def _serve_runner_role(
+    settings: Settings, model: ServedModel, runner: mp.process.BaseProcess, host: str, stop: _Stop
+) -> int:
+    """Role ``runner``: uvicorn serves the job routes in this process while the spawned runner trains.
+
+    A runner that dies stops the server with exit code 1 (as a dead generation worker does in the
+    other roles), so a supervisor restarts it; SIGTERM stops uvicorn, then ``main`` stops the runner.
+    """
+    import uvicorn
+
+    from service.app import build_runner_app
+
+    runner_gone = threading.Event()
+    app = build_runner_app(settings, model, runner_alive=lambda: not runner_gone.is_set())
+    if settings.num_api_servers > 1:
+        log.info("role runner: one API process (--num-api-servers is for the generation roles)")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5
+        )
+    )
+
+    def watch_runner() -> None:
+        mp.connection.wait([runner.sentinel])
+        runner_gone.set()
+        if not stop.requested and not server.should_exit:
+            log.error("the job runner died (exit code %s); stopping, exit code 1", runner.exitcode)
+            server.should_exit = True
+
+    threading.Thread(target=watch_runner, name="runner-watch", daemon=True).start()
+    server.run()
+    return 1 if runner_gone.is_set() and not stop.requested else 0
 
 
 def _exit(code: int) -> None:

@@ -9,6 +9,10 @@ would bypass validation.
 Routes: POST /generate; GET /adapters, GET|PUT|DELETE /adapters/{name}; /train*, /datasets
 (service.jobs.routes); /v1/* (service.openai_api); GET /health, /health/ready, /metrics (open,
 everything else needs the key when one is set). Middlewares, outermost first: request metrics, API key.
+
+``build_server`` is the generation server (roles ``all`` and ``serve``). ``build_runner_app`` is the
+``runner`` role's plain FastAPI app: the same job, adapter, health and metrics routes, no LitServe and
+no model; ``/generate`` and ``/v1/*`` answer 503 naming the role.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,27 +180,61 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     limits = ModelLimits(context=int(config.get("n_positions", 1024)), tokenizer=load_tokenizer(model.path))
     shape = store.BaseShape.from_model_dir(model.path)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    auth = make_auth_dependency(api_key)
 
     install_error_handlers(app)
-    _health_routes(app, settings)
+    _health_routes(app, lambda: _worker_readiness(settings))
     _generate_route(app, settings, client, limits)
 
     from service.openai_api import register_openai_routes
 
     register_openai_routes(app, settings, client, limits, model)
+    _common_routes(app, settings, shape, model, api_key)
+    return server, client
+
+
+def build_runner_app(settings: Settings, model: ServedModel, runner_alive: Callable[[], bool]) -> FastAPI:
+    """The ``runner`` role's app: job, adapter, health and metrics routes; no generation model.
+
+    ``runner_alive`` says whether the job runner process still runs (readiness).
+    """
+    app = FastAPI(title="loraserve", version="0.1.0")
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    install_error_handlers(app)
+
+    def readiness() -> dict[str, Any]:
+        status = {
+            "model": model.name,
+            "device": model.device,
+            "dtype": model.dtype,
+            "weights": model.origin,
+            "random_weights": model.random_weights,
+            "role": settings.role,
+        }
+        if runner_alive():
+            return dict(status, status="ready", detail="runs training jobs; no generation model is loaded")
+        return dict(status, status="failed", detail="the job runner is not running")
+
+    _health_routes(app, readiness)
+    _no_generation_routes(app, settings)
+    _common_routes(app, settings, store.BaseShape.from_model_dir(model.path), model, api_key)
+    return app
+
+
+def _common_routes(
+    app: FastAPI, settings: Settings, shape: store.BaseShape, model: ServedModel, api_key: str | None
+) -> None:
+    """Adapter and job routes, then the middlewares: every role has them."""
     _adapter_routes(app, settings, shape, model)
 
     from service.jobs.routes import register_job_routes
 
-    register_job_routes(app, settings, auth)
+    register_job_routes(app, settings, make_auth_dependency(api_key))
 
     # Starlette puts the last added middleware outermost: metrics must also see 401s.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)  # after the key check
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, routes_of=app)
-    return server, client
 
 
 def _drop_routes(app: FastAPI, paths: set[str]) -> None:
@@ -213,7 +252,15 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def _health_routes(app: FastAPI, settings: Settings) -> None:
+def _worker_readiness(settings: Settings) -> dict[str, Any]:
+    """The generation worker's status file, checked against its pid (roles ``all`` and ``serve``)."""
+    status = read_status(settings.worker_status_path) or {"status": "starting"}
+    if status.get("status") == "ready" and not _pid_alive(status.get("pid")):
+        status = dict(status, status="failed", detail="the generation worker is not running")
+    return dict(status, role=settings.role)
+
+
+def _health_routes(app: FastAPI, readiness: Callable[[], dict[str, Any]]) -> None:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
 
@@ -226,10 +273,9 @@ def _health_routes(app: FastAPI, settings: Settings) -> None:
         "/health/ready", response_model=Readiness, tags=["health"], responses={503: {"model": Readiness}}
     )
     def ready() -> JSONResponse:
-        """Readiness: the generation worker has loaded the model (it publishes a status file)."""
-        status = read_status(settings.worker_status_path) or {"status": "starting"}
-        if status.get("status") == "ready" and not _pid_alive(status.get("pid")):
-            status = dict(status, status="failed", detail="the generation worker is not running")
+        """Readiness for this server's role: the generation worker has loaded the model (it publishes a
+        status file), or, in the ``runner`` role, the job runner runs."""
+        status = readiness()
         body = Readiness.model_validate({k: status.get(k) for k in Readiness.model_fields if k in status})
         code = 200 if body.status == "ready" else 503
         return JSONResponse(body.model_dump(), status_code=code)
@@ -241,6 +287,21 @@ def _health_routes(app: FastAPI, settings: Settings) -> None:
 
 
 # --- generation ------------------------------------------------------------------------------------
+
+
+def _no_generation_routes(app: FastAPI, settings: Settings) -> None:
+    """The ``runner`` role loads no model: generation routes say so instead of a bare 404."""
+
+    async def no_generation(request: Request) -> None:
+        raise ApiError(
+            503,
+            "generation_not_served",
+            f"this server runs with role '{settings.role}': it runs training jobs and loads no generation "
+            f"model; send {request.url.path} to a server with role 'serve' or 'all'",
+        )
+
+    app.add_api_route("/generate", no_generation, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v1/{path:path}", no_generation, methods=["GET", "POST"], include_in_schema=False)
 
 
 def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits) -> None:

@@ -107,6 +107,7 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "starting", "failed"]
+    role: Literal["all", "serve", "runner"] | None = None
     model: str | None = None
     device: str | None = None
     dtype: str | None = None

@@ -5,13 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["all", "serve", "runner"]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid")
 
+    role: Role = Field(
+        "all",
+        description="all: generation, job routes and the job runner; serve: generation and job routes "
+        "(jobs are queued for a runner elsewhere); runner: job routes and the runner, no generation model",
+    )
     model: str = Field("distilgpt2", description="base model: hub id or local folder")
     allow_random_weights: bool = Field(
         False, description="if the base cannot be loaded, serve random weights of its shape (demo only)"
@@ -22,6 +29,11 @@ class Settings(BaseSettings):
         None,
         description="Prometheus multiprocess folder, emptied at start; default <data-dir>/prometheus "
         "(a preset PROMETHEUS_MULTIPROC_DIR wins)",
+    )
+    jobs_db: Path | None = Field(
+        None,
+        description="SQLite job store; its folder also holds jobs/ and datasets/ (default "
+        "<data-dir>/jobs.sqlite3). Replicas share jobs by pointing at one file",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -57,9 +69,27 @@ class Settings(BaseSettings):
         """The configured metrics folder; ``python -m service`` lets a preset PROMETHEUS_MULTIPROC_DIR win."""
         return self.metrics_dir or self.data_dir / "prometheus"
 
+    @model_validator(mode="after")
+    def _default_jobs_db(self) -> Settings:
+        if self.jobs_db is None:
+            self.jobs_db = self.data_dir / "jobs.sqlite3"
+        return self
+
     @property
-    def jobs_db(self) -> Path:
-        return self.data_dir / "jobs.sqlite3"
+    def jobs_root(self) -> Path:
+        """The job store's folder: ``jobs/<id>/`` and ``datasets/`` live beside the SQLite file."""
+        assert self.jobs_db is not None  # set by _default_jobs_db
+        return self.jobs_db.parent
+
+    @property
+    def runs_jobs(self) -> bool:
+        """This server runs the job runner (claims and trains queued jobs)."""
+        return self.role in ("all", "runner")
+
+    @property
+    def serves_generation(self) -> bool:
+        """This server loads the model and answers /generate and /v1/*."""
+        return self.role in ("all", "serve")
 
     @property
     def worker_status_path(self) -> Path:

@@ -339,18 +339,63 @@ def test_kubernetes_base_serves_on_one_gpu_with_probes_and_volumes() -> None:
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
 
 
-def test_kubernetes_scale_out_overlay_shares_only_the_adapter_volume() -> None:
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def test_kubernetes_scale_out_overlay_runs_serve_replicas_and_one_runner() -> None:
     docs = [d for d in yaml.safe_load_all(_kustomize(DEPLOY / "k8s" / "overlays" / "scale-out")) if d]
     claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    assert set(claims) == {"loraserve-adapters"}
+    assert set(claims) == {"loraserve-adapters", "loraserve-jobs"}
     assert claims["loraserve-adapters"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    assert deployment["spec"]["replicas"] > 1
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU to surge onto
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    assert set(volumes["jobs"]) == {"name", "emptyDir"}, "the SQLite job store must not be shared"
-    assert set(volumes["hf-cache"]) == {"name", "emptyDir"}
-    assert volumes["adapters"]["persistentVolumeClaim"]["claimName"] == "loraserve-adapters"
+    # SQLite is shared only between processes of one node: the store stays ReadWriteOnce.
+    assert claims["loraserve-jobs"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"loraserve", "loraserve-runner"}
+    serve, runner = deployments["loraserve"], deployments["loraserve-runner"]
+    assert serve["spec"]["replicas"] > 1 and runner["spec"]["replicas"] == 1
+    assert serve["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU to surge onto
+    assert runner["spec"]["strategy"]["type"] == "Recreate"
+
+    roles, stores = {}, set()
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = _env(container)
+        for key in env:  # every LORASERVE_* variable is a setting the server knows
+            if key.startswith("LORASERVE_") and key != "LORASERVE_API_KEY":
+                assert key.removeprefix("LORASERVE_").lower() in Settings.model_fields, (name, key)
+        roles[name] = env["LORASERVE_ROLE"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        # The job store on the shared jobs claim; the data dir (worker status, caches) per pod.
+        store_mount = str(Path(env["LORASERVE_JOBS_DB"]).parent)
+        assert volumes[mounts[store_mount]]["persistentVolumeClaim"]["claimName"] == "loraserve-jobs"
+        stores.add(env["LORASERVE_JOBS_DB"])
+        assert set(volumes[mounts[env["LORASERVE_DATA_DIR"]]]) == {"name", "emptyDir"}
+        assert set(volumes["hf-cache"]) == {"name", "emptyDir"}
+        adapters = volumes[mounts[env["LORASERVE_ADAPTER_DIR"]]]
+        assert adapters["persistentVolumeClaim"]["claimName"] == "loraserve-adapters"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+        key = next(e for e in container["env"] if e["name"] == "LORASERVE_API_KEY")
+        assert "secretKeyRef" in key["valueFrom"]
+    assert roles == {"loraserve": "serve", "loraserve-runner": "runner"}
+    assert len(stores) == 1
+    images = {d["spec"]["template"]["spec"]["containers"][0]["image"] for d in deployments.values()}
+    assert len(images) == 1
+
+    # Serving pods run on the runner's node (one node opens the SQLite store) ...
+    (term,) = serve["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    runner_labels = runner["spec"]["template"]["metadata"]["labels"]
+    assert term["labelSelector"]["matchLabels"].items() <= runner_labels.items()
+    # ... and only they get traffic: the runner's /generate answers 503.
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["selector"].items() <= serve["spec"]["template"]["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= runner_labels.items()
 
 
 # --- Prometheus ---------------------------------------------------------------------------------

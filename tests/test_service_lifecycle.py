@@ -56,6 +56,7 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
         ready = httpx.get(f"{srv.url}/health/ready").json()  # open without the key
         assert ready == {
             "status": "ready",
+            "role": "all",
             "model": "distilgpt2",
             "device": "cpu",
             "dtype": "float32",

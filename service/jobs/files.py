@@ -1,11 +1,14 @@
 """Where a job's files live, and reading them while a trainer writes them.
 
-<data-dir>/jobs/<job-id>/config.yaml      the full trainer config (defaults + the request's keys)
-                         data.jsonl       the rows, one JSON object a line
-                         checkpoints/     the trainer's resumable checkpoints
-                         progress.jsonl   the trainer's JSON-lines progress (appended across resumes)
-                         train.log        the trainer's stdout and stderr (appended across resumes)
-<data-dir>/datasets/<dataset-id>.jsonl    uploaded datasets
+Job files live beside the job store (``settings.jobs_root``: the folder of ``--jobs-db``, by default
+the data dir), so every server sharing one store also sees every job's files.
+
+<jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
+                          data.jsonl      the rows, one JSON object a line
+                          checkpoints/    the trainer's resumable checkpoints
+                          progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
+                          train.log       the trainer's stdout and stderr (appended across resumes)
+<jobs-root>/datasets/<dataset-id>.jsonl   uploaded datasets
 <adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
 """
 
@@ -37,7 +40,7 @@ class JobPaths:
 def job_paths(settings: Settings, job_id: str) -> JobPaths:
     if not JOB_ID.match(job_id):  # ids become paths: never let one escape the jobs folder
         raise ValueError(f"bad job id {job_id!r}")
-    root = settings.data_dir / "jobs" / job_id
+    root = settings.jobs_root / "jobs" / job_id
     return JobPaths(
         root=root,
         config=root / "config.yaml",
@@ -52,7 +55,7 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
 def dataset_path(settings: Settings, dataset_id: str) -> Path:
     if not DATASET_ID.match(dataset_id):
         raise ValueError(f"bad dataset id {dataset_id!r}")
-    return settings.data_dir / "datasets" / f"{dataset_id}.jsonl"
+    return settings.jobs_root / "datasets" / f"{dataset_id}.jsonl"
 
 
 def read_progress(path: Path, offset: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:

@@ -412,6 +412,10 @@ class Runner:
 
 def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event) -> None:
     """Loop until ``stop_event`` is set, running queued training jobs."""
+    if not logging.getLogger().handlers:  # a spawned process starts without the server's logging setup
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
