@@ -37,11 +37,12 @@ import signal
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, TypeVar
 
 import litserve as ls
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
@@ -57,6 +58,9 @@ IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking
 MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
 STATUS_EVERY_S = 1.0  # at most this often the worker rewrites its status file while busy
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is still there
+
+T = TypeVar("T")
 
 
 # =====================================================================================================
@@ -260,6 +264,46 @@ class EngineClient:
             )
         except Exception:  # the manager is gone: the server is shutting down
             log.debug("could not send cancel for %s", job_id, exc_info=True)
+
+
+class ClientDisconnected(ApiError):
+    """The client closed the connection while its answer was being made (nginx's 499, for metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            499, "client_closed_request", "the client closed the connection before the answer was ready"
+        )
+
+
+async def _disconnected(request: Any) -> None:
+    """Return once the client has gone away (polls Starlette's ``Request.is_disconnected``)."""
+    try:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+    except Exception:  # cannot tell: never call a client gone on a guess
+        log.debug("disconnect check failed; not watching this request", exc_info=True)
+        await asyncio.Event().wait()
+
+
+async def unless_disconnected(awaitable: Awaitable[T], request: Any) -> T:
+    """Await ``awaitable`` unless the client of ``request`` goes away first.
+
+    Then ``awaitable`` is cancelled and ``ClientDisconnected`` raised, and the caller's ``finally``
+    closes its submissions, which cancels their jobs in the worker. Without this a non-streamed
+    request whose client left would generate on to its last token or its deadline (a stream notices
+    by itself: Starlette stops the response when the client disconnects).
+    """
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise ClientDisconnected()
 
 
 def _describe_error(data: Any) -> str:

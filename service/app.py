@@ -48,6 +48,7 @@ from service.api import (
     prepare_job,
     raise_for_event,
     read_status,
+    unless_disconnected,
 )
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import ApiError, error_body, install_error_handlers
@@ -339,9 +340,9 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
         sub = client.submit(job, request.app.response_queue_id)
         if not body.stream:
             try:
-                final = await _until_final(sub)
+                final = await unless_disconnected(_until_final(sub), request)
             finally:
-                sub.close()
+                sub.close()  # also when the client went away: the worker drops the job
             return GenerateResponse(
                 id=final["id"],
                 text=final["text"],
@@ -351,7 +352,7 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
             )
         # Stream: wait for the first event so an error found before the first token is a real status.
         try:
-            first = await _next_or_timeout(sub)
+            first = await unless_disconnected(_next_or_timeout(sub), request)
             raise_for_event(first)
         except BaseException:
             sub.close()

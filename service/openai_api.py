@@ -30,7 +30,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from service.adapters import store
-from service.api import EngineClient, ModelLimits, Submission, prepare_job, raise_for_event
+from service.api import (
+    EngineClient,
+    ModelLimits,
+    Submission,
+    prepare_job,
+    raise_for_event,
+    unless_disconnected,
+)
 from service.errors import ApiError, error_body
 from service.openai_schemas import (
     AssistantMessage,
@@ -417,9 +424,9 @@ def register_openai_routes(
 
         if not body.stream:
             try:
-                finals = await _all([_final(c.sub) for c in choices])
+                finals = await unless_disconnected(_all([_final(c.sub) for c in choices]), request)
             finally:
-                _close(choices)
+                _close(choices)  # also when the client went away: the worker drops every choice
             items = []
             for c, final in zip(choices, finals, strict=True):
                 c.finish(final)
@@ -444,7 +451,7 @@ def register_openai_routes(
         def usage_chunk(usage: Usage) -> str:
             return _data(reply([], usage).model_dump())
 
-        return await _stream_response(choices, chunk, [], include_usage, usage_chunk)
+        return await _stream_response(request, choices, chunk, [], include_usage, usage_chunk)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -476,9 +483,9 @@ def register_openai_routes(
 
         if not body.stream:
             try:
-                finals = await _all([_final(c.sub) for c in choices])
+                finals = await unless_disconnected(_all([_final(c.sub) for c in choices]), request)
             finally:
-                _close(choices)
+                _close(choices)  # also when the client went away: the worker drops every choice
             items = []
             for c, final in zip(choices, finals, strict=True):
                 c.finish(final)
@@ -524,13 +531,15 @@ def register_openai_routes(
             data([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
             for c in choices
         ]
-        return await _stream_response(choices, chunk, opening, include_usage, lambda u: data([], u))
+        return await _stream_response(request, choices, chunk, opening, include_usage, lambda u: data([], u))
 
 
-async def _stream_response(choices: list[Choice], chunk, opening, include_usage: bool, usage_chunk) -> Any:
+async def _stream_response(
+    request: Request, choices: list[Choice], chunk, opening, include_usage: bool, usage_chunk
+) -> Any:
     """Wait for every choice's first event (an early error is a real status), then stream."""
     try:
-        firsts = await _all([_next(c.sub) for c in choices])
+        firsts = await unless_disconnected(_all([_next(c.sub) for c in choices]), request)
         for first in firsts:
             _raise_for(first)
     except BaseException:

@@ -7,17 +7,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from helpers.server import REPO, group_members, running_server
+import pytest
+from helpers.server import REPO, Server, group_members, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.__main__ import metrics_dir, parse_settings
 from service.settings import Settings
 
 KEY = "test-key-0123456789"
+LONG = 4000  # tokens: a request that runs for seconds on the tiny base (measured 5.7 s, idle 2-core box)
 
 
 def _cmdline(pid: int) -> str:
@@ -152,25 +156,98 @@ def test_metrics_folder_precedence(tmp_path: Path):
     assert metrics_dir(chosen, {"PROMETHEUS_MULTIPROC_DIR": ""}) == tmp_path / "m"  # empty is unset
 
 
-def test_preset_metrics_folder_is_used_and_emptied_at_start(tiny_base: Path, tmp_path: Path):
-    """As in the container: metrics on local scratch named by PROMETHEUS_MULTIPROC_DIR, not the data dir."""
-    scratch = tmp_path / "scratch" / "metrics"
+@dataclass
+class ScratchServer:
+    srv: Server
+    scratch: Path  # the preset PROMETHEUS_MULTIPROC_DIR
+    data: Path
+    base: Path
+
+
+@pytest.fixture(scope="module")
+def scratch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScratchServer]:
+    """A server as the container runs it (metrics on local scratch named by PROMETHEUS_MULTIPROC_DIR,
+    with an earlier run's files there), on a tiny base with a long context so a request can run long."""
+    from trainer.model import make_random_base
+
+    root = tmp_path_factory.mktemp("scratch-server")
+    base = make_random_base(root / "tiny-long", n_layer=2, n_embd=64, n_head=2, n_positions=4096, seed=0)
+    scratch = root / "scratch" / "metrics"
     scratch.mkdir(parents=True)
     (scratch / "counter_999999.db").write_bytes(b"an earlier run's values")  # unreadable if left there
     (scratch / "notes.txt").write_text("not a metrics file")
-    data = tmp_path / "data"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(scratch)}
-    with running_server(tiny_base, tmp_path / "a", data, env=env) as srv, srv.client() as client:
-        assert not (scratch / "counter_999999.db").exists()
-        assert (scratch / "notes.txt").read_text() == "not a metrics file"  # only *.db files are removed
+    args = ["--max-new-tokens-cap", str(LONG)]
+    with running_server(base, root / "adapters", root / "data", env=env, args=args) as srv:
+        yield ScratchServer(srv, scratch, root / "data", base)
+
+
+def test_preset_metrics_folder_is_used_and_emptied_at_start(scratch_server: ScratchServer):
+    """As in the container: metrics on local scratch named by PROMETHEUS_MULTIPROC_DIR, not the data dir."""
+    scratch = scratch_server.scratch
+    assert not (scratch / "counter_999999.db").exists()
+    assert (scratch / "notes.txt").read_text() == "not a metrics file"  # only *.db files are removed
+    with scratch_server.srv.client() as client:
+        before = client.get("/metrics").text
         r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 3, "temperature": 0})
         assert r.status_code == 200, r.text
-        text = client.get("/metrics").text
-        requests = _samples(text, "loraserve_requests_total")
-        assert requests[(("endpoint", "/generate"), ("status", "200"))] == 1
-        assert _samples(text, "loraserve_generated_tokens_total")[(("adapter", "__base__"),)] == 3
-        files = sorted(p.name for p in scratch.glob("*.db"))
-        assert any(f.startswith("counter_") for f in files) and any(f.startswith("histogram_") for f in files)
-        writers = {int(f.rsplit("_", 1)[1].removesuffix(".db")) for f in files}
-        assert len(writers) >= 2, files  # the API server and the generation worker write there
-        assert not (data / "prometheus").exists()
+        after = client.get("/metrics").text
+    ok = (("endpoint", "/generate"), ("status", "200"))
+    requests = [_samples(t, "loraserve_requests_total").get(ok, 0) for t in (before, after)]
+    assert requests[1] - requests[0] == 1
+    tokens = [
+        _samples(t, "loraserve_generated_tokens_total").get((("adapter", "__base__"),), 0)
+        for t in (before, after)
+    ]
+    assert tokens[1] - tokens[0] == 3
+    files = sorted(p.name for p in scratch.glob("*.db"))
+    assert any(f.startswith("counter_") for f in files) and any(f.startswith("histogram_") for f in files)
+    writers = {int(f.rsplit("_", 1)[1].removesuffix(".db")) for f in files}
+    assert len(writers) >= 2, files  # the API server and the generation worker write there
+    assert not (scratch_server.data / "prometheus").exists()
+
+
+def test_a_client_that_leaves_stops_its_non_streamed_generation(scratch_server: ScratchServer):
+    """Non-streamed /generate and /v1/completions: the worker drops the job when the client goes away.
+
+    Each request asks for LONG tokens (sampled with a seed that runs to the length, measured) and the
+    client gives up after half a second; the worker must stop generating for it at once, long before
+    LONG tokens, and the route counts a 499.
+    """
+    srv = scratch_server.srv
+    cases = [
+        ("/generate", {"prompt": "Count:", "max_new_tokens": LONG, "raw": True}, 1),
+        (
+            "/v1/completions",
+            {"model": str(scratch_server.base), "prompt": "Count:", "max_tokens": LONG, "n": 2},
+            2,
+        ),
+    ]
+    for path, body, rows in cases:
+        body = {**body, "temperature": 1.0, "seed": 7}
+        before = _scrape(srv)
+        timeout = httpx.Timeout(30.0, read=0.5)
+        with httpx.Client(base_url=srv.url, timeout=timeout) as client, pytest.raises(httpx.ReadTimeout):
+            client.post(path, json=body)
+        left = time.monotonic()
+        while (now := _scrape(srv))["running"] > 0:
+            assert time.monotonic() - left < 10, f"{path}: still generating 10 s after the client left"
+            time.sleep(0.1)
+        stopped_after = time.monotonic() - left
+        generated = now["tokens"] - before["tokens"]
+        assert generated < rows * LONG // 2, (path, generated)
+        assert stopped_after < 5, (path, stopped_after)
+        assert now["requests"].get((path, "499"), 0) - before["requests"].get((path, "499"), 0) == 1
+        time.sleep(0.5)
+        assert _scrape(srv)["tokens"] == now["tokens"]  # nothing more for it later either
+
+
+def _scrape(srv: Server) -> dict:
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    running = _samples(text, "loraserve_requests_running")
+    requests = _samples(text, "loraserve_requests_total")
+    return {
+        "running": sum(running.values()),
+        "tokens": _samples(text, "loraserve_generated_tokens_total").get((("adapter", "__base__"),), 0),
+        "requests": {(dict(k)["endpoint"], dict(k)["status"]): v for k, v in requests.items()},
+    }
