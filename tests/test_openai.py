@@ -1,10 +1,12 @@
 """The OpenAI-compatible API end to end: the official ``openai`` package against the real server.
 
 One server (``python -m service`` on loopback, tiny random GPT-2, an API key) serves the whole
-module. Adapters: ``alpha`` (trained on a fixed sentence when the trainer's test helper exists,
-else a random LoRA), ``beta`` (random LoRA) and ``gamma`` (random LoRA recorded with its own prompt
-template). Expected texts are never hard-coded: they come from the server's own ``/generate``
-route, from solo requests, or from the non-streamed reply.
+module. Adapters: ``alpha`` (the session's ``trained_adapters["alpha"]``, trained by the real trainer
+to answer every prompt with one sentence), ``beta`` (a random LoRA: its output depends on the prompt,
+which the template and fan-out checks need; a fixed-sentence adapter would answer them all alike) and
+``gamma`` (beta's weights recorded with its own prompt template). Expected texts are never
+hard-coded: they come from the server's own ``/generate`` route, from solo requests, or from the
+non-streamed reply.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import FIXED_SENTENCES
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,7 +26,7 @@ from trainer.publish import publish_dir, staging_dir
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 API_KEY = "test-openai-key"
-SENTENCE = "The answer is always forty two."
+SENTENCE = FIXED_SENTENCES["alpha"]
 QUESTION = "What do you say?"
 MAX_TOKENS = 16
 GAMMA_TEMPLATE = PromptTemplate(
@@ -53,17 +56,6 @@ def make_random_lora(base: Path, out: Path, seed: int, r: int = 4) -> Path:
     return out
 
 
-def make_alpha(base: Path, out: Path) -> bool:
-    """Trained on SENTENCE when the trainer's helper is there (True), else a random LoRA (False)."""
-    try:
-        from helpers.adapters import train_fixed_sentence_adapter
-    except ImportError:
-        make_random_lora(base, out, seed=1)
-        return False
-    train_fixed_sentence_adapter(base, out, SENTENCE)
-    return True
-
-
 def publish(src: Path, adapters: Path, name: str, template: PromptTemplate | None = None) -> None:
     """Drop an adapter folder in as the trainer does: staged, then renamed."""
     staging = staging_dir(adapters, name)
@@ -75,18 +67,17 @@ def publish(src: Path, adapters: Path, name: str, template: PromptTemplate | Non
 
 
 @pytest.fixture(scope="module")
-def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
+def env(tiny_base: Path, trained_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("openai")
     adapters, src = root / "adapters", root / "src"
     adapters.mkdir()
-    trained = make_alpha(tiny_base, src / "alpha")
     make_random_lora(tiny_base, src / "beta", seed=2)
-    publish(src / "alpha", adapters, "alpha")
+    publish(trained_adapters["alpha"], adapters, "alpha")  # a copy: the session's folder stays as it is
     publish(src / "beta", adapters, "beta")
     publish(src / "beta", adapters, "gamma", GAMMA_TEMPLATE)
     with running_server(tiny_base, adapters, root / "data", api_key=API_KEY) as srv, srv.client() as http:
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-        yield {"srv": srv, "http": http, "oai": oai, "trained": trained, "base": tiny_base}
+        yield {"srv": srv, "http": http, "oai": oai, "base": tiny_base}
         oai.close()
 
 
@@ -156,8 +147,7 @@ def test_completion_naming_an_adapter_runs_that_adapter(env):
     base = complete(env, "tiny-gpt2", prompt).choices[0].text
     assert base != choice.text
     assert complete(env, str(env["base"]), prompt).choices[0].text == base
-    if env["trained"]:
-        assert choice.text.strip() == SENTENCE and choice.finish_reason == "stop"
+    assert choice.text.strip() == SENTENCE and choice.finish_reason == "stop"  # alpha learned it
 
 
 def test_chat_uses_the_adapters_template(env):
@@ -169,8 +159,7 @@ def test_chat_uses_the_adapters_template(env):
     assert message.content == answer(native["text"])
     assert reply.choices[0].finish_reason == finish_of(native["finish_reason"])
     assert reply.usage.prompt_tokens == native["usage"]["prompt_tokens"]
-    if env["trained"]:
-        assert message.content == SENTENCE and reply.choices[0].finish_reason == "stop"
+    assert message.content == SENTENCE and reply.choices[0].finish_reason == "stop"
 
     # gamma holds beta's weights but records its own template: its prompt is rendered with that one.
     gamma = chat(env, "gamma").choices[0].message.content
