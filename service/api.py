@@ -37,7 +37,7 @@ import signal
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,6 +201,23 @@ class Submission:
         if data.get("finished"):
             self.done = True
         return data
+
+    async def next_or_504(self) -> dict[str, Any]:
+        """``next_event``, with a passed deadline answered as 504 in the error envelope."""
+        try:
+            return await self.next_event()
+        except TimeoutError:
+            raise ApiError(
+                504, "timeout", f"no result within the server's deadline of {self.client.server.timeout} s"
+            ) from None
+
+    async def final(self, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Wait for the finished event; ``check`` raises for an error event (each route words its own)."""
+        while True:
+            event = await self.next_or_504()
+            check(event)
+            if event.get("finished"):
+                return event
 
     def close(self) -> None:
         """Forget the job and free its slot; if it has not finished, tell the worker to drop it."""

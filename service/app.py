@@ -340,7 +340,7 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
         sub = client.submit(job, request.app.response_queue_id)
         if not body.stream:
             try:
-                final = await unless_disconnected(_until_final(sub), request)
+                final = await unless_disconnected(sub.final(raise_for_event), request)
             finally:
                 sub.close()  # also when the client went away: the worker drops the job
             return GenerateResponse(
@@ -352,7 +352,7 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
             )
         # Stream: wait for the first event so an error found before the first token is a real status.
         try:
-            first = await unless_disconnected(_next_or_timeout(sub), request)
+            first = await unless_disconnected(sub.next_or_504(), request)
             raise_for_event(first)
         except BaseException:
             sub.close()
@@ -360,23 +360,6 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
         return StreamingResponse(
             _sse(sub, first, body.adapter), media_type="text/event-stream", headers=_SSE_HEADERS
         )
-
-
-async def _next_or_timeout(sub: Submission) -> dict[str, Any]:
-    try:
-        return await sub.next_event()
-    except TimeoutError:
-        raise ApiError(
-            504, "timeout", f"no result within the server's deadline of {sub.client.server.timeout} s"
-        ) from None
-
-
-async def _until_final(sub: Submission) -> dict[str, Any]:
-    while True:
-        event = await _next_or_timeout(sub)
-        raise_for_event(event)
-        if event.get("finished"):
-            return event
 
 
 def _chunk(event: dict[str, Any], adapter: str | None) -> str:

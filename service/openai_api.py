@@ -191,23 +191,6 @@ def _raise_for(event: dict[str, Any]) -> None:
     raise_for_event(event)
 
 
-async def _next(sub: Submission) -> dict[str, Any]:
-    try:
-        return await sub.next_event()
-    except TimeoutError:
-        raise ApiError(
-            504, "timeout", f"no result within the server's deadline of {sub.client.server.timeout} s"
-        ) from None
-
-
-async def _final(sub: Submission) -> dict[str, Any]:
-    while True:
-        event = await _next(sub)
-        _raise_for(event)
-        if event.get("finished"):
-            return event
-
-
 async def _all(awaitables: list[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Await every item; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
@@ -424,7 +407,7 @@ def register_openai_routes(
 
         if not body.stream:
             try:
-                finals = await unless_disconnected(_all([_final(c.sub) for c in choices]), request)
+                finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
             finally:
                 _close(choices)  # also when the client went away: the worker drops every choice
             items = []
@@ -483,7 +466,7 @@ def register_openai_routes(
 
         if not body.stream:
             try:
-                finals = await unless_disconnected(_all([_final(c.sub) for c in choices]), request)
+                finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
             finally:
                 _close(choices)  # also when the client went away: the worker drops every choice
             items = []
@@ -539,7 +522,7 @@ async def _stream_response(
 ) -> Any:
     """Wait for every choice's first event (an early error is a real status), then stream."""
     try:
-        firsts = await unless_disconnected(_all([_next(c.sub) for c in choices]), request)
+        firsts = await unless_disconnected(_all([c.sub.next_or_504() for c in choices]), request)
         for first in firsts:
             _raise_for(first)
     except BaseException:
