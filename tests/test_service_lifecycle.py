@@ -103,10 +103,15 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
     assert "signal SIGTERM: shutting down" in srv.log_path.read_text()
 
 
-def test_overload_and_deadline(tiny_base: Path, tmp_path: Path):
-    """One row, one queue slot, a 0.3 s deadline: long requests time out (504), the rest get 503."""
-    args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout", "0.3"]
-    with running_server(tiny_base, tmp_path / "a", tmp_path / "d", args=args) as srv, srv.client() as client:
+def test_overload_and_deadline(distil_base: Path, tmp_path: Path):
+    """One row, one queue slot, a 1 s deadline: long requests time out (504), the rest get 503.
+
+    The distilgpt2 shape, not the tiny base: a decode step of the tiny model can take well under a
+    millisecond on an idle machine, so 240 tokens could beat any deadline short enough to test.
+    """
+    args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout", "1.0"]
+    server = running_server(distil_base, tmp_path / "a", tmp_path / "d", args=args)
+    with server as srv, srv.client() as client:
         body = {"prompt": "Count:", "max_new_tokens": 240, "temperature": 0, "raw": True}
         start = time.monotonic()
         r = client.post("/generate", json=body)
