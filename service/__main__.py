@@ -149,7 +149,9 @@ class _Stop:
 
 def _stop_children(runner: mp.process.BaseProcess | None, stop_event) -> None:
     """Stop the job runner gently, then anything LitServe left behind."""
-    if runner is not None:
+    # Only a live runner is told: a multiprocessing Event's set() waits for every process asleep in
+    # wait() to wake, so a runner killed while waiting would block set() forever.
+    if runner is not None and runner.is_alive():
         stop_event.set()
         runner.join(10)
     for child in mp.active_children():
