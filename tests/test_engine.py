@@ -370,6 +370,10 @@ def test_adapter_appears_and_disappears(tiny_base: Path, adapter_dir: Path, adap
         eng.add(request(eng, "n4", PROMPTS[0], "new", greedy(4)))
     drain(eng, res)
     assert res["n3"].last.finish_reason == "length" and len(res["n3"].tokens) == 10
+    assert "new" in eng.stats()["adapters_loaded"]
+    with pytest.raises(AdapterNotFound):  # the folder is gone and nothing uses it: memory is freed
+        eng.add(request(eng, "n4", PROMPTS[0], "new", greedy(4)))
+    assert "new" not in eng.stats()["adapters_loaded"]
     # deleted between add and admission: an error event names the adapter
     shutil.copytree(adapter_src / "c", adapter_dir / "gone")
     eng.add(request(eng, "n5", PROMPTS[0], "gone", greedy(4)))

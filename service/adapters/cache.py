@@ -94,7 +94,15 @@ class AdapterCache:
         return Version.of(st)
 
     def exists(self, name: str) -> bool:
-        return self.disk_version(name) is not None
+        """Whether the folder is there now; a deleted adapter's idle entry is dropped on the way."""
+        if self.disk_version(name) is not None:
+            return True
+        entry = self.entries.get(name)
+        if entry is not None and entry.refs == 0:
+            del self.entries[name]
+            entry.cached = False
+            metrics.ADAPTERS_LOADED.set(len(self.entries))
+        return False
 
     # --- lookups ------------------------------------------------------------------------------
     def _current(self, name: str, version: Version) -> LoadedAdapter | None:
@@ -171,15 +179,6 @@ class AdapterCache:
                 self.evictions += 1
                 metrics.ADAPTER_CACHE_EVICTIONS.inc()
                 log.info("adapter %s evicted (LRU)", name)
-        metrics.ADAPTERS_LOADED.set(len(self.entries))
-
-    def forget_missing(self) -> None:
-        """Drop idle entries whose folder is gone (frees memory after DELETE)."""
-        for name in list(self.entries):
-            e = self.entries[name]
-            if e.refs == 0 and self.disk_version(name) is None:
-                del self.entries[name]
-                e.cached = False
         metrics.ADAPTERS_LOADED.set(len(self.entries))
 
     def loaded(self) -> list[str]:

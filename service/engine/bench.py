@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
     ap.add_argument(
         "--stream-requests", type=int, default=0, help="requests in the stream run (0: 4 x batch)"
     )
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
         methods["generate_stream"] = gen_stream
+    if args.only:
+        methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
     # warm-up (untimed): first calls allocate caches and load adapters
     gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
     engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
