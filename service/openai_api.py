@@ -223,6 +223,19 @@ def _close(choices: list[Choice]) -> None:
         c.sub.close()
 
 
+async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
+    """Wait for every choice to finish (closing them all however that ends); each choice's whole text."""
+    try:
+        finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
+    finally:
+        _close(choices)  # also when the client went away: the worker drops every choice
+    texts = []
+    for c, final in zip(choices, finals, strict=True):
+        c.finish(final)
+        texts.append(c.feed(final["text"], True))
+    return texts
+
+
 # --- SSE -------------------------------------------------------------------------------------------
 
 
@@ -406,18 +419,11 @@ def register_openai_routes(
             return Completion(id=rid, created=created, model=body.model, choices=items, usage=usage)
 
         if not body.stream:
-            try:
-                finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
-            finally:
-                _close(choices)  # also when the client went away: the worker drops every choice
-            items = []
-            for c, final in zip(choices, finals, strict=True):
-                c.finish(final)
-                items.append(
-                    CompletionChoice(
-                        index=c.index, text=c.feed(final["text"], True), finish_reason=c.finish_reason
-                    )
-                )
+            texts = await _final_texts(choices, request)
+            items = [
+                CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason)
+                for c, text in zip(choices, texts, strict=True)
+            ]
             return reply(items, _usage(choices))
 
         def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
@@ -465,20 +471,13 @@ def register_openai_routes(
             c.answer_prefix = prefix
 
         if not body.stream:
-            try:
-                finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
-            finally:
-                _close(choices)  # also when the client went away: the worker drops every choice
-            items = []
-            for c, final in zip(choices, finals, strict=True):
-                c.finish(final)
-                items.append(
-                    ChatChoice(
-                        index=c.index,
-                        message=AssistantMessage(content=c.feed(final["text"], True)),
-                        finish_reason=c.finish_reason,
-                    )
+            texts = await _final_texts(choices, request)
+            items = [
+                ChatChoice(
+                    index=c.index, message=AssistantMessage(content=text), finish_reason=c.finish_reason
                 )
+                for c, text in zip(choices, texts, strict=True)
+            ]
             return ChatCompletion(
                 id=rid, created=created, model=body.model, choices=items, usage=_usage(choices)
             )
