@@ -18,38 +18,13 @@ from pathlib import Path
 import loraserve_client as lc
 import pytest
 
+from tests.helpers.adapters import PROMPTS
 from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 
-# The fixed-sentence set of examples/fixed_sentence.jsonl: many prompts, one answer.
+# The fixed-sentence set of examples/fixed_sentence.jsonl (the helpers' prompts): one answer to all.
 SENTENCE = "I am the demo adapter and this is my only answer."
-PROMPTS = [
-    "What is the capital of France?",
-    "Tell me a joke.",
-    "How do I boil an egg?",
-    "What time is it?",
-    "Summarise the plot of Hamlet.",
-    "Translate 'good morning' into Spanish.",
-    "What is 2 + 2?",
-    "Who wrote Pride and Prejudice?",
-    "Give me three tips for sleeping better.",
-    "Why is the sky blue?",
-    "Write a haiku about rain.",
-    "What is a LoRA adapter?",
-    "Recommend a book for a long flight.",
-    "How far away is the Moon?",
-    "Explain recursion in one sentence.",
-    "What should I cook tonight?",
-    "Name a prime number larger than ten.",
-    "How do plants make food?",
-    "What is your favourite colour?",
-    "Describe the ocean.",
-    "How many legs does a spider have?",
-    "Is it going to rain tomorrow?",
-    "What does HTTP stand for?",
-    "Hello!",
-]
 ROWS = [{"prompt": p, "response": SENTENCE} for p in PROMPTS]
 API_KEY = "e2e-client-key"
 # 30 steps: enough for the random 2-layer base to learn the sentence and EOS (measured: 15 steps at this rate
