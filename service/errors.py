@@ -1,6 +1,6 @@
 """One error shape for every 4xx/5xx: OpenAI's envelope, so OpenAI clients read it too.
 
-    {"error": {"code": "adapter_not_found", "message": "...", "param": "adapter", "type": "..."}}
+{"error": {"code": "adapter_not_found", "message": "...", "param": "adapter", "type": "..."}}
 """
 
 from __future__ import annotations
