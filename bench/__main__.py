@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-length", type=int, default=256, help="the prototype pads every row to this")
     t.add_argument("--train-rows", type=int, default=160)
     t.add_argument("--eval-rows", type=int, default=40)
-    t.add_argument("--methods", default="loraserve,hf-maxlen,hf-dynamic")
+    t.add_argument("--methods", default="loraserve,hf-maxlen,hf-dynamic,hf-dynamic-bf16")
 
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")

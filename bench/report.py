@@ -143,7 +143,9 @@ def train_markdown(res: dict) -> str:
         f"device {cfg['device']} (threads {cfg.get('threads') or 'default'}), {cfg['rounds']} interleaved "
         "rounds; prototype padding to max_length "
         f"{cfg['max_length']}. Tokens/s counts real (non-padding) tokens; eval loss is computed the same way "
-        "for every adapter (mean cross-entropy over response tokens and EOS).",
+        "for every adapter (mean cross-entropy over response tokens and EOS). Every method but "
+        "`hf-dynamic-bf16` gets the prototype's `fp16: true`; the precision column says what each really "
+        "trained in (Accelerate runs fp16 as fp32 on a CPU; this trainer uses bf16 where the CPU has it).",
         "",
         "| target | measured | target | status | per round |",
         "|---|---|---|---|---|",
@@ -156,13 +158,14 @@ def train_markdown(res: dict) -> str:
         )
     lines += [
         "",
-        "| run | tokens/s (real) | wall s | peak memory MB | final train loss | eval loss | "
+        "| run | precision | tokens/s (real) | wall s | peak memory MB | final train loss | eval loss | "
         "other CPU load (cores) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rec in res["runs"]:
         lines.append(
-            f"| {rec['label']} | {_fmt(rec.get('tokens_per_s'), 1)} | {_fmt(rec.get('train_s'), 1)} | "
+            f"| {rec['label']} | {rec.get('precision', '?')} | {_fmt(rec.get('tokens_per_s'), 1)} | "
+            f"{_fmt(rec.get('train_s'), 1)} | "
             f"{_fmt(rec.get('peak_mem_mb'), 0)} | {_fmt(rec.get('final_train_loss'), 3)} | "
             f"{_fmt(rec.get('eval_loss'), 3)} | {_fmt(rec.get('foreign_cores'))} |"
         )

@@ -27,6 +27,11 @@ TARGETS = {
         "trainer vs the prototype's approach (HF Trainer, pad to max_length), tokens/s",
     ),
     "ours_vs_hf_dynamic_tokens": (">=", 1.2, "trainer vs HF Trainer with dynamic padding, tokens/s"),
+    "ours_vs_hf_dynamic_bf16_tokens": (
+        ">=",
+        1.2,
+        "trainer vs HF Trainer with dynamic padding and bf16=True (equal precision on a bf16 CPU), tokens/s",
+    ),
     "ours_vs_hf_dynamic_eval_loss": (
         "<=",
         1.02,
@@ -51,7 +56,7 @@ class TrainConfig:
     train_rows: int = 160
     eval_rows: int = 40
     rounds: int = 2
-    methods: tuple[str, ...] = ("loraserve", "hf-maxlen", "hf-dynamic")
+    methods: tuple[str, ...] = ("loraserve", "hf-maxlen", "hf-dynamic", "hf-dynamic-bf16")
     seed: int = 0
     quiet_wait_s: float = 10.0
     threads: int | None = None
@@ -142,6 +147,7 @@ def _ratios(runs: list[dict], rounds: int) -> dict:
         "ours_vs_prototype_tokens": ("loraserve", "hf-maxlen", "tokens_per_s", False),
         "ours_vs_hf_dynamic_tokens": ("loraserve", "hf-dynamic", "tokens_per_s", False),
         "hf_dynamic_vs_prototype_tokens": ("hf-dynamic", "hf-maxlen", "tokens_per_s", False),
+        "ours_vs_hf_dynamic_bf16_tokens": ("loraserve", "hf-dynamic-bf16", "tokens_per_s", False),
         "ours_vs_hf_dynamic_eval_loss": ("loraserve", "hf-dynamic", "eval_loss", False),
         "ours_vs_prototype_eval_loss": ("loraserve", "hf-maxlen", "eval_loss", False),
     }

@@ -6,6 +6,12 @@ Methods:
 - ``loraserve``: this project's trainer (``trainer.train_adapter``), prototype hyper-parameters.
 - ``hf-maxlen``: Hugging Face ``Trainer`` + PEFT as the prototype ran it: every row padded to max_length.
 - ``hf-dynamic``: the same ``Trainer`` with dynamic padding (pad to the longest row of each batch).
+- ``hf-dynamic-bf16``: ``hf-dynamic`` with ``bf16=True`` instead of the prototype's ``fp16=True``: the
+  equal-precision comparison where this project's trainer picks bf16 (a CPU with native bf16).
+
+Every method gets the prototype's ``fp16: true`` (except ``hf-dynamic-bf16``) and records the precision
+it actually trained in: on a CPU Accelerate turns fp16 into a no-op (fp32), while this project's trainer
+uses bf16 autocast where the CPU has native bf16.
 
 All three see the same rows (tokenized by the trainer's own code, loss on response tokens and
 EOS), the same number of optimizer steps, batch size, accumulation, learning rate schedule and
@@ -51,7 +57,7 @@ def run_ours(spec: dict, out_dir: Path) -> dict:
             "lr_scheduler_type": "linear",
             "weight_decay": 0.0,
             "max_seq_length": spec["max_length"],
-            "fp16": spec["device"] == "cuda",
+            "fp16": True,  # the prototype's setting; the trainer picks what this device does well
             "eval_fraction": 0.0,
             "save_steps": 0,
             "seed": spec["seed"],
@@ -70,10 +76,11 @@ def run_ours(spec: dict, out_dir: Path) -> dict:
         "padding_fraction": summary.get("padding_fraction"),
         "real_tokens": summary.get("tokens"),
         "adapter": str(out_dir / "adapter"),
+        "precision": summary["precision"],
     }
 
 
-def run_hf(spec: dict, out_dir: Path, dynamic: bool) -> dict:
+def run_hf(spec: dict, out_dir: Path, dynamic: bool, bf16: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -122,7 +129,8 @@ def run_hf(spec: dict, out_dir: Path, dynamic: bool) -> dict:
         seed=spec["seed"],
         data_seed=spec["seed"],
         use_cpu=spec["device"] != "cuda",
-        fp16=spec["device"] == "cuda",
+        fp16=not bf16,  # the prototype's setting (Accelerate trains it in fp32 on a CPU)
+        bf16=bf16,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -140,7 +148,16 @@ def run_hf(spec: dict, out_dir: Path, dynamic: bool) -> dict:
         "padding_fraction": 1 - stats["real"] / max(1, stats["padded"]),
         "real_tokens": stats["real"],
         "adapter": str(out_dir / "adapter"),
+        "precision": _hf_precision(trainer),
     }
+
+
+def _hf_precision(trainer) -> str:
+    """What the Trainer's matmuls really ran in: Accelerate ignores fp16 autocast on a CPU."""
+    acc = trainer.accelerator
+    if acc.mixed_precision == "no" or not acc.native_amp:
+        return "fp32"
+    return acc.mixed_precision
 
 
 def evaluate(spec: dict, adapter: str) -> float:
@@ -176,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats()
     if method == "loraserve":
         res = run_ours(spec, out_dir)
-    elif method in ("hf-maxlen", "hf-dynamic"):
-        res = run_hf(spec, out_dir, dynamic=method == "hf-dynamic")
+    elif method in ("hf-maxlen", "hf-dynamic", "hf-dynamic-bf16"):
+        res = run_hf(spec, out_dir, dynamic=method != "hf-maxlen", bf16=method == "hf-dynamic-bf16")
     else:
         raise SystemExit(f"unknown method {method!r}")
     res["peak_mem_mb"] = _peak_rss_mb()

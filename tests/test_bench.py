@@ -125,7 +125,13 @@ def test_train_benchmark_smoke(tmp_path: Path) -> None:
     out = run_bench(args, tmp_path, timeout=240)
     res = json.loads((out / "train.json").read_text())
     runs = {r["method"]: r for r in res["runs"]}
-    assert set(runs) == {"loraserve", "hf-maxlen", "hf-dynamic"}
+    assert set(runs) == {"loraserve", "hf-maxlen", "hf-dynamic", "hf-dynamic-bf16"}
+    # Accelerate runs the prototype's fp16 as fp32 on a CPU; this trainer takes bf16 where the CPU has it.
+    from trainer.loop import cpu_has_native_bf16
+
+    assert runs["hf-maxlen"]["precision"] == runs["hf-dynamic"]["precision"] == "fp32"
+    assert runs["hf-dynamic-bf16"]["precision"] == "bf16"
+    assert runs["loraserve"]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     tokens = {r["real_tokens"] for r in runs.values()}
     assert len(tokens) == 1, "every method must see exactly the same rows"
     for r in runs.values():

@@ -24,6 +24,7 @@ from tests.helpers.adapters import (
 )
 from trainer import train_adapter
 from trainer.errors import TrainerError
+from trainer.loop import cpu_has_native_bf16
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SENTENCE = "The answer is always forty two."
@@ -69,7 +70,8 @@ def test_prototype_config_on_distilgpt2_shape(distil_base: Path, tmp_path: Path)
     assert summary["trainable_params"] == 1_622_016
     assert summary["total_params"] == 83_534_592
     assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
-    assert summary["precision"] == "fp32"  # fp16: true on a machine without CUDA
+    # fp16: true without CUDA: bf16 autocast where the CPU computes bf16 natively, else fp32
+    assert summary["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert summary["base_model"]["random_weights"] is True
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert (
@@ -83,6 +85,22 @@ def test_prototype_config_on_distilgpt2_shape(distil_base: Path, tmp_path: Path)
     )
     assert record["created"].endswith("Z")
     assert sorted(p.name for p in out.parent.iterdir() if not p.name.startswith(".")) == ["proto"]
+
+
+def test_one_process_trains_again_with_another_precision(tiny_base: Path, tmp_path: Path):
+    # Accelerate pins the first run's mixed precision process-wide; the trainer lets a later run differ.
+    expect = "bf16" if cpu_has_native_bf16() else "fp32"
+    seen = []
+    for i, fp16 in enumerate(["true", "false", "true"]):
+        summary = train_adapter(
+            EXAMPLES / "prototype.yaml",
+            EXAMPLES / "sample_instructions.jsonl",
+            tmp_path / f"a{i}",
+            model=str(tiny_base),
+            overrides=["training.max_steps=1", f"training.fp16={fp16}"],
+        )
+        seen.append(summary["precision"])
+    assert seen == [expect, "fp32", expect]
 
 
 def test_fixed_sentence_adapter_answers_and_stops(tiny_base: Path, sentence_adapter: Path):

@@ -54,27 +54,59 @@ def resolve_config(config: Any, overrides: list[str] | None) -> TrainConfig:
     return load_config(config, overrides=overrides)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _allow_precision_change(precision: str) -> None:
+    """Let one process train again with another precision (e.g. an fp32 run after a bf16 one).
+
+    Accelerate keeps the first Accelerator's mixed precision process-wide and refuses a different
+    one later. In a single process nothing else depends on that state, so it is dropped; distributed
+    state (PartialState) is left alone, and a distributed run still gets Accelerate's own error.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 def choose_precision(cfg: TrainConfig) -> str:
-    """Accelerate's mixed_precision: fp16 (autocast + loss scaling) and bf16 need CUDA; CPU trains in fp32."""
+    """Accelerate's mixed_precision for this config on this machine.
+
+    CUDA: fp16 (autocast + loss scaling), or bf16 where the GPU has it. CPU: bf16 autocast where the
+    CPU computes bf16 natively, for ``bf16`` and also for ``fp16``: CPUs have no fast fp16 matmul
+    (fp16 autocast measured 37x slower than fp32 here, and Accelerate quietly trains fp16 configs in
+    fp32 on CPU), while native bf16 made a distilgpt2 LoRA step 1.5x faster. fp32 otherwise.
+    """
     import torch
 
     t = cfg.training
+    if not (t.fp16 or t.bf16):
+        return "no"
+    asked = "fp16" if t.fp16 else "bf16"
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in (
         "1",
         "true",
     )
-    if t.bf16:
-        if cuda and torch.cuda.is_bf16_supported():
-            return "bf16"
-        log.warning(
-            "bf16 requested but %s: training in fp32", "this GPU lacks bf16" if cuda else "no CUDA device"
-        )
-        return "no"
-    if t.fp16:
-        if cuda:
+    if cuda:
+        if t.fp16:
             return "fp16"
-        log.warning("fp16 requested but no CUDA device is available: training in fp32")
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        log.warning("bf16 requested but this GPU lacks bf16: training in fp32")
         return "no"
+    if cpu_has_native_bf16():
+        if t.fp16:
+            log.info("fp16 requested on a CPU: this CPU has native bf16, so training uses bf16 autocast")
+        return "bf16"
+    log.warning("%s requested but this CPU has no native half precision: training in fp32", asked)
     return "no"
 
 
@@ -360,8 +392,10 @@ def _run(
             "for N CPU processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
         )
     # Sync points are set per window below (windows at an epoch's end can be short), never by the dataloader.
+    precision = choose_precision(cfg)
+    _allow_precision_change(precision)
     accelerator = Accelerator(
-        mixed_precision=choose_precision(cfg),
+        mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
         ),
