@@ -34,6 +34,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadRun, probe_streaming, run_load, send_one
 from bench.workload import Request, make_requests, short_and_long
+from trainer.hardware import default_dtype
 
 TARGETS = {
     "server_vs_naive_tokens": (
@@ -58,7 +59,7 @@ class ServeConfig:
     workdir: Path = REPO / "runs" / "bench"
     outdir: Path = REPO / "docs" / "benchmarks"
     device: str = "cpu"
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # as the server's auto: trainer.hardware.default_dtype
     base_shape: dict = field(default_factory=dict)  # {} = distilgpt2's shape
     rank: int = 32
     clients: int = 32
@@ -90,7 +91,7 @@ class ServeConfig:
     def torch_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "float16" if self.device == "cuda" else "float32"
+        return default_dtype(self.device)
 
 
 def run(cfg: ServeConfig) -> dict:

@@ -127,7 +127,7 @@ def test_train_benchmark_smoke(tmp_path: Path) -> None:
     runs = {r["method"]: r for r in res["runs"]}
     assert set(runs) == {"loraserve", "hf-maxlen", "hf-dynamic", "hf-dynamic-bf16"}
     # Accelerate runs the prototype's fp16 as fp32 on a CPU; this trainer takes bf16 where the CPU has it.
-    from trainer.loop import cpu_has_native_bf16
+    from trainer.hardware import cpu_has_native_bf16
 
     assert runs["hf-maxlen"]["precision"] == runs["hf-dynamic"]["precision"] == "fp32"
     assert runs["hf-dynamic-bf16"]["precision"] == "bf16"

@@ -20,6 +20,7 @@ from conftest import FIXED_SENTENCES
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainer.hardware import default_dtype
 from trainer.publish import publish_dir, staging_dir
 
 QUESTION = "What do you say?"
@@ -312,7 +313,7 @@ def test_health_and_readiness(env):
     client = env["client"]
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/health/ready").json()
-    assert ready["status"] == "ready" and ready["device"] == "cpu" and ready["dtype"] == "float32"
+    assert ready["status"] == "ready" and ready["device"] == "cpu" and ready["dtype"] == default_dtype("cpu")
     assert ready["weights"] == "random" and ready["random_weights"] is True
     assert client.get("/info").status_code == 404  # LitServe's own routes are not exposed
     assert client.get("/_engine").status_code == 404

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.__main__ import metrics_dir, parse_settings
 from service.settings import Settings
+from trainer.hardware import default_dtype
 
 KEY = "test-key-0123456789"
 LONG = 4000  # tokens: a request that runs for seconds on the tiny base (measured 5.7 s, idle 2-core box)
@@ -63,7 +64,7 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
             "role": "all",
             "model": "distilgpt2",
             "device": "cpu",
-            "dtype": "float32",
+            "dtype": default_dtype("cpu"),
             "weights": "random",
             "random_weights": True,
             "detail": None,

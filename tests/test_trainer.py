@@ -24,7 +24,7 @@ from tests.helpers.adapters import (
 )
 from trainer import train_adapter
 from trainer.errors import TrainerError
-from trainer.loop import cpu_has_native_bf16
+from trainer.hardware import cpu_has_native_bf16
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SENTENCE = "The answer is always forty two."

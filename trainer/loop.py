@@ -36,6 +36,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import Row, collate, epoch_batches, file_sha256, read_examples, split_holdout, tokenize_all
 from trainer.errors import TrainerError, TrainingInterrupted
+from trainer.hardware import cpu_has_native_bf16
 from trainer.progress import Progress
 from trainer.template import DEFAULT_TEMPLATE
 
@@ -52,15 +53,6 @@ def resolve_config(config: Any, overrides: list[str] | None) -> TrainConfig:
     if isinstance(config, dict):
         return parse_config(config, overrides=overrides)
     return load_config(config, overrides=overrides)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _allow_precision_change(precision: str) -> None:
