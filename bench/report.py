@@ -44,12 +44,19 @@ def machine_md(m: dict) -> str:
     return "\n".join(f"- {k}: {m[k]}" for k in keys if k in m)
 
 
+def _dtype(res: dict) -> str:
+    """The dtype asked for, and what ``auto`` resolved to on this machine."""
+    asked = res["config"].get("dtype")
+    used = next((r["offline"].get("dtype") for r in res.get("rounds", []) if "offline" in r), None)
+    return f"{asked} = {used}" if asked == "auto" and used else str(asked)
+
+
 def serve_markdown(res: dict) -> str:
     cfg, r = res["config"], res["ratios"]
     lines = [
         f"## Serving ({res['created']}, {res['wall_s']:.0f} s)",
         "",
-        f"Device {cfg['device']} (dtype {cfg.get('dtype')}, threads {cfg.get('threads') or 'default'}), "
+        f"Device {cfg['device']} (dtype {_dtype(res)}, threads {cfg.get('threads') or 'default'}), "
         f"{cfg['clients']} clients, {cfg['adapters']} adapters "
         f"of rank {cfg['rank']}, {cfg['rounds']} interleaved rounds, each load run bounded to "
         f"{cfg['duration_s']:.0f} s "
@@ -86,12 +93,15 @@ def serve_markdown(res: dict) -> str:
                 f"{_fmt(lat['p95'])} | {_fmt(lat['p99'])} | {_fmt(ttft.get('p50'))} | "
                 f"{_fmt(s['foreign_cores'])} |"
             )
-        o = rec["offline"]
-        lines.append(
-            f"| {o['label']} (batch {o['batch_size']}) | - | {o['requests_done']} | - | "
-            f"{_fmt(o['tokens_per_s'], 1)} | "
-            f"{_fmt(o['requests_per_s'], 2)} | - | - | - | - | {_fmt(o['foreign_cores'])} |"
-        )
+        for key, what in (("offline_engine", "engine"), ("offline", "HF generate")):
+            o = rec.get(key)
+            if o is None:  # results from before the engine ceiling was measured
+                continue
+            lines.append(
+                f"| {o['label']} ({what}, batch {o['batch_size']}) | - | {o['requests_done']} | - | "
+                f"{_fmt(o['tokens_per_s'], 1)} | "
+                f"{_fmt(o['requests_per_s'], 2)} | - | - | - | - | {_fmt(o['foreign_cores'])} |"
+            )
     ex = res.get("extras", {})
     if "short_vs_long" in ex:
         s = ex["short_vs_long"]

@@ -88,12 +88,16 @@ def test_serve_benchmark_smoke(tmp_path: Path) -> None:
         assert s["generated_tokens"] > 0 and s["tokens_per_s"] > 0, (key, s)
     assert rnd["offline"]["requests_done"] == rnd["server"]["summary"]["requests_ok"]
     assert rnd["offline"]["generated_tokens"] > 0
+    eng = rnd["offline_engine"]
+    assert eng["method"] == "engine" and eng["requests_done"] == rnd["offline"]["requests_done"]
+    assert eng["generated_tokens"] > 0
     # The server streams (SSE), so every answered request has a time to first token within its latency.
     assert res["streaming_ttft"] is True
     for r in rnd["server"]["requests"]:
         if r["error"] is None:
             assert 0 < r["ttft"] <= r["latency"]
-    for key in ("server_vs_naive_tokens", "server_vs_offline_tokens", "lora_vs_base_tokens"):
+    ratios = ("server_vs_naive_tokens", "server_vs_offline_tokens", "server_vs_offline_generate_tokens")
+    for key in (*ratios, "lora_vs_base_tokens"):
         assert res["ratios"][key] > 0, key
     churn = res["extras"]["churn"]
     assert churn["cold"]["requests_ok"] == 10 and churn["hot"]["requests_ok"] >= 1
@@ -103,6 +107,7 @@ def test_serve_benchmark_smoke(tmp_path: Path) -> None:
     assert svl["short_ok"] == 2 and svl["idle_latency_s"]["n"] == 2 and svl["ratio_p50"] > 0
     md = (out / "results.md").read_text()
     assert "| serving at 4 clients / 2 adapters vs naive FastAPI + PEFT, tokens/s |" in md
+    assert "| offline-engine-r0 (engine, batch 4) |" in md
     for name in ("throughput.png", "latency_cdf.png", "churn_memory.png"):
         assert_png(out / name)
 
