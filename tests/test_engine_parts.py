@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.engine.lora import AdapterFormatError, LoraPlan, parse_adapter, read_adapter_files
+from service.engine.dense import Dense, prepack_supported
+from service.engine.lora import AdapterFormatError, LoraPlan, LoraWeights, parse_adapter, read_adapter_files
 from service.engine.model import GPT2Runner
 from service.engine.sampling import filter_logits
 from service.engine.text import Detokenizer, StopMatcher, byte_table
@@ -107,6 +108,68 @@ def test_lora_matches_peft_logits(tiny_base: Path, tmp_path: Path, tiny):
     with torch.no_grad():
         base_same_prompt = tiny[0](torch.tensor([prompts[1]])).logits[0, -1]
     assert (ref_lora - base_same_prompt).abs().max() > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_layer_packed_or_not_equals_linear(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(5, 24, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x, w, b).float()
+    cpu = torch.device("cpu")
+    packs = prepack_supported(cpu, dtype)
+    with torch.inference_mode():
+        for pack in (False, packs):
+            layer = Dense(w, b, pack=pack, batch_hint=8)
+            assert (layer.packed is not None) == pack
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(layer(x).float(), want, rtol=tol, atol=tol)
+    monkeypatch.setenv("LORASERVE_CPU_PREPACK", "0")
+    assert not prepack_supported(cpu, dtype)
+
+
+def _random_adapter(shapes, rank: int, modules: tuple[str, ...], seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def pair(fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(fan_in, rank, generator=g), torch.randn(rank, fan_out, generator=g)
+
+    layers = [{m: pair(*s[m]) for m in modules} for s in shapes]
+    return LoraWeights(layers=layers, rank=rank, alpha=float(rank), target_modules=list(modules), nbytes=0)
+
+
+def test_lora_plan_forms_add_the_same_deltas(tiny):
+    """Masked (prepacked, few rows), stacked (bmm) and one-adapter-at-a-time plans agree, with base
+    rows, adapters of different ranks and an adapter that skips a module in one batch."""
+    runner = GPT2Runner(tiny[0], max_rows=8)
+    shapes = runner.module_shapes()
+    a = _random_adapter(shapes, 4, ("attn.c_attn", "attn.c_proj", "mlp.c_proj"), 1)
+    b = _random_adapter(shapes, 2, ("attn.c_attn", "mlp.c_fc"), 2)
+    c = _random_adapter(shapes, 4, ("attn.c_attn", "attn.c_proj", "mlp.c_proj"), 3)
+    rows = [a, None, b, c, a, b, None]
+    masked = LoraPlan.for_rows(rows, "cpu", packed=True)
+    stacked = LoraPlan.for_rows(rows, "cpu", packed=False)
+    assert masked.row_group is not None and masked.stacks.dense is not None
+    assert stacked.row_group is None and stacked.gather is not None
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for layer in range(len(shapes)):
+            for module, (fan_in, fan_out) in shapes[layer].items():
+                x = torch.randn(len(rows), fan_in, generator=g)
+                want = torch.zeros(len(rows), fan_out)
+                for i, w in enumerate(rows):  # one row at a time, one adapter at a time
+                    if w is not None:
+                        want[i : i + 1] = LoraPlan([(slice(0, 1), w)]).apply(
+                            torch.zeros(1, fan_out), x[i : i + 1], layer, module
+                        )
+                for plan in (masked, stacked):
+                    got = plan.apply(torch.zeros(len(rows), fan_out), x, layer, module)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                    assert not got[[1, 6]].any()  # base rows get nothing
+    # many rows x adapters: the masked form would do too much work, the plan stacks instead
+    wide = LoraPlan.for_rows([a, b, c] * 50, "cpu", packed=True)
+    assert wide.row_group is None and wide.gather is not None
 
 
 def test_parse_adapter_rejects_what_does_not_fit(tiny):

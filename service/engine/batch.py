@@ -92,7 +92,9 @@ class Batch:
     def decode(self, count: int) -> torch.Tensor:
         """One decode step for rows ``0..count-1``: feed each its last token; logits ``[count, vocab]``."""
         rows = self.rows[:count]
-        plan = LoraPlan.for_rows([r.weights for r in rows], self.runner.device, self.stacks)
+        plan = LoraPlan.for_rows(
+            [r.weights for r in rows], self.runner.device, self.stacks, packed=self.runner.prepacked
+        )
         logits = self.runner.decode([r.last_token for r in rows], [r.length for r in rows], plan)
         for r in rows:
             r.length += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dense import Dense, prepack_supported
 from .lora import TARGETS, LoraPlan
 
 CAPACITY_STEP = 64  # the cache's time axis grows in steps of this many positions
@@ -64,6 +65,19 @@ class GPT2Runner:
         act = getattr(cfg, "activation_function", "gelu_new")
         self.act = {"gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu": F.gelu}.get(act)
         self.max_rows = max_rows
+        # the dense layers (LoRA targets among them) and the LM head, prepacked for oneDNN on CPU
+        pack = prepack_supported(self.device, self.dtype)
+        self.dense: list[dict[str, Dense]] = [
+            {
+                "attn.c_attn": Dense.from_conv1d(b.attn.c_attn, pack=pack, batch_hint=max_rows),
+                "attn.c_proj": Dense.from_conv1d(b.attn.c_proj, pack=pack, batch_hint=max_rows),
+                "mlp.c_fc": Dense.from_conv1d(b.mlp.c_fc, pack=pack, batch_hint=max_rows),
+                "mlp.c_proj": Dense.from_conv1d(b.mlp.c_proj, pack=pack, batch_hint=max_rows),
+            }
+            for b in self.blocks
+        ]
+        self.head = Dense(self.head_w.detach(), None, pack=pack, batch_hint=max_rows)
+        self.prepacked = all(d.packed is not None for layer in self.dense for d in layer.values())
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -111,19 +125,18 @@ class GPT2Runner:
             v[dst, :, :length] = v[src, :, :length]
 
     # --- pieces ---------------------------------------------------------------------------------
-    @staticmethod
-    def _linear(mod, x: torch.Tensor, plan: LoraPlan, layer: int, name: str) -> torch.Tensor:
-        y = torch.addmm(mod.bias, x, mod.weight)
+    def _linear(self, x: torch.Tensor, plan: LoraPlan, layer: int, name: str) -> torch.Tensor:
+        y = self.dense[layer][name](x)
         return plan.apply(y, x, layer, name) if plan.active else y
 
     def _mlp(self, i: int, block, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
         h = block.ln_2(x)
-        h = self._linear(block.mlp.c_fc, h, plan, i, "mlp.c_fc")
+        h = self._linear(h, plan, i, "mlp.c_fc")
         h = self.act(h) if self.act is not None else block.mlp.act(h)
-        return x + self._linear(block.mlp.c_proj, h, plan, i, "mlp.c_proj")
+        return x + self._linear(h, plan, i, "mlp.c_proj")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln_f(x), self.head_w).float()
+        return self.head(self.ln_f(x)).float()
 
     # --- prefill: several prompts packed into one sequence of tokens ------------------------------
     @torch.inference_mode()
@@ -144,7 +157,7 @@ class GPT2Runner:
         H, D = self.n_head, self.head_dim
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)
-            qkv = self._linear(block.attn.c_attn, h, plan, i, "attn.c_attn")
+            qkv = self._linear(h, plan, i, "attn.c_attn")
             q, k, v = qkv.to(self.kv_dtype).view(-1, 3, H, D).unbind(1)  # each [T, H, D]
             att = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             for s, e, slot in zip(starts[:-1], starts[1:], slots, strict=True):
@@ -160,7 +173,7 @@ class GPT2Runner:
                 )
                 att[s:e] = o[0].transpose(0, 1)
             att = att.view(-1, self.d_model).to(self.dtype)
-            x = x + self._linear(block.attn.c_proj, att, plan, i, "attn.c_proj")
+            x = x + self._linear(att, plan, i, "attn.c_proj")
             x = self._mlp(i, block, x, plan)
         last = torch.tensor([e - 1 for e in starts[1:]], dtype=torch.long, device=self.device)
         return self._logits(x.index_select(0, last))
@@ -181,7 +194,7 @@ class GPT2Runner:
         H, D = self.n_head, self.head_dim
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)
-            qkv = self._linear(block.attn.c_attn, h, plan, i, "attn.c_attn")
+            qkv = self._linear(h, plan, i, "attn.c_attn")
             q, k, v = qkv.to(self.kv_dtype).view(n, 3, H, D).unbind(1)  # [n, H, D]
             kc, vc = self.k[i], self.v[i]
             kc[rows, :, pos] = k
@@ -190,6 +203,6 @@ class GPT2Runner:
                 q.unsqueeze(2), kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask, scale=self.scaling[i]
             )  # [n, H, 1, D]
             o = o.reshape(n, self.d_model).to(self.dtype)
-            x = x + self._linear(block.attn.c_proj, o, plan, i, "attn.c_proj")
+            x = x + self._linear(o, plan, i, "attn.c_proj")
             x = self._mlp(i, block, x, plan)
         return self._logits(x)
