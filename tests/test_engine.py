@@ -211,6 +211,22 @@ def test_join_mid_generation(shared_engine: Engine):
     assert len(results["j2"].tokens) == 8
 
 
+def test_prefill_and_decode_steps_alternate_under_arrivals(shared_engine: Engine):
+    """A newcomer's first token comes from a step that only prefills; with a request arriving
+    before every step, the running row still gets a token every second step."""
+    eng = shared_engine
+    eng.add(request(eng, "run", PROMPTS[0], "a", greedy(12)))
+    assert [e.id for e in eng.step()] == ["run"]  # nothing was running: admitted at once
+    seen = []
+    for i in range(6):
+        eng.add(request(eng, f"arr{i}", PROMPTS[1], None, greedy(1)))
+        seen.append(sorted(e.id for e in eng.step()))
+    # requests that arrived during a decode step are admitted together in the next one
+    assert seen == [["run"], ["arr0", "arr1"], ["run"], ["arr2", "arr3"], ["run"], ["arr4", "arr5"]]
+    res = drain(eng)
+    assert set(res) == {"run"} and len(res["run"].tokens) == 12 - 4
+
+
 def test_finished_rows_leave_at_once(shared_engine: Engine):
     eng = shared_engine
     eng.add(request(eng, "short", PROMPTS[0], "a", greedy(2)))
@@ -478,8 +494,10 @@ def test_cancel_and_capacity(shared_engine: Engine):
     assert eng.stats()["rows"] == eng.max_batch_size and eng.stats()["waiting"] == 1
     eng.cancel("c3")
     eng.cancel("does-not-exist")
-    ids = {e.id for e in eng.step()}
-    assert "c3" not in ids and "extra" in ids
+    ids = {e.id for e in eng.step()}  # a decode step (the last step prefilled): c3 is gone
+    assert "c3" not in ids and len(ids) == eng.max_batch_size - 1
+    ids = {e.id for e in eng.step()}  # a prefill step: the freed row takes the waiting request
+    assert ids == {"extra"}
     for i in range(eng.max_batch_size):
         eng.cancel(f"c{i}")
     res = drain(eng)

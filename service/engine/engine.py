@@ -1,9 +1,10 @@
 """The generation engine: continuous batching of many LoRA adapters on one GPT-2 base.
 
 ``add`` queues a request (after checking its adapter exists and it fits the context); every
-``step`` admits waiting requests into free rows and prefills them (their first token), then runs
-one decode step for the rows that were already running (one token each). A finished row leaves
-the batch in the same step, so its slot is free for the next request at once.
+``step`` either admits waiting requests into free rows and prefills them (their first token), or
+runs one decode step for the running rows (one token each). A prefill step is always followed by a
+decode step, so arrivals cannot starve running rows. A finished row leaves the batch in the same
+step, so its slot is free for the next request at once.
 
 Threading: an Engine is used from ONE thread (the worker loop). It holds no locks; calls from a
 second thread raise RuntimeError instead of corrupting the batch.
@@ -84,6 +85,7 @@ class Engine:
         self.batch = Batch(self.runner, max_batch_size)
         self.waiting: deque[GenerationRequest] = deque()
         self._owner: int | None = None
+        self._prefilled_last = False  # the last step prefilled: the next one decodes
         self.steps = 0
         self.tokens_generated = 0
         self.started = time.time()
@@ -185,13 +187,20 @@ class Engine:
         }
 
     def step(self) -> list[TokenEvent]:
-        """Admit and prefill newcomers (first token each), then one decode step for the rows
-        already running (one token each). Finished rows leave before this returns."""
+        """Admit and prefill newcomers (first token each), or run one decode step for the running
+        rows (one token each). Finished rows leave before this returns.
+
+        A newcomer's first token goes out right after its prefill instead of after a decode of the
+        whole batch as well (under load, one decode step sooner), and a prefill step is always
+        followed by a decode step: the running rows get a token per prefill + decode, as they
+        would if both ran in one step."""
         self._check_thread()
         events: list[TokenEvent] = []
         running = len(self.batch.rows)
-        newcomers = self._admit(events)
+        newcomers = self._admit(events) if not (running and self._prefilled_last) else []
+        self._prefilled_last = bool(newcomers)
         if newcomers:
+            running = 0  # this step prefills only
             try:
                 logits = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
