@@ -579,7 +579,9 @@ class _Driver:
                 continue
             if ev.finished:
                 del self.running[ev.id]
-            if ev.finish_reason == "error":
+            if ev.error_code == "adapter_not_found":  # deleted after the request was accepted
+                self.fail(live, 404, "adapter_not_found", ev.error or "adapter not found", "adapter")
+            elif ev.finish_reason == "error":
                 self.fail(live, 500, "generation_failed", ev.error or "generation failed")
             elif ev.finished:
                 live.text.append(ev.text)

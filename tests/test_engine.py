@@ -396,6 +396,7 @@ def test_adapter_appears_and_disappears(tiny_base: Path, adapter_dir: Path, adap
     shutil.rmtree(adapter_dir / "gone")
     (ev,) = eng.step()
     assert ev.finished and ev.finish_reason == "error" and "gone" in ev.error
+    assert ev.error_code == "adapter_not_found"  # the server answers 404, not 500
 
 
 def test_lru_eviction(tiny_base: Path, adapter_dir: Path):

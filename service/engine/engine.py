@@ -252,7 +252,9 @@ class Engine:
                 try:
                     entry = self.adapters.acquire(req.adapter)
                 except FileNotFoundError:
-                    events.append(self._error(req, str(AdapterNotFound(req.adapter))))
+                    events.append(
+                        self._error(req, str(AdapterNotFound(req.adapter)), code="adapter_not_found")
+                    )
                     continue
                 except AdapterError as exc:
                     events.append(self._error(req, str(exc)))
@@ -331,7 +333,9 @@ class Engine:
             completion_tokens=row.completion,
         )
 
-    def _error(self, req: GenerationRequest, message: str, completion: int = 0) -> TokenEvent:
+    def _error(
+        self, req: GenerationRequest, message: str, completion: int = 0, code: str | None = None
+    ) -> TokenEvent:
         return TokenEvent(
             id=req.id,
             text="",
@@ -341,6 +345,7 @@ class Engine:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=completion,
             error=message,
+            error_code=code,
         )
 
     def _release(self, row: Row) -> None:

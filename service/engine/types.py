@@ -58,6 +58,9 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int  # tokens generated so far, the EOS token included
     error: str | None = None
+    # why an "error" event failed, for the server's status code: "adapter_not_found" when the
+    # adapter was deleted between ``add`` and admission, else None (a server-side failure)
+    error_code: str | None = None
 
 
 class AdapterNotFound(KeyError):
