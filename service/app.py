@@ -65,6 +65,7 @@ from service.schemas import (
     Readiness,
 )
 from service.settings import Settings
+from service.text_input import TextMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def _common_routes(
     register_job_routes(app, settings, make_auth_dependency(api_key))
 
     # Starlette puts the last added middleware outermost: metrics must also see 401s.
+    app.add_middleware(TextMiddleware)  # reads the body BodyLimitMiddleware buffered
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)  # after the key check
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)

@@ -35,7 +35,25 @@ MAX_UPLOAD = 256 * 1024
 MAX_DATASET = 64 * 1024
 CAP = 240  # long enough that a stream is still generating when its adapter changes (context: 256)
 HOOKS = '''
+import os
+import zlib
+
 import schemathesis
+
+
+@schemathesis.hook
+def map_body(ctx, body):
+    """A third of the JSON bodies get a lone surrogate in their first string: a 422, never a 5xx."""
+    # Multipart bodies (uploads, POST /datasets) cannot carry one: their text is sent as UTF-8.
+    json_body = ctx.operation is not None and ctx.operation.path not in ("/datasets", "/adapters/{name}")
+    if not (json_body and isinstance(body, dict)):
+        return body
+    if zlib.crc32(repr(body).encode("utf-8", "surrogatepass")) % 3:
+        return body
+    for key, value in body.items():
+        if isinstance(value, str):
+            return {**body, key: value + "\\ud800"}
+    return body
 
 
 @schemathesis.check
@@ -53,6 +71,9 @@ def error_envelope(ctx, response, case):
     for key in ("code", "message"):
         if not (isinstance(err.get(key), str) and err[key].strip()):
             raise AssertionError(f"{response.status_code}: empty error.{key}: {response.text[:200]!r}")
+    if err["code"] == "invalid_text":  # counted, so the test knows the surrogate cases were sent
+        with open(os.environ["REL_ST_INVALID_TEXT"], "a") as out:
+            out.write(case.operation.path + "\\n")
 '''
 
 
@@ -103,7 +124,14 @@ def put(client: httpx.Client, name: str, config: bytes, weights: bytes, **kw) ->
 def test_schemathesis_no_5xx_and_every_4xx_names_the_problem(srv: Server, tmp_path: Path) -> None:
     """Coverage (boundary values) and fuzzing phases, positive and negative data, every operation."""
     (tmp_path / "rel_st_hooks.py").write_text(HOOKS)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), SCHEMATHESIS_HOOKS="rel_st_hooks", NO_COLOR="1")
+    invalid_text = tmp_path / "invalid_text.txt"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tmp_path),
+        SCHEMATHESIS_HOOKS="rel_st_hooks",
+        NO_COLOR="1",
+        REL_ST_INVALID_TEXT=str(invalid_text),
+    )
     cmd = [
         str(Path(sys.executable).parent / "schemathesis"), "run", f"{srv.url}/openapi.json",
         "--header", f"Authorization: Bearer {KEY}",
@@ -126,6 +154,9 @@ def test_schemathesis_no_5xx_and_every_4xx_names_the_problem(srv: Server, tmp_pa
     cases = out.split("Test cases:")[-1].strip().splitlines()[0]  # e.g. "1230 generated, 1230 passed"
     generated, passed = (int(part.split()[0]) for part in cases.split(",")[:2])
     assert generated == passed > 500, cases
+    # The injected lone surrogates reached the server and were refused by name (map_body above).
+    refused = invalid_text.read_text().splitlines() if invalid_text.exists() else []
+    assert len(refused) >= 10 and "/generate" in refused, refused[:20]
     print(f"schemathesis: {cases}")
 
 
@@ -186,6 +217,60 @@ def test_non_utf8_bodies(client: httpx.Client) -> None:
     assert err["code"] == "invalid_json"
     err = error_of(client.post("/datasets", content=b'{"prompt": "a", "response": "\xff\xfe"}\n'), 422)
     assert "UTF-8" in err["message"] and err["param"] == "data"
+
+
+def _json_bytes(body: object) -> bytes:
+    # json.dumps escapes a lone surrogate as "\\ud800"; httpx's json= would fail to encode it.
+    return json.dumps(body).encode()
+
+
+LONE = "hi \ud800 there"  # a lone high surrogate at position 3
+
+
+def test_lone_surrogates_are_refused_naming_the_field(client: httpx.Client) -> None:
+    hdr = {"content-type": "application/json"}
+    cases = [
+        ("/generate", {"prompt": LONE}, "prompt"),
+        ("/generate", {"prompt": "Hi", "stop": ["ok", "\udfff"]}, "stop[1]"),
+        ("/v1/completions", {"model": "base", "prompt": [LONE]}, "prompt[0]"),
+        ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": LONE}]},
+         "messages[0].content"),
+        ("/train", {"adapter": "surrogate", "data": [{"prompt": "a", "response": LONE}]}, "data[0].response"),
+        ("/train", {"adapter": "surrogate", "data": [{"prompt": "a", "response": "b"}],
+                    "config": {"training": {"lr_scheduler_type": LONE}}}, "config.training.lr_scheduler_type"),
+    ]  # fmt: skip
+    for path, body, param in cases:
+        r = client.post(path, content=_json_bytes(body), headers=hdr)
+        err = error_of(r, 422)
+        assert err["code"] == "invalid_text" and err["param"] == param, (path, err)
+        assert "lone surrogate U+D" in err["message"] and param in err["message"], err
+        assert r.headers.get("connection", "keep-alive") != "close"  # a 4xx keeps the connection
+    assert (
+        "position 3"
+        in error_of(client.post("/generate", content=_json_bytes({"prompt": LONE}), headers=hdr), 422)[
+            "message"
+        ]
+    )
+    line = (
+        _json_bytes({"prompt": "a", "response": "b"}) + b"\n" + _json_bytes({"prompt": LONE, "response": "b"})
+    )
+    err = error_of(client.post("/datasets", content=line), 422)
+    assert (
+        err["code"] == "invalid_text" and err["param"] == "data[1].prompt" and "line 2" in err["message"]
+    ), err
+    config, weights = lora_files(2, 64, r=4, seed=3)
+    r = client.put(
+        "/adapters/surrogate", files=upload_files(config, weights), data={"template": '{"user": "\\ud800"}'}
+    )
+    err = error_of(r, 422)
+    assert err["code"] == "invalid_text" and err["param"] == "template.user", err
+    assert client.get("/adapters/surrogate").status_code == 404 and client.get("/train").json()["jobs"] == []
+    # A surrogate pair is one valid code point, escaped or not: served.
+    for prompt in ("smile \ud83d\ude00", "smile \U0001f600"):
+        r = client.post(
+            "/generate", content=_json_bytes({"prompt": prompt, "max_new_tokens": 2}), headers=hdr
+        )
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize(

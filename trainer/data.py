@@ -27,6 +27,7 @@ from typing import Any
 
 from trainer.errors import TrainerError
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+from trainer.text import find_lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ def parse_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE)
     """Validate one row and render it into template segments."""
     if not isinstance(row, dict):
         raise TrainerError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    hit = find_lone_surrogate(row)
+    if hit:
+        raise TrainerError(f"{where}: {hit.describe()}")
     if "messages" in row:
         messages = _check_messages(row["messages"], where)
     elif "prompt" in row:

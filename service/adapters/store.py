@@ -24,6 +24,7 @@ from typing import Any
 
 from service.errors import ApiError
 from service.schemas import AdapterInfo, adapter_name_problem
+from service.text_input import check_text
 from trainer.publish import publish_dir, staging_dir, write_atomic
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -347,6 +348,7 @@ def parse_template(raw: str | None) -> PromptTemplate:
         return DEFAULT_TEMPLATE
     try:
         data = json.loads(raw)
+        check_text(data, "template")
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
         not_text = sorted(

@@ -27,6 +27,7 @@ from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.store import STATUSES, Job, JobStore, StoreConflict
 from service.jobs.submit import TrainRequest, submit_job
 from service.settings import Settings
+from service.text_input import check_text
 
 PUBLIC_PROGRESS = (
     "step",
@@ -84,6 +85,7 @@ def _parse_train_request(raw: bytes) -> tuple[TrainRequest, dict[str, Any]]:
         raise ApiError(422, "invalid_json", f"the request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the request body must be a JSON object")
+    check_text(body)
     try:
         req = TrainRequest.model_validate(body)
     except ValidationError as exc:

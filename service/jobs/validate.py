@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from service.errors import ApiError
 from service.settings import Settings
+from trainer.text import find_lone_surrogate
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -77,6 +78,10 @@ def check_rows(rows: Any, param: str = "data", *, line_numbers: list[int] | None
         raise ApiError(422, "invalid_data", f"{param} must be a non-empty list of rows", param)
     for i, row in enumerate(rows):
         where = f"{param}[{i}]" + (f" (line {line_numbers[i]})" if line_numbers else "")
+        hit = find_lone_surrogate(row, f"{param}[{i}]")
+        if hit:
+            line = f"line {line_numbers[i]}: " if line_numbers else ""
+            raise ApiError(422, "invalid_text", line + hit.describe(), hit.param)
         try:
             parse_row(row, where)
         except TrainerError as exc:
