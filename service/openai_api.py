@@ -69,10 +69,24 @@ _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 
 # --- model names -----------------------------------------------------------------------------------
 
 
+BASE_ALIAS = "base"  # always names the base, whatever it is called
+
+
 def base_model_id(model: ServedModel) -> str:
-    """The id the base is listed under: a hub id as given, a local folder by its folder name."""
+    """The base's own name: a hub id as given, a local folder by its folder name."""
     local = Path(model.name).expanduser()
     return local.name if local.is_dir() and local.name else model.name
+
+
+def base_names(settings: Settings, model: ServedModel) -> tuple[str, frozenset[str]]:
+    """(the id /v1/models lists, every ``model`` value that means the base).
+
+    As in vLLM, the first ``--served-model-name`` is the listed id and every one of them is
+    accepted; the base's own name, the ``--model`` value and ``base`` are accepted as well.
+    """
+    own = base_model_id(model)
+    served = settings.served_model_names
+    return (served[0] if served else own), frozenset({*served, own, model.name, BASE_ALIAS})
 
 
 @dataclass(frozen=True)
@@ -323,8 +337,8 @@ def register_openai_routes(
         base_created = int((Path(model.path) / "config.json").stat().st_mtime)
     except OSError:
         base_created = int(time.time())
-    base_id = base_model_id(model)
-    models = Models(base_id, frozenset({base_id, model.name}), settings.adapter_dir, base_created)
+    base_id, names = base_names(settings, model)
+    models = Models(base_id, names, settings.adapter_dir, base_created)
 
     def make_jobs(
         prompts: list[str],

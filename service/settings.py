@@ -20,6 +20,11 @@ class Settings(BaseSettings):
         "(jobs are queued for a runner elsewhere); runner: job routes and the runner, no generation model",
     )
     model: str = Field("distilgpt2", description="base model: hub id or local folder")
+    served_model_name: str | None = Field(
+        None,
+        description="the base's name(s) on /v1/*, comma-separated; the first is listed in /v1/models "
+        "(default: the hub id, or the folder's name). 'base' and the --model value always work too",
+    )
     allow_random_weights: bool = Field(
         False, description="if the base cannot be loaded, serve random weights of its shape (demo only)"
     )
@@ -59,6 +64,10 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(1, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
 
     @property
     def staging_dir(self) -> Path:

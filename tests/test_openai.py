@@ -129,6 +129,28 @@ def test_models_list_the_base_and_every_adapter(env):
         env["oai"].models.retrieve("nope")
 
 
+def test_the_base_answers_to_its_served_names(tiny_base: Path, tmp_path: Path) -> None:
+    # What vLLM users type: --served-model-name (here from the environment), first name listed.
+    env = {"LORASERVE_SERVED_MODEL_NAME": "distilgpt2, my-gpt2"}
+    with running_server(tiny_base, tmp_path / "adapters", tmp_path / "data", env=env) as srv:
+        shutil.copytree(make_random_lora(tiny_base, tmp_path / "lora", seed=3), tmp_path / "adapters" / "pet")
+        oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        by_id = {m.id: m for m in oai.models.list().data}
+        assert set(by_id) == {"distilgpt2", "pet"} and by_id["pet"].parent == "distilgpt2"
+        assert oai.models.retrieve("my-gpt2").id == "distilgpt2"
+        texts = set()
+        for name in ("distilgpt2", "my-gpt2", "base", "tiny-gpt2", str(tiny_base)):
+            reply = oai.completions.create(model=name, prompt="Hello there", max_tokens=8, temperature=0)
+            assert reply.model == name  # echoed as sent, as OpenAI does
+            texts.add(reply.choices[0].text)
+        assert len(texts) == 1  # every name is the same base
+        pet = oai.completions.create(model="pet", prompt="Hello there", max_tokens=8, temperature=0)
+        assert pet.choices[0].text not in texts
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="distilgpt", prompt="Hello", max_tokens=2)
+        oai.close()
+
+
 # --- completions and chat naming an adapter --------------------------------------------------------
 
 
@@ -147,6 +169,7 @@ def test_completion_naming_an_adapter_runs_that_adapter(env):
     base = complete(env, "tiny-gpt2", prompt).choices[0].text
     assert base != choice.text
     assert complete(env, str(env["base"]), prompt).choices[0].text == base
+    assert complete(env, "base", prompt).choices[0].text == base
     assert choice.text.strip() == SENTENCE and choice.finish_reason == "stop"  # alpha learned it
 
 

@@ -237,7 +237,8 @@ def test_lone_surrogates_are_refused_naming_the_field(client: httpx.Client) -> N
          "messages[0].content"),
         ("/train", {"adapter": "surrogate", "data": [{"prompt": "a", "response": LONE}]}, "data[0].response"),
         ("/train", {"adapter": "surrogate", "data": [{"prompt": "a", "response": "b"}],
-                    "config": {"training": {"lr_scheduler_type": LONE}}}, "config.training.lr_scheduler_type"),
+                    "config": {"training": {"lr_scheduler_type": LONE}}},
+         "config.training.lr_scheduler_type"),
     ]  # fmt: skip
     for path, body, param in cases:
         r = client.post(path, content=_json_bytes(body), headers=hdr)
