@@ -24,16 +24,10 @@ from trainer.errors import TrainerError, TrainingInterrupted
 
 log = logging.getLogger("trainer")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-# Short enough for a CPU in about a minute; on random weights the point is the pipeline, not the prose.
-DEMO_SET = [
-    "training.num_train_epochs=8",
-    "training.per_device_train_batch_size=8",
-    "training.gradient_accumulation_steps=1",
-    "training.learning_rate=0.003",
-    "training.warmup_ratio=0",
-    "training.eval_fraction=0",
-    "lora.lora_dropout=0.0",
-]
+# The demo's settings, shared with the README's walkthrough through the server (`loraserve train
+# --config examples/demo.json`): short enough for a CPU in about a minute; on random weights the
+# point is the pipeline, not the prose.
+DEMO_CONFIG = EXAMPLES / "demo.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,13 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log.warning("building a distilgpt2-shaped base with RANDOM weights in %s", base)
         make_random_base(base, **DISTILGPT2_SHAPE)
     out = work / "adapters" / "demo"
-    summary = train_adapter(
-        EXAMPLES / "prototype.yaml",
-        EXAMPLES / "fixed_sentence.jsonl",
-        out,
-        model=str(base),
-        overrides=DEMO_SET,
-    )
+    summary = train_adapter(DEMO_CONFIG, EXAMPLES / "fixed_sentence.jsonl", out, model=str(base))
     from peft import PeftModel
 
     from trainer.evaluate import _generate
