@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.artifact import WEIGHTS_FILE
 from trainer.errors import TrainerError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -122,7 +123,7 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
     from safetensors.torch import load_file
 
     state = read_state(ckpt)
-    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     missing = [k for k in result.unexpected_keys if "lora_" in k]
     if missing:

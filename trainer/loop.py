@@ -6,7 +6,8 @@
 
 Order of work: validate inputs (config, data files) before touching a model -> pick precision ->
 load base + tokenizer, tokenize -> add LoRA -> plan steps -> (resume) -> train with token-normalised
-gradient accumulation -> evaluate -> save into ``<output parent>/.staging/`` -> rename into place.
+gradient accumulation -> evaluate -> stage the adapter folder -> verify -> rename into place
+(``trainer.artifact``).
 
 Gradient accumulation, precisely: an optimizer step consumes one *window* of micro-batches
 (``gradient_accumulation_steps`` per process x processes). The window's micro-batches are known in
@@ -28,13 +29,13 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainer import artifact
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
-from trainer.data import Row, collate, epoch_batches, file_sha256, read_examples, split_holdout, tokenize_all
+from trainer.data import Row, collate, epoch_batches, read_examples, split_holdout, tokenize_all
 from trainer.errors import TrainerError, TrainingInterrupted
 from trainer.hardware import cpu_has_native_bf16
 from trainer.progress import Progress
@@ -344,7 +345,7 @@ def _run(
     data_path = Path(data_path)
     train_examples = read_examples(data_path, DEFAULT_TEMPLATE)
     val_examples = read_examples(val_path, DEFAULT_TEMPLATE) if val_path else None
-    data_hash = file_sha256(data_path, val_path)
+    data_hash = artifact.file_sha256(data_path, val_path)
     default_ckpt_dir = checkpoint_dir is None
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output.parent / ".checkpoints" / output.name
     resume_from: Path | None = None
@@ -375,7 +376,7 @@ def _run(
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from transformers import get_scheduler
 
-    from trainer.publish import publish_dir, staging_dir, write_atomic
+    from trainer.publish import write_atomic
 
     _quiet_libraries()
     if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
@@ -481,7 +482,6 @@ def _run(
 
     stop = StopRequest()
     stop.install()
-    staging: Path | None = None
     try:
         progress.emit(
             "start",
@@ -604,7 +604,7 @@ def _run(
                 break
         run["train_seconds"] += time.time() - mark[0]
 
-        # --- the adapter: built under .staging, renamed into place by the main process only
+        # --- the adapter: staged, verified and renamed into place by the main process only
         eval_loss = run["eval_history"][-1]["eval_loss"] if run["eval_history"] else None
         summary = {
             "format": FORMAT_VERSION,
@@ -640,21 +640,17 @@ def _run(
             "resumed_from": str(resume_from) if resume_from else None,
         }
         if is_main:
-            staging = staging_dir(output.parent, output.name)
-            accelerator.unwrap_model(net).save_pretrained(staging)
-            weights_sha = file_sha256(staging / "adapter_model.safetensors")
-            record = {
-                "template": DEFAULT_TEMPLATE.to_dict(),
-                "base_model": t.model_name_or_path,
-                "sha256": weights_sha,
-                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                "job": job,
-                "format": FORMAT_VERSION,
-            }
-            write_atomic(staging / "loraserve.json", json.dumps(record, indent=2) + "\n")
-            write_atomic(staging / "training_summary.json", json.dumps(summary, indent=2) + "\n")
-            publish_dir(staging, output)
-            staging = None
+            with artifact.staged(output) as folder:
+                accelerator.unwrap_model(net).save_pretrained(folder)
+                record = artifact.Record(
+                    template=DEFAULT_TEMPLATE.to_dict(),
+                    base_model=t.model_name_or_path,
+                    created=artifact.created_now(),
+                    job=job,
+                )
+                artifact.write_record(folder, record)
+                write_atomic(folder / artifact.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+                artifact.publish(folder, output)
             if default_ckpt_dir:
                 shutil.rmtree(ckpt_root, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -669,5 +665,3 @@ def _run(
         return summary
     finally:
         stop.restore()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
