@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from datetime import UTC, datetime
 from pathlib import Path
+
+from trainer import artifact
 
 PROTOTYPE_LORA = {
     "r": 32,
@@ -70,8 +69,6 @@ def make_adapters(
         model = get_peft_model(load_base_model(base), config)
         # Saved keys drop the adapter name ("...lora_A.default.weight" -> "...lora_A.weight").
         shapes = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
-        staging_root = adapter_dir / ".staging"
-        staging_root.mkdir(exist_ok=True)
         for name in todo:
             gen = torch.Generator().manual_seed(seed * 100003 + _stable_hash(name))
             tensors = {}
@@ -81,38 +78,24 @@ def make_adapters(
                 else:
                     t = torch.randn(shape, generator=gen) * b_std
                 tensors[key] = t.contiguous()
-            stage = staging_root / f"{name}.tmp"
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir()
-            config.save_pretrained(stage)
-            save_file(tensors, stage / "adapter_model.safetensors", metadata={"format": "pt"})
-            sha = hashlib.sha256((stage / "adapter_model.safetensors").read_bytes()).hexdigest()
-            meta = {
-                "template": DEFAULT_TEMPLATE.to_dict(),
-                "base_model": str(base),
-                "sha256": sha,
-                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                "job": None,
-                "format": 1,
-            }
-            (stage / "loraserve.json").write_text(json.dumps(meta, indent=2) + "\n")
             final = adapter_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(stage, final)
+            with artifact.staged(final) as stage:
+                config.save_pretrained(stage)
+                save_file(tensors, stage / artifact.WEIGHTS_FILE, metadata={"format": "pt"})
+                record = artifact.Record(
+                    template=DEFAULT_TEMPLATE.to_dict(), base_model=str(base), created=artifact.created_now()
+                )
+                artifact.write_record(stage, record)
+                artifact.publish(stage, final)
     return [adapter_dir / n for n in names]
 
 
 def _is_complete(path: Path, r: int) -> bool:
     try:
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = json.loads((path / artifact.CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (
-        cfg.get("r") == r
-        and (path / "adapter_model.safetensors").exists()
-        and (path / "loraserve.json").exists()
-    )
+    return cfg.get("r") == r and artifact.is_complete(path)
 
 
 def _stable_hash(name: str) -> int:

@@ -54,8 +54,8 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
-from service.schemas import adapter_name_problem
 from service.settings import Settings
+from trainer.artifact import valid_name
 from trainer.template import PromptTemplate
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class Models:
     def resolve(self, name: str) -> str | None:
         if name in self.base_names:
             return None
-        if adapter_name_problem(name) is None and store.exists(self.adapter_dir, name):
+        if valid_name(name) and store.exists(self.adapter_dir, name):
             return name
         raise ApiError(
             404,
@@ -124,7 +124,7 @@ class Models:
         return out
 
     def adapter_card(self, name: str) -> ModelCard:
-        created = _timestamp(store.read_record(self.adapter_dir, name).get("created"))
+        created = _timestamp(store.read_record(self.adapter_dir, name).created)
         if created is None:
             try:
                 created = int(store.adapter_path(self.adapter_dir, name).stat().st_mtime)

@@ -7,24 +7,9 @@ naming the field instead of a silently ignored option. Limits that depend on set
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def adapter_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be an adapter name, or None if it can."""
-    if not ADAPTER_NAME_RE.fullmatch(name):
-        return (
-            f"invalid adapter name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
-        )
-    if ".." in name:
-        return f"invalid adapter name {name!r}: '..' is not allowed"
-    return None
 
 
 class GenerateRequest(BaseModel):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from service.jobs.files import job_paths
-from service.jobs.publish import file_sha256
 from service.jobs.store import Job, JobStore
 from service.jobs.submit import TrainRequest, submit_job
 from service.settings import Settings
+from trainer.artifact import file_sha256
 
 pytestmark = pytest.mark.slow
 CTX = mp.get_context("spawn")  # as the server starts it

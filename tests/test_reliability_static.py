@@ -20,8 +20,8 @@ from service.engine.engine import valid_name as worker_valid_name
 from service.errors import ApiError
 from service.jobs import validate
 from service.jobs.files import dataset_path, job_paths
-from service.schemas import adapter_name_problem
 from service.settings import Settings
+from trainer.artifact import name_problem as adapter_name_problem
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("service", "trainer", "clients", "bench", "scripts")

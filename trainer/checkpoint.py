@@ -5,7 +5,7 @@ Layout of one checkpoint (the base model is never copied; resuming needs the sam
         adapter_config.json, adapter_model.safetensors   the LoRA weights (PEFT format)
         optimizer.pt, scheduler.pt, scaler.pt            scaler only under fp16
         rng_state_<rank>.pt                              python, numpy, torch (and CUDA) RNG per process
-        trainer_state.json                               step, epoch, totals, eval history, fingerprints
+        trainer_state.json                               RunState: step, totals, eval history, fingerprints
 A checkpoint is written to ``.tmp-checkpoint-…`` and renamed in, so a crash while saving never
 leaves a half checkpoint that ``--resume`` would pick up. Only the newest ``keep`` are kept.
 """
@@ -17,13 +17,78 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from trainer.artifact import WEIGHTS_FILE
 from trainer.errors import TrainerError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class RunState:
+    """Everything a run carries from step to step besides weights and optimizer: what a checkpoint
+    stores in ``trainer_state.json`` (one JSON key per field, unchanged since the format began as a
+    plain dict, so older checkpoints resume), and what the summary is made from."""
+
+    # the plan and what it must match on resume
+    total_steps: int
+    steps_per_epoch: int
+    world_size: int
+    config_fingerprint: str
+    data_sha256: str
+    # progress; the data position is the step (epoch and window follow from it)
+    step: int = 0
+    loss_sum: float = 0.0  # of per-step mean token losses, for the summary's train_loss
+    loss_count: int = 0
+    last_loss: float | None = None
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "eval_loss"}
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    skipped_steps: int = 0  # fp16 overflow: the scaler lowered its scale instead of stepping
+    tokens: int = 0  # non-pad tokens trained on
+    padded_tokens: int = 0  # tokens including padding
+    target_tokens: int = 0  # tokens the loss was computed on
+    train_seconds: float = 0.0  # time in the loop, summed over resumed runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(1, self.loss_count)
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.eval_history[-1]["eval_loss"] if self.eval_history else None
+
+    def add_step(
+        self, loss: float, *, tokens: int, padded_tokens: int, target_tokens: int, skipped: bool
+    ) -> None:
+        self.step += 1
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.last_loss = loss
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
+        self.target_tokens += target_tokens
+        self.skipped_steps += int(skipped)
+
+    def add_eval(self, loss: float) -> None:
+        self.eval_history.append({"step": self.step, "eval_loss": loss})
+        if self.best_eval_loss is None or loss < self.best_eval_loss:
+            self.best_eval_loss, self.evals_without_improvement = loss, 0
+        else:
+            self.evals_without_improvement += 1
 
 
 def _rng_state() -> dict[str, Any]:
@@ -76,13 +141,13 @@ def save_checkpoint(
     model,
     optimizer,
     scheduler,
-    state: dict[str, Any],
+    state: RunState,
     keep: int,
 ) -> Path:
-    """Write a checkpoint for ``state["step"]`` (every process calls this; each writes its RNG)."""
+    """Write a checkpoint for ``state.step`` (every process calls this; each writes its RNG)."""
     import torch
 
-    step = int(state["step"])
+    step = state.step
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
     if accelerator.is_main_process:
@@ -96,7 +161,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from trainer.publish import publish_dir
@@ -108,21 +173,21 @@ def save_checkpoint(
     return final
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
+def read_state(ckpt: Path) -> RunState:
     path = ckpt / STATE_FILE
     if not path.is_file():
         raise TrainerError(f"{ckpt} is not a trainer checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
+    return RunState.from_dict(json.loads(path.read_text()))
 
 
-def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> RunState:
     """Restore everything ``save_checkpoint`` wrote into live objects; returns the trainer state."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = read_state(ckpt)
-    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     missing = [k for k in result.unexpected_keys if "lora_" in k]
     if missing:

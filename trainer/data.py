@@ -16,7 +16,6 @@ rows of similar length share a batch, so little compute goes to padding.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -58,14 +57,6 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def file_sha256(*paths: str | Path | None) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        if p is not None:
-            h.update(Path(p).read_bytes())
-    return h.hexdigest()
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:

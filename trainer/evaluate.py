@@ -10,13 +10,13 @@ over rows (BLEU is corpus-level BLEU-4 with exponential smoothing, as in sacrebl
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from trainer import artifact
 from trainer.errors import TrainerError
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -137,12 +137,11 @@ def evaluate_adapter(
     from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TrainerError(f"not an adapter folder (no adapter_config.json): {adapter}")
-    record_path = adapter / "loraserve.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    template = PromptTemplate.from_dict(record["template"]) if "template" in record else DEFAULT_TEMPLATE
-    base_name = model or record.get("base_model")
+    if not (adapter / artifact.CONFIG_FILE).is_file():
+        raise TrainerError(f"not an adapter folder (no {artifact.CONFIG_FILE}): {adapter}")
+    record = artifact.read_record(adapter) or artifact.Record()
+    template = PromptTemplate.from_dict(record.template) if record.template else DEFAULT_TEMPLATE
+    base_name = model or record.base_model
     if not base_name:
         raise TrainerError(f"{adapter} does not record its base model; pass --model")
     examples = read_examples(data, template)

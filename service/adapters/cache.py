@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,14 +24,9 @@ from typing import Any
 
 from service import metrics
 from service.engine.lora import CONFIG_FILE, WEIGHTS_FILE
+from trainer.artifact import valid_name
 
 log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def valid_name(name: str) -> bool:
-    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and ".." not in name  # "$" allows "x\n"
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,15 @@
 """The disk side of adapters: the adapter directory is the source of truth.
 
-``<adapter-dir>/<name>/`` holds a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors,
-plus loraserve.json written by the trainer or by an upload). A folder that appears there is
-servable on its next request: nothing here caches the listing. Uploads are validated without
-torch and without pickle (the safetensors header is parsed by hand), staged under ``.staging/``
-and renamed in atomically, so a name is always absent or a complete adapter.
+``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``trainer.artifact``).
+A folder that appears there is servable on its next request: nothing here caches the listing.
+Uploads are validated without torch and without pickle (the safetensors header is parsed by hand),
+staged and renamed in atomically by ``trainer.artifact``, so a name is always absent or a complete
+adapter.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -23,14 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ApiError
-from service.schemas import AdapterInfo, adapter_name_problem
+from service.schemas import AdapterInfo
 from service.text_input import check_text
-from trainer.publish import publish_dir, staging_dir, write_atomic
+from trainer import artifact
+from trainer.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-RECORD_FILE = "loraserve.json"
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 # PEFT's key for one LoRA matrix of a GPT-2 block,
@@ -71,7 +68,7 @@ class BaseShape:
 
 
 def check_name(name: str, param: str = "name") -> None:
-    problem = adapter_name_problem(name)
+    problem = artifact.name_problem(name)
     if problem:
         raise ApiError(422, "invalid_adapter_name", problem, param)
 
@@ -93,28 +90,24 @@ def names(adapter_dir: Path) -> list[str]:
         return []
     found = []
     for entry in root.iterdir():
-        if entry.name.startswith(".") or adapter_name_problem(entry.name) or not entry.is_dir():
+        if entry.name.startswith(".") or not artifact.valid_name(entry.name) or not entry.is_dir():
             continue
         if exists(root, entry.name):
             found.append(entry.name)
     return sorted(found)
 
 
-def read_record(adapter_dir: Path, name: str) -> dict[str, Any]:
-    """loraserve.json of an adapter, or {} when the folder is a plain PEFT folder."""
-    try:
-        data = json.loads((adapter_path(adapter_dir, name) / RECORD_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def read_record(adapter_dir: Path, name: str) -> artifact.Record:
+    """The record of an adapter; an empty one when the folder is a plain PEFT folder."""
+    return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
 
 
 def template_for(adapter_dir: Path, name: str | None) -> PromptTemplate:
     """The prompt template recorded with the adapter; the default one for the base or a plain folder."""
     if name is None:
         return DEFAULT_TEMPLATE
-    tpl = read_record(adapter_dir, name).get("template")
-    return PromptTemplate.from_dict(tpl) if isinstance(tpl, dict) else DEFAULT_TEMPLATE
+    tpl = read_record(adapter_dir, name).template
+    return PromptTemplate.from_dict(tpl) if tpl is not None else DEFAULT_TEMPLATE
 
 
 def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:
@@ -128,10 +121,8 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
     except (OSError, ValueError) as exc:  # deleted or replaced while we read it
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
     record = read_record(adapter_dir, name)
-    created = record.get("created") or datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()
-    template = (
-        record.get("template") if isinstance(record.get("template"), dict) else DEFAULT_TEMPLATE.to_dict()
-    )
+    created = record.created or datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()
+    template = record.template if record.template is not None else DEFAULT_TEMPLATE.to_dict()
     return AdapterInfo(
         name=name,
         rank=int(config.get("r", 0)),
@@ -139,8 +130,8 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
         target_modules=config.get("target_modules") or [],
         size_bytes=size,
         created=created,
-        sha256=record.get("sha256"),
-        base_model=record.get("base_model") or config.get("base_model_name_or_path"),
+        sha256=record.sha256,
+        base_model=record.base_model or config.get("base_model_name_or_path"),
         loaded=name in loaded,
         template=template,
     )
@@ -378,24 +369,19 @@ def publish(
     base_model: str,
 ) -> bool:
     """Write a validated adapter to staging and rename it in; True if the name was new."""
-    adapter_dir = Path(adapter_dir)
-    staging = staging_dir(adapter_dir, f"upload-{name}")
+    final = adapter_path(Path(adapter_dir), name)
     try:
-        (staging / CONFIG_FILE).write_bytes(config_raw)
-        (staging / WEIGHTS_FILE).write_bytes(weights_raw)
-        record = {
-            "template": template.to_dict(),
-            "base_model": base_model,
-            "sha256": hashlib.sha256(weights_raw).hexdigest(),
-            "created": datetime.now(UTC).isoformat(),
-            "job": None,
-            "format": 1,
-        }
-        write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2) + "\n")
-        created = not adapter_path(adapter_dir, name).exists()
-        publish_dir(staging, adapter_path(adapter_dir, name))
+        with artifact.staged(final, f"upload-{name}") as staging:
+            (staging / CONFIG_FILE).write_bytes(config_raw)
+            (staging / WEIGHTS_FILE).write_bytes(weights_raw)
+            # created: to the microsecond with "+00:00", as uploads always had (the trainer writes "...Z")
+            record = artifact.Record(
+                template=template.to_dict(), base_model=base_model, created=datetime.now(UTC).isoformat()
+            )
+            artifact.write_record(staging, record)
+            created = not final.exists()
+            artifact.publish(staging, final)  # verify, seal the record with the weights' sha256, rename
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(
                 507,
@@ -419,7 +405,7 @@ def delete(adapter_dir: Path, name: str) -> None:
     folder = adapter_path(adapter_dir, name)
     if not folder.is_dir():
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
-    trash = adapter_dir / ".staging" / f"deleted-{name}-{uuid.uuid4().hex[:12]}"
+    trash = adapter_dir / STAGING / f"deleted-{name}-{uuid.uuid4().hex[:12]}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(folder, trash)

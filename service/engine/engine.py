@@ -16,7 +16,6 @@ caller's decision, made before ``add``.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ import torch
 
 from service import metrics
 from service.adapters.cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from trainer import artifact
 from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -114,15 +114,17 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------
     def adapter_template(self, name: str | None) -> PromptTemplate:
-        """The prompt template recorded in ``<adapter_dir>/<name>/loraserve.json``, else the default."""
+        """The prompt template recorded in the adapter's ``loraserve.json``, else the default."""
         if name is None:
             return DEFAULT_TEMPLATE
         if not self.adapters.exists(name):
             raise AdapterNotFound(name)
+        record = artifact.read_record(self.adapters.folder(name))
+        if record is None or record.template is None:
+            return DEFAULT_TEMPLATE
         try:
-            record = json.loads((self.adapters.folder(name) / "loraserve.json").read_text(encoding="utf-8"))
-            return PromptTemplate.from_dict(record["template"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return PromptTemplate.from_dict(record.template)
+        except (ValueError, KeyError, TypeError):
             return DEFAULT_TEMPLATE
 
     def add(self, req: GenerationRequest) -> None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
+from trainer.artifact import CONFIG_FILE, WEIGHTS_FILE
+
 from .dense import Dense
 
 # GPT-2 block modules a LoRA adapter may target (Conv1D, weight stored [in, out]).
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 _KEY = re.compile(
     r"(?:^|\.)h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"

@@ -1,81 +1,41 @@
-"""Publishing a trained adapter: verify the trainer's output, stamp the job id, rename it in.
+"""Publishing a trained adapter: rename the trainer's verified output to the adapter's name.
 
-The trainer writes its finished adapter (atomically) to a staging folder ``<adapter-dir>/.staging/
-<job-id>``; the runner checks it (files present, config parses, sha256 matches ``loraserve.json``),
-records the job id in ``loraserve.json`` and renames the folder to ``<adapter-dir>/<name>``. The
-name therefore only ever holds a complete, verified adapter, and the rename is the single moment
-the next ``/generate`` sees it. Without ``overwrite`` the rename refuses to replace a folder that
-appeared while the job trained (rename(2) of a folder onto a non-empty folder fails).
+The trainer gets ``--output <adapter-dir>/.staging/<job-id>`` and ``--job-id``; it stages the
+adapter beside that folder, verifies it and renames it in (``trainer.artifact``), so the folder
+only ever holds a complete, verified adapter whose record names this job. The runner renames it
+to ``<adapter-dir>/<name>``: the single moment the next ``/generate`` sees it. Without
+``overwrite`` the rename refuses to replace a folder that appeared while the job trained (rename(2)
+of a folder onto a non-empty folder fails). Only a folder the trainer did not write for this job
+(an earlier run's output, say) is verified again and stamped with the job id first.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 from pathlib import Path
 
-from trainer.publish import fsync_tree, publish_dir, write_atomic
-
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "loraserve.json")
+from trainer import artifact
+from trainer.publish import fsync_tree, publish_dir
 
 
 class PublishError(Exception):
     """The trainer's output cannot be published; the message says why (it becomes the job's error)."""
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in REQUIRED)
-
-
-def read_meta(folder: Path) -> dict | None:
-    try:
-        meta = json.loads((folder / "loraserve.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def verify(folder: Path) -> dict:
-    """Check a trainer output folder; returns its ``loraserve.json``."""
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
-    if missing:
-        raise PublishError(f"the trainer's output {folder} lacks {', '.join(missing)}")
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise PublishError(f"adapter_config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise PublishError("adapter_config.json does not describe a LoRA adapter")
-    meta = read_meta(folder)
-    if meta is None:
-        raise PublishError("loraserve.json is missing or not a JSON object")
-    if "template" not in meta:
-        raise PublishError("loraserve.json has no prompt template")
-    digest = file_sha256(folder / "adapter_model.safetensors")
-    if meta.get("sha256") not in (None, digest):
-        raise PublishError("adapter_model.safetensors does not match the sha256 in loraserve.json")
-    meta["sha256"] = digest
-    return meta
-
-
 def publish_adapter(staged: Path, final: Path, job_id: str, *, overwrite: bool) -> str:
-    """Verify ``staged``, record ``job_id`` and rename it to ``final``; returns the adapter's sha256."""
-    meta = verify(staged)
-    meta["job"] = job_id
-    write_atomic(staged / "loraserve.json", json.dumps(meta, indent=2) + "\n")
+    """Rename the trainer's output ``staged`` to ``final``; returns the adapter's sha256."""
+    record = artifact.read_record(staged) if artifact.is_complete(staged) else None
+    if record is None or record.job != job_id or record.sha256 is None:  # not this job's trainer output
+        try:
+            record = artifact.verify(staged)
+        except artifact.ArtifactError as exc:
+            raise PublishError(str(exc)) from None
+        record.job = job_id
+        artifact.write_record(staged, record)
     if overwrite:
         publish_dir(staged, final)
-        return meta["sha256"]
+        return record.sha256
     fsync_tree(staged)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -92,10 +52,10 @@ def publish_adapter(staged: Path, final: Path, job_id: str, *, overwrite: bool) 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return meta["sha256"]
+    return record.sha256
 
 
 def published_by(final: Path, job_id: str) -> bool:
     """True when ``final`` is a complete adapter that ``job_id`` published (the runner died after it)."""
-    meta = read_meta(final) if is_complete(final) else None
-    return bool(meta) and meta.get("job") == job_id
+    record = artifact.read_record(final) if artifact.is_complete(final) else None
+    return record is not None and record.job == job_id

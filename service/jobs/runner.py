@@ -8,7 +8,7 @@ The loop (single-threaded, every ``POLL_SECONDS``):
   * reads each trainer's new progress lines into the store and the metrics;
   * renews the job's lease (heartbeat) and sees cancellation requests: SIGTERM to the trainer,
     which writes a checkpoint and exits; the job ends ``cancelled``;
-  * notices exited trainers: success -> verify and publish the adapter -> ``succeeded``; any other
+  * notices exited trainers: success -> rename the verified adapter into place -> ``succeeded``; any other
     end -> ``failed`` with the reason (the trainer's error line, the signal that killed it, or the
     log's last lines);
   * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
-from service.jobs.publish import PublishError, is_complete, publish_adapter, published_by
+from service.jobs.publish import PublishError, publish_adapter, published_by
 from service.jobs.store import FINISHED, PROGRESS_KEYS, STATUSES, Job, JobStore, make_owner_id, owner_is_dead
 from service.settings import Settings
+from trainer.artifact import is_complete
 
 log = logging.getLogger("loraserve.jobs")
 

@@ -4,27 +4,20 @@ rather than a failed job minutes later. Imports stay light: no torch in the API 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from pydantic import ValidationError
 
 from service.errors import ApiError
 from service.settings import Settings
+from trainer.artifact import name_problem
 from trainer.text import find_lone_surrogate
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_adapter_name(name: Any, param: str = "adapter") -> str:
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:  # not "x\n"
-        raise ApiError(
-            422,
-            "invalid_adapter_name",
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..'",
-            param,
-        )
+    problem = name_problem(name)
+    if problem:
+        raise ApiError(422, "invalid_adapter_name", problem, param)
     return name
 
 
