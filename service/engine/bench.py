@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 )
                 live += 1
-            for ev in engine.step():
+            for ev in engine.step().events:
                 produced += ev.token_id is not None
                 live -= ev.finished
         return produced
