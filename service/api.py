@@ -473,8 +473,8 @@ class EngineLoop(LitLoop):
 
 
 class _Driver:
-    """Owns the engine in the worker. It exports each engine step's report as metrics
-    (``metrics.record_step``), and the queue it keeps in front of the engine (``requests_waiting``)."""
+    """Owns the engine in the worker and writes its metrics: each engine step's report
+    (``metrics.record_step``) and the queue it keeps in front of the engine (``requests_waiting``)."""
 
     def __init__(self, loop: EngineLoop, lit_api: EngineAPI, request_queue, transport) -> None:
         from service import metrics
