@@ -1,6 +1,7 @@
 """Benchmarks, one command each (CPU by default; ``--device cuda`` on a GPU):
 
     python -m bench serve   # server vs naive FastAPI + PEFT vs offline ceiling; churn; short vs long
+    python -m bench engine  # the engine in-process vs batched HF generate / PEFT (its own options: --help)
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
 
@@ -130,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
+    sub.add_parser("engine", help="engine micro-benchmark in one process (python -m bench engine --help)")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["engine"]:  # its options are its own (bench/engine.py)
+        from bench import engine
+
+        engine.main(argv[1:])
+        return 0
     a = p.parse_args(argv)
     if a.cmd == "report":
         print(render(a.outdir))

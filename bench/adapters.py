@@ -1,8 +1,10 @@
-"""Benchmark fixtures: a random-weight base and r=32 LoRA adapters in the service's storage layout.
+"""Benchmark fixtures: a random-weight base and random LoRA adapters.
 
 Adapters get random, non-zero B matrices (PEFT initialises B to zero, which would make every
-adapter equal to the base and hide LoRA's cost in any output check). Writing safetensors
-directly from one PEFT state-dict template makes 200 adapters in seconds.
+adapter equal to the base and hide LoRA's cost in any output check). ``make_adapters`` writes r=32
+folders in the service's storage layout (safetensors written directly from one PEFT state-dict
+template: 200 adapters in seconds); ``lora_files`` makes the two files of a small one in memory,
+for uploads (the soak, the reliability tests).
 """
 
 from __future__ import annotations
@@ -100,3 +102,57 @@ def _is_complete(path: Path, r: int) -> bool:
 
 def _stable_hash(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def base_shape(base: Path) -> tuple[int, int]:
+    """(n_layer, n_embd) of a GPT-2 base folder."""
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    return int(cfg["n_layer"]), int(cfg["n_embd"])
+
+
+def lora_files(
+    n_layer: int,
+    n_embd: int,
+    *,
+    r: int = 4,
+    seed: int = 0,
+    modules: tuple[str, ...] = ("attn.c_attn", "attn.c_proj"),
+    scale: float = 0.05,
+) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base."""
+    import torch
+    from safetensors.torch import save
+
+    fan = {
+        "attn.c_attn": (n_embd, 3 * n_embd),
+        "attn.c_proj": (n_embd, n_embd),
+        "mlp.c_fc": (n_embd, 4 * n_embd),
+        "mlp.c_proj": (4 * n_embd, n_embd),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(n_layer):
+        for module in modules:
+            fan_in, fan_out = fan[module]
+            key = f"base_model.model.transformer.h.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * scale
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * scale
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({m.split(".")[-1] for m in modules}),
+        "fan_in_fan_out": True,
+        "bias": "none",
+    }
+    return json.dumps(config).encode(), save(tensors)
+
+
+def upload_files(config: bytes, weights: bytes) -> dict[str, tuple[str, bytes]]:
+    """The multipart files of ``POST /adapters/{name}`` for ``lora_files``' two files."""
+    return {
+        "adapter_config": ("adapter_config.json", config),
+        "adapter_model": ("adapter_model.safetensors", weights),
+    }

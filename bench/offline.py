@@ -135,7 +135,7 @@ def run_offline_engine(
             engine.add(GenerationRequest(str(r.idx), ids, r.adapter, params))
         done: dict[int, int] = {}
         while engine.has_active():
-            for ev in engine.step():
+            for ev in engine.step().events:
                 if ev.finished:
                     if ev.finish_reason == "error":
                         raise RuntimeError(f"request {ev.id}: {ev.error}")

@@ -14,15 +14,21 @@ def scrape(base_url: str) -> dict[str, list[tuple[dict, float]]]:
         return {}
     if resp.status_code != 200:
         return {}
+    return parse(resp.text)
+
+
+def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """{sample name: [(labels, value), ...]} of Prometheus text."""
     out: dict[str, list[tuple[dict, float]]] = {}
-    for fam in text_string_to_metric_families(resp.text):
+    for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out.setdefault(s.name, []).append((dict(s.labels), s.value))
     return out
 
 
-def total(snap: dict, name: str) -> float:
-    return sum(v for _, v in snap.get(name, []))
+def total(snap: dict, name: str, **match: str) -> float:
+    """The sum of a sample over its label sets, or over those whose labels include ``match``."""
+    return sum(v for labels, v in snap.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
 
 
 def histogram_buckets(snap: dict, name: str) -> list[tuple[float, float]]:

@@ -70,9 +70,18 @@ def _stop(server: Server, grace: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def _launch(
-    name: str, cmd: list[str], env: dict, port: int, log_path: Path, ready_timeout: float
+def launch(
+    name: str,
+    cmd: list[str],
+    env: dict,
+    port: int,
+    log_path: Path,
+    ready_timeout: float,
+    *,
+    stop_grace: float = 15.0,
 ) -> Iterator[Server]:
+    """Start ``cmd`` in its own process group on loopback ``port``; yield it once ``/health/ready``
+    answers 200; stop it (and its group) afterwards."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(
@@ -83,10 +92,11 @@ def _launch(
         server.ready_s = _wait_ready(server, ready_timeout)
         yield server
     finally:
-        _stop(server)
+        _stop(server, stop_grace)
 
 
-def _env(extra: dict) -> dict:
+def child_env(extra: dict) -> dict:
+    """Our environment for a server under test: offline hub, quiet tokenizers, plus ``extra``."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,7 +118,7 @@ def loraserve(
 ):
     """This project's server: ``python -m service``, configured through LORASERVE_* settings."""
     port = free_port()
-    env = _env(
+    env = child_env(
         {
             "LORASERVE_MODEL": model,
             "LORASERVE_ADAPTER_DIR": adapter_dir,
@@ -125,7 +135,7 @@ def loraserve(
             **(extra_env or {}),
         }
     )
-    return _launch("loraserve", [sys.executable, "-m", "service"], env, port, log_path, ready_timeout)
+    return launch("loraserve", [sys.executable, "-m", "service"], env, port, log_path, ready_timeout)
 
 
 def naive(*, model: Path, adapter_dir: Path, device: str, dtype: str, preload: list[str], log_path: Path):
@@ -148,4 +158,4 @@ def naive(*, model: Path, adapter_dir: Path, device: str, dtype: str, preload: l
         "--preload",
         ",".join(preload),
     ]
-    return _launch("naive", cmd, _env({}), port, log_path, 300.0)
+    return launch("naive", cmd, child_env({}), port, log_path, 300.0)

@@ -31,10 +31,7 @@ import contextlib
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -47,7 +44,11 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import promstats
+from bench.adapters import base_shape, ensure_base, lora_files, upload_files
+from bench.common import REPO, log
+from bench.servers import child_env, free_port, launch
+
 TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
 DESIGNED_REFUSALS = (429, 503)
 RETRY_AFTER_S = 1.0  # what the server sends; the client library honours it the same way
@@ -63,72 +64,7 @@ TRAIN_CONFIG = {
 }
 
 
-def log(event: str, **fields: Any) -> None:
-    print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
-
-
-# --- adapters --------------------------------------------------------------------------------------
-
-
-def lora_files(
-    n_layer: int,
-    n_embd: int,
-    *,
-    r: int = 4,
-    seed: int = 0,
-    modules: tuple[str, ...] = ("attn.c_attn", "attn.c_proj"),
-    scale: float = 0.05,
-) -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base."""
-    import torch
-    from safetensors.torch import save
-
-    fan = {
-        "attn.c_attn": (n_embd, 3 * n_embd),
-        "attn.c_proj": (n_embd, n_embd),
-        "mlp.c_fc": (n_embd, 4 * n_embd),
-        "mlp.c_proj": (4 * n_embd, n_embd),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(n_layer):
-        for module in modules:
-            fan_in, fan_out = fan[module]
-            key = f"base_model.model.transformer.h.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * scale
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * scale
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": 2 * r,
-        "lora_dropout": 0.0,
-        "target_modules": sorted({m.split(".")[-1] for m in modules}),
-        "fan_in_fan_out": True,
-        "bias": "none",
-    }
-    return json.dumps(config).encode(), save(tensors)
-
-
-def upload_files(config: bytes, weights: bytes) -> dict[str, tuple[str, bytes]]:
-    return {
-        "adapter_config": ("adapter_config.json", config),
-        "adapter_model": ("adapter_model.safetensors", weights),
-    }
-
-
-def base_shape(base: Path) -> tuple[int, int]:
-    cfg = json.loads((Path(base) / "config.json").read_text())
-    return int(cfg["n_layer"]), int(cfg["n_embd"])
-
-
 # --- the server ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -164,40 +100,16 @@ def start_server(
     """``python -m service`` on a free loopback port; yields (url, process group id), stops it after."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "server.log"
     cmd = [
         sys.executable, "-m", "service", "--model", str(base),
         "--adapter-dir", str(workdir / "adapters"), "--data-dir", str(workdir / "data"),
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *settings.args(),
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", LORASERVE_API_KEY=api_key)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not ready within 180 s; see {log_path}")
-            time.sleep(0.25)
-        log("server_ready", url=url, pid=proc.pid, log=str(log_path))
-        yield url, proc.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group
-        proc.wait(10)
+    env = child_env({"LORASERVE_API_KEY": api_key})
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the server's own metrics folder, never the caller's
+    with launch("loraserve", cmd, env, port, workdir / "server.log", 180.0, stop_grace=30.0) as server:
+        log("server_ready", url=server.base_url, pid=server.pid, log=str(server.log_path))
+        yield server.base_url, server.pid
 
 
 def group_rss(pgid: int) -> int:
@@ -222,31 +134,12 @@ def group_rss(pgid: int) -> int:
 # --- metrics ---------------------------------------------------------------------------------------
 
 
-def parse_metrics(text: str) -> dict[str, Counter]:
-    """Sample name -> Counter of label tuples -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, Counter] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, Counter())[tuple(sorted(s.labels.items()))] += s.value
-    return out
-
-
-def requests_by_route(metrics: dict[str, Counter]) -> Counter:
+def requests_by_route(snap: dict) -> Counter:
+    """``loraserve_requests_total`` by (endpoint, status), from a ``promstats.parse`` snapshot."""
     out: Counter = Counter()
-    for labels, value in metrics.get("loraserve_requests_total", Counter()).items():
-        d = dict(labels)
-        out[(d["endpoint"], d["status"])] += value
+    for labels, value in snap.get("loraserve_requests_total", []):
+        out[(labels["endpoint"], labels["status"])] += value
     return out
-
-
-def total(metrics: dict[str, Counter], name: str, **match: str) -> float:
-    return sum(
-        v
-        for labels, v in metrics.get(name, Counter()).items()
-        if all(dict(labels).get(k) == x for k, x in match.items())
-    )
 
 
 # --- the load --------------------------------------------------------------------------------------
@@ -509,7 +402,7 @@ class Load:
         async with httpx.AsyncClient(
             base_url=self.url, headers=self.headers, limits=limits, timeout=timeout
         ) as c:
-            before = parse_metrics((await c.get("/metrics")).text)
+            before = promstats.parse((await c.get("/metrics")).text)
             self.tally.count("/metrics", 200)
             for name in self.stable + self.churned:
                 await self.upload(c, name)
@@ -546,7 +439,7 @@ class Load:
             log("load_done", elapsed=round(elapsed, 1), generated=self.tally.generated)
 
             leaks = await self.check_leaks(c)
-            after = parse_metrics((await c.get("/metrics")).text)  # counted by the server after it answers
+            after = promstats.parse((await c.get("/metrics")).text)  # counted by the server after it answers
         counters = self.compare_counters(before, after)
         memory = self.memory_growth(start, cfg.duration)
         violations = list(self.tally.violations)
@@ -575,11 +468,11 @@ class Load:
         """After the load: nothing running or waiting, the cache within its bound, every slot free."""
         problems: list[str] = []
         await asyncio.sleep(1.5)  # the worker publishes its gauges on its next loop pass
-        m = parse_metrics((await c.get("/metrics")).text)
+        m = promstats.parse((await c.get("/metrics")).text)
         self.tally.count("/metrics", 200)
-        running = total(m, "loraserve_requests_running")
-        waiting = total(m, "loraserve_requests_waiting")
-        loaded = total(m, "loraserve_adapters_loaded")
+        running = promstats.total(m, "loraserve_requests_running")
+        waiting = promstats.total(m, "loraserve_requests_waiting")
+        loaded = promstats.total(m, "loraserve_adapters_loaded")
         if running or waiting:
             problems.append(f"after the load {running:.0f} requests still running, {waiting:.0f} waiting")
         if loaded > self.settings.max_loaded_adapters:
@@ -610,18 +503,18 @@ class Load:
             "burst_admitted": len(burst) - refused,
         }
 
-    def compare_counters(self, before: dict[str, Counter], after: dict[str, Counter]) -> dict[str, Any]:
+    def compare_counters(self, before: dict, after: dict) -> dict[str, Any]:
         seen = requests_by_route(after)
         seen.subtract(requests_by_route(before))
         server = {f"{r} {s}": int(n) for (r, s), n in seen.items() if n}
         client = {f"{r} {s}": n for (r, s), n in self.tally.responses.items() if n}
-        tokens = total(after, "loraserve_generated_tokens_total") - total(
+        tokens = promstats.total(after, "loraserve_generated_tokens_total") - promstats.total(
             before, "loraserve_generated_tokens_total"
         )
         jobs = {
             s: int(
-                total(after, "loraserve_train_jobs_finished_total", status=s)
-                - total(before, "loraserve_train_jobs_finished_total", status=s)
+                promstats.total(after, "loraserve_train_jobs_finished_total", status=s)
+                - promstats.total(before, "loraserve_train_jobs_finished_total", status=s)
             )
             for s in ("succeeded", "failed", "cancelled")
         }
@@ -681,15 +574,6 @@ def _summary(xs: list[float]) -> dict[str, float | None]:
     }
 
 
-def tiny_base(workdir: Path) -> Path:
-    from trainer.model import make_random_base
-
-    path = workdir / "models" / "tiny-gpt2"
-    if not (path / "config.json").exists():
-        make_random_base(path, **TINY_SHAPE, seed=0)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=64)
@@ -708,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     run_dir = a.workdir / time.strftime("%Y%m%d-%H%M%S")
-    base = a.model or tiny_base(a.workdir)
+    base = a.model or ensure_base(a.workdir, shape=TINY_SHAPE)
     settings = ServerSettings(num_api_servers=a.api_servers)
     config = SoakConfig(
         clients=a.clients,

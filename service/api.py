@@ -473,8 +473,8 @@ class EngineLoop(LitLoop):
 
 
 class _Driver:
-    """Owns the engine in the worker. The engine records its own batch, token and latency metrics;
-    the driver adds the queue it keeps in front of the engine (``requests_waiting``)."""
+    """Owns the engine in the worker and writes its metrics: each engine step's report
+    (``metrics.record_step``) and the queue it keeps in front of the engine (``requests_waiting``)."""
 
     def __init__(self, loop: EngineLoop, lit_api: EngineAPI, request_queue, transport) -> None:
         from service import metrics
@@ -499,7 +499,11 @@ class _Driver:
                 return
             self.expire()
             self.admit()
-            self.metrics.REQUESTS_WAITING.set(len(self.waiting) + self.engine.stats()["waiting"])
+            stats = self.engine.stats()
+            self.metrics.REQUESTS_WAITING.set(len(self.waiting) + stats["waiting"])
+            # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
+            self.metrics.REQUESTS_RUNNING.set(stats["rows"])
+            self.metrics.ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
             if self.engine.has_active():
                 self.step()
             elif self.waiting:
@@ -566,14 +570,15 @@ class _Driver:
 
     def step(self) -> None:
         try:
-            events = self.engine.step()
+            report = self.engine.step()
         except Exception as exc:  # the whole step failed: every job gets the error, nobody hangs
             log.exception("engine.step failed")
             for live in list(self.running.values()):
                 self.drop(live.job["id"])
                 self.fail(live, 500, "generation_failed", f"{type(exc).__name__}: {exc}")
             return
-        for ev in events:
+        self.metrics.record_step(report)
+        for ev in report.events:
             live = self.running.get(ev.id)
             if live is None:  # cancelled or expired meanwhile
                 continue

@@ -9,7 +9,12 @@ The Grafana dashboard and the alert rules in deploy/ name these metrics; a test 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from service.engine.types import StepReport
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -91,3 +96,30 @@ TRAIN_JOB_SECONDS = Histogram(
     "wall time of finished training jobs",
     buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400),
 )
+
+
+def record_step(report: StepReport) -> None:
+    """Export what one engine step measured (the engine itself writes no metrics)."""
+    for seconds in report.queue_wait_seconds:
+        QUEUE_WAIT_SECONDS.observe(seconds)
+    for label, n in report.prompt_tokens.items():
+        PROMPT_TOKENS.labels(adapter=label).inc(n)
+    if report.decode_rows:
+        BATCH_SIZE.observe(report.decode_rows)
+    for label, seconds in report.first_token_seconds:
+        TTFT_SECONDS.labels(adapter=label).observe(seconds)
+    for seconds in report.inter_token_seconds:
+        INTER_TOKEN_SECONDS.observe(seconds)
+    for label, n in report.generated_tokens.items():
+        GENERATED_TOKENS.labels(adapter=label).inc(n)
+    REQUESTS_RUNNING.set(report.running)
+    cache = report.adapters
+    if cache.hits:
+        ADAPTER_CACHE_HITS.inc(cache.hits)
+    if cache.misses:
+        ADAPTER_CACHE_MISSES.inc(cache.misses)
+    if cache.evictions:
+        ADAPTER_CACHE_EVICTIONS.inc(cache.evictions)
+    for seconds in cache.load_seconds:
+        ADAPTER_LOAD_SECONDS.observe(seconds)
+    ADAPTERS_LOADED.set(cache.loaded)

@@ -162,3 +162,16 @@ def test_percentiles_and_histogram_quantiles() -> None:
     assert bucket_quantile(buckets, 0.7) == pytest.approx(0.01 + 0.015 * 2 / 4)
     assert bucket_upper_bound(buckets, 0.99) == 0.05
     assert bucket_quantile([(0.01, 0.0), (float("inf"), 0.0)], 0.5) is None
+
+
+def test_engine_benchmark_is_a_bench_command() -> None:
+    """The engine micro-benchmark lives in bench/ (not in the product) and keeps its own options."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "engine", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m bench engine" in proc.stdout and "--stream-requests" in proc.stdout

@@ -43,6 +43,26 @@ def test_client_imports_only_httpx_pydantic_and_the_standard_library():
                 assert name.split(".")[0] in allowed, f"{path.name}:{node.lineno} imports {name}"
 
 
+def test_client_modules_import_each_other_in_one_direction_only():
+    # Every relative import counts, lazy ones too: a cycle (say _exceptions -> _core -> _exceptions)
+    # means two modules that cannot be read, or loaded, apart.
+    deps: dict[str, set[str]] = {}
+    for path in sorted((CLIENT / "loraserve_client").glob("*.py")):
+        found = deps.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found.update([node.module] if node.module else [a.name for a in node.names])
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in deps.get(start, ()):
+            if dep == goal or (dep not in seen and reaches(dep, goal, seen | {dep})):
+                return True
+        return False
+
+    cycles = sorted(m for m in deps if m != "__init__" and reaches(m, m, {m}))
+    assert not cycles, f"import cycle through {cycles}"
+
+
 def test_client_and_cli_import_with_heavy_packages_blocked():
     # Fails if anything on the import path of the package or its CLI reaches for torch & co.
     code = f"""

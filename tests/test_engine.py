@@ -92,6 +92,13 @@ class Result:
         return self.events[-1]
 
 
+def step_events(engine: Engine) -> list[TokenEvent]:
+    """One engine step, its report exported as metrics as the worker does; the step's events."""
+    report = engine.step()
+    metrics.record_step(report)
+    return report.events
+
+
 def drain(
     engine: Engine, results: dict[str, Result] | None = None, max_steps: int = 10_000
 ) -> dict[str, Result]:
@@ -99,7 +106,7 @@ def drain(
     for _ in range(max_steps):
         if not engine.has_active():
             break
-        for ev in engine.step():
+        for ev in step_events(engine):
             res = results.setdefault(ev.id, Result())
             assert not (res.events and res.last.finished), f"event after finish for {ev.id}"
             res.events.append(ev)
@@ -112,7 +119,7 @@ def drain(
 
 def step(engine: Engine, results: dict[str, Result]) -> list[TokenEvent]:
     """One engine step, recorded into ``results`` (for tests that act between steps)."""
-    events = engine.step()
+    events = step_events(engine)
     for ev in events:
         res = results.setdefault(ev.id, Result())
         res.events.append(ev)
@@ -216,11 +223,11 @@ def test_prefill_and_decode_steps_alternate_under_arrivals(shared_engine: Engine
     before every step, the running row still gets a token every second step."""
     eng = shared_engine
     eng.add(request(eng, "run", PROMPTS[0], "a", greedy(12)))
-    assert [e.id for e in eng.step()] == ["run"]  # nothing was running: admitted at once
+    assert [e.id for e in step_events(eng)] == ["run"]  # nothing was running: admitted at once
     seen = []
     for i in range(6):
         eng.add(request(eng, f"arr{i}", PROMPTS[1], None, greedy(1)))
-        seen.append(sorted(e.id for e in eng.step()))
+        seen.append(sorted(e.id for e in step_events(eng)))
     # requests that arrived during a decode step are admitted together in the next one
     assert seen == [["run"], ["arr0", "arr1"], ["run"], ["arr2", "arr3"], ["run"], ["arr4", "arr5"]]
     res = drain(eng)
@@ -231,8 +238,8 @@ def test_finished_rows_leave_at_once(shared_engine: Engine):
     eng = shared_engine
     eng.add(request(eng, "short", PROMPTS[0], "a", greedy(2)))
     eng.add(request(eng, "long", PROMPTS[1], "b", greedy(10)))
-    eng.step()  # prefill: one token each
-    ev = {e.id: e for e in eng.step()}
+    step_events(eng)  # prefill: one token each
+    ev = {e.id: e for e in step_events(eng)}
     assert ev["short"].finished and ev["short"].finish_reason == "length"
     assert eng.stats()["rows"] == 1
     drain(eng)
@@ -394,7 +401,7 @@ def test_adapter_appears_and_disappears(tiny_base: Path, adapter_dir: Path, adap
     shutil.copytree(adapter_src / "c", adapter_dir / "gone")
     eng.add(request(eng, "n5", PROMPTS[0], "gone", greedy(4)))
     shutil.rmtree(adapter_dir / "gone")
-    (ev,) = eng.step()
+    (ev,) = step_events(eng)
     assert ev.finished and ev.finish_reason == "error" and "gone" in ev.error
     assert ev.error_code == "adapter_not_found"  # the server answers 404, not 500
 
@@ -423,7 +430,7 @@ def test_pinned_adapters_are_not_evicted(tiny_base: Path, adapter_dir: Path):
     eng.add(request(eng, "pa", PROMPTS[0], "a", greedy(3)))
     eng.add(request(eng, "pb", PROMPTS[1], "b", greedy(12)))
     eng.add(request(eng, "pc", PROMPTS[2], "c", greedy(4)))
-    eng.step()
+    step_events(eng)
     assert eng.stats()["rows"] == 2 and eng.stats()["waiting"] == 1
     res = drain(eng)
     assert all(res[r].last.finish_reason == "length" for r in ("pa", "pb", "pc"))
@@ -491,13 +498,13 @@ def test_cancel_and_capacity(shared_engine: Engine):
         eng.add(request(eng, f"c{i}", PROMPTS[i % 4], None, greedy(50)))
     assert not eng.has_capacity()
     eng.add(request(eng, "extra", PROMPTS[0], None, greedy(3)))  # accepted: waits for a row
-    eng.step()
+    step_events(eng)
     assert eng.stats()["rows"] == eng.max_batch_size and eng.stats()["waiting"] == 1
     eng.cancel("c3")
     eng.cancel("does-not-exist")
-    ids = {e.id for e in eng.step()}  # a decode step (the last step prefilled): c3 is gone
+    ids = {e.id for e in step_events(eng)}  # a decode step (the last step prefilled): c3 is gone
     assert "c3" not in ids and len(ids) == eng.max_batch_size - 1
-    ids = {e.id for e in eng.step()}  # a prefill step: the freed row takes the waiting request
+    ids = {e.id for e in step_events(eng)}  # a prefill step: the freed row takes the waiting request
     assert ids == {"extra"}
     for i in range(eng.max_batch_size):
         eng.cancel(f"c{i}")
@@ -507,12 +514,12 @@ def test_cancel_and_capacity(shared_engine: Engine):
 
 def test_single_thread_enforced(tiny_base: Path, adapter_src: Path):
     eng = Engine(tiny_base, adapter_src)
-    eng.step()
+    step_events(eng)
     errors = []
 
     def other():
         try:
-            eng.step()
+            step_events(eng)
         except RuntimeError as exc:
             errors.append(exc)
 

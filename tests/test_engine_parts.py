@@ -283,3 +283,12 @@ def test_choose_tokens_follows_each_rows_filter():
     alone = [choose_tokens(logits[1:2], params[1:2], [g_alone])[0] for _ in range(50)]
     batch = [choose_tokens(logits, params, [gens[0], g_batch, gens[2], None])[1] for _ in range(50)]
     assert alone == batch and len(set(alone)) > 1
+
+
+def test_engine_package_writes_no_metrics():
+    """The engine measures and reports; the worker exports (service.metrics is not imported)."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.engine; assert 'service.metrics' not in sys.modules, 'engine imports metrics'"
+    subprocess.run([sys.executable, "-c", code], check=True)

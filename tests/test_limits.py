@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from bench.soak import lora_files, upload_files
+from bench.adapters import lora_files, upload_files
 from service.api import ModelLimits
 from service.settings import Settings
 from tests.helpers.server import Server, running_server

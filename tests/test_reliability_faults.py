@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.soak import TRAIN_ROWS, lora_files, upload_files
+from bench.adapters import lora_files, upload_files
+from bench.soak import TRAIN_ROWS
 from tests.helpers.server import group_members, running_server
 
 KEY = "faults-" + "5eb1" * 6

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from bench.soak import lora_files, upload_files
+from bench.adapters import lora_files, upload_files
 from tests.helpers.server import Server, running_server
 
 KEY = "rel-4c1d-" + "9f3e2a7b" * 3  # distinctive: the log check greps for it

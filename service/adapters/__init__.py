@@ -1,1 +1,1 @@
-"""Adapters: the folder on disk (store) and the worker's in-memory LRU (cache)."""
+"""Adapters on disk: the folder store (the worker's in-memory LRU is ``service/engine/cache.py``)."""

@@ -3,12 +3,20 @@
     engine = Engine(model_path, adapter_dir)
     engine.add(GenerationRequest("r1", prompt_ids, "my-adapter", SamplingParams(temperature=0)))
     while engine.has_active():
-        for event in engine.step(): ...
+        for event in engine.step().events: ...
 
-One thread only: the worker loop owns the engine.
+One thread only: the worker loop owns the engine. ``step`` returns a StepReport (events + timings).
 """
 
 from .engine import Engine
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams, TokenEvent
+from .types import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams, StepReport, TokenEvent
 
-__all__ = ["AdapterNotFound", "Engine", "GenerationRequest", "PromptTooLong", "SamplingParams", "TokenEvent"]
+__all__ = [
+    "AdapterNotFound",
+    "Engine",
+    "GenerationRequest",
+    "PromptTooLong",
+    "SamplingParams",
+    "StepReport",
+    "TokenEvent",
+]

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.adapters.cache import LoadedAdapter
-
+from .cache import LoadedAdapter
 from .lora import LoraPlan, Stacks
 from .model import GPT2Runner
 from .text import Detokenizer, StopMatcher

@@ -4,7 +4,11 @@
 ``step`` either admits waiting requests into free rows and prefills them (their first token), or
 runs one decode step for the running rows (one token each). A prefill step is always followed by a
 decode step, so arrivals cannot starve running rows. A finished row leaves the batch in the same
-step, so its slot is free for the next request at once.
+step, so its slot is free for the next request at once. Which waiting requests join is the
+``Scheduler``'s decision (``scheduler.py``).
+
+Metrics: the engine writes none. ``step`` returns a ``StepReport`` (events, prefill and decode
+timings, latencies, adapter cache activity) and the worker exports it (``service.metrics``).
 
 Threading: an Engine is used from ONE thread (the worker loop). It holds no locks; calls from a
 second thread raise RuntimeError instead of corrupting the batch.
@@ -19,23 +23,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
 
-from service import metrics
-from service.adapters.cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
 from trainer import artifact
 from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
+from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
 from .sampling import choose_tokens, make_generator
+from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, TokenEvent
+from .types import BASE_LABEL, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ class Engine:
         self.model_path = Path(model_path)
         self.adapter_dir = Path(adapter_dir)
         self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
         self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
         model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
         self.runner = GPT2Runner(model, max_rows=max_batch_size)
@@ -83,9 +85,8 @@ class Engine:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
         self.batch = Batch(self.runner, max_batch_size)
-        self.waiting: deque[GenerationRequest] = deque()
+        self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
-        self._prefilled_last = False  # the last step prefilled: the next one decodes
         self.steps = 0
         self.tokens_generated = 0
         self.started = time.time()
@@ -144,24 +145,22 @@ class Engine:
             raise PromptTooLong(len(req.prompt_ids), req.params.max_new_tokens, self.n_positions)
         if req.adapter is not None and not self.adapters.exists(req.adapter):
             raise AdapterNotFound(req.adapter, "" if valid_name(req.adapter) else "invalid adapter name")
-        if any(r.id == req.id for r in self.waiting) or any(r.req.id == req.id for r in self.batch.rows):
+        if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
-        self.waiting.append(req)
+        self.scheduler.add(req)
 
     def cancel(self, request_id: str) -> None:
         """Drop a waiting or running request; no event is produced for it."""
         self._check_thread()
-        for req in self.waiting:
-            if req.id == request_id:
-                self.waiting.remove(req)
-                return
+        if self.scheduler.remove(request_id):
+            return
         for row in self.batch.rows:
             if row.req.id == request_id:
                 self._leave([row])
                 return
 
     def has_active(self) -> bool:
-        return bool(self.waiting) or bool(self.batch.rows)
+        return bool(self.scheduler) or bool(self.batch.rows)
 
     def has_capacity(self) -> bool:
         """True while running + waiting requests are fewer than ``max_batch_size``.
@@ -169,13 +168,13 @@ class Engine:
         ``add`` accepts more than that (they wait for a free row); this is the hint for how many
         to take from an upstream queue.
         """
-        return len(self.batch.rows) + len(self.waiting) < self.max_batch_size
+        return len(self.batch.rows) + len(self.scheduler) < self.max_batch_size
 
     def stats(self) -> dict:
         cache = self.adapters.stats()
         return {
             "rows": len(self.batch.rows),
-            "waiting": len(self.waiting),
+            "waiting": len(self.scheduler),
             "max_batch_size": self.max_batch_size,
             "adapters_loaded": self.adapters.loaded(),
             "adapter_cache": cache,
@@ -188,21 +187,24 @@ class Engine:
             "n_positions": self.n_positions,
         }
 
-    def step(self) -> list[TokenEvent]:
+    def step(self) -> StepReport:
         """Admit and prefill newcomers (first token each), or run one decode step for the running
         rows (one token each). Finished rows leave before this returns.
 
         A newcomer's first token goes out right after its prefill instead of after a decode of the
         whole batch as well (under load, one decode step sooner), and a prefill step is always
         followed by a decode step: the running rows get a token per prefill + decode, as they
-        would if both ran in one step."""
+        would if both ran in one step. The report carries the events and what the step measured."""
         self._check_thread()
-        events: list[TokenEvent] = []
+        report = StepReport()
+        events = report.events
         running = len(self.batch.rows)
-        newcomers = self._admit(events) if not (running and self._prefilled_last) else []
-        self._prefilled_last = bool(newcomers)
+        newcomers = self._admit(running, report)
         if newcomers:
             running = 0  # this step prefills only
+            t0 = time.perf_counter()
+            report.prefill_rows = len(newcomers)
+            report.prefill_tokens = sum(len(r.prompt_ids) for r in newcomers)
             try:
                 logits = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
@@ -211,10 +213,12 @@ class Engine:
                     self._release(row)
                     events.append(self._error(row.req, f"prefill failed: {exc}"))
             else:
-                self._sample(newcomers, logits, events)
+                self._sample(newcomers, logits, report)
+            report.prefill_seconds = time.perf_counter() - t0
         if running:
             rows = self.batch.rows[:running]
-            metrics.BATCH_SIZE.observe(running)
+            t0 = time.perf_counter()
+            report.decode_rows = running
             try:
                 logits = self.batch.decode(running)
             except Exception as exc:
@@ -222,50 +226,45 @@ class Engine:
                 self._leave(rows)
                 events.extend(self._error(r.req, f"decode failed: {exc}", r.completion) for r in rows)
             else:
-                self._sample(rows, logits, events)
+                self._sample(rows, logits, report)
+            report.decode_seconds = time.perf_counter() - t0
         finished = [r for r in self.batch.rows if r.finished]
         if finished:
             self._leave(finished)
-        metrics.REQUESTS_RUNNING.set(len(self.batch.rows))
+        report.running = len(self.batch.rows)
+        report.adapters = self.adapters.take_activity()
         self.steps += 1
-        return events
+        return report
 
     # --- internals ------------------------------------------------------------------------------
-    def _admit(self, events: list[TokenEvent]) -> list[Row]:
-        """Take waiting requests, in order, while rows and the prefill budget allow.
+    def _admit(self, running: int, report: StepReport) -> list[Row]:
+        """The newcomers the scheduler lets in, each with its adapter pinned, and KV room for them.
 
         A request whose adapter cannot be loaded without evicting a pinned one waits (others may
         pass it); a request whose adapter vanished or is broken gets an error event.
         """
-        admitted: list[Row] = []
-        passed: list[GenerationRequest] = []
-        free, budget = self.batch.free, self.max_prefill_tokens
-        reserve = 0
-        while self.waiting and free > len(admitted):
-            req = self.waiting[0]
-            if admitted and len(req.prompt_ids) > budget:
-                break
-            self.waiting.popleft()
+
+        def ready(req: GenerationRequest) -> bool:
+            return req.adapter is None or self.adapters.can_acquire(req.adapter)
+
+        def join(req: GenerationRequest) -> Row | None:
             entry: LoadedAdapter | None = None
             if req.adapter is not None:
-                if not self.adapters.can_acquire(req.adapter):
-                    passed.append(req)
-                    continue
                 try:
                     entry = self.adapters.acquire(req.adapter)
                 except FileNotFoundError:
-                    events.append(
+                    report.events.append(
                         self._error(req, str(AdapterNotFound(req.adapter)), code="adapter_not_found")
                     )
-                    continue
+                    return None
                 except AdapterError as exc:
-                    events.append(self._error(req, str(exc)))
-                    continue
-            admitted.append(self._new_row(req, entry))
-            budget -= len(req.prompt_ids)
-            reserve = max(reserve, len(req.prompt_ids) + req.params.max_new_tokens)
-        self.waiting.extendleft(reversed(passed))
+                    report.events.append(self._error(req, str(exc)))
+                    return None
+            return self._new_row(req, entry, report)
+
+        admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
         if admitted:
+            reserve = max(len(r.prompt_ids) + r.req.params.max_new_tokens for r in admitted)
             for r in self.batch.rows:
                 reserve = max(reserve, r.length + r.req.params.max_new_tokens - r.completion + 1)
             # reserve the KV positions the admitted rows may need, so decode never grows the cache
@@ -273,10 +272,11 @@ class Engine:
             self.batch.reserve(min(self.n_positions, -(-reserve // step) * step))
         return admitted
 
-    def _new_row(self, req: GenerationRequest, entry: LoadedAdapter | None) -> Row:
+    def _new_row(self, req: GenerationRequest, entry: LoadedAdapter | None, report: StepReport) -> Row:
         now = time.monotonic()
-        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - req.arrival))
-        metrics.PROMPT_TOKENS.labels(adapter=req.adapter or "__base__").inc(len(req.prompt_ids))
+        report.queue_wait_seconds.append(max(0.0, now - req.arrival))
+        label = req.adapter or BASE_LABEL
+        report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         gen, seed = (None, None) if req.params.greedy else make_generator(req.params.seed, self.device)
         return Row(
             req=req,
@@ -289,23 +289,21 @@ class Engine:
             admitted=now,
         )
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, events: list[TokenEvent]) -> None:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
         tokens = choose_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
         now = time.monotonic()
-        per_adapter: dict[str, int] = {}
+        per_adapter = report.generated_tokens
         for row, token in zip(rows, tokens, strict=True):
-            events.append(self._advance(row, token, now))
+            report.events.append(self._advance(row, token, now, report))
             per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
-        for label, n in per_adapter.items():
-            metrics.GENERATED_TOKENS.labels(adapter=label).inc(n)
         self.tokens_generated += len(rows)
 
-    def _advance(self, row: Row, token: int, now: float) -> TokenEvent:
-        """Record one generated token: text delta, stop conditions, latency metrics."""
+    def _advance(self, row: Row, token: int, now: float, report: StepReport) -> TokenEvent:
+        """Record one generated token: text delta, stop conditions, latencies."""
         if row.completion == 0:
-            metrics.TTFT_SECONDS.labels(adapter=row.label).observe(max(0.0, now - row.req.arrival))
+            report.first_token_seconds.append((row.label, max(0.0, now - row.req.arrival)))
         else:
-            metrics.INTER_TOKEN_SECONDS.observe(now - row.last_time)
+            report.inter_token_seconds.append(now - row.last_time)
         row.last_time = now
         row.completion += 1
         row.last_token = token
@@ -359,4 +357,3 @@ class Engine:
         for r in rows:
             self._release(r)
         self.batch.remove(rows)
-        metrics.REQUESTS_RUNNING.set(len(self.batch.rows))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .cache import CacheActivity
+
 # Label used for base-model rows in metrics and stats ("__base__" cannot be an adapter name:
 # names must start with a letter or digit).
 BASE_LABEL = "__base__"
@@ -61,6 +63,29 @@ class TokenEvent:
     # why an "error" event failed, for the server's status code: "adapter_not_found" when the
     # adapter was deleted between ``add`` and admission, else None (a server-side failure)
     error_code: str | None = None
+
+
+@dataclass
+class StepReport:
+    """What one ``Engine.step`` did: its events, and the timings and counts the worker exports.
+
+    The engine measures; it writes no metrics (``service.metrics.record_step`` does, in the worker).
+    A step either prefills newcomers or decodes the running rows, so one of the two row counts is 0.
+    """
+
+    events: list[TokenEvent] = field(default_factory=list)
+    prefill_rows: int = 0  # newcomers prefilled (an error event counts too: it was attempted)
+    prefill_tokens: int = 0  # their prompt tokens
+    prefill_seconds: float = 0.0  # forward pass and sampling of the prefill
+    decode_rows: int = 0  # rows decoded
+    decode_seconds: float = 0.0  # forward pass and sampling of the decode step
+    running: int = 0  # rows in the batch after the step
+    queue_wait_seconds: list[float] = field(default_factory=list)  # per newcomer: admission - arrival
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per adapter label, at admission
+    first_token_seconds: list[tuple[str, float]] = field(default_factory=list)  # (label, to first token)
+    inter_token_seconds: list[float] = field(default_factory=list)  # every later token
+    generated_tokens: dict[str, int] = field(default_factory=dict)  # per adapter label
+    adapters: CacheActivity = field(default_factory=CacheActivity)  # since the previous step
 
 
 class AdapterNotFound(KeyError):

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import httpx
 
 from . import _core
-from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, ProgressArg, RetryPolicy
+from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, RetryPolicy
 from ._exceptions import APIConnectionError, APIStatusError, LoraserveError
+from ._progress import ProgressArg, ProgressDisplay
 from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ class TrainingJob:
         reconnect_for: float = 300.0,
     ) -> Job:
         """See ``jobs.wait``; ``job.job`` follows every state seen, also when this raises."""
-        display = _core.ProgressDisplay(progress)
+        display = ProgressDisplay(progress)
 
         def seen(job: Job) -> None:
             self.job = job
@@ -568,7 +569,7 @@ class AsyncTrainingJob:
         reconnect_for: float = 300.0,
     ) -> Job:
         """See ``jobs.wait``; ``job.job`` follows every state seen, also when this raises."""
-        display = _core.ProgressDisplay(progress)
+        display = ProgressDisplay(progress)
 
         def seen(job: Job) -> None:
             self.job = job

@@ -2,7 +2,8 @@
 
 An endpoint is an ``Op``: how to build its request and how to parse its response. The two clients only send
 ops (``_send``) and sleep between retries; they hold no endpoint logic of their own. The retry policy, error
-mapping, server-sent-event decoding and progress display live here too.
+mapping, server-sent-event decoding and the bookkeeping of ``wait()`` live here too; the progress display is
+``_progress.py`` and the exceptions (with ``Retry-After`` parsing) are ``_exceptions.py``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Generic, TextIO, TypedDict, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import httpx
 
@@ -32,6 +31,7 @@ from ._exceptions import (
     JobTimeoutError,
     LoraserveError,
 )
+from ._progress import ProgressArg, ProgressDisplay
 from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
 
 __version__ = "0.1.0"
@@ -109,22 +109,6 @@ class RetryPolicy:
                 return self.backoff(attempt)
             return after if after <= self.max_retry_after else None
         return None
-
-
-def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def log_retry(op: Op[Any], attempt: int, delay: float, error: LoraserveError) -> None:
@@ -503,90 +487,6 @@ class JobEventState:
 
 
 # ---------------------------------------------------------------- waiting for jobs
-
-ProgressArg = bool | Callable[[Job], None]
-
-
-class ProgressDisplay:
-    """What ``wait(progress=...)`` shows: a tqdm bar when tqdm is importable, else one plain line (rewritten
-    in place on a terminal, one line per change otherwise). A callable gets every polled ``Job`` instead."""
-
-    def __init__(self, progress: ProgressArg, stream: TextIO | None = None):
-        self._callback = progress if callable(progress) else None
-        self._enabled = bool(progress)
-        self._stream = stream or sys.stderr
-        self._bar: Any = None
-        self._last = ""
-        self._tqdm: Any = None
-        if self._enabled and self._callback is None:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            self._tqdm = tqdm
-
-    def update(self, job: Job) -> None:
-        if self._callback is not None:
-            self._callback(job)
-        elif self._enabled and self._tqdm is not None:
-            self._update_bar(job)
-        elif self._enabled:
-            self._update_line(job)
-
-    def _update_bar(self, job: Job) -> None:
-        p = job.progress
-        if self._bar is None:
-            self._bar = self._tqdm(
-                total=None, unit="step", desc=f"train {job.adapter}", file=self._stream, dynamic_ncols=True
-            )
-        bar = self._bar
-        if p is not None and p.total_steps and bar.total != p.total_steps:
-            bar.total = p.total_steps
-        if p is not None and p.step is not None:
-            bar.n = p.step
-        postfix = {"status": job.status}
-        if p is not None and p.loss is not None:
-            postfix["loss"] = f"{p.loss:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.refresh()
-
-    def _update_line(self, job: Job) -> None:
-        line = describe_job(job)
-        if line == self._last:
-            return
-        tty = self._stream.isatty()
-        if tty:
-            self._stream.write("\r" + line.ljust(len(self._last)))
-        else:
-            self._stream.write(line + "\n")
-        self._stream.flush()
-        self._last = line
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self._last and self._stream.isatty():
-            self._stream.write("\n")
-            self._stream.flush()
-
-
-def describe_job(job: Job) -> str:
-    """One line: ``pirate [job-1] running step 12/40 epoch 0.60 loss 2.3140 eta 9s``."""
-    parts = [f"{job.adapter} [{job.job_id}] {job.status}"]
-    p = job.progress
-    if p is not None:
-        if p.step is not None:
-            parts.append(f"step {p.step}/{p.total_steps or '?'}")
-        if p.epoch is not None:
-            parts.append(f"epoch {p.epoch:.2f}")
-        if p.loss is not None:
-            parts.append(f"loss {p.loss:.4f}")
-        if p.eta_seconds is not None and job.status == "running":
-            parts.append(f"eta {p.eta_seconds:.0f}s")
-    if job.error:
-        parts.append(f"error: {job.error}")
-    return " ".join(parts)
 
 
 class Waiter:

@@ -16,12 +16,30 @@ LoraserveError
 
 from __future__ import annotations
 
+import time
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 if TYPE_CHECKING:
     from .types import Job
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class LoraserveError(Exception):
@@ -67,8 +85,6 @@ class APIStatusError(LoraserveError):
     @property
     def retry_after(self) -> float | None:
         """Seconds from the response's Retry-After header, if it has a usable one."""
-        from ._core import parse_retry_after
-
         return parse_retry_after(self.response.headers) if self.response is not None else None
 
     def __str__(self) -> str:

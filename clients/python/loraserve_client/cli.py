@@ -22,8 +22,9 @@ import httpx
 from pydantic import BaseModel
 
 from ._client import Client
-from ._core import __version__, describe_job
+from ._core import __version__
 from ._exceptions import LoraserveError
+from ._progress import describe_job
 from .types import Job
 
 

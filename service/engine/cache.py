@@ -8,6 +8,8 @@ a replaced or evicted version stays alive (held by its rows) until those rows fi
 rows keep the weights they started with. At most ``capacity`` entries are cached; when all are
 pinned, ``can_acquire`` says no and the scheduler keeps the request waiting.
 
+The cache counts its hits, misses, evictions and load times in ``CacheActivity``; the engine hands
+it to its caller with each step (``StepReport.adapters``), and the worker exports it as metrics.
 Used from the engine's single thread only (no locks).
 """
 
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import metrics
-from service.engine.lora import CONFIG_FILE, WEIGHTS_FILE
 from trainer.artifact import valid_name
+
+from .lora import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,17 @@ class LoadedAdapter:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class CacheActivity:
+    """What the cache did since the last ``take_activity``, and how many entries it holds now."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)  # one per cold load
+    loaded: int = 0
+
+
 class AdapterError(RuntimeError):
     """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter."""
 
@@ -70,6 +83,13 @@ class AdapterCache:
         self.capacity = capacity
         self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.hits = self.misses = self.evictions = self.reloads = 0
+        self._activity = CacheActivity()
+
+    def take_activity(self) -> CacheActivity:
+        """The activity since the last call (then reset), with the current number of entries."""
+        activity, self._activity = self._activity, CacheActivity()
+        activity.loaded = len(self.entries)
+        return activity
 
     # --- disk ---------------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
@@ -95,7 +115,6 @@ class AdapterCache:
         if entry is not None and entry.refs == 0:
             del self.entries[name]
             entry.cached = False
-            metrics.ADAPTERS_LOADED.set(len(self.entries))
         return False
 
     # --- lookups ------------------------------------------------------------------------------
@@ -124,7 +143,7 @@ class AdapterCache:
         entry = self._current(name, version)
         if entry is not None:
             self.hits += 1
-            metrics.ADAPTER_CACHE_HITS.inc()
+            self._activity.hits += 1
             self.entries.move_to_end(name)
         else:
             entry = self._load(name)
@@ -138,7 +157,7 @@ class AdapterCache:
 
     def _load(self, name: str) -> LoadedAdapter:
         self.misses += 1
-        metrics.ADAPTER_CACHE_MISSES.inc()
+        self._activity.misses += 1
         t0 = time.perf_counter()
         try:
             weights, st = self.load(self.folder(name))
@@ -147,7 +166,7 @@ class AdapterCache:
         except Exception as exc:
             raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}") from exc
         seconds = time.perf_counter() - t0
-        metrics.ADAPTER_LOAD_SECONDS.observe(seconds)
+        self._activity.load_seconds.append(seconds)
         entry = LoadedAdapter(name, Version.of(st), weights, time.time(), seconds)
         old = self.entries.pop(name, None)
         if old is not None:  # superseded: its running rows keep it alive
@@ -158,7 +177,6 @@ class AdapterCache:
             log.info("adapter %s loaded (%.1f ms)", name, seconds * 1e3)
         self.entries[name] = entry
         self._evict_idle()
-        metrics.ADAPTERS_LOADED.set(len(self.entries))
         return entry
 
     def _evict_idle(self) -> None:
@@ -171,9 +189,8 @@ class AdapterCache:
                 del self.entries[name]
                 e.cached = False
                 self.evictions += 1
-                metrics.ADAPTER_CACHE_EVICTIONS.inc()
+                self._activity.evictions += 1
                 log.info("adapter %s evicted (LRU)", name)
-        metrics.ADAPTERS_LOADED.set(len(self.entries))
 
     def loaded(self) -> list[str]:
         return list(self.entries)

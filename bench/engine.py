@@ -1,7 +1,7 @@
 """Engine micro-benchmark: the engine against batched ``generate`` in the same process and run.
 
-    python -m service.engine.bench [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
-                                   [--dtype float32] [--json out.json]
+    python -m bench engine [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
+                           [--dtype float32] [--json out.json]
 
 On a random-weights distilgpt2-shaped base (built once under ~/.cache/loraserve/bench) with
 ``--adapters`` PEFT LoRA adapters (r=``--rank``, c_attn+c_proj) it times, interleaved and in
@@ -18,7 +18,7 @@ alternating order each repetition:
 
 EOS is ignored everywhere so every row produces exactly its token budget. Ratios are computed per
 repetition (same run, same load) and their median is reported: the machine is shared and noisy.
-This is a development tool (it needs PEFT); it is not imported by the service.
+This is a development tool (it needs PEFT), part of the benchmarks, not of the service.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def wait_idle(max_wait: float = 20.0, threshold: float = 1.0) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=32)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 )
                 live += 1
-            for ev in engine.step():
+            for ev in engine.step().events:
                 produced += ev.token_id is not None
                 live -= ev.finished
         return produced
