@@ -16,12 +16,7 @@ Generation worker (spawned by LitServe, one per device):
 
 Streamed and non-streamed requests are the same job on the same queue and share engine batches;
 the ``stream`` flag only decides whether the worker sends every text delta or one final event.
-Wire format (plain dicts, pickled by LitServe's transport):
-    job    {"id", "prompt_ids", "adapter", "params": {...SamplingParams}, "stream", "arrived", "deadline"}
-    cancel {"cancel": job id}                         (deadline passed, client went away)
-    event  {"id", "text", "finished": False}          (stream only: a text delta)
-           {"id", "text", "finished": True, "finish_reason", "usage": {...}}
-           {"id", "finished": True, "error": {"status", "code", "message", "param"}}
+The messages between the two sides (job, cancel, event) are the dataclasses of ``service.wire``.
 """
 
 from __future__ import annotations
@@ -48,7 +43,8 @@ import litserve as ls
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
-from service.errors import ApiError
+from service.errors import ApiError, error_body
+from service.wire import Cancel, Event, Job, WireError, request_from_dict
 from trainer.publish import write_atomic
 
 log = logging.getLogger(__name__)
@@ -89,12 +85,13 @@ class ModelLimits:
         """
         most = self.context * self.max_token_chars
         if len(text) > most:
-            raise ApiError(
-                400,
-                "prompt_too_long",
-                f"the prompt has {len(text)} characters, more than the model's context of {self.context} "
-                "tokens can hold: shorten the prompt",
-                param,
+            raise api_error(
+                WireError(
+                    "prompt_too_long",
+                    f"the prompt has {len(text)} characters, more than the model's context of "
+                    f"{self.context} tokens can hold: shorten the prompt",
+                    param,
+                )
             )
 
 
@@ -110,7 +107,7 @@ def prepare_job(
     request_timeout: float,
     adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
-) -> dict[str, Any]:
+) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
     ``prompt_text`` is final (already rendered with a template when the route wants one);
@@ -121,7 +118,8 @@ def prepare_job(
     if adapter is not None:
         store.check_name(adapter, adapter_param)
         if not store.exists(adapter_dir, adapter):
-            raise ApiError(404, "adapter_not_found", f"adapter {adapter!r} does not exist", adapter_param)
+            missing = f"adapter {adapter!r} does not exist"
+            raise api_error(WireError("adapter_not_found", missing, adapter_param))
     max_new = params["max_new_tokens"]
     if max_new > max_new_tokens_cap:
         raise ApiError(
@@ -138,23 +136,24 @@ def prepare_job(
         hint = (
             f"lower {max_tokens_param} to {room} or shorten the prompt" if room > 0 else "shorten the prompt"
         )
-        raise ApiError(
-            400,
-            "prompt_too_long",
-            f"the prompt has {prompt_len} tokens and {max_tokens_param} is {max_new}, which exceeds the "
-            f"model's context of {limits.context} tokens: {hint}",
-            "prompt",
+        raise api_error(
+            WireError(
+                "prompt_too_long",
+                f"the prompt has {prompt_len} tokens and {max_tokens_param} is {max_new}, which exceeds "
+                f"the model's context of {limits.context} tokens: {hint}",
+                "prompt",
+            )
         )
     now = time.monotonic()
-    return {
-        "id": f"gen-{uuid.uuid4().hex[:24]}",
-        "prompt_ids": prompt_ids,
-        "adapter": adapter,
-        "params": params,
-        "stream": stream,
-        "arrived": now,
-        "deadline": now + request_timeout,
-    }
+    return Job(
+        id=f"gen-{uuid.uuid4().hex[:24]}",
+        prompt_ids=prompt_ids,
+        adapter=adapter,
+        params=params,
+        stream=stream,
+        arrived=now,
+        deadline=now + request_timeout,
+    )
 
 
 class Overloaded(ApiError):
@@ -172,20 +171,20 @@ class Submission:
     """One job on its way through the worker; ``next_event`` returns what the worker sends back."""
 
     client: EngineClient
-    job: dict[str, Any]
+    job: Job
     uid: str
     item: ResponseBufferItem
     done: bool = False
 
     @property
     def job_id(self) -> str:
-        return self.job["id"]
+        return self.job.id
 
     def remaining(self, grace: float = 1.0) -> float:
         """Seconds left before the API side gives up (a little after the worker's own deadline)."""
-        return max(0.0, self.job["deadline"] + grace - time.monotonic())
+        return max(0.0, self.job.deadline + grace - time.monotonic())
 
-    async def next_event(self) -> dict[str, Any]:
+    async def next_event(self) -> Event:
         """The next worker event; after a final one (result or error) the submission is done.
 
         Raises TimeoutError when the deadline passes first (the caller answers 504 and closes).
@@ -197,26 +196,26 @@ class Submission:
         data, status = queue.popleft()
         if status == LitAPIStatus.ERROR or not isinstance(data, dict):  # LitServe-level failure
             self.done = True
-            return _error_event(self.job_id, 500, "generation_failed", _describe_error(data))
-        if data.get("finished"):
+            return Event.failure(self.job_id, WireError.of("generation_failed", _describe_error(data)))
+        event = Event.from_dict(data)
+        if event.finished:
             self.done = True
-        return data
+        return event
 
-    async def next_or_504(self) -> dict[str, Any]:
+    async def next_or_504(self) -> Event:
         """``next_event``, with a passed deadline answered as 504 in the error envelope."""
         try:
             return await self.next_event()
         except TimeoutError:
-            raise ApiError(
-                504, "timeout", f"no result within the server's deadline of {self.client.server.timeout} s"
-            ) from None
+            message = f"no result within the server's deadline of {self.client.server.timeout} s"
+            raise api_error(WireError.of("timeout", message)) from None
 
-    async def final(self, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    async def final(self, check: Callable[[Event], None]) -> Event:
         """Wait for the finished event; ``check`` raises for an error event (each route words its own)."""
         while True:
             event = await self.next_or_504()
             check(event)
-            if event.get("finished"):
+            if event.finished:
                 return event
 
     def close(self) -> None:
@@ -256,13 +255,14 @@ class EngineClient:
         with self._in_flight.get_lock():
             self._in_flight.value = max(0, self._in_flight.value - 1)
 
-    def submit(self, job: dict[str, Any], consumer_id: int) -> Submission:
+    def submit(self, job: Job, consumer_id: int) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to ``consumer_id``."""
         uid = str(uuid.uuid4())
         item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
         self.server.response_buffer[uid] = item
         try:
-            self.server._get_request_queue(ENGINE_PATH).put((consumer_id, uid, time.monotonic(), job))
+            queue = self.server._get_request_queue(ENGINE_PATH)
+            queue.put((consumer_id, uid, time.monotonic(), job.to_dict()))
         except Exception as exc:  # the manager is gone: the server is shutting down
             self.server.response_buffer.pop(uid, None)
             self.release()
@@ -277,7 +277,7 @@ class EngineClient:
     def cancel(self, job_id: str) -> None:
         try:
             self.server._get_request_queue(ENGINE_PATH).put(
-                (None, None, time.monotonic(), {"cancel": job_id})
+                (None, None, time.monotonic(), Cancel(job_id).to_dict())
             )
         except Exception:  # the manager is gone: the server is shutting down
             log.debug("could not send cancel for %s", job_id, exc_info=True)
@@ -333,21 +333,20 @@ def _describe_error(data: Any) -> str:
     return f"the generation worker failed: {detail}" if detail else "the generation worker failed"
 
 
-def _error_event(
-    job_id: str, status: int, code: str, message: str, param: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": job_id,
-        "finished": True,
-        "error": {"status": status, "code": code, "message": message, "param": param},
-    }
+def api_error(error: WireError) -> ApiError:
+    """The ApiError a route answers for ``error``, its status from the one table (``service.wire``)."""
+    return ApiError(error.status, error.code, error.message, error.param)
 
 
-def raise_for_event(event: dict[str, Any]) -> None:
+def error_payload(error: WireError) -> dict[str, Any]:
+    """The error envelope for ``error``, for an SSE line once the stream's 200 has been sent."""
+    return error_body(error.status, error.code, error.message, error.param)
+
+
+def raise_for_event(event: Event) -> None:
     """Turn a worker error event into the ApiError the route answers with."""
-    err = event.get("error")
-    if err:
-        raise ApiError(err["status"], err["code"], err["message"], err.get("param"))
+    if event.error is not None:
+        raise api_error(event.error)
 
 
 # =====================================================================================================
@@ -459,7 +458,7 @@ class _Live:
 
     uid: str
     consumer: int
-    job: dict[str, Any]
+    job: Job
     text: list[str] = field(default_factory=list)
 
 
@@ -521,21 +520,22 @@ class _Driver:
             if item == _SENTINEL_VALUE or item is None:
                 return False
             consumer, uid, _, payload = item
-            if "cancel" in payload:
-                self.cancel(payload["cancel"])
+            message = request_from_dict(payload)
+            if isinstance(message, Cancel):
+                self.cancel(message.job_id)
             else:
-                self.waiting.append(_Live(uid, consumer, payload))
+                self.waiting.append(_Live(uid, consumer, message))
         return True
 
     def expire(self) -> None:
         """Answer 504 for every job past its deadline, queued or running."""
         now = time.monotonic()
-        for live in [w for w in self.waiting if w.job["deadline"] <= now]:
+        for live in [w for w in self.waiting if w.job.deadline <= now]:
             self.waiting.remove(live)
-            self.fail(live, 504, "timeout", "the request waited past its deadline")
-        for live in [r for r in self.running.values() if r.job["deadline"] <= now]:
-            self.drop(live.job["id"])
-            self.fail(live, 504, "timeout", "generation ran past the request deadline")
+            self.fail(live, WireError.of("timeout", "the request waited past its deadline"))
+        for live in [r for r in self.running.values() if r.job.deadline <= now]:
+            self.drop(live.job.id)
+            self.fail(live, WireError.of("timeout", "generation ran past the request deadline"))
 
     def admit(self) -> None:
         """Hand waiting jobs to the engine while it has room; a job the engine refuses fails alone."""
@@ -545,24 +545,17 @@ class _Driver:
             try:
                 self.engine.add(
                     self.GenerationRequest(
-                        job["id"],
-                        list(job["prompt_ids"]),
-                        job["adapter"],
-                        self.SamplingParams(**job["params"]),
-                        arrival=job["arrived"],
+                        job.id,
+                        list(job.prompt_ids),
+                        job.adapter,
+                        self.SamplingParams(**job.params),
+                        arrival=job.arrived,
                     )
                 )
-            except self.AdapterNotFound as exc:
-                self.fail(live, 404, "adapter_not_found", str(exc), "adapter")
-            except self.PromptTooLong as exc:
-                self.fail(live, 400, "prompt_too_long", str(exc), "prompt")
-            except ValueError as exc:
-                self.fail(live, 422, "invalid_request", str(exc))
             except Exception as exc:
-                log.exception("engine.add failed for %s", job["id"])
-                self.fail(live, 500, "generation_failed", f"{type(exc).__name__}: {exc}")
+                self.fail(live, self.refusal(job, exc))
             else:
-                self.running[job["id"]] = live
+                self.running[job.id] = live
 
     def step(self) -> None:
         try:
@@ -570,8 +563,8 @@ class _Driver:
         except Exception as exc:  # the whole step failed: every job gets the error, nobody hangs
             log.exception("engine.step failed")
             for live in list(self.running.values()):
-                self.drop(live.job["id"])
-                self.fail(live, 500, "generation_failed", f"{type(exc).__name__}: {exc}")
+                self.drop(live.job.id)
+                self.fail(live, WireError.of("generation_failed", f"{type(exc).__name__}: {exc}"))
             return
         for ev in events:
             live = self.running.get(ev.id)
@@ -579,35 +572,32 @@ class _Driver:
                 continue
             if ev.finished:
                 del self.running[ev.id]
-            if ev.error_code == "adapter_not_found":  # deleted after the request was accepted
-                self.fail(live, 404, "adapter_not_found", ev.error or "adapter not found", "adapter")
-            elif ev.finish_reason == "error":
-                self.fail(live, 500, "generation_failed", ev.error or "generation failed")
+            if ev.error_code is not None or ev.finish_reason == "error":
+                # error_code says why (adapter_not_found: deleted after the request was accepted)
+                code = ev.error_code or "generation_failed"
+                self.fail(live, WireError.of(code, ev.error or code.replace("_", " ")))
             elif ev.finished:
                 live.text.append(ev.text)
                 self.send(
                     live,
-                    {
-                        "id": ev.id,
-                        "text": ev.text if live.job["stream"] else "".join(live.text),
-                        "finished": True,
-                        "finish_reason": ev.finish_reason,
-                        "usage": {
-                            "prompt_tokens": ev.prompt_tokens,
-                            "completion_tokens": ev.completion_tokens,
-                        },
-                    },
+                    Event(
+                        ev.id,
+                        finished=True,
+                        text=ev.text if live.job.stream else "".join(live.text),
+                        finish_reason=ev.finish_reason,
+                        usage={"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens},
+                    ),
                 )
-            elif live.job["stream"]:
+            elif live.job.stream:
                 if ev.text:
-                    self.send(live, {"id": ev.id, "text": ev.text, "finished": False})
+                    self.send(live, Event(ev.id, finished=False, text=ev.text))
             else:
                 live.text.append(ev.text)
 
     # --- helpers --------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
         for live in self.waiting:
-            if live.job["id"] == job_id:
+            if live.job.id == job_id:
                 self.waiting.remove(live)
                 return
         self.drop(job_id)
@@ -621,12 +611,28 @@ class _Driver:
         except Exception:
             log.exception("engine.cancel failed for %s", job_id)
 
-    def fail(self, live: _Live, status: int, code: str, message: str, param: str | None = None) -> None:
-        self.send(live, _error_event(live.job["id"], status, code, message, param))
+    def refusal(self, job: Job, exc: Exception) -> WireError:
+        """Why ``engine.add`` refused a job, as an error code (its status is in ``service.wire``)."""
+        if isinstance(exc, self.AdapterNotFound):
+            return WireError.of("adapter_not_found", str(exc))
+        if isinstance(exc, self.PromptTooLong):
+            return WireError.of("prompt_too_long", str(exc))
+        if isinstance(exc, ValueError):
+            return WireError.of("invalid_request", str(exc))
+        log.exception("engine.add failed for %s", job.id)
+        return WireError.of("generation_failed", f"{type(exc).__name__}: {exc}")
 
-    def send(self, live: _Live, event: dict[str, Any]) -> None:
+    def fail(self, live: _Live, error: WireError) -> None:
+        self.send(live, Event.failure(live.job.id, error))
+
+    def send(self, live: _Live, event: Event) -> None:
         self.loop.put_response(
-            self.transport, live.consumer, live.uid, event, LitAPIStatus.OK, LoopResponseType.STREAMING
+            self.transport,
+            live.consumer,
+            live.uid,
+            event.to_dict(),
+            LitAPIStatus.OK,
+            LoopResponseType.STREAMING,
         )
 
     def publish_status(self, force: bool = False) -> None:

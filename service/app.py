@@ -45,13 +45,14 @@ from service.api import (
     ModelLimits,
     Submission,
     WorkerConfig,
+    error_payload,
     prepare_job,
     raise_for_event,
     read_status,
     unless_disconnected,
 )
 from service.auth import ApiKeyMiddleware, make_auth_dependency
-from service.errors import ApiError, error_body, install_error_handlers
+from service.errors import ApiError, install_error_handlers
 from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
 from service.limits import BodyLimitMiddleware
 from service.schemas import (
@@ -65,6 +66,7 @@ from service.schemas import (
     Readiness,
 )
 from service.settings import Settings
+from service.wire import Event, WireError
 
 log = logging.getLogger(__name__)
 
@@ -344,11 +346,11 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
             finally:
                 sub.close()  # also when the client went away: the worker drops the job
             return GenerateResponse(
-                id=final["id"],
-                text=final["text"],
+                id=final.id,
+                text=final.text,
                 adapter=body.adapter,
-                finish_reason=final["finish_reason"],
-                usage=final["usage"],
+                finish_reason=final.finish_reason,
+                usage=final.usage,
             )
         # Stream: wait for the first event so an error found before the first token is a real status.
         try:
@@ -362,36 +364,30 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
         )
 
 
-def _chunk(event: dict[str, Any], adapter: str | None) -> str:
+def _chunk(event: Event, adapter: str | None) -> str:
     chunk = GenerateChunk(
-        id=event["id"],
-        text=event.get("text", ""),
-        adapter=adapter,
-        finish_reason=event.get("finish_reason"),
-        usage=event.get("usage"),
+        id=event.id, text=event.text, adapter=adapter, finish_reason=event.finish_reason, usage=event.usage
     )
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
-async def _sse(sub: Submission, first: dict[str, Any], adapter: str | None):
+async def _sse(sub: Submission, first: Event, adapter: str | None):
     """Text deltas as Server-Sent Events, then ``data: [DONE]``; a late error ends the stream without it."""
     try:
         event = first
         while True:
-            if event.get("error"):
-                err = event["error"]
-                body = error_body(err["status"], err["code"], err["message"], err.get("param"))
-                yield f"data: {json.dumps(body)}\n\n"
+            if event.error is not None:
+                yield f"data: {json.dumps(error_payload(event.error))}\n\n"
                 return
             yield _chunk(event, adapter)
-            if event.get("finished"):
+            if event.finished:
                 yield "data: [DONE]\n\n"
                 return
             try:
                 event = await sub.next_event()
             except TimeoutError:
-                body = error_body(504, "timeout", "generation ran past the server's deadline")
-                yield f"data: {json.dumps(body)}\n\n"
+                late = WireError.of("timeout", "generation ran past the server's deadline")
+                yield f"data: {json.dumps(error_payload(late))}\n\n"
                 return
     finally:
         sub.close()
