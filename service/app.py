@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import litserve as ls
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
@@ -38,23 +37,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
 from service.adapters import store
-from service.api import (
-    ENGINE_PATH,
-    EngineAPI,
+from service.auth import ApiKeyMiddleware, make_auth_dependency
+from service.errors import ApiError, install_error_handlers
+from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
-    WorkerConfig,
     error_payload,
     prepare_job,
     raise_for_event,
-    read_status,
     unless_disconnected,
 )
-from service.auth import ApiKeyMiddleware, make_auth_dependency
-from service.errors import ApiError, install_error_handlers
 from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
 from service.limits import BodyLimitMiddleware
+from service.litserve_glue import Server, build_litserver
 from service.schemas import (
     AdapterInfo,
     AdapterList,
@@ -67,11 +63,10 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.wire import Event, WireError
+from service.worker import EngineAPI, WorkerConfig, read_status
 
 log = logging.getLogger(__name__)
 
-_LITSERVE_HEALTH = "/_litserve/health"
-_LITSERVE_INFO = "/_litserve/info"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -85,22 +80,6 @@ class ServedModel:
     random_weights: bool
     device: str
     dtype: str
-
-
-class Server(ls.LitServer):
-    """LitServer that says when it is serving, and can be asked to stop from another thread."""
-
-    serving = False
-
-    def verify_worker_status(self) -> None:
-        super().verify_worker_status()
-        self.serving = True  # next: LitServe starts the API servers and waits on its shutdown event
-
-    def request_shutdown(self) -> None:
-        try:
-            self._shutdown_event.set()  # a manager proxy: this thread gets its own connection
-        except Exception:  # the manager is already gone: shutdown is under way
-            log.debug("shutdown event not reachable", exc_info=True)
 
 
 # --- middlewares -----------------------------------------------------------------------------------
@@ -165,18 +144,10 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         log_level=settings.log_level,
     )
     accelerator = {"cpu": {"accelerator": "cpu"}, "cuda": {"accelerator": "cuda", "devices": 1}}[model.device]
-    server = Server(
-        EngineAPI(worker),
-        **accelerator,
-        workers_per_device=1,
-        timeout=settings.request_timeout,
-        healthcheck_path=_LITSERVE_HEALTH,
-        info_path=_LITSERVE_INFO,
-    )
-    server.uvicorn_graceful_timeout = 5  # open streams get this long on shutdown, not LitServe's 30 s
+    # open streams get 5 s on shutdown, not LitServe's 30 s
+    server = build_litserver(EngineAPI(worker), accelerator, settings.request_timeout, graceful_timeout=5)
     app = server.app
     app.title, app.version = "loraserve", "0.1.0"
-    _drop_routes(app, {"/", _LITSERVE_HEALTH, _LITSERVE_INFO, ENGINE_PATH})
 
     client = EngineClient(server, settings.max_in_flight)
     config = json.loads((model.path / "config.json").read_text())
@@ -238,10 +209,6 @@ def _common_routes(
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, routes_of=app)
-
-
-def _drop_routes(app: FastAPI, paths: set[str]) -> None:
-    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
 
 
 # --- health and metrics ----------------------------------------------------------------------------
@@ -339,7 +306,7 @@ def _generate_route(app: FastAPI, settings: Settings, client: EngineClient, limi
             request_timeout=settings.request_timeout,
         )
         client.reserve()
-        sub = client.submit(job, request.app.response_queue_id)
+        sub = client.submit(job, request)
         if not body.stream:
             try:
                 final = await unless_disconnected(sub.final(raise_for_event), request)

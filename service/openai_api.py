@@ -30,7 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from service.adapters import store
-from service.api import (
+from service.errors import ApiError
+from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
@@ -39,7 +40,6 @@ from service.api import (
     raise_for_event,
     unless_disconnected,
 )
-from service.errors import ApiError
 from service.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -209,7 +209,7 @@ def _submit(client: EngineClient, request: Request, jobs: list[Job], prompt_of: 
     try:
         for index, job in enumerate(jobs):
             client.reserve()
-            sub = client.submit(job, request.app.response_queue_id)
+            sub = client.submit(job, request)
             choices.append(Choice(index=index, prompt_index=prompt_of[index], sub=sub))
     except BaseException:
         for c in choices:
