@@ -24,7 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -55,16 +55,14 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
+from service.routes import SSE_HEADERS
 from service.schemas import adapter_name_problem
+from service.served_model import ServedModel
 from service.settings import Settings
 from service.wire import Event, Job, WireError
 from trainer.template import PromptTemplate
 
-if TYPE_CHECKING:
-    from service.app import ServedModel
-
 OWNER = "loraserve"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
 
 
@@ -522,7 +520,7 @@ async def _stream_response(
     return StreamingResponse(
         _stream(choices, firsts, chunk, opening, include_usage, usage_chunk),
         media_type="text/event-stream",
-        headers=_SSE_HEADERS,
+        headers=SSE_HEADERS,
     )
 
 
