@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.app import ServedModel
+    from service.served_model import ServedModel
 
 log = logging.getLogger("service")
 
@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, dtype = resolve_device(settings)
 
-        from service.app import ServedModel, build_server
+        from service.app import build_server
         from service.jobs.runner import run_runner
+        from service.served_model import ServedModel
 
         model = ServedModel(settings.model, base.path, base.origin, base.random_weights, device, dtype)
         server = None

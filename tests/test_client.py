@@ -571,7 +571,7 @@ def test_client_models_read_every_field_the_server_sends():
     """The client mirrors the server's wire models (it never imports the service): a field the server adds
     or renames shows up here."""
     schemas = pytest.importorskip("service.schemas")
-    routes = pytest.importorskip("service.jobs.routes")
+    routes = pytest.importorskip("service.routes.jobs")
     from service.jobs.store import Job as StoredJob
 
     pairs = [

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from bench.adapters import lora_files, upload_files
-from service.api import ModelLimits
+from service.gateway import ModelLimits
 from service.settings import Settings
 from tests.helpers.server import Server, running_server
 

@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("service", "trainer", "clients", "bench", "scripts")
 # Unpickling our own processes' messages is the only allowed use, each with the reason.
 ALLOWED_PICKLE = {
-    ("service/api.py", "_describe_error"): "LitServe's queue between our own processes carries a pickled "
+    (
+        "service/litserve_glue.py",
+        "describe_failure",
+    ): "LitServe's queue between our own processes carries a pickled "
     "exception from the generation worker; no client bytes reach it",
 }
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

@@ -24,21 +24,22 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from service.adapters import store
-from service.api import (
+from service.errors import ApiError
+from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
+    error_payload,
     prepare_job,
     raise_for_event,
     unless_disconnected,
 )
-from service.errors import ApiError, error_body
 from service.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -54,15 +55,14 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
+from service.routes import SSE_HEADERS
+from service.served_model import ServedModel
 from service.settings import Settings
+from service.wire import Event, Job, WireError
 from trainer.artifact import valid_name
 from trainer.template import PromptTemplate
 
-if TYPE_CHECKING:
-    from service.app import ServedModel
-
 OWNER = "loraserve"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
 
 
@@ -182,9 +182,9 @@ class Choice:
             out = self.head
         return out + text
 
-    def finish(self, event: dict[str, Any]) -> None:
-        self.usage = event["usage"]
-        self.finish_reason = "length" if event["finish_reason"] == "length" else "stop"  # eos|stop -> stop
+    def finish(self, event: Event) -> None:
+        self.usage = event.usage or {}
+        self.finish_reason = "length" if event.finish_reason == "length" else "stop"  # eos|stop -> stop
 
 
 def _usage(choices: list[Choice]) -> Usage:
@@ -198,14 +198,14 @@ def _usage(choices: list[Choice]) -> Usage:
     )
 
 
-def _raise_for(event: dict[str, Any]) -> None:
-    err = event.get("error")
-    if err and err["code"] == "adapter_not_found":  # deleted after validation: say it in OpenAI's terms
-        raise ApiError(404, "model_not_found", err["message"], "model")
+def _raise_for(event: Event) -> None:
+    err = event.error
+    if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
+        raise ApiError(err.status, "model_not_found", err.message, "model")
     raise_for_event(event)
 
 
-async def _all(awaitables: list[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+async def _all(awaitables: list[Awaitable[Event]]) -> list[Event]:
     """Await every item; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
@@ -215,15 +215,13 @@ async def _all(awaitables: list[Awaitable[dict[str, Any]]]) -> list[dict[str, An
             t.cancel()
 
 
-def _submit(
-    client: EngineClient, request: Request, jobs: list[dict[str, Any]], prompt_of: list[int]
-) -> list[Choice]:
+def _submit(client: EngineClient, request: Request, jobs: list[Job], prompt_of: list[int]) -> list[Choice]:
     """Reserve a slot and queue each job; on a refusal (503) the ones already queued are withdrawn."""
     choices: list[Choice] = []
     try:
         for index, job in enumerate(jobs):
             client.reserve()
-            sub = client.submit(job, request.app.response_queue_id)
+            sub = client.submit(job, request)
             choices.append(Choice(index=index, prompt_index=prompt_of[index], sub=sub))
     except BaseException:
         for c in choices:
@@ -246,7 +244,7 @@ async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
     texts = []
     for c, final in zip(choices, finals, strict=True):
         c.finish(final)
-        texts.append(c.feed(final["text"], True))
+        texts.append(c.feed(final.text, True))
     return texts
 
 
@@ -257,39 +255,32 @@ def _data(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def _merged(choices: list[Choice], firsts: list[dict[str, Any]]) -> AsyncIterator[tuple[Choice, dict]]:
+async def _merged(choices: list[Choice], firsts: list[Event]) -> AsyncIterator[tuple[Choice, Event]]:
     """Events of every choice as they come: the first ones already received, then the rest."""
-    queue: asyncio.Queue[tuple[Choice, dict[str, Any]]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[Choice, Event]] = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
         while True:
             try:
                 event = await choice.sub.next_event()
             except TimeoutError:
-                event = {
-                    "finished": True,
-                    "error": {
-                        "status": 504,
-                        "code": "timeout",
-                        "param": None,
-                        "message": "generation ran past the server's deadline",
-                    },
-                }
+                late = WireError.of("timeout", "generation ran past the server's deadline")
+                event = Event.failure(choice.sub.job_id, late)
             await queue.put((choice, event))
-            if event.get("finished"):
+            if event.finished:
                 return
 
     tasks = []
     for choice, first in zip(choices, firsts, strict=True):
         queue.put_nowait((choice, first))
-        if not first.get("finished"):
+        if not first.finished:
             tasks.append(asyncio.ensure_future(pump(choice)))
     try:
         for _ in range(len(choices)):  # one final event per choice ends it
             while True:
                 choice, event = await queue.get()
                 yield choice, event
-                if event.get("finished"):
+                if event.finished:
                     break
     finally:
         for t in tasks:
@@ -298,7 +289,7 @@ async def _merged(choices: list[Choice], firsts: list[dict[str, Any]]) -> AsyncI
 
 async def _stream(
     choices: list[Choice],
-    firsts: list[dict[str, Any]],
+    firsts: list[Event],
     chunk,
     opening: list[str],
     include_usage: bool,
@@ -311,14 +302,13 @@ async def _stream(
         # aclosing: the pumps of the merge stop as soon as this stream ends, however it ends.
         async with aclosing(_merged(choices, firsts)) as events:
             async for choice, event in events:
-                if event.get("error"):
-                    err = event["error"]
-                    yield _data(error_body(err["status"], err["code"], err["message"], err.get("param")))
+                if event.error is not None:
+                    yield _data(error_payload(event.error))
                     return
-                finished = bool(event.get("finished"))
+                finished = event.finished
                 if finished:
                     choice.finish(event)
-                for line in chunk(choice, choice.feed(event.get("text", ""), finished), finished):
+                for line in chunk(choice, choice.feed(event.text, finished), finished):
                     yield line
         if include_usage:
             yield usage_chunk(_usage(choices))
@@ -348,7 +338,7 @@ def register_openai_routes(
         max_tokens_param: str,
         extra_stop: list[str],
         stream: bool,
-    ) -> tuple[list[dict[str, Any]], list[int]]:
+    ) -> tuple[list[Job], list[int]]:
         """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
         n = body.n or 1
         stop = list(dict.fromkeys([*body.stop, *extra_stop]))
@@ -388,7 +378,7 @@ def register_openai_routes(
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
                     if exc.code == "adapter_not_found":
-                        raise ApiError(404, "model_not_found", exc.message, "model") from None
+                        raise ApiError(exc.status, "model_not_found", exc.message, "model") from None
                     raise
                 jobs.append(job)
                 prompt_of.append(p)
@@ -544,7 +534,7 @@ async def _stream_response(
     return StreamingResponse(
         _stream(choices, firsts, chunk, opening, include_usage, usage_chunk),
         media_type="text/event-stream",
-        headers=_SSE_HEADERS,
+        headers=SSE_HEADERS,
     )
 
 

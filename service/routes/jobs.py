@@ -26,6 +26,7 @@ from service.jobs.datasets import read_capped, upload_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.store import STATUSES, Job, JobStore, StoreConflict
 from service.jobs.submit import TrainRequest, submit_job
+from service.routes import SSE_HEADERS
 from service.settings import Settings
 from service.text_input import check_text
 
@@ -196,7 +197,7 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
         return StreamingResponse(
             _event_stream(request, store(), settings, job, offset),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers=SSE_HEADERS,
         )
 
     dataset_body = {

@@ -1,0 +1,309 @@
+"""The API-process side of generation: validate, bound, submit, await the worker's events.
+
+API-server processes never hold the model. ``prepare_job`` validates a request with the tokenizer
+and the adapter folder only (unknown adapter 404, prompt over the context 400, ``max_new_tokens``
+over the cap 422) *before* it is queued, so a bad request never reaches, and never fails, a batch.
+``EngineClient`` bounds the requests in flight (503 + Retry-After beyond) and puts the job on the
+worker's queue; a ``Submission`` reads the job's events back (``service.wire``) and, when closed
+early, tells the worker to drop the job. ``unless_disconnected`` notices a client that went away
+while a non-streamed request waits. The worker side is ``service.worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import multiprocessing as mp
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import litserve as ls
+
+from service.errors import ApiError, error_body
+from service.litserve_glue import (
+    Reply,
+    close_reply,
+    consumer_id,
+    describe_failure,
+    next_reply,
+    open_reply,
+    put_request,
+)
+from service.wire import Cancel, Event, Job, WireError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is still there
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the API process knows about the base without loading it: context size and tokenizer."""
+
+    context: int
+    tokenizer: Any
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters than this (its vocabulary string is at least that long:
+        byte-level BPE spells each byte as one character)."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
+
+    def check_prompt_chars(self, text: str, param: str = "prompt") -> None:
+        """400 for a text that cannot fit the context, decided without tokenizing it.
+
+        Tokenizing runs on the API process's event loop: a multi-megabyte prompt would stall every
+        other request (liveness included) for seconds before being refused anyway.
+        """
+        most = self.context * self.max_token_chars
+        if len(text) > most:
+            raise api_error(
+                WireError(
+                    "prompt_too_long",
+                    f"the prompt has {len(text)} characters, more than the model's context of "
+                    f"{self.context} tokens can hold: shorten the prompt",
+                    param,
+                )
+            )
+
+
+def prepare_job(
+    *,
+    prompt_text: str,
+    adapter: str | None,
+    params: dict[str, Any],
+    stream: bool,
+    limits: ModelLimits,
+    adapter_dir: Path,
+    max_new_tokens_cap: int,
+    request_timeout: float,
+    adapter_param: str = "adapter",
+    max_tokens_param: str = "max_new_tokens",
+) -> Job:
+    """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
+
+    ``prompt_text`` is final (already rendered with a template when the route wants one);
+    ``params`` are SamplingParams fields. Every check here uses only the disk and the tokenizer.
+    """
+    from service.adapters import store
+
+    if adapter is not None:
+        store.check_name(adapter, adapter_param)
+        if not store.exists(adapter_dir, adapter):
+            missing = f"adapter {adapter!r} does not exist"
+            raise api_error(WireError("adapter_not_found", missing, adapter_param))
+    max_new = params["max_new_tokens"]
+    if max_new > max_new_tokens_cap:
+        raise ApiError(
+            422,
+            "max_new_tokens_too_large",
+            f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
+            max_tokens_param,
+        )
+    limits.check_prompt_chars(prompt_text)
+    prompt_ids = limits.tokenizer.encode(prompt_text)
+    prompt_len = max(1, len(prompt_ids))  # the engine starts an empty prompt from BOS
+    if prompt_len + max_new > limits.context:
+        room = limits.context - prompt_len
+        hint = (
+            f"lower {max_tokens_param} to {room} or shorten the prompt" if room > 0 else "shorten the prompt"
+        )
+        raise api_error(
+            WireError(
+                "prompt_too_long",
+                f"the prompt has {prompt_len} tokens and {max_tokens_param} is {max_new}, which exceeds "
+                f"the model's context of {limits.context} tokens: {hint}",
+                "prompt",
+            )
+        )
+    now = time.monotonic()
+    return Job(
+        id=f"gen-{uuid.uuid4().hex[:24]}",
+        prompt_ids=prompt_ids,
+        adapter=adapter,
+        params=params,
+        stream=stream,
+        arrived=now,
+        deadline=now + request_timeout,
+    )
+
+
+class Overloaded(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            503,
+            "overloaded",
+            f"the server is at its limit of {limit} generation requests in flight; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+@dataclass
+class Submission:
+    """One job on its way through the worker; ``next_event`` returns what the worker sends back."""
+
+    client: EngineClient
+    job: Job
+    reply: Reply
+    done: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    def remaining(self, grace: float = 1.0) -> float:
+        """Seconds left before the API side gives up (a little after the worker's own deadline)."""
+        return max(0.0, self.job.deadline + grace - time.monotonic())
+
+    async def next_event(self) -> Event:
+        """The next worker event; after a final one (result or error) the submission is done.
+
+        Raises TimeoutError when the deadline passes first (the caller answers 504 and closes).
+        """
+        data, ok = await next_reply(self.reply, self.remaining)
+        if not ok or not isinstance(data, dict):  # LitServe-level failure
+            self.done = True
+            return Event.failure(self.job_id, WireError.of("generation_failed", describe_failure(data)))
+        event = Event.from_dict(data)
+        if event.finished:
+            self.done = True
+        return event
+
+    async def next_or_504(self) -> Event:
+        """``next_event``, with a passed deadline answered as 504 in the error envelope."""
+        try:
+            return await self.next_event()
+        except TimeoutError:
+            message = f"no result within the server's deadline of {self.client.server.timeout} s"
+            raise api_error(WireError.of("timeout", message)) from None
+
+    async def final(self, check: Callable[[Event], None]) -> Event:
+        """Wait for the finished event; ``check`` raises for an error event (each route words its own)."""
+        while True:
+            event = await self.next_or_504()
+            check(event)
+            if event.finished:
+                return event
+
+    def close(self) -> None:
+        """Forget the job and free its slot; if it has not finished, tell the worker to drop it."""
+        if not close_reply(self.client.server, self.reply):
+            return
+        if not self.done:
+            self.done = True
+            self.client.cancel(self.job_id)
+        self.client.release()
+
+
+class EngineClient:
+    """Submits jobs from an API-server process to the generation worker through LitServe's queues.
+
+    The in-flight counter is shared memory created before LitServe forks its API servers, so the
+    bound holds across all of them.
+    """
+
+    def __init__(self, server: ls.LitServer, max_in_flight: int) -> None:
+        self.server = server
+        self.max_in_flight = max_in_flight
+        self._in_flight = mp.get_context("fork").Value("i", 0)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight.value
+
+    def reserve(self) -> None:
+        with self._in_flight.get_lock():
+            if self._in_flight.value >= self.max_in_flight:
+                raise Overloaded(self.max_in_flight)
+            self._in_flight.value += 1
+
+    def release(self) -> None:
+        with self._in_flight.get_lock():
+            self._in_flight.value = max(0, self._in_flight.value - 1)
+
+    def submit(self, job: Job, request: Any) -> Submission:
+        """Queue ``job`` (the caller has reserved a slot); its events come back to the API server
+        that received ``request``."""
+        reply = open_reply(self.server)
+        try:
+            put_request(self.server, consumer_id(request), reply.uid, job.to_dict())
+        except Exception as exc:  # the manager is gone: the server is shutting down
+            close_reply(self.server, reply)
+            self.release()
+            raise ApiError(
+                503,
+                "unavailable",
+                "the generation worker is not reachable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from exc
+        return Submission(self, job, reply)
+
+    def cancel(self, job_id: str) -> None:
+        try:
+            put_request(self.server, None, None, Cancel(job_id).to_dict())
+        except Exception:  # the manager is gone: the server is shutting down
+            log.debug("could not send cancel for %s", job_id, exc_info=True)
+
+
+class ClientDisconnected(ApiError):
+    """The client closed the connection while its answer was being made (nginx's 499, for metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            499, "client_closed_request", "the client closed the connection before the answer was ready"
+        )
+
+
+async def _disconnected(request: Any) -> None:
+    """Return once the client has gone away (polls Starlette's ``Request.is_disconnected``)."""
+    try:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+    except Exception:  # cannot tell: never call a client gone on a guess
+        log.debug("disconnect check failed; not watching this request", exc_info=True)
+        await asyncio.Event().wait()
+
+
+async def unless_disconnected(awaitable: Awaitable[T], request: Any) -> T:
+    """Await ``awaitable`` unless the client of ``request`` goes away first.
+
+    Then ``awaitable`` is cancelled and ``ClientDisconnected`` raised, and the caller's ``finally``
+    closes its submissions, which cancels their jobs in the worker. Without this a non-streamed
+    request whose client left would generate on to its last token or its deadline (a stream notices
+    by itself: Starlette stops the response when the client disconnects).
+    """
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise ClientDisconnected()
+
+
+def api_error(error: WireError) -> ApiError:
+    """The ApiError a route answers for ``error``, its status from the one table (``service.wire``)."""
+    return ApiError(error.status, error.code, error.message, error.param)
+
+
+def error_payload(error: WireError) -> dict[str, Any]:
+    """The error envelope for ``error``, for an SSE line once the stream's 200 has been sent."""
+    return error_body(error.status, error.code, error.message, error.param)
+
+
+def raise_for_event(event: Event) -> None:
+    """Turn a worker error event into the ApiError the route answers with."""
+    if event.error is not None:
+        raise api_error(event.error)

@@ -1,0 +1,10 @@
+"""The service's HTTP routes, one module per group; ``service.app`` assembles them.
+
+generate.py  POST /generate (and its 503 stand-in in the ``runner`` role)
+openai.py    /v1/models, /v1/completions, /v1/chat/completions
+adapters.py  GET /adapters, GET|PUT|DELETE /adapters/{name} (the multipart upload)
+jobs.py      /train*, /datasets
+health.py    GET /health, /health/ready, /metrics
+"""
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams

@@ -1,0 +1,115 @@
+"""GET /adapters, GET|PUT|DELETE /adapters/{name}; PUT takes the multipart upload of a PEFT adapter."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.adapters import store
+from service.errors import ApiError
+from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
+from service.schemas import AdapterInfo, AdapterList, Deleted
+from service.served_model import ServedModel
+from service.settings import Settings
+from service.worker import read_status
+
+
+def _loaded_adapters(settings: Settings) -> frozenset[str]:
+    status = read_status(settings.worker_status_path) or {}
+    return frozenset(status.get("loaded_adapters") or [])
+
+
+def register_adapter_routes(
+    app: FastAPI, settings: Settings, shape: store.BaseShape, model: ServedModel
+) -> None:
+    adapter_dir = settings.adapter_dir
+
+    @app.get("/adapters", response_model=AdapterList, tags=["adapters"])
+    def list_adapters() -> AdapterList:
+        """Every adapter folder in the adapter directory."""
+        return AdapterList(adapters=store.list_infos(adapter_dir, _loaded_adapters(settings)))
+
+    @app.get("/adapters/{name}", response_model=AdapterInfo, tags=["adapters"], responses={404: {}, 422: {}})
+    def get_adapter(name: str) -> AdapterInfo:
+        return store.info(adapter_dir, name, _loaded_adapters(settings))
+
+    @app.put(
+        "/adapters/{name}",
+        response_model=AdapterInfo,
+        tags=["adapters"],
+        responses={201: {"model": AdapterInfo}, 413: {}, 422: {}},
+    )
+    async def put_adapter(name: str, request: Request) -> JSONResponse:
+        """Upload a PEFT LoRA adapter: multipart ``adapter_config``, ``adapter_model``, optional ``template``.
+
+        Validated against the base before anything is written, then published atomically: a bad
+        upload leaves the previous version serving.
+        """
+        store.check_name(name)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+            raise ApiError(
+                413, "payload_too_large", f"the upload is larger than {settings.max_upload_bytes} bytes"
+            )
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(
+                422, "invalid_upload", "send multipart/form-data with adapter_config and adapter_model"
+            )
+        # Read with the cap first: a chunked body has no Content-Length, and the form parser alone
+        # would spool any amount of it to temporary files before the size check below.
+        raw = await read_capped(
+            request,
+            settings.max_upload_bytes + MULTIPART_OVERHEAD,
+            "the upload",
+            f" (adapter files up to {settings.max_upload_bytes} bytes, plus multipart framing)",
+        )
+        try:
+            form = await MultiPartParser(request.headers, _chunks(raw), max_files=4, max_fields=8).parse()
+        except MultiPartException as exc:
+            raise ApiError(
+                400, "invalid_multipart", f"could not read the multipart upload: {exc.message}"
+            ) from None
+        try:
+            config_raw = await _form_file(form, "adapter_config")
+            weights_raw = await _form_file(form, "adapter_model")
+            template_field = form.get("template")
+            if template_field is not None and not isinstance(template_field, str):
+                template_field = (await template_field.read()).decode("utf-8", "replace")
+        finally:
+            await form.close()
+        if len(config_raw) + len(weights_raw) > settings.max_upload_bytes:
+            raise ApiError(
+                413, "payload_too_large", f"the upload is larger than {settings.max_upload_bytes} bytes"
+            )
+        template = store.parse_template(template_field)
+
+        def validate_and_publish() -> bool:
+            store.validate_upload(config_raw, weights_raw, shape)
+            return store.publish(adapter_dir, name, config_raw, weights_raw, template, model.name)
+
+        created = await asyncio.to_thread(validate_and_publish)
+        info = store.info(adapter_dir, name, _loaded_adapters(settings))
+        return JSONResponse(info.model_dump(), status_code=201 if created else 200)
+
+    @app.delete("/adapters/{name}", response_model=Deleted, tags=["adapters"], responses={404: {}, 422: {}})
+    def delete_adapter(name: str) -> Deleted:
+        """Remove an adapter; requests already running on it finish."""
+        store.delete(adapter_dir, name)
+        return Deleted(deleted=name)
+
+
+async def _chunks(data: bytes):
+    yield data
+
+
+async def _form_file(form, field: str) -> bytes:
+    value = form.get(field)
+    if value is None:
+        raise ApiError(422, "invalid_upload", f"the upload needs a file field {field!r}", field)
+    if isinstance(value, UploadFile):
+        return await value.read()
+    return value.encode()

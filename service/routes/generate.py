@@ -1,0 +1,128 @@
+"""POST /generate: plain generation with the base or one adapter, JSON or SSE."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from service.adapters import store
+from service.errors import ApiError
+from service.gateway import (
+    EngineClient,
+    ModelLimits,
+    Submission,
+    error_payload,
+    prepare_job,
+    raise_for_event,
+    unless_disconnected,
+)
+from service.routes import SSE_HEADERS
+from service.schemas import GenerateChunk, GenerateRequest, GenerateResponse
+from service.settings import Settings
+from service.wire import Event, WireError
+
+
+def register_no_generation_routes(app: FastAPI, settings: Settings) -> None:
+    """The ``runner`` role loads no model: generation routes say so instead of a bare 404."""
+
+    async def no_generation(request: Request) -> None:
+        raise ApiError(
+            503,
+            "generation_not_served",
+            f"this server runs with role '{settings.role}': it runs training jobs and loads no generation "
+            f"model; send {request.url.path} to a server with role 'serve' or 'all'",
+        )
+
+    app.add_api_route("/generate", no_generation, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v1/{path:path}", no_generation, methods=["GET", "POST"], include_in_schema=False)
+
+
+def register_generate_routes(
+    app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits
+) -> None:
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        tags=["generation"],
+        responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}},
+    )
+    async def generate(body: GenerateRequest, request: Request) -> Any:
+        """Generate text with the base model or one adapter; ``stream: true`` answers with SSE."""
+        if body.adapter is not None:
+            store.check_name(body.adapter, "adapter")
+        template = store.template_for(settings.adapter_dir, body.adapter)
+        prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
+        params = {
+            "max_new_tokens": body.max_new_tokens or settings.default_max_new_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+            "stop": body.stop,
+        }
+        job = prepare_job(
+            prompt_text=prompt,
+            adapter=body.adapter,
+            params=params,
+            stream=body.stream,
+            limits=limits,
+            adapter_dir=settings.adapter_dir,
+            max_new_tokens_cap=settings.max_new_tokens_cap,
+            request_timeout=settings.request_timeout,
+        )
+        client.reserve()
+        sub = client.submit(job, request)
+        if not body.stream:
+            try:
+                final = await unless_disconnected(sub.final(raise_for_event), request)
+            finally:
+                sub.close()  # also when the client went away: the worker drops the job
+            return GenerateResponse(
+                id=final.id,
+                text=final.text,
+                adapter=body.adapter,
+                finish_reason=final.finish_reason,
+                usage=final.usage,
+            )
+        # Stream: wait for the first event so an error found before the first token is a real status.
+        try:
+            first = await unless_disconnected(sub.next_or_504(), request)
+            raise_for_event(first)
+        except BaseException:
+            sub.close()
+            raise
+        return StreamingResponse(
+            _sse(sub, first, body.adapter), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+
+def _chunk(event: Event, adapter: str | None) -> str:
+    chunk = GenerateChunk(
+        id=event.id, text=event.text, adapter=adapter, finish_reason=event.finish_reason, usage=event.usage
+    )
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+async def _sse(sub: Submission, first: Event, adapter: str | None):
+    """Text deltas as Server-Sent Events, then ``data: [DONE]``; a late error ends the stream without it."""
+    try:
+        event = first
+        while True:
+            if event.error is not None:
+                yield f"data: {json.dumps(error_payload(event.error))}\n\n"
+                return
+            yield _chunk(event, adapter)
+            if event.finished:
+                yield "data: [DONE]\n\n"
+                return
+            try:
+                event = await sub.next_event()
+            except TimeoutError:
+                late = WireError.of("timeout", "generation ran past the server's deadline")
+                yield f"data: {json.dumps(error_payload(late))}\n\n"
+                return
+    finally:
+        sub.close()

@@ -1,0 +1,79 @@
+"""GET /health (liveness), /health/ready (readiness for the server's role), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+from service.schemas import Health, Readiness
+from service.served_model import ServedModel
+from service.settings import Settings
+from service.worker import read_status
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def worker_readiness(settings: Settings) -> dict[str, Any]:
+    """The generation worker's status file, checked against its pid (roles ``all`` and ``serve``)."""
+    status = read_status(settings.worker_status_path) or {"status": "starting"}
+    if status.get("status") == "ready" and not _pid_alive(status.get("pid")):
+        status = dict(status, status="failed", detail="the generation worker is not running")
+    return dict(status, role=settings.role)
+
+
+def runner_readiness(
+    settings: Settings, model: ServedModel, runner_alive: Callable[[], bool]
+) -> Callable[[], dict[str, Any]]:
+    """Readiness of the ``runner`` role: the job runner process still runs."""
+
+    def readiness() -> dict[str, Any]:
+        status = {
+            "model": model.name,
+            "device": model.device,
+            "dtype": model.dtype,
+            "weights": model.origin,
+            "random_weights": model.random_weights,
+            "role": settings.role,
+        }
+        if runner_alive():
+            return dict(status, status="ready", detail="runs training jobs; no generation model is loaded")
+        return dict(status, status="failed", detail="the job runner is not running")
+
+    return readiness
+
+
+def register_health_routes(app: FastAPI, readiness: Callable[[], dict[str, Any]]) -> None:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+
+    @app.get("/health", response_model=Health, tags=["health"])
+    def health() -> Health:
+        """Liveness: the API process answers."""
+        return Health(status="ok")
+
+    @app.get(
+        "/health/ready", response_model=Readiness, tags=["health"], responses={503: {"model": Readiness}}
+    )
+    def ready() -> JSONResponse:
+        """Readiness for this server's role: the generation worker has loaded the model (it publishes a
+        status file), or, in the ``runner`` role, the job runner runs."""
+        status = readiness()
+        body = Readiness.model_validate({k: status.get(k) for k in Readiness.model_fields if k in status})
+        code = 200 if body.status == "ready" else 503
+        return JSONResponse(body.model_dump(), status_code=code)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format, aggregated over every process of the server."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

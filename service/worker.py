@@ -1,0 +1,321 @@
+"""The generation worker: LitServe spawns it (one per device) and it owns the engine.
+
+``EngineAPI.setup`` builds the ``Engine`` and publishes the worker's status file (readiness and
+loaded adapters, read by the API processes with ``read_status``); ``EngineLoop`` drives the engine.
+The loop is continuous batching: between two engine steps it drains the queue, admits newcomers
+while the engine has capacity and answers finished rows at once. When nothing is running it *blocks*
+on the queue (LitServe's ContinuousBatchingLoop spins a core there, and admits requests from another
+thread while ``step`` runs, which a single-threaded engine cannot allow).
+
+Streamed and non-streamed requests are the same job on the same queue and share engine batches;
+the ``stream`` flag only decides whether the worker sends every text delta or one final event
+(``service.wire``). The API side is ``service.gateway``; LitServe's internals are ``service.litserve_glue``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+
+from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
+from service.wire import Cancel, Event, Job, WireError, request_from_dict
+from trainer.publish import write_atomic
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking deadlines again
+MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
+STATUS_EVERY_S = 1.0  # at most this often the worker rewrites its status file while busy
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker needs, resolved by the main process (picklable: it crosses a spawn)."""
+
+    model_path: str
+    model_name: str  # what the user asked for
+    origin: str  # "hub" | "local" | "random"
+    random_weights: bool
+    adapter_dir: str
+    device: str  # "cpu" | "cuda"
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    max_batch_size: int
+    max_loaded_adapters: int
+    status_path: str
+    log_level: str = "info"
+
+
+def write_status(path: str | Path, status: dict[str, Any]) -> None:
+    """The worker's status for readiness and adapter listings, written atomically."""
+    body = dict(status, pid=os.getpid(), updated=datetime.now(UTC).isoformat())
+    write_atomic(Path(path), json.dumps(body, indent=2) + "\n")
+
+
+def read_status(path: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    from multiprocessing import util
+
+    util._run_finalizers(0)  # unlink this process's named semaphores (else resource_tracker warns)
+    os._exit(0)  # a full interpreter teardown with torch loaded takes seconds
+
+
+class EngineAPI(ls.LitAPI):
+    """The LitAPI of the generation worker: ``setup`` builds the engine, ``EngineLoop`` drives it."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(**engine_api_options(config.max_batch_size, EngineLoop()))
+        self.config = config
+        self.engine = None
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from service import metrics
+        from service.engine import Engine
+
+        cfg = self.config
+        if not logging.getLogger().handlers:  # a spawned process starts without our logging setup
+            logging.basicConfig(
+                level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+        status = {
+            "status": "starting",
+            "model": cfg.model_name,
+            "model_path": cfg.model_path,
+            "device": device,
+            "dtype": cfg.dtype,
+            "weights": cfg.origin,
+            "random_weights": cfg.random_weights,
+        }
+        write_status(cfg.status_path, status)
+        try:
+            self.engine = Engine(
+                cfg.model_path,
+                cfg.adapter_dir,
+                device=device,
+                dtype=getattr(torch, cfg.dtype),
+                max_batch_size=cfg.max_batch_size,
+                max_loaded_adapters=cfg.max_loaded_adapters,
+            )
+        except Exception as exc:
+            write_status(
+                cfg.status_path, dict(status, status="failed", detail=f"{type(exc).__name__}: {exc}")
+            )
+            raise
+        # LitServe stops workers with SIGTERM: run the finalizers, skip the slow teardown (see below).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        self.status = dict(status, status="ready")
+        write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
+        metrics.MODEL_INFO.labels(cfg.model_name, device, cfg.dtype, cfg.origin).set(1)
+        if cfg.random_weights:
+            log.warning(
+                "generation worker serves RANDOM WEIGHTS of %s: output is meaningless", cfg.model_name
+            )
+        log.info("generation worker ready: %s on %s (%s)", cfg.model_name, device, cfg.dtype)
+
+    def predict(self, x: Any) -> Any:  # pragma: no cover - EngineLoop never calls it
+        raise NotImplementedError("EngineLoop drives the engine directly")
+
+
+@dataclass
+class _Live:
+    """A job the worker has taken from the queue and still owes an answer."""
+
+    uid: str
+    consumer: int
+    job: Job
+    text: list[str] = field(default_factory=list)
+
+
+class EngineLoop(QueueLoop):
+    """Continuous batching over LitServe's request queue, one engine step at a time, in one thread."""
+
+    def serve(self, lit_api: EngineAPI, queue: WorkerQueue) -> None:
+        _Driver(lit_api, queue).serve()
+
+
+class _Driver:
+    """Owns the engine in the worker and writes its metrics: each engine step's report
+    (``metrics.record_step``) and the queue it keeps in front of the engine (``requests_waiting``)."""
+
+    def __init__(self, lit_api: EngineAPI, queue: WorkerQueue) -> None:
+        from service import metrics
+        from service.engine import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams
+
+        self.api, self.engine, self.queue = lit_api, lit_api.engine, queue
+        self.metrics = metrics
+        self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
+        self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
+        self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
+        self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
+        self.loaded: list[str] = []
+        self.status_at = 0.0
+
+    # --- the loop, in execution order -----------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            idle = not self.engine.has_active() and not self.waiting
+            if not self.receive(block=idle):
+                log.info("generation worker: stop requested")
+                return
+            self.expire()
+            self.admit()
+            stats = self.engine.stats()
+            self.metrics.REQUESTS_WAITING.set(len(self.waiting) + stats["waiting"])
+            # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
+            self.metrics.REQUESTS_RUNNING.set(stats["rows"])
+            self.metrics.ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
+            if self.engine.has_active():
+                self.step()
+            elif self.waiting:
+                time.sleep(0.01)  # nothing running and nothing admitted: do not spin
+            self.publish_status(force=idle)
+
+    def receive(self, block: bool) -> bool:
+        """Move queue items into ``waiting`` (or apply cancels); False when LitServe asks us to stop.
+
+        Blocks (without spinning) only while the worker has nothing else to do.
+        """
+        for n in range(MAX_DRAIN):
+            try:
+                item = self.queue.take(IDLE_WAIT_S if block and n == 0 else None)
+            except StopServing:
+                return False
+            if item is None:
+                return True
+            message = request_from_dict(item.payload)
+            if isinstance(message, Cancel):
+                self.cancel(message.job_id)
+            else:
+                self.waiting.append(_Live(item.uid, item.consumer, message))
+        return True
+
+    def expire(self) -> None:
+        """Answer 504 for every job past its deadline, queued or running."""
+        now = time.monotonic()
+        for live in [w for w in self.waiting if w.job.deadline <= now]:
+            self.waiting.remove(live)
+            self.fail(live, WireError.of("timeout", "the request waited past its deadline"))
+        for live in [r for r in self.running.values() if r.job.deadline <= now]:
+            self.drop(live.job.id)
+            self.fail(live, WireError.of("timeout", "generation ran past the request deadline"))
+
+    def admit(self) -> None:
+        """Hand waiting jobs to the engine while it has room; a job the engine refuses fails alone."""
+        while self.waiting and self.engine.has_capacity():
+            live = self.waiting.popleft()
+            job = live.job
+            try:
+                self.engine.add(
+                    self.GenerationRequest(
+                        job.id,
+                        list(job.prompt_ids),
+                        job.adapter,
+                        self.SamplingParams(**job.params),
+                        arrival=job.arrived,
+                    )
+                )
+            except Exception as exc:
+                self.fail(live, self.refusal(job, exc))
+            else:
+                self.running[job.id] = live
+
+    def step(self) -> None:
+        try:
+            report = self.engine.step()
+        except Exception as exc:  # the whole step failed: every job gets the error, nobody hangs
+            log.exception("engine.step failed")
+            for live in list(self.running.values()):
+                self.drop(live.job.id)
+                self.fail(live, WireError.of("generation_failed", f"{type(exc).__name__}: {exc}"))
+            return
+        self.metrics.record_step(report)
+        for ev in report.events:
+            live = self.running.get(ev.id)
+            if live is None:  # cancelled or expired meanwhile
+                continue
+            if ev.finished:
+                del self.running[ev.id]
+            if ev.error_code is not None or ev.finish_reason == "error":
+                # error_code says why (adapter_not_found: deleted after the request was accepted)
+                code = ev.error_code or "generation_failed"
+                self.fail(live, WireError.of(code, ev.error or code.replace("_", " ")))
+            elif ev.finished:
+                live.text.append(ev.text)
+                self.send(
+                    live,
+                    Event(
+                        ev.id,
+                        finished=True,
+                        text=ev.text if live.job.stream else "".join(live.text),
+                        finish_reason=ev.finish_reason,
+                        usage={"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens},
+                    ),
+                )
+            elif live.job.stream:
+                if ev.text:
+                    self.send(live, Event(ev.id, finished=False, text=ev.text))
+            else:
+                live.text.append(ev.text)
+
+    # --- helpers --------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        for live in self.waiting:
+            if live.job.id == job_id:
+                self.waiting.remove(live)
+                return
+        self.drop(job_id)
+
+    def drop(self, job_id: str) -> None:
+        """Take a job out of the engine; no further events are sent for it."""
+        if self.running.pop(job_id, None) is None:
+            return
+        try:
+            self.engine.cancel(job_id)
+        except Exception:
+            log.exception("engine.cancel failed for %s", job_id)
+
+    def refusal(self, job: Job, exc: Exception) -> WireError:
+        """Why ``engine.add`` refused a job, as an error code (its status is in ``service.wire``)."""
+        if isinstance(exc, self.AdapterNotFound):
+            return WireError.of("adapter_not_found", str(exc))
+        if isinstance(exc, self.PromptTooLong):
+            return WireError.of("prompt_too_long", str(exc))
+        if isinstance(exc, ValueError):
+            return WireError.of("invalid_request", str(exc))
+        log.exception("engine.add failed for %s", job.id)
+        return WireError.of("generation_failed", f"{type(exc).__name__}: {exc}")
+
+    def fail(self, live: _Live, error: WireError) -> None:
+        self.send(live, Event.failure(live.job.id, error))
+
+    def send(self, live: _Live, event: Event) -> None:
+        self.queue.reply(live.consumer, live.uid, event.to_dict())
+
+    def publish_status(self, force: bool = False) -> None:
+        """Rewrite the status file when the set of loaded adapters changed (rate-limited while busy)."""
+        now = time.monotonic()
+        if not force and now - self.status_at < STATUS_EVERY_S:
+            return
+        self.status_at = now
+        loaded = sorted(self.engine.stats()["adapters_loaded"])
+        if loaded != self.loaded:
+            self.loaded = loaded
+            write_status(self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded))

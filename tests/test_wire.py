@@ -1,0 +1,68 @@
+"""The messages between the API processes and the generation worker, and the error-code table."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from service.wire import ERRORS, Cancel, Event, Job, WireError, http_status, request_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _engine_error_codes() -> set[str]:
+    """Every literal ``code=``/``error_code=`` the engine passes when it builds an error event."""
+    codes = set()
+    for path in (REPO / "service" / "engine").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            literal = isinstance(node, ast.keyword) and isinstance(node.value, ast.Constant)
+            if literal and node.arg in ("code", "error_code") and isinstance(node.value.value, str):
+                codes.add(node.value.value)
+    return codes
+
+
+def test_every_error_code_has_a_status() -> None:
+    engine_codes = _engine_error_codes()
+    assert "adapter_not_found" in engine_codes  # the scan really sees the engine's codes
+    # what the engine sets, plus what the worker itself reports (refusals of add, deadlines, failures)
+    for code in engine_codes | {"prompt_too_long", "invalid_request", "timeout", "generation_failed"}:
+        assert code in ERRORS, f"error code {code!r} has no entry in service.wire.ERRORS"
+        assert 400 <= http_status(code) <= 599
+    assert {code: kind.status for code, kind in ERRORS.items()} == {
+        "adapter_not_found": 404,
+        "prompt_too_long": 400,
+        "invalid_request": 422,
+        "timeout": 504,
+        "generation_failed": 500,
+    }
+
+
+@pytest.mark.parametrize("code", ["", "out_of_memory", "ADAPTER_NOT_FOUND"])
+def test_unknown_code_is_a_server_error(code: str) -> None:
+    assert http_status(code) == 500
+    err = WireError.of(code, "boom")
+    assert err.status == 500 and err.param is None
+
+
+def test_error_param_comes_from_the_table_unless_given() -> None:
+    assert WireError.of("adapter_not_found", "gone").param == "adapter"
+    assert WireError.of("prompt_too_long", "long").param == "prompt"
+    assert WireError.of("timeout", "late").param is None
+    assert WireError("adapter_not_found", "gone", "model").status == 404
+
+
+def test_messages_survive_the_queue_as_plain_dicts() -> None:
+    job = Job("gen-1", [1, 2], "pirate", {"max_new_tokens": 4, "stop": ["\n"]}, True, 1.0, 2.0)
+    assert request_from_dict(job.to_dict()) == job
+    assert request_from_dict(Cancel("gen-1").to_dict()) == Cancel("gen-1")
+    events = [
+        Event("gen-1", finished=False, text="Ahoy"),
+        Event("gen-1", True, "!", "eos", {"prompt_tokens": 2, "completion_tokens": 3}),
+        Event.failure("gen-1", WireError.of("adapter_not_found", "adapter 'pirate' not found")),
+    ]
+    for event in events:
+        data = event.to_dict()
+        assert all(isinstance(v, str | bool | dict | int | type(None)) for v in data.values())
+        assert Event.from_dict(data) == event
