@@ -14,22 +14,18 @@ the ``stream`` flag only decides whether the worker sends every text delta or on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import litserve as ls
 
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
-from service.wire import Cancel, Event, Job, WireError, request_from_dict
-from trainer.publish import write_atomic
+from service.wire import Cancel, Event, Job, WireError, request_from_dict, write_status
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +49,6 @@ class WorkerConfig:
     max_loaded_adapters: int
     status_path: str
     log_level: str = "info"
-
-
-def write_status(path: str | Path, status: dict[str, Any]) -> None:
-    """The worker's status for readiness and adapter listings, written atomically."""
-    body = dict(status, pid=os.getpid(), updated=datetime.now(UTC).isoformat())
-    write_atomic(Path(path), json.dumps(body, indent=2) + "\n")
-
-
-def read_status(path: str | Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _exit_on_sigterm(signum, frame) -> None:
