@@ -134,6 +134,11 @@ def test_json_array_files_and_alpaca_input(tmp_path):
         ('{"messages": [{"role": "user", "content": "a"}]}', "last message must be from the assistant"),
         ('{"messages": [{"role": "robot", "content": "a"}]}', "role 'robot'"),
         ('["prompt", "response"]', "expected a JSON object"),
+        ('{"prompt": "a \\ud800", "response": "b"}', "prompt: lone surrogate U+D800 at position 2"),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\\udfff"}]}',
+            "messages[1].content: lone surrogate U+DFFF at position 0",
+        ),
     ],
 )
 def test_malformed_row_names_file_and_line(tmp_path, line, needle):
