@@ -416,6 +416,8 @@ def test_resume_after_a_kill_keeps_the_best_weights(tiny_base: Path, disagreeing
     assert (resumed["best_step"], resumed["selected"]) == (best, "best")
     assert resumed["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=1e-9)
     assert same_weights(weights(tmp_path / "resumed"), weights(out))
+    start = json.loads(progress.read_text().splitlines()[0])
+    assert start["event"] == "start" and start["best_step"] == best  # carried over from the checkpoint
     done = json.loads(progress.read_text().splitlines()[-1])
     assert done["event"] == "done" and done["best_step"] == best and done["selected"] == "best"
     assert done["eval_loss"] == done["best_eval_loss"] < done["last_eval_loss"]

@@ -323,6 +323,11 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
         eval_rows=len(run.eval_rows),
         precision=run.autocast_dtype,
         resumed_from=str(resumed_from) if resumed_from else None,
+        # a resumed run carries on from the checkpoint's evaluations
+        eval_loss=state.eval_loss,
+        best_step=state.best_step,
+        best_eval_loss=state.best_eval_loss,
+        last_eval_loss=state.eval_loss,
     )
     run.net.train()
     lengths = [len(r.input_ids) for r in run.train_rows]
