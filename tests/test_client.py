@@ -427,6 +427,50 @@ def test_datasets_and_train_from_a_path(tmp_path: Path):
     }
 
 
+def test_train_with_validation_rows_a_path_or_a_dataset(tmp_path: Path):
+    rows = [{"prompt": "a", "response": "b"}]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt": "c", "response": "d"}) + "\n")
+    uploaded = httpx.Response(201, json={"dataset": "ds-val", "rows": 1})
+    queued = httpx.Response(202, json={"job_id": "job-7", "status": "queued"})
+    rec = Recorder(uploaded, queued, queued, queued)
+    with rec.client() as client:
+        client.train("pirate", rows, validation=val)  # a path is uploaded first, like data
+        client.train("pirate", rows, validation=[{"prompt": "c", "response": "d"}])
+        client.train("pirate", dataset="ds-1", validation_dataset="ds-2")
+        with pytest.raises(ValueError, match="at most one of validation="):
+            client.train("pirate", rows, validation=rows, validation_dataset="ds-2")
+    assert [r.url.path for r in rec.requests] == ["/datasets", "/train", "/train", "/train"]
+    assert rec.requests[0].content == val.read_bytes()
+    bodies = [json.loads(r.content) for r in rec.requests[1:]]
+    assert bodies[0] == {
+        "adapter": "pirate",
+        "overwrite": False,
+        "data": rows,
+        "validation_dataset": "ds-val",
+    }
+    assert bodies[1]["validation_data"] == [{"prompt": "c", "response": "d"}]
+    assert "validation_dataset" not in bodies[1]
+    assert bodies[2] == {
+        "adapter": "pirate",
+        "overwrite": False,
+        "dataset": "ds-1",
+        "validation_dataset": "ds-2",
+    }
+
+    async def main():
+        rec = Recorder(
+            httpx.Response(201, json={"dataset": "ds-val", "rows": 1}),
+            httpx.Response(202, json={"job_id": "job-8", "status": "queued"}),
+        )
+        async with rec.async_client() as client:
+            await client.train("pirate", rows, validation=str(val))
+        assert [r.url.path for r in rec.requests] == ["/datasets", "/train"]
+        assert json.loads(rec.requests[1].content)["validation_dataset"] == "ds-val"
+
+    asyncio.run(main())
+
+
 def test_job_endpoints():
     def handler(request: httpx.Request) -> httpx.Response:
         path, method = request.url.path, request.method

@@ -264,6 +264,89 @@ def test_train_generate_cancel_and_killed_trainer(server: Server, client: httpx.
     print(f"/generate while training: {', '.join(f'{x * 1000:.0f} ms' for x in latencies)}")
 
 
+def test_validation_rows_and_the_best_checkpoint(
+    server: Server, client: httpx.Client, tmp_path, capsys
+) -> None:
+    from loraserve_client import cli
+
+    from tests.helpers.adapters import PROMPTS, TRAIN_PROMPTS
+
+    # rows that disagree: the eval loss falls, then rises as the adapter commits to the training sentence
+    train = [{"prompt": p, "response": "The answer is always forty two."} for p in TRAIN_PROMPTS]
+    val = [{"prompt": p, "response": "The answer is never seven."} for p in PROMPTS[12:18]]
+    config = {
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {"per_device_train_batch_size": 4, "learning_rate": 0.05, "warmup_ratio": 0,
+                     "lr_scheduler_type": "constant", "max_steps": 10, "eval_steps": 1, "save_steps": 0},
+    }  # fmt: skip
+    body = {"adapter": "best-of", "data": train, "config": config}
+
+    # validated like data / dataset
+    bad = error_of(client.post("/train", json={**body, "validation_data": [val[0], {"prompt": "x"}]}), 422)
+    assert (bad["code"], bad["param"]) == ("invalid_row", "validation_data[1]") and "missing" in bad[
+        "message"
+    ]
+    empty = error_of(client.post("/train", json={**body, "validation_data": []}), 422)
+    assert empty["param"] == "validation_data"
+    for unknown in ("ds-" + "0" * 20, "../etc"):
+        missing = error_of(client.post("/train", json={**body, "validation_dataset": unknown}), 404)
+        assert (missing["code"], missing["param"]) == ("dataset_not_found", "validation_dataset")
+    both = error_of(
+        client.post("/train", json={**body, "validation_data": val, "validation_dataset": "x"}), 422
+    )
+    assert both["code"] == "invalid_request" and both["param"] == "validation_data"
+    chat = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]
+    }
+    weight = error_of(client.post("/train", json={**body, "validation_data": [val[0], chat]}), 422)
+    assert (weight["code"], weight["param"]) == ("invalid_row", "validation_data[1]")
+    assert "weight 2" in weight["message"]
+    ignored = {"messages": [*chat["messages"][:1], {"role": "assistant", "content": "a", "weight": 0}]}
+    weight_0 = error_of(client.post("/train", json={**body, "data": [train[0], ignored]}), 422)
+    assert weight_0["param"] == "data[1]" and "weight 0" in weight_0["message"]
+
+    data_dir = server.log_path.parent
+    adapter_dir = data_dir.parent / "adapters"
+
+    def check_best(job: dict) -> dict:
+        assert job["status"] == "succeeded", job
+        prog = job["progress"]
+        assert prog["step"] == prog["total_steps"] == 10
+        assert prog["selected"] == "best" and prog["best_step"] < prog["step"], prog
+        assert prog["best_eval_loss"] < prog["last_eval_loss"] and prog["eval_loss"] == prog["best_eval_loss"]
+        summary = json.loads((adapter_dir / job["adapter"] / "training_summary.json").read_text())
+        assert (summary["best_step"], summary["selected"]) == (prog["best_step"], "best")
+        assert summary["eval_rows"] == len(val) and summary["train_rows"] == len(train)  # nothing held out
+        assert "--val" in client.get(f"/train/{job['job_id']}/logs").text
+        return prog
+
+    # inline validation rows
+    r = client.post("/train", json={**body, "validation_data": val})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    done = wait_job(client, job_id, lambda j: j["status"] not in ("queued", "running"), 240, "finished")
+    inline = check_best(done)
+    stored = (data_dir / "jobs" / job_id / "val.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in stored] == val
+
+    # an uploaded validation dataset, through the CLI: --val FILE is uploaded, then passed by id
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in val))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = ["--url", server.url, "--api-key", API_KEY, "--json", "train", str(tmp_path / "train.jsonl"),
+            "--adapter", "best-of-cli", "--val", str(tmp_path / "val.jsonl"),
+            "--config", str(tmp_path / "config.json"), "--wait", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    job = client.get(f"/train/{printed['job_id']}").json()
+    uploaded = check_best(job)
+    assert printed["progress"]["best_step"] == uploaded["best_step"]
+    assert uploaded["best_step"] == inline["best_step"]  # the same rows and seed
+    assert (data_dir / "jobs" / job["job_id"] / "val.jsonl").read_bytes() == (
+        tmp_path / "val.jsonl"
+    ).read_bytes()
+
+
 def test_kill9_of_the_whole_server_then_restart(tiny_base: Path, tmp_path: Path) -> None:
     adapters, data = tmp_path / "adapters", tmp_path / "data"
     config = {

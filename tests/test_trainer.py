@@ -250,6 +250,7 @@ def test_gradient_checkpointing_trains_lora_identically(tiny_no_dropout: Path, t
         overrides=sets + ["training.gradient_checkpointing=true"],
     )
     assert ckpt["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
+    assert (plain["selected"], plain["best_step"], plain["eval_loss"]) == ("last", None, None)  # no eval rows
     assert ckpt["final_loss"] != ckpt["train_loss"] or ckpt["steps"] == 1  # weights moved between steps
 
 
@@ -282,4 +283,141 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_base: P
     )
     assert summary["stopped_early"] is True and summary["steps"] == 3
     assert [e["step"] for e in summary["eval_history"]] == [1, 2, 3]
+    assert (summary["best_step"], summary["selected"]) == (1, "best")  # the best weights are published
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the best checkpoint
+
+# Validation rows that disagree with the training rows: at a high rate the eval loss first falls (the
+# shared "The answer is" and the EOS) and then rises as the model commits to the training sentence.
+DISAGREE = "The answer is never seven."
+BEST_OF = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "training": {
+        "per_device_train_batch_size": 4,
+        "learning_rate": 0.05,
+        "warmup_ratio": 0,
+        "lr_scheduler_type": "constant",
+        "max_steps": 10,
+        "eval_steps": 1,
+        "save_steps": 1,  # a checkpoint after every step: the weights of every step are on disk
+        "save_total_limit": 100,
+    },
+}
+
+
+def peft_eval_loss(base: Path, adapter: Path, val: Path) -> float:
+    """Mean token loss of ``adapter`` on ``val`` through plain transformers + PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import read_examples, tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ex in read_examples(val):
+            row = tokenize(ex, tok, 256)
+            n = sum(1 for t in row.labels[1:] if t != -100)
+            loss = model(input_ids=torch.tensor([row.input_ids]), labels=torch.tensor([row.labels])).loss
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def weights(folder: Path, name: str = "adapter_model.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / name))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def disagreeing_data(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.helpers.adapters import PROMPTS, write_fixed_sentence_data
+
+    root = tmp_path_factory.mktemp("disagree")
+    val = root / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": p, "response": DISAGREE}) + "\n" for p in PROMPTS[12:18]))
+    return write_fixed_sentence_data(root / "train.jsonl", SENTENCE), val
+
+
+@pytest.fixture(scope="module")
+def best_run(tiny_base: Path, disagreeing_data, tmp_path_factory) -> tuple[dict, Path, Path]:
+    train, val = disagreeing_data
+    root = tmp_path_factory.mktemp("best-run")
+    summary = train_adapter(
+        BEST_OF, train, root / "best", model=str(tiny_base), val_path=val, checkpoint_dir=root / "ckpt"
+    )
+    return summary, root / "best", root / "ckpt"
+
+
+def test_the_best_evaluations_weights_are_published(tiny_base: Path, disagreeing_data, best_run, tmp_path):
+    train, val = disagreeing_data
+    summary, out, ckpt = best_run
+    losses = [e["eval_loss"] for e in summary["eval_history"]]
+    assert [e["step"] for e in summary["eval_history"]] == list(range(1, 11))  # every eval_steps, and the end
+    assert summary["train_rows"] == 12 and summary["eval_rows"] == 6  # nothing held out of the training rows
+    best = summary["best_step"]
+    assert best is not None and best < summary["steps"] == 10, losses
+    assert summary["best_eval_loss"] == min(losses) < summary["last_eval_loss"] == losses[-1]
+    assert summary["selected"] == "best" and summary["eval_loss"] == summary["best_eval_loss"]
+    assert json.loads((out / "training_summary.json").read_text())["best_step"] == best
+    # the published weights are those the checkpoint after the best evaluation holds, bit for bit
+    published = weights(out)
+    assert same_weights(published, weights(ckpt / f"checkpoint-{best:07d}"))
+    assert same_weights(published, weights(ckpt / "checkpoint-0000009", "best_adapter_model.safetensors"))
+    assert peft_eval_loss(tiny_base, out, val) == pytest.approx(summary["best_eval_loss"], rel=1e-5)
+
+    # select: last publishes the last step's weights (same run otherwise)
+    last = train_adapter(
+        BEST_OF,
+        train,
+        tmp_path / "last",
+        model=str(tiny_base),
+        val_path=val,
+        overrides=["training.select=last", "training.save_steps=0"],
+    )
+    assert last["selected"] == "last" and last["best_step"] == best
+    assert last["eval_loss"] == last["last_eval_loss"] == pytest.approx(summary["last_eval_loss"], rel=1e-6)
+    assert peft_eval_loss(tiny_base, tmp_path / "last", val) == pytest.approx(
+        last["last_eval_loss"], rel=1e-5
+    )
+    assert not same_weights(weights(tmp_path / "last"), published)
+
+
+def test_resume_after_a_kill_keeps_the_best_weights(tiny_base: Path, disagreeing_data, best_run, tmp_path):
+    import shutil
+
+    train, val = disagreeing_data
+    summary, out, ckpt = best_run
+    best = summary["best_step"]
+    # What a kill -9 after step ``best + 1`` leaves on disk: the checkpoints up to there.
+    killed_at = best + 1
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    for later in range(killed_at + 1, 10):
+        shutil.rmtree(tmp_path / "ckpt" / f"checkpoint-{later:07d}")
+    progress = tmp_path / "progress.jsonl"
+    resumed = train_adapter(
+        BEST_OF,
+        train,
+        tmp_path / "resumed",
+        model=str(tiny_base),
+        val_path=val,
+        resume=True,
+        checkpoint_dir=tmp_path / "ckpt",
+        progress_jsonl=progress,
+    )
+    assert resumed["resumed_from"].endswith(f"checkpoint-{killed_at:07d}")
+    assert (resumed["best_step"], resumed["selected"]) == (best, "best")
+    assert resumed["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=1e-9)
+    assert same_weights(weights(tmp_path / "resumed"), weights(out))
+    start = json.loads(progress.read_text().splitlines()[0])
+    assert start["event"] == "start" and start["best_step"] == best  # carried over from the checkpoint
+    done = json.loads(progress.read_text().splitlines()[-1])
+    assert done["event"] == "done" and done["best_step"] == best and done["selected"] == "best"
+    assert done["eval_loss"] == done["best_eval_loss"] < done["last_eval_loss"]

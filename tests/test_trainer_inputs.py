@@ -117,6 +117,48 @@ def test_multi_turn_chat_trains_every_answer_but_not_user_turns(tok):
     assert trained == " Hello. Goodbye.<|endoftext|>"
 
 
+def trained_text(row, tok) -> str:
+    return tok.decode([i for i, lab in zip(row.input_ids, row.labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_chat_messages_with_weight_0_get_no_loss(tok):
+    def chat(*weights):
+        turns = []
+        for i, w in enumerate(weights):
+            answer = {"role": "assistant", "content": f"Answer {i}."}
+            turns += [
+                {"role": "user", "content": f"Question {i}?"},
+                answer if w is None else {**answer, "weight": w},
+            ]
+        return tokenize(parse_row({"messages": turns}, "x:1"), tok, 512)
+
+    assert trained_text(chat(None, None), tok) == " Answer 0. Answer 1.<|endoftext|>"  # as before
+    assert chat(1, 1.0) == chat(None, None)  # weight 1 changes nothing
+    assert trained_text(chat(0, 1), tok) == " Answer 1.<|endoftext|>"
+    # the EOS goes with the last answer: weight 0 there trains neither the answer nor the stop
+    row = chat(1, 0)
+    assert trained_text(row, tok) == " Answer 0." and row.labels[-1] == IGNORE_INDEX
+    assert row.input_ids == chat(None, None).input_ids  # the text is the same; only the labels differ
+
+
+@pytest.mark.parametrize("weight", [2, 0.5, -1, "0", True, False, None, [1]])
+def test_other_weights_are_refused_naming_the_row(weight):
+    row = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "weight": weight},
+        ]
+    }
+    with pytest.raises(TrainerError, match=r"^rows\.jsonl:4: messages\[1\] has weight .*expected 0"):
+        parse_row(row, "rows.jsonl:4")
+
+
+def test_a_row_whose_every_answer_has_weight_0_is_refused():
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    with pytest.raises(TrainerError, match="x:1: every assistant message has weight 0"):
+        parse_row(row, "x:1")
+
+
 def test_json_array_files_and_alpaca_input(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"instruction": "Translate.", "input": "chat", "output": "cat"}]))

@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         "--model", help="base model: hub id or local folder (overrides training.model_name_or_path)"
     )
     t.add_argument("--data", required=True, help="training rows: JSON array or JSON lines")
-    t.add_argument("--val", help="validation rows (default: hold out training.eval_fraction)")
+    t.add_argument(
+        "--val",
+        help="validation rows (default: hold out training.eval_fraction); the published adapter is the "
+        "best evaluation's unless training.select=last",
+    )
     t.add_argument("--output", required=True, help="adapter folder to create (replaced atomically)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.seed=3")
     t.add_argument(
@@ -115,6 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if summary["eval_loss"] is not None
                 else ""
             )
+            + (f", weights of step {summary['best_step']} (best)" if summary["selected"] == "best" else "")
             + ")",
             file=out,
         )

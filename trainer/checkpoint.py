@@ -6,6 +6,7 @@ Layout of one checkpoint (the base model is never copied; resuming needs the sam
         optimizer.pt, scheduler.pt, scaler.pt            scaler only under fp16
         rng_state_<rank>.pt                              python, numpy, torch (and CUDA) RNG per process
         trainer_state.json                               RunState: step, totals, eval history, fingerprints
+        best_adapter_model.safetensors                   the LoRA weights of the best evaluation so far
 A checkpoint is written to ``.tmp-checkpoint-…`` and renamed in, so a crash while saving never
 leaves a half checkpoint that ``--resume`` would pick up. Only the newest ``keep`` are kept.
 """
@@ -17,7 +18,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from trainer.errors import TrainerError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS_FILE = "best_adapter_model.safetensors"  # same keys as WEIGHTS_FILE
 
 
 @dataclass
@@ -47,6 +49,7 @@ class RunState:
     last_loss: float | None = None
     eval_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "eval_loss"}
     best_eval_loss: float | None = None
+    best_step: int | None = None  # the step of best_eval_loss
     evals_without_improvement: int = 0
     stopped_early: bool = False
     skipped_steps: int = 0  # fp16 overflow: the scaler lowered its scale instead of stepping
@@ -54,9 +57,14 @@ class RunState:
     padded_tokens: int = 0  # tokens including padding
     target_tokens: int = 0  # tokens the loss was computed on
     train_seconds: float = 0.0  # time in the loop, summed over resumed runs
+    # The trainable weights (CPU copies, PEFT state-dict keys) at best_step; a checkpoint stores them in
+    # BEST_WEIGHTS_FILE, not in trainer_state.json.
+    best_weights: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(replace(self, best_weights=None))
+        del data["best_weights"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
@@ -69,6 +77,7 @@ class RunState:
 
     @property
     def eval_loss(self) -> float | None:
+        """The last evaluation's loss."""
         return self.eval_history[-1]["eval_loss"] if self.eval_history else None
 
     def add_step(
@@ -83,12 +92,14 @@ class RunState:
         self.target_tokens += target_tokens
         self.skipped_steps += int(skipped)
 
-    def add_eval(self, loss: float) -> None:
+    def add_eval(self, loss: float) -> bool:
+        """Record an evaluation; True when it is the best so far (the caller then keeps the weights)."""
         self.eval_history.append({"step": self.step, "eval_loss": loss})
         if self.best_eval_loss is None or loss < self.best_eval_loss:
-            self.best_eval_loss, self.evals_without_improvement = loss, 0
-        else:
-            self.evals_without_improvement += 1
+            self.best_eval_loss, self.best_step, self.evals_without_improvement = loss, self.step, 0
+            return True
+        self.evals_without_improvement += 1
+        return False
 
 
 def _rng_state() -> dict[str, Any]:
@@ -161,6 +172,10 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        if state.best_weights is not None:
+            from safetensors.torch import save_file
+
+            save_file(state.best_weights, str(tmp / BEST_WEIGHTS_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -187,6 +202,8 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
     from safetensors.torch import load_file
 
     state = read_state(ckpt)
+    if (ckpt / BEST_WEIGHTS_FILE).is_file():
+        state.best_weights = load_file(str(ckpt / BEST_WEIGHTS_FILE))
     weights = load_file(str(ckpt / WEIGHTS_FILE))
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     missing = [k for k in result.unexpected_keys if "lora_" in k]

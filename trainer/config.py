@@ -65,12 +65,19 @@ class TrainingSettings(_Section):
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 42
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out when no validation file is given")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="held out when no validation rows are given (none is held out then)"
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="evaluate every N steps as well as after each epoch"
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better eval loss"
+    )
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="publish the weights of the evaluation with the lowest eval loss, or the last step's "
+        "(without eval rows the last step's either way)",
     )
     save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps; 0 = only on signals")
     save_total_limit: int = Field(2, ge=1)

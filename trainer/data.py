@@ -3,11 +3,13 @@
 Accepted files: a JSON array, or JSON lines (one object per line), each row one of
     {"prompt": ..., "response": ...}           (or "completion" instead of "response")
     {"instruction": ..., "input": ..., "output": ...}                          (Alpaca)
-    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (chat)
+    {"messages": [{"role": "system"|"user"|"assistant", "content": ..., "weight": 0|1}, ...]}  (chat)
     {"text": "Human: ...\nAssistant: ..."}                                     (the prototype's form)
 Every row is rendered with the prompt template (``trainer.template``). Labels are set by
 *position*: -100 on prompt tokens and on padding, the token id on response tokens and on the
-EOS appended after the last answer. GPT-2's pad id equals its EOS id, so masking by id would hide
+EOS appended after the last answer. In chat rows every assistant message is trained unless it has
+``"weight": 0`` (OpenAI's chat fine-tuning format); the EOS goes with the last answer's weight.
+GPT-2's pad id equals its EOS id, so masking by id would hide
 EOS and the model would never learn to stop; masking by position cannot.
 
 Batches are padded to their own longest row (never to max_seq_length); with ``group_by_length``
@@ -118,10 +120,17 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise TrainerError(
                 f"{where}: messages[{i}] has role {m.get('role')!r} (expected system, user or assistant)"
             )
+        weight = m.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight not in (0, 1):
+            raise TrainerError(
+                f"{where}: messages[{i}] has weight {weight!r} (expected 0: no loss, or 1: trained)"
+            )
     if messages[-1]["role"] != "assistant":
         raise TrainerError(
             f"{where}: the last message must be from the assistant (it is what the model learns)"
         )
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        raise TrainerError(f"{where}: every assistant message has weight 0, so the row teaches nothing")
     return messages
 
 
@@ -179,7 +188,7 @@ def read_examples(path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE)
 
 
 def tokenize(example: Example, tokenizer, max_seq_length: int) -> Row:
-    """Token ids and position-masked labels; EOS is appended and is a target."""
+    """Token ids and position-masked labels; EOS is appended, a target when the last segment is one."""
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in example.segments:
@@ -187,7 +196,7 @@ def tokenize(example: Example, tokenizer, max_seq_length: int) -> Row:
         ids += seg
         labels += seg if trainable else [IGNORE_INDEX] * len(seg)
     ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id if example.segments[-1][1] else IGNORE_INDEX)
     return Row(ids[:max_seq_length], labels[:max_seq_length])
 
 
@@ -195,7 +204,7 @@ def tokenize_all(examples: list[Example], tokenizer, max_seq_length: int, *, nam
     rows, cut, dropped = [], 0, 0
     for ex in examples:
         row = tokenize(ex, tokenizer, max_seq_length)
-        cut += row.labels[-1] != tokenizer.eos_token_id  # the appended EOS was cut off
+        cut += row.input_ids[-1] != tokenizer.eos_token_id  # the appended EOS was cut off
         if row.n_targets == 0:
             dropped += 1
             continue

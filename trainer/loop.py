@@ -6,8 +6,10 @@
 
 Order of work (``trainer.setup``): validate inputs (config, data files) before touching a model ->
 pick precision -> load base + tokenizer, tokenize -> add LoRA -> plan steps -> optimizer -> (resume).
-Then ``fit``: train with token-normalised gradient accumulation, log, evaluate, checkpoint. Then
-``save``: stage the adapter folder -> verify -> rename into place (``trainer.artifact``).
+Then ``fit``: train with token-normalised gradient accumulation, log, evaluate (keeping a copy of
+the LoRA weights whenever the eval loss improves), checkpoint. Then ``save``: put back the best
+evaluation's weights (``training.select: best``, the default) or keep the last step's, stage the
+adapter folder -> verify -> rename into place (``trainer.artifact``).
 
 Gradient accumulation, precisely: an optimizer step consumes one *window* of micro-batches
 (``gradient_accumulation_steps`` per process x processes). The window's micro-batches are known in
@@ -90,6 +92,22 @@ def evaluate_loss(accelerator, model, rows: list[Row], batch_size: int, pad_id: 
     net.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1])
+
+
+def trainable_weights(accelerator, model) -> dict[str, Any]:
+    """A CPU copy of the LoRA weights (PEFT state-dict keys, as in the adapter file): a few MB at most."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+    return {key: value.detach().cpu().clone() for key, value in state.items()}
+
+
+def selected_weights(run: Setup, state: RunState) -> str:
+    """ "best" when the best evaluation's weights are published, "last" for the last step's: asked for
+    with ``select: last``, or nothing to choose from (no eval rows)."""
+    if run.cfg.training.select == "best" and state.best_weights is not None:
+        return "best"
+    return "last"
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -252,7 +270,7 @@ def train_adapter(
         try:
             fit(run, state, progress, stop)
             summary = Summary.of(run, state)
-            save(run, summary)
+            save(run, state, summary)
         finally:
             stop.restore()
         progress.emit(
@@ -262,6 +280,10 @@ def train_adapter(
             eval_loss=summary.eval_loss,
             perplexity=summary.perplexity,
             train_loss=summary.train_loss,
+            best_step=summary.best_step,
+            best_eval_loss=summary.best_eval_loss,
+            last_eval_loss=summary.last_eval_loss,
+            selected=summary.selected,
         )
         return summary.to_dict()
     except BaseException as exc:
@@ -301,6 +323,11 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
         eval_rows=len(run.eval_rows),
         precision=run.autocast_dtype,
         resumed_from=str(resumed_from) if resumed_from else None,
+        # a resumed run carries on from the checkpoint's evaluations
+        eval_loss=state.eval_loss,
+        best_step=state.best_step,
+        best_eval_loss=state.best_eval_loss,
+        last_eval_loss=state.eval_loss,
     )
     run.net.train()
     lengths = [len(r.input_ids) for r in run.train_rows]
@@ -387,8 +414,17 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
                 eval_loss = evaluate_loss(
                     accelerator, run.net, run.eval_rows, t.per_device_eval_batch_size, run.pad_id
                 )
-                state.add_eval(eval_loss)
-                progress.emit("eval", step=step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
+                if state.add_eval(eval_loss) and t.select == "best":
+                    state.best_weights = trainable_weights(accelerator, run.net)
+                progress.emit(
+                    "eval",
+                    step=step,
+                    eval_loss=eval_loss,
+                    perplexity=perplexity(eval_loss),
+                    best_step=state.best_step,
+                    best_eval_loss=state.best_eval_loss,
+                    last_eval_loss=eval_loss,
+                )
                 if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
                     log.info(
                         "early stopping: no better eval loss in %d evaluations", t.early_stopping_patience
@@ -410,10 +446,23 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
     return state
 
 
-def save(run: Setup, summary: Summary) -> None:
-    """Publish the adapter at the output: staged, verified and renamed in by the main process only."""
+def save(run: Setup, state: RunState, summary: Summary) -> None:
+    """Publish the adapter at the output: the selected weights (``summary.selected``), staged, verified
+    and renamed in by the main process only."""
     accelerator, inputs = run.accelerator, run.inputs
     if accelerator.is_main_process:
+        if not run.eval_rows:
+            log.info("no evaluation rows: publishing the last step's weights (selected: last)")
+        elif summary.selected == "best" and state.best_step != state.step:
+            log.info(
+                "publishing the weights of step %d (eval loss %.4f; the last evaluation had %.4f)",
+                state.best_step,
+                state.best_eval_loss,
+                state.eval_loss,
+            )
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(accelerator.unwrap_model(run.net), state.best_weights)
         with artifact.staged(inputs.output) as folder:
             accelerator.unwrap_model(run.net).save_pretrained(folder)
             record = artifact.Record(
@@ -448,8 +497,12 @@ class Summary:
     epochs: float
     train_loss: float  # mean over steps of each step's mean token loss
     final_loss: float | None  # the last step's
-    eval_loss: float | None  # the last evaluation's
-    perplexity: float | None
+    eval_loss: float | None  # the published weights' (best_eval_loss or last_eval_loss, per selected)
+    perplexity: float | None  # of eval_loss
+    best_step: int | None  # the step of the lowest eval loss (None without evaluations)
+    best_eval_loss: float | None
+    last_eval_loss: float | None  # the last evaluation's
+    selected: str  # "best": the weights of best_step were published; "last": the last step's
     eval_history: list[dict[str, Any]]
     stopped_early: bool
     skipped_steps: int
@@ -472,6 +525,8 @@ class Summary:
     @classmethod
     def of(cls, run: Setup, state: RunState) -> Summary:
         inputs = run.inputs
+        selected = selected_weights(run, state)
+        eval_loss = state.best_eval_loss if selected == "best" else state.eval_loss
         return cls(
             format=SUMMARY_FORMAT,
             adapter=inputs.output.name,
@@ -484,8 +539,12 @@ class Summary:
             epochs=round(state.step / run.steps_per_epoch, 4),
             train_loss=state.train_loss,
             final_loss=state.last_loss,
-            eval_loss=state.eval_loss,
-            perplexity=perplexity(state.eval_loss),
+            eval_loss=eval_loss,
+            perplexity=perplexity(eval_loss),
+            best_step=state.best_step,
+            best_eval_loss=state.best_eval_loss,
+            last_eval_loss=state.eval_loss,
+            selected=selected,
             eval_history=state.eval_history,
             stopped_early=state.stopped_early,
             skipped_steps=state.skipped_steps,

@@ -9,6 +9,10 @@ Every JSON line has the same keys, so a reader never needs to guess:
     tokens_per_second non-pad tokens per second since the start of this run (all processes)
     eta_seconds       estimated seconds to the end
     lr                the learning rate of the last step
+    best_step         the step of the lowest eval loss so far (null before the first evaluation)
+    best_eval_loss    that eval loss
+    last_eval_loss    the latest evaluation's loss
+    selected          on "done": "best" or "last", the weights published (null before)
     time              Unix time of the event
 plus event-specific extras (perplexity, path, message, ...). Only the main process reports.
 """
@@ -59,6 +63,10 @@ class Progress:
             "tokens_per_second": None,
             "eta_seconds": None,
             "lr": None,
+            "best_step": None,
+            "best_eval_loss": None,
+            "last_eval_loss": None,
+            "selected": None,
         }
 
     @property

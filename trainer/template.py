@@ -38,8 +38,8 @@ class PromptTemplate:
     def render_chat(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
         """Render a conversation into (text, trainable) segments.
 
-        Every assistant answer is trainable; the caller appends EOS after the last one. A
-        conversation that ends on a user turn renders as a generation prompt.
+        Every assistant answer is trainable unless the message has ``"weight": 0``; the caller appends
+        EOS after the last one. A conversation that ends on a user turn renders as a generation prompt.
         """
         segments: list[tuple[str, bool]] = []
         for i, msg in enumerate(messages):
@@ -50,7 +50,8 @@ class PromptTemplate:
                 segments.append((self.user.format(content=content), False))
             elif role == "assistant":
                 segments.append((self.assistant_prefix, False))
-                segments.append((self.assistant_answer.format(content=content), True))
+                trained = msg.get("weight", 1) != 0
+                segments.append((self.assistant_answer.format(content=content), trained))
                 if i != len(messages) - 1:
                     segments.append((self.turn_separator, False))
             else:

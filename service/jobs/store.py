@@ -37,6 +37,10 @@ PROGRESS_KEYS = (
     "tokens_per_second",
     "eta_seconds",
     "lr",
+    "best_step",  # the step whose weights are (or will be) published, by eval loss
+    "best_eval_loss",
+    "last_eval_loss",
+    "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
 )
 
 _SCHEMA = [

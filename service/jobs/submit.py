@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,6 +24,8 @@ class TrainRequest(BaseModel):
     adapter: str
     data: list[Any] | None = None
     dataset: str | None = None
+    validation_data: list[Any] | None = None  # evaluated on instead of a held-out fraction of the rows
+    validation_dataset: str | None = None
     config: dict[str, Any] | None = None
     overwrite: bool = False
 
@@ -39,13 +42,15 @@ def submit_job(
     if (req.data is None) == (req.dataset is None):
         msg = "give exactly one of 'data' (rows) or 'dataset' (an id)"
         raise ApiError(422, "invalid_request", msg, "data")
-    if req.dataset is not None:
-        ds = store.get_dataset(req.dataset) if DATASET_ID.match(req.dataset) else None
-        if ds is None:
-            raise ApiError(404, "dataset_not_found", f"dataset '{req.dataset}' does not exist", "dataset")
-        num_rows = ds.num_rows
-    else:
-        num_rows = check_rows(req.data, "data")
+    num_rows = _check_source(store, req.data, req.dataset, "data", "dataset")
+    if req.validation_data is not None and req.validation_dataset is not None:
+        msg = "give at most one of 'validation_data' (rows) or 'validation_dataset' (an id)"
+        raise ApiError(422, "invalid_request", msg, "validation_data")
+    has_val = req.validation_data is not None or req.validation_dataset is not None
+    if has_val:
+        _check_source(
+            store, req.validation_data, req.validation_dataset, "validation_data", "validation_dataset"
+        )
     cfg = check_config(req.config, settings)
     if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
         raise ApiError(
@@ -68,10 +73,9 @@ def submit_job(
     paths.root.mkdir(parents=True)
     try:
         write_atomic(paths.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if req.dataset is not None:
-            link_dataset(settings, req.dataset, paths.data)
-        else:
-            write_atomic(paths.data, to_jsonl(req.data or []))
+        _write_rows(settings, req.data, req.dataset, paths.data)
+        if has_val:
+            _write_rows(settings, req.validation_data, req.validation_dataset, paths.val)
         created, is_new = store.create_job(job, key, digest)
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)
@@ -79,3 +83,23 @@ def submit_job(
     if not is_new:  # an idempotent retry that raced the first request: keep the first job only
         shutil.rmtree(paths.root, ignore_errors=True)
     return created, is_new
+
+
+def _check_source(
+    store: JobStore, rows: list[Any] | None, dataset: str | None, rows_param: str, dataset_param: str
+) -> int:
+    """How many rows: inline ``rows`` validated (422 naming ``rows_param[i]``), or a stored dataset's
+    (404 naming ``dataset_param`` when there is none)."""
+    if dataset is not None:
+        ds = store.get_dataset(dataset) if DATASET_ID.match(dataset) else None
+        if ds is None:
+            raise ApiError(404, "dataset_not_found", f"dataset '{dataset}' does not exist", dataset_param)
+        return ds.num_rows
+    return check_rows(rows, rows_param)
+
+
+def _write_rows(settings: Settings, rows: list[Any] | None, dataset: str | None, dest: Path) -> None:
+    if dataset is not None:
+        link_dataset(settings, dataset, dest)
+    else:
+        write_atomic(dest, to_jsonl(rows or []))

@@ -39,6 +39,10 @@ PUBLIC_PROGRESS = (
     "tokens_per_second",
     "eta_seconds",
     "lr",
+    "best_step",
+    "best_eval_loss",
+    "last_eval_loss",
+    "selected",
 )
 SSE_POLL_SECONDS = 0.5
 SSE_PING_SECONDS = 15.0

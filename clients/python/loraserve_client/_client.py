@@ -143,13 +143,27 @@ class Client(_Config):
         dataset: str | None = None,
         config: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        validation: Rows | PathLike | None = None,
+        validation_dataset: str | None = None,
     ) -> TrainingJob:
         """Queue training of ``adapter`` on ``data`` (rows, or a .jsonl path uploaded first as a dataset) or
         on an uploaded ``dataset`` id. ``config`` is a partial trainer config, e.g. ``{"training":
-        {"num_train_epochs": 5}}``. Returns at once; ``.wait()`` on the result to follow it."""
+        {"num_train_epochs": 5}}``. ``validation`` (rows or a path, uploaded likewise) or
+        ``validation_dataset`` are evaluated on instead of a held-out part of the rows; the adapter
+        published is the best evaluation's. Returns at once; ``.wait()`` on the result to follow it."""
         if _core.is_path(data):
             dataset, data = self.datasets.upload(data).dataset, None  # type: ignore[arg-type]
-        op = _core.train(adapter, data=data, dataset=dataset, config=config, overwrite=overwrite)  # type: ignore[arg-type]
+        if _core.is_path(validation):
+            validation_dataset, validation = self.datasets.upload(validation).dataset, None  # type: ignore[arg-type]
+        op = _core.train(
+            adapter,
+            data=data,  # type: ignore[arg-type]
+            dataset=dataset,
+            config=config,
+            overwrite=overwrite,
+            validation=validation,  # type: ignore[arg-type]
+            validation_dataset=validation_dataset,
+        )
         return TrainingJob(self, self._request(op))
 
     def job(self, job_id: str) -> TrainingJob:
@@ -467,10 +481,22 @@ class AsyncClient(_Config):
         dataset: str | None = None,
         config: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        validation: Rows | PathLike | None = None,
+        validation_dataset: str | None = None,
     ) -> AsyncTrainingJob:
         if _core.is_path(data):
             dataset, data = (await self.datasets.upload(data)).dataset, None  # type: ignore[arg-type]
-        op = _core.train(adapter, data=data, dataset=dataset, config=config, overwrite=overwrite)  # type: ignore[arg-type]
+        if _core.is_path(validation):
+            validation_dataset, validation = (await self.datasets.upload(validation)).dataset, None  # type: ignore[arg-type]
+        op = _core.train(
+            adapter,
+            data=data,  # type: ignore[arg-type]
+            dataset=dataset,
+            config=config,
+            overwrite=overwrite,
+            validation=validation,  # type: ignore[arg-type]
+            validation_dataset=validation_dataset,
+        )
         return AsyncTrainingJob(self, await self._request(op))
 
     async def job(self, job_id: str) -> AsyncTrainingJob:

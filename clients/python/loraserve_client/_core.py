@@ -303,6 +303,8 @@ def train(
     dataset: str | None,
     config: Mapping[str, Any] | None,
     overwrite: bool,
+    validation: Iterable[Mapping[str, Any]] | None = None,
+    validation_dataset: str | None = None,
     idempotency_key: str | None = None,
 ) -> Op[Job]:
     """``POST /train`` with one Idempotency-Key for the call: a retry after a lost answer returns the job the
@@ -316,6 +318,14 @@ def train(
         body["data"] = _rows(data)
     else:
         body["dataset"] = dataset
+    if validation is not None and validation_dataset is not None:
+        raise ValueError(
+            "pass at most one of validation= (rows or a JSONL path) or validation_dataset= (an id)"
+        )
+    if validation is not None:
+        body["validation_data"] = _rows(validation)
+    elif validation_dataset is not None:
+        body["validation_dataset"] = validation_dataset
     if config:
         body["config"] = dict(config)
     headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}

@@ -1,6 +1,6 @@
 """``loraserve``: the command line over ``Client``.
 
-    loraserve train data.jsonl --adapter pirate --wait --set training.num_train_epochs=5
+    loraserve train data.jsonl --adapter pirate --wait --set training.num_train_epochs=5 [--val val.jsonl]
     loraserve generate "What is LoRA?" --adapter pirate --stream
     loraserve adapters [list|get NAME|upload NAME FOLDER|delete NAME]
     loraserve jobs [list [--status S]|get ID|wait ID|cancel ID|logs ID]
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", "-a", required=True, help="name to publish the adapter under")
     p.add_argument("--dataset", help="an uploaded dataset id instead of DATA")
     p.add_argument(
+        "--val",
+        metavar="FILE",
+        help="validation rows, .jsonl (uploaded first): evaluated on instead of a held-out part of DATA, "
+        "and the adapter published is the best evaluation's",
+    )
+    p.add_argument("--val-dataset", metavar="ID", help="an uploaded dataset id instead of --val FILE")
+    p.add_argument(
         "--config", type=Path, help="partial trainer config, .json (or .yaml with PyYAML installed)"
     )
     p.add_argument(
@@ -191,7 +198,13 @@ def cmd_train(client: Client, args: argparse.Namespace) -> None:
         raise ValueError("give a DATA file or --dataset ID (one of them)")
     config = load_config(args.config, args.overrides)
     job = client.train(
-        args.adapter, args.data, dataset=args.dataset, config=config or None, overwrite=args.overwrite
+        args.adapter,
+        args.data,
+        dataset=args.dataset,
+        config=config or None,
+        overwrite=args.overwrite,
+        validation=args.val,
+        validation_dataset=args.val_dataset,
     )
     if not args.wait:
         _out(args, job.job, f"queued job {job.id} for adapter {job.adapter}")
@@ -206,7 +219,17 @@ def cmd_train(client: Client, args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         raise
-    _out(args, final, f"{final.status}: adapter {final.adapter} is ready (job {final.job_id})")
+    prog = final.progress
+    picked = (
+        f", weights of step {prog.best_step}: eval loss {prog.best_eval_loss:.4f}"
+        f" (the last evaluation {prog.last_eval_loss:.4f})"
+        if prog
+        and prog.selected == "best"
+        and prog.best_eval_loss is not None
+        and prog.last_eval_loss is not None
+        else ""
+    )
+    _out(args, final, f"{final.status}: adapter {final.adapter} is ready (job {final.job_id}{picked})")
 
 
 def cmd_adapters_list(client: Client, args: argparse.Namespace) -> None:

@@ -61,6 +61,10 @@ class JobProgress(_Model):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     lr: float | None = None
+    best_step: int | None = None  # the step of the lowest eval loss: its weights are published by default
+    best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
+    selected: str | None = None  # at the end: "best" or "last" (the weights that were published)
 
 
 class Job(_Model):
