@@ -5,6 +5,7 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
+                          val.jsonl       the validation rows, when the request gave some
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
@@ -31,6 +32,7 @@ class JobPaths:
     root: Path
     config: Path
     data: Path
+    val: Path  # validation rows (optional): the job ends with a served evaluation on them
     checkpoints: Path
     progress: Path
     log: Path
@@ -45,6 +47,7 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         root=root,
         config=root / "config.yaml",
         data=root / "data.jsonl",
+        val=root / "val.jsonl",
         checkpoints=root / "checkpoints",
         progress=root / "progress.jsonl",
         log=root / "train.log",

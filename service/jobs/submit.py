@@ -23,6 +23,7 @@ class TrainRequest(BaseModel):
     adapter: str
     data: list[Any] | None = None
     dataset: str | None = None
+    validation_data: list[Any] | None = None
     config: dict[str, Any] | None = None
     overwrite: bool = False
 
@@ -46,6 +47,8 @@ def submit_job(
         num_rows = ds.num_rows
     else:
         num_rows = check_rows(req.data, "data")
+    if req.validation_data is not None:
+        check_rows(req.validation_data, "validation_data")
     cfg = check_config(req.config, settings)
     if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
         raise ApiError(
@@ -72,6 +75,8 @@ def submit_job(
             link_dataset(settings, req.dataset, paths.data)
         else:
             write_atomic(paths.data, to_jsonl(req.data or []))
+        if req.validation_data is not None:
+            write_atomic(paths.val, to_jsonl(req.validation_data))
         created, is_new = store.create_job(job, key, digest)
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)
