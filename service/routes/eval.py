@@ -31,7 +31,7 @@ from service.gateway import (
 from service.jobs.datasets import read_dataset_rows
 from service.jobs.validate import check_rows
 from service.settings import Settings
-from service.wire import Event
+from service.wire import Event, Job
 
 MAX_ADAPTERS = 8
 MARGIN_TOKENS = 16  # room past the longest reference, so an answer that overruns it shows as such
@@ -116,6 +116,63 @@ def eval_max_new_tokens(limits: ModelLimits, references: list[str], cap: int) ->
     return min(cap, longest + 1 + MARGIN_TOKENS)
 
 
+def _prepare_jobs(
+    settings: Settings, limits: ModelLimits, items: list, adapters: list[str | None], max_in_flight: int
+) -> tuple[list[Job], int]:
+    """One validated engine job per (row, adapter), row-major, and the max_new_tokens they share."""
+    total = len(items) * len(adapters)
+    if total > max_in_flight:
+        raise ApiError(
+            422,
+            "too_many_rows",
+            f"{len(items)} rows x {len(adapters)} adapters is {total} answers; this server holds at most "
+            f"{max_in_flight} requests in flight: send fewer rows or adapters per request",
+            "data",
+        )
+    max_new = eval_max_new_tokens(limits, [ref for _, ref, _ in items], settings.max_new_tokens_cap)
+    greedy = {
+        "max_new_tokens": max_new,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": None,
+        "stop": [],
+    }
+    jobs = [
+        prepare_job(
+            prompt_text=prompts[key_of(adapter)],
+            adapter=adapter,
+            params=greedy,
+            stream=False,
+            limits=limits,
+            adapter_dir=settings.adapter_dir,
+            max_new_tokens_cap=settings.max_new_tokens_cap,
+            request_timeout=settings.request_timeout,
+            adapter_param="adapters",
+        )
+        for _, _, prompts in items
+        for adapter in adapters
+    ]
+    return jobs, max_new
+
+
+async def _answer_all(client: EngineClient, jobs: list[Job], request: Request) -> list[Event]:
+    """Queue every job, then wait for all: queued together, they run in the same mixed batches."""
+    subs: list[Submission] = []
+    waits: list[asyncio.Future] = []
+    try:
+        for job in jobs:
+            client.reserve()
+            subs.append(client.submit(job, request))
+        waits = [asyncio.ensure_future(s.final(raise_for_event)) for s in subs]
+        return await unless_disconnected(asyncio.gather(*waits), request)
+    finally:
+        for w in waits:  # one failed: the others are not awaited any more
+            w.cancel()
+        for s in subs:
+            s.close()  # an unfinished job is dropped by the worker
+
+
 def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits) -> None:
     @app.post("/eval", tags=["generation"], responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}})
     async def evaluate(body: EvalRequest, request: Request) -> dict[str, Any]:
@@ -125,76 +182,30 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
         _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)
         items = await run_in_threadpool(_prompts, settings, rows, param, body.adapters)
-        references = [ref for _, ref, _ in items]
-        max_new = eval_max_new_tokens(limits, references, settings.max_new_tokens_cap)
-        params = {
-            "max_new_tokens": max_new,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "seed": None,
-            "stop": [],
-        }
+        jobs, max_new = await run_in_threadpool(
+            _prepare_jobs, settings, limits, items, body.adapters, client.max_in_flight
+        )
+        finals = await _answer_all(client, jobs, request)
         keys = [key_of(a) for a in body.adapters]
-        jobs = [
-            prepare_job(
-                prompt_text=prompts[key],
-                adapter=adapter,
-                params=params,
-                stream=False,
-                limits=limits,
-                adapter_dir=settings.adapter_dir,
-                max_new_tokens_cap=settings.max_new_tokens_cap,
-                request_timeout=settings.request_timeout,
-                adapter_param="adapters",
-            )
-            for _, _, prompts in items
-            for adapter, key in zip(body.adapters, keys, strict=True)
-        ]
-        if len(jobs) > client.max_in_flight:
-            raise ApiError(
-                422,
-                "too_many_rows",
-                f"{len(items)} rows x {len(keys)} adapters is {len(jobs)} answers; this server holds at most "
-                f"{client.max_in_flight} requests in flight: send fewer rows or adapters per request",
-                param,
-            )
-        subs: list[Submission] = []
-        try:
-            for job in jobs:  # every job queued before any is awaited: they share the batches
-                client.reserve()
-                subs.append(client.submit(job, request))
-            finals: list[Event] = await unless_disconnected(
-                asyncio.gather(*(s.final(raise_for_event) for s in subs)), request
-            )
-        finally:
-            for s in subs:
-                s.close()
         out_rows = []
-        per_key: dict[str, list[Event]] = {key: [] for key in keys}
         for n, (index, reference, _) in enumerate(items):
             outputs = {}
             for k, key in enumerate(keys):
                 ev = finals[n * len(keys) + k]
-                per_key[key].append(ev)
                 outputs[key] = {
-                    "text": ev.text.strip(),
+                    "text": ev.text.strip(),  # as the trainer's eval decodes it
                     "finish_reason": ev.finish_reason,
                     "tokens": (ev.usage or {}).get("completion_tokens", 0),
                 }
             out_rows.append({"index": index, "reference": reference, "outputs": outputs})
+        references = [ref for _, ref, _ in items]
         metrics = {
             key: generation_metrics(
-                [o["outputs"][key]["text"] for o in out_rows],
+                [row["outputs"][key]["text"] for row in out_rows],
                 references,
-                [ev.finish_reason == "eos" for ev in events],
-                [o["outputs"][key]["tokens"] for o in out_rows],
+                [row["outputs"][key]["finish_reason"] == "eos" for row in out_rows],
+                [row["outputs"][key]["tokens"] for row in out_rows],
             )
-            for key, events in per_key.items()
+            for key in keys
         }
-        return {
-            "adapters": body.adapters,
-            "max_new_tokens": max_new,
-            "metrics": metrics,
-            "rows": out_rows,
-        }
+        return {"adapters": body.adapters, "max_new_tokens": max_new, "metrics": metrics, "rows": out_rows}
