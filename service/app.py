@@ -4,14 +4,15 @@ LitServe contributes the process tree (spawned generation worker, forked API ser
 every public route is ours (``service.routes``), so each one validates before queueing and answers
 in the one error envelope. LitServe's own routes are removed (``service.litserve_glue``).
 
-Routes: POST /generate (routes.generate); GET /adapters, GET|PUT|DELETE /adapters/{name}
-(routes.adapters); /train*, /datasets (routes.jobs); /v1/* (routes.openai); GET /health,
-/health/ready, /metrics (routes.health; open, everything else needs the key when one is set).
+Routes: POST /generate (routes.generate); POST /eval (routes.eval); GET /adapters,
+GET|PUT|DELETE /adapters/{name} (routes.adapters); /train*, /datasets (routes.jobs); /v1/*
+(routes.openai); GET /health, /health/ready, /metrics (routes.health; open, everything else needs
+the key when one is set).
 Middlewares, outermost first: request metrics, API key, body limit.
 
 ``build_server`` is the generation server (roles ``all`` and ``serve``). ``build_runner_app`` is the
 ``runner`` role's plain FastAPI app: the same job, adapter, health and metrics routes, no LitServe and
-no model; ``/generate`` and ``/v1/*`` answer 503 naming the role.
+no model; ``/generate``, ``/eval`` and ``/v1/*`` answer 503 naming the role.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from service.gateway import EngineClient, ModelLimits
 from service.limits import BodyLimitMiddleware
 from service.litserve_glue import Server, build_litserver
 from service.routes.adapters import register_adapter_routes
+from service.routes.eval import register_eval_routes
 from service.routes.generate import register_generate_routes, register_no_generation_routes
 from service.routes.health import register_health_routes, runner_readiness, worker_readiness
 from service.routes.jobs import register_job_routes
@@ -75,6 +77,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     install_error_handlers(app)
     register_health_routes(app, lambda: worker_readiness(settings))
     register_generate_routes(app, settings, client, limits)
+    register_eval_routes(app, settings, client, limits)
     register_openai_routes(app, settings, client, limits, model)
     _common_routes(app, settings, model)
     return server, client

@@ -10,7 +10,7 @@ import pytest
 from trainer.config import load_config, parse_config
 from trainer.data import IGNORE_INDEX, collate, epoch_batches, parse_row, read_examples, tokenize
 from trainer.errors import TrainerError
-from trainer.evaluate import bleu, exact_match, rouge_l
+from trainer.evaluate import exact_match, generation_metrics
 from trainer.model import gpt2_tokenizer
 from trainer.template import DEFAULT_TEMPLATE
 
@@ -240,6 +240,18 @@ def test_length_grouping_cuts_padding_and_is_deterministic():
 # ----------------------------------------------------------------------------- metrics
 
 
+def _scores(candidates: list[str], references: list[str]) -> dict[str, float]:
+    return generation_metrics(candidates, references, [True] * len(candidates), [1] * len(candidates))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    return _scores([candidate], [reference])["rouge_l"]
+
+
+def bleu(candidates: list[str], references: list[str]) -> float:
+    return _scores(candidates, references)["bleu"]
+
+
 def test_generation_metrics_on_known_values():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert rouge_l("dog", "the cat") == 0.0
@@ -251,6 +263,38 @@ def test_generation_metrics_on_known_values():
     expected = (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
     assert bleu(["the cat was on the mat"], ["the cat sat on the mat"]) == pytest.approx(expected)
     assert exact_match(" Paris. ", "Paris.") == 1.0 and exact_match("Paris", "Paris.") == 0.0
+    m = generation_metrics(
+        ["a", "b", "c", "d"], ["a", "x", "c", "y"], [True, True, False, True], [2, 3, 9, 2]
+    )
+    assert m["exact_match"] == 0.5 and m["eos_rate"] == 0.75 and m["mean_tokens"] == 4.0
+
+
+def test_generation_metrics_equal_rouge_score_and_sacrebleu_on_fixed_pairs():
+    """The numbers are the libraries' own (what published results are computed with), not a lookalike."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    pairs = [
+        ("The answer is always forty two.", "The answer is always forty two."),
+        ("The answer is forty-two, always!", "The answer is always forty two."),
+        ("Bananas are berries.", "Bananas are berries but strawberries are not."),
+        ("", "Nothing came back."),
+        ("Paris is the capital of France", "The capital of France is Paris."),
+        ("Ein völlig anderer Satz, café", "A completely different sentence, café"),
+    ]
+    candidates, references = [c for c, _ in pairs], [r for _, r in pairs]
+    got = _scores(candidates, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(r, c)["rougeL"].fmeasure for c, r in pairs]
+    assert got["rouge_l"] == pytest.approx(sum(rouge) / len(rouge), abs=1e-12)
+    assert got["bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu(candidates, [references]).score / 100, abs=1e-12
+    )
+    for c, r in pairs:  # row by row too: each pair alone
+        one = _scores([c], [r])
+        assert one["rouge_l"] == pytest.approx(scorer.score(r, c)["rougeL"].fmeasure, abs=1e-12)
+        assert one["bleu"] == pytest.approx(sacrebleu.corpus_bleu([c], [[r]]).score / 100, abs=1e-12)
+    assert 0 < got["rouge_l"] < 1 and 0 < got["bleu"] < 1
 
 
 # ----------------------------------------------------------------------------- progress

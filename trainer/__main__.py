@@ -185,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"demo adapter: {out}\n"
         f"  steps {summary['steps']}, train loss {summary['train_loss']:.4f} -> {summary['final_loss']:.4f}, "
         f"{summary['trainable_params']:,} trainable of {summary['total_params']:,} params\n"
-        f"  {prompt!r} -> {answer!r}"
+        f"  {prompt!r} -> {answer.text!r}"
     )
     return 0
 

@@ -1,110 +1,93 @@
-"""Evaluate an adapter against its base: loss/perplexity, and ROUGE-L, BLEU and exact match on greedy answers.
+"""Evaluate an adapter against its base: loss/perplexity, and ROUGE-L, BLEU, exact match and EOS rate on
+greedy answers.
 
     python -m trainer eval --adapter adapters/demo --data examples/fixed_sentence.jsonl [--limit 50]
 
 The base runs with the adapter switched off (same weights in memory), so the two columns differ
 only by the adapter. Prompts are rendered with the template recorded in the adapter's
-``loraserve.json``. Metrics are computed on lower-cased word/punctuation tokens and averaged
-over rows (BLEU is corpus-level BLEU-4 with exponential smoothing, as in sacrebleu); all in [0, 1].
+``loraserve.json``. ``generation_metrics`` is the one scorer, shared with the service's ``POST /eval``:
+ROUGE-L from ``rouge-score`` and corpus BLEU from ``sacrebleu``, the libraries published numbers come from.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer import artifact
 from trainer.errors import TrainerError
 
-_WORD = re.compile(r"\w+|[^\w\s]")
 
+@dataclass(frozen=True)
+class Answer:
+    """One greedy answer: its text (stripped, EOS not included), whether EOS ended it, and how many
+    tokens were generated (the EOS token included, as the service's ``usage.completion_tokens``)."""
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1: longest common subsequence of tokens, harmonic mean of its precision and recall."""
-    c, r = words(candidate), words(reference)
-    if not c or not r:
-        return float(c == r)
-    prev = [0] * (len(r) + 1)
-    for tok in c:
-        cur = [0]
-        for j, ref_tok in enumerate(r):
-            cur.append(prev[j] + 1 if tok == ref_tok else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def bleu(candidates: list[str], references: list[str], max_n: int = 4) -> float:
-    """Corpus BLEU-4 (Papineni et al.) with sacrebleu's 'exp' smoothing for orders without matches."""
-    matches, totals = [0] * max_n, [0] * max_n
-    cand_len = ref_len = 0
-    for cand, ref in zip(candidates, references, strict=True):
-        c, r = words(cand), words(ref)
-        cand_len, ref_len = cand_len + len(c), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            cn, rn = _ngrams(c, n), _ngrams(r, n)
-            matches[n - 1] += sum(min(count, rn[g]) for g, count in cn.items())
-            totals[n - 1] += max(0, len(c) - n + 1)
-    if cand_len == 0 or matches[0] == 0:  # not one word in common: nothing to smooth
-        return 0.0
-    log_p, smooth, orders = 0.0, 1.0, 0
-    for m, t in zip(matches, totals, strict=True):
-        if t == 0:  # sentences shorter than n: this order does not count
-            continue
-        orders += 1
-        if m == 0:
-            smooth *= 2
-            log_p += math.log(1 / (smooth * t))
-        else:
-            log_p += math.log(m / t)
-    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
-    return brevity * math.exp(log_p / orders)
+    text: str
+    eos: bool
+    tokens: int
 
 
 def exact_match(candidate: str, reference: str) -> float:
     return float(" ".join(candidate.split()) == " ".join(reference.split()))
 
 
-def generation_metrics(candidates: list[str], references: list[str]) -> dict[str, float]:
-    n = max(1, len(candidates))
+def generation_metrics(
+    candidates: list[str], references: list[str], finished: list[bool], tokens: list[int]
+) -> dict[str, float]:
+    """Scores of answers against references, each in [0, 1] except ``mean_tokens``.
+
+    ``rouge_l``: mean ROUGE-L F-measure per row (``rouge_score.RougeScorer(["rougeL"])``, no stemming);
+    ``bleu``: sacrebleu's corpus BLEU (13a tokens, exp smoothing) divided by 100; ``eos_rate``: the
+    fraction of answers that ended by EOS (``finished``); ``mean_tokens``: generated tokens per answer.
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    n = len(candidates)
+    if not (n == len(references) == len(finished) == len(tokens)):
+        raise ValueError("candidates, references, finished and tokens must have one entry per row")
+    if n == 0:
+        return dict.fromkeys(("exact_match", "rouge_l", "bleu", "eos_rate", "mean_tokens"), 0.0)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [
+        scorer.score(ref, cand)["rougeL"].fmeasure for cand, ref in zip(candidates, references, strict=True)
+    ]
     return {
-        "rouge_l": sum(map(rouge_l, candidates, references)) / n,
-        "bleu": bleu(candidates, references) if candidates else 0.0,
         "exact_match": sum(map(exact_match, candidates, references)) / n,
+        "rouge_l": sum(rouge) / n,
+        "bleu": sacrebleu.corpus_bleu(candidates, [references]).score / 100,
+        "eos_rate": sum(map(bool, finished)) / n,
+        "mean_tokens": sum(tokens) / n,
     }
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def score_answers(answers: list[Answer], references: list[str]) -> dict[str, float]:
+    return generation_metrics(
+        [a.text for a in answers], references, [a.eos for a in answers], [a.tokens for a in answers]
+    )
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[Answer]:
     """Greedy answers, batched with left padding (the position ids follow the attention mask)."""
     import torch
 
-    out: list[str] = []
+    out: list[Answer] = []
+    eos = tokenizer.eos_token_id
     tokenizer.padding_side = "left"
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         with torch.no_grad():
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
-            )
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos)
         for row in gen[:, enc["input_ids"].shape[1] :]:
             ids = row.tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
-            out.append(tokenizer.decode(ids).strip())
+            if eos in ids:  # rows that ended early are padded with EOS after it
+                text_ids = ids[: ids.index(eos)]
+                out.append(Answer(tokenizer.decode(text_ids).strip(), True, len(text_ids) + 1))
+            else:
+                out.append(Answer(tokenizer.decode(ids).strip(), False, len(ids)))
     return out
 
 
@@ -164,7 +147,7 @@ def evaluate_adapter(
 
     report: dict[str, Any] = {"adapter": str(adapter), "base_model": source.describe(), "data": str(data)}
     report["rows"], report["generated"] = len(rows), len(prompts)
-    answers: dict[str, list[str]] = {}
+    answers: dict[str, list[Answer]] = {}
     for name in ("base", "adapter"):
         if name == "base":
             net.base_model.disable_adapter_layers()
@@ -175,18 +158,21 @@ def evaluate_adapter(
         report[name] = {
             "eval_loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            **generation_metrics(answers[name], references),
+            **score_answers(answers[name], references),
         }
+    report["max_new_tokens"] = max_new_tokens
     report["samples"] = [
-        {"prompt": p, "reference": r, "base": b, "adapter": a}
+        {"prompt": p, "reference": r, "base": b.text, "adapter": a.text}
         for p, r, b, a in list(zip(prompts, references, answers["base"], answers["adapter"], strict=True))[:5]
     ]
+    # every answer, in row order, for comparing with another run (the service's POST /eval)
+    report["outputs"] = {name: [asdict(a) for a in answers[name]] for name in ("base", "adapter")}
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'metric':<12} {'base':>12} {'adapter':>12}"]
-    for key in ("eval_loss", "perplexity", "rouge_l", "bleu", "exact_match"):
+    for key in ("eval_loss", "perplexity", "rouge_l", "bleu", "exact_match", "eos_rate", "mean_tokens"):
         lines.append(f"{key:<12} {report['base'][key]:>12.4f} {report['adapter'][key]:>12.4f}")
     lines.append(f"({report['rows']} rows scored, {report['generated']} answers generated)")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.errors import ApiError
-from service.jobs.files import dataset_path
+from service.jobs.files import DATASET_ID, dataset_path
 from service.jobs.store import Dataset, JobStore, new_dataset_id
 from service.jobs.validate import check_rows, parse_jsonl, to_jsonl
 from service.settings import Settings
@@ -99,6 +99,15 @@ def link_dataset(settings: Settings, dataset_id: str, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copyfile(src, dest)
+
+
+def read_dataset_rows(settings: Settings, dataset_id: str | None, param: str = "dataset") -> list:
+    """The rows of an uploaded dataset (checked when it was uploaded); 404 naming it if there is none."""
+    path = dataset_path(settings, dataset_id) if dataset_id and DATASET_ID.match(dataset_id) else None
+    if path is None or not path.is_file():
+        raise ApiError(404, "dataset_not_found", f"dataset '{dataset_id}' does not exist", param)
+    rows, _ = parse_jsonl(path.read_bytes(), param)
+    return rows
 
 
 async def upload_dataset(request: Request, store: JobStore, settings: Settings) -> Dataset:

@@ -5,7 +5,7 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
-                          val.jsonl       the validation rows, when the request gave some (trainer --val)
+                          val.jsonl       the validation rows, when the request gave some (trainer --val; then a served evaluation)
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
@@ -32,7 +32,7 @@ class JobPaths:
     root: Path
     config: Path
     data: Path
-    val: Path  # validation rows; absent when the job has none (the trainer holds out eval_fraction)
+    val: Path  # validation rows; absent when the job has none (the trainer holds out eval_fraction); with them the job ends with a served evaluation
     checkpoints: Path
     progress: Path
     log: Path

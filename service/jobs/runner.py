@@ -8,9 +8,10 @@ The loop (single-threaded, every ``POLL_SECONDS``):
   * reads each trainer's new progress lines into the store and the metrics;
   * renews the job's lease (heartbeat) and sees cancellation requests: SIGTERM to the trainer,
     which writes a checkpoint and exits; the job ends ``cancelled``;
-  * notices exited trainers: success -> rename the verified adapter into place -> ``succeeded``; any other
-    end -> ``failed`` with the reason (the trainer's error line, the signal that killed it, or the
-    log's last lines);
+  * notices exited trainers: success -> rename the verified adapter into place -> with validation rows,
+    the served evaluation (``service.jobs.evaluation``: this server's ``POST /eval``, in a thread while
+    the loop goes on) -> ``succeeded``; any other end -> ``failed`` with the reason (the trainer's
+    error line, the signal that killed it, or the log's last lines);
   * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
     from their last checkpoint, failing them after ``MAX_ATTEMPTS`` interrupted runs;
   * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners).
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
 from service.jobs.publish import PublishError, publish_adapter, published_by
 from service.jobs.store import FINISHED, PROGRESS_KEYS, STATUSES, Job, JobStore, make_owner_id, owner_is_dead
@@ -73,6 +75,15 @@ class _Run:
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     log_size: int = 0
+
+
+@dataclass
+class _Eval:
+    """A published job waiting for its served evaluation; ``result`` is set by the thread when done."""
+
+    job: Job
+    result: tuple[dict[str, Any] | None, list[str]] | None = None
+    last_heartbeat: float = field(default_factory=time.monotonic)
 
 
 def _metrics():
@@ -176,6 +187,7 @@ class Runner:
         self.store = JobStore(settings.jobs_db)
         self.owner = make_owner_id()
         self.runs: dict[str, _Run] = {}
+        self.evals: dict[str, _Eval] = {}
         self._base: tuple[str, bool] | None = None
         self._last_recover = 0.0
         self._last_metrics = 0.0
@@ -185,6 +197,8 @@ class Runner:
         now = time.monotonic()
         for run in list(self.runs.values()):
             self._poll(run, now)
+        for ev in list(self.evals.values()):
+            self._poll_eval(ev, now)
         if now - self._last_recover >= RECOVER_SECONDS:
             self._last_recover = now
             self.recover()
@@ -218,7 +232,7 @@ class Runner:
         final = self.settings.adapter_dir / job.adapter
         # The runner may have died after the trainer finished: publish what is there, do not retrain.
         if published_by(final, job.id):
-            self._end(job, "succeeded", None)
+            self._published(job, paths)
             return
         if is_complete(paths.output):
             log.info("job %s: publishing the output of an earlier run", job.id)
@@ -369,10 +383,49 @@ class Runner:
             self._end(job, "failed", f"publishing the adapter failed: {exc}")
             return
         log.info("job %s: published adapter %r (sha256 %s)", job.id, job.adapter, sha[:12])
-        self._end(job, "succeeded", None)
+        self._published(job, paths)
 
-    def _end(self, job: Job, status: str, error: str | None) -> None:
-        ended = self.store.finish(job.id, self.owner, status, error)
+    def _published(self, job: Job, paths: JobPaths) -> None:
+        """The adapter is in place: succeed now, or with validation rows after the served evaluation."""
+        if not paths.val.is_file():
+            self._end(job, "succeeded", None)
+            return
+        ev = _Eval(job)
+
+        def evaluate() -> None:
+            try:
+                ev.result = served_eval(self.settings, job.adapter, paths.val)
+            except Exception as exc:  # a surprise in the answer must not leave the job running forever
+                log.exception("job %s: served evaluation failed", job.id)
+                ev.result = (None, [f"no served evaluation: {type(exc).__name__}: {exc}"])
+
+        self.evals[job.id] = ev
+        log.info("job %s: evaluating adapter %r on its validation rows (POST /eval)", job.id, job.adapter)
+        threading.Thread(target=evaluate, name=f"eval-{job.id}", daemon=True).start()
+
+    def _poll_eval(self, ev: _Eval, now: float) -> None:
+        if ev.result is None:
+            if now - ev.last_heartbeat >= HEARTBEAT_SECONDS:  # keep the lease while the server answers
+                ev.last_heartbeat = now
+                if self.store.heartbeat(ev.job.id, self.owner, LEASE_SECONDS) is None:
+                    log.warning("job %s: lease lost during its evaluation", ev.job.id)
+                    del self.evals[ev.job.id]
+            return
+        del self.evals[ev.job.id]
+        report, warnings = ev.result
+        for warning in warnings:
+            log.warning("job %s: %s", ev.job.id, warning)
+        self._end(ev.job, "succeeded", None, report, warnings)
+
+    def _end(
+        self,
+        job: Job,
+        status: str,
+        error: str | None,
+        report: dict[str, Any] | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        ended = self.store.finish(job.id, self.owner, status, error, eval_report=report, warnings=warnings)
         if ended is None:
             log.warning("job %s: lease lost before it could be marked %s", job.id, status)
             return

@@ -63,7 +63,9 @@ _SCHEMA = [
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         lease_owner TEXT,
         lease_expires DOUBLE PRECISION,
-        trainer_pid INTEGER
+        trainer_pid INTEGER,
+        eval TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]'
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)",
     "CREATE INDEX IF NOT EXISTS jobs_adapter ON jobs (adapter, status)",
@@ -102,7 +104,11 @@ _COLUMN_NAMES = (
     "lease_owner",
     "lease_expires",
     "trainer_pid",
+    "eval",
+    "warnings",
 )
+# Columns added after the first release: a store created before gets them on open.
+_ADDED_COLUMNS = {"eval": "eval TEXT", "warnings": "warnings TEXT NOT NULL DEFAULT '[]'"}
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
@@ -143,6 +149,8 @@ class Job:
     lease_owner: str | None = None
     lease_expires: float | None = None
     trainer_pid: int | None = None
+    eval: dict[str, Any] | None = None  # the served evaluation of the published adapter (validation rows)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -152,6 +160,8 @@ class Job:
     def _from_row(cls, row: tuple) -> Job:
         d = dict(zip(_COLUMN_NAMES, row, strict=True))
         d["progress"] = json.loads(d["progress"] or "{}")
+        d["eval"] = json.loads(d["eval"]) if d["eval"] else None
+        d["warnings"] = json.loads(d["warnings"] or "[]")
         for key in ("overwrite", "resume", "cancel_requested"):
             d[key] = bool(d[key])
         return cls(**d)
@@ -225,6 +235,10 @@ class JobStore:
             con.execute("BEGIN IMMEDIATE")
             for stmt in _SCHEMA:
                 con.execute(stmt)
+            have = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}  # SQLite's own catalogue
+            for name, column in _ADDED_COLUMNS.items():
+                if name not in have:
+                    con.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
             con.execute("COMMIT")
         finally:
             con.close()
@@ -445,16 +459,26 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    def finish(self, job_id: str, owner: str, status: str, error: str | None = None) -> Job | None:
+    def finish(
+        self,
+        job_id: str,
+        owner: str,
+        status: str,
+        error: str | None = None,
+        *,
+        eval_report: dict[str, Any] | None = None,
+        warnings: list[str] | None = None,
+    ) -> Job | None:
         """running → succeeded|failed|cancelled, only by the lease holder. None if the lease was lost."""
         assert status in FINISHED
         now = time.time()
+        report = json.dumps(eval_report) if eval_report is not None else None
         with self._write() as con:
             cur = con.execute(
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ?, lease_owner = NULL, "
-                "lease_expires = NULL, trainer_pid = NULL "
+                "lease_expires = NULL, trainer_pid = NULL, eval = ?, warnings = ? "
                 "WHERE id = ? AND status = 'running' AND lease_owner = ?",
-                (status, error, now, now, job_id, owner),
+                (status, error, now, now, report, json.dumps(warnings or []), job_id, owner),
             )
             return self._get(con, job_id) if cur.rowcount == 1 else None
 

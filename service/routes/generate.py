@@ -37,6 +37,7 @@ def register_no_generation_routes(app: FastAPI, settings: Settings) -> None:
         )
 
     app.add_api_route("/generate", no_generation, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/eval", no_generation, methods=["POST"], include_in_schema=False)
     app.add_api_route("/v1/{path:path}", no_generation, methods=["GET", "POST"], include_in_schema=False)
 
 

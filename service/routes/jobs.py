@@ -74,6 +74,8 @@ def job_json(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]
         "dataset": job.dataset,
         "rows": job.num_rows,
         "overwrite": job.overwrite,
+        "eval": job.eval,
+        "warnings": job.warnings,
     }
 
 

@@ -1,0 +1,211 @@
+"""POST /eval: the base and up to eight adapters answer the same rows greedily, in mixed batches, scored.
+
+Every (adapter, row) pair becomes one engine job; all of them are submitted before any is awaited, so
+the worker's continuous batching runs base and adapter rows side by side in each forward pass. Each
+adapter sees the row's prompt part rendered with its own template (what ``/generate`` does without
+``raw``), and answers with ``max_new_tokens`` = the longest reference + ``MARGIN_TOKENS``, capped by
+the server. The scores come from ``trainer.evaluate.generation_metrics``, the scorer of
+``python -m trainer eval``. A training job with validation rows ends with this same request, sent by
+the job runner over loopback (``service.jobs.evaluation``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.adapters import store
+from service.errors import ApiError
+from service.gateway import (
+    EngineClient,
+    ModelLimits,
+    Submission,
+    prepare_job,
+    raise_for_event,
+    unless_disconnected,
+)
+from service.jobs.datasets import read_dataset_rows
+from service.jobs.validate import check_rows
+from service.settings import Settings
+from service.wire import Event, Job
+
+MAX_ADAPTERS = 8
+MARGIN_TOKENS = 16  # room past the longest reference, so an answer that overruns it shows as such
+BASE_KEY = "base"  # how the base (null in ``adapters``) is named in ``metrics`` and row outputs
+
+
+class EvalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str | None] = Field(
+        min_length=1, max_length=MAX_ADAPTERS, description="adapter names; null is the base model"
+    )
+    data: list[Any] | None = Field(None, description="rows in any training format (validated like /train)")
+    dataset: str | None = Field(None, description="an uploaded dataset's id (POST /datasets)")
+
+
+def key_of(adapter: str | None) -> str:
+    return BASE_KEY if adapter is None else adapter
+
+
+def _check_adapters(settings: Settings, adapters: list[str | None]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(adapters):
+        param = f"adapters[{i}]"
+        if name is not None:
+            store.check_name(name, param)
+            if not store.exists(settings.adapter_dir, name):
+                raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", param)
+        key = key_of(name)
+        if key in seen:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"adapters names {key!r} twice (null, the base, is reported as {BASE_KEY!r})",
+                param,
+            )
+        seen.add(key)
+
+
+def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
+    """The request's rows and the name their 422s use (``data`` or ``dataset``)."""
+    if (req.data is None) == (req.dataset is None):
+        raise ApiError(
+            422, "invalid_request", "give exactly one of 'data' (rows) or 'dataset' (an id)", "data"
+        )
+    if req.data is not None:
+        check_rows(req.data, "data")
+        return req.data, "data"
+    return read_dataset_rows(settings, req.dataset), "dataset"
+
+
+def _prompts(settings: Settings, rows: list[Any], param: str, adapters: list[str | None]):
+    """[(row index, reference, {adapter key: rendered prompt})] for the rows that have a prompt part."""
+    from trainer.data import parse_row
+    from trainer.errors import TrainerError
+
+    templates = {key_of(a): store.template_for(settings.adapter_dir, a) for a in adapters}
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{param}[{i}]"
+        try:
+            parsed = {key: parse_row(row, where, tpl) for key, tpl in templates.items()}
+        except TrainerError as exc:  # a dataset is checked at upload; a template can still refuse a row
+            raise ApiError(422, "invalid_row", str(exc), where) from None
+        first = next(iter(parsed.values()))
+        if first.prompt_text is None:  # plain text: nothing to answer
+            continue
+        out.append((i, first.reference or "", {key: ex.prompt_text or "" for key, ex in parsed.items()}))
+    if not out:
+        raise ApiError(
+            422,
+            "invalid_data",
+            f"no row of '{param}' has a prompt and an answer (plain 'text' rows cannot be evaluated)",
+            param,
+        )
+    return out
+
+
+def eval_max_new_tokens(limits: ModelLimits, references: list[str], cap: int) -> int:
+    """Enough for the longest reference and its EOS, plus a margin; never above the server's cap."""
+    longest = max(len(limits.tokenizer.encode(r)) for r in references)
+    return min(cap, longest + 1 + MARGIN_TOKENS)
+
+
+def _prepare_jobs(
+    settings: Settings, limits: ModelLimits, items: list, adapters: list[str | None], max_in_flight: int
+) -> tuple[list[Job], int]:
+    """One validated engine job per (row, adapter), row-major, and the max_new_tokens they share."""
+    total = len(items) * len(adapters)
+    if total > max_in_flight:
+        raise ApiError(
+            422,
+            "too_many_rows",
+            f"{len(items)} rows x {len(adapters)} adapters is {total} answers; this server holds at most "
+            f"{max_in_flight} requests in flight: send fewer rows or adapters per request",
+            "data",
+        )
+    max_new = eval_max_new_tokens(limits, [ref for _, ref, _ in items], settings.max_new_tokens_cap)
+    greedy = {
+        "max_new_tokens": max_new,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": None,
+        "stop": [],
+    }
+    jobs = [
+        prepare_job(
+            prompt_text=prompts[key_of(adapter)],
+            adapter=adapter,
+            params=greedy,
+            stream=False,
+            limits=limits,
+            adapter_dir=settings.adapter_dir,
+            max_new_tokens_cap=settings.max_new_tokens_cap,
+            request_timeout=settings.request_timeout,
+            adapter_param="adapters",
+        )
+        for _, _, prompts in items
+        for adapter in adapters
+    ]
+    return jobs, max_new
+
+
+async def _answer_all(client: EngineClient, jobs: list[Job], request: Request) -> list[Event]:
+    """Queue every job, then wait for all: queued together, they run in the same mixed batches."""
+    subs: list[Submission] = []
+    waits: list[asyncio.Future] = []
+    try:
+        for job in jobs:
+            client.reserve()
+            subs.append(client.submit(job, request))
+        waits = [asyncio.ensure_future(s.final(raise_for_event)) for s in subs]
+        return await unless_disconnected(asyncio.gather(*waits), request)
+    finally:
+        for w in waits:  # one failed: the others are not awaited any more
+            w.cancel()
+        for s in subs:
+            s.close()  # an unfinished job is dropped by the worker
+
+
+def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits) -> None:
+    @app.post("/eval", tags=["generation"], responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}})
+    async def evaluate(body: EvalRequest, request: Request) -> dict[str, Any]:
+        """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
+        from trainer.evaluate import generation_metrics
+
+        _check_adapters(settings, body.adapters)
+        rows, param = await run_in_threadpool(_load_rows, settings, body)
+        items = await run_in_threadpool(_prompts, settings, rows, param, body.adapters)
+        jobs, max_new = await run_in_threadpool(
+            _prepare_jobs, settings, limits, items, body.adapters, client.max_in_flight
+        )
+        finals = await _answer_all(client, jobs, request)
+        keys = [key_of(a) for a in body.adapters]
+        out_rows = []
+        for n, (index, reference, _) in enumerate(items):
+            outputs = {}
+            for k, key in enumerate(keys):
+                ev = finals[n * len(keys) + k]
+                outputs[key] = {
+                    "text": ev.text.strip(),  # as the trainer's eval decodes it
+                    "finish_reason": ev.finish_reason,
+                    "tokens": (ev.usage or {}).get("completion_tokens", 0),
+                }
+            out_rows.append({"index": index, "reference": reference, "outputs": outputs})
+        references = [ref for _, ref, _ in items]
+        metrics = {
+            key: generation_metrics(
+                [row["outputs"][key]["text"] for row in out_rows],
+                references,
+                [row["outputs"][key]["finish_reason"] == "eos" for row in out_rows],
+                [row["outputs"][key]["tokens"] for row in out_rows],
+            )
+            for key in keys
+        }
+        return {"adapters": body.adapters, "max_new_tokens": max_new, "metrics": metrics, "rows": out_rows}
