@@ -5,10 +5,13 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
+                          val.jsonl       validation rows, when the job has them (the trainer's --val)
+                          fine_tuning.json  what POST /v1/fine_tuning/jobs asked for (that API's jobs only)
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
 <jobs-root>/datasets/<dataset-id>.jsonl   uploaded datasets
+                    <dataset-id>.json    the upload's filename and purpose (POST /v1/files)
 <adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
 """
 
@@ -31,6 +34,8 @@ class JobPaths:
     root: Path
     config: Path
     data: Path
+    val: Path
+    fine_tuning: Path
     checkpoints: Path
     progress: Path
     log: Path
@@ -45,6 +50,8 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         root=root,
         config=root / "config.yaml",
         data=root / "data.jsonl",
+        val=root / "val.jsonl",
+        fine_tuning=root / "fine_tuning.json",
         checkpoints=root / "checkpoints",
         progress=root / "progress.jsonl",
         log=root / "train.log",
@@ -56,6 +63,11 @@ def dataset_path(settings: Settings, dataset_id: str) -> Path:
     if not DATASET_ID.match(dataset_id):
         raise ValueError(f"bad dataset id {dataset_id!r}")
     return settings.jobs_root / "datasets" / f"{dataset_id}.jsonl"
+
+
+def dataset_meta_path(settings: Settings, dataset_id: str) -> Path:
+    """The upload's filename and purpose, beside the rows (only uploads through POST /v1/files have it)."""
+    return dataset_path(settings, dataset_id).with_suffix(".json")
 
 
 def read_progress(path: Path, offset: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:

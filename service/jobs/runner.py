@@ -129,6 +129,8 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
         "--model", base[0],
         "--job-id", paths.root.name,
     ]  # fmt: skip
+    if paths.val.is_file():
+        cmd += ["--val", str(paths.val)]
     if base[1]:
         cmd.append("--allow-random-weights")
     if _has_checkpoint(paths.checkpoints):
