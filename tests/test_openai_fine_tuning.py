@@ -188,3 +188,19 @@ def test_cancel_queued_and_running(env) -> None:
     stopped = poll(oai, running.id, {"cancelled", "succeeded", "failed"}, timeout=60)
     assert stopped.status == "cancelled" and stopped.fine_tuned_model is None
     assert oai.fine_tuning.jobs.list_events(running.id).data[0].message == "The job was cancelled"
+
+
+def test_a_runner_role_server_takes_fine_tuning_jobs(tiny_base: Path, tmp_path: Path) -> None:
+    args = ["--role", "runner"]
+    with running_server(
+        tiny_base, tmp_path / "adapters", tmp_path / "data", api_key=API_KEY, args=args
+    ) as srv:
+        oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        train = upload(oai, TRAIN_ROWS, "train.jsonl")
+        job = oai.fine_tuning.jobs.create(
+            model="base", training_file=train.id, hyperparameters={"n_epochs": 1}
+        )
+        assert poll(oai, job.id, {"succeeded", "failed"}, timeout=120).status == "succeeded"
+        with pytest.raises(openai.InternalServerError) as err:  # generation is not served by a runner
+            oai.models.list()
+        assert err.value.status_code == 503
