@@ -26,6 +26,7 @@ SENTENCE = "The answer is always forty two."
 # 30 epochs of 12 rows at batch 4 = 90 steps at learning rate 25 x 2e-4 = 0.005: what the fixed-sentence
 # helper uses (measured: learned with the trainer's other defaults too, in 12-15 s on one thread).
 LEARN = {"n_epochs": 30, "batch_size": 4, "learning_rate_multiplier": 25}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def jsonl(rows: list[dict]) -> bytes:
@@ -42,8 +43,9 @@ VALID_ROWS = [{"prompt": p, "completion": SENTENCE} for p in PROMPTS[12:18]]
 @pytest.fixture(scope="module")
 def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fine-tuning")
+    # One intra-op thread (inherited by the trainer child): tiny models train several times faster so.
     with (
-        running_server(tiny_base, root / "adapters", root / "data", api_key=API_KEY) as srv,
+        running_server(tiny_base, root / "adapters", root / "data", api_key=API_KEY, env=ONE_THREAD) as srv,
         srv.client() as http,
     ):
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
@@ -118,7 +120,7 @@ def test_fine_tune_then_chat(env) -> None:
     assert native["dataset"] == train.id and native["status"] in ("queued", "running")
     assert job.id in [j["job_id"] for j in http.get("/train").json()["jobs"]]
 
-    done = poll(oai, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
+    done = poll(oai, job.id, {"succeeded", "failed", "cancelled"}, timeout=600)
     assert done.status == "succeeded", (done, srv.log_tail())
     name = done.fine_tuned_model
     assert name and valid_name(name) and "forty-two" in name and done.finished_at
@@ -193,7 +195,7 @@ def test_cancel_queued_and_running(env) -> None:
 def test_a_runner_role_server_takes_fine_tuning_jobs(tiny_base: Path, tmp_path: Path) -> None:
     args = ["--role", "runner"]
     with running_server(
-        tiny_base, tmp_path / "adapters", tmp_path / "data", api_key=API_KEY, args=args
+        tiny_base, tmp_path / "adapters", tmp_path / "data", api_key=API_KEY, args=args, env=ONE_THREAD
     ) as srv:
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         train = upload(oai, TRAIN_ROWS, "train.jsonl")
