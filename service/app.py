@@ -5,14 +5,14 @@ every public route is ours (``service.routes``), so each one validates before qu
 in the one error envelope. LitServe's own routes are removed (``service.litserve_glue``).
 
 Routes: POST /generate (routes.generate); POST /eval (routes.eval); GET /adapters,
-GET|PUT|DELETE /adapters/{name} (routes.adapters); /train*, /datasets (routes.jobs); /v1/*
-(routes.openai); GET /health, /health/ready, /metrics (routes.health; open, everything else needs
-the key when one is set).
+GET|PUT|DELETE /adapters/{name} (routes.adapters); /train*, /datasets (routes.jobs); /v1/files*
+(routes.files); /v1/fine_tuning/* (routes.fine_tuning); the other /v1/* (routes.openai); GET /health,
+/health/ready, /metrics (routes.health; open, everything else needs the key when one is set).
 Middlewares, outermost first: request metrics, API key, body limit.
 
 ``build_server`` is the generation server (roles ``all`` and ``serve``). ``build_runner_app`` is the
 ``runner`` role's plain FastAPI app: the same job, adapter, health and metrics routes, no LitServe and
-no model; ``/generate``, ``/eval`` and ``/v1/*`` answer 503 naming the role.
+no model; ``/generate``, ``/eval`` and ``/v1/*`` (but files and fine-tuning) answer 503 naming the role.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from service.limits import BodyLimitMiddleware
 from service.litserve_glue import Server, build_litserver
 from service.routes.adapters import register_adapter_routes
 from service.routes.eval import register_eval_routes
+from service.routes.files import register_file_routes
+from service.routes.fine_tuning import register_fine_tuning_routes
 from service.routes.generate import register_generate_routes, register_no_generation_routes
 from service.routes.health import register_health_routes, runner_readiness, worker_readiness
 from service.routes.jobs import register_job_routes
@@ -91,16 +93,20 @@ def build_runner_app(settings: Settings, model: ServedModel, runner_alive: Calla
     app = FastAPI(title="loraserve", version="0.1.0")
     install_error_handlers(app)
     register_health_routes(app, runner_readiness(settings, model, runner_alive))
-    register_no_generation_routes(app, settings)
     _common_routes(app, settings, model)
+    register_no_generation_routes(app, settings)  # its /v1/* catch-all after /v1/files and /v1/fine_tuning
     return app
 
 
 def _common_routes(app: FastAPI, settings: Settings, model: ServedModel) -> None:
-    """Adapter and job routes, then the middlewares: every role has them."""
+    """Adapter, job, file and fine-tuning routes, then the middlewares: every role has them (a runner
+    accepts fine-tuning jobs as it accepts POST /train)."""
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    auth = make_auth_dependency(api_key)
     register_adapter_routes(app, settings, store.BaseShape.from_model_dir(model.path), model)
-    register_job_routes(app, settings, make_auth_dependency(api_key))
+    register_job_routes(app, settings, auth)
+    register_file_routes(app, settings, auth)
+    register_fine_tuning_routes(app, settings, auth, model)
     add_middlewares(app, settings, api_key)
 
 

@@ -13,7 +13,7 @@ before; anything the client sends after it (``http.disconnect``) is passed throu
 
 Every request gets the cap, so a JSON route added later is covered too, except the routes that
 read their body with a larger cap of their own (``OWN_CAP``): adapter uploads
-(``max_upload_bytes``), ``POST /datasets`` and ``POST /train`` (``max_dataset_bytes``).
+(``max_upload_bytes``), ``POST /datasets``, ``POST /v1/files`` and ``POST /train`` (``max_dataset_bytes``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ OWN_CAP: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("PUT", re.compile(r"/adapters/[^/]+")),
     ("POST", re.compile(r"/datasets")),
     ("POST", re.compile(r"/train")),
+    ("POST", re.compile(r"/v1/files")),
 )
 
 

@@ -4,11 +4,14 @@ validate every row, store atomically as ``<data-dir>/datasets/<id>.jsonl``."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.errors import ApiError
-from service.jobs.files import DATASET_ID, dataset_path
+from service.jobs.files import DATASET_ID, dataset_meta_path, dataset_path
 from service.jobs.store import Dataset, JobStore, new_dataset_id
 from service.jobs.validate import check_rows, parse_jsonl, to_jsonl
 from service.settings import Settings
@@ -48,12 +51,24 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None = None  # the multipart file's name
+    fields: dict[str, str] = field(default_factory=dict)  # the multipart form's other (text) fields
+
+
 async def read_upload(request: Request, settings: Settings) -> bytes:
     """The JSONL bytes of an upload: the raw body, or the multipart file field ``file``."""
+    return (await read_upload_form(request, settings)).data
+
+
+async def read_upload_form(request: Request, settings: Settings) -> Upload:
+    """An upload: the raw body, or the multipart file field ``file`` with the form's text fields."""
     limit = settings.max_dataset_bytes
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
-        return await read_capped(request, limit, "the dataset")
+        return Upload(await read_capped(request, limit, "the dataset"))
     body = await read_capped(request, limit + MULTIPART_OVERHEAD, "the upload")
     try:
         form = await MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=10).parse()
@@ -70,13 +85,23 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
         raise ApiError(
             413, "payload_too_large", f"the dataset is {len(data)} bytes; the limit is {limit} bytes"
         )
-    return data
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    return Upload(data, upload.filename, fields)
 
 
-def save_dataset(store: JobStore, settings: Settings, raw: bytes) -> Dataset:
-    """Validate every row of an upload and store it; 422 names the first bad row."""
-    rows, lines = parse_jsonl(raw)
-    n = check_rows(rows, "data", line_numbers=lines or None)
+def save_dataset(
+    store: JobStore,
+    settings: Settings,
+    raw: bytes,
+    param: str = "data",
+    meta: dict[str, Any] | None = None,
+) -> Dataset:
+    """Validate every row of an upload and store it; 422 names the first bad row as ``param[i]``.
+
+    ``meta`` (a file upload's filename and purpose) is stored beside the rows.
+    """
+    rows, lines = parse_jsonl(raw, param)
+    n = check_rows(rows, param, line_numbers=lines or None)
     data = to_jsonl(rows)
     ds = Dataset(
         id=new_dataset_id(),
@@ -88,6 +113,8 @@ def save_dataset(store: JobStore, settings: Settings, raw: bytes) -> Dataset:
     path = dataset_path(settings, ds.id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
+    if meta is not None:
+        write_atomic(dataset_meta_path(settings, ds.id), json.dumps(meta, ensure_ascii=False).encode())
     store.add_dataset(ds)
     return ds
 

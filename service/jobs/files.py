@@ -5,11 +5,13 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
-                          val.jsonl       the validation rows, when the request gave some (trainer --val; then a served evaluation)
+                          val.jsonl       the validation rows, when the request gave some (trainer --val, served eval)
+                          fine_tuning.json  what POST /v1/fine_tuning/jobs asked for (that API's jobs only)
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
 <jobs-root>/datasets/<dataset-id>.jsonl   uploaded datasets
+                    <dataset-id>.json    the upload's filename and purpose (POST /v1/files)
 <adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
 """
 
@@ -32,7 +34,10 @@ class JobPaths:
     root: Path
     config: Path
     data: Path
-    val: Path  # validation rows; absent when the job has none (the trainer holds out eval_fraction); with them the job ends with a served evaluation
+    # validation rows; absent when the job has none (the trainer then holds out eval_fraction);
+    # with them the job ends with a served evaluation
+    val: Path
+    fine_tuning: Path
     checkpoints: Path
     progress: Path
     log: Path
@@ -48,6 +53,7 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         config=root / "config.yaml",
         data=root / "data.jsonl",
         val=root / "val.jsonl",
+        fine_tuning=root / "fine_tuning.json",
         checkpoints=root / "checkpoints",
         progress=root / "progress.jsonl",
         log=root / "train.log",
@@ -59,6 +65,11 @@ def dataset_path(settings: Settings, dataset_id: str) -> Path:
     if not DATASET_ID.match(dataset_id):
         raise ValueError(f"bad dataset id {dataset_id!r}")
     return settings.jobs_root / "datasets" / f"{dataset_id}.jsonl"
+
+
+def dataset_meta_path(settings: Settings, dataset_id: str) -> Path:
+    """The upload's filename and purpose, beside the rows (only uploads through POST /v1/files have it)."""
+    return dataset_path(settings, dataset_id).with_suffix(".json")
 
 
 def read_progress(path: Path, offset: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:

@@ -176,6 +176,18 @@ class Dataset:
     created_at: float
 
 
+_PROCESS_STORES: dict[tuple[int, str], JobStore] = {}
+
+
+def process_store(path: str | Path) -> JobStore:
+    """This process's store for ``path``, made on first use: LitServe forks API processes after the
+    routes are registered, and nothing made before a fork may be used after it."""
+    key = (os.getpid(), str(path))
+    if key not in _PROCESS_STORES:
+        _PROCESS_STORES[key] = JobStore(path)
+    return _PROCESS_STORES[key]
+
+
 def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:20]}"
 
@@ -407,6 +419,20 @@ class JobStore:
                 (dataset_id,),
             ).fetchone()
         return Dataset(*row) if row else None
+
+    def list_datasets(self) -> list[Dataset]:
+        """Every dataset, newest first."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT id, num_rows, size_bytes, sha256, created_at FROM datasets "
+                "ORDER BY created_at DESC, id"
+            ).fetchall()
+        return [Dataset(*r) for r in rows]
+
+    def delete_dataset(self, dataset_id: str) -> bool:
+        """Forget a dataset; False if unknown. Jobs keep their own copies of its rows."""
+        with self._write() as con:
+            return con.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,)).rowcount == 1
 
     # --- runner side ---------------------------------------------------------------------------
     def claim_next(self, owner: str, lease_seconds: float, max_running: int) -> Job | None:

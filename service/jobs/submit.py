@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from service.errors import ApiError
 from service.jobs.datasets import link_dataset
-from service.jobs.files import DATASET_ID, job_paths
+from service.jobs.files import DATASET_ID, JobPaths, job_paths
 from service.jobs.store import Job, JobStore, new_job_id
 from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
 from service.settings import Settings
@@ -31,12 +32,18 @@ class TrainRequest(BaseModel):
 
 
 def submit_job(
-    store: JobStore, settings: Settings, req: TrainRequest, key: str | None = None, digest: str | None = None
+    store: JobStore,
+    settings: Settings,
+    req: TrainRequest,
+    key: str | None = None,
+    digest: str | None = None,
+    extra: Callable[[JobPaths], None] | None = None,
 ) -> tuple[Job, bool]:
     """Validate ``req`` (422/404/409 as ``ApiError``), write the job's files, insert the queued row.
 
     Returns (job, created); with an ``Idempotency-Key`` seen before, the earlier job and False.
     ``StoreConflict`` propagates (adapter already in training, key reused with another body).
+    ``extra`` writes more files into the job's folder before the row exists (the fine-tuning API's record).
     """
     check_adapter_name(req.adapter)
     if (req.data is None) == (req.dataset is None):
@@ -76,6 +83,8 @@ def submit_job(
         _write_rows(settings, req.data, req.dataset, paths.data)
         if has_val:
             _write_rows(settings, req.validation_data, req.validation_dataset, paths.val)
+        if extra is not None:
+            extra(paths)
         created, is_new = store.create_job(job, key, digest)
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)

@@ -4,6 +4,8 @@ generate.py  POST /generate (and its 503 stand-in in the ``runner`` role)
 openai.py    /v1/models, /v1/completions, /v1/chat/completions
 adapters.py  GET /adapters, GET|PUT|DELETE /adapters/{name} (the multipart upload)
 jobs.py      /train*, /datasets
+files.py     /v1/files* (OpenAI's Files API over the datasets)
+fine_tuning.py  /v1/fine_tuning/jobs* (OpenAI's fine-tuning API over the native jobs)
 health.py    GET /health, /health/ready, /metrics
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ApiError, not_utf8_message
 from service.jobs.datasets import read_capped, upload_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
-from service.jobs.store import STATUSES, Job, JobStore, StoreConflict
+from service.jobs.store import STATUSES, Job, JobStore, StoreConflict, process_store
 from service.jobs.submit import TrainRequest, submit_job
 from service.routes import SSE_HEADERS
 from service.settings import Settings
@@ -106,14 +105,9 @@ def _parse_train_request(raw: bytes) -> tuple[TrainRequest, dict[str, Any]]:
 def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> None:
     """Add /train and /datasets to ``app``; every route depends on ``auth``."""
     deps = [Depends(auth)]
-    stores: dict[int, JobStore] = {}
 
     def store() -> JobStore:
-        # One per process, made on first use: LitServe forks API processes after registration.
-        pid = os.getpid()
-        if pid not in stores:
-            stores[pid] = JobStore(settings.jobs_db)
-        return stores[pid]
+        return process_store(settings.jobs_db)
 
     async def call(fn, *args, **kwargs):
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -173,19 +167,7 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
 
     @app.delete("/train/{job_id}", dependencies=deps, tags=["training"])
     async def cancel_job(job_id: str) -> dict[str, Any]:
-        job = await load_job(job_id)
-        if job.status in ("succeeded", "failed"):
-            raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
-        was = job.status
-        job = await call(store().request_cancel, job_id)
-        assert job is not None
-        if was == "queued" and job.status == "cancelled":  # the runner never saw it: count it here
-            from service import metrics
-
-            metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
-        if job.status in ("succeeded", "failed"):  # it ended while we asked
-            raise ApiError(409, "job_finished", f"training job '{job_id}' already {job.status}", "job_id")
-        return job_json(job)
+        return job_json(await call(cancel, store(), await load_job(job_id)))
 
     @app.get("/train/{job_id}/logs", dependencies=deps, tags=["training"])
     async def job_logs(
@@ -226,6 +208,22 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
     async def create_dataset(request: Request) -> dict[str, Any]:
         ds = await upload_dataset(request, store(), settings)
         return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}
+
+
+def cancel(store: JobStore, job: Job) -> Job:
+    """Cancel a queued job now, or ask the runner to stop a running one; 409 once it succeeded or failed."""
+    if job.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_finished", f"training job '{job.id}' already {job.status}", "job_id")
+    was = job.status
+    current = store.request_cancel(job.id)
+    assert current is not None
+    if was == "queued" and current.status == "cancelled":  # the runner never saw it: count it here
+        from service import metrics
+
+        metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
+    if current.status in ("succeeded", "failed"):  # it ended while we asked
+        raise ApiError(409, "job_finished", f"training job '{job.id}' already {current.status}", "job_id")
+    return current
 
 
 def _idempotent_hit(store: JobStore, key: str, digest: str) -> Job | None:

@@ -1,0 +1,436 @@
+"""OpenAI's fine-tuning API as views of the native training jobs: /v1/fine_tuning/jobs[/{id}[/cancel|
+/events|/checkpoints]].
+
+A fine-tuning job IS a native job (``service.jobs.submit.submit_job``, the queue of ``POST /train``): its id
+is the job id, it shows in ``GET /train``, the runner trains it like any other. What the OpenAI request
+asked for (model, files, hyperparameters, suffix, seed) is kept in the job's folder
+(``fine_tuning.json``), which is also what makes a job a fine-tuning job: jobs made by ``POST /train``
+are not listed here. Events and checkpoints are read from the trainer's progress lines.
+
+Files are datasets (``service.routes.files``); the training file becomes the job's ``dataset`` and the
+validation file its ``validation_dataset``. ``fine_tuned_model`` is the adapter's name, served by
+``/v1/chat/completions`` as soon as the job has ``succeeded`` (the runner publishes before it says so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from service.adapters import store as adapter_store
+from service.errors import ApiError
+from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
+from service.jobs.store import Job, JobStore, StoreConflict, process_store
+from service.jobs.submit import TrainRequest, submit_job
+from service.routes.files import file_not_found
+from service.routes.jobs import cancel
+from service.routes.openai import base_names
+from service.served_model import ServedModel
+from service.settings import Settings
+from trainer.artifact import valid_name
+from trainer.publish import write_atomic
+
+ORGANIZATION = "loraserve"
+AUTO = "auto"
+
+# --- the request -----------------------------------------------------------------------------------
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's hyperparameters; "auto" (or absent) is the trainer's default. See HYPERPARAMETERS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Checked by hand rather than as ``Literal["auto"] | int``: a union's errors would name its members
+    # (``hyperparameters.n_epochs.int``) where the client wants the field.
+    n_epochs: Any = AUTO
+    batch_size: Any = AUTO
+    learning_rate_multiplier: Any = AUTO
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f'must be "auto" or an integer of at least 1 (got {value!r})')
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier(cls, value: Any) -> Any:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1000
+        if value == AUTO or ok:
+            return value
+        raise ValueError(f'must be "auto" or a number in (0, 1000] (got {value!r})')
+
+
+class _Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"]
+    supervised: _Supervised | None = None
+
+
+class FineTuningJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+
+
+# OpenAI hyperparameter -> trainer key (trainer.config.TrainingSettings). The learning rate is the
+# multiplier times the trainer's default learning_rate.
+HYPERPARAMETERS = {
+    "n_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "learning_rate_multiplier": "learning_rate",
+}
+
+
+def trainer_config(hp: Hyperparameters, seed: int, has_validation: bool) -> tuple[dict, dict]:
+    """(the partial trainer config for ``POST /train``, the hyperparameters as resolved for the job)."""
+    from trainer.config import TrainingSettings
+
+    defaults = TrainingSettings()
+    training: dict[str, Any] = {"seed": seed}
+    resolved: dict[str, Any] = {}
+    for name, key in HYPERPARAMETERS.items():
+        value = getattr(hp, name)
+        if name == "learning_rate_multiplier":
+            mult = 1.0 if value == AUTO else float(value)
+            training[key] = mult * defaults.learning_rate
+            resolved[name] = mult
+        else:
+            resolved[name] = getattr(defaults, key) if value == AUTO else value
+            training[key] = resolved[name]
+    if not has_validation:  # as OpenAI: without a validation file every row trains, nothing is held out
+        training["eval_fraction"] = 0.0
+    return {"training": training}, resolved
+
+
+def adapter_name(base_id: str, suffix: str | None) -> str:
+    """``ft-<base>-<suffix>-<12 hex>``, sanitised to the adapter-name rule (trainer.artifact), cut to fit."""
+    tail = uuid.uuid4().hex[:12]
+    head = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(["ft", base_id, *([suffix] if suffix else [])]))
+    head = re.sub(r"\.{2,}", ".", head)[: 64 - len(tail) - 1].rstrip("-.")
+    name = f"{head}-{tail}"
+    assert valid_name(name), name
+    return name
+
+
+# --- the views -------------------------------------------------------------------------------------
+
+
+def _int(ts: float | None) -> int | None:
+    return None if ts is None else int(ts)
+
+
+def read_spec(paths: JobPaths) -> dict[str, Any] | None:
+    try:
+        return json.loads(paths.fine_tuning.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's FineTuningJob for a native job. Native statuses are OpenAI's, less ``validating_files``
+    (files are validated during the create request itself)."""
+    eta = job.progress.get("eta_seconds")
+    hp = spec["hyperparameters"]
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": int(job.created_at),
+        "finished_at": _int(job.finished_at),
+        "model": spec["model"],
+        "fine_tuned_model": job.adapter if job.status == "succeeded" else None,
+        "organization_id": ORGANIZATION,
+        "result_files": [],
+        "status": job.status,
+        "training_file": spec["training_file"],
+        "validation_file": spec.get("validation_file"),
+        "hyperparameters": hp,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "seed": spec["seed"],
+        "user_provided_suffix": spec.get("suffix"),
+        "metadata": spec.get("metadata"),
+        "integrations": [],
+        "trained_tokens": None,
+        "estimated_finish": int(time.time() + eta) if job.status == "running" and eta is not None else None,
+        "error": (
+            {"code": "training_failed", "message": job.error or "training failed", "param": None}
+            if job.status == "failed"
+            else None
+        ),
+    }
+
+
+def _short(job: Job) -> str:
+    return job.id.removeprefix("job-")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+
+def job_events(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """OpenAI's events, oldest first: the creation, one per progress line, the job's end.
+
+    An event's sequence number (in its id) is 0 for the creation, the byte offset where its progress
+    line ends, and the file's size + 1 for the end: stable while the file grows, so ``after`` works.
+    """
+
+    def event(seq: int, at: float | None, message: str, level: str = "info", data: Any = None) -> dict:
+        return {
+            "id": f"ftevent-{_short(job)}-{seq}",
+            "object": "fine_tuning.job.event",
+            "created_at": int(at or job.created_at),
+            "level": level,
+            "message": message,
+            "type": "metrics" if data is not None and "step" in data else "message",
+            "data": data,
+        }
+
+    out = [event(0, job.created_at, f"Created fine-tuning job: {job.id}")]
+    end = 0
+    for end, ev in lines:
+        kind, at = ev.get("event"), ev.get("time")
+        step, total = ev.get("step"), ev.get("total_steps")
+        if kind == "start":
+            resumed = f", resumed at step {step}" if ev.get("resumed_from") else ""
+            out.append(event(end, at, f"Fine-tuning job started: {total} steps{resumed}"))
+        elif kind == "step":
+            data = {
+                "step": step,
+                "total_steps": total,
+                "train_loss": ev.get("loss"),
+                "epoch": ev.get("epoch"),
+            }
+            out.append(
+                event(end, at, f"Step {step}/{total}: training loss={_fmt(ev.get('loss'))}", data=data)
+            )
+        elif kind == "eval":
+            data = {"step": step, "total_steps": total, "valid_loss": ev.get("eval_loss")}
+            msg = f"Step {step}/{total}: validation loss={_fmt(ev.get('eval_loss'))}"
+            out.append(event(end, at, msg, data=data))
+        elif kind == "checkpoint":
+            out.append(event(end, at, f"Checkpoint created at step {step}"))
+        elif kind == "done":
+            out.append(event(end, at, f"Training finished at step {step}"))
+        elif kind == "error":
+            out.append(event(end, at, str(ev.get("message") or "the trainer reported an error"), "error"))
+    if job.finished:
+        seq = end + 1
+        if job.status == "succeeded":
+            out.append(event(seq, job.finished_at, f"New fine-tuned model created: {job.adapter}"))
+        elif job.status == "failed":
+            out.append(event(seq, job.finished_at, f"The job failed: {job.error}", "error"))
+        else:
+            out.append(event(seq, job.finished_at, "The job was cancelled"))
+    return out
+
+
+def job_checkpoints(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One per checkpoint the trainer saved (``save_steps``, or when stopped), plus the published adapter
+    once the job succeeded; newest first. Only the published one is a servable model: intermediate
+    checkpoints are resumable training state, removed when the job ends."""
+    found: dict[int, dict[str, Any]] = {}
+    train_loss: dict[int, Any] = {}
+
+    def add(step: int, at: float | None, loss: Any, valid: Any, model: str) -> None:
+        metrics = {"step": float(step), "train_loss": loss, "valid_loss": valid}
+        found[step] = {
+            "id": f"ftckpt-{_short(job)}-{step}",
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": int(at or job.created_at),
+            "fine_tuned_model_checkpoint": model,
+            "fine_tuning_job_id": job.id,
+            "step_number": step,
+            "metrics": {k: v for k, v in metrics.items() if v is not None},
+        }
+
+    done = None
+    for _, ev in lines:
+        step = int(ev.get("step") or 0)
+        if ev.get("event") == "step":
+            train_loss[step] = ev.get("loss")
+        elif ev.get("event") == "checkpoint":
+            add(step, ev.get("time"), ev.get("loss"), ev.get("eval_loss"), f"{job.adapter}:step-{step}")
+        elif ev.get("event") == "done":
+            done = ev
+    if job.status == "succeeded" and done is not None:
+        step, valid = int(done.get("step") or 0), done.get("eval_loss")
+        if done.get("selected") == "best" and done.get("best_step") is not None:  # the best step's weights
+            step, valid = int(done["best_step"]), done.get("best_eval_loss")
+        add(step, job.finished_at, train_loss.get(step, done.get("loss")), valid, job.adapter)
+    return [found[s] for s in sorted(found, reverse=True)]
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """A cursor page of newest-first ``items``: those after the one with id ``after``."""
+    if after is not None:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+_NATIVE_PARAMS = {"dataset": "training_file", "validation_dataset": "validation_file", "adapter": "suffix"}
+
+
+def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable, model: ServedModel) -> None:
+    deps = [Depends(auth)]
+    base_id, names = base_names(settings, model)
+
+    def store() -> JobStore:
+        return process_store(settings.jobs_db)
+
+    def load(job_id: str) -> tuple[Job, dict[str, Any]]:
+        job = store().get(job_id) if JOB_ID.match(job_id) else None
+        spec = read_spec(job_paths(settings, job.id)) if job is not None else None
+        if job is None or spec is None:
+            made_by_train = " (jobs made by POST /train are under GET /train)" if job is not None else ""
+            raise ApiError(
+                404, "job_not_found", f"no fine-tuning job '{job_id}'{made_by_train}", "fine_tuning_job_id"
+            )
+        return job, spec
+
+    def check_model(name: str) -> None:
+        if name in names:
+            return
+        if valid_name(name) and adapter_store.exists(settings.adapter_dir, name):
+            raise ApiError(
+                422,
+                "invalid_model",
+                f"fine-tuning starts from the served base ({base_id!r}), not from the adapter {name!r}",
+                "model",
+            )
+        raise ApiError(
+            404, "model_not_found", f"the model {name!r} is not the served base ({base_id!r})", "model"
+        )
+
+    def check_file(file_id: str | None, param: str) -> None:
+        if file_id is None:
+            return
+        if not (DATASET_ID.match(file_id) and store().get_dataset(file_id)):
+            raise file_not_found(file_id, param)
+
+    def create(body: FineTuningJobRequest) -> dict[str, Any]:
+        check_model(body.model)
+        if body.integrations:
+            raise ApiError(422, "invalid_request", "integrations are not supported", "integrations")
+        hp = body.hyperparameters
+        if body.method is not None and body.method.supervised and body.method.supervised.hyperparameters:
+            if hp is not None:
+                msg = "give hyperparameters once: top-level or in method.supervised, not both"
+                raise ApiError(422, "invalid_request", msg, "hyperparameters")
+            hp = body.method.supervised.hyperparameters
+        check_file(body.training_file, "training_file")
+        check_file(body.validation_file, "validation_file")
+        from trainer.config import TrainingSettings
+
+        seed = TrainingSettings().seed if body.seed is None else body.seed
+        config, resolved = trainer_config(hp or Hyperparameters(), seed, body.validation_file is not None)
+        spec = {
+            "model": body.model,
+            "training_file": body.training_file,
+            "validation_file": body.validation_file,
+            "hyperparameters": resolved,
+            "suffix": body.suffix,
+            "seed": seed,
+            "metadata": body.metadata,
+        }
+        req = TrainRequest(
+            adapter=adapter_name(base_id, body.suffix),
+            dataset=body.training_file,
+            validation_dataset=body.validation_file,
+            config=config,
+        )
+
+        def write_spec(paths: JobPaths) -> None:
+            write_atomic(paths.fine_tuning, json.dumps(spec, ensure_ascii=False))
+
+        try:
+            job, _ = submit_job(store(), settings, req, extra=write_spec)
+        except StoreConflict as exc:
+            raise ApiError(
+                409 if exc.code == "adapter_busy" else 422, exc.code, exc.message, exc.param
+            ) from None
+        except ApiError as exc:  # the native request's field names, in this API's terms
+            exc.param = _NATIVE_PARAMS.get(exc.param or "", exc.param)
+            raise
+        return job_object(job, spec)
+
+    @app.post("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
+    async def create_job(body: FineTuningJobRequest) -> dict[str, Any]:
+        """A native training job on the served base, from uploaded files (see docs/openai.md)."""
+        return await run_in_threadpool(create, body)
+
+    def list_all(after: str | None, limit: int) -> dict[str, Any]:
+        out = []
+        for job in store().list_jobs(None, 1_000_000):  # newest first
+            spec = read_spec(job_paths(settings, job.id))
+            if spec is not None:
+                out.append(job_object(job, spec))
+        return _page(out, after, limit)
+
+    @app.get("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
+    async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+        return await run_in_threadpool(list_all, after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}", dependencies=deps, tags=["fine-tuning"])
+    async def retrieve_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        return job_object(*await run_in_threadpool(load, fine_tuning_job_id))
+
+    def cancel_one(job_id: str) -> dict[str, Any]:
+        job, spec = load(job_id)
+        return job_object(cancel(store(), job), spec)
+
+    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", dependencies=deps, tags=["fine-tuning"])
+    async def cancel_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        """Queued: cancelled now. Running: the trainer stops at its next step (status ``running`` until
+        then, ``cancelled`` after)."""
+        return await run_in_threadpool(cancel_one, fine_tuning_job_id)
+
+    def lines_of(job: Job) -> list[tuple[int, dict[str, Any]]]:
+        return read_progress(job_paths(settings, job.id).progress, 0)[0]
+
+    def events(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
+        job, _ = load(job_id)
+        return _page(job_events(job, lines_of(job))[::-1], after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", dependencies=deps, tags=["fine-tuning"])
+    async def list_events(
+        fine_tuning_job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)
+    ) -> dict[str, Any]:
+        """Newest first; for a live stream of the same progress use GET /train/{id}/events (SSE)."""
+        return await run_in_threadpool(events, fine_tuning_job_id, after, limit)
+
+    def checkpoints(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
+        job, _ = load(job_id)
+        return _page(job_checkpoints(job, lines_of(job)), after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", dependencies=deps, tags=["fine-tuning"])
+    async def list_checkpoints(
+        fine_tuning_job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        return await run_in_threadpool(checkpoints, fine_tuning_job_id, after, limit)
