@@ -5,7 +5,7 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
-                          val.jsonl       the validation rows, when the request gave some (trainer --val, served eval)
+                          val.jsonl       validation rows, when given (the trainer's --val, then a served eval)
                           fine_tuning.json  what POST /v1/fine_tuning/jobs asked for (that API's jobs only)
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
