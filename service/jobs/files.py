@@ -8,6 +8,7 @@ the data dir), so every server sharing one store also sees every job's files.
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
+                          yield           present while the runner asks the trainer to yield to serving
 <jobs-root>/datasets/<dataset-id>.jsonl   uploaded datasets
 <adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
 """
@@ -35,6 +36,7 @@ class JobPaths:
     progress: Path
     log: Path
     output: Path  # the trainer's --output: a staging folder, published under the adapter's name
+    yield_flag: Path  # the trainer's --yield-file: it pauses between steps while this exists
 
 
 def job_paths(settings: Settings, job_id: str) -> JobPaths:
@@ -49,6 +51,7 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         progress=root / "progress.jsonl",
         log=root / "train.log",
         output=settings.staging_dir / job_id,
+        yield_flag=root / "yield",
     )
 
 

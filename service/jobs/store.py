@@ -37,6 +37,7 @@ PROGRESS_KEYS = (
     "tokens_per_second",
     "eta_seconds",
     "lr",
+    "yielded_seconds",
 )
 
 _SCHEMA = [

@@ -39,6 +39,7 @@ PUBLIC_PROGRESS = (
     "tokens_per_second",
     "eta_seconds",
     "lr",
+    "yielded_seconds",
 )
 SSE_POLL_SECONDS = 0.5
 SSE_PING_SECONDS = 15.0

@@ -61,6 +61,7 @@ class JobProgress(_Model):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     lr: float | None = None
+    yielded_seconds: float | None = None  # paused for live serving, all attempts together
 
 
 class Job(_Model):
