@@ -261,8 +261,8 @@ def train_adapter(
     ``config`` is a YAML path, a dict or a ``TrainConfig``. ``resume`` is a checkpoint folder, or
     True for the newest one in the checkpoint folder. Raises ``TrainerError`` for bad input
     (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal. While
-    ``yield_file`` exists, training pauses between steps (``YieldGate``, at most
-    ``max_pause_seconds`` each time).
+    ``yield_file`` exists, training pauses before loading the model and between steps
+    (``YieldGate``, at most ``max_pause_seconds`` each time).
     """
     # Only the main process reports; under `accelerate launch` RANK is set before anything starts.
     progress = progress or Progress(jsonl=progress_jsonl, enabled=os.environ.get("RANK", "0") == "0")
@@ -279,12 +279,15 @@ def train_adapter(
             allow_random_weights=allow_random_weights,
             job=job,
         )
+        gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
+        # Loading torch, the base and the rows is a burst of work too: it waits like a step does
+        # (a signal meanwhile ends the process, as it would during the load itself).
+        gate.wait(StopRequest())
         run = setup(inputs, started=time.time())
         state = start_state(run)
         stop = StopRequest()
         stop.install()
         try:
-            gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
             fit(run, state, progress, stop, gate)
             summary = Summary.of(run, state)
             save(run, summary)
