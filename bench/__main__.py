@@ -3,6 +3,7 @@
     python -m bench serve   # server vs naive FastAPI + PEFT vs offline ceiling; churn; short vs long
     python -m bench engine  # the engine in-process vs batched HF generate / PEFT (its own options: --help)
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
+    python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
 
 Results go to docs/benchmarks/ (JSON, results.md, PNG plots); progress is JSON lines on stderr.
@@ -34,6 +35,7 @@ def render(outdir: Path) -> Path:
         "",
     ]
     serve_json, train_json = outdir / "serve.json", outdir / "train.json"
+    serve_train_json = outdir / "serve_train.json"
     if serve_json.exists():
         res = json.loads(serve_json.read_text())
         parts.append(report.serve_markdown(res))
@@ -53,6 +55,10 @@ def render(outdir: Path) -> Path:
         parts.append(report.train_markdown(res))
         report.plot_loss_curves(res, outdir / "loss_curves.png")
         parts += ["![loss curves](loss_curves.png)", ""]
+    if serve_train_json.exists():
+        from bench import serve_train
+
+        parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
     path = outdir / "results.md"
     path.write_text("\n".join(parts))
     return path
@@ -128,6 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-rows", type=int, default=40)
     t.add_argument("--methods", default="loraserve,hf-maxlen,hf-dynamic,hf-dynamic-bf16")
 
+    st = sub.add_parser("serve-train", help="serving latency with a training job running vs without")
+    common(st)
+    st.add_argument("--clients", type=int, default=32)
+    st.add_argument("--adapters", type=int, default=4)
+    st.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of load alone (and at least with the job)"
+    )
+    st.add_argument(
+        "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
+    )
+    st.add_argument("--job-steps", type=int, default=8)
+    st.add_argument("--job-batch-size", type=int, default=4)
+    st.add_argument("--job-rows", type=int, default=64)
+    st.add_argument(
+        "--max-pause", type=float, default=None, help="LORASERVE_TRAIN_MAX_PAUSE (server default)"
+    )
+    st.add_argument(
+        "--yield-rows", type=int, default=None, help="LORASERVE_TRAIN_YIELD_ROWS (0: no yielding)"
+    )
+    st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
+
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
@@ -178,6 +205,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         res = run(cfg)
         write_json(a.outdir / "serve.json", res)
+    elif a.cmd == "serve-train":
+        from bench.serve_train import ServeTrainConfig, run
+
+        cfg = ServeTrainConfig(
+            workdir=a.workdir,
+            outdir=a.outdir,
+            device=a.device,
+            base_shape=shape,
+            rank=a.rank,
+            clients=a.clients,
+            adapters=a.adapters,
+            duration_s=a.duration,
+            max_new_tokens=a.max_new_tokens,
+            job_steps=a.job_steps,
+            job_batch_size=a.job_batch_size,
+            job_rows=a.job_rows,
+            max_pause_s=a.max_pause,
+            yield_rows=a.yield_rows,
+            train_threads=a.train_threads,
+            quiet_wait_s=a.quiet_wait,
+            threads=a.threads,
+            seed=a.seed,
+        )
+        res = run(cfg)
+        write_json(a.outdir / "serve_train.json", res)
     else:
         from bench.train import TrainConfig, run
 

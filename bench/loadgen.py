@@ -167,8 +167,10 @@ async def run_load(
     stream: bool = True,
     label: str = "",
     headers: dict | None = None,
+    stop: asyncio.Event | None = None,
 ) -> LoadRun:
-    """Run ``concurrency`` closed-loop clients over ``requests`` for at most ``duration_s`` (+ drain)."""
+    """Run ``concurrency`` closed-loop clients over ``requests`` for at most ``duration_s`` (+ drain),
+    or until ``stop`` is set (clients then take no new request; running ones finish)."""
     check_loopback(base_url)
     run = LoadRun(label=label, concurrency=concurrency)
     queue = list(reversed(requests))
@@ -180,7 +182,7 @@ async def run_load(
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
-            while queue and time.perf_counter() - t0 < deadline:
+            while queue and time.perf_counter() - t0 < deadline and not (stop and stop.is_set()):
                 req = queue.pop()
                 inflight[req.idx] = Result(req.idx, req.adapter, req.max_new_tokens, time.perf_counter() - t0)
                 res = await send_one(client, req, t0, stream)

@@ -91,6 +91,15 @@ TRAIN_TOKENS_PER_SECOND = Gauge(
     "training throughput of the running job",
     multiprocess_mode="mostrecent",
 )
+TRAIN_YIELD_SECONDS = Counter(
+    "loraserve_train_yield_seconds_total",
+    "seconds training jobs paused between optimizer steps for live serving (as the trainer reports them)",
+)
+TRAIN_YIELDING = Gauge(
+    "loraserve_train_yielding",
+    "1 while the job runner asks training to yield to a busy generation worker",
+    multiprocess_mode="mostrecent",
+)
 TRAIN_JOB_SECONDS = Histogram(
     "loraserve_train_job_duration_seconds",
     "wall time of finished training jobs",

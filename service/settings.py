@@ -63,6 +63,25 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="body cap of every route without its own (generation, /v1/*)"
     )
     max_concurrent_jobs: int = Field(1, ge=1)
+    train_yield_rows: int = Field(
+        1,
+        ge=0,
+        description="training pauses between optimizer steps while a generation request waits or the "
+        "running batch has at least this many rows (0: training never yields)",
+    )
+    train_max_pause: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds one pause lasts at most; then at least one optimizer step runs, so a job "
+        "finishes under constant traffic",
+    )
+    train_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of a trainer process; 0: all cores but one when training shares the CPU "
+        "with generation (device cpu, role all), else torch's default (all cores)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

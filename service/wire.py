@@ -7,8 +7,8 @@ dataclasses:
     Cancel  drop a job (API -> worker): its client went away, or the API side gave up on it
     Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``
 
-Beside the queue, the worker publishes its state in a status file (``write_status``/``read_status``,
-``Settings.worker_status_path``): readiness, the loaded adapters and the batch, for the API processes.
+Beside the queue, the worker publishes its state in a status file (``service/worker_status.py``):
+readiness, the loaded adapters and its load, for the API processes and the job runner.
 
 A streamed job gets every text delta and then a final event with the last delta; a non-streamed one
 gets only the final event, with the whole text. An error event is final too.
@@ -16,14 +16,8 @@ gets only the final event, with the whole text. An error event is final too.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-from trainer.publish import write_atomic
 
 
 @dataclass(frozen=True)
@@ -156,20 +150,3 @@ class Event:
             usage=data.get("usage"),
             error=WireError.from_dict(error) if error else None,
         )
-
-
-# --- the worker's status file -------------------------------------------------------------------
-
-
-def write_status(path: str | Path, status: dict[str, Any]) -> None:
-    """The worker's status for readiness and adapter listings, written atomically."""
-    body = dict(status, pid=os.getpid(), updated=datetime.now(UTC).isoformat())
-    write_atomic(Path(path), json.dumps(body, indent=2) + "\n")
-
-
-def read_status(path: str | Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

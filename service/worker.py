@@ -1,7 +1,8 @@
 """The generation worker: LitServe spawns it (one per device) and it owns the engine.
 
-``EngineAPI.setup`` builds the ``Engine`` and publishes the worker's status file (readiness and
-loaded adapters, read by the API processes with ``read_status``); ``EngineLoop`` drives the engine.
+``EngineAPI.setup`` builds the ``Engine`` and publishes the worker's status file (readiness, loaded
+adapters and the load the job runner yields to; format: ``service.worker_status``); ``EngineLoop``
+drives the engine.
 The loop is continuous batching: between two engine steps it drains the queue, admits newcomers
 while the engine has capacity and answers finished rows at once. When nothing is running it *blocks*
 on the queue (LitServe's ContinuousBatchingLoop spins a core there, and admits requests from another
@@ -25,13 +26,13 @@ from typing import Any
 import litserve as ls
 
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
-from service.wire import Cancel, Event, Job, WireError, request_from_dict, write_status
+from service.wire import Cancel, Event, Job, WireError, request_from_dict
+from service.worker_status import LOAD_EVERY_S, Load, write_status
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking deadlines again
 MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
-STATUS_EVERY_S = 1.0  # at most this often the worker rewrites its status file while busy
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class _Driver:
         self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
         self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
         self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
-        self.loaded: list[str] = []
+        self.busy = False  # as last published
         self.status_at = 0.0
 
     # --- the loop, in execution order -----------------------------------------------------------
@@ -168,7 +169,7 @@ class _Driver:
                 self.step()
             elif self.waiting:
                 time.sleep(0.01)  # nothing running and nothing admitted: do not spin
-            self.publish_status(force=idle)
+            self.publish_status()
 
     def receive(self, block: bool) -> bool:
         """Move queue items into ``waiting`` (or apply cancels); False when LitServe asks us to stop.
@@ -291,13 +292,18 @@ class _Driver:
     def send(self, live: _Live, event: Event) -> None:
         self.queue.reply(live.consumer, live.uid, event.to_dict())
 
-    def publish_status(self, force: bool = False) -> None:
-        """Rewrite the status file when the set of loaded adapters changed (rate-limited while busy)."""
+    def publish_status(self) -> None:
+        """Rewrite the status file (load and loaded adapters) every ``LOAD_EVERY_S`` while busy and at
+        once when the worker turns busy or idle: the job runner pauses training on it. Adapters are
+        only loaded or evicted while busy, so an idle worker has nothing new to write."""
+        busy = bool(self.waiting or self.running)
         now = time.monotonic()
-        if not force and now - self.status_at < STATUS_EVERY_S:
+        if busy == self.busy and not (busy and now - self.status_at >= LOAD_EVERY_S):
             return
-        self.status_at = now
-        loaded = sorted(self.engine.stats()["adapters_loaded"])
-        if loaded != self.loaded:
-            self.loaded = loaded
-            write_status(self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded))
+        self.busy, self.status_at = busy, now
+        stats = self.engine.stats()
+        load = Load(len(self.waiting) + stats["waiting"], stats["rows"], time.time())
+        loaded = sorted(stats["adapters_loaded"])
+        write_status(
+            self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded, load=load.to_dict())
+        )

@@ -149,6 +149,30 @@ def test_train_benchmark_smoke(tmp_path: Path) -> None:
     assert_png(out / "loss_curves.png")
 
 
+@pytest.mark.slow
+def test_serve_train_benchmark_smoke(tmp_path: Path) -> None:
+    """Serving with a training job vs without: both phases answer, both jobs finish, the report has its
+    keys (the timing itself is not asserted)."""
+    args = ["serve-train", "--clients", "4", "--adapters", "2", "--rank", "4", "--duration", "3",
+            "--max-new-tokens", "16", "--job-steps", "2", "--job-batch-size", "2", "--job-rows", "8",
+            "--max-pause", "0.5"]  # fmt: skip
+    out = run_bench(args, tmp_path, timeout=480)  # two trainer start-ups: slow on a busy 2-core machine
+    res = json.loads((out / "serve_train.json").read_text())
+    assert res["benchmark"] == "serve-train"
+    for key in ("serving_alone", "serving_with_job"):
+        s = res[key]
+        assert s["requests_ok"] >= 1 and s["requests_failed"] == 0 and s["latency_s"]["p99"] > 0, (key, s)
+    for key in ("job_alone", "job_with_traffic"):
+        job = res[key]
+        assert job["status"] == "succeeded" and job["steps"] == 2 and job["seconds"] > 0, (key, job)
+        assert job["yielded_seconds"] is not None
+    ratios = res["ratios"]
+    for key in ("p99_with_job_vs_without", "p50_with_job_vs_without", "job_seconds_with_traffic_vs_alone"):
+        assert ratios[key] > 0, key
+    assert [t["key"] for t in res["targets"]] == ["p99_with_job_vs_without"]
+    assert "## Serving with a training job" in (out / "results.md").read_text()
+
+
 def test_percentiles_and_histogram_quantiles() -> None:
     sys.path.insert(0, str(REPO))
     from bench.common import percentile

@@ -421,3 +421,56 @@ def test_resume_after_a_kill_keeps_the_best_weights(tiny_base: Path, disagreeing
     done = json.loads(progress.read_text().splitlines()[-1])
     assert done["event"] == "done" and done["best_step"] == best and done["selected"] == "best"
     assert done["eval_loss"] == done["best_eval_loss"] < done["last_eval_loss"]
+
+
+def test_yielding_pauses_between_steps_and_leaves_the_loss_curve_unchanged(tiny_base: Path, tmp_path: Path):
+    """Serving first: a yield file pauses training between optimizer steps (bounded by the max pause, or
+    until the file goes), and the per-step losses (dropout on: the RNG too) equal an unpaused run's."""
+    import threading
+    import time
+
+    sets = ["training.max_steps=6", "training.logging_steps=1", "training.eval_fraction=0", "training.seed=7"]
+    data = EXAMPLES / "sample_instructions.jsonl"
+
+    def run(name: str, **kwargs) -> tuple[list[float], list[dict], float]:
+        progress = tmp_path / f"{name}.jsonl"
+        t0 = time.monotonic()
+        train_adapter(
+            TINY,
+            data,
+            tmp_path / name,
+            model=str(tiny_base),
+            overrides=sets,
+            progress_jsonl=progress,
+            **kwargs,
+        )
+        events = [json.loads(line) for line in progress.read_text().splitlines()]
+        steps = [e for e in events if e["event"] == "step"]
+        assert [e["step"] for e in steps] == list(range(1, 7))
+        return [e["loss"] for e in steps], events, time.monotonic() - t0
+
+    plain, plain_events, _ = run("plain")
+    flag = tmp_path / "yield"
+
+    flag.touch()  # held for the whole run: the model load and every step wait the full 0.2 s bound
+    bounded, events, _ = run("bounded", yield_file=flag, max_pause_seconds=0.2)
+    assert bounded == plain  # exactly: pausing changes nothing a step computes
+    done = events[-1]
+    assert done["event"] == "done" and 7 * 0.2 <= done["yielded_seconds"] < 7 * 0.2 + 3
+    assert [e["yielded_seconds"] for e in events if e["event"] == "step"][0] >= 2 * 0.2
+
+    # a long bound, and the file goes 1.5 s after the run began waiting: it goes on then, not after 60 s
+    def release() -> None:
+        progress = tmp_path / "released.jsonl"  # opened before the first wait
+        while not progress.exists():
+            time.sleep(0.02)
+        time.sleep(1.5)
+        flag.unlink()
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    released, events, wall = run("released", yield_file=flag, max_pause_seconds=60)
+    releaser.join(5)
+    assert released == plain
+    assert 1.4 <= events[-1]["yielded_seconds"] < 10 and wall < 45
+    assert plain_events[-1]["yielded_seconds"] == 0

@@ -10,7 +10,7 @@ import pytest
 from trainer.config import load_config, parse_config
 from trainer.data import IGNORE_INDEX, collate, epoch_batches, parse_row, read_examples, tokenize
 from trainer.errors import TrainerError
-from trainer.evaluate import exact_match, generation_metrics
+from trainer.metrics import exact_match, generation_metrics
 from trainer.model import gpt2_tokenizer
 from trainer.template import DEFAULT_TEMPLATE
 

@@ -3,6 +3,7 @@
     python -m trainer train --config examples/prototype.yaml --data rows.jsonl --output adapters/a \\
         [--model M] [--val PATH] [--set training.learning_rate=1e-4 ...] [--resume [CKPT_DIR]] \\
         [--checkpoint-dir DIR] [--progress-jsonl PATH|-] [--allow-random-weights]
+        [--yield-file PATH [--max-pause-seconds 10]]
     python -m trainer eval --adapter adapters/a --data val.jsonl
     python -m trainer make-random-base OUT [--layers 6 --n-embd 768 --n-head 12]
     python -m trainer demo --workdir runs/local
@@ -65,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         help="if the base cannot be loaded, use random weights of its architecture (loudly)",
     )
     t.add_argument("--job-id", help="recorded as 'job' in loraserve.json")
+    t.add_argument(
+        "--yield-file",
+        help="while this file exists, pause between optimizer steps (another process needs the device)",
+    )
+    t.add_argument(
+        "--max-pause-seconds",
+        type=float,
+        default=10.0,
+        help="longest single pause for --yield-file; then at least one step runs (default 10)",
+    )
 
     e = sub.add_parser("eval", help="eval loss/perplexity and generation metrics, base vs adapter")
     e.add_argument("--adapter", required=True)
@@ -107,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress_jsonl=args.progress_jsonl,
         allow_random_weights=args.allow_random_weights,
         job=args.job_id,
+        yield_file=args.yield_file,
+        max_pause_seconds=args.max_pause_seconds,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         out = sys.stderr if args.progress_jsonl == "-" else sys.stdout

@@ -5,8 +5,8 @@ greedy answers.
 
 The base runs with the adapter switched off (same weights in memory), so the two columns differ
 only by the adapter. Prompts are rendered with the template recorded in the adapter's
-``loraserve.json``. ``generation_metrics`` is the one scorer, shared with the service's ``POST /eval``:
-ROUGE-L from ``rouge-score`` and corpus BLEU from ``sacrebleu``, the libraries published numbers come from.
+``loraserve.json``. The scores come from ``trainer.metrics.generation_metrics``, the one scorer,
+shared with the service's ``POST /eval``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from trainer import artifact
 from trainer.errors import TrainerError
+from trainer.metrics import generation_metrics
 
 
 @dataclass(frozen=True)
@@ -28,40 +29,6 @@ class Answer:
     text: str
     eos: bool
     tokens: int
-
-
-def exact_match(candidate: str, reference: str) -> float:
-    return float(" ".join(candidate.split()) == " ".join(reference.split()))
-
-
-def generation_metrics(
-    candidates: list[str], references: list[str], finished: list[bool], tokens: list[int]
-) -> dict[str, float]:
-    """Scores of answers against references, each in [0, 1] except ``mean_tokens``.
-
-    ``rouge_l``: mean ROUGE-L F-measure per row (``rouge_score.RougeScorer(["rougeL"])``, no stemming);
-    ``bleu``: sacrebleu's corpus BLEU (13a tokens, exp smoothing) divided by 100; ``eos_rate``: the
-    fraction of answers that ended by EOS (``finished``); ``mean_tokens``: generated tokens per answer.
-    """
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    n = len(candidates)
-    if not (n == len(references) == len(finished) == len(tokens)):
-        raise ValueError("candidates, references, finished and tokens must have one entry per row")
-    if n == 0:
-        return dict.fromkeys(("exact_match", "rouge_l", "bleu", "eos_rate", "mean_tokens"), 0.0)
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = [
-        scorer.score(ref, cand)["rougeL"].fmeasure for cand, ref in zip(candidates, references, strict=True)
-    ]
-    return {
-        "exact_match": sum(map(exact_match, candidates, references)) / n,
-        "rouge_l": sum(rouge) / n,
-        "bleu": sacrebleu.corpus_bleu(candidates, [references]).score / 100,
-        "eos_rate": sum(map(bool, finished)) / n,
-        "mean_tokens": sum(tokens) / n,
-    }
 
 
 def score_answers(answers: list[Answer], references: list[str]) -> dict[str, float]:

@@ -224,6 +224,36 @@ class StopRequest:
         self._previous.clear()
 
 
+@dataclass
+class YieldGate:
+    """Between optimizer steps, wait while ``path`` exists: someone else (live serving) needs the device.
+
+    The trainer only knows the file; whoever shares the device creates and removes it (the job runner
+    does, from the generation worker's load). One wait lasts at most ``max_pause`` seconds, then a
+    step runs whatever the file says, so training always finishes. A signal ends the wait at once.
+    Waiting changes nothing the step computes: the loss curve equals that of an unpaused run.
+    """
+
+    path: Path | None = None
+    max_pause: float = 10.0
+    poll: float = 0.05
+    total: float = 0.0  # seconds yielded so far in this process
+
+    def wait(self, stop: StopRequest) -> float:
+        if self.path is None or not self.path.exists():
+            return 0.0
+        t0 = time.monotonic()
+        deadline = t0 + self.max_pause
+        while stop.signal_name is None and self.path.exists():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(self.poll, left))
+        waited = time.monotonic() - t0
+        self.total += waited
+        return waited
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -241,12 +271,16 @@ def train_adapter(
     allow_random_weights: bool = False,
     job: str | None = None,
     progress: Progress | None = None,
+    yield_file: str | Path | None = None,
+    max_pause_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Train a LoRA adapter and publish it at ``output``; returns the training summary.
 
     ``config`` is a YAML path, a dict or a ``TrainConfig``. ``resume`` is a checkpoint folder, or
     True for the newest one in the checkpoint folder. Raises ``TrainerError`` for bad input
-    (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal.
+    (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal. While
+    ``yield_file`` exists, training pauses before loading the model and between steps
+    (``YieldGate``, at most ``max_pause_seconds`` each time).
     """
     # Only the main process reports; under `accelerate launch` RANK is set before anything starts.
     progress = progress or Progress(jsonl=progress_jsonl, enabled=os.environ.get("RANK", "0") == "0")
@@ -263,12 +297,16 @@ def train_adapter(
             allow_random_weights=allow_random_weights,
             job=job,
         )
+        gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
+        # Loading torch, the base and the rows is a burst of work too: it waits like a step does
+        # (a signal meanwhile ends the process, as it would during the load itself).
+        gate.wait(StopRequest())
         run = setup(inputs, started=time.time())
         state = start_state(run)
         stop = StopRequest()
         stop.install()
         try:
-            fit(run, state, progress, stop)
+            fit(run, state, progress, stop, gate)
             summary = Summary.of(run, state)
             save(run, state, summary)
         finally:
@@ -284,6 +322,7 @@ def train_adapter(
             best_eval_loss=summary.best_eval_loss,
             last_eval_loss=summary.last_eval_loss,
             selected=summary.selected,
+            yielded_seconds=round(gate.total, 3),
         )
         return summary.to_dict()
     except BaseException as exc:
@@ -300,14 +339,18 @@ def train_adapter(
         progress.close()
 
 
-def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> RunState:
+def fit(
+    run: Setup, state: RunState, progress: Progress, stop: StopRequest, gate: YieldGate | None = None
+) -> RunState:
     """Train from ``state.step`` to the planned end (or an early stop), updating ``state``.
 
     On SIGINT/SIGTERM the current step finishes, a checkpoint is written and ``TrainingInterrupted``
-    raised. Every process runs this; only the main one reports.
+    raised. Before each step ``gate`` may pause (yielding the device); paused time counts in neither
+    ``train_seconds`` nor ``tokens_per_second``. Every process runs this; only the main one reports.
     """
     import torch
 
+    gate = gate or YieldGate()
     t = run.cfg.training
     accelerator, scheduler = run.accelerator, run.scheduler
     resumed_from = run.inputs.resume_from
@@ -331,7 +374,7 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
     )
     run.net.train()
     lengths = [len(r.input_ids) for r in run.train_rows]
-    first_step, t0, tokens_this_run = state.step, time.time(), 0
+    first_step, t0, tokens_this_run, paused_this_run = state.step, time.time(), 0, 0.0
     losses_since_log: list[float] = []
     stretch_start = time.time()  # train_seconds is summed per stretch, so a checkpoint carries it
 
@@ -364,6 +407,10 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
         )
         windows = plan_windows(run.train_rows, batches, run.window_size)
         for window in windows[state.step % run.steps_per_epoch :]:
+            # serving first: wait while asked to (bounded), between steps only
+            paused = gate.wait(stop)
+            stretch_start += paused
+            paused_this_run += paused
             # one optimizer step over the window's micro-batches
             loss, grad_norm, skipped = train_window(
                 accelerator,
@@ -400,9 +447,10 @@ def fit(run: Setup, state: RunState, progress: Progress, stop: StopRequest) -> R
                     epoch=step / run.steps_per_epoch,
                     loss=sum(losses_since_log) / len(losses_since_log),
                     lr=scheduler.get_last_lr()[0],
-                    tokens_per_second=tokens_this_run / max(elapsed, 1e-9),
-                    eta_seconds=per_step * (run.total_steps - step),
+                    tokens_per_second=tokens_this_run / max(elapsed - paused_this_run, 1e-9),
+                    eta_seconds=per_step * (run.total_steps - step),  # pauses included: they recur
                     grad_norm=grad_norm,
+                    yielded_seconds=round(gate.total, 3),
                 )
                 losses_since_log.clear()
 

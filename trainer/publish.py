@@ -77,15 +77,20 @@ def publish_dir(staging: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write one file atomically (temp file in the same folder, fsync, rename)."""
+def write_atomic(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+    """Write one file atomically (temp file in the same folder, fsync, rename).
+
+    ``durable=False`` skips the fsync: readers still see the old or the new file whole, but a power
+    loss may lose the write (fine for a status that is rewritten every fraction of a second).
+    """
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:  # e.g. the disk is full: leave no half-written temp file behind
         tmp.unlink(missing_ok=True)

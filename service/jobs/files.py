@@ -5,11 +5,12 @@ the data dir), so every server sharing one store also sees every job's files.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line
-                          val.jsonl       validation rows, when given (the trainer's --val, then a served eval)
+                          val.jsonl       validation rows, if any (the trainer's --val, then a served eval)
                           fine_tuning.json  what POST /v1/fine_tuning/jobs asked for (that API's jobs only)
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
+                          yield           present while the runner asks the trainer to yield to serving
 <jobs-root>/datasets/<dataset-id>.jsonl   uploaded datasets
                     <dataset-id>.json    the upload's filename and purpose (POST /v1/files)
 <adapter-dir>/.staging/<job-id>/          the trainer's output, renamed to <adapter-dir>/<name> on success
@@ -42,6 +43,7 @@ class JobPaths:
     progress: Path
     log: Path
     output: Path  # the trainer's --output: a staging folder, published under the adapter's name
+    yield_flag: Path  # the trainer's --yield-file: it pauses between steps while this exists
 
 
 def job_paths(settings: Settings, job_id: str) -> JobPaths:
@@ -58,6 +60,7 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         progress=root / "progress.jsonl",
         log=root / "train.log",
         output=settings.staging_dir / job_id,
+        yield_flag=root / "yield",
     )
 
 

@@ -14,7 +14,10 @@ The loop (single-threaded, every ``POLL_SECONDS``):
     error line, the signal that killed it, or the log's last lines);
   * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
     from their last checkpoint, failing them after ``MAX_ATTEMPTS`` interrupted runs;
-  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners).
+  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners);
+  * serving first: while the generation worker's status file shows it busy
+    (``service.worker_status.serving_busy``), creates each running job's ``yield`` file, which the
+    trainer (``--yield-file``) waits on between optimizer steps, at most ``train_max_pause`` s a time.
 On ``stop_event`` (or SIGTERM/SIGINT, or the parent's death) running trainers get SIGTERM, write a
 checkpoint and exit; their jobs go back to the queue and resume on the next start.
 """
@@ -42,6 +45,7 @@ from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
 from service.jobs.publish import PublishError, publish_adapter, published_by
 from service.jobs.store import FINISHED, PROGRESS_KEYS, STATUSES, Job, JobStore, make_owner_id, owner_is_dead
 from service.settings import Settings
+from service.worker_status import read_load, read_status, serving_busy
 from trainer.artifact import is_complete
 
 log = logging.getLogger("loraserve.jobs")
@@ -75,6 +79,8 @@ class _Run:
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     log_size: int = 0
+    yielded_before: float = 0.0  # seconds earlier attempts of the job yielded
+    yielded_reported: float = 0.0  # what this trainer reported so far (its count starts at 0)
 
 
 @dataclass
@@ -144,9 +150,24 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
         cmd += ["--val", str(paths.val)]
     if base[1]:
         cmd.append("--allow-random-weights")
+    if settings.train_yield_rows > 0:
+        cmd += ["--yield-file", str(paths.yield_flag), "--max-pause-seconds", str(settings.train_max_pause)]
     if _has_checkpoint(paths.checkpoints):
         cmd.append("--resume")
     return cmd
+
+
+def trainer_threads(settings: Settings) -> int | None:
+    """CPU threads for a trainer child (None: torch's default, all cores).
+
+    Generation on the same CPU gets a core of its own: torch's intra-op pool would otherwise take
+    every core and make each decode step wait for a training matmul to finish with them.
+    """
+    if settings.train_threads:
+        return settings.train_threads
+    if settings.device == "cpu" and settings.serves_generation:
+        return max(1, (os.cpu_count() or 1) - 1)
+    return None
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -163,6 +184,15 @@ def _signal_name(rc: int) -> str:
 def _kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
+
+
+def _set_flag(path: Path, up: bool) -> None:
+    """Create or remove an empty flag file (idempotent; a vanished job folder is not an error)."""
+    with contextlib.suppress(OSError):
+        if up:
+            path.touch(exist_ok=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _kill_orphan(job: Job) -> None:
@@ -191,6 +221,7 @@ class Runner:
         self._base: tuple[str, bool] | None = None
         self._last_recover = 0.0
         self._last_metrics = 0.0
+        self.yielding = False  # whether the yield files are up
 
     # --- one pass of the loop ------------------------------------------------------------------
     def tick(self, *, claim: bool = True) -> None:
@@ -199,6 +230,7 @@ class Runner:
             self._poll(run, now)
         for ev in list(self.evals.values()):
             self._poll_eval(ev, now)
+        self._update_yield()
         if now - self._last_recover >= RECOVER_SECONDS:
             self._last_recover = now
             self.recover()
@@ -208,6 +240,17 @@ class Runner:
         if now - self._last_metrics >= METRICS_SECONDS:
             self._last_metrics = now
             self._update_gauges()
+
+    def _update_yield(self) -> None:
+        """Serving first: raise every running job's yield file while the generation worker is busy."""
+        busy = bool(self.runs) and serving_busy(
+            read_load(read_status(self.settings.worker_status_path)), self.settings.train_yield_rows
+        )
+        for run in self.runs.values():
+            _set_flag(run.paths.yield_flag, busy and run.stop_reason is None)
+        if busy != self.yielding:
+            self.yielding = busy
+            _metrics().TRAIN_YIELDING.set(int(busy))
 
     def recover(self) -> None:
         for job, new in self.store.recover_stale(MAX_ATTEMPTS, owner_is_dead, skip_owner=self.owner):
@@ -249,6 +292,10 @@ class Runner:
         env.pop("LORASERVE_API_KEY", None)  # nor does it need the server's secret
         if self.settings.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
+        threads = trainer_threads(self.settings)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        _set_flag(paths.yield_flag, False)  # a flag left by a runner that died must not pause this run
         log_fh = open(paths.log, "ab")  # noqa: SIM115 (closed when the run ends)
         log_fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(cmd)}\n".encode())
         log_fh.flush()
@@ -270,6 +317,7 @@ class Runner:
         step = int(job.progress.get("step") or 0)
         run = _Run(job=job, paths=paths, proc=proc, log_fh=log_fh, offset=offset, steps_counted=step)
         run.progress = dict(job.progress)
+        run.yielded_before = float(job.progress.get("yielded_seconds") or 0.0)
         self.runs[job.id] = run  # from here on the loop owns the child, whatever happens next
         try:
             self.store.set_trainer_pid(job.id, self.owner, proc.pid)
@@ -330,6 +378,12 @@ class Runner:
                 run.error_message = str(
                     ev.get("message") or ev.get("error") or "the trainer reported an error"
                 )
+            if ev.get("yielded_seconds") is not None:  # this trainer's own count: add earlier attempts'
+                reported = float(ev["yielded_seconds"])
+                if reported > run.yielded_reported:
+                    m.TRAIN_YIELD_SECONDS.inc(reported - run.yielded_reported)
+                    run.yielded_reported = reported
+                run.progress["yielded_seconds"] = round(run.yielded_before + run.yielded_reported, 3)
         step = int(run.progress.get("step") or 0)
         if step > run.steps_counted:
             m.TRAIN_STEPS.inc(step - run.steps_counted)
@@ -343,6 +397,7 @@ class Runner:
     def _finished(self, run: _Run, rc: int) -> None:
         del self.runs[run.job.id]
         run.log_fh.close()
+        _set_flag(run.paths.yield_flag, False)
         job, reason = run.job, run.stop_reason
         if reason == "lost":
             return

@@ -41,6 +41,7 @@ PROGRESS_KEYS = (
     "best_eval_loss",
     "last_eval_loss",
     "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
+    "yielded_seconds",
 )
 
 _SCHEMA = [

@@ -15,7 +15,7 @@ from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
 from service.schemas import AdapterInfo, AdapterList, Deleted
 from service.served_model import ServedModel
 from service.settings import Settings
-from service.wire import read_status
+from service.worker_status import read_status
 
 
 def _loaded_adapters(settings: Settings) -> frozenset[str]:

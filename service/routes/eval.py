@@ -4,7 +4,7 @@ Every (adapter, row) pair becomes one engine job; all of them are submitted befo
 the worker's continuous batching runs base and adapter rows side by side in each forward pass. Each
 adapter sees the row's prompt part rendered with its own template (what ``/generate`` does without
 ``raw``), and answers with ``max_new_tokens`` = the longest reference + ``MARGIN_TOKENS``, capped by
-the server. The scores come from ``trainer.evaluate.generation_metrics``, the scorer of
+the server. The scores come from ``trainer.metrics.generation_metrics``, the scorer of
 ``python -m trainer eval``. A training job with validation rows ends with this same request, sent by
 the job runner over loopback (``service.jobs.evaluation``).
 """
@@ -177,7 +177,7 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
     @app.post("/eval", tags=["generation"], responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}})
     async def evaluate(body: EvalRequest, request: Request) -> dict[str, Any]:
         """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
-        from trainer.evaluate import generation_metrics
+        from trainer.metrics import generation_metrics
 
         _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)

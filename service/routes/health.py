@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from service.schemas import Health, Readiness
 from service.served_model import ServedModel
 from service.settings import Settings
-from service.wire import read_status
+from service.worker_status import read_status
 
 
 def _pid_alive(pid: Any) -> bool:

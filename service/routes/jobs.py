@@ -23,26 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ApiError, not_utf8_message
 from service.jobs.datasets import read_capped, upload_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
-from service.jobs.store import STATUSES, Job, JobStore, StoreConflict, process_store
+from service.jobs.store import PROGRESS_KEYS, STATUSES, Job, JobStore, StoreConflict, process_store
 from service.jobs.submit import TrainRequest, submit_job
 from service.routes import SSE_HEADERS
 from service.settings import Settings
 from service.text_input import check_text
 
-PUBLIC_PROGRESS = (
-    "step",
-    "total_steps",
-    "epoch",
-    "loss",
-    "eval_loss",
-    "tokens_per_second",
-    "eta_seconds",
-    "lr",
-    "best_step",
-    "best_eval_loss",
-    "last_eval_loss",
-    "selected",
-)
 SSE_POLL_SECONDS = 0.5
 SSE_PING_SECONDS = 15.0
 MAX_LOG_BYTES = 16 * 1024 * 1024
@@ -57,7 +43,7 @@ def _iso(ts: float | None) -> str | None:
 def job_json(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     """The public ``Job`` object (docs/api.md)."""
     src = job.progress if progress is None else progress
-    prog = {key: src.get(key) for key in PUBLIC_PROGRESS}
+    prog = {key: src.get(key) for key in PROGRESS_KEYS}
     prog["step"] = prog["step"] or 0
     return {
         "job_id": job.id,
@@ -258,7 +244,7 @@ async def _event_stream(
         # The file is read after the status: lines written before the job ended are all sent first.
         events, offset = await run_in_threadpool(read_progress, path, offset)
         for end, ev in events:
-            progress = {key: ev.get(key) for key in PUBLIC_PROGRESS}
+            progress = {key: ev.get(key) for key in PROGRESS_KEYS}
             data = {**job_json(current, progress), "status": "running", "event": ev.get("event")}
             if ev.get("message"):
                 data["message"] = ev["message"]

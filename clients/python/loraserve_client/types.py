@@ -65,6 +65,7 @@ class JobProgress(_Model):
     best_eval_loss: float | None = None
     last_eval_loss: float | None = None
     selected: str | None = None  # at the end: "best" or "last" (the weights that were published)
+    yielded_seconds: float | None = None  # paused for live serving, all attempts together
 
 
 class Job(_Model):

@@ -1,0 +1,299 @@
+"""Serving first on a shared device: /generate latency with a training job running vs without, in one run.
+
+One server (``python -m service``, role all: the job runner trains beside the generation worker), one
+sitting, three phases on loopback:
+  1. **serving alone**: N closed-loop clients for ``duration_s``; p50/p99 latency;
+  2. **job alone**: one ``POST /train`` job with no traffic; its duration (``started_at`` → ``finished_at``);
+  3. **serving with the job**: the same job again (another adapter name) and the same clients from the
+     moment it is submitted until it ends (at least ``duration_s``); p99 latency and the job's duration.
+The headline is p99 (phase 3) / p99 (phase 1), target ≤ 1.3, next to how much longer the job took than
+alone. The yielding knobs (``LORASERVE_TRAIN_*``, docs/jobs.md) are the server's defaults unless given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench import servers
+from bench.adapters import ensure_base, make_adapters
+from bench.common import REPO, ForeignLoad, log, machine_description, ratio, wait_for_quiet_cpu
+from bench.loadgen import LoadRun, run_load
+from bench.train_data import make_rows
+from bench.workload import make_requests
+
+TARGETS = {
+    "p99_with_job_vs_without": (
+        "<=",
+        1.3,
+        "{c}-client /generate p99 latency with a training job running vs without",
+    ),
+}
+
+
+@dataclass
+class ServeTrainConfig:
+    workdir: Path = REPO / "runs" / "bench"
+    outdir: Path = REPO / "docs" / "benchmarks"
+    device: str = "cpu"
+    base_shape: dict = field(default_factory=dict)  # {} = distilgpt2's shape
+    rank: int = 8
+    clients: int = 32
+    adapters: int = 4
+    duration_s: float = 60.0  # phase 1, and the least of phase 3
+    max_new_tokens: int = 64  # upper end of the 16..N mix
+    job_steps: int = 8
+    job_batch_size: int = 4
+    job_rows: int = 64
+    max_pause_s: float | None = None  # LORASERVE_TRAIN_MAX_PAUSE (None: the server's default)
+    yield_rows: int | None = None  # LORASERVE_TRAIN_YIELD_ROWS (0: no yielding, for a contrast run)
+    train_threads: int | None = None  # LORASERVE_TRAIN_THREADS
+    job_timeout_s: float = 1800.0
+    quiet_wait_s: float = 10.0
+    threads: int | None = None
+    seed: int = 0
+
+
+def run(cfg: ServeTrainConfig) -> dict:
+    t_start = time.time()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    base = ensure_base(cfg.workdir, shape=cfg.base_shape)
+    adapter_dir = cfg.workdir / f"adapters-serve-train-r{cfg.rank}"
+    names = [f"st-{i:02d}" for i in range(cfg.adapters)]
+    make_adapters(base, adapter_dir, names, r=cfg.rank, seed=cfg.seed)
+    data_dir = cfg.workdir / "serve-train-data"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    for leftover in ("job-alone", "job-with-traffic"):
+        shutil.rmtree(adapter_dir / leftover, ignore_errors=True)
+    machine = machine_description()
+    reqs = make_requests(100_000, list(names) + [None], max_new=cfg.max_new_tokens, seed=cfg.seed)
+    job_body = {
+        "data": make_rows(cfg.job_rows, cfg.seed),
+        "config": {
+            "lora": {"r": cfg.rank, "lora_alpha": 2 * cfg.rank},
+            "training": {
+                "max_steps": cfg.job_steps,
+                "per_device_train_batch_size": cfg.job_batch_size,
+                "eval_fraction": 0,
+                "save_steps": 0,
+                "max_seq_length": 256,
+                "seed": cfg.seed,
+            },
+        },
+    }
+    env = {}
+    for var, value in (
+        ("LORASERVE_TRAIN_MAX_PAUSE", cfg.max_pause_s),
+        ("LORASERVE_TRAIN_YIELD_ROWS", cfg.yield_rows),
+        ("LORASERVE_TRAIN_THREADS", cfg.train_threads),
+    ):
+        if value is not None:
+            env[var] = value
+    with servers.loraserve(
+        model=base,
+        adapter_dir=adapter_dir,
+        data_dir=data_dir,
+        device=cfg.device,
+        max_batch_size=cfg.clients,
+        max_loaded_adapters=max(16, cfg.adapters),
+        log_path=cfg.workdir / "server-serve-train.log",
+        extra_env=env,
+    ) as srv:
+        url = srv.base_url
+        log("server_ready", seconds=round(srv.ready_s, 1))
+        warm = make_requests(cfg.clients, list(names) + [None], max_new=16, seed=cfg.seed + 99)
+        asyncio.run(run_load(url, warm, concurrency=cfg.clients, duration_s=120, label="warm"))
+
+        alone = _phase(cfg, "serving-alone", lambda: _load(url, reqs, cfg, cfg.duration_s, None))
+        job_alone = _job_alone(cfg, url, job_body)
+        loaded, job_loaded = _with_job(cfg, url, reqs[50_000:], job_body)
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+
+    s_alone, s_loaded = alone.summary(), loaded.summary()
+    ratios = {
+        "p99_with_job_vs_without": ratio(s_loaded["latency_s"]["p99"], s_alone["latency_s"]["p99"]),
+        "p50_with_job_vs_without": ratio(s_loaded["latency_s"]["p50"], s_alone["latency_s"]["p50"]),
+        "tokens_per_s_with_job_vs_without": ratio(s_loaded["tokens_per_s"], s_alone["tokens_per_s"]),
+        "job_seconds_with_traffic_vs_alone": ratio(job_loaded["seconds"], job_alone["seconds"]),
+    }
+    return {
+        "benchmark": "serve-train",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": round(time.time() - t_start, 1),
+        "machine": machine,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "serving_alone": s_alone,
+        "serving_with_job": s_loaded,
+        "job_alone": job_alone,
+        "job_with_traffic": job_loaded,
+        "yield_seconds_total_metric": _metric(metrics, "loraserve_train_yield_seconds_total"),
+        "ratios": ratios,
+        "targets": _targets(ratios, cfg),
+    }
+
+
+def _load(url: str, reqs, cfg: ServeTrainConfig, duration: float, stop: asyncio.Event | None):
+    return run_load(
+        url, reqs, concurrency=cfg.clients, duration_s=duration, drain_s=300, label="load", stop=stop
+    )
+
+
+def _phase(cfg: ServeTrainConfig, label: str, coro_fn) -> LoadRun:
+    foreign_before = wait_for_quiet_cpu(cfg.quiet_wait_s)
+    with ForeignLoad() as fl:
+        res: LoadRun = asyncio.run(coro_fn())
+    res.label, res.foreign_cores = label, round(fl.cores, 2)
+    s = res.summary()
+    log("load", label=label, ok=s["requests_ok"], p99=s["latency_s"]["p99"], foreign=res.foreign_cores,
+        foreign_before=round(foreign_before, 2))  # fmt: skip
+    return res
+
+
+async def _submit(client: httpx.AsyncClient, adapter: str, body: dict) -> str:
+    r = await client.post("/train", json={"adapter": adapter, **body})
+    r.raise_for_status()
+    return r.json()["job_id"]
+
+
+async def _wait_done(client: httpx.AsyncClient, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await client.get(f"/train/{job_id}")).json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        await asyncio.sleep(0.5)
+
+
+def _job_report(job: dict) -> dict:
+    from datetime import datetime
+
+    def ts(s):
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
+
+    start, end = ts(job.get("started_at")), ts(job.get("finished_at"))
+    prog = job.get("progress") or {}
+    return {
+        "job_id": job["job_id"],
+        "status": job["status"],
+        "error": job.get("error"),
+        "steps": prog.get("step"),
+        "seconds": None if start is None or end is None else round(end - start, 2),
+        "yielded_seconds": prog.get("yielded_seconds"),
+    }
+
+
+def _job_alone(cfg: ServeTrainConfig, url: str, body: dict) -> dict:
+    wait_for_quiet_cpu(cfg.quiet_wait_s)
+
+    async def go() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            job_id = await _submit(client, "job-alone", body)
+            return await _wait_done(client, job_id, cfg.job_timeout_s)
+
+    with ForeignLoad() as fl:
+        rep = _job_report(asyncio.run(go()))
+    rep["foreign_cores"] = round(fl.cores, 2)
+    log("job", label="job-alone", **rep)
+    return rep
+
+
+def _with_job(cfg: ServeTrainConfig, url: str, reqs, body: dict) -> tuple[LoadRun, dict]:
+    """Clients run from the job's submission until it ends (and at least ``duration_s``)."""
+    wait_for_quiet_cpu(cfg.quiet_wait_s)
+
+    async def go() -> tuple[LoadRun, dict]:
+        stop = asyncio.Event()
+        load = asyncio.create_task(_load(url, reqs, cfg, cfg.job_timeout_s, stop))
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            job_id = await _submit(client, "job-with-traffic", body)
+            job = await _wait_done(client, job_id, cfg.job_timeout_s)
+        await asyncio.sleep(max(0.0, cfg.duration_s - (time.monotonic() - t0)))
+        stop.set()
+        return await load, job
+
+    with ForeignLoad() as fl:
+        res, job = asyncio.run(go())
+    res.label, res.foreign_cores = "serving-with-job", round(fl.cores, 2)
+    rep = _job_report(job)
+    rep["foreign_cores"] = res.foreign_cores
+    s = res.summary()
+    log("load", label=res.label, ok=s["requests_ok"], p99=s["latency_s"]["p99"], foreign=res.foreign_cores)
+    log("job", label="job-with-traffic", **rep)
+    return res, rep
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _targets(ratios: dict, cfg: ServeTrainConfig) -> list[dict]:
+    rows = []
+    for key, (op, target, text) in TARGETS.items():
+        value = ratios.get(key)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        rows.append({"key": key, "what": text.format(c=cfg.clients), "op": op, "target": target,
+                     "measured": value, "met": met})  # fmt: skip
+    return rows
+
+
+def markdown(res: dict) -> str:
+    from bench.report import _fmt, _met, machine_md
+
+    cfg, r = res["config"], res["ratios"]
+    a, w = res["serving_alone"], res["serving_with_job"]
+    ja, jw = res["job_alone"], res["job_with_traffic"]
+    lines = [
+        f"## Serving with a training job ({res['created']}, {res['wall_s']:.0f} s)",
+        "",
+        f"Device {cfg['device']}, {cfg['clients']} clients, {cfg['adapters']} adapters "
+        f"(r={cfg['rank']}) and the base, max_new_tokens 16..{cfg['max_new_tokens']}; "
+        f"job: {cfg['job_steps']} steps of batch "
+        f"{cfg['job_batch_size']}; yielding knobs: max pause {cfg['max_pause_s'] or 'default'} s, "
+        f"yield rows {cfg['yield_rows'] if cfg['yield_rows'] is not None else 'default'}, trainer threads "
+        f"{cfg['train_threads'] or 'default'}. Command: `python -m bench serve-train`.",
+        "",
+        "| target | measured | target | status |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in res["targets"]:
+        lines.append(f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |")
+    lines += [
+        "",
+        "| phase | requests | p50 s | p99 s | tokens/s | other CPU load (cores) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, s in (("serving alone", a), ("serving with the job", w)):
+        lat = s["latency_s"]
+        lines.append(f"| {label} | {s['requests_ok']} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | "
+                     f"{_fmt(s['tokens_per_s'], 1)} | {_fmt(s['foreign_cores'])} |")  # fmt: skip
+    lines += [
+        "",
+        "| job | status | steps | seconds | yielded s | other CPU load (cores) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, j in (("alone", ja), ("with traffic", jw)):
+        lines.append(f"| {label} | {j['status']} | {j['steps']} | {_fmt(j['seconds'], 1)} | "
+                     f"{_fmt(j['yielded_seconds'], 1)} | {_fmt(j['foreign_cores'])} |")  # fmt: skip
+    lines += [
+        "",
+        f"The job took {_fmt(r['job_seconds_with_traffic_vs_alone'])}× as long with traffic as alone; "
+        f"p50 with the job {_fmt(r['p50_with_job_vs_without'])}× the p50 without, throughput "
+        f"{_fmt(r['tokens_per_s_with_job_vs_without'])}×.",
+        "",
+        "<details><summary>machine</summary>",
+        "",
+        machine_md(res["machine"]),
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The generation worker's status file (``settings.worker_status_path``): one owner for its format.
+
+The worker writes it (``service.worker``); the API processes read it for readiness and adapter
+listings, and the job runner reads its ``load`` to decide whether training yields to serving
+(``docs/jobs.md``, "Serving first"). Kept free of torch and LitServe so the runner can import it.
+
+    {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...],
+     "load": {"waiting": int, "running": int, "time": unix seconds}, "pid", "updated"}
+
+``load.waiting`` counts requests taken by the worker but not yet in the batch (its own queue plus
+the engine's scheduler); ``load.running`` the rows of the running batch. The worker rewrites ``load``
+every ``LOAD_EVERY_S`` while busy and once when it becomes idle, so a busy ``load`` older than
+``LOAD_STALE_S`` means the worker stopped writing (hung or gone) and is read as idle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trainer.publish import write_atomic
+
+LOAD_EVERY_S = 0.2  # how often a busy worker refreshes its load
+LOAD_STALE_S = 5.0  # a busy load older than this is not believed (an engine step is far shorter)
+
+
+@dataclass(frozen=True)
+class Load:
+    waiting: int
+    running: int
+    time: float  # time.time() when the worker measured it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"waiting": self.waiting, "running": self.running, "time": round(self.time, 3)}
+
+
+def write_status(path: str | Path, status: dict[str, Any]) -> None:
+    """Written atomically (readers see a whole file); not fsynced: it is rewritten often and
+    deleted at every start, so durability buys nothing and an fsync would stall the worker."""
+    body = dict(status, pid=os.getpid(), updated=datetime.now(UTC).isoformat())
+    write_atomic(Path(path), json.dumps(body, indent=2) + "\n", durable=False)
+
+
+def read_status(path: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_load(status: dict[str, Any] | None, now: float | None = None) -> Load | None:
+    """The worker's load, or None when there is none to believe (no file, no load, a stale busy one)."""
+    raw = (status or {}).get("load")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        load = Load(int(raw["waiting"]), int(raw["running"]), float(raw["time"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    if (load.waiting or load.running) and now - load.time > LOAD_STALE_S:
+        return None
+    return load
+
+
+def serving_busy(load: Load | None, running_rows: int) -> bool:
+    """The policy: serving is busy while a request waits or the batch has ``running_rows`` rows or more.
+
+    ``running_rows`` 0 turns yielding off.
+    """
+    if load is None or running_rows <= 0:
+        return False
+    return load.waiting > 0 or load.running >= running_rows

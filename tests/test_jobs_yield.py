@@ -1,0 +1,90 @@
+"""Serving first on a shared device, against the real server on loopback: while /generate traffic keeps
+the generation worker busy, the running job yields between optimizer steps (the worker publishes its
+load, the runner raises the job's yield file, the trainer waits on it), yet still finishes; the job,
+the metrics and the trainer's command line show it. The loss equality of paused and unpaused runs is
+``tests/test_trainer.py::test_yielding_pauses_between_steps_and_leaves_the_loss_curve_unchanged``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.server import running_server
+
+pytestmark = pytest.mark.slow
+ROWS = [
+    json.loads(line) for line in (Path(__file__).parent.parent / "examples" / "fixed_sentence.jsonl").open()
+]
+QUICK = {  # 24 rows / batch 8 x 2 epochs = 6 steps
+    "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+    "training": {"num_train_epochs": 2, "eval_fraction": 0, "save_steps": 0, "max_seq_length": 64},
+}
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_job_yields_to_live_traffic_and_still_finishes(tiny_base: Path, tmp_path: Path) -> None:
+    env = {"LORASERVE_TRAIN_MAX_PAUSE": "1.0", "LORASERVE_TRAIN_THREADS": "1"}
+    data_dir = tmp_path / "data"
+    with running_server(tiny_base, tmp_path / "adapters", data_dir, env=env) as srv, srv.client() as client:
+        stop = threading.Event()
+        answered: list[int] = []
+
+        def traffic() -> None:  # closed-loop clients: a request always waits or runs
+            with srv.client() as c:
+                while not stop.is_set():
+                    r = c.post("/generate", json={"prompt": "Hello there", "max_new_tokens": 48})
+                    answered.append(r.status_code)
+
+        clients = [threading.Thread(target=traffic, daemon=True) for _ in range(3)]
+        for t in clients:
+            t.start()
+        try:
+            deadline = time.monotonic() + 30  # the worker publishes its load while busy
+            status: dict = {}
+            while time.monotonic() < deadline:
+                status = json.loads((data_dir / "worker-status.json").read_text())
+                if status.get("load", {}).get("running"):
+                    break
+                time.sleep(0.1)
+            load = status["load"]
+            assert load["running"] >= 1 and time.time() - load["time"] < 5, status
+
+            r = client.post("/train", json={"adapter": "yielding", "data": ROWS, "config": QUICK})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            flag = data_dir / "jobs" / job_id / "yield"
+            saw_flag, job = False, {}
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                saw_flag = saw_flag or flag.exists()
+                job = client.get(f"/train/{job_id}").json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(60)
+        assert job["status"] == "succeeded", job
+        assert saw_flag and not flag.exists()  # raised while serving was busy; gone once the job ended
+        # 6 steps under constant traffic: each waited (about) the 1 s bound, then ran anyway
+        assert job["progress"]["step"] == 6 and job["progress"]["yielded_seconds"] >= 3, job
+        assert answered and set(answered) == {200}
+        cmdline = (data_dir / "jobs" / job_id / "train.log").read_text()
+        assert f"--yield-file {flag}" in cmdline and "--max-pause-seconds 1.0" in cmdline
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric(text, "loraserve_train_yield_seconds_total") >= 3
+        # serving idle again: the worker said so at once, and the runner lowered the flag
+        status = json.loads((data_dir / "worker-status.json").read_text())
+        assert status["load"]["running"] == status["load"]["waiting"] == 0
