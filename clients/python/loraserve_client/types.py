@@ -82,6 +82,8 @@ class Job(_Model):
     dataset: str | None = None
     rows: int | None = None
     overwrite: bool | None = None
+    eval: dict[str, Any] | None = None  # the served evaluation report, when the job had validation rows
+    warnings: list[str] = []
 
     @property
     def done(self) -> bool:
