@@ -6,6 +6,12 @@ with row-wise operations (temperature, top-k, softmax), and each row draws ONE u
 per token from its own ``torch.Generator`` and inverts its cumulative distribution
 (``searchsorted``): no per-row ``multinomial`` and no full-vocabulary sort in the common case.
 
+Before the choice, ``adjust_logits`` adds each row's ``logit_bias`` and subtracts its frequency and
+presence penalties (OpenAI's formula, over the tokens the row generated so far); rows without them
+are left as they are, and a batch where no row has them costs nothing. ``token_logprobs`` reports
+the log-probabilities of that adjusted distribution after temperature (1 for greedy rows), before
+the top-k/top-p cut: what the token was drawn from, not what was left after truncation.
+
 top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. It is
 found among the 256 most likely tokens when they cover ``top_p`` (the usual case for a trained
 model), otherwise by a full sort of that row.
@@ -14,6 +20,7 @@ model), otherwise by a full sort of that row.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +39,83 @@ def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g, seed
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """One row's ``logit_bias`` as tensors on the model's device, built once when the row joins."""
+
+    ids: torch.Tensor  # [m] token ids
+    values: torch.Tensor  # [m] fp32, added to those tokens' logits
+
+    @classmethod
+    def of(cls, bias: dict[int, float], device: torch.device | str) -> LogitBias | None:
+        if not bias:
+            return None
+        ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+        return cls(ids, torch.tensor(list(bias.values()), dtype=torch.float32, device=device))
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    biases: list[LogitBias | None],
+    counts: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """``logits [n, vocab]`` with each row's logit_bias added and its penalties subtracted.
+
+    ``counts[i]`` is row i's count of every token id it generated so far (fp32 ``[vocab]``), or None
+    for a row without penalties: ``logit -= frequency * count + presence * (count > 0)``.
+    Returns ``logits`` itself when no row has either.
+    """
+    biased = [i for i, b in enumerate(biases) if b is not None]
+    penalized = [i for i, c in enumerate(counts) if c is not None]
+    if not biased and not penalized:
+        return logits
+    dev = logits.device
+    x = logits.clone()
+    if biased:
+        bs = [biases[i] for i in biased]
+        rows = torch.cat([torch.full_like(b.ids, i) for i, b in zip(biased, bs, strict=True)])
+        x.index_put_(
+            (rows, torch.cat([b.ids for b in bs])), torch.cat([b.values for b in bs]), accumulate=True
+        )
+    if penalized:
+        idx = torch.tensor(penalized, device=dev)
+        c = torch.stack([counts[i] for i in penalized])
+        freq = torch.tensor([params[i].frequency_penalty for i in penalized], device=dev).unsqueeze(1)
+        pres = torch.tensor([params[i].presence_penalty for i in penalized], device=dev).unsqueeze(1)
+        x[idx] = x[idx] - (freq * c + pres * (c > 0))
+    return x
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row: None, or (the chosen token's logprob, the ``logprobs`` most likely (id, logprob)).
+
+    ``logits`` are the adjusted ones the tokens were chosen from; the distribution is theirs after
+    temperature (1 for greedy rows), before top-k/top-p. One device-to-host copy for the batch.
+    """
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(params)
+    if not rows:
+        return out
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    temps = [1.0 if params[i].greedy else max(params[i].temperature, MIN_TEMPERATURE) for i in rows]
+    logp = torch.log_softmax(logits[idx] / torch.tensor(temps, device=dev).unsqueeze(1), dim=-1)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=dev).unsqueeze(1)).squeeze(1)
+    k = min(max(params[i].logprobs or 0 for i in rows), logp.shape[1])
+    if k:
+        vals, ids = torch.topk(logp, k, dim=-1)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    chosen_vals = chosen.tolist()
+    for j, i in enumerate(rows):
+        want = params[i].logprobs or 0
+        top = list(zip(top_ids[j][:want], top_vals[j][:want], strict=True)) if want else []
+        out[i] = (chosen_vals[j], top)
+    return out
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
