@@ -38,8 +38,8 @@ class Row:
     finished: bool = False
     released: bool = field(default=False, repr=False)
     bias: LogitBias | None = field(default=None, repr=False)  # the request's logit_bias, on the device
-    # with frequency/presence penalties: how often each token id was generated so far (fp32 [vocab])
-    counts: torch.Tensor | None = field(default=None, repr=False)
+    # with frequency/presence penalties: how often each token id was generated so far
+    counts: dict[int, int] | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:

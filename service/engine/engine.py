@@ -287,7 +287,6 @@ class Engine:
         report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         p = req.params
         gen, seed = (None, None) if p.greedy else make_generator(p.seed, self.device)
-        vocab = self.runner.vocab_size
         return Row(
             req=req,
             adapter=entry,
@@ -298,7 +297,7 @@ class Engine:
             prompt_ids=list(req.prompt_ids),
             admitted=now,
             bias=LogitBias.of(p.logit_bias, self.device),
-            counts=torch.zeros(vocab, dtype=torch.float32, device=self.device) if p.penalized else None,
+            counts={} if p.penalized else None,
         )
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
@@ -310,7 +309,7 @@ class Engine:
         per_adapter = report.generated_tokens
         for row, token, lp in zip(rows, tokens, logprobs, strict=True):
             if row.counts is not None:
-                row.counts[token] += 1
+                row.counts[token] = row.counts.get(token, 0) + 1
             event = self._advance(row, token, now, report)
             if lp is not None:
                 event.logprob, event.top_logprobs = lp

@@ -60,32 +60,41 @@ def adjust_logits(
     logits: torch.Tensor,
     params: list[SamplingParams],
     biases: list[LogitBias | None],
-    counts: list[torch.Tensor | None],
+    counts: list[dict[int, int] | None],
 ) -> torch.Tensor:
     """``logits [n, vocab]`` with each row's logit_bias added and its penalties subtracted.
 
-    ``counts[i]`` is row i's count of every token id it generated so far (fp32 ``[vocab]``), or None
-    for a row without penalties: ``logit -= frequency * count + presence * (count > 0)``.
+    ``counts[i]`` is how often row i generated each token so far (None: a row without penalties):
+    ``logit -= frequency * count + presence * (count > 0)``. Both touch only the tokens they name,
+    so the update is one sparse scatter-add over the batch, whatever the vocabulary's size.
     Returns ``logits`` itself when no row has either.
     """
-    biased = [i for i, b in enumerate(biases) if b is not None]
-    penalized = [i for i, c in enumerate(counts) if c is not None]
-    if not biased and not penalized:
-        return logits
+    rows: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
     dev = logits.device
+    for i, b in enumerate(biases):
+        if b is not None:
+            rows.append(torch.full_like(b.ids, i))
+            ids.append(b.ids)
+            vals.append(b.values)
+    pen_rows: list[int] = []
+    pen_ids: list[int] = []
+    pen_vals: list[float] = []
+    for i, c in enumerate(counts):
+        if c:
+            freq, pres = params[i].frequency_penalty, params[i].presence_penalty
+            pen_rows.extend([i] * len(c))
+            pen_ids.extend(c)
+            pen_vals.extend(-(freq * k + pres) for k in c.values())
+    if pen_rows:
+        rows.append(torch.tensor(pen_rows, dtype=torch.long, device=dev))
+        ids.append(torch.tensor(pen_ids, dtype=torch.long, device=dev))
+        vals.append(torch.tensor(pen_vals, dtype=torch.float32, device=dev))
+    if not rows:
+        return logits
     x = logits.clone()
-    if biased:
-        bs = [biases[i] for i in biased]
-        rows = torch.cat([torch.full_like(b.ids, i) for i, b in zip(biased, bs, strict=True)])
-        x.index_put_(
-            (rows, torch.cat([b.ids for b in bs])), torch.cat([b.values for b in bs]), accumulate=True
-        )
-    if penalized:
-        idx = torch.tensor(penalized, device=dev)
-        c = torch.stack([counts[i] for i in penalized])
-        freq = torch.tensor([params[i].frequency_penalty for i in penalized], device=dev).unsqueeze(1)
-        pres = torch.tensor([params[i].presence_penalty for i in penalized], device=dev).unsqueeze(1)
-        x[idx] = x[idx] - (freq * c + pres * (c > 0))
+    x.index_put_((torch.cat(rows), torch.cat(ids)), torch.cat(vals), accumulate=True)
     return x
 
 
@@ -102,19 +111,24 @@ def token_logprobs(
     if not rows:
         return out
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)
+    z = logits if len(rows) == len(params) else logits[torch.tensor(rows, device=dev)]
     temps = [1.0 if params[i].greedy else max(params[i].temperature, MIN_TEMPERATURE) for i in rows]
-    logp = torch.log_softmax(logits[idx] / torch.tensor(temps, device=dev).unsqueeze(1), dim=-1)
-    chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=dev).unsqueeze(1)).squeeze(1)
-    k = min(max(params[i].logprobs or 0 for i in rows), logp.shape[1])
+    if any(t != 1.0 for t in temps):
+        z = z / torch.tensor(temps, device=dev).unsqueeze(1)
+    # log_softmax read at the few entries wanted: z - logsumexp(z), without writing a [rows, vocab] copy
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    chosen = z.gather(1, torch.tensor([tokens[i] for i in rows], device=dev).unsqueeze(1)) - lse
+    k = min(max(params[i].logprobs or 0 for i in rows), z.shape[1])
     if k:
-        vals, ids = torch.topk(logp, k, dim=-1)
-        top_vals, top_ids = vals.tolist(), ids.tolist()
-    chosen_vals = chosen.tolist()
+        vals, ids = torch.topk(z, k, dim=-1)
+        both = torch.cat([chosen, vals - lse], dim=1).tolist()
+        top_ids = ids.tolist()
+    else:
+        both = chosen.tolist()
     for j, i in enumerate(rows):
         want = params[i].logprobs or 0
-        top = list(zip(top_ids[j][:want], top_vals[j][:want], strict=True)) if want else []
-        out[i] = (chosen_vals[j], top)
+        top = list(zip(top_ids[j][:want], both[j][1 : want + 1], strict=True)) if want else []
+        out[i] = (both[j][0], top)
     return out
 
 
