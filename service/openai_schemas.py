@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.schemas import check_logit_bias, logit_bias_keys
-from service.wire import MAX_LOGPROBS, MAX_PENALTY
+from service.wire import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -61,7 +61,9 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: dict[int, float] | None = Field(None, description="token id (string key) -> -100..100")
+    logit_bias: dict[int, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id (string key) -> -100..100"
+    )
     user: str | None = Field(None, description="accepted and ignored")
 
     @field_validator("stop", mode="before")

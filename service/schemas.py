@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.wire import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+from service.wire import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
 
 
 def logit_bias_keys(v: object) -> object:
@@ -60,7 +60,9 @@ class GenerateRequest(BaseModel):
     )
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> added to its logit")
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id -> added to its logit"
+    )
 
     @field_validator("logit_bias", mode="before")
     @classmethod

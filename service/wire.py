@@ -25,6 +25,7 @@ from typing import Any
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
 MAX_PENALTY = 2.0  # frequency/presence penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+MAX_LOGIT_BIAS_TOKENS = 300  # tokens one request may bias (bounds the per-row update and the body)
 
 
 @dataclass(frozen=True)

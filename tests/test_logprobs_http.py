@@ -157,6 +157,25 @@ def test_generate_bad_values_are_422(env, extra, param):
         assert err["param"] == param and param in err["message"], err
 
 
+def test_generate_non_finite_and_oversized_values(env):
+    hdr = {"content-type": "application/json"}
+    for field, literal in (
+        ("frequency_penalty", "NaN"),
+        ("presence_penalty", "Infinity"),
+        ("logit_bias", '{"5": NaN}'),
+        ("logit_bias", '{"5": -Infinity}'),
+    ):
+        body = f'{{"prompt": "hi", "max_new_tokens": 2, "{field}": {literal}}}'.encode()
+        err = error_of(env["http"].post("/generate", content=body, headers=hdr))
+        assert err["param"] == field, (literal, err)
+    err = error_of(
+        env["http"].post("/generate", json={"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}})
+    )
+    assert err["param"] == "logit_bias", err
+    ok = generate(env, max_new_tokens=2, logit_bias={str(i): -1 for i in range(300)})
+    assert ok["usage"]["completion_tokens"] == 2
+
+
 # --- /v1/completions -----------------------------------------------------------------------------
 def test_completions_logprobs_shape_matches_generate(env):
     ref = generate(env, logprobs=3, adapter="beta")["tokens"]
