@@ -149,7 +149,7 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and not info.data.get("logprobs"):
+        if v and not info.data.get("logprobs"):  # 0 is the neutral value some clients send
             raise ValueError("top_logprobs needs logprobs: true")
         return v
 

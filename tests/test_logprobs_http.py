@@ -176,6 +176,26 @@ def test_generate_non_finite_and_oversized_values(env):
     assert ok["usage"]["completion_tokens"] == 2
 
 
+def test_client_package_sends_and_reads_them(env):
+    import loraserve_client as lc
+
+    tok = env["tok"]
+    target = tok.encode(" banana")[0]
+    ref = generate(env, logprobs=2, presence_penalty=1.0)
+    with lc.Client(str(env["http"].base_url)) as client:
+        g = client.generate(
+            PROMPT, raw=True, max_new_tokens=MAX_NEW, temperature=0, logprobs=2, presence_penalty=1.0
+        )
+        assert g.text == ref["text"] and [t.id for t in g.tokens] == [t["id"] for t in ref["tokens"]]
+        assert all(len(t.top) == 2 and isinstance(t.top[0], lc.TopToken) for t in g.tokens)
+        with client.stream(
+            PROMPT, raw=True, max_new_tokens=4, temperature=0, logit_bias={target: 100}, logprobs=0
+        ) as s:
+            text = "".join(s)
+        assert text == tok.decode([target] * 4) and [t.id for t in s.tokens] == [target] * 4
+        assert client.generate(PROMPT, raw=True, max_new_tokens=2).tokens is None
+
+
 # --- /v1/completions -----------------------------------------------------------------------------
 def test_completions_logprobs_shape_matches_generate(env):
     ref = generate(env, logprobs=3, adapter="beta")["tokens"]
