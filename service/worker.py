@@ -21,13 +21,16 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import litserve as ls
 
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
 from service.wire import Cancel, Event, Job, TokenLogprob, WireError, request_from_dict
 from service.worker_status import LOAD_EVERY_S, Load, write_status
+
+if TYPE_CHECKING:  # the engine (and torch) load in the worker process only, inside _Driver
+    from service.engine import TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +276,7 @@ class _Driver:
                 live.text.append(ev.text)
 
     # --- helpers --------------------------------------------------------------------------------
-    def token_logprob(self, ev) -> TokenLogprob:
+    def token_logprob(self, ev: TokenEvent) -> TokenLogprob:
         """The wire form of an event's log-probabilities, each token spelled by its bytes."""
         spell = self.engine.token_bytes
         top = [TokenLogprob.of(t, spell(t), lp) for t, lp in ev.top_logprobs or []]
