@@ -74,7 +74,11 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
 
     client = EngineClient(server, settings.max_in_flight)
     config = json.loads((model.path / "config.json").read_text())
-    limits = ModelLimits(context=int(config.get("n_positions", 1024)), tokenizer=load_tokenizer(model.path))
+    limits = ModelLimits(
+        context=int(config.get("n_positions", 1024)),
+        tokenizer=load_tokenizer(model.path),
+        vocab_size=config.get("vocab_size"),
+    )
 
     install_error_handlers(app)
     register_health_routes(app, lambda: worker_readiness(settings))

@@ -50,6 +50,11 @@ class ModelLimits:
 
     context: int
     tokenizer: Any
+    vocab_size: int | None = None  # the model's (config.json); None: the tokenizer's size
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else len(self.tokenizer)
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -107,6 +112,16 @@ def prepare_job(
             "max_new_tokens_too_large",
             f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
             max_tokens_param,
+        )
+    bias = params.get("logit_bias") or {}
+    outside = sorted(t for t in bias if not 0 <= t < limits.vocab)
+    if outside:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"logit_bias has token id {outside[0]}, outside the model's vocabulary of {limits.vocab} tokens "
+            f"(ids 0..{limits.vocab - 1})",
+            "logit_bias",
         )
     limits.check_prompt_chars(prompt_text)
     prompt_ids = limits.tokenizer.encode(prompt_text)

@@ -1,21 +1,25 @@
 """Request and response models of the OpenAI-compatible routes (docs/openai.md).
 
-Requests follow OpenAI's field names. Fields this server cannot honour (log-probabilities,
-penalties, tools, ...) are accepted only with their neutral value (null, 0, false, empty), so a
-client that sends the defaults works and a client that relies on them gets a 422 naming the
-field instead of a silently different answer. Unknown fields are a 422 too (typos surface).
+Requests follow OpenAI's field names. Fields this server cannot honour (tools, suffix, ...) are
+accepted only with their neutral value (null, 0, false, empty), so a client that sends the
+defaults works and a client that relies on them gets a 422 naming the field instead of a
+silently different answer. Unknown fields are a 422 too (typos surface).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from service.schemas import check_logit_bias, logit_bias_keys
+from service.wire import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16
 MAX_SEED = 2**63 - 1
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions ``logprobs`` (OpenAI's limit; chat allows MAX_LOGPROBS)
 
 
 def _not_supported(field: str) -> ValueError:
@@ -55,9 +59,11 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="choice i of a prompt uses seed + i")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[int, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id (string key) -> -100..100"
+    )
     user: str | None = Field(None, description="accepted and ignored")
 
     @field_validator("stop", mode="before")
@@ -70,25 +76,23 @@ class _Sampling(BaseModel):
     def _stop_not_empty(cls, v: list[str]) -> list[str]:
         return _check_stop(v)
 
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _no_penalty(cls, v: float | None, info) -> float | None:
-        if v not in (None, 0):
-            raise _not_supported(info.field_name)
-        return v
+    def _logit_bias_keys(cls, v: Any) -> Any:
+        return logit_bias_keys(v)
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise _not_supported("logit_bias")
-        return v
+    def _logit_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        return check_logit_bias(v)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(description="raw text (no template), or a list of texts")
     echo: bool | None = Field(False, description="prefix each choice's text with its prompt")
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="the chosen token's and the k most likely"
+    )
     best_of: int | None = None
     suffix: str | None = None
 
@@ -102,13 +106,6 @@ class CompletionRequest(_Sampling):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
             if any(isinstance(p, int | list) for p in v):
                 raise ValueError("token-id prompts are not supported: send the prompt as text")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise _not_supported("logprobs")
         return v
 
     @field_validator("suffix")
@@ -143,24 +140,17 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise _not_supported("logprobs")
-        return v
-
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise _not_supported("top_logprobs")
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):  # 0 is the neutral value some clients send
+            raise ValueError("top_logprobs needs logprobs: true")
         return v
 
     @field_validator("response_format")
@@ -197,10 +187,19 @@ class Usage(BaseModel):
 OpenAIFinish = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(description="the k most likely tokens and the chosen one")
+    text_offset: list[int] = Field(description="where each token starts in the choice's text")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinish | None
 
 
@@ -221,10 +220,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(description="top_logprobs entries, most likely first")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinish
 
 
@@ -246,7 +260,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinish | None = None
 
 

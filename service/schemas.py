@@ -11,6 +11,36 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.wire import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
+
+
+def logit_bias_keys(v: object) -> object:
+    """JSON object keys are strings: turn each into a token id (a decimal integer), or refuse it."""
+    if not isinstance(v, dict):
+        return v
+    out = {}
+    for key, bias in v.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            out[key] = bias
+        elif isinstance(key, str) and key.isascii() and key.isdigit():
+            out[int(key)] = bias
+        else:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+    return out
+
+
+def check_logit_bias(v: dict[int, float] | None) -> dict[int, float] | None:
+    """Biases in range. Ids beyond the vocabulary are refused by ``gateway.prepare_job``, which knows
+    the model."""
+    for token, bias in (v or {}).items():
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias[{token}] is {bias}: values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            )
+    return v
+
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -25,6 +55,24 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not included)")
     raw: bool = Field(False, description="send the prompt as is, without the template")
     stream: bool = Field(False, description="Server-Sent Events, one chunk per token")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="per generated token its logprob and the k most likely"
+    )
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id -> added to its logit"
+    )
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_keys(cls, v: object) -> object:
+        return logit_bias_keys(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[int, float]) -> dict[int, float]:
+        return check_logit_bias(v) or {}
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -47,12 +95,26 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "eos"]
 
 
+class TopToken(BaseModel):
+    id: int
+    text: str = Field(description="the token's bytes as UTF-8 (part of a character: U+FFFD)")
+    bytes: list[int]
+    logprob: float
+
+
+class GeneratedToken(TopToken):
+    """A generated token with its log-probability and the most likely tokens at its position."""
+
+    top: list[TopToken]
+
+
 class GenerateResponse(BaseModel):
     id: str
     text: str
     adapter: str | None
     finish_reason: FinishReason
     usage: Usage
+    tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: every generated token")
 
 
 class GenerateChunk(BaseModel):
@@ -63,6 +125,7 @@ class GenerateChunk(BaseModel):
     adapter: str | None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: this chunk's tokens")
 
 
 class AdapterInfo(BaseModel):

@@ -5,7 +5,9 @@ The queue pickles plain dicts, so each message has ``to_dict``/``from_dict``; bo
 dataclasses:
     Job     a validated request (API -> worker): prompt ids, adapter, SamplingParams fields, deadline
     Cancel  drop a job (API -> worker): its client went away, or the API side gave up on it
-    Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``
+    Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``;
+            with ``logprobs`` requested, the ``TokenLogprob`` of every token generated since the
+            previous event
 
 Beside the queue, the worker publishes its state in a status file (``service/worker_status.py``):
 readiness, the loaded adapters and its load, for the API processes and the job runner.
@@ -18,6 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# Bounds of the sampling parameters a job may carry (the routes' schemas and the engine check them)
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
+MAX_PENALTY = 2.0  # frequency/presence penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+MAX_LOGIT_BIAS_TOKENS = 300  # tokens one request may bias (bounds the per-row update and the body)
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,44 @@ def request_from_dict(data: dict[str, Any]) -> Job | Cancel:
     return Job.from_dict(data)
 
 
+# What a log-probability of -inf (a token the distribution rules out) is sent as: JSON has no
+# infinities, and OpenAI reports such tokens with this value.
+LOGPROB_FLOOR = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability; a generated token also carries the most likely ``top``."""
+
+    id: int
+    text: str  # the token's bytes as UTF-8 (a token holding part of a character: U+FFFD)
+    bytes: list[int]  # the token's exact bytes
+    logprob: float  # >= LOGPROB_FLOOR
+    top: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, token_id: int, raw: bytes, logprob: float, top: list[TokenLogprob] | None = None):
+        text = raw.decode("utf-8", errors="replace")
+        return cls(token_id, text, list(raw), max(float(logprob), LOGPROB_FLOOR), top)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "text": self.text, "bytes": self.bytes, "logprob": self.logprob}
+        if self.top is not None:
+            out["top"] = [t.to_dict() for t in self.top]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenLogprob:
+        top = data.get("top")
+        return cls(
+            id=int(data["id"]),
+            text=data["text"],
+            bytes=list(data["bytes"]),
+            logprob=float(data["logprob"]),
+            top=[cls.from_dict(t) for t in top] if top is not None else None,
+        )
+
+
 @dataclass(frozen=True)
 class Event:
     id: str
@@ -124,6 +170,7 @@ class Event:
     finish_reason: str | None = None  # final result: "eos" | "stop" | "length"
     usage: dict[str, int] | None = None  # final result: prompt_tokens, completion_tokens
     error: WireError | None = None
+    logprobs: list[TokenLogprob] | None = None  # jobs with logprobs: the tokens since the last event
 
     @classmethod
     def failure(cls, job_id: str, error: WireError) -> Event:
@@ -137,11 +184,14 @@ class Event:
             out["usage"] = dict(self.usage)
         if self.error is not None:
             out["error"] = self.error.to_dict()
+        if self.logprobs is not None:
+            out["logprobs"] = [t.to_dict() for t in self.logprobs]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
         error = data.get("error")
+        logprobs = data.get("logprobs")
         return cls(
             id=data["id"],
             finished=bool(data["finished"]),
@@ -149,4 +199,5 @@ class Event:
             finish_reason=data.get("finish_reason"),
             usage=data.get("usage"),
             error=WireError.from_dict(error) if error else None,
+            logprobs=[TokenLogprob.from_dict(t) for t in logprobs] if logprobs is not None else None,
         )

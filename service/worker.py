@@ -21,13 +21,16 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import litserve as ls
 
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
-from service.wire import Cancel, Event, Job, WireError, request_from_dict
+from service.wire import Cancel, Event, Job, TokenLogprob, WireError, request_from_dict
 from service.worker_status import LOAD_EVERY_S, Load, write_status
+
+if TYPE_CHECKING:  # the engine (and torch) load in the worker process only, inside _Driver
+    from service.engine import TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,15 @@ class _Live:
     consumer: int
     job: Job
     text: list[str] = field(default_factory=list)
+    # jobs with logprobs: the tokens not yet sent (a token whose text is still held back waits for
+    # the next event that carries text)
+    logprobs: list[TokenLogprob] | None = None
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        out = self.logprobs
+        if out is not None:
+            self.logprobs = []
+        return out
 
 
 class EngineLoop(QueueLoop):
@@ -218,6 +230,8 @@ class _Driver:
             except Exception as exc:
                 self.fail(live, self.refusal(job, exc))
             else:
+                if job.params.get("logprobs") is not None:
+                    live.logprobs = []
                 self.running[job.id] = live
 
     def step(self) -> None:
@@ -236,6 +250,8 @@ class _Driver:
                 continue
             if ev.finished:
                 del self.running[ev.id]
+            if live.logprobs is not None and ev.logprob is not None:
+                live.logprobs.append(self.token_logprob(ev))
             if ev.error_code is not None or ev.finish_reason == "error":
                 # error_code says why (adapter_not_found: deleted after the request was accepted)
                 code = ev.error_code or "generation_failed"
@@ -250,15 +266,22 @@ class _Driver:
                         text=ev.text if live.job.stream else "".join(live.text),
                         finish_reason=ev.finish_reason,
                         usage={"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens},
+                        logprobs=live.take_logprobs(),
                     ),
                 )
             elif live.job.stream:
                 if ev.text:
-                    self.send(live, Event(ev.id, finished=False, text=ev.text))
+                    self.send(live, Event(ev.id, finished=False, text=ev.text, logprobs=live.take_logprobs()))
             else:
                 live.text.append(ev.text)
 
     # --- helpers --------------------------------------------------------------------------------
+    def token_logprob(self, ev: TokenEvent) -> TokenLogprob:
+        """The wire form of an event's log-probabilities, each token spelled by its bytes."""
+        spell = self.engine.token_bytes
+        top = [TokenLogprob.of(t, spell(t), lp) for t, lp in ev.top_logprobs or []]
+        return TokenLogprob.of(ev.token_id, spell(ev.token_id), ev.logprob, top)
+
     def cancel(self, job_id: str) -> None:
         for live in self.waiting:
             if live.job.id == job_id:

@@ -622,11 +622,13 @@ def test_client_models_read_every_field_the_server_sends():
         (lc.Generation, schemas.GenerateResponse),
         (lc.Usage, schemas.Usage),
         (lc.AdapterInfo, schemas.AdapterInfo),
+        (lc.GeneratedToken, schemas.GeneratedToken),
+        (lc.TopToken, schemas.TopToken),
     ]
     for ours, theirs in pairs:
         assert set(theirs.model_fields) <= set(ours.model_fields), (ours.__name__, set(theirs.model_fields))
     chunk_fields = set(schemas.GenerateChunk.model_fields)
-    assert chunk_fields <= {"id", "text", "adapter", "finish_reason", "usage"}, chunk_fields
+    assert chunk_fields <= {"id", "text", "adapter", "finish_reason", "usage", "tokens"}, chunk_fields
     sent = routes.job_json(StoredJob(id="job-1", adapter="pirate", status="running", progress={"step": 3}))
     assert set(sent) == set(lc.Job.model_fields)
     assert set(sent["progress"]) == set(lc.JobProgress.model_fields)

@@ -7,6 +7,7 @@ Adapters are made with PEFT on the ``tiny_base`` fixture with non-zero random B
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -142,23 +143,110 @@ def solo(engine: Engine, req: GenerationRequest) -> Result:
 # --- batching --------------------------------------------------------------------------------------
 def test_mixed_batch_greedy_equals_each_alone(shared_engine: Engine):
     eng = shared_engine
+    # rows with log-probabilities, penalties and logit_bias share the batch with plain rows
+    extras = [
+        {},
+        {"logprobs": 3},
+        {"frequency_penalty": 1.5, "logprobs": 0},
+        {},
+        {"presence_penalty": 2.0, "logit_bias": {198: 5.0, 13: -3.0}, "logprobs": 5},
+        {"logit_bias": {262: 8.0}},
+        {"frequency_penalty": -0.5, "presence_penalty": 0.7, "logprobs": 2},
+    ]
     specs = [(0, None), (1, "a"), (2, "b"), (0, "a"), (3, "b"), (1, None), (3, "a")]
-    reqs = [request(eng, f"m{i}", PROMPTS[p], ad, greedy(12)) for i, (p, ad) in enumerate(specs)]
+    reqs = [request(eng, f"m{i}", PROMPTS[p], ad, greedy(12, **extras[i])) for i, (p, ad) in enumerate(specs)]
     mixed = run(eng, reqs)
     alone = {
-        r.id: solo(eng, request(eng, r.id, PROMPTS[p], ad, greedy(12)))
-        for r, (p, ad) in zip(reqs, specs, strict=True)
+        r.id: solo(eng, request(eng, r.id, PROMPTS[p], ad, greedy(12, **extras[i])))
+        for i, (r, (p, ad)) in enumerate(zip(reqs, specs, strict=True))
     }
-    for r in reqs:
+    for i, r in enumerate(reqs):
         assert mixed[r.id].tokens == alone[r.id].tokens, r.id
         assert mixed[r.id].text == alone[r.id].text
         assert mixed[r.id].last.finish_reason == "length"
         assert mixed[r.id].last.completion_tokens == 12 == len(mixed[r.id].tokens)
         assert mixed[r.id].last.prompt_tokens == len(r.prompt_ids)
+        k = extras[i].get("logprobs")
+        for got, ref in zip(mixed[r.id].events, alone[r.id].events, strict=True):
+            if k is None:
+                assert got.logprob is None and got.top_logprobs is None
+                continue
+            assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+            assert [t for t, _ in got.top_logprobs] == [t for t, _ in ref.top_logprobs]
+            assert len(got.top_logprobs) == k
     # the adapters really change the output (otherwise the test above could not fail)
     assert mixed["m0"].tokens != mixed["m3"].tokens
     assert mixed["m1"].tokens != mixed["m5"].tokens
     assert mixed["m4"].tokens != mixed["m6"].tokens
+    # and so do the penalties and the bias: the same prompt and adapter without them differs
+    for i in (2, 4, 5, 6):
+        p, ad = specs[i]
+        plain = solo(eng, request(eng, f"plain{i}", PROMPTS[p], ad, greedy(12)))
+        assert plain.tokens != mixed[f"m{i}"].tokens, i
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    """The Hugging Face model's own next-token logits after ``ids`` (fp32)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_logprobs_are_the_models_log_softmax(shared_engine: Engine, tiny_base: Path):
+    """Each event's logprobs equal a log_softmax of the model's own logits, adjusted the same way
+    (logit_bias, penalties over the tokens generated so far, temperature) and before top-k/top-p."""
+    from trainer.model import load_base_model
+
+    eng = shared_engine
+    model = load_base_model(tiny_base).eval()
+    prompt = eng.tokenizer.encode(PROMPTS[1])
+    cases = {
+        "greedy": greedy(8, logprobs=5),
+        "adjusted": greedy(8, logprobs=4, frequency_penalty=0.8, presence_penalty=0.6, logit_bias={11: 2.5}),
+        "sampled": SamplingParams(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.9, seed=3, logprobs=3),
+    }
+    results = run(eng, [GenerationRequest(name, list(prompt), None, p) for name, p in cases.items()])
+    for name, params in cases.items():
+        res = results[name]
+        temp = 1.0 if params.greedy else params.temperature
+        for n, ev in enumerate(res.events):
+            logits = _reference_logits(model, prompt + res.tokens[:n])
+            for token, bias in params.logit_bias.items():
+                logits[token] += bias
+            counts = torch.bincount(torch.tensor(res.tokens[:n], dtype=torch.long), minlength=logits.numel())
+            counts = counts.float()
+            logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+            expected = torch.log_softmax(logits / temp, dim=-1)
+            assert ev.logprob == pytest.approx(float(expected[ev.token_id]), abs=1e-4), (name, n)
+            top_vals, top_ids = torch.topk(expected, params.logprobs)
+            assert [lp for _, lp in ev.top_logprobs] == pytest.approx(top_vals.tolist(), abs=1e-4)
+            assert [t for t, _ in ev.top_logprobs] == top_ids.tolist(), (name, n)
+            assert sum(math.exp(lp) for _, lp in ev.top_logprobs) <= 1 + 1e-6
+            if params.greedy:  # the chosen token is a most likely one (equal logits tie)
+                assert ev.logprob == pytest.approx(ev.top_logprobs[0][1], abs=1e-6)
+
+
+def test_logit_bias_forces_and_bans_tokens(shared_engine: Engine):
+    eng = shared_engine
+    plain = solo(eng, request(eng, "lb0", PROMPTS[0], "a", greedy(6)))
+    forced = solo(eng, request(eng, "lb1", PROMPTS[0], "a", greedy(6, logit_bias={464: 100.0})))
+    assert forced.tokens == [464] * 6 and plain.tokens != forced.tokens
+    banned = set(plain.tokens)
+    out = solo(eng, request(eng, "lb2", PROMPTS[0], "a", greedy(6, logit_bias=dict.fromkeys(banned, -100.0))))
+    assert not banned & set(out.tokens)
+
+
+def test_penalties_reduce_repeats(shared_engine: Engine):
+    """The random base repeats itself under greedy decoding; the penalties break that up."""
+    eng = shared_engine
+    plain = solo(eng, request(eng, "rep0", PROMPTS[1], None, greedy(24)))
+    assert len(set(plain.tokens)) <= 12, plain.tokens  # the premise: a repetitive model
+    presence = solo(eng, request(eng, "rep1", PROMPTS[1], None, greedy(24, presence_penalty=2.0)))
+    frequency = solo(eng, request(eng, "rep2", PROMPTS[1], None, greedy(24, frequency_penalty=2.0)))
+    assert len(set(presence.tokens)) > len(set(plain.tokens))
+    assert len(set(frequency.tokens)) > len(set(plain.tokens))
+    # a negative penalty makes repeats likelier
+    encourage = solo(eng, request(eng, "rep3", PROMPTS[1], None, greedy(24, presence_penalty=-2.0)))
+    assert len(set(encourage.tokens)) <= len(set(plain.tokens))
 
 
 def test_mixed_ranks_and_modules_in_one_batch(shared_engine: Engine):
@@ -318,6 +406,16 @@ def test_bad_parameters_rejected(shared_engine: Engine):
             eng.add(GenerationRequest("bad", [1, 2], None, params))
     with pytest.raises(ValueError, match="token ids"):
         eng.add(GenerationRequest("bad", [10**6], None, greedy(2)))
+    for kw, field in (
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {eng.runner.vocab_size: 1.0}}, "logit_bias"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            eng.add(GenerationRequest("bad", [1, 2], None, greedy(2, **kw)))
     eng.add(GenerationRequest("dup", [1, 2], None, greedy(2)))
     with pytest.raises(ValueError, match="already"):
         eng.add(GenerationRequest("dup", [1, 2], None, greedy(2)))

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 
-from service.wire import ERRORS, Cancel, Event, Job, WireError, http_status, request_from_dict
+from service.wire import (
+    ERRORS,
+    LOGPROB_FLOOR,
+    Cancel,
+    Event,
+    Job,
+    TokenLogprob,
+    WireError,
+    http_status,
+    request_from_dict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,8 +72,19 @@ def test_messages_survive_the_queue_as_plain_dicts() -> None:
         Event("gen-1", finished=False, text="Ahoy"),
         Event("gen-1", True, "!", "eos", {"prompt_tokens": 2, "completion_tokens": 3}),
         Event.failure("gen-1", WireError.of("adapter_not_found", "adapter 'pirate' not found")),
+        Event(
+            "gen-1",
+            False,
+            "Ahoy",
+            logprobs=[
+                TokenLogprob.of(17, b"Ahoy", -0.5, [TokenLogprob.of(17, b"Ahoy", -0.5)]),
+                TokenLogprob.of(9, b"\xe2", float("-inf"), []),  # part of a character; ruled out
+            ],
+        ),
     ]
+    assert events[-1].logprobs[1].text == "\ufffd" and events[-1].logprobs[1].logprob == LOGPROB_FLOOR
     for event in events:
         data = event.to_dict()
-        assert all(isinstance(v, str | bool | dict | int | type(None)) for v in data.values())
+        assert all(isinstance(v, str | bool | dict | int | list | type(None)) for v in data.values())
+        assert json.loads(json.dumps(data, allow_nan=False)) == data  # plain JSON: no infinities
         assert Event.from_dict(data) == event

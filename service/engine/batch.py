@@ -14,6 +14,7 @@ import torch
 from .cache import LoadedAdapter
 from .lora import LoraPlan, Stacks
 from .model import GPT2Runner
+from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
 from .types import BASE_LABEL, GenerationRequest
 
@@ -36,6 +37,9 @@ class Row:
     last_time: float = 0.0
     finished: bool = False
     released: bool = field(default=False, repr=False)
+    bias: LogitBias | None = field(default=None, repr=False)  # the request's logit_bias, on the device
+    # with frequency/presence penalties: how often each token id was generated so far
+    counts: dict[int, int] | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:

@@ -35,7 +35,7 @@ from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
-from .sampling import choose_tokens, make_generator
+from .sampling import LogitBias, adjust_logits, choose_tokens, make_generator, token_logprobs
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
 from .types import BASE_LABEL, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
@@ -128,6 +128,12 @@ class Engine:
         except (ValueError, KeyError, TypeError):
             return DEFAULT_TEMPLATE
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (how a log-probability entry spells the token)."""
+        if self.byte_table is not None and 0 <= token_id < len(self.byte_table):
+            return self.byte_table[token_id]
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
     def add(self, req: GenerationRequest) -> None:
         """Queue a request; it joins the batch at the next ``step``.
 
@@ -141,6 +147,8 @@ class Engine:
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise ValueError(f"prompt_ids must be token ids in [0, {vocab})")
+        if any(t >= vocab for t in req.params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         if len(req.prompt_ids) + req.params.max_new_tokens > self.n_positions:
             raise PromptTooLong(len(req.prompt_ids), req.params.max_new_tokens, self.n_positions)
         if req.adapter is not None and not self.adapters.exists(req.adapter):
@@ -277,7 +285,8 @@ class Engine:
         report.queue_wait_seconds.append(max(0.0, now - req.arrival))
         label = req.adapter or BASE_LABEL
         report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
-        gen, seed = (None, None) if req.params.greedy else make_generator(req.params.seed, self.device)
+        p = req.params
+        gen, seed = (None, None) if p.greedy else make_generator(p.seed, self.device)
         return Row(
             req=req,
             adapter=entry,
@@ -287,14 +296,24 @@ class Engine:
             stopper=StopMatcher(req.params.stop),
             prompt_ids=list(req.prompt_ids),
             admitted=now,
+            bias=LogitBias.of(p.logit_bias, self.device),
+            counts={} if p.penalized else None,
         )
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
-        tokens = choose_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        params = [r.req.params for r in rows]
+        logits = adjust_logits(logits, params, [r.bias for r in rows], [r.counts for r in rows])
+        tokens = choose_tokens(logits, params, [r.generator for r in rows])
+        logprobs = token_logprobs(logits, params, tokens)
         now = time.monotonic()
         per_adapter = report.generated_tokens
-        for row, token in zip(rows, tokens, strict=True):
-            report.events.append(self._advance(row, token, now, report))
+        for row, token, lp in zip(rows, tokens, logprobs, strict=True):
+            if row.counts is not None:
+                row.counts[token] = row.counts.get(token, 0) + 1
+            event = self._advance(row, token, now, report)
+            if lp is not None:
+                event.logprob, event.top_logprobs = lp
+            report.events.append(event)
             per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
         self.tokens_generated += len(rows)
 

@@ -6,6 +6,12 @@ with row-wise operations (temperature, top-k, softmax), and each row draws ONE u
 per token from its own ``torch.Generator`` and inverts its cumulative distribution
 (``searchsorted``): no per-row ``multinomial`` and no full-vocabulary sort in the common case.
 
+Before the choice, ``adjust_logits`` adds each row's ``logit_bias`` and subtracts its frequency and
+presence penalties (OpenAI's formula, over the tokens the row generated so far); rows without them
+are left as they are, and a batch where no row has them costs nothing. ``token_logprobs`` reports
+the log-probabilities of that adjusted distribution after temperature (1 for greedy rows), before
+the top-k/top-p cut: what the token was drawn from, not what was left after truncation.
+
 top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. It is
 found among the 256 most likely tokens when they cover ``top_p`` (the usual case for a trained
 model), otherwise by a full sort of that row.
@@ -14,6 +20,7 @@ model), otherwise by a full sort of that row.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +39,97 @@ def make_generator(seed: int | None, device: torch.device | str) -> tuple[torch.
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g, seed
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """One row's ``logit_bias`` as tensors on the model's device, built once when the row joins."""
+
+    ids: torch.Tensor  # [m] token ids
+    values: torch.Tensor  # [m] fp32, added to those tokens' logits
+
+    @classmethod
+    def of(cls, bias: dict[int, float], device: torch.device | str) -> LogitBias | None:
+        if not bias:
+            return None
+        ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+        return cls(ids, torch.tensor(list(bias.values()), dtype=torch.float32, device=device))
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    biases: list[LogitBias | None],
+    counts: list[dict[int, int] | None],
+) -> torch.Tensor:
+    """``logits [n, vocab]`` with each row's logit_bias added and its penalties subtracted.
+
+    ``counts[i]`` is how often row i generated each token so far (None: a row without penalties):
+    ``logit -= frequency * count + presence * (count > 0)``. Both touch only the tokens they name,
+    so the update is one sparse scatter-add over the batch, whatever the vocabulary's size.
+    Returns ``logits`` itself when no row has either.
+    """
+    rows: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    dev = logits.device
+    for i, b in enumerate(biases):
+        if b is not None:
+            rows.append(torch.full_like(b.ids, i))
+            ids.append(b.ids)
+            vals.append(b.values)
+    pen_rows: list[int] = []
+    pen_ids: list[int] = []
+    pen_vals: list[float] = []
+    for i, c in enumerate(counts):
+        if c:
+            freq, pres = params[i].frequency_penalty, params[i].presence_penalty
+            pen_rows.extend([i] * len(c))
+            pen_ids.extend(c)
+            pen_vals.extend(-(freq * k + pres) for k in c.values())
+    if pen_rows:
+        rows.append(torch.tensor(pen_rows, dtype=torch.long, device=dev))
+        ids.append(torch.tensor(pen_ids, dtype=torch.long, device=dev))
+        vals.append(torch.tensor(pen_vals, dtype=torch.float32, device=dev))
+    if not rows:
+        return logits
+    x = logits.clone()
+    x.index_put_((torch.cat(rows), torch.cat(ids)), torch.cat(vals), accumulate=True)
+    return x
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row: None, or (the chosen token's logprob, the ``logprobs`` most likely (id, logprob)).
+
+    ``logits`` are the adjusted ones the tokens were chosen from; the distribution is theirs after
+    temperature (1 for greedy rows), before top-k/top-p. One device-to-host copy for the batch.
+    """
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(params)
+    if not rows:
+        return out
+    dev = logits.device
+    z = logits if len(rows) == len(params) else logits[torch.tensor(rows, device=dev)]
+    temps = [1.0 if params[i].greedy else max(params[i].temperature, MIN_TEMPERATURE) for i in rows]
+    if any(t != 1.0 for t in temps):
+        z = z / torch.tensor(temps, device=dev).unsqueeze(1)
+    # log_softmax read at the few entries wanted: z - logsumexp(z), without writing a [rows, vocab] copy
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    chosen = z.gather(1, torch.tensor([tokens[i] for i in rows], device=dev).unsqueeze(1)) - lse
+    k = min(max(params[i].logprobs or 0 for i in rows), z.shape[1])
+    if k:
+        vals, ids = torch.topk(z, k, dim=-1)
+        both = torch.cat([chosen, vals - lse], dim=1).tolist()
+        top_ids = ids.tolist()
+    else:
+        both = chosen.tolist()
+    for j, i in enumerate(rows):
+        want = params[i].logprobs or 0
+        top = list(zip(top_ids[j][:want], both[j][1 : want + 1], strict=True)) if want else []
+        out[i] = (both[j][0], top)
+    return out
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

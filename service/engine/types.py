@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from service.wire import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+
 from .cache import CacheActivity
 
 # Label used for base-model rows in metrics and stats ("__base__" cannot be an adapter name:
@@ -22,6 +24,11 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks on random weights)
+    # None: no log-probabilities; k >= 0: the chosen token's logprob and the k most likely tokens
+    logprobs: int | None = None
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token in the output
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
@@ -35,6 +42,24 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a list of strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
+                )
+
+    @property
+    def penalized(self) -> bool:
+        """True when the row's own output changes its logits (frequency or presence penalty)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +88,10 @@ class TokenEvent:
     # why an "error" event failed, for the server's status code: "adapter_not_found" when the
     # adapter was deleted between ``add`` and admission, else None (a server-side failure)
     error_code: str | None = None
+    # with SamplingParams.logprobs: the chosen token's log-probability and the most likely tokens
+    # as (token id, logprob), most likely first, from the distribution the token was drawn from
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from service.gateway import (
     unless_disconnected,
 )
 from service.routes import SSE_HEADERS
-from service.schemas import GenerateChunk, GenerateRequest, GenerateResponse
+from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
 from service.settings import Settings
 from service.wire import Event, WireError
 
@@ -63,6 +63,10 @@ def register_generate_routes(
             "top_k": body.top_k,
             "seed": body.seed,
             "stop": body.stop,
+            "logprobs": body.logprobs,
+            "frequency_penalty": body.frequency_penalty,
+            "presence_penalty": body.presence_penalty,
+            "logit_bias": dict(body.logit_bias),
         }
         job = prepare_job(
             prompt_text=prompt,
@@ -87,6 +91,7 @@ def register_generate_routes(
                 adapter=body.adapter,
                 finish_reason=final.finish_reason,
                 usage=final.usage,
+                tokens=_tokens(final),
             )
         # Stream: wait for the first event so an error found before the first token is a real status.
         try:
@@ -100,9 +105,30 @@ def register_generate_routes(
         )
 
 
+def _tokens(event: Event) -> list[GeneratedToken] | None:
+    """The event's tokens with their log-probabilities (None: the request did not ask for them)."""
+    if event.logprobs is None:
+        return None
+    return [
+        GeneratedToken(
+            id=t.id,
+            text=t.text,
+            bytes=t.bytes,
+            logprob=t.logprob,
+            top=[TopToken(id=a.id, text=a.text, bytes=a.bytes, logprob=a.logprob) for a in t.top or []],
+        )
+        for t in event.logprobs
+    ]
+
+
 def _chunk(event: Event, adapter: str | None) -> str:
     chunk = GenerateChunk(
-        id=event.id, text=event.text, adapter=adapter, finish_reason=event.finish_reason, usage=event.usage
+        id=event.id,
+        text=event.text,
+        adapter=adapter,
+        finish_reason=event.finish_reason,
+        usage=event.usage,
+        tokens=_tokens(event),
     )
     return f"data: {chunk.model_dump_json()}\n\n"
 

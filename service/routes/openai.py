@@ -48,8 +48,12 @@ from service.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -58,7 +62,7 @@ from service.openai_schemas import (
 from service.routes import SSE_HEADERS
 from service.served_model import ServedModel
 from service.settings import Settings
-from service.wire import Event, Job, WireError
+from service.wire import Event, Job, TokenLogprob, WireError
 from trainer.artifact import valid_name
 from trainer.template import PromptTemplate
 
@@ -164,6 +168,16 @@ class Choice:
     started: bool = False
     usage: dict[str, int] = field(default_factory=dict)
     finish_reason: str | None = None
+    want_logprobs: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # received, not yet sent
+    offset: int = 0  # completions: where the next token starts in the choice's text (text_offset)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The tokens received and not yet sent (None when the request did not ask for logprobs)."""
+        if not self.want_logprobs:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def feed(self, text: str, final: bool) -> str:
         """The next piece of the visible text, given the next generated text."""
@@ -182,6 +196,11 @@ class Choice:
             out = self.head
         return out + text
 
+    def receive(self, event: Event) -> None:
+        """Keep the event's tokens until a chunk (or the reply) carries them."""
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+
     def finish(self, event: Event) -> None:
         self.usage = event.usage or {}
         self.finish_reason = "length" if event.finish_reason == "length" else "stop"  # eos|stop -> stop
@@ -195,6 +214,45 @@ def _usage(choices: list[Choice]) -> Usage:
         prompt_tokens=sum(prompt.values()),
         completion_tokens=completion,
         total_tokens=sum(prompt.values()) + completion,
+    )
+
+
+def _completion_logprobs(choice: Choice) -> CompletionLogprobs | None:
+    """The choice's pending tokens in the legacy shape; ``top_logprobs`` holds the chosen token too."""
+    tokens = choice.take_logprobs()
+    if tokens is None:
+        return None
+    offsets, tops = [], []
+    for t in tokens:
+        offsets.append(choice.offset)
+        choice.offset += len(t.text)
+        top: dict[str, float] = {}
+        for alt in [*(t.top or []), t]:
+            top.setdefault(alt.text, alt.logprob)  # tokens that spell alike: the most likely one
+        tops.append(top)
+    return CompletionLogprobs(
+        tokens=[t.text for t in tokens],
+        token_logprobs=[t.logprob for t in tokens],
+        top_logprobs=tops,
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if tokens is None:
+        return None
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=t.text,
+                logprob=t.logprob,
+                bytes=t.bytes,
+                top_logprobs=[
+                    ChatTopLogprob(token=a.text, logprob=a.logprob, bytes=a.bytes) for a in t.top or []
+                ],
+            )
+            for t in tokens
+        ]
     )
 
 
@@ -243,6 +301,7 @@ async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
         _close(choices)  # also when the client went away: the worker drops every choice
     texts = []
     for c, final in zip(choices, finals, strict=True):
+        c.receive(final)
         c.finish(final)
         texts.append(c.feed(final.text, True))
     return texts
@@ -306,6 +365,7 @@ async def _stream(
                     yield _data(error_payload(event.error))
                     return
                 finished = event.finished
+                choice.receive(event)
                 if finished:
                     choice.finish(event)
                 for line in chunk(choice, choice.feed(event.text, finished), finished):
@@ -338,6 +398,7 @@ def register_openai_routes(
         max_tokens_param: str,
         extra_stop: list[str],
         stream: bool,
+        logprobs: int | None,
     ) -> tuple[list[Job], list[int]]:
         """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
         n = body.n or 1
@@ -359,6 +420,10 @@ def register_openai_routes(
                     "top_k": body.top_k,
                     "seed": None if body.seed is None else (body.seed + i) % (2**63),
                     "stop": stop,
+                    "logprobs": logprobs,
+                    "frequency_penalty": body.frequency_penalty or 0.0,
+                    "presence_penalty": body.presence_penalty or 0.0,
+                    "logit_bias": dict(body.logit_bias or {}),
                 }
                 try:
                     job = prepare_job(
@@ -409,14 +474,24 @@ def register_openai_routes(
             raise ApiError(
                 422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
             )
+        if body.echo and body.logprobs is not None:
+            # The engine's prefill computes the logits of each prompt's last position only.
+            raise ApiError(
+                422,
+                "invalid_request",
+                "echo with logprobs is not supported: this server does not compute log-probabilities "
+                "of prompt tokens (send echo or logprobs, not both)",
+                "logprobs",
+            )
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         jobs, prompt_of = make_jobs(
-            prompts, adapter, body, body.max_tokens, "max_tokens", [], bool(body.stream)
+            prompts, adapter, body, body.max_tokens, "max_tokens", [], bool(body.stream), body.logprobs
         )
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
-        if body.echo:
-            for c in choices:
+        for c in choices:
+            c.want_logprobs = body.logprobs is not None
+            if body.echo:
                 c.head = prompts[c.prompt_index]
 
         def reply(items: list[CompletionChoice], usage: Usage | None) -> Completion:
@@ -425,7 +500,9 @@ def register_openai_routes(
         if not body.stream:
             texts = await _final_texts(choices, request)
             items = [
-                CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason)
+                CompletionChoice(
+                    index=c.index, text=text, finish_reason=c.finish_reason, logprobs=_completion_logprobs(c)
+                )
                 for c, text in zip(choices, texts, strict=True)
             ]
             return reply(items, _usage(choices))
@@ -434,7 +511,10 @@ def register_openai_routes(
             if not text and not finished:
                 return []
             item = CompletionChoice(
-                index=choice.index, text=text, finish_reason=choice.finish_reason if finished else None
+                index=choice.index,
+                text=text,
+                finish_reason=choice.finish_reason if finished else None,
+                logprobs=_completion_logprobs(choice),
             )
             out = reply([item], None).model_dump()
             if not include_usage:
@@ -465,20 +545,25 @@ def register_openai_routes(
         max_tokens, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs, prompt_of = make_jobs(
-            [prompt], adapter, body, max_tokens, param, _turn_stops(template), bool(body.stream)
+            [prompt], adapter, body, max_tokens, param, _turn_stops(template), bool(body.stream), logprobs
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
         prefix = _answer_prefix(template)
         for c in choices:
             c.answer_prefix = prefix
+            c.want_logprobs = logprobs is not None
 
         if not body.stream:
             texts = await _final_texts(choices, request)
             items = [
                 ChatChoice(
-                    index=c.index, message=AssistantMessage(content=text), finish_reason=c.finish_reason
+                    index=c.index,
+                    message=AssistantMessage(content=text),
+                    finish_reason=c.finish_reason,
+                    logprobs=_chat_logprobs(c.take_logprobs()),
                 )
                 for c, text in zip(choices, texts, strict=True)
             ]
@@ -500,13 +585,20 @@ def register_openai_routes(
         def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
             lines = []
             if text:
-                lines.append(data([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text))]))
+                lp = _chat_logprobs(choice.take_logprobs())
+                lines.append(
+                    data([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text), logprobs=lp)])
+                )
             if finished:
+                rest = choice.take_logprobs()  # tokens whose text is not part of the reply (EOS, a stop)
                 lines.append(
                     data(
                         [
                             ChatChunkChoice(
-                                index=choice.index, delta=ChatDelta(), finish_reason=choice.finish_reason
+                                index=choice.index,
+                                delta=ChatDelta(),
+                                finish_reason=choice.finish_reason,
+                                logprobs=_chat_logprobs(rest) if rest else None,
                             )
                         ]
                     )

@@ -33,7 +33,17 @@ from ._exceptions import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, JobProgress, Usage
+from .types import (
+    AdapterInfo,
+    Dataset,
+    GeneratedToken,
+    Generation,
+    Job,
+    JobEvent,
+    JobProgress,
+    TopToken,
+    Usage,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -52,6 +62,7 @@ __all__ = [
     "ConflictError",
     "Dataset",
     "EventStream",
+    "GeneratedToken",
     "Generation",
     "Job",
     "JobEvent",
@@ -65,6 +76,7 @@ __all__ = [
     "RetryPolicy",
     "TextStream",
     "TrainingJob",
+    "TopToken",
     "Usage",
     "__version__",
 ]

@@ -16,7 +16,7 @@ from . import _core
 from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, RetryPolicy
 from ._exceptions import APIConnectionError, APIStatusError, LoraserveError
 from ._progress import ProgressArg, ProgressDisplay
-from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
+from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -127,7 +127,8 @@ class Client(_Config):
     ) -> Generation:
         """Complete ``prompt`` with ``adapter`` (None: the base model). Parameters: ``max_new_tokens``,
         ``temperature`` (0 is greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (str or list), ``raw`` (skip
-        the adapter's prompt template); unset ones take the server's defaults."""
+        the adapter's prompt template), ``logprobs``, ``frequency_penalty``, ``presence_penalty``,
+        ``logit_bias`` (token id -> bias); unset ones take the server's defaults."""
         return self._request(_core.generate(prompt, adapter, params))
 
     def stream(self, prompt: str, adapter: str | None = None, **params: Unpack[GenerateParams]) -> TextStream:
@@ -394,6 +395,11 @@ class TextStream(EventStream[str]):
     @property
     def usage(self) -> Usage | None:
         return self.state.usage
+
+    @property
+    def tokens(self) -> list[GeneratedToken] | None:
+        """With ``logprobs``: every token streamed so far, with its log-probabilities."""
+        return self.state.tokens
 
 
 # ============================================================== async
@@ -675,3 +681,4 @@ class AsyncTextStream(AsyncEventStream[str]):
     text = TextStream.text
     finish_reason = TextStream.finish_reason
     usage = TextStream.usage
+    tokens = TextStream.tokens

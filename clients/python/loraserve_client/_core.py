@@ -32,7 +32,7 @@ from ._exceptions import (
     LoraserveError,
 )
 from ._progress import ProgressArg, ProgressDisplay
-from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, Usage
+from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, Usage
 
 __version__ = "0.1.0"
 log = logging.getLogger("loraserve_client")
@@ -186,6 +186,10 @@ class GenerateParams(TypedDict, total=False):
     seed: int | None  # makes sampling reproducible
     stop: str | list[str] | None  # a matched stop string ends the text and is not included
     raw: bool  # True: send the prompt as is, without the adapter's template
+    logprobs: int | None  # 0-20: per generated token its logprob and the k most likely tokens
+    frequency_penalty: float | None  # -2..2
+    presence_penalty: float | None  # -2..2
+    logit_bias: Mapping[int, float] | None  # token id -> -100..100
 
 
 def generate_body(
@@ -198,7 +202,10 @@ def generate_body(
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     body: dict[str, Any] = {"prompt": prompt, "adapter": adapter}
-    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw")})
+    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw", "logit_bias")})
+    bias = params.get("logit_bias")
+    if bias is not None:  # JSON object keys are strings
+        body["logit_bias"] = {str(token): value for token, value in bias.items()}
     stop = params.get("stop")
     if stop is not None:
         body["stop"] = [stop] if isinstance(stop, str) else list(stop)
@@ -470,11 +477,14 @@ class GenerationStreamState:
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.tokens: list[GeneratedToken] | None = None  # with logprobs: every token so far
 
     def feed(self, data: str, response: httpx.Response | None = None) -> Any:
         payload = _event_json(data, response)
         if payload is DONE:
             return DONE
+        if payload.get("tokens") is not None:
+            self.tokens = (self.tokens or []) + [GeneratedToken.model_validate(t) for t in payload["tokens"]]
         self.id = payload.get("id") or self.id
         self.finish_reason = payload.get("finish_reason") or self.finish_reason
         if payload.get("usage"):

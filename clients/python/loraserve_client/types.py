@@ -28,15 +28,29 @@ class Usage(_Model):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopToken(_Model):
+    id: int
+    text: str  # the token's bytes as UTF-8 (part of a character: U+FFFD)
+    bytes: list[int] = []
+    logprob: float
+
+
+class GeneratedToken(TopToken):
+    """A generated token (``logprobs``): its log-probability and the most likely tokens, first first."""
+
+    top: list[TopToken] = []
+
+
 class Generation(_Model):
     """``POST /generate``. ``finish_reason``: "eos" (the model ended), "stop" (a stop string matched, not
-    included in ``text``) or "length"."""
+    included in ``text``) or "length". ``tokens``: with ``logprobs``, every generated token."""
 
     id: str | None = None
     text: str
     adapter: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    tokens: list[GeneratedToken] | None = None
 
 
 class AdapterInfo(_Model):
