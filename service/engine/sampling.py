@@ -9,6 +9,9 @@ per token from its own ``torch.Generator`` and inverts its cumulative distributi
 top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. It is
 found among the 256 most likely tokens when they cover ``top_p`` (the usual case for a trained
 model), otherwise by a full sort of that row.
+
+Rows with a JSON schema first get their grammar's token mask (``apply_token_bitmask``, on those
+rows only); the engine skips it when no row of the batch is constrained.
 """
 
 from __future__ import annotations
@@ -49,6 +52,24 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return x
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits [n, vocab]`` where the tokens a row's grammar does not allow are -inf, for ``rows``.
+
+    ``bitmask [len(rows), words]`` (int32) packs 32 tokens per word, bit i of word w is token
+    32 * w + i; tokens past the mask are disallowed, mask bits past the vocabulary are ignored.
+    Other rows of the batch keep their values. A new tensor: the model's logits are inference
+    tensors, which cannot be written in place outside inference mode.
+    """
+    dev, vocab = logits.device, logits.shape[1]
+    bits = torch.arange(32, device=dev, dtype=torch.int32)
+    words = bitmask.to(dev, non_blocking=True)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    idx = torch.tensor(rows, device=dev)
+    return logits.index_put((idx,), logits[idx].masked_fill(~allowed, float("-inf")))
 
 
 def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks on random weights)
+    # canonical JSON text of a schema the output must follow (service/structured.py), None: free text
+    json_schema: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
@@ -35,6 +37,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a list of strings")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, str):
+                raise ValueError("json_schema must be the schema's JSON text")
+            if self.ignore_eos:  # a constrained row ends where its grammar does
+                raise ValueError("ignore_eos cannot be combined with json_schema")
 
     @property
     def greedy(self) -> bool:
