@@ -15,6 +15,7 @@ from service.gateway import (
     ModelLimits,
     Submission,
     error_payload,
+    json_schema_text,
     prepare_job,
     raise_for_event,
     unless_disconnected,
@@ -22,6 +23,7 @@ from service.gateway import (
 from service.routes import SSE_HEADERS
 from service.schemas import GenerateChunk, GenerateRequest, GenerateResponse
 from service.settings import Settings
+from service.structured import JSON_OBJECT
 from service.wire import Event, WireError
 
 
@@ -63,6 +65,7 @@ def register_generate_routes(
             "top_k": body.top_k,
             "seed": body.seed,
             "stop": body.stop,
+            "json_schema": _json_schema(body.json_schema),
         }
         job = prepare_job(
             prompt_text=prompt,
@@ -98,6 +101,12 @@ def register_generate_routes(
         return StreamingResponse(
             _sse(sub, first, body.adapter), media_type="text/event-stream", headers=SSE_HEADERS
         )
+
+
+def _json_schema(value: dict[str, Any] | bool | None) -> str | None:
+    if value is None or value is False:
+        return None
+    return json_schema_text(JSON_OBJECT if value is True else value, "json_schema")
 
 
 def _chunk(event: Event, adapter: str | None) -> str:
