@@ -146,6 +146,13 @@ def test_generate_json_schema_object_and_true(env):
         assert r.json()["finish_reason"] == "length" and r.json()["text"].startswith("{")
     r = http.post("/generate", json={**body, "json_schema": False})
     assert r.status_code == 200
+    from loraserve_client import Client
+
+    with Client(env["srv"].url, api_key=API_KEY) as client:  # the client package sends it as is
+        g = client.generate(
+            "Describe a thing.", adapter="beta", max_new_tokens=BUDGET, temperature=0, json_schema=SMALL
+        )
+    assert (g.text, g.finish_reason) == (out["text"], "eos")
 
 
 def test_bad_schema_is_a_422_naming_the_keyword(env):

@@ -127,7 +127,8 @@ class Client(_Config):
     ) -> Generation:
         """Complete ``prompt`` with ``adapter`` (None: the base model). Parameters: ``max_new_tokens``,
         ``temperature`` (0 is greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (str or list), ``raw`` (skip
-        the adapter's prompt template); unset ones take the server's defaults."""
+        the adapter's prompt template), ``json_schema`` (JSON output following a schema, True: any JSON
+        object); unset ones take the server's defaults."""
         return self._request(_core.generate(prompt, adapter, params))
 
     def stream(self, prompt: str, adapter: str | None = None, **params: Unpack[GenerateParams]) -> TextStream:

@@ -186,6 +186,7 @@ class GenerateParams(TypedDict, total=False):
     seed: int | None  # makes sampling reproducible
     stop: str | list[str] | None  # a matched stop string ends the text and is not included
     raw: bool  # True: send the prompt as is, without the adapter's template
+    json_schema: dict[str, Any] | bool | None  # the text is JSON following this schema; True: any object
 
 
 def generate_body(
