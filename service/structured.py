@@ -26,6 +26,7 @@ JSON_OBJECT: dict[str, Any] = {"type": "object"}
 # whole budget on spaces and newlines; the output is the same JSON either way.
 _OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 
+GUIDANCE_KEY = "x-guidance"  # llguidance's per-schema compiler options
 MAX_SCHEMA_CHARS = 64_000  # a schema's canonical text; a bigger one is refused before compiling
 
 
@@ -35,7 +36,7 @@ class SchemaError(ValueError):
 
 def canonical(schema: Any) -> str:
     """The schema's canonical JSON text (sorted keys, no whitespace): what travels and what is cached."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def schema_key(text: str) -> str:
@@ -59,7 +60,12 @@ def check(schema: Any) -> str:
     """
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
-    text = canonical(schema)
+    if GUIDANCE_KEY in schema:  # it would override the compiler options the server relies on
+        raise SchemaError(f"the {GUIDANCE_KEY!r} keyword is not supported")
+    try:
+        text = canonical(schema)
+    except ValueError as exc:  # NaN or Infinity: not JSON
+        raise SchemaError(f"the schema is not valid JSON: {exc}") from None
     if len(text) > MAX_SCHEMA_CHARS:
         raise SchemaError(f"the schema is {len(text)} characters long; the limit is {MAX_SCHEMA_CHARS}")
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar(text))

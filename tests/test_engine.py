@@ -264,6 +264,8 @@ def test_grammar_mask_fits_a_model_vocab_other_than_the_tokenizers(shared_engine
     allowed = torch.isfinite(logits[1])
     assert not allowed[len(tok) :].any()
     assert allowed[tok.encode('"')[0]] and not allowed[tok.encode("hello")[0]]
+    assert c.advance(tok.encode('"')[0]) is None
+    assert "refused" in padded.start(structured.check({"type": "string"})).advance(tok.encode("hello")[0])
     # a model with fewer ids than the mask covers: the mask is cut to the logits
     small = torch.zeros(1, 1000)
     small = apply_token_bitmask(small, [0], mask)

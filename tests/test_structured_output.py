@@ -184,6 +184,12 @@ def test_bad_schema_is_a_422_naming_the_keyword(env):
         with pytest.raises(openai.UnprocessableEntityError) as err:
             chat(env, "base", response_format=fmt)
         assert err.value.body["param"] == param, err.value.body
+    for schema, word in [
+        ({"x-guidance": {"lenient": True}, "not": {}}, "x-guidance"),
+        ({"enum": []}, "anyOf"),
+    ]:
+        r = env["http"].post("/generate", json={"prompt": "x", "json_schema": schema})
+        assert r.status_code == 422 and word in r.json()["error"]["message"], r.text
     for value in ([1], "schema", 1):
         r = env["http"].post("/generate", json={"prompt": "x", "json_schema": value})
         assert r.status_code == 422 and r.json()["error"]["param"].startswith("json_schema"), r.text

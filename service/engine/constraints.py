@@ -33,10 +33,12 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher):
         self.matcher = matcher
 
-    def advance(self, token: int) -> None:
-        """Feed the token the row generated (the mask allowed it, so this cannot fail)."""
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+    def advance(self, token: int) -> str | None:
+        """Feed the token the row generated; None, or why the grammar refused it (the mask allowed
+        only what it accepts, so a refusal is a defect: it fails this row alone)."""
+        if self.matcher.consume_token(token):
+            return None
+        return f"the JSON grammar refused token {token}: {self.matcher.get_error()}"
 
     @property
     def accepting(self) -> bool:

@@ -322,7 +322,10 @@ class Engine:
         reason = None
         is_eos = token in self.eos_ids
         if row.constraint is not None and not is_eos:
-            row.constraint.advance(token)
+            refused = row.constraint.advance(token)
+            if refused is not None:
+                row.finished = True
+                return self._error(row.req, refused, row.completion)
         if is_eos and not p.ignore_eos:
             text, stopped = row.stopper.feed(row.detok.flush(), final=True)
             reason = "stop" if stopped else "eos"
