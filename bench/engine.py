@@ -292,10 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     logits = torch.randn(B, engine.runner.vocab_size, device=engine.device)
     rows = [i for i, s in enumerate(json_schemas) if s is not None]
-    probe = engine.grammars.start(json_schemas[rows[0]]) if rows else None
     apply_ms = []
-    if probe is not None:
-        bits = torch.from_numpy(masks([probe] * len(rows)))
+    if rows:
+        probes = [engine.grammars.start(json_text) for _ in rows]  # one matcher per row, as in a batch
+        bits = masks(probes)
         for _ in range(50):
             t0 = time.perf_counter()
             apply_token_bitmask(logits, rows, bits)

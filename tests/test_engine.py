@@ -256,7 +256,7 @@ def test_grammar_mask_fits_a_model_vocab_other_than_the_tokenizers(shared_engine
     tok = shared_engine.tokenizer
     padded = Grammars(tok, model_vocab=len(tok) + 47, eos_ids=shared_engine.eos_ids)
     c = padded.start(structured.check({"type": "string"}))
-    mask = torch.from_numpy(padded.masks([c]))
+    mask = padded.masks([c])
     assert mask.shape == (1, (len(tok) + 47 + 31) // 32)
     logits = torch.zeros(2, len(tok) + 47)
     logits = apply_token_bitmask(logits, [1], mask)

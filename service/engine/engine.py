@@ -300,7 +300,7 @@ class Engine:
         constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
         if constrained:  # free rows of the batch keep their logits untouched
             masks = self.grammars.masks([rows[i].constraint for i in constrained])
-            logits = apply_token_bitmask(logits, constrained, torch.from_numpy(masks))
+            logits = apply_token_bitmask(logits, constrained, masks)
         tokens = choose_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
         now = time.monotonic()
         per_adapter = report.generated_tokens
