@@ -14,9 +14,13 @@ alternating order each repetition:
   (a new one joins as soon as one leaves), against ``generate_stream``: the same requests as
   offline ``generate`` batches (sorted by length inside windows of 4 batches; only each request's
   own tokens count);
+- ``engine_json``: ``engine_base`` with ``--json-rows`` of the rows (default a quarter) constrained
+  to a JSON schema (an array of at least ``2 x new-tokens`` strings: it cannot be finished within
+  the budget, so those rows run their whole budget too), with the grammar mask's time per step;
 - adapter cold loads (read + parse + place, the cache's miss path).
 
-EOS is ignored everywhere so every row produces exactly its token budget. Ratios are computed per
+EOS is ignored everywhere so every row produces exactly its token budget (constrained rows cannot
+ignore EOS, but their grammar never allows it within the budget). Ratios are computed per
 repetition (same run, same load) and their median is reported: the machine is shared and noisy.
 This is a development tool (it needs PEFT), part of the benchmarks, not of the service.
 """
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument(
+        "--json-rows", type=int, default=-1, help="constrained rows of engine_json (-1: batch / 4)"
+    )
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
     ap.add_argument(
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from peft import PeftModel
 
+    from service import structured
     from service.engine import Engine, GenerationRequest, SamplingParams
     from trainer.model import load_base_model
 
@@ -148,21 +156,24 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return (out.shape[1] - width) * len(rows)
 
-    def engine_run(rows: list[list[int]], adapters: list[str | None], news: list[int], in_flight: int) -> int:
+    def engine_run(
+        rows: list[list[int]],
+        adapters: list[str | None],
+        news: list[int],
+        in_flight: int,
+        schemas: list[str | None] | None = None,
+    ) -> int:
         queue = list(range(len(rows)))
         produced = 0
         live = 0
         while queue or engine.has_active():
             while queue and live < in_flight:
                 i = queue.pop(0)
-                engine.add(
-                    GenerationRequest(
-                        f"q{i}",
-                        rows[i],
-                        adapters[i],
-                        SamplingParams(max_new_tokens=news[i], temperature=0, ignore_eos=True),
-                    )
+                schema = schemas[i] if schemas else None
+                params = SamplingParams(
+                    max_new_tokens=news[i], temperature=0, ignore_eos=schema is None, json_schema=schema
                 )
+                engine.add(GenerationRequest(f"q{i}", rows[i], adapters[i], params))
                 live += 1
             for ev in engine.step().events:
                 produced += ev.token_id is not None
@@ -187,11 +198,28 @@ def main(argv: list[str] | None = None) -> dict:
             produced += sum(stream_new[i] for i in idx)  # only each request's own tokens count
         return produced
 
+    n_json = B // 4 if args.json_rows < 0 else min(args.json_rows, B)
+    long_array = {"type": "array", "items": {"type": "string"}, "minItems": 2 * N}
+    json_text = structured.check(long_array)
+    json_rows = set(range(0, B, max(1, B // n_json))[:n_json]) if n_json else set()  # spread out
+    json_schemas = [json_text if i in json_rows else None for i in range(B)]
+    mask_seconds: list[float] = []
+    masks = engine.grammars.masks
+
+    def timed_masks(constraints):
+        t0 = time.perf_counter()
+        out = masks(constraints)
+        mask_seconds.append(time.perf_counter() - t0)
+        return out
+
+    engine.grammars.masks = timed_masks  # the benchmark's probe: the grammar part of each step
+
     methods = {
         "generate_base": lambda: gen_batch(hf, batch_rows, None, N),
         "generate_lora": lambda: gen_batch(peft, batch_rows, lora_adapters, N),
         "engine_base": lambda: engine_run(batch_rows, [None] * B, [N] * B, B),
         "engine_lora": lambda: engine_run(batch_rows, lora_adapters, [N] * B, B),
+        "engine_json": lambda: engine_run(batch_rows, [None] * B, [N] * B, B, json_schemas),
     }
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
@@ -202,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
     engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
     engine_run(batch_rows, lora_adapters, [2] * B, B)
+    engine_run(batch_rows, [None] * B, [2] * B, B, json_schemas)  # compiles the schema
+    mask_seconds.clear()
 
     runs: list[dict[str, float]] = []
     cpu_runs: list[dict[str, float]] = []  # tokens per CPU-second: steadier than wall time on a busy box
@@ -222,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ratio_defs = {
         "engine_lora / engine_base": ("engine_lora", "engine_base"),
+        "engine_json / engine_base": ("engine_json", "engine_base"),
         "engine_lora / generate_lora": ("engine_lora", "generate_lora"),
         "engine_base / generate_base": ("engine_base", "generate_base"),
         "generate_lora / generate_base": ("generate_lora", "generate_base"),
@@ -256,7 +287,33 @@ def main(argv: list[str] | None = None) -> dict:
         parse_adapter(cfg, w, engine.shapes, dtype=engine.dtype, device=engine.device)
         loads_ms.append((time.perf_counter() - t0) * 1e3)
     loads_ms.sort()
+    # the sampler's side of the mask: unpack and apply 8 rows' bitmasks to a [batch, vocab] logits
+    from service.engine.sampling import apply_token_bitmask
+
+    logits = torch.randn(B, engine.runner.vocab_size, device=engine.device)
+    rows = [i for i, s in enumerate(json_schemas) if s is not None]
+    apply_ms = []
+    if rows:
+        probes = [engine.grammars.start(json_text) for _ in rows]  # one matcher per row, as in a batch
+        bits = masks(probes)
+        for _ in range(50):
+            t0 = time.perf_counter()
+            apply_token_bitmask(logits, rows, bits)
+            apply_ms.append((time.perf_counter() - t0) * 1e3)
+    json_steps = {
+        "constrained_rows": len(rows),
+        "grammar_mask_ms_per_step_median": round(statistics.median(mask_seconds) * 1e3, 3)
+        if mask_seconds
+        else None,
+        "grammar_mask_ms_per_step_p99": round(
+            sorted(mask_seconds)[int(len(mask_seconds) * 0.99) - 1] * 1e3, 3
+        )
+        if mask_seconds
+        else None,
+        "apply_mask_ms_median": round(statistics.median(apply_ms), 3) if apply_ms else None,
+    }
     result = {
+        "json_rows": json_steps,
         "config": {
             "batch": B,
             "adapters": args.adapters,
@@ -294,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "tok_per_cpu_s_median",
                     "cpu_ratios_median_of_same_rep",
                     "adapter_cold_load_ms",
+                    "json_rows",
                 )
             },
             indent=2,

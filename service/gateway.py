@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import litserve as ls
 
+from service import structured
 from service.errors import ApiError, error_body
 from service.litserve_glue import (
     Reply,
@@ -149,6 +150,15 @@ def prepare_job(
         arrived=now,
         deadline=now + request_timeout,
     )
+
+
+def json_schema_text(schema: Any, param: str) -> str:
+    """The canonical text of a request's JSON schema (what the job carries); 422 naming the problem,
+    with the keyword the grammar compiler refused, before anything is queued."""
+    try:
+        return structured.check(schema)
+    except structured.SchemaError as exc:
+        raise ApiError(422, "invalid_json_schema", str(exc), param) from None
 
 
 class Overloaded(ApiError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from service.schemas import check_logit_bias, logit_bias_keys
 from service.wire import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
@@ -44,6 +44,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the output follows ``schema`` (always enforced, strict or not)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=dict, alias="schema", description="a JSON Schema; unset: any JSON value"
+    )
+    strict: bool | None = Field(None, description="accepted; the schema is enforced either way")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object (name, schema)")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type 'json_schema', not {self.type!r}")
+        return self
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -63,6 +91,9 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[int, float] | None = Field(
         None, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id (string key) -> -100..100"
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object (any JSON object) or json_schema (output follows the schema)"
     )
     user: str | None = Field(None, description="accepted and ignored")
 
@@ -141,7 +172,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -151,13 +181,6 @@ class ChatCompletionRequest(_Sampling):
     def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v and not info.data.get("logprobs"):  # 0 is the neutral value some clients send
             raise ValueError("top_logprobs needs logprobs: true")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, v: dict | None) -> dict | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return v
 
     @field_validator("tools")

@@ -7,9 +7,9 @@ naming the field instead of a silently ignored option. Limits that depend on set
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from service.wire import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
 
@@ -54,6 +54,9 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not included)")
     raw: bool = Field(False, description="send the prompt as is, without the template")
+    json_schema: dict[str, Any] | StrictBool | None = Field(
+        None, description="a JSON Schema the output follows; true: any JSON object; null/false: free text"
+    )
     stream: bool = Field(False, description="Server-Sent Events, one chunk per token")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="per generated token its logprob and the k most likely"

@@ -199,3 +199,4 @@ def test_engine_benchmark_is_a_bench_command() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "python -m bench engine" in proc.stdout and "--stream-requests" in proc.stdout
+    assert "--json-rows" in proc.stdout

@@ -249,6 +249,117 @@ def test_penalties_reduce_repeats(shared_engine: Engine):
     assert len(set(encourage.tokens)) <= len(set(plain.tokens))
 
 
+# A schema whose every valid output is short: on random weights each row completes well within
+# its token budget, so the output must be complete, valid JSON.
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tag": {"type": "string", "maxLength": 4},
+    },
+    "required": ["ok", "color", "n", "tag"],
+    "additionalProperties": False,
+}
+
+
+def json_params(schema: dict, n: int = 48, **kw) -> SamplingParams:
+    from service import structured
+
+    return SamplingParams(max_new_tokens=n, json_schema=structured.check(schema), **kw)
+
+
+def test_mixed_batch_with_json_rows_free_rows_equal_each_alone(shared_engine: Engine):
+    """Constrained and free rows share every forward pass; the mask touches the constrained rows only."""
+    import jsonschema
+
+    eng = shared_engine
+    free = {
+        "f0": (0, None, greedy(12)),
+        "f1": (1, "a", greedy(12)),
+        "f2": (2, "b", SamplingParams(max_new_tokens=12, temperature=0.9, seed=7)),
+        "f3": (3, None, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)),
+    }
+    constrained = {
+        "j0": (0, None, json_params(SMALL_SCHEMA, temperature=0)),
+        "j1": (1, "a", json_params(SMALL_SCHEMA, temperature=0)),
+        "j2": (2, "b", json_params(SMALL_SCHEMA, temperature=1.0, seed=11)),
+        "j3": (3, "d", json_params({"type": "object"}, n=64, temperature=0.8, top_k=50, seed=5)),
+    }
+    specs = {**free, **constrained}
+    mixed = run(eng, [request(eng, rid, PROMPTS[p], ad, sp) for rid, (p, ad, sp) in specs.items()])
+    for rid, (p, ad, sp) in specs.items():
+        assert mixed[rid].tokens == solo(eng, request(eng, rid, PROMPTS[p], ad, sp)).tokens, rid
+    for rid in ("j0", "j1", "j2"):
+        assert mixed[rid].last.finish_reason == "eos", (rid, mixed[rid].text)
+        jsonschema.validate(json.loads(mixed[rid].text), SMALL_SCHEMA)
+    j3 = mixed["j3"]
+    if j3.last.finish_reason == "eos":
+        assert isinstance(json.loads(j3.text), dict)
+    else:  # JSON mode has no size bound: a random model may run out of tokens first
+        assert j3.last.finish_reason == "length" and j3.last.completion_tokens == 64
+        assert j3.text.startswith("{")
+    # without the mask the same rows produce no JSON (so the test above could fail)
+    unconstrained = solo(eng, request(eng, "u0", PROMPTS[0], None, greedy(48)))
+    assert unconstrained.tokens[: len(mixed["j0"].tokens)] != mixed["j0"].tokens
+
+
+def test_json_row_out_of_tokens_is_length_and_state_leaves_with_the_row(shared_engine: Engine):
+    eng = shared_engine
+    eng.add(request(eng, "short", PROMPTS[0], None, json_params(SMALL_SCHEMA, n=3, temperature=0)))
+    res: dict[str, Result] = {}
+    step(eng, res)
+    row = eng.batch.rows[0]
+    assert row.constraint is not None and not row.constraint.accepting
+    drain(eng, res)
+    assert res["short"].last.finish_reason == "length" and res["short"].last.completion_tokens == 3
+    assert row.constraint is None
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(res["short"].text)
+
+
+def test_json_schema_compiled_once_and_bad_schema_refused(shared_engine: Engine):
+    from service import structured
+
+    eng = shared_engine
+    schema = {"type": "object", "properties": {"once": {"type": "boolean"}}, "required": ["once"]}
+    before = eng.grammars.compiled
+    run(eng, [request(eng, f"c{i}", PROMPTS[i], None, json_params(schema, temperature=0)) for i in range(3)])
+    assert eng.grammars.compiled == before + 1
+    bad = SamplingParams(json_schema=structured.canonical({"not": {"type": "string"}}))
+    with pytest.raises(ValueError, match="not"):
+        eng.add(request(eng, "bad", PROMPTS[0], None, bad))
+    with pytest.raises(ValueError, match="ignore_eos"):
+        eng.add(request(eng, "bad2", PROMPTS[0], None, json_params(schema, ignore_eos=True)))
+    assert not eng.has_active()
+
+
+def test_grammar_mask_fits_a_model_vocab_other_than_the_tokenizers(shared_engine: Engine):
+    """A padded output layer (more ids than tokens): the extra ids are never allowed."""
+    from service import structured
+    from service.engine.constraints import Grammars
+    from service.engine.sampling import apply_token_bitmask
+
+    tok = shared_engine.tokenizer
+    padded = Grammars(tok, model_vocab=len(tok) + 47, eos_ids=shared_engine.eos_ids)
+    c = padded.start(structured.check({"type": "string"}))
+    mask = padded.masks([c])
+    assert mask.shape == (1, (len(tok) + 47 + 31) // 32)
+    logits = torch.zeros(2, len(tok) + 47)
+    logits = apply_token_bitmask(logits, [1], mask)
+    assert torch.all(logits[0] == 0)  # the free row is untouched
+    allowed = torch.isfinite(logits[1])
+    assert not allowed[len(tok) :].any()
+    assert allowed[tok.encode('"')[0]] and not allowed[tok.encode("hello")[0]]
+    assert c.advance(tok.encode('"')[0]) is None
+    assert "refused" in padded.start(structured.check({"type": "string"})).advance(tok.encode("hello")[0])
+    # a model with fewer ids than the mask covers: the mask is cut to the logits
+    small = torch.zeros(1, 1000)
+    small = apply_token_bitmask(small, [0], mask)
+    assert small.shape == (1, 1000) and torch.isfinite(small).sum() >= 1
+
+
 def test_mixed_ranks_and_modules_in_one_batch(shared_engine: Engine):
     """Adapters of different rank and target modules share a decode step (zero-padded stacks)."""
     eng = shared_engine

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LoadedAdapter
+from .constraints import Constraint
 from .lora import LoraPlan, Stacks
 from .model import GPT2Runner
 from .sampling import LogitBias
@@ -31,6 +32,7 @@ class Row:
     stopper: StopMatcher
     prompt_ids: list[int]
     admitted: float
+    constraint: Constraint | None = None  # the row's grammar state, for a JSON schema
     length: int = 0  # tokens in this row's KV slot
     last_token: int = -1  # sampled, not yet fed to the model
     completion: int = 0  # tokens generated (EOS included)

@@ -33,9 +33,17 @@ from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from .constraints import Grammars
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
-from .sampling import LogitBias, adjust_logits, choose_tokens, make_generator, token_logprobs
+from .sampling import (
+    LogitBias,
+    adjust_logits,
+    apply_token_bitmask,
+    choose_tokens,
+    make_generator,
+    token_logprobs,
+)
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
 from .types import BASE_LABEL, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
@@ -85,6 +93,7 @@ class Engine:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
         self.batch = Batch(self.runner, max_batch_size)
+        self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
         self.steps = 0
@@ -137,7 +146,8 @@ class Engine:
     def add(self, req: GenerationRequest) -> None:
         """Queue a request; it joins the batch at the next ``step``.
 
-        Raises AdapterNotFound, PromptTooLong, or ValueError (bad parameters, duplicate id).
+        Raises AdapterNotFound, PromptTooLong, or ValueError (bad parameters, duplicate id, a JSON
+        schema that cannot be compiled: ``structured.SchemaError``).
         An empty prompt is started from the BOS token (counted as one prompt token).
         """
         self._check_thread()
@@ -155,6 +165,8 @@ class Engine:
             raise AdapterNotFound(req.adapter, "" if valid_name(req.adapter) else "invalid adapter name")
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
+        if req.params.json_schema is not None:
+            self.grammars.check(req.params.json_schema)  # compiled once per schema, here: not mid-step
         self.scheduler.add(req)
 
     def cancel(self, request_id: str) -> None:
@@ -298,11 +310,16 @@ class Engine:
             admitted=now,
             bias=LogitBias.of(p.logit_bias, self.device),
             counts={} if p.penalized else None,
+            constraint=None if p.json_schema is None else self.grammars.start(p.json_schema),
         )
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
         params = [r.req.params for r in rows]
         logits = adjust_logits(logits, params, [r.bias for r in rows], [r.counts for r in rows])
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        if constrained:  # free rows of the batch keep their logits untouched
+            masks = self.grammars.masks([rows[i].constraint for i in constrained])
+            logits = apply_token_bitmask(logits, constrained, masks)
         tokens = choose_tokens(logits, params, [r.generator for r in rows])
         logprobs = token_logprobs(logits, params, tokens)
         now = time.monotonic()
@@ -328,7 +345,13 @@ class Engine:
         row.last_token = token
         p = row.req.params
         reason = None
-        if token in self.eos_ids and not p.ignore_eos:
+        is_eos = token in self.eos_ids
+        if row.constraint is not None and not is_eos:
+            refused = row.constraint.advance(token)
+            if refused is not None:
+                row.finished = True
+                return self._error(row.req, refused, row.completion)
+        if is_eos and not p.ignore_eos:
             text, stopped = row.stopper.feed(row.detok.flush(), final=True)
             reason = "stop" if stopped else "eos"
         else:
@@ -375,4 +398,5 @@ class Engine:
     def _leave(self, rows: list[Row]) -> None:
         for r in rows:
             self._release(r)
+            r.constraint = None  # the grammar state goes with the row
         self.batch.remove(rows)

@@ -29,6 +29,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token in the output
     presence_penalty: float = 0.0  # subtracted once from every token already in the output
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # canonical JSON text of a schema the output must follow (service/structured.py), None: free text
+    json_schema: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
@@ -55,6 +57,11 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
                 )
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, str):
+                raise ValueError("json_schema must be the schema's JSON text")
+            if self.ignore_eos:  # a constrained row ends where its grammar does
+                raise ValueError("ignore_eos cannot be combined with json_schema")
 
     @property
     def penalized(self) -> bool:

@@ -15,6 +15,7 @@ from service.gateway import (
     ModelLimits,
     Submission,
     error_payload,
+    json_schema_text,
     prepare_job,
     raise_for_event,
     unless_disconnected,
@@ -22,6 +23,7 @@ from service.gateway import (
 from service.routes import SSE_HEADERS
 from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
 from service.settings import Settings
+from service.structured import JSON_OBJECT
 from service.wire import Event, WireError
 
 
@@ -67,6 +69,7 @@ def register_generate_routes(
             "frequency_penalty": body.frequency_penalty,
             "presence_penalty": body.presence_penalty,
             "logit_bias": dict(body.logit_bias),
+            "json_schema": _json_schema(body.json_schema),
         }
         job = prepare_job(
             prompt_text=prompt,
@@ -119,6 +122,12 @@ def _tokens(event: Event) -> list[GeneratedToken] | None:
         )
         for t in event.logprobs
     ]
+
+
+def _json_schema(value: dict[str, Any] | bool | None) -> str | None:
+    if value is None or value is False:
+        return None
+    return json_schema_text(JSON_OBJECT if value is True else value, "json_schema")
 
 
 def _chunk(event: Event, adapter: str | None) -> str:

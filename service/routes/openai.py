@@ -36,6 +36,7 @@ from service.gateway import (
     ModelLimits,
     Submission,
     error_payload,
+    json_schema_text,
     prepare_job,
     raise_for_event,
     unless_disconnected,
@@ -62,6 +63,7 @@ from service.openai_schemas import (
 from service.routes import SSE_HEADERS
 from service.served_model import ServedModel
 from service.settings import Settings
+from service.structured import JSON_OBJECT
 from service.wire import Event, Job, TokenLogprob, WireError
 from trainer.artifact import valid_name
 from trainer.template import PromptTemplate
@@ -403,6 +405,7 @@ def register_openai_routes(
         """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
         n = body.n or 1
         stop = list(dict.fromkeys([*body.stop, *extra_stop]))
+        schema = _json_schema(body)
         jobs, prompt_of = [], []
         for p, prompt in enumerate(prompts):
             # Refuse a prompt that cannot fit before tokenizing it on the event loop (see ModelLimits).
@@ -424,6 +427,7 @@ def register_openai_routes(
                     "frequency_penalty": body.frequency_penalty or 0.0,
                     "presence_penalty": body.presence_penalty or 0.0,
                     "logit_bias": dict(body.logit_bias or {}),
+                    "json_schema": schema,
                 }
                 try:
                     job = prepare_job(
@@ -628,6 +632,17 @@ async def _stream_response(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+def _json_schema(body: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The canonical schema text a ``response_format`` asks for; None for free text."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_schema_text(JSON_OBJECT, "response_format")
+    assert fmt.json_schema is not None  # the model's validator requires it for this type
+    return json_schema_text(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
 def _turn_stops(template: PromptTemplate) -> list[str]:

@@ -128,7 +128,8 @@ class Client(_Config):
         """Complete ``prompt`` with ``adapter`` (None: the base model). Parameters: ``max_new_tokens``,
         ``temperature`` (0 is greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (str or list), ``raw`` (skip
         the adapter's prompt template), ``logprobs``, ``frequency_penalty``, ``presence_penalty``,
-        ``logit_bias`` (token id -> bias); unset ones take the server's defaults."""
+        ``logit_bias`` (token id -> bias), ``json_schema`` (JSON output following a schema, True: any
+        JSON object); unset ones take the server's defaults."""
         return self._request(_core.generate(prompt, adapter, params))
 
     def stream(self, prompt: str, adapter: str | None = None, **params: Unpack[GenerateParams]) -> TextStream:

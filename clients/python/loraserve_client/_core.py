@@ -190,6 +190,7 @@ class GenerateParams(TypedDict, total=False):
     frequency_penalty: float | None  # -2..2
     presence_penalty: float | None  # -2..2
     logit_bias: Mapping[int, float] | None  # token id -> -100..100
+    json_schema: dict[str, Any] | bool | None  # the text is JSON following this schema; True: any object
 
 
 def generate_body(
