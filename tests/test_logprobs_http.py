@@ -313,6 +313,7 @@ def test_chat_logprobs_options(env):
     assert [t.top_logprobs for t in only.choices[0].logprobs.content] == [[]] * 4
     assert chat(env, max_tokens=4).choices[0].logprobs is None
     assert chat(env, logprobs=False, max_tokens=4).choices[0].logprobs is None
+    assert chat(env, top_logprobs=0, max_tokens=2).choices[0].logprobs is None  # 0: the neutral value
     tok = env["tok"]
     target = tok.encode(" banana")[0]
     biased = chat(env, max_tokens=5, logit_bias={str(target): 100}, logprobs=True)
