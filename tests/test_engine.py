@@ -360,6 +360,23 @@ def test_grammar_mask_fits_a_model_vocab_other_than_the_tokenizers(shared_engine
     assert small.shape == (1, 1000) and torch.isfinite(small).sum() >= 1
 
 
+def test_grammar_cache_is_bounded_and_keyed_by_the_canonical_schema(shared_engine: Engine):
+    from service import structured
+    from service.engine.constraints import Grammars
+
+    grammars = Grammars(shared_engine.tokenizer, 50257, shared_engine.eos_ids, max_grammars=2)
+    texts = [structured.check({"type": "string", "maxLength": n}) for n in (1, 2, 3)]
+    for t in texts:
+        grammars.start(t)
+    assert grammars.compiled == 3 and len(grammars._cache) == 2
+    same = structured.check({"maxLength": 3, "type": "string"})  # other key order: the same schema
+    assert same == texts[2]
+    grammars.start(same)
+    assert grammars.compiled == 3
+    grammars.start(texts[0])  # evicted: compiled again
+    assert grammars.compiled == 4 and len(grammars._cache) == 2
+
+
 def test_mixed_ranks_and_modules_in_one_batch(shared_engine: Engine):
     """Adapters of different rank and target modules share a decode step (zero-padded stacks)."""
     eng = shared_engine

@@ -113,6 +113,23 @@ def test_json_object_is_an_object_or_runs_out_of_tokens(env, stream):
                 assert finish == "length", finish
 
 
+def test_every_choice_of_a_fan_out_follows_the_schema(env):
+    """n choices are engine jobs that share batches; each row has its own grammar state."""
+    reply = env["oai"].chat.completions.create(
+        model="beta",
+        messages=[{"role": "user", "content": "Describe a thing."}],
+        n=4,
+        temperature=1.0,
+        seed=5,
+        max_tokens=BUDGET,
+        response_format=SCHEMA_FORMAT,
+    )
+    texts = [c.message.content for c in reply.choices]
+    for c in reply.choices:
+        assert_valid(c.message.content, c.finish_reason)
+    assert len(set(texts)) > 1  # the seeds differ per choice, so do the objects
+
+
 def test_too_few_tokens_is_length(env):
     text, finish = chat(env, "base", max_tokens=3, response_format=SCHEMA_FORMAT)
     assert finish == "length"

@@ -15,7 +15,6 @@ the model's output size are dropped from the mask (the model cannot emit them).
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 
 import llguidance
@@ -46,7 +45,8 @@ class Constraint:
 
 
 class Grammars:
-    """Compiled schemas for one tokenizer and model vocabulary (built on first use: ~0.5 s)."""
+    """Compiled schemas for one tokenizer and model vocabulary (the grammar tokenizer is built on
+    first use: ~0.6 s). Used from the engine's one thread, like the rest of the engine."""
 
     def __init__(self, tokenizer, model_vocab: int, eos_ids: set[int], max_grammars: int = MAX_GRAMMARS):
         self._hf = tokenizer
@@ -56,7 +56,6 @@ class Grammars:
         self._tok: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._lock = threading.Lock()  # the cache may be warmed from another thread (benchmarks)
         self.compiled = 0  # schemas compiled so far (cache misses)
 
     @property
@@ -73,19 +72,17 @@ class Grammars:
 
     def _prototype(self, text: str) -> llguidance.LLMatcher:
         key = structured.schema_key(text)
-        with self._lock:
-            proto = self._cache.get(key)
-            if proto is not None:
-                self._cache.move_to_end(key)
-                return proto
+        proto = self._cache.get(key)
+        if proto is not None:
+            self._cache.move_to_end(key)
+            return proto
         matcher = llguidance.LLMatcher(self.tokenizer, structured.grammar(text), log_level=0)
         if matcher.is_error():
             raise structured.SchemaError(f"unsupported or invalid JSON schema: {matcher.get_error()}")
-        with self._lock:
-            self.compiled += 1
-            self._cache[key] = matcher
-            while len(self._cache) > self.max_grammars:
-                self._cache.popitem(last=False)
+        self.compiled += 1
+        self._cache[key] = matcher
+        while len(self._cache) > self.max_grammars:
+            self._cache.popitem(last=False)
         return matcher
 
     def check(self, text: str) -> None:
