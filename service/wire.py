@@ -3,7 +3,8 @@ table from an error code the worker reports to its HTTP status.
 
 The queue pickles plain dicts, so each message has ``to_dict``/``from_dict``; both sides speak the
 dataclasses:
-    Job     a validated request (API -> worker): prompt ids, adapter, SamplingParams fields, deadline
+    Job     a validated request (API -> worker): prompt ids, adapter or composition, SamplingParams
+            fields, deadline
     Cancel  drop a job (API -> worker): its client went away, or the API side gave up on it
     Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``
 
@@ -18,6 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# A composed request (``Job.adapters``): how many adapters it may weigh and the bound of each weight.
+MAX_COMPOSITION = 8
+MAX_COMPOSITION_WEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,11 @@ class Job:
     stream: bool
     arrived: float  # time.monotonic() in the API process; the worker shares the clock (one host)
     deadline: float
+    # a weighted composition instead of ``adapter`` (then None): ``(name, weight)`` per entry
+    adapters: tuple[tuple[str, float], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "prompt_ids": list(self.prompt_ids),
             "adapter": self.adapter,
@@ -87,6 +94,9 @@ class Job:
             "arrived": self.arrived,
             "deadline": self.deadline,
         }
+        if self.adapters is not None:
+            out["adapters"] = [[name, weight] for name, weight in self.adapters]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -98,6 +108,11 @@ class Job:
             stream=bool(data["stream"]),
             arrived=float(data["arrived"]),
             deadline=float(data["deadline"]),
+            adapters=(
+                tuple((str(name), float(weight)) for name, weight in data["adapters"])
+                if data.get("adapters") is not None
+                else None
+            ),
         )
 
 

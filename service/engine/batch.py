@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LoadedAdapter
-from .lora import LoraPlan, Stacks
+from .lora import LoraPlan, Mix, RowLora, Stacks
 from .model import GPT2Runner
 from .text import Detokenizer, StopMatcher
 from .types import BASE_LABEL, GenerationRequest
@@ -23,7 +23,7 @@ class Row:
     """Everything the engine tracks for one running request."""
 
     req: GenerationRequest
-    adapter: LoadedAdapter | None
+    adapter: LoadedAdapter | None  # the plain adapter's pinned entry
     generator: torch.Generator | None  # None for greedy rows
     seed: int | None
     detok: Detokenizer
@@ -36,13 +36,39 @@ class Row:
     last_time: float = 0.0
     finished: bool = False
     released: bool = field(default=False, repr=False)
+    # a composed request: its components' pinned entries, in the request's order (``adapter`` is None)
+    parts: tuple[LoadedAdapter, ...] = ()
+    mix: Mix | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        composition = self.req.adapters
+        if composition is None:
+            return
+        if len(composition) == 1 and composition[0].weight == 1:
+            self.adapter, self.parts = self.parts[0], ()  # the adapter alone: its plain path
+        else:
+            self.mix = Mix(tuple((e.weights, c.weight) for e, c in zip(self.parts, composition, strict=True)))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Metric labels: the adapter, the base, or each component of a composition once."""
+        if self.req.adapters is not None:
+            return tuple(dict.fromkeys(c.name for c in self.req.adapters))
+        return (self.req.adapter or BASE_LABEL,)
 
     @property
     def label(self) -> str:
-        return self.req.adapter or BASE_LABEL
+        return self.labels[0]
 
     @property
-    def weights(self):
+    def pins(self) -> tuple[LoadedAdapter, ...]:
+        """Every cache entry this row holds a reference on."""
+        return self.parts if self.parts else (self.adapter,) if self.adapter is not None else ()
+
+    @property
+    def weights(self) -> RowLora:
+        if self.mix is not None:
+            return self.mix
         return self.adapter.weights if self.adapter is not None else None
 
 
