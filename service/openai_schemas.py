@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.schemas import COMPOSITION_FIELD, Composition, check_composition
+
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16
@@ -59,6 +61,13 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, description="accepted and ignored")
+    adapters: Composition = COMPOSITION_FIELD  # extension: ``model`` then names the base
+
+    @field_validator("adapters")
+    @classmethod
+    def _composition(cls, v: Composition) -> Composition:
+        check_composition(v)
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
-The ``model`` field names an adapter, or the base (by its configured name or its id). Every
+The ``model`` field names an adapter, or the base (by its configured name or its id); with the
+``adapters`` extension (a weighted composition, as on ``/generate``) it names the base. Every
 choice of a request (``n`` per prompt, for every prompt of a list) is one engine job on the same
 queue as ``/generate``, so choices, streamed and non-streamed requests all share engine batches.
 Every job is validated before the first one is queued, and a streamed reply waits for the first
@@ -146,6 +147,19 @@ def _timestamp(iso: Any) -> int | None:
         return int(datetime.fromisoformat(iso).timestamp())
     except ValueError:
         return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request generates with: an adapter (None: the base) or a weighted composition."""
+
+    adapter: str | None
+    composition: list[tuple[str, float]] | None
+
+    @property
+    def template_adapter(self) -> str | None:
+        """Whose prompt template chat uses: the adapter's, or a composition's first adapter's."""
+        return self.composition[0][0] if self.composition else self.adapter
 
 
 # --- fan-out: one engine job per choice ------------------------------------------------------------
@@ -330,9 +344,24 @@ def register_openai_routes(
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
 
+    def target(body: CompletionRequest | ChatCompletionRequest) -> Target:
+        """What ``model`` (and the ``adapters`` extension) asks for."""
+        adapter = models.resolve(body.model)
+        if body.adapters is None:
+            return Target(adapter, None)
+        if adapter is not None:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"adapters composes adapters on the base: model must name the base ({base_id!r}), "
+                f"not the adapter {body.model!r}",
+                "model",
+            )
+        return Target(None, [(a.name, a.weight) for a in body.adapters])
+
     def make_jobs(
         prompts: list[str],
-        adapter: str | None,
+        target: Target,
         body: CompletionRequest | ChatCompletionRequest,
         max_tokens: int | None,
         max_tokens_param: str,
@@ -363,7 +392,8 @@ def register_openai_routes(
                 try:
                     job = prepare_job(
                         prompt_text=prompt,
-                        adapter=adapter,
+                        adapter=target.adapter,
+                        composition=target.composition,
                         params=params,
                         stream=stream,
                         limits=limits,
@@ -377,7 +407,7 @@ def register_openai_routes(
                     if exc.code == "prompt_too_long" and len(prompts) > 1:
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
-                    if exc.code == "adapter_not_found":
+                    if exc.code == "adapter_not_found" and target.composition is None:
                         raise ApiError(exc.status, "model_not_found", exc.message, "model") from None
                     raise
                 jobs.append(job)
@@ -404,14 +434,14 @@ def register_openai_routes(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
         include_usage = check_stream_options(body)
-        adapter = models.resolve(body.model)
+        wanted = target(body)
         if body.best_of not in (None, body.n or 1):
             raise ApiError(
                 422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
             )
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         jobs, prompt_of = make_jobs(
-            prompts, adapter, body, body.max_tokens, "max_tokens", [], bool(body.stream)
+            prompts, wanted, body, body.max_tokens, "max_tokens", [], bool(body.stream)
         )
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
@@ -450,8 +480,8 @@ def register_openai_routes(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Chat: the messages are rendered with the adapter's recorded prompt template."""
         include_usage = check_stream_options(body)
-        adapter = models.resolve(body.model)
-        template = store.template_for(settings.adapter_dir, adapter)
+        wanted = target(body)
+        template = store.template_for(settings.adapter_dir, wanted.template_adapter)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
@@ -466,7 +496,7 @@ def register_openai_routes(
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         jobs, prompt_of = make_jobs(
-            [prompt], adapter, body, max_tokens, param, _turn_stops(template), bool(body.stream)
+            [prompt], wanted, body, max_tokens, param, _turn_stops(template), bool(body.stream)
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)

@@ -186,6 +186,7 @@ class GenerateParams(TypedDict, total=False):
     seed: int | None  # makes sampling reproducible
     stop: str | list[str] | None  # a matched stop string ends the text and is not included
     raw: bool  # True: send the prompt as is, without the adapter's template
+    adapters: Mapping[str, float] | None  # a weighted composition {name: weight} instead of one adapter
 
 
 def generate_body(
@@ -198,7 +199,10 @@ def generate_body(
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     body: dict[str, Any] = {"prompt": prompt, "adapter": adapter}
-    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw")})
+    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw", "adapters")})
+    adapters = params.get("adapters")
+    if adapters is not None:
+        body["adapters"] = [{"name": name, "weight": weight} for name, weight in adapters.items()]
     stop = params.get("stop")
     if stop is not None:
         body["stop"] = [stop] if isinstance(stop, str) else list(stop)
