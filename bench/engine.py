@@ -1,7 +1,7 @@
 """Engine micro-benchmark: the engine against batched ``generate`` in the same process and run.
 
     python -m bench engine [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
-                           [--dtype float32] [--json out.json]
+                           [--compose-size 2] [--dtype float32] [--json out.json]
 
 On a random-weights distilgpt2-shaped base (built once under ~/.cache/loraserve/bench) with
 ``--adapters`` PEFT LoRA adapters (r=``--rank``, c_attn+c_proj) it times, interleaved and in
@@ -14,6 +14,9 @@ alternating order each repetition:
   (a new one joins as soon as one leaves), against ``generate_stream``: the same requests as
   offline ``generate`` batches (sorted by length inside windows of 4 batches; only each request's
   own tokens count);
+- ``engine_composed``: the ``engine_lora`` batch with each row on one of 8 distinct weighted
+  compositions of ``--compose-size`` adapters (drawn from the same adapters) instead of one
+  adapter; the target is ``engine_composed / engine_lora`` >= 0.9;
 - adapter cold loads (read + parse + place, the cache's miss path).
 
 EOS is ignored everywhere so every row produces exactly its token budget. Ratios are computed per
@@ -83,6 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument(
+        "--compose-size", type=int, default=2, help="adapters per composition in engine_composed (1..8)"
+    )
+    ap.add_argument(
+        "--idle-wait",
+        type=float,
+        default=20.0,
+        help="most seconds to wait for a calm machine before each run",
+    )
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
     ap.add_argument(
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from peft import PeftModel
 
-    from service.engine import Engine, GenerationRequest, SamplingParams
+    from service.engine import AdapterWeight, Engine, GenerationRequest, SamplingParams
     from trainer.model import load_base_model
 
     dtype = getattr(torch, args.dtype)
@@ -148,19 +160,25 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return (out.shape[1] - width) * len(rows)
 
-    def engine_run(rows: list[list[int]], adapters: list[str | None], news: list[int], in_flight: int) -> int:
+    Composition = tuple[AdapterWeight, ...]
+
+    def engine_run(
+        rows: list[list[int]], adapters: list[str | Composition | None], news: list[int], in_flight: int
+    ) -> int:
         queue = list(range(len(rows)))
         produced = 0
         live = 0
         while queue or engine.has_active():
             while queue and live < in_flight:
                 i = queue.pop(0)
+                composed = isinstance(adapters[i], tuple)
                 engine.add(
                     GenerationRequest(
                         f"q{i}",
                         rows[i],
-                        adapters[i],
+                        None if composed else adapters[i],
                         SamplingParams(max_new_tokens=news[i], temperature=0, ignore_eos=True),
+                        adapters=adapters[i] if composed else None,
                     )
                 )
                 live += 1
@@ -172,6 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
     batch_rows = prompts[:B]
     lora_adapters = [names[i % len(names)] for i in range(B)]
     stream_adapters = [names[i % len(names)] for i in range(len(prompts))]
+    # 8 distinct compositions: composition k weighs adapters k, k+1, ... (mod the pool), rows round-robin
+    size = max(1, min(args.compose_size, len(names)))
+    compositions = [
+        tuple(AdapterWeight(names[(k + j) % len(names)], round(0.9 - 0.3 * j, 2)) for j in range(size))
+        for k in range(8)
+    ]
+    composed_rows = [compositions[i % len(compositions)] for i in range(B)]
 
     def gen_stream() -> int:
         order = sorted(range(len(prompts)), key=lambda i: (i // (4 * B), stream_new[i]))
@@ -192,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_lora": lambda: gen_batch(peft, batch_rows, lora_adapters, N),
         "engine_base": lambda: engine_run(batch_rows, [None] * B, [N] * B, B),
         "engine_lora": lambda: engine_run(batch_rows, lora_adapters, [N] * B, B),
+        "engine_composed": lambda: engine_run(batch_rows, composed_rows, [N] * B, B),
     }
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
@@ -202,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
     engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
     engine_run(batch_rows, lora_adapters, [2] * B, B)
+    if "engine_composed" in methods:
+        engine_run(batch_rows, composed_rows, [2] * B, B)
 
     runs: list[dict[str, float]] = []
     cpu_runs: list[dict[str, float]] = []  # tokens per CPU-second: steadier than wall time on a busy box
@@ -210,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(args.reps):
         tps, cps = {}, {}
         for name in order if rep % 2 == 0 else reversed(order):
-            loads.append(wait_idle())
+            loads.append(wait_idle(args.idle_wait))
             t0, c0 = time.perf_counter(), time.process_time()
             tokens = methods[name]()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -222,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ratio_defs = {
         "engine_lora / engine_base": ("engine_lora", "engine_base"),
+        "engine_composed / engine_lora": ("engine_composed", "engine_lora"),
         "engine_lora / generate_lora": ("engine_lora", "generate_lora"),
         "engine_base / generate_base": ("engine_base", "generate_base"),
         "generate_lora / generate_base": ("generate_lora", "generate_base"),
@@ -262,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             "adapters": args.adapters,
             "rank": args.rank,
             "new_tokens": N,
+            "compose_size": size,
             "reps": args.reps,
             "dtype": args.dtype,
             "device": args.device,

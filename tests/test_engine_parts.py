@@ -155,7 +155,7 @@ def test_lora_plan_forms_add_the_same_deltas(tiny):
     b = _random_adapter(shapes, 2, ("attn.c_attn", "mlp.c_fc"), 2)
     c = _random_adapter(shapes, 4, ("attn.c_attn", "attn.c_proj", "mlp.c_proj"), 3)
     ab, cba = Mix(((a, 0.6), (b, -0.4))), Mix(((c, 1.5), (b, 0.5), (a, -1.0)))
-    rows = [a, None, b, c, a, b, None, ab, cba, Mix(((b, 0.3), (b, 0.2)))]
+    rows = [a, None, b, c, a, b, None, ab, ab, cba, Mix(((b, 0.3), (b, 0.2)))]
     masked = LoraPlan.for_rows(rows, "cpu", packed=True)
     stacked = LoraPlan.for_rows(rows, "cpu", packed=False)
     assert masked.row_scale is not None and masked.stacks.dense is not None
@@ -174,6 +174,8 @@ def test_lora_plan_forms_add_the_same_deltas(tiny):
                         )
                 # packed prefill: one token range per row (ranges on one adapter merge)
                 prefill = LoraPlan.for_segments([(i, i + 1, w) for i, w in enumerate(rows)])
+                # 13 terms; adjacent equal terms share a range: ab twice, and b at 0.5 in the last two rows
+                assert len(prefill.groups) == 10
                 for plan in (masked, stacked, prefill):
                     got = plan.apply(torch.zeros(len(rows), fan_out), x, layer, module)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -273,6 +273,7 @@ class Engine:
             return self._new_row(req, pinned[0] if pinned else None, report)
 
         admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
+        self._share_mixes(admitted)
         if admitted:
             reserve = max(len(r.prompt_ids) + r.req.params.max_new_tokens for r in admitted)
             for r in self.batch.rows:
@@ -281,6 +282,17 @@ class Engine:
             step = CAPACITY_STEP
             self.batch.reserve(min(self.n_positions, -(-reserve // step) * step))
         return admitted
+
+    def _share_mixes(self, newcomers: list[Row]) -> None:
+        """Rows on the same composition (same adapter versions and weights) share one ``Mix``, so
+        their prefill ranges are adjacent and merge (``Batch.join`` orders newcomers by it)."""
+        if not any(r.mix is not None for r in newcomers):
+            return
+        shared = {}
+        for row in [*self.batch.rows, *newcomers]:
+            if row.mix is not None:
+                key = tuple((id(w), weight) for w, weight in row.mix.parts)  # the Mix keeps w alive
+                row.mix = shared.setdefault(key, row.mix)
 
     def _new_row(
         self,

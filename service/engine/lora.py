@@ -355,15 +355,19 @@ class LoraPlan:
     def for_segments(cls, segments: list[tuple[int, int, RowLora]]) -> LoraPlan:
         """Packed prefill: each request is a contiguous token range ``[start, end)``; adjacent
         requests on the same adapter merge into one range (callers order requests by adapter).
-        A composed request's range gets one group per component, scaled by its weight."""
+        A composed request's range gets one group per component, scaled by its weight; adjacent
+        requests on the same composition merge component by component."""
         merged: list[list] = []
+        last: dict[tuple[int, float], list] = {}  # (adapter, weight) -> its latest range
         for s, e, w in segments:
             for adapter, weight in row_terms(w):
-                last = merged[-1] if merged else None
-                if last is not None and last[2] is adapter and last[3] == weight and last[1] == s:
-                    last[1] = e
+                group = last.get((id(adapter), weight))
+                if group is not None and group[1] == s:
+                    group[1] = e
                 else:
-                    merged.append([s, e, adapter, weight])
+                    group = [s, e, adapter, weight]
+                    merged.append(group)
+                    last[(id(adapter), weight)] = group
         return cls([(slice(s, e), w, weight) for s, e, w, weight in merged])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
