@@ -128,15 +128,20 @@ def main(argv: list[str] | None = None) -> dict:
         max_batch_size=B,
         max_loaded_adapters=max(16, args.adapters),
     )
-    hf = load_base_model(base, dtype=dtype, device=args.device).eval()
-    peft = PeftModel.from_pretrained(
-        load_base_model(base, dtype=dtype, device=args.device),
-        str(adapter_dir / names[0]),
-        adapter_name=names[0],
-    )
-    for n in names[1:]:
-        peft.load_adapter(str(adapter_dir / n), adapter_name=n)
-    peft.eval()
+    only = set(args.only.split(",")) if args.only else set()
+    # the HF and PEFT references load only when a generate_* method runs (they take a while)
+    with_generate = not only or any(m.startswith("generate") for m in only)
+    hf = peft = None
+    if with_generate:
+        hf = load_base_model(base, dtype=dtype, device=args.device).eval()
+        peft = PeftModel.from_pretrained(
+            load_base_model(base, dtype=dtype, device=args.device),
+            str(adapter_dir / names[0]),
+            adapter_name=names[0],
+        )
+        for n in names[1:]:
+            peft.load_adapter(str(adapter_dir / n), adapter_name=n)
+        peft.eval()
     pad = engine.tokenizer.eos_token_id
     dev = torch.device(args.device)
 
@@ -222,10 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
         methods["generate_stream"] = gen_stream
-    if args.only:
-        methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
     # warm-up (untimed): first calls allocate caches and load adapters
-    gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
+    if with_generate:
+        gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
     engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
     engine_run(batch_rows, lora_adapters, [2] * B, B)
     if "engine_composed" in methods:
