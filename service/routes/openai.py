@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -212,6 +212,12 @@ def _usage(choices: list[Choice]) -> Usage:
     )
 
 
+def _raiser(choice: Choice) -> Callable[[Event], None]:
+    """Raise for a choice's error event: an adapter deleted after validation is OpenAI's
+    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition."""
+    return raise_for_event if choice.sub.job.adapters is not None else _raise_for
+
+
 def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
@@ -252,7 +258,7 @@ def _close(choices: list[Choice]) -> None:
 async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
     """Wait for every choice to finish (closing them all however that ends); each choice's whole text."""
     try:
-        finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
+        finals = await unless_disconnected(_all([c.sub.final(_raiser(c)) for c in choices]), request)
     finally:
         _close(choices)  # also when the client went away: the worker drops every choice
     texts = []
@@ -556,8 +562,8 @@ async def _stream_response(
     """Wait for every choice's first event (an early error is a real status), then stream."""
     try:
         firsts = await unless_disconnected(_all([c.sub.next_or_504() for c in choices]), request)
-        for first in firsts:
-            _raise_for(first)
+        for choice, first in zip(choices, firsts, strict=True):
+            _raiser(choice)(first)
     except BaseException:
         _close(choices)
         raise
