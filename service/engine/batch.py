@@ -57,10 +57,6 @@ class Row:
         return (self.req.adapter or BASE_LABEL,)
 
     @property
-    def label(self) -> str:
-        return self.labels[0]
-
-    @property
     def pins(self) -> tuple[LoadedAdapter, ...]:
         """Every cache entry this row holds a reference on."""
         return self.parts if self.parts else (self.adapter,) if self.adapter is not None else ()
