@@ -591,6 +591,11 @@ def test_broken_adapter_fails_only_its_request(tiny_base: Path, adapter_dir: Pat
     assert res["x"].last.finish_reason == "error" and "'a'" in res["x"].last.error
     assert res["y"].last.finish_reason == "error" and "DoRA" in res["y"].last.error
     assert res["z"].last.finish_reason == "length"
+    # a composition with a broken component fails alone; its loaded components are not left pinned
+    res = run(eng, [request(eng, "w", PROMPTS[0], (("c", 0.5), ("a", 0.5)), greedy(4))])
+    assert res["w"].last.finish_reason == "error" and "'a'" in res["w"].last.error
+    assert all(e["refs"] == 0 for e in eng.stats()["adapter_cache"]["loaded"])
+    assert "c" in eng.stats()["adapters_loaded"]
 
 
 def test_adapter_template(tiny_base: Path, adapter_dir: Path):
