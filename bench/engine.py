@@ -1,7 +1,7 @@
 """Engine micro-benchmark: the engine against batched ``generate`` in the same process and run.
 
     python -m bench engine [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
-                           [--dtype float32] [--json out.json]
+                           [--compose-size 2] [--dtype float32] [--json out.json]
 
 On a random-weights distilgpt2-shaped base (built once under ~/.cache/loraserve/bench) with
 ``--adapters`` PEFT LoRA adapters (r=``--rank``, c_attn+c_proj) it times, interleaved and in
@@ -17,6 +17,9 @@ alternating order each repetition:
 - ``engine_json``: ``engine_base`` with ``--json-rows`` of the rows (default a quarter) constrained
   to a JSON schema (an array of at least ``2 x new-tokens`` strings: it cannot be finished within
   the budget, so those rows run their whole budget too), with the grammar mask's time per step;
+- ``engine_composed``: the ``engine_lora`` batch with each row on one of 8 distinct weighted
+  compositions of ``--compose-size`` adapters (drawn from the same adapters) instead of one
+  adapter; the target is ``engine_composed / engine_lora`` >= 0.9;
 - adapter cold loads (read + parse + place, the cache's miss path).
 
 EOS is ignored everywhere so every row produces exactly its token budget (constrained rows cannot
@@ -90,6 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--json-rows", type=int, default=-1, help="constrained rows of engine_json (-1: batch / 4)"
     )
+    ap.add_argument(
+        "--compose-size", type=int, default=2, help="adapters per composition in engine_composed (1..8)"
+    )
+    ap.add_argument(
+        "--idle-wait",
+        type=float,
+        default=20.0,
+        help="most seconds to wait for a calm machine before each run",
+    )
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
     ap.add_argument(
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import PeftModel
 
     from service import structured
-    from service.engine import Engine, GenerationRequest, SamplingParams
+    from service.engine import AdapterWeight, Engine, GenerationRequest, SamplingParams
     from trainer.model import load_base_model
 
     dtype = getattr(torch, args.dtype)
@@ -124,15 +136,20 @@ def main(argv: list[str] | None = None) -> dict:
         max_batch_size=B,
         max_loaded_adapters=max(16, args.adapters),
     )
-    hf = load_base_model(base, dtype=dtype, device=args.device).eval()
-    peft = PeftModel.from_pretrained(
-        load_base_model(base, dtype=dtype, device=args.device),
-        str(adapter_dir / names[0]),
-        adapter_name=names[0],
-    )
-    for n in names[1:]:
-        peft.load_adapter(str(adapter_dir / n), adapter_name=n)
-    peft.eval()
+    only = set(args.only.split(",")) if args.only else set()
+    # the HF and PEFT references load only when a generate_* method runs (they take a while)
+    with_generate = not only or any(m.startswith("generate") for m in only)
+    hf = peft = None
+    if with_generate:
+        hf = load_base_model(base, dtype=dtype, device=args.device).eval()
+        peft = PeftModel.from_pretrained(
+            load_base_model(base, dtype=dtype, device=args.device),
+            str(adapter_dir / names[0]),
+            adapter_name=names[0],
+        )
+        for n in names[1:]:
+            peft.load_adapter(str(adapter_dir / n), adapter_name=n)
+        peft.eval()
     pad = engine.tokenizer.eos_token_id
     dev = torch.device(args.device)
 
@@ -156,9 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return (out.shape[1] - width) * len(rows)
 
+    Composition = tuple[AdapterWeight, ...]
+
     def engine_run(
         rows: list[list[int]],
-        adapters: list[str | None],
+        adapters: list[str | Composition | None],
         news: list[int],
         in_flight: int,
         schemas: list[str | None] | None = None,
@@ -173,7 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
                 params = SamplingParams(
                     max_new_tokens=news[i], temperature=0, ignore_eos=schema is None, json_schema=schema
                 )
-                engine.add(GenerationRequest(f"q{i}", rows[i], adapters[i], params))
+                composed = isinstance(adapters[i], tuple)
+                engine.add(
+                    GenerationRequest(
+                        f"q{i}",
+                        rows[i],
+                        None if composed else adapters[i],
+                        params,
+                        adapters=adapters[i] if composed else None,
+                    )
+                )
                 live += 1
             for ev in engine.step().events:
                 produced += ev.token_id is not None
@@ -183,6 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
     batch_rows = prompts[:B]
     lora_adapters = [names[i % len(names)] for i in range(B)]
     stream_adapters = [names[i % len(names)] for i in range(len(prompts))]
+    # 8 distinct compositions: composition k weighs adapters k, k+1, ... (mod the pool), rows round-robin
+    size = max(1, min(args.compose_size, len(names)))
+    compositions = [
+        tuple(AdapterWeight(names[(k + j) % len(names)], round(0.9 - 0.3 * j, 2)) for j in range(size))
+        for k in range(8)
+    ]
+    composed_rows = [compositions[i % len(compositions)] for i in range(B)]
 
     def gen_stream() -> int:
         order = sorted(range(len(prompts)), key=lambda i: (i // (4 * B), stream_new[i]))
@@ -220,18 +255,22 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_base": lambda: engine_run(batch_rows, [None] * B, [N] * B, B),
         "engine_lora": lambda: engine_run(batch_rows, lora_adapters, [N] * B, B),
         "engine_json": lambda: engine_run(batch_rows, [None] * B, [N] * B, B, json_schemas),
+        "engine_composed": lambda: engine_run(batch_rows, composed_rows, [N] * B, B),
     }
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
         methods["generate_stream"] = gen_stream
-    if args.only:
-        methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
     # warm-up (untimed): first calls allocate caches and load adapters
-    gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
+    if with_generate:
+        gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
     engine_run(batch_rows[:2], lora_adapters[:2], [4, 4], 2)
     engine_run(batch_rows, lora_adapters, [2] * B, B)
     engine_run(batch_rows, [None] * B, [2] * B, B, json_schemas)  # compiles the schema
     mask_seconds.clear()
+    if "engine_composed" in methods:
+        engine_run(batch_rows, composed_rows, [2] * B, B)
 
     runs: list[dict[str, float]] = []
     cpu_runs: list[dict[str, float]] = []  # tokens per CPU-second: steadier than wall time on a busy box
@@ -240,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(args.reps):
         tps, cps = {}, {}
         for name in order if rep % 2 == 0 else reversed(order):
-            loads.append(wait_idle())
+            loads.append(wait_idle(args.idle_wait))
             t0, c0 = time.perf_counter(), time.process_time()
             tokens = methods[name]()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -253,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio_defs = {
         "engine_lora / engine_base": ("engine_lora", "engine_base"),
         "engine_json / engine_base": ("engine_json", "engine_base"),
+        "engine_composed / engine_lora": ("engine_composed", "engine_lora"),
         "engine_lora / generate_lora": ("engine_lora", "generate_lora"),
         "engine_base / generate_base": ("engine_base", "generate_base"),
         "generate_lora / generate_base": ("generate_lora", "generate_base"),
@@ -319,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
             "adapters": args.adapters,
             "rank": args.rank,
             "new_tokens": N,
+            "compose_size": size,
             "reps": args.reps,
             "dtype": args.dtype,
             "device": args.device,

@@ -93,11 +93,14 @@ def prepare_job(
     request_timeout: float,
     adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
+    composition: list[tuple[str, float]] | None = None,
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
     ``prompt_text`` is final (already rendered with a template when the route wants one);
-    ``params`` are SamplingParams fields. Every check here uses only the disk and the tokenizer.
+    ``params`` are SamplingParams fields; ``composition`` is ``(name, weight)`` per entry of a
+    weighted composition (then ``adapter`` is None). Every check here uses only the disk and the
+    tokenizer.
     """
     from service.adapters import store
 
@@ -106,6 +109,11 @@ def prepare_job(
         if not store.exists(adapter_dir, adapter):
             missing = f"adapter {adapter!r} does not exist"
             raise api_error(WireError("adapter_not_found", missing, adapter_param))
+    for i, (name, _) in enumerate(composition or []):
+        param = f"adapters.{i}.name"
+        store.check_name(name, param)
+        if not store.exists(adapter_dir, name):
+            raise api_error(WireError("adapter_not_found", f"adapter {name!r} does not exist", param))
     max_new = params["max_new_tokens"]
     if max_new > max_new_tokens_cap:
         raise ApiError(
@@ -149,6 +157,7 @@ def prepare_job(
         stream=stream,
         arrived=now,
         deadline=now + request_timeout,
+        adapters=tuple(composition) if composition is not None else None,
     )
 
 

@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from service.schemas import check_logit_bias, logit_bias_keys
+from service.schemas import (
+    COMPOSITION_FIELD,
+    Composition,
+    check_composition,
+    check_logit_bias,
+    logit_bias_keys,
+)
 from service.wire import MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
 
 MAX_N = 16  # choices per prompt
@@ -96,6 +102,13 @@ class _Sampling(BaseModel):
         None, description="text, json_object (any JSON object) or json_schema (output follows the schema)"
     )
     user: str | None = Field(None, description="accepted and ignored")
+    adapters: Composition = COMPOSITION_FIELD  # extension: ``model`` then names the base
+
+    @field_validator("adapters")
+    @classmethod
+    def _composition(cls, v: Composition) -> Composition:
+        check_composition(v)
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod

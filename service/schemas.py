@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from service.wire import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY
+from service.wire import (
+    MAX_COMPOSITION,
+    MAX_COMPOSITION_WEIGHT,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+)
 
 
 def logit_bias_keys(v: object) -> object:
@@ -42,11 +49,41 @@ def check_logit_bias(v: dict[int, float] | None) -> dict[int, float] | None:
     return v
 
 
+class AdapterWeight(BaseModel):
+    """One entry of a weighted composition: its LoRA term enters the row's sum with ``weight``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(description="adapter name")
+    weight: float = Field(ge=-MAX_COMPOSITION_WEIGHT, le=MAX_COMPOSITION_WEIGHT)
+
+
+Composition = list[AdapterWeight] | None
+COMPOSITION_FIELD = Field(
+    None,
+    min_length=1,
+    max_length=MAX_COMPOSITION,
+    description="weighted composition of adapters (sum of w_i * B_i A_i); exclusive with a single adapter",
+)
+
+
+def check_composition(adapters: Composition) -> None:
+    """A name listed twice is a mistake worth naming (its weights would simply add up)."""
+    if adapters is None:
+        return
+    seen: set[str] = set()
+    for entry in adapters:
+        if entry.name in seen:
+            raise ValueError(f"adapter {entry.name!r} is listed twice in adapters: give it one weight")
+        seen.add(entry.name)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="the user's text; rendered with the adapter's template unless raw")
     adapter: str | None = Field(None, description="adapter name; null is the base model")
+    adapters: Composition = COMPOSITION_FIELD
     max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -89,6 +126,18 @@ class GenerateRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
+    @field_validator("adapters")
+    @classmethod
+    def _composition(cls, v: Composition) -> Composition:
+        check_composition(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind_of_adapter(self) -> GenerateRequest:
+        if self.adapter is not None and self.adapters is not None:
+            raise ValueError("adapter and adapters are exclusive: send one of them")
+        return self
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -115,6 +164,7 @@ class GenerateResponse(BaseModel):
     id: str
     text: str
     adapter: str | None
+    adapters: list[AdapterWeight] | None = None  # the composition, as sent
     finish_reason: FinishReason
     usage: Usage
     tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: every generated token")

@@ -3,7 +3,8 @@ table from an error code the worker reports to its HTTP status.
 
 The queue pickles plain dicts, so each message has ``to_dict``/``from_dict``; both sides speak the
 dataclasses:
-    Job     a validated request (API -> worker): prompt ids, adapter, SamplingParams fields, deadline
+    Job     a validated request (API -> worker): prompt ids, adapter or composition, SamplingParams
+            fields, deadline
     Cancel  drop a job (API -> worker): its client went away, or the API side gave up on it
     Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``;
             with ``logprobs`` requested, the ``TokenLogprob`` of every token generated since the
@@ -26,6 +27,9 @@ MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its compl
 MAX_PENALTY = 2.0  # frequency/presence penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
 MAX_LOGIT_BIAS_TOKENS = 300  # tokens one request may bias (bounds the per-row update and the body)
+# A composed request (``Job.adapters``): how many adapters it may weigh and the bound of each weight.
+MAX_COMPOSITION = 8
+MAX_COMPOSITION_WEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,11 @@ class Job:
     stream: bool
     arrived: float  # time.monotonic() in the API process; the worker shares the clock (one host)
     deadline: float
+    # a weighted composition instead of ``adapter`` (then None): ``(name, weight)`` per entry
+    adapters: tuple[tuple[str, float], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "prompt_ids": list(self.prompt_ids),
             "adapter": self.adapter,
@@ -95,6 +101,9 @@ class Job:
             "arrived": self.arrived,
             "deadline": self.deadline,
         }
+        if self.adapters is not None:
+            out["adapters"] = [[name, weight] for name, weight in self.adapters]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -106,6 +115,11 @@ class Job:
             stream=bool(data["stream"]),
             arrived=float(data["arrived"]),
             deadline=float(data["deadline"]),
+            adapters=(
+                tuple((str(name), float(weight)) for name, weight in data["adapters"])
+                if data.get("adapters") is not None
+                else None
+            ),
         )
 
 

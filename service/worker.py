@@ -152,12 +152,19 @@ class _Driver:
 
     def __init__(self, lit_api: EngineAPI, queue: WorkerQueue) -> None:
         from service import metrics
-        from service.engine import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams
+        from service.engine import (
+            AdapterNotFound,
+            AdapterWeight,
+            GenerationRequest,
+            PromptTooLong,
+            SamplingParams,
+        )
 
         self.api, self.engine, self.queue = lit_api, lit_api.engine, queue
         self.metrics = metrics
         self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
         self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
+        self.AdapterWeight = AdapterWeight
         self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
         self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
         self.busy = False  # as last published
@@ -225,6 +232,11 @@ class _Driver:
                         job.adapter,
                         self.SamplingParams(**job.params),
                         arrival=job.arrived,
+                        adapters=(
+                            None
+                            if job.adapters is None
+                            else tuple(self.AdapterWeight(n, w) for n, w in job.adapters)
+                        ),
                     )
                 )
             except Exception as exc:

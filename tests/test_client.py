@@ -321,6 +321,24 @@ def test_generate_sends_only_what_was_set():
     assert isinstance(gen, lc.Generation) and gen.usage.total_tokens == 7 and gen.finish_reason == "eos"
 
 
+def test_generate_sends_a_composition_as_the_adapters_list():
+    composed = {
+        **GEN,
+        "adapter": None,
+        "adapters": [{"name": "a", "weight": 0.6}, {"name": "b", "weight": -0.4}],
+    }
+    rec = Recorder(httpx.Response(200, json=composed))
+    with rec.client() as client:
+        gen = client.generate("Hi", adapters={"a": 0.6, "b": -0.4}, temperature=0)
+    assert json.loads(rec.requests[0].content) == {
+        "prompt": "Hi",
+        "adapter": None,
+        "adapters": [{"name": "a", "weight": 0.6}, {"name": "b", "weight": -0.4}],
+        "temperature": 0,
+    }
+    assert gen.adapters == composed["adapters"]
+
+
 SSE = (
     ": keep-alive\n\n"
     'data: {"id": "gen-1", "text": "Ar", "finish_reason": null}\n\n'

@@ -18,6 +18,7 @@ import torch
 from service import metrics
 from service.engine import (
     AdapterNotFound,
+    AdapterWeight,
     Engine,
     GenerationRequest,
     PromptTooLong,
@@ -76,10 +77,17 @@ def greedy(n: int = 16, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, **kw)
 
 
+Spec = str | tuple[tuple[str, float], ...] | None  # an adapter, a composition ((name, weight), ...), the base
+
+
 def request(
-    engine: Engine, rid: str, prompt: str, adapter: str | None, params: SamplingParams
+    engine: Engine, rid: str, prompt: str, adapter: Spec, params: SamplingParams
 ) -> GenerationRequest:
-    return GenerationRequest(rid, engine.tokenizer.encode(prompt), adapter, params)
+    ids = engine.tokenizer.encode(prompt)
+    if isinstance(adapter, tuple):
+        composition = tuple(AdapterWeight(name, weight) for name, weight in adapter)
+        return GenerationRequest(rid, ids, None, params, adapters=composition)
+    return GenerationRequest(rid, ids, adapter, params)
 
 
 class Result:
@@ -152,8 +160,16 @@ def test_mixed_batch_greedy_equals_each_alone(shared_engine: Engine):
         {"presence_penalty": 2.0, "logit_bias": {198: 5.0, 13: -3.0}, "logprobs": 5},
         {"logit_bias": {262: 8.0}},
         {"frequency_penalty": -0.5, "presence_penalty": 0.7, "logprobs": 2},
+        # composed rows with the same features
+        {"logprobs": 2},
+        {},
+        {"presence_penalty": 1.0, "logit_bias": {262: 4.0}},
+        {"frequency_penalty": 0.5},
     ]
+    ab, ba = (("a", 0.6), ("b", 0.4)), (("b", 1.5), ("a", -0.7))
     specs = [(0, None), (1, "a"), (2, "b"), (0, "a"), (3, "b"), (1, None), (3, "a")]
+    # composed rows: two compositions of the same adapters, one with a third adapter, one of one
+    specs += [(0, ab), (1, ba), (2, (("a", 0.5), ("c", 0.5), ("d", 1.0))), (0, (("b", 0.5),))]
     reqs = [request(eng, f"m{i}", PROMPTS[p], ad, greedy(12, **extras[i])) for i, (p, ad) in enumerate(specs)]
     mixed = run(eng, reqs)
     alone = {
@@ -178,6 +194,9 @@ def test_mixed_batch_greedy_equals_each_alone(shared_engine: Engine):
     assert mixed["m0"].tokens != mixed["m3"].tokens
     assert mixed["m1"].tokens != mixed["m5"].tokens
     assert mixed["m4"].tokens != mixed["m6"].tokens
+    assert mixed["m7"].tokens != mixed["m0"].tokens  # a composition is not the base...
+    assert mixed["m7"].tokens != solo(eng, request(eng, "pa", PROMPTS[0], "a", greedy(12))).tokens  # nor a
+    assert mixed["m10"].tokens != solo(eng, request(eng, "pb", PROMPTS[0], "b", greedy(12))).tokens
     # and so do the penalties and the bias: the same prompt and adapter without them differs
     for i in (2, 4, 5, 6):
         p, ad = specs[i]
@@ -401,6 +420,106 @@ def test_matches_peft_generate(shared_engine: Engine, tiny_base: Path, adapter_s
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=50256)
         assert solo(eng, request(eng, "peft", p, "b", greedy(10))).tokens == out[0, len(ids) :].tolist()
+
+
+def test_composition_matches_peft_cat(shared_engine: Engine, tiny_base: Path, adapter_src: Path):
+    """A weighted composition reproduces PEFT's add_weighted_adapter(combination_type="cat") in fp32,
+    alone and in a batch with plain rows, the base and another composition."""
+    from peft import PeftModel
+
+    from trainer.model import load_base_model
+
+    eng = shared_engine
+    names, weights = ["a", "b", "d"], [0.6, -0.4, 1.3]  # d has another rank: cat sums the ranks
+    model = PeftModel.from_pretrained(load_base_model(tiny_base), adapter_src / "a", adapter_name="a")
+    for name in names[1:]:
+        model.load_adapter(adapter_src / name, adapter_name=name)
+    model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+    model.set_adapter("mix")
+    model.eval()
+    spec = tuple(zip(names, weights, strict=True))
+    want = {}
+    for k, p in enumerate(PROMPTS[:3]):
+        ids = eng.tokenizer.encode(p)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=50256)
+        want[f"cat{k}"] = out[0, len(ids) :].tolist()
+        assert solo(eng, request(eng, f"cat{k}", p, spec, greedy(10))).tokens == want[f"cat{k}"]
+    others = [(1, "b"), (2, None), (0, (("c", 1.0), ("a", 0.3)))]
+    reqs = [request(eng, f"cat{k}", p, spec, greedy(10)) for k, p in enumerate(PROMPTS[:3])]
+    reqs += [request(eng, f"o{i}", PROMPTS[p], ad, greedy(10)) for i, (p, ad) in enumerate(others)]
+    mixed = run(eng, reqs)
+    for rid, tokens in want.items():
+        assert mixed[rid].tokens == tokens, rid
+    base = solo(eng, request(eng, "base", PROMPTS[0], None, greedy(10))).tokens
+    assert want["cat0"] != base
+    flipped = tuple(zip(names, [0.6, 0.4, 1.3], strict=True))  # one sign off: another answer
+    assert any(
+        solo(eng, request(eng, "flip", p, flipped, greedy(10))).tokens != want[f"cat{k}"]
+        for k, p in enumerate(PROMPTS[:3])
+    )
+
+
+def test_single_entry_of_weight_one_is_the_adapter(shared_engine: Engine):
+    eng = shared_engine
+    for p in PROMPTS[:2]:
+        plain = solo(eng, request(eng, "plain", p, "c", greedy(10)))
+        one = solo(eng, request(eng, "one", p, (("c", 1.0),), greedy(10)))
+        assert one.tokens == plain.tokens and one.text == plain.text
+        half = solo(eng, request(eng, "half", p, (("c", 0.5),), greedy(10)))
+        assert half.tokens != plain.tokens  # the weight is applied
+
+
+def test_composition_pins_every_adapter_until_it_leaves(tiny_base: Path, adapter_dir: Path):
+    eng = Engine(tiny_base, adapter_dir, max_loaded_adapters=3)
+    eng.add(request(eng, "ab", PROMPTS[0], (("a", 0.5), ("b", 0.5)), greedy(6)))
+    eng.add(request(eng, "bc", PROMPTS[1], (("b", 1.0), ("c", -1.0)), greedy(3)))
+
+    def refs() -> dict[str, int]:
+        return {e["name"]: e["refs"] for e in eng.stats()["adapter_cache"]["loaded"]}
+
+    res: dict[str, Result] = {}
+    step(eng, res)
+    assert refs() == {"a": 1, "b": 2, "c": 1}
+    # a fourth adapter does not fit while all three are pinned: its request waits
+    eng.add(request(eng, "d", PROMPTS[2], "d", greedy(2)))
+    step(eng, res)
+    assert eng.stats()["waiting"] == 1
+    for _ in range(3):
+        step(eng, res)
+    assert res["bc"].last.finished and not res["ab"].last.finished
+    assert refs()["b"] == 1 and refs()["a"] == 1  # bc left: its pins are released
+    drain(eng, res)
+    assert all(n == 0 for n in refs().values())
+    assert res["d"].last.finish_reason == "length"
+    # a composition larger than the cache can never run: refused at once
+    with pytest.raises(ValueError, match="at most 3"):
+        eng.add(request(eng, "big", PROMPTS[0], (("a", 1), ("b", 1), ("c", 1), ("d", 1)), greedy(2)))
+    # deleted between add and admission: the error names the missing component, nothing stays pinned
+    shutil.copytree(adapter_dir / "c", adapter_dir / "gone")
+    eng.add(request(eng, "g", PROMPTS[0], (("a", 1.0), ("gone", 0.5)), greedy(2)))
+    shutil.rmtree(adapter_dir / "gone")
+    (ev,) = step_events(eng)
+    assert ev.finish_reason == "error" and ev.error_code == "adapter_not_found" and "'gone'" in ev.error
+    assert all(n == 0 for n in refs().values())
+
+
+def test_bad_compositions_rejected(shared_engine: Engine):
+    eng = shared_engine
+    with pytest.raises(AdapterNotFound, match="nope"):
+        eng.add(request(eng, "u", PROMPTS[0], (("a", 0.5), ("nope", 0.5)), greedy(2)))
+    for bad, match in [
+        ((), "1 to 8"),
+        (tuple((n, 0.1) for n in "abcabcabc"), "1 to 8"),
+        ((("a", 2.5),), "weight must be in"),
+        ((("a", float("nan")),), "weight must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            eng.add(request(eng, "u", PROMPTS[0], bad, greedy(2)))
+    both = GenerationRequest("u", [1, 2], "a", greedy(2), adapters=(AdapterWeight("b", 1.0),))
+    with pytest.raises(ValueError, match="exclusive"):
+        eng.add(both)
+    assert not eng.has_active()
 
 
 def test_join_mid_generation(shared_engine: Engine):
@@ -703,6 +822,11 @@ def test_broken_adapter_fails_only_its_request(tiny_base: Path, adapter_dir: Pat
     assert res["x"].last.finish_reason == "error" and "'a'" in res["x"].last.error
     assert res["y"].last.finish_reason == "error" and "DoRA" in res["y"].last.error
     assert res["z"].last.finish_reason == "length"
+    # a composition with a broken component fails alone; its loaded components are not left pinned
+    res = run(eng, [request(eng, "w", PROMPTS[0], (("c", 0.5), ("a", 0.5)), greedy(4))])
+    assert res["w"].last.finish_reason == "error" and "'a'" in res["w"].last.error
+    assert all(e["refs"] == 0 for e in eng.stats()["adapter_cache"]["loaded"])
+    assert "c" in eng.stats()["adapters_loaded"]
 
 
 def test_adapter_template(tiny_base: Path, adapter_dir: Path):
@@ -776,3 +900,11 @@ def test_metrics_updated(shared_engine: Engine):
     assert value("loraserve_time_to_first_token_seconds_count", {"adapter": "a"}) - ttft0 == 1
     assert value("loraserve_batch_size_count") - batch0 == 4  # decode steps after the shared prefill
     assert value("loraserve_requests_running") == 0
+    # a composed row counts per component adapter (bounded labels), never under a label of its own
+    gen_b, gen_c = (value("loraserve_generated_tokens_total", {"adapter": n}) for n in ("b", "c"))
+    ttft_b = value("loraserve_time_to_first_token_seconds_count", {"adapter": "b"})
+    run(eng, [request(eng, "mix", PROMPTS[0], (("b", 0.5), ("c", 0.5)), greedy(4))])
+    assert value("loraserve_generated_tokens_total", {"adapter": "b"}) - gen_b == 4
+    assert value("loraserve_generated_tokens_total", {"adapter": "c"}) - gen_c == 4
+    assert value("loraserve_time_to_first_token_seconds_count", {"adapter": "b"}) - ttft_b == 1
+    assert value("loraserve_generated_tokens_total", {"adapter": "b+c"}) == 0

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from service.engine.dense import Dense, prepack_supported
-from service.engine.lora import AdapterFormatError, LoraPlan, LoraWeights, parse_adapter, read_adapter_files
+from service.engine.lora import (
+    AdapterFormatError,
+    LoraPlan,
+    LoraWeights,
+    Mix,
+    parse_adapter,
+    read_adapter_files,
+)
 from service.engine.model import GPT2Runner
 from service.engine.sampling import filter_logits
 from service.engine.text import Detokenizer, StopMatcher, byte_table
@@ -147,11 +154,12 @@ def test_lora_plan_forms_add_the_same_deltas(tiny):
     a = _random_adapter(shapes, 4, ("attn.c_attn", "attn.c_proj", "mlp.c_proj"), 1)
     b = _random_adapter(shapes, 2, ("attn.c_attn", "mlp.c_fc"), 2)
     c = _random_adapter(shapes, 4, ("attn.c_attn", "attn.c_proj", "mlp.c_proj"), 3)
-    rows = [a, None, b, c, a, b, None]
+    ab, cba = Mix(((a, 0.6), (b, -0.4))), Mix(((c, 1.5), (b, 0.5), (a, -1.0)))
+    rows = [a, None, b, c, a, b, None, ab, ab, cba, Mix(((b, 0.3), (b, 0.2)))]
     masked = LoraPlan.for_rows(rows, "cpu", packed=True)
     stacked = LoraPlan.for_rows(rows, "cpu", packed=False)
-    assert masked.row_group is not None and masked.stacks.dense is not None
-    assert stacked.row_group is None and stacked.gather is not None
+    assert masked.row_scale is not None and masked.stacks.dense is not None
+    assert stacked.row_scale is None and stacked.gather is not None
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for layer in range(len(shapes)):
@@ -159,17 +167,22 @@ def test_lora_plan_forms_add_the_same_deltas(tiny):
                 x = torch.randn(len(rows), fan_in, generator=g)
                 want = torch.zeros(len(rows), fan_out)
                 for i, w in enumerate(rows):  # one row at a time, one adapter at a time
-                    if w is not None:
-                        want[i : i + 1] = LoraPlan([(slice(0, 1), w)]).apply(
+                    terms = w.parts if isinstance(w, Mix) else [] if w is None else [(w, 1.0)]
+                    for adapter, weight in terms:
+                        want[i : i + 1] += weight * LoraPlan([(slice(0, 1), adapter, 1.0)]).apply(
                             torch.zeros(1, fan_out), x[i : i + 1], layer, module
                         )
-                for plan in (masked, stacked):
+                # packed prefill: one token range per row (ranges on one adapter merge)
+                prefill = LoraPlan.for_segments([(i, i + 1, w) for i, w in enumerate(rows)])
+                # 13 terms; adjacent equal terms share a range: ab twice, and b at 0.5 in the last two rows
+                assert len(prefill.groups) == 10
+                for plan in (masked, stacked, prefill):
                     got = plan.apply(torch.zeros(len(rows), fan_out), x, layer, module)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
                     assert not got[[1, 6]].any()  # base rows get nothing
     # many rows x adapters: the masked form would do too much work, the plan stacks instead
     wide = LoraPlan.for_rows([a, b, c] * 50, "cpu", packed=True)
-    assert wide.row_group is None and wide.gather is not None
+    assert wide.row_scale is None and wide.gather is not None
 
 
 def test_parse_adapter_rejects_what_does_not_fit(tiny):

@@ -77,7 +77,7 @@ def env(tiny_base: Path, trained_adapters: dict[str, Path], tmp_path_factory: py
     publish(src / "beta", adapters, "gamma", GAMMA_TEMPLATE)
     with running_server(tiny_base, adapters, root / "data", api_key=API_KEY) as srv, srv.client() as http:
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-        yield {"srv": srv, "http": http, "oai": oai, "base": tiny_base}
+        yield {"srv": srv, "http": http, "oai": oai, "base": tiny_base, "adapters": adapters}
         oai.close()
 
 
@@ -311,6 +311,125 @@ def test_choices_share_engine_batches_and_are_timed(env):
     assert steps > 0 and solo_steps < steps  # some decode steps ran several choices together
     assert after["ttft_gamma"] - before.get("ttft_gamma", 0) == 4  # one first token per choice
     assert after["itl"] - before.get("itl", 0) >= 4  # later tokens are timed too
+
+
+# --- weighted compositions (the ``adapters`` field, native and as an extra body field) -----------------
+
+MIX = [{"name": "alpha", "weight": 0.7}, {"name": "beta", "weight": -0.5}]
+
+
+def peft_cat_text(env, composition: list[dict], prompt: str, max_new: int) -> str:
+    """Greedy text of PEFT's own add_weighted_adapter(combination_type="cat") in this process, fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from trainer.model import load_base_model
+
+    names, weights = [c["name"] for c in composition], [c["weight"] for c in composition]
+    folder = env["adapters"]
+    model = PeftModel.from_pretrained(load_base_model(env["base"]), folder / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folder / name, adapter_name=name)
+    model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+    model.set_adapter("mix")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(env["base"])
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=50256)
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_generate_with_a_composition_matches_peft_cat(env):
+    prompt = "The weather today is"
+    reply = generate(env, None, prompt, raw=True, adapters=MIX)
+    assert reply["adapter"] is None and reply["adapters"] == MIX
+    assert reply["text"] == peft_cat_text(env, MIX, prompt, MAX_TOKENS)
+    assert reply["text"] != generate(env, "alpha", prompt, raw=True)["text"]
+    assert reply["text"] != generate(env, "beta", prompt, raw=True)["text"]
+    # one entry of weight 1 is that adapter; the stream joins to the same text as the JSON reply
+    assert (
+        generate(env, None, prompt, raw=True, adapters=[{"name": "beta", "weight": 1}])["text"]
+        == (generate(env, "beta", prompt, raw=True)["text"])
+    )
+    body = {"prompt": prompt, "adapters": MIX, "max_new_tokens": MAX_TOKENS, "temperature": 0, "raw": True}
+    with env["http"].stream("POST", "/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert "".join(json.loads(line[6:])["text"] for line in lines[:-1]) == reply["text"]
+
+
+def test_composition_on_the_openai_routes_as_an_extra_body_field(env):
+    prompt = "The weather today is"
+    native = generate(env, None, prompt, raw=True, adapters=MIX)
+    reply = complete(env, "tiny-gpt2", prompt, extra_body={"adapters": MIX})
+    assert reply.model == "tiny-gpt2" and reply.choices[0].text == native["text"]
+    assert reply.usage.completion_tokens == native["usage"]["completion_tokens"]
+    streamed = complete(env, "base", prompt, extra_body={"adapters": MIX}, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == native["text"]
+    # chat renders with the first adapter's template (gamma records its own)
+    mix = [{"name": "gamma", "weight": 0.8}, {"name": "alpha", "weight": 0.4}]
+    got = chat(env, "tiny-gpt2", extra_body={"adapters": mix}).choices[0].message.content
+    rendered = GAMMA_TEMPLATE.render_chat_prompt([{"role": "user", "content": QUESTION}])
+    expected = generate(env, None, rendered, raw=True, adapters=mix, stop=["\n### Question:"])["text"]
+    assert got == answer(expected)
+
+
+def test_bad_compositions_are_4xx_naming_the_problem(env):
+    http = env["http"]
+
+    def post(**body):
+        r = http.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, **body})
+        return r.status_code, r.json()["error"]
+
+    status, err = post(adapters=[{"name": "alpha", "weight": 0.5}, {"name": "nope", "weight": 0.5}])
+    assert status == 404 and err["code"] == "adapter_not_found" and "'nope'" in err["message"]
+    assert err["param"] == "adapters.1.name"
+    status, err = post(adapter="alpha", adapters=MIX)
+    assert status == 422 and "exclusive" in err["message"]
+    status, err = post(adapters=[{"name": "alpha", "weight": 2.5}])
+    assert status == 422 and err["param"] == "adapters.0.weight"
+    status, err = post(adapters=[{"name": "alpha", "weight": 0.1}] * 9)
+    assert status == 422 and err["param"] == "adapters"
+    status, err = post(adapters=[])
+    assert status == 422 and err["param"] == "adapters"
+    status, err = post(adapters=[{"name": "alpha", "weight": 0.5}, {"name": "alpha", "weight": 0.5}])
+    assert status == 422 and "listed twice" in err["message"]
+    status, err = post(adapters=[{"name": "../x", "weight": 1}])
+    assert status == 422 and err["code"] == "invalid_adapter_name" and err["param"] == "adapters.0.name"
+    status, err = post(adapters=[{"name": "alpha"}])
+    assert status == 422 and err["param"] == "adapters.0.weight"
+    # OpenAI routes: unknown names are 404 naming them; a composition rides on the base only
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as e404:
+            complete(
+                env,
+                "tiny-gpt2",
+                "Hi",
+                stream=stream,
+                extra_body={"adapters": [{"name": "nope", "weight": 1}]},
+            )
+        assert "'nope'" in e404.value.body["message"] and e404.value.body["param"] == "adapters.0.name"
+    with pytest.raises(openai.UnprocessableEntityError) as e422:
+        chat(env, "alpha", extra_body={"adapters": MIX})
+    assert e422.value.body["param"] == "model" and "base" in e422.value.body["message"]
+
+
+def test_composed_tokens_count_per_component_adapter(env):
+    def tokens(adapter: str) -> float:
+        text = env["http"].get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            if family.name == "loraserve_generated_tokens":
+                return sum(s.value for s in family.samples if s.labels.get("adapter") == adapter)
+        return 0.0
+
+    before = {n: tokens(n) for n in ("alpha", "beta", "alpha+beta")}
+    reply = generate(env, None, "Count me", raw=True, adapters=MIX, max_new=6)
+    n = reply["usage"]["completion_tokens"]
+    assert tokens("alpha") - before["alpha"] == n == tokens("beta") - before["beta"]
+    assert tokens("alpha+beta") == 0
 
 
 # --- errors are real statuses ----------------------------------------------------------------------

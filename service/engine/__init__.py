@@ -9,10 +9,19 @@ One thread only: the worker loop owns the engine. ``step`` returns a StepReport 
 """
 
 from .engine import Engine
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, SamplingParams, StepReport, TokenEvent
+from .types import (
+    AdapterNotFound,
+    AdapterWeight,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+    StepReport,
+    TokenEvent,
+)
 
 __all__ = [
     "AdapterNotFound",
+    "AdapterWeight",
     "Engine",
     "GenerationRequest",
     "PromptTooLong",

@@ -13,7 +13,7 @@ import torch
 
 from .cache import LoadedAdapter
 from .constraints import Constraint
-from .lora import LoraPlan, Stacks
+from .lora import LoraPlan, Mix, RowLora, Stacks
 from .model import GPT2Runner
 from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
@@ -25,7 +25,7 @@ class Row:
     """Everything the engine tracks for one running request."""
 
     req: GenerationRequest
-    adapter: LoadedAdapter | None
+    adapter: LoadedAdapter | None  # the plain adapter's pinned entry
     generator: torch.Generator | None  # None for greedy rows
     seed: int | None
     detok: Detokenizer
@@ -42,13 +42,35 @@ class Row:
     bias: LogitBias | None = field(default=None, repr=False)  # the request's logit_bias, on the device
     # with frequency/presence penalties: how often each token id was generated so far
     counts: dict[int, int] | None = field(default=None, repr=False)
+    # a composed request: its components' pinned entries, in the request's order (``adapter`` is None)
+    parts: tuple[LoadedAdapter, ...] = ()
+    mix: Mix | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        composition = self.req.adapters
+        if composition is None:
+            return
+        if len(composition) == 1 and composition[0].weight == 1:
+            self.adapter, self.parts = self.parts[0], ()  # the adapter alone: its plain path
+        else:
+            self.mix = Mix(tuple((e.weights, c.weight) for e, c in zip(self.parts, composition, strict=True)))
 
     @property
-    def label(self) -> str:
-        return self.req.adapter or BASE_LABEL
+    def labels(self) -> tuple[str, ...]:
+        """Metric labels: the adapter, the base, or each component of a composition once."""
+        if self.req.adapters is not None:
+            return tuple(dict.fromkeys(c.name for c in self.req.adapters))
+        return (self.req.adapter or BASE_LABEL,)
 
     @property
-    def weights(self):
+    def pins(self) -> tuple[LoadedAdapter, ...]:
+        """Every cache entry this row holds a reference on."""
+        return self.parts if self.parts else (self.adapter,) if self.adapter is not None else ()
+
+    @property
+    def weights(self) -> RowLora:
+        if self.mix is not None:
+            return self.mix
         return self.adapter.weights if self.adapter is not None else None
 
 

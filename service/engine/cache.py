@@ -131,6 +131,45 @@ class AdapterCache:
             return True
         return any(e.refs == 0 or e.name == name for e in self.entries.values())
 
+    def can_acquire_all(self, names: list[str]) -> bool:
+        """Whether ``acquire_all(names)`` fits the capacity: the adapters not loaded need free room or
+        idle entries other than ``names`` to evict (a composition's adapters are pinned together)."""
+        if len(names) <= 1:
+            return not names or self.can_acquire(names[0])
+        wanted = set(names)
+        missing = new = 0
+        for name in wanted:
+            v = self.disk_version(name)
+            if v is None:
+                return True  # not found -> acquire_all raises at once
+            if self._current(name, v) is None:
+                missing += 1
+                new += name not in self.entries  # a stale entry is replaced, not added
+        if not missing:
+            return True
+        idle = sum(1 for e in self.entries.values() if e.refs == 0 and e.name not in wanted)
+        return len(self.entries) + new - idle <= self.capacity
+
+    def acquire_all(self, names: list[str]) -> list[LoadedAdapter]:
+        """``acquire`` each name (the result in ``names``' order), all or none: on a failure the ones
+        already pinned are released and the error is raised. Loaded names are pinned first, so
+        loading another one cannot evict them."""
+
+        def loaded(name: str) -> bool:
+            v = self.disk_version(name)
+            return v is not None and self._current(name, v) is not None
+
+        order = sorted(range(len(names)), key=lambda k: not loaded(names[k]))
+        got: dict[int, LoadedAdapter] = {}
+        try:
+            for k in order:
+                got[k] = self.acquire(names[k])
+        except BaseException:
+            for entry in got.values():
+                self.release(entry)
+            raise
+        return [got[k] for k in range(len(names))]
+
     def acquire(self, name: str) -> LoadedAdapter:
         """The current version of ``name``, loaded if needed, pinned for one row (``release`` it).
 

@@ -46,7 +46,7 @@ from .sampling import (
 )
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import BASE_LABEL, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
+from .types import AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ class Engine:
     def add(self, req: GenerationRequest) -> None:
         """Queue a request; it joins the batch at the next ``step``.
 
-        Raises AdapterNotFound, PromptTooLong, or ValueError (bad parameters, duplicate id, a JSON
-        schema that cannot be compiled: ``structured.SchemaError``).
+        Raises AdapterNotFound (naming the first unknown adapter of a composition), PromptTooLong, or
+        ValueError (bad parameters or composition, duplicate id, a JSON schema that cannot be
+        compiled: ``structured.SchemaError``).
         An empty prompt is started from the BOS token (counted as one prompt token).
         """
         self._check_thread()
@@ -161,8 +162,16 @@ class Engine:
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         if len(req.prompt_ids) + req.params.max_new_tokens > self.n_positions:
             raise PromptTooLong(len(req.prompt_ids), req.params.max_new_tokens, self.n_positions)
-        if req.adapter is not None and not self.adapters.exists(req.adapter):
-            raise AdapterNotFound(req.adapter, "" if valid_name(req.adapter) else "invalid adapter name")
+        req.validate_composition()
+        names = req.adapter_names()
+        if len(names) > self.adapters.capacity:
+            raise ValueError(
+                f"the composition uses {len(names)} adapters; this server holds at most "
+                f"{self.adapters.capacity} in memory at once"
+            )
+        for name in names:
+            if not self.adapters.exists(name):
+                raise AdapterNotFound(name, "" if valid_name(name) else "invalid adapter name")
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         if req.params.json_schema is not None:
@@ -260,29 +269,31 @@ class Engine:
     def _admit(self, running: int, report: StepReport) -> list[Row]:
         """The newcomers the scheduler lets in, each with its adapter pinned, and KV room for them.
 
-        A request whose adapter cannot be loaded without evicting a pinned one waits (others may
-        pass it); a request whose adapter vanished or is broken gets an error event.
+        A request whose adapter (or one of whose composition's adapters) cannot be loaded without
+        evicting a pinned one waits (others may pass it); a request whose adapter vanished or is
+        broken gets an error event. A composed row pins every adapter it uses, each once per entry.
         """
 
         def ready(req: GenerationRequest) -> bool:
-            return req.adapter is None or self.adapters.can_acquire(req.adapter)
+            return self.adapters.can_acquire_all(req.adapter_names())
 
         def join(req: GenerationRequest) -> Row | None:
-            entry: LoadedAdapter | None = None
-            if req.adapter is not None:
-                try:
-                    entry = self.adapters.acquire(req.adapter)
-                except FileNotFoundError:
-                    report.events.append(
-                        self._error(req, str(AdapterNotFound(req.adapter)), code="adapter_not_found")
-                    )
-                    return None
-                except AdapterError as exc:
-                    report.events.append(self._error(req, str(exc)))
-                    return None
-            return self._new_row(req, entry, report)
+            names = [req.adapter] if req.adapters is None else [c.name for c in req.adapters]
+            try:
+                pinned = self.adapters.acquire_all([n for n in names if n is not None])
+            except FileNotFoundError as exc:
+                missing = AdapterNotFound(exc.args[0] if exc.args else "?")
+                report.events.append(self._error(req, str(missing), code="adapter_not_found"))
+                return None
+            except AdapterError as exc:
+                report.events.append(self._error(req, str(exc)))
+                return None
+            if req.adapters is not None:
+                return self._new_row(req, None, report, tuple(pinned))
+            return self._new_row(req, pinned[0] if pinned else None, report)
 
         admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
+        self._share_mixes(admitted)
         if admitted:
             reserve = max(len(r.prompt_ids) + r.req.params.max_new_tokens for r in admitted)
             for r in self.batch.rows:
@@ -292,14 +303,29 @@ class Engine:
             self.batch.reserve(min(self.n_positions, -(-reserve // step) * step))
         return admitted
 
-    def _new_row(self, req: GenerationRequest, entry: LoadedAdapter | None, report: StepReport) -> Row:
+    def _share_mixes(self, newcomers: list[Row]) -> None:
+        """Rows on the same composition (same adapter versions and weights) share one ``Mix``, so
+        their prefill ranges are adjacent and merge (``Batch.join`` orders newcomers by it)."""
+        if not any(r.mix is not None for r in newcomers):
+            return
+        shared = {}
+        for row in [*self.batch.rows, *newcomers]:
+            if row.mix is not None:
+                key = tuple((id(w), weight) for w, weight in row.mix.parts)  # the Mix keeps w alive
+                row.mix = shared.setdefault(key, row.mix)
+
+    def _new_row(
+        self,
+        req: GenerationRequest,
+        entry: LoadedAdapter | None,
+        report: StepReport,
+        parts: tuple[LoadedAdapter, ...] = (),
+    ) -> Row:
         now = time.monotonic()
         report.queue_wait_seconds.append(max(0.0, now - req.arrival))
-        label = req.adapter or BASE_LABEL
-        report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         p = req.params
         gen, seed = (None, None) if p.greedy else make_generator(p.seed, self.device)
-        return Row(
+        row = Row(
             req=req,
             adapter=entry,
             generator=gen,
@@ -311,7 +337,11 @@ class Engine:
             bias=LogitBias.of(p.logit_bias, self.device),
             counts={} if p.penalized else None,
             constraint=None if p.json_schema is None else self.grammars.start(p.json_schema),
+            parts=parts,
         )
+        for label in row.labels:
+            report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
+        return row
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
         params = [r.req.params for r in rows]
@@ -331,13 +361,15 @@ class Engine:
             if lp is not None:
                 event.logprob, event.top_logprobs = lp
             report.events.append(event)
-            per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
+            for label in row.labels:  # a composed row's token counts once for each of its adapters
+                per_adapter[label] = per_adapter.get(label, 0) + 1
         self.tokens_generated += len(rows)
 
     def _advance(self, row: Row, token: int, now: float, report: StepReport) -> TokenEvent:
         """Record one generated token: text delta, stop conditions, latencies."""
         if row.completion == 0:
-            report.first_token_seconds.append((row.label, max(0.0, now - row.req.arrival)))
+            ttft = max(0.0, now - row.req.arrival)
+            report.first_token_seconds.extend((label, ttft) for label in row.labels)
         else:
             report.inter_token_seconds.append(now - row.last_time)
         row.last_time = now
@@ -391,8 +423,9 @@ class Engine:
         )
 
     def _release(self, row: Row) -> None:
-        if not row.released and row.adapter is not None:
-            self.adapters.release(row.adapter)
+        if not row.released:
+            for entry in row.pins:
+                self.adapters.release(entry)
         row.released = True
 
     def _leave(self, rows: list[Row]) -> None:

@@ -4,8 +4,10 @@ An adapter is read straight from its PEFT folder (``adapter_config.json`` + ``ad
 into per-layer pairs ``A [in, r]``, ``B [r, out]`` with the LoRA scaling folded into ``B``. In a forward
 pass each target layer computes the base ``x @ W + b`` once for all rows and then, for each adapter
 present in the batch, adds ``(x[rows] @ A) @ B`` to that adapter's rows. Base-model rows get nothing
-added. No hooks, no module swapping: an adapter is plain tensors, so rows that started on an older
-version of an adapter keep using it after a newer version is loaded.
+added. A *composed* row (``Mix``) gets ``sum_i w_i * (x @ A_i) @ B_i`` over its adapters: each
+component is one more adapter of the batch, and the row's weight scales its share. No hooks, no
+module swapping: an adapter is plain tensors, so rows that started on an older version of an
+adapter keep using it after a newer version is loaded.
 """
 
 from __future__ import annotations
@@ -161,6 +163,34 @@ def read_adapter_files(folder: str | os.PathLike) -> tuple[bytes, bytes, os.stat
     return cfg, weights, st
 
 
+@dataclass(frozen=True, eq=False)
+class Mix:
+    """One row's weighted composition of adapters: its LoRA term is ``sum_i w_i * B_i A_i``.
+
+    This equals PEFT's ``add_weighted_adapter(..., combination_type="cat")`` (rank ``sum r_i``, each
+    ``B_i`` scaled by ``w_i`` times its own ``alpha_i / r_i``) without building the merged tensors:
+    components stay the cached adapters, so rows with different compositions of the same adapters
+    share one stack and the batch's cost does not depend on how many compositions it holds.
+    """
+
+    parts: tuple[tuple[LoraWeights, float], ...]
+
+
+RowLora = LoraWeights | Mix | None  # what one row of a batch adds: an adapter, a composition or nothing
+
+
+def row_terms(w: RowLora) -> list[tuple[LoraWeights, float]]:
+    """``(adapter, weight)`` pairs of one row; an adapter listed twice in a Mix has its weights summed."""
+    if w is None:
+        return []
+    if isinstance(w, LoraWeights):
+        return [(w, 1.0)]
+    terms: dict[int, list] = {}
+    for adapter, weight in w.parts:
+        terms.setdefault(id(adapter), [adapter, 0.0])[1] += weight
+    return [(adapter, weight) for adapter, weight in terms.values()]
+
+
 class Stacks:
     """The adapters of one batch stacked per layer and module: ``A [G, in, r_max]``, ``B [G, r_max, out]``.
 
@@ -176,6 +206,7 @@ class Stacks:
         self.adapters = adapters
         self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         self.dense: list[dict[str, tuple[Dense, Dense]]] | None = None
+        self.dtype: torch.dtype = torch.float32
         for layer in range(len(adapters[0].layers)):
             mods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for module in TARGETS:
@@ -184,6 +215,7 @@ class Stacks:
                 if not present:
                     continue
                 a0, b0 = present[0]
+                self.dtype = a0.dtype
                 r = max(p[0].shape[1] for p in present)
                 a = a0.new_zeros((len(adapters), a0.shape[0], r))
                 b = b0.new_zeros((len(adapters), r, b0.shape[1]))
@@ -224,27 +256,32 @@ MASKED_MAX_ROWS_X_ADAPTERS = 128
 
 
 class LoraPlan:
-    """Which rows of the current forward pass use which adapter.
+    """Which rows of the current forward pass use which adapter, with which weight.
 
-    Three forms. ``groups`` holds ``(rows, weights)`` pairs (``rows`` a slice or an index tensor) and
-    runs two small matmuls per group: used for packed prefill (one contiguous range per request) and
-    for a decode batch with one adapter. A decode batch with several adapters is *stacked*: rows are
-    gathered into ``[G, rows_per_group, in]`` (short groups padded with a zero row) and each target
-    layer runs two ``bmm`` for all adapters at once, then scatters the deltas back, so the number
-    of kernel launches does not grow with the number of adapters. Where the stacks are prepacked
-    (CPU) and the batch is small, the form is *masked*: two dense layers compute every adapter's
-    rank directions for every row, a 0/1 mask keeps each row's own, and the second layer sums
-    them into the output. It reads each weight once through oneDNN's fast path, with no gather or
-    scatter; the extra multiplications are cheap while rows x adapters is small.
+    Three forms. ``groups`` holds ``(rows, weights, scale)`` triples (``rows`` a slice or an index
+    tensor) and runs two small matmuls per group: used for packed prefill (one contiguous range per
+    request, one group per component of a composed request) and for a decode batch with one
+    adapter and no compositions. A decode batch with several adapters is *stacked*: rows are
+    gathered into ``[G, rows_per_group, in]`` (short groups padded with a zero row; a composed row
+    is gathered once per component) and each target layer runs two ``bmm`` for all adapters at
+    once, scales each gathered row's delta by its weight when a composition is present, then
+    scatters the deltas back, so the number of kernel launches does not grow with the number of
+    adapters. Where the stacks are prepacked (CPU) and the batch is small, the form is *masked*:
+    two dense layers compute every adapter's rank directions for every row, a mask keeps each
+    row's own (1 for a plain row's adapter, ``w_i`` for a composed row's components, 0 elsewhere),
+    and the second layer sums them into the output. It reads each weight once through oneDNN's
+    fast path, with no gather or scatter; the extra multiplications are cheap while rows x
+    adapters is small.
     """
 
-    __slots__ = ("gather", "groups", "masks", "pad", "row_group", "scatter", "stacks")
+    __slots__ = ("gather", "groups", "masks", "pad", "row_scale", "scale", "scatter", "stacks")
 
-    def __init__(self, groups: list[tuple[slice | torch.Tensor, LoraWeights]]):
+    def __init__(self, groups: list[tuple[slice | torch.Tensor, LoraWeights, float]]):
         self.groups = groups
         self.stacks: Stacks | None = None
         self.gather = self.scatter = None
-        self.row_group: torch.Tensor | None = None  # masked form: each row's stack index, -1 for base
+        self.scale: torch.Tensor | None = None  # stacked form: each gathered row's weight, when not all 1
+        self.row_scale: torch.Tensor | None = None  # masked form: [n, G], each row's weight per stack index
         self.masks: dict[int, torch.Tensor] = {}
         self.pad = False
 
@@ -255,30 +292,33 @@ class LoraPlan:
     @classmethod
     def for_rows(
         cls,
-        adapters: list[LoraWeights | None],
+        adapters: list[RowLora],
         device: torch.device | str,
         cache: list[Stacks] | None = None,
         *,
         packed: bool = False,
     ) -> LoraPlan:
-        """Plan a decode batch: ``adapters[i]`` is row ``i``'s adapter (None: base model).
+        """Plan a decode batch: ``adapters[i]`` is row ``i``'s adapter, composition, or None (base).
 
         ``cache`` (a one-element list the caller keeps) reuses the previous step's stacks while
         the set of adapters in the batch is unchanged. ``packed`` (the runner prepacks its layers)
         allows the masked form.
         """
-        by_adapter: dict[int, tuple[LoraWeights, list[int]]] = {}
+        # per distinct adapter: (weights, [(row, weight), ...]); a composed row appears under each component
+        by_adapter: dict[int, tuple[LoraWeights, list[tuple[int, float]]]] = {}
         for i, w in enumerate(adapters):
-            if w is not None:
-                by_adapter.setdefault(id(w), (w, []))[1].append(i)
+            for adapter, weight in row_terms(w):
+                by_adapter.setdefault(id(adapter), (adapter, []))[1].append((i, weight))
         n = len(adapters)
-        if len(by_adapter) <= 1:
-            groups: list[tuple[slice | torch.Tensor, LoraWeights]] = []
-            for w, rows in by_adapter.values():
+        composed = any(isinstance(w, Mix) for w in adapters)
+        if len(by_adapter) <= 1 and not composed:
+            groups: list[tuple[slice | torch.Tensor, LoraWeights, float]] = []
+            for w, terms in by_adapter.values():
+                rows = [i for i, _ in terms]
                 if rows[-1] - rows[0] + 1 == len(rows):
-                    groups.append((slice(rows[0], rows[-1] + 1), w))
+                    groups.append((slice(rows[0], rows[-1] + 1), w, 1.0))
                 else:
-                    groups.append((torch.tensor(rows, dtype=torch.long, device=device), w))
+                    groups.append((torch.tensor(rows, dtype=torch.long, device=device), w, 1.0))
             return cls(groups)
         members = tuple(w for w, _ in by_adapter.values())
         stacks = cache[0] if cache and cache[0].matches(members) else None
@@ -290,40 +330,49 @@ class LoraPlan:
         plan.stacks = stacks
         if packed and n * len(members) <= MASKED_MAX_ROWS_X_ADAPTERS:
             stacks.build_dense(batch_hint=n)
-            group = [-1] * n
-            for g, (_, rows) in enumerate(by_adapter.values()):
-                for i in rows:
-                    group[i] = g
-            plan.row_group = torch.tensor(group, dtype=torch.long, device=device)
+            scale = torch.zeros(n, len(members))
+            for g, (_, terms) in enumerate(by_adapter.values()):
+                for i, weight in terms:
+                    scale[i, g] = weight
+            plan.row_scale = scale.to(device)
             return plan
-        width = max(len(rows) for _, rows in by_adapter.values())
-        gather, scatter = [], []
-        for _, rows in by_adapter.values():
+        width = max(len(terms) for _, terms in by_adapter.values())
+        gather, scatter, weights = [], [], []
+        for _, terms in by_adapter.values():
+            rows = [i for i, _ in terms]
             pad = width - len(rows)
             gather += rows + [n] * pad  # row n is the zero row appended to x
             scatter += rows + [rows[0]] * pad  # padded deltas are exact zeros
-        plan.pad = any(len(rows) < width for _, rows in by_adapter.values())
+            weights += [weight for _, weight in terms] + [0.0] * pad
+        plan.pad = any(len(terms) < width for _, terms in by_adapter.values())
         plan.gather = torch.tensor(gather, dtype=torch.long, device=device)
         plan.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        if composed:
+            plan.scale = torch.tensor(weights, dtype=stacks.dtype, device=device).view(len(members), width, 1)
         return plan
 
     @classmethod
-    def for_segments(cls, segments: list[tuple[int, int, LoraWeights | None]]) -> LoraPlan:
+    def for_segments(cls, segments: list[tuple[int, int, RowLora]]) -> LoraPlan:
         """Packed prefill: each request is a contiguous token range ``[start, end)``; adjacent
-        requests on the same adapter merge into one range (callers order requests by adapter)."""
+        requests on the same adapter merge into one range (callers order requests by adapter).
+        A composed request's range gets one group per component, scaled by its weight; adjacent
+        requests on the same composition merge component by component."""
         merged: list[list] = []
+        last: dict[tuple[int, float], list] = {}  # (adapter, weight) -> its latest range
         for s, e, w in segments:
-            if w is None:
-                continue
-            if merged and merged[-1][2] is w and merged[-1][1] == s:
-                merged[-1][1] = e
-            else:
-                merged.append([s, e, w])
-        return cls([(slice(s, e), w) for s, e, w in merged])
+            for adapter, weight in row_terms(w):
+                group = last.get((id(adapter), weight))
+                if group is not None and group[1] == s:
+                    group[1] = e
+                else:
+                    group = [s, e, adapter, weight]
+                    merged.append(group)
+                    last[(id(adapter), weight)] = group
+        return cls([(slice(s, e), w, weight) for s, e, w, weight in merged])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """Add each row's LoRA delta to ``y`` (= base output for ``x``), in place."""
-        if self.row_group is not None:
+        if self.row_scale is not None:
             pair = self.stacks.dense[layer].get(module)
             if pair is None:
                 return y
@@ -339,24 +388,26 @@ class LoraPlan:
             src = torch.cat([x, x.new_zeros((1, x.shape[1]))]) if self.pad else x
             xg = src.index_select(0, self.gather).view(a.shape[0], -1, x.shape[1])
             delta = torch.bmm(torch.bmm(xg, a), b)
+            if self.scale is not None:
+                delta.mul_(self.scale)
             return y.index_add_(0, self.scatter, delta.view(-1, y.shape[1]))
-        for rows, w in self.groups:
+        for rows, w, scale in self.groups:
             pair = w.layers[layer].get(module)
             if pair is None:
                 continue
             a, b = pair
             if isinstance(rows, slice):
-                y[rows].addmm_(x[rows] @ a, b)
+                y[rows].addmm_(x[rows] @ a, b, alpha=scale)
             else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a) @ b)
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a) @ b, alpha=scale)
         return y
 
     def _mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[n, width]``: 1 where column ``c`` belongs to the row's adapter (``c // r == group``)."""
+        """``[n, width]``: the row's weight for column ``c``'s adapter (``c // r``), 0 for the others."""
         mask = self.masks.get(width)
         if mask is None:
-            rank = width // len(self.stacks.adapters)
-            cols = torch.arange(width, device=self.row_group.device) // rank
-            mask = (cols.unsqueeze(0) == self.row_group.unsqueeze(1)).to(dtype)
+            rank = width // self.row_scale.shape[1]
+            cols = torch.arange(width, device=self.row_scale.device) // rank
+            mask = self.row_scale[:, cols].to(dtype)
             self.masks[width] = mask
         return mask

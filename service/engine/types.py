@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.wire import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
 from .cache import CacheActivity
 
@@ -73,13 +73,45 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class AdapterWeight:
+    """One component of a composed request: an adapter name (as ``GenerationRequest.adapter``) and
+    its weight in the row's LoRA term ``sum_i weight_i * delta_i``."""
+
+    name: str
+    weight: float
+
+
 @dataclass
 class GenerationRequest:
     id: str
     prompt_ids: list[int]
-    adapter: str | None  # None: the base model
+    adapter: str | None  # None: the base model (or the composition below)
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    # a weighted composition of adapters instead of ``adapter`` (which is then None)
+    adapters: tuple[AdapterWeight, ...] | None = None
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter name the request uses, each once, in order."""
+        if self.adapters is not None:
+            return list(dict.fromkeys(c.name for c in self.adapters))
+        return [self.adapter] if self.adapter is not None else []
+
+    def validate_composition(self) -> None:
+        """Raise ValueError naming what is wrong with ``adapters`` (a backstop: the server checks first)."""
+        if self.adapters is None:
+            return
+        if self.adapter is not None:
+            raise ValueError("adapter and adapters are exclusive: send one of them")
+        if not 1 <= len(self.adapters) <= MAX_COMPOSITION:
+            raise ValueError(f"adapters must hold 1 to {MAX_COMPOSITION} entries, got {len(self.adapters)}")
+        for c in self.adapters:
+            if not -MAX_COMPOSITION_WEIGHT <= c.weight <= MAX_COMPOSITION_WEIGHT:  # also rejects NaN
+                raise ValueError(
+                    f"adapter {c.name!r}: weight must be in [-{MAX_COMPOSITION_WEIGHT:g}, "
+                    f"{MAX_COMPOSITION_WEIGHT:g}], got {c.weight}"
+                )
 
 
 @dataclass

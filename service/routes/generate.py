@@ -1,4 +1,4 @@
-"""POST /generate: plain generation with the base or one adapter, JSON or SSE."""
+"""POST /generate: generation with the base, one adapter or a weighted composition, JSON or SSE."""
 
 from __future__ import annotations
 
@@ -53,10 +53,17 @@ def register_generate_routes(
         responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}},
     )
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        """Generate text with the base model or one adapter; ``stream: true`` answers with SSE."""
+        """Generate text with the base model, one adapter or a weighted composition of adapters;
+        ``stream: true`` answers with SSE."""
         if body.adapter is not None:
             store.check_name(body.adapter, "adapter")
-        template = store.template_for(settings.adapter_dir, body.adapter)
+        composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
+        for i, (name, _) in enumerate(composition or []):
+            store.check_name(name, f"adapters.{i}.name")
+        # a composition's prompt template is its first adapter's
+        template = store.template_for(
+            settings.adapter_dir, composition[0][0] if composition else body.adapter
+        )
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = {
             "max_new_tokens": body.max_new_tokens or settings.default_max_new_tokens,
@@ -80,6 +87,7 @@ def register_generate_routes(
             adapter_dir=settings.adapter_dir,
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
+            composition=composition,
         )
         client.reserve()
         sub = client.submit(job, request)
@@ -92,6 +100,7 @@ def register_generate_routes(
                 id=final.id,
                 text=final.text,
                 adapter=body.adapter,
+                adapters=body.adapters,
                 finish_reason=final.finish_reason,
                 usage=final.usage,
                 tokens=_tokens(final),

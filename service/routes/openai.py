@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
-The ``model`` field names an adapter, or the base (by its configured name or its id). Every
+The ``model`` field names an adapter, or the base (by its configured name or its id); with the
+``adapters`` extension (a weighted composition, as on ``/generate``) it names the base. Every
 choice of a request (``n`` per prompt, for every prompt of a list) is one engine job on the same
 queue as ``/generate``, so choices, streamed and non-streamed requests all share engine batches.
 Every job is validated before the first one is queued, and a streamed reply waits for the first
@@ -19,7 +20,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -154,6 +155,19 @@ def _timestamp(iso: Any) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a request generates with: an adapter (None: the base) or a weighted composition."""
+
+    adapter: str | None
+    composition: list[tuple[str, float]] | None
+
+    @property
+    def template_adapter(self) -> str | None:
+        """Whose prompt template chat uses: the adapter's, or a composition's first adapter's."""
+        return self.composition[0][0] if self.composition else self.adapter
+
+
 # --- fan-out: one engine job per choice ------------------------------------------------------------
 
 
@@ -258,6 +272,12 @@ def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
     )
 
 
+def _raiser(choice: Choice) -> Callable[[Event], None]:
+    """Raise for a choice's error event: an adapter deleted after validation is OpenAI's
+    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition."""
+    return raise_for_event if choice.sub.job.adapters is not None else _raise_for
+
+
 def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
@@ -298,7 +318,7 @@ def _close(choices: list[Choice]) -> None:
 async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
     """Wait for every choice to finish (closing them all however that ends); each choice's whole text."""
     try:
-        finals = await unless_disconnected(_all([c.sub.final(_raise_for) for c in choices]), request)
+        finals = await unless_disconnected(_all([c.sub.final(_raiser(c)) for c in choices]), request)
     finally:
         _close(choices)  # also when the client went away: the worker drops every choice
     texts = []
@@ -392,9 +412,24 @@ def register_openai_routes(
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
 
+    def target(body: CompletionRequest | ChatCompletionRequest) -> Target:
+        """What ``model`` (and the ``adapters`` extension) asks for."""
+        adapter = models.resolve(body.model)
+        if body.adapters is None:
+            return Target(adapter, None)
+        if adapter is not None:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"adapters composes adapters on the base: model must name the base ({base_id!r}), "
+                f"not the adapter {body.model!r}",
+                "model",
+            )
+        return Target(None, [(a.name, a.weight) for a in body.adapters])
+
     def make_jobs(
         prompts: list[str],
-        adapter: str | None,
+        target: Target,
         body: CompletionRequest | ChatCompletionRequest,
         max_tokens: int | None,
         max_tokens_param: str,
@@ -432,7 +467,8 @@ def register_openai_routes(
                 try:
                     job = prepare_job(
                         prompt_text=prompt,
-                        adapter=adapter,
+                        adapter=target.adapter,
+                        composition=target.composition,
                         params=params,
                         stream=stream,
                         limits=limits,
@@ -446,7 +482,7 @@ def register_openai_routes(
                     if exc.code == "prompt_too_long" and len(prompts) > 1:
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
-                    if exc.code == "adapter_not_found":
+                    if exc.code == "adapter_not_found" and target.composition is None:
                         raise ApiError(exc.status, "model_not_found", exc.message, "model") from None
                     raise
                 jobs.append(job)
@@ -473,7 +509,7 @@ def register_openai_routes(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
         include_usage = check_stream_options(body)
-        adapter = models.resolve(body.model)
+        wanted = target(body)
         if body.best_of not in (None, body.n or 1):
             raise ApiError(
                 422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
@@ -489,7 +525,7 @@ def register_openai_routes(
             )
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         jobs, prompt_of = make_jobs(
-            prompts, adapter, body, body.max_tokens, "max_tokens", [], bool(body.stream), body.logprobs
+            prompts, wanted, body, body.max_tokens, "max_tokens", [], bool(body.stream), body.logprobs
         )
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
@@ -534,8 +570,8 @@ def register_openai_routes(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Chat: the messages are rendered with the adapter's recorded prompt template."""
         include_usage = check_stream_options(body)
-        adapter = models.resolve(body.model)
-        template = store.template_for(settings.adapter_dir, adapter)
+        wanted = target(body)
+        template = store.template_for(settings.adapter_dir, wanted.template_adapter)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
@@ -551,7 +587,7 @@ def register_openai_routes(
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs, prompt_of = make_jobs(
-            [prompt], adapter, body, max_tokens, param, _turn_stops(template), bool(body.stream), logprobs
+            [prompt], wanted, body, max_tokens, param, _turn_stops(template), bool(body.stream), logprobs
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
@@ -622,8 +658,8 @@ async def _stream_response(
     """Wait for every choice's first event (an early error is a real status), then stream."""
     try:
         firsts = await unless_disconnected(_all([c.sub.next_or_504() for c in choices]), request)
-        for first in firsts:
-            _raise_for(first)
+        for choice, first in zip(choices, firsts, strict=True):
+            _raiser(choice)(first)
     except BaseException:
         _close(choices)
         raise

@@ -191,6 +191,7 @@ class GenerateParams(TypedDict, total=False):
     presence_penalty: float | None  # -2..2
     logit_bias: Mapping[int, float] | None  # token id -> -100..100
     json_schema: dict[str, Any] | bool | None  # the text is JSON following this schema; True: any object
+    adapters: Mapping[str, float] | None  # a weighted composition {name: weight} instead of one adapter
 
 
 def generate_body(
@@ -203,10 +204,19 @@ def generate_body(
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     body: dict[str, Any] = {"prompt": prompt, "adapter": adapter}
-    body.update({k: v for k, v in params.items() if v is not None and k not in ("stop", "raw", "logit_bias")})
+    body.update(
+        {
+            k: v
+            for k, v in params.items()
+            if v is not None and k not in ("stop", "raw", "logit_bias", "adapters")
+        }
+    )
     bias = params.get("logit_bias")
     if bias is not None:  # JSON object keys are strings
         body["logit_bias"] = {str(token): value for token, value in bias.items()}
+    adapters = params.get("adapters")
+    if adapters is not None:
+        body["adapters"] = [{"name": name, "weight": weight} for name, weight in adapters.items()]
     stop = params.get("stop")
     if stop is not None:
         body["stop"] = [stop] if isinstance(stop, str) else list(stop)

@@ -48,6 +48,7 @@ class Generation(_Model):
     id: str | None = None
     text: str
     adapter: str | None = None
+    adapters: list[dict[str, Any]] | None = None  # a weighted composition: {"name", "weight"} per entry
     finish_reason: str | None = None
     usage: Usage | None = None
     tokens: list[GeneratedToken] | None = None
