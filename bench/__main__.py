@@ -4,6 +4,7 @@
     python -m bench engine  # the engine in-process vs batched HF generate / PEFT (its own options: --help)
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
+    python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
     python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
 
 Results go to docs/benchmarks/ (JSON, results.md, PNG plots); progress is JSON lines on stderr.
@@ -59,6 +60,11 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    serve_mix_json = outdir / "serve_mix.json"
+    if serve_mix_json.exists():
+        from bench import serve_mix
+
+        parts.append(serve_mix.markdown(json.loads(serve_mix_json.read_text())))
     path = outdir / "results.md"
     path.write_text("\n".join(parts))
     return path
@@ -155,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
 
+    sm = sub.add_parser("serve-mix", help="composed and JSON-constrained traffic vs plain adapters")
+    common(sm)
+    sm.add_argument("--clients", type=int, default=32)
+    sm.add_argument("--adapters", type=int, default=8)
+    sm.add_argument("--duration", type=float, default=30.0, help="seconds of load per phase")
+    sm.add_argument(
+        "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
+    )
+    sm.add_argument(
+        "--json-every", type=int, default=4, help="every n-th constrained-traffic request has a schema"
+    )
+
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
@@ -230,6 +248,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         res = run(cfg)
         write_json(a.outdir / "serve_train.json", res)
+    elif a.cmd == "serve-mix":
+        from bench.serve_mix import ServeMixConfig, run
+
+        cfg = ServeMixConfig(
+            workdir=a.workdir,
+            outdir=a.outdir,
+            device=a.device,
+            base_shape=shape,
+            rank=a.rank,
+            clients=a.clients,
+            adapters=a.adapters,
+            duration_s=a.duration,
+            max_new_tokens=a.max_new_tokens,
+            json_every=a.json_every,
+            rounds=a.rounds,
+            quiet_wait_s=a.quiet_wait,
+            threads=a.threads,
+            seed=a.seed,
+        )
+        res = run(cfg)
+        write_json(a.outdir / "serve_mix.json", res)
     else:
         from bench.train import TrainConfig, run
 

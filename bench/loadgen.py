@@ -101,6 +101,7 @@ def body_for(req: Request, stream: bool) -> dict:
         "max_new_tokens": req.max_new_tokens,
         "temperature": 0.0,
         "stream": stream,
+        **(req.extra or {}),
     }
 
 

@@ -23,6 +23,7 @@ class Request:
     prompt: str
     adapter: str | None  # None: the base model
     max_new_tokens: int
+    extra: dict | None = None  # further /generate fields (a composition, a JSON schema, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -200,3 +200,20 @@ def test_engine_benchmark_is_a_bench_command() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "python -m bench engine" in proc.stdout and "--stream-requests" in proc.stdout
     assert "--json-rows" in proc.stdout
+
+
+def test_serve_mix_benchmark_smoke(tmp_path: Path) -> None:
+    """Composed and constrained traffic through a real server: every phase answers with no failures,
+    the constrained rows' JSON is produced by the server, and the report has its ratios (not asserted)."""
+    args = ["serve-mix", "--clients", "4", "--adapters", "2", "--rank", "4", "--duration", "3",
+            "--max-new-tokens", "16", "--rounds", "1", "--json-every", "2"]  # fmt: skip
+    out = run_bench(args, tmp_path, timeout=300)
+    res = json.loads((out / "serve_mix.json").read_text())
+    assert res["benchmark"] == "serve-mix"
+    (rnd,) = res["rounds"]
+    for kind in ("adapters", "composed", "constrained"):
+        s = rnd[kind]
+        assert s["requests_ok"] >= 1 and s["requests_failed"] == 0 and s["tokens_per_s"] > 0, (kind, s)
+    for key in ("composed_vs_adapters_tokens", "constrained_vs_adapters_tokens"):
+        assert res["ratios"][key] > 0, key
+    assert "Composed and constrained traffic" in (out / "results.md").read_text()
