@@ -87,19 +87,23 @@ def prepare_job(
     request_timeout: float,
     adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
+    keep_versions: int = 0,
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
     ``prompt_text`` is final (already rendered with a template when the route wants one);
     ``params`` are SamplingParams fields. Every check here uses only the disk and the tokenizer.
+    ``adapter`` is ``name`` (the newest version) or ``name@<version id prefix>``; ``keep_versions``
+    is the server's ``keep_adapter_versions`` (``store.resolve``).
     """
     from service.adapters import store
 
     if adapter is not None:
-        store.check_name(adapter, adapter_param)
-        if not store.exists(adapter_dir, adapter):
-            missing = f"adapter {adapter!r} does not exist"
-            raise api_error(WireError("adapter_not_found", missing, adapter_param))
+        store.check_ref(adapter, adapter_param)
+        try:
+            store.resolve(adapter_dir, adapter, keep_versions, adapter_param)
+        except ApiError as exc:
+            raise api_error(WireError("adapter_not_found", exc.message, adapter_param)) from None
     max_new = params["max_new_tokens"]
     if max_new > max_new_tokens_cap:
         raise ApiError(

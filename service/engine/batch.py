@@ -15,7 +15,7 @@ from .cache import LoadedAdapter
 from .lora import LoraPlan, Stacks
 from .model import GPT2Runner
 from .text import Detokenizer, StopMatcher
-from .types import BASE_LABEL, GenerationRequest
+from .types import GenerationRequest, adapter_label
 
 
 @dataclass(eq=False)
@@ -39,7 +39,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return self.req.adapter or BASE_LABEL
+        return adapter_label(self.req.adapter)
 
     @property
     def weights(self):

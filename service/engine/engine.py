@@ -20,6 +20,7 @@ caller's decision, made before ``add``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -32,13 +33,13 @@ from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
-from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
 from .sampling import choose_tokens, make_generator
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import BASE_LABEL, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
+from .types import AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent, adapter_label
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ class Engine:
         return ids
 
     def _load_adapter(self, folder: Path):
-        cfg, weights, st = read_adapter_files(folder)
-        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), st
+        cfg, weights, _st = read_adapter_files(folder)
+        digest = hashlib.sha256(weights).hexdigest()  # the version id of exactly these bytes
+        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), digest
 
     def _check_thread(self) -> None:
         me = threading.get_ident()
@@ -115,7 +117,8 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------
     def adapter_template(self, name: str | None) -> PromptTemplate:
-        """The prompt template recorded in the adapter's ``loraserve.json``, else the default."""
+        """The prompt template recorded in the adapter's ``loraserve.json`` (of the version ``name``
+        names: ``name`` or ``name@<id prefix>``), else the default."""
         if name is None:
             return DEFAULT_TEMPLATE
         if not self.adapters.exists(name):
@@ -144,7 +147,8 @@ class Engine:
         if len(req.prompt_ids) + req.params.max_new_tokens > self.n_positions:
             raise PromptTooLong(len(req.prompt_ids), req.params.max_new_tokens, self.n_positions)
         if req.adapter is not None and not self.adapters.exists(req.adapter):
-            raise AdapterNotFound(req.adapter, "" if valid_name(req.adapter) else "invalid adapter name")
+            detail = "" if valid_ref(req.adapter) else "invalid adapter name or version"
+            raise AdapterNotFound(req.adapter, detail)
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         self.scheduler.add(req)
@@ -275,7 +279,7 @@ class Engine:
     def _new_row(self, req: GenerationRequest, entry: LoadedAdapter | None, report: StepReport) -> Row:
         now = time.monotonic()
         report.queue_wait_seconds.append(max(0.0, now - req.arrival))
-        label = req.adapter or BASE_LABEL
+        label = adapter_label(req.adapter)
         report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         gen, seed = (None, None) if req.params.greedy else make_generator(req.params.seed, self.device)
         return Row(

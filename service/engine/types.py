@@ -6,11 +6,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from trainer.artifact import split_ref
+
 from .cache import CacheActivity
 
 # Label used for base-model rows in metrics and stats ("__base__" cannot be an adapter name:
 # names must start with a letter or digit).
 BASE_LABEL = "__base__"
+
+
+def adapter_label(adapter: str | None) -> str:
+    """A request's label in metrics and stats: the adapter's name (all its versions together)."""
+    return BASE_LABEL if adapter is None else split_ref(adapter)[0]
 
 
 @dataclass
@@ -45,7 +52,7 @@ class SamplingParams:
 class GenerationRequest:
     id: str
     prompt_ids: list[int]
-    adapter: str | None  # None: the base model
+    adapter: str | None  # None: the base model; "name" (its newest version) or "name@<version id prefix>"
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
 

@@ -53,7 +53,7 @@ def register_generate_routes(
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Generate text with the base model or one adapter; ``stream: true`` answers with SSE."""
         if body.adapter is not None:
-            store.check_name(body.adapter, "adapter")
+            store.check_ref(body.adapter, "adapter")
         template = store.template_for(settings.adapter_dir, body.adapter)
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = {
@@ -73,6 +73,7 @@ def register_generate_routes(
             adapter_dir=settings.adapter_dir,
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
+            keep_versions=settings.keep_adapter_versions,
         )
         client.reserve()
         sub = client.submit(job, request)
