@@ -33,7 +33,7 @@ from ._exceptions import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from .types import AdapterInfo, Dataset, Generation, Job, JobEvent, JobProgress, Usage
+from .types import AdapterInfo, AdapterVersion, Dataset, Generation, Job, JobEvent, JobProgress, Usage
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -42,6 +42,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AdapterInfo",
+    "AdapterVersion",
     "AsyncClient",
     "AsyncEventStream",
     "AsyncTextStream",
