@@ -339,9 +339,9 @@ def keep_version(adapter_dir: Path, name: str, keep: int, *, replacing: bool) ->
     current_id = weights_digest(current) if servable(current) else None
     if keep > 0 and current_id is not None:
         dest = versions_dir(adapter_dir, name) / current_id
-        if dest.is_dir():
-            os.utime(dest)
-        else:
+        try:
+            os.utime(dest)  # kept already: now the newest earlier version
+        except FileNotFoundError:
             _copy_in(current, dest, current_id, adapter_dir)
     expire(adapter_dir, name, keep, None if replacing else current_id)
 
