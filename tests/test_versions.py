@@ -8,6 +8,7 @@ versions here, so the expiry of the third one is reachable in a few uploads. The
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -205,3 +206,39 @@ def test_same_size_rewrite_in_place_serves_the_new_weights(env):
     # The first version was kept when it was first served, so it stays reachable by its id.
     assert [v["id"] for v in info["versions"]] == [info["sha256"], first]
     assert text_of(env, f"drop@{first[:8]}").strip() == FIXED_SENTENCES["alpha"]
+
+
+def test_a_training_job_that_overwrites_keeps_the_version_it_replaced(env):
+    client = env["client"]
+    old = upload(env, "job-pin", "alpha")["sha256"]
+    rows = [
+        json.loads(line)
+        for line in (Path(__file__).parent.parent / "examples" / "fixed_sentence.jsonl").open()
+    ]
+    learn = {
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+        "training": {
+            "num_train_epochs": 10,
+            "learning_rate": 0.02,
+            "warmup_ratio": 0,
+            "eval_fraction": 0,
+            "save_steps": 0,
+            "max_seq_length": 64,
+        },
+    }  # as tests/test_jobs_http.py trains the tiny base on these rows
+    r = client.post("/train", json={"adapter": "job-pin", "overwrite": True, "data": rows, "config": learn})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 300
+    while (job := client.get(f"/train/{job_id}").json())["status"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    info = client.get("/adapters/job-pin").json()
+    assert [(v["id"], v["current"]) for v in info["versions"]] == [(info["sha256"], True), (old, False)]
+    assert text_of(env, "job-pin") != text_of(env, f"job-pin@{old[:8]}")
+    assert text_of(env, f"job-pin@{old[:8]}").strip() == FIXED_SENTENCES["alpha"]
