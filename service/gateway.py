@@ -94,26 +94,32 @@ def prepare_job(
     adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
     composition: list[tuple[str, float]] | None = None,
+    keep_versions: int = 0,
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
     ``prompt_text`` is final (already rendered with a template when the route wants one);
     ``params`` are SamplingParams fields; ``composition`` is ``(name, weight)`` per entry of a
     weighted composition (then ``adapter`` is None). Every check here uses only the disk and the
-    tokenizer.
+    tokenizer. ``adapter`` and each composition name are ``name`` (the newest version) or
+    ``name@<version id prefix>``; ``keep_versions`` is the server's ``keep_adapter_versions``
+    (``store.resolve``).
     """
     from service.adapters import store
 
     if adapter is not None:
-        store.check_name(adapter, adapter_param)
-        if not store.exists(adapter_dir, adapter):
-            missing = f"adapter {adapter!r} does not exist"
-            raise api_error(WireError("adapter_not_found", missing, adapter_param))
+        store.check_ref(adapter, adapter_param)
+        try:
+            store.resolve(adapter_dir, adapter, keep_versions, adapter_param)
+        except ApiError as exc:
+            raise api_error(WireError("adapter_not_found", exc.message, adapter_param)) from None
     for i, (name, _) in enumerate(composition or []):
         param = f"adapters.{i}.name"
-        store.check_name(name, param)
-        if not store.exists(adapter_dir, name):
-            raise api_error(WireError("adapter_not_found", f"adapter {name!r} does not exist", param))
+        store.check_ref(name, param)
+        try:
+            store.resolve(adapter_dir, name, keep_versions, param)
+        except ApiError as exc:
+            raise api_error(WireError("adapter_not_found", exc.message, param)) from None
     max_new = params["max_new_tokens"]
     if max_new > max_new_tokens_cap:
         raise ApiError(

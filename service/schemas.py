@@ -181,6 +181,13 @@ class GenerateChunk(BaseModel):
     tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: this chunk's tokens")
 
 
+class AdapterVersion(BaseModel):
+    id: str = Field(description="the sha256 of the weights; 'name@<first 8+ hex digits>' serves it")
+    created: str | None
+    size_bytes: int
+    current: bool = Field(description="the newest version, served for the plain name")
+
+
 class AdapterInfo(BaseModel):
     name: str
     rank: int
@@ -192,6 +199,9 @@ class AdapterInfo(BaseModel):
     base_model: str | None
     loaded: bool
     template: dict
+    versions: list[AdapterVersion] = Field(
+        default_factory=list, description="newest first: the current version, then the kept earlier ones"
+    )
 
 
 class AdapterList(BaseModel):

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )
     max_loaded_adapters: int = Field(16, ge=1, description="LRU capacity of the in-worker adapter cache")
+    keep_adapter_versions: int = Field(
+        3,
+        ge=0,
+        description="earlier versions kept per adapter when it is replaced, servable as name@<version id>",
+    )
     max_new_tokens_cap: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")

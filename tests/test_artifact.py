@@ -138,3 +138,64 @@ def test_a_failed_publish_leaves_no_half_folder(tmp_path: Path) -> None:
         raise RuntimeError("interrupted before publishing")
     assert not (tmp_path / "adapters" / "new").exists()
     assert list((tmp_path / "adapters" / STAGING).iterdir()) == []
+
+
+# --- versions --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref", ["a@0123abcd", "a@" + "f" * 64, "A-1@DEADBEEF", "x"])
+def test_good_refs_are_accepted(ref: str) -> None:
+    assert artifact.ref_problem(ref) is None
+    name, version = artifact.split_ref(ref)
+    assert artifact.valid_name(name) and (version is None or version == version.lower())
+
+
+@pytest.mark.parametrize("ref", ["a@", "a@0123abc", "a@0123abcg", "a@" + "f" * 65, "a@1@2", "@01234567"])
+def test_bad_refs_are_refused_with_a_reason(ref: str) -> None:
+    problem = artifact.ref_problem(ref)
+    assert problem and problem.startswith("invalid adapter")
+
+
+def _publish_version(adapter_dir: Path, name: str, weights: bytes, keep: int) -> str:
+    with artifact.staged(adapter_dir / name) as staging:
+        write_folder(staging)
+        (staging / WEIGHTS_FILE).write_bytes(weights)
+        if (adapter_dir / name).exists():
+            artifact.keep_version(adapter_dir, name, keep, replacing=True)
+        return artifact.publish(staging, adapter_dir / name).sha256
+
+
+def test_publishing_keeps_earlier_versions_up_to_the_limit(tmp_path: Path) -> None:
+    ids = [_publish_version(tmp_path, "a", WEIGHTS + bytes([i]), keep=2) for i in range(4)]
+    found = artifact.versions(tmp_path, "a")
+    assert [v.id for v in found] == ids[::-1][:3] and [v.current for v in found] == [True, False, False]
+    assert artifact.resolve(tmp_path, "a") == found[0]
+    assert artifact.resolve(tmp_path, f"a@{ids[1][:8]}").folder == tmp_path / ".versions" / "a" / ids[1]
+    assert artifact.file_sha256(artifact.resolve(tmp_path, f"a@{ids[2]}").folder / WEIGHTS_FILE) == ids[2]
+    assert artifact.resolve(tmp_path, f"a@{ids[0][:8]}") is None  # expired
+    assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == []  # no copies or trash left
+    artifact.remove_versions(tmp_path, "a")
+    assert not (tmp_path / ".versions" / "a").exists()
+
+
+def test_a_job_publish_with_overwrite_keeps_the_replaced_version(tmp_path: Path) -> None:
+    from service.jobs.publish import publish_adapter
+
+    old = _publish_version(tmp_path, "a", WEIGHTS, keep=3)
+    staged = write_folder(tmp_path / STAGING / "job-1")
+    (staged / WEIGHTS_FILE).write_bytes(WEIGHTS + b"v2")
+    new = publish_adapter(staged, tmp_path / "a", "job-1", overwrite=True, keep=3)
+    assert [v.id for v in artifact.versions(tmp_path, "a")] == [new, old]
+    assert artifact.read_record(artifact.resolve(tmp_path, f"a@{old[:8]}").folder).sha256 == old
+
+
+def test_digest_follows_an_in_place_rewrite_with_the_same_size_and_mtime(tmp_path: Path) -> None:
+    import os
+
+    folder = write_folder(tmp_path / "a")
+    first = artifact.weights_digest(folder)
+    before = os.stat(folder / WEIGHTS_FILE)
+    with open(folder / WEIGHTS_FILE, "r+b") as fh:
+        fh.write(WEIGHTS.upper())
+    os.utime(folder / WEIGHTS_FILE, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert artifact.weights_digest(folder) == hashlib.sha256(WEIGHTS.upper()).hexdigest() != first

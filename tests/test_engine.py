@@ -805,6 +805,39 @@ def test_replaced_adapter_is_picked_up(tiny_base: Path, adapter_dir: Path, tmp_p
     assert eng.stats()["adapter_cache"]["reloads"] == 1
 
 
+def test_pinned_versions_share_a_batch_with_the_newest(tiny_base: Path, adapter_dir: Path):
+    """``a@<id prefix>`` is served by exactly that version (a kept copy in .versions/) while ``a`` gets
+    the newest, in one batch; each version is one cache entry keyed by its sha256."""
+    from trainer import artifact
+
+    eng = Engine(tiny_base, adapter_dir)
+    v1 = artifact.weights_digest(adapter_dir / "a")
+    v1_tokens = solo(eng, request(eng, "v1", PROMPTS[1], "a", greedy(12))).tokens
+    artifact.keep_version(adapter_dir, "a", 3, replacing=True)
+    staging = staging_dir(adapter_dir, "a")
+    shutil.copytree(adapter_dir / ".a-v2", staging, dirs_exist_ok=True)
+    publish_dir(staging, adapter_dir / "a")
+    v2 = artifact.weights_digest(adapter_dir / "a")
+    assert v2 != v1
+    res = run(
+        eng,
+        [
+            request(eng, "new", PROMPTS[1], "a", greedy(12)),
+            request(eng, "old", PROMPTS[1], f"a@{v1[:8]}", greedy(12)),
+            request(eng, "full", PROMPTS[1], f"a@{v1.upper()}", greedy(12)),
+        ],
+    )
+    assert res["old"].tokens == res["full"].tokens == v1_tokens
+    assert res["new"].tokens != v1_tokens
+    loaded = eng.stats()["adapter_cache"]["loaded"]
+    assert sorted((e["name"], e["version"]) for e in loaded) == sorted([("a", v1), ("a", v2)])
+    assert eng.stats()["adapters_loaded"] == ["a"]
+    with pytest.raises(AdapterNotFound):
+        eng.add(request(eng, "gone", PROMPTS[1], "a@0123456789abcdef", greedy(2)))
+    with pytest.raises(AdapterNotFound, match="invalid adapter name or version"):
+        eng.add(request(eng, "short", PROMPTS[1], f"a@{v1[:7]}", greedy(2)))
+
+
 def test_broken_adapter_fails_only_its_request(tiny_base: Path, adapter_dir: Path):
     eng = Engine(tiny_base, adapter_dir)
     (adapter_dir / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")

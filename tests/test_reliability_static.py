@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from service import auth
 from service.adapters import store
-from service.engine.engine import valid_name as worker_valid_name
+from service.engine.engine import valid_ref as worker_valid_name  # the worker checks name or name@version
 from service.errors import ApiError
 from service.jobs import validate
 from service.jobs.files import dataset_path, job_paths

@@ -7,6 +7,11 @@
 
 A folder is built in a staging folder beside its final place (same filesystem), checked with
 ``verify`` and renamed in by ``publish``, so a name is always absent or a complete, verified adapter.
+
+Versions: an adapter's version id is the sha256 of its weights file. ``name@<hex>`` (8 to 64 hex
+digits, a prefix of the id) refers to one version, ``name`` to the newest (the folder itself).
+Earlier versions are kept as copies in ``<adapter-dir>/.versions/<name>/<sha256>/`` (hidden, so
+listings and the name rule never see them; never modified once renamed in), see ``keep_version``.
 The trainer writes adapters this way; the service lists, uploads and renames them with the names
 defined here. Light on purpose (standard library only): the API process and the engine import it.
 
@@ -18,8 +23,10 @@ defined here. Light on purpose (standard library only): the API process and the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import uuid
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import TrainerError
-from trainer.publish import publish_dir, write_atomic
+from trainer.publish import fsync_tree, publish_dir, write_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,6 +47,11 @@ SUMMARY_FILE = "training_summary.json"
 REQUIRED = (CONFIG_FILE, WEIGHTS_FILE, RECORD_FILE)  # what a published adapter always has
 RECORD_FORMAT = 1
 STAGING = ".staging"  # hidden, so listings skip it; never a valid adapter name
+VERSIONS = ".versions"  # kept versions: <adapter-dir>/.versions/<name>/<sha256>/
+VERSION_SEP = "@"
+MIN_VERSION_PREFIX = 8
+_VERSION_RE = re.compile(rf"^[0-9a-f]{{{MIN_VERSION_PREFIX},64}}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # A name becomes one path segment under the adapter dir: no '/', no leading '.', no '..'.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -68,6 +80,32 @@ def valid_name(name: Any) -> bool:
     return name_problem(name) is None
 
 
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``"name@AbC123.."`` -> ``("name", "abc123..")``; ``"name"`` -> ``("name", None)``."""
+    name, sep, version = ref.partition(VERSION_SEP)
+    return name, (version.lower() if sep else None)
+
+
+def ref_problem(ref: Any) -> str | None:
+    """Why ``ref`` (``name`` or ``name@<version id prefix>``) cannot name an adapter, or None."""
+    if not isinstance(ref, str):
+        return name_problem(ref)
+    name, version = split_ref(ref)
+    problem = name_problem(name)
+    if problem is not None or version is None:
+        return problem
+    if not _VERSION_RE.fullmatch(version):
+        return (
+            f"invalid adapter version {version!r} in {ref!r}: after '{VERSION_SEP}' give at least "
+            f"{MIN_VERSION_PREFIX} (at most 64) hex digits of the version id (its weights' sha256)"
+        )
+    return None
+
+
+def valid_ref(ref: Any) -> bool:
+    return ref_problem(ref) is None
+
+
 # ----------------------------------------------------------------------------- hashing and the record
 
 
@@ -81,6 +119,29 @@ def file_sha256(*paths: str | Path | None) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+# weights file -> (its stat identity, sha256): a version is hashed once, not per request. ctime is
+# part of the identity, so even a same-size, mtime-preserving rewrite in place is hashed again.
+_digests: dict[Path, tuple[tuple[int, ...], str]] = {}
+
+
+def weights_digest(folder: Path) -> str | None:
+    """sha256 of the folder's weights file (the version id); None when it has none."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = _digests.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        digest = file_sha256(path)
+    except OSError:
+        return None
+    if len(_digests) > 4096:  # stale entries of replaced folders
+        _digests.clear()
+    _digests[path] = (key, digest)
+    return digest
 
 
 def created_now() -> str:
@@ -130,6 +191,11 @@ def write_record(folder: Path, record: Record) -> None:
 
 
 # ----------------------------------------------------------------------------- checking
+
+
+def servable(folder: Path) -> bool:
+    """Config and weights are there: what serving needs (a plain PEFT folder has no record)."""
+    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / WEIGHTS_FILE).is_file()
 
 
 def is_complete(folder: Path) -> bool:
@@ -195,3 +261,131 @@ def publish(folder: Path, final: Path) -> Record:
         write_record(folder, record)
     publish_dir(folder, final)
     return record
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+@dataclass(frozen=True)
+class Version:
+    """One servable version of an adapter: its id (weights sha256) and the folder holding it."""
+
+    id: str
+    folder: Path
+    current: bool  # the adapter's own folder (the newest), not a kept copy
+
+
+def versions_dir(adapter_dir: Path, name: str) -> Path:
+    return Path(adapter_dir) / VERSIONS / name
+
+
+def _kept(adapter_dir: Path, name: str) -> list[tuple[int, Path]]:
+    """(mtime_ns, folder) of the kept copies, newest first: a copy is touched when it stops being current."""
+    root = versions_dir(adapter_dir, name)
+    out = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not _SHA256_RE.fullmatch(entry.name):
+            continue
+        try:
+            out.append((entry.stat().st_mtime_ns, entry))
+        except OSError:  # expired while we looked
+            continue
+    out.sort(key=lambda item: (-item[0], item[1].name))
+    return out
+
+
+def versions(adapter_dir: Path, name: str) -> list[Version]:
+    """Every version of ``name`` that can be served, newest first: the current folder, then kept copies."""
+    out = []
+    current = Path(adapter_dir) / name
+    current_id = weights_digest(current) if servable(current) else None
+    if current_id is not None:
+        out.append(Version(current_id, current, True))
+    out.extend(
+        Version(folder.name, folder, False)
+        for _, folder in _kept(adapter_dir, name)
+        if folder.name != current_id and servable(folder)
+    )
+    return out
+
+
+def resolve(adapter_dir: Path, ref: str) -> Version | None:
+    """The version ``ref`` names (the newest whose id starts with its prefix), or None. ``ref`` must be
+    valid (``valid_ref``)."""
+    name, prefix = split_ref(ref)
+    current = Path(adapter_dir) / name
+    if prefix is None:
+        current_id = weights_digest(current) if servable(current) else None
+        return Version(current_id, current, True) if current_id is not None else None
+    return next((v for v in versions(adapter_dir, name) if v.id.startswith(prefix)), None)
+
+
+def keep_version(adapter_dir: Path, name: str, keep: int, *, replacing: bool) -> None:
+    """Keep a copy of the current folder of ``name`` as ``.versions/<name>/<sha256>`` and drop the kept
+    versions beyond the ``keep`` newest earlier ones.
+
+    Called before a publish replaces the folder (``replacing``: so requests pinned to the old version
+    still find it; the copy then counts as an earlier version) and when a folder dropped in by hand
+    is first seen. The copy is staged and renamed in, so a kept
+    version is complete or absent; copies (not hard links) because a hand-edited folder may be
+    rewritten in place. Its mtime orders the kept versions: it is touched when it stops being current.
+    """
+    adapter_dir = Path(adapter_dir)
+    current = adapter_dir / name
+    current_id = weights_digest(current) if servable(current) else None
+    if keep > 0 and current_id is not None:
+        dest = versions_dir(adapter_dir, name) / current_id
+        try:
+            os.utime(dest)  # kept already: now the newest earlier version
+        except FileNotFoundError:
+            _copy_in(current, dest, current_id, adapter_dir)
+    expire(adapter_dir, name, keep, None if replacing else current_id)
+
+
+def _copy_in(source: Path, dest: Path, version_id: str, adapter_dir: Path) -> None:
+    tmp = adapter_dir / STAGING / f"keep-{source.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        for entry in source.iterdir():
+            if entry.is_file():
+                shutil.copy2(entry, tmp / entry.name)
+        if file_sha256(tmp / WEIGHTS_FILE) != version_id:  # replaced while we copied: keep nothing
+            return
+        fsync_tree(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError as exc:  # another process kept the same version first: same bytes
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    except FileNotFoundError:  # the folder went away while we copied
+        return
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def expire(adapter_dir: Path, name: str, keep: int, current_id: str | None) -> None:
+    """Remove the kept versions of ``name`` beyond the ``keep`` newest ones other than the current."""
+    earlier = [folder for _, folder in _kept(adapter_dir, name) if folder.name != current_id]
+    for folder in earlier[max(keep, 0) :]:
+        _remove(Path(adapter_dir), folder)
+
+
+def remove_versions(adapter_dir: Path, name: str) -> None:
+    """Remove every kept version of ``name`` (the adapter is being deleted)."""
+    _remove(Path(adapter_dir), versions_dir(adapter_dir, name))
+
+
+def _remove(adapter_dir: Path, folder: Path) -> None:
+    """One rename takes the folder away (readers see it whole or not at all), then its files go."""
+    trash = adapter_dir / STAGING / f"expired-{folder.name}-{uuid.uuid4().hex[:12]}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(folder, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)

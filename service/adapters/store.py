@@ -2,6 +2,9 @@
 
 ``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``trainer.artifact``).
 A folder that appears there is servable on its next request: nothing here caches the listing.
+Earlier versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``trainer.artifact``): a publish
+keeps the one it replaces, and the first request that sees a version keeps it too (a folder replaced
+by hand keeps its predecessor that way), up to ``keep`` earlier versions per adapter.
 Uploads are validated without torch and without pickle (the safetensors header is parsed by hand),
 staged and renamed in atomically by ``trainer.artifact``, so a name is always absent or a complete
 adapter.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ApiError
-from service.schemas import AdapterInfo
+from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
 from trainer import artifact
 from trainer.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
@@ -73,14 +76,50 @@ def check_name(name: str, param: str = "name") -> None:
         raise ApiError(422, "invalid_adapter_name", problem, param)
 
 
+def check_ref(ref: str, param: str = "adapter") -> None:
+    """422 for a request's adapter that is neither ``name`` nor ``name@<8+ hex digits>``."""
+    problem = artifact.ref_problem(ref)
+    if problem:
+        code = "invalid_adapter_version" if artifact.valid_name(artifact.split_ref(ref)[0]) else None
+        raise ApiError(422, code or "invalid_adapter_name", problem, param)
+
+
+def not_found_message(adapter_dir: Path, ref: str) -> str:
+    """Why ``ref`` is not servable, naming the version and the ones that are kept."""
+    name, prefix = artifact.split_ref(ref)
+    if prefix is None or not exists(adapter_dir, name):
+        return f"adapter {name!r} does not exist"
+    kept = ", ".join(v.id[: artifact.MIN_VERSION_PREFIX * 2] for v in artifact.versions(adapter_dir, name))
+    return (
+        f"adapter {name!r} has no version {prefix!r} (unknown, or expired: older versions than the kept "
+        f"ones are removed); its versions, newest first: {kept}"
+    )
+
+
+def resolve(adapter_dir: Path, ref: str, keep: int | None = None, param: str = "adapter") -> artifact.Version:
+    """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
+
+    With ``keep`` (the server's ``keep_adapter_versions``) the current version is kept as a copy the
+    first time it is seen, so replacing the folder by hand leaves it servable as ``name@<id>``.
+    """
+    check_ref(ref, param)
+    version = artifact.resolve(adapter_dir, ref)
+    if version is None:
+        raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
+    if keep and version.current:
+        name = artifact.split_ref(ref)[0]
+        if not (artifact.versions_dir(adapter_dir, name) / version.id).is_dir():
+            artifact.keep_version(adapter_dir, name, keep, replacing=False)
+    return version
+
+
 def adapter_path(adapter_dir: Path, name: str) -> Path:
     """The folder of ``name``; the name must already be valid (it cannot contain '/' or '..')."""
     return Path(adapter_dir) / name
 
 
 def exists(adapter_dir: Path, name: str) -> bool:
-    folder = adapter_path(adapter_dir, name)
-    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    return artifact.servable(adapter_path(adapter_dir, name))
 
 
 def names(adapter_dir: Path) -> list[str]:
@@ -102,11 +141,15 @@ def read_record(adapter_dir: Path, name: str) -> artifact.Record:
     return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
 
 
-def template_for(adapter_dir: Path, name: str | None) -> PromptTemplate:
-    """The prompt template recorded with the adapter; the default one for the base or a plain folder."""
-    if name is None:
+def template_for(adapter_dir: Path, ref: str | None) -> PromptTemplate:
+    """The prompt template recorded with the adapter (the version ``ref`` names); the default one for
+    the base, a plain folder or a version that is gone (the request's own check reports that)."""
+    if ref is None:
         return DEFAULT_TEMPLATE
-    tpl = read_record(adapter_dir, name).template
+    version = artifact.resolve(adapter_dir, ref) if artifact.valid_ref(ref) else None
+    if version is None:
+        return DEFAULT_TEMPLATE
+    tpl = (artifact.read_record(version.folder) or artifact.Record()).template
     return PromptTemplate.from_dict(tpl) if tpl is not None else DEFAULT_TEMPLATE
 
 
@@ -121,8 +164,9 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
     except (OSError, ValueError) as exc:  # deleted or replaced while we read it
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
     record = read_record(adapter_dir, name)
-    created = record.created or datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()
+    created = _created(record, folder)
     template = record.template if record.template is not None else DEFAULT_TEMPLATE.to_dict()
+    kept = [i for v in artifact.versions(adapter_dir, name) if (i := _version_info(v)) is not None]
     return AdapterInfo(
         name=name,
         rank=int(config.get("r", 0)),
@@ -130,11 +174,25 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
         target_modules=config.get("target_modules") or [],
         size_bytes=size,
         created=created,
-        sha256=record.sha256,
+        sha256=kept[0].id if kept and kept[0].current else record.sha256,
         base_model=record.base_model or config.get("base_model_name_or_path"),
         loaded=name in loaded,
         template=template,
+        versions=kept,
     )
+
+
+def _created(record: artifact.Record, folder: Path) -> str:
+    return record.created or datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()
+
+
+def _version_info(version: artifact.Version) -> AdapterVersion | None:
+    try:
+        size = sum(p.stat().st_size for p in version.folder.iterdir() if p.is_file())
+        created = _created(artifact.read_record(version.folder) or artifact.Record(), version.folder)
+    except OSError:  # expired while we read it
+        return None
+    return AdapterVersion(id=version.id, created=created, size_bytes=size, current=version.current)
 
 
 def list_infos(adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset()) -> list[AdapterInfo]:
@@ -367,8 +425,12 @@ def publish(
     weights_raw: bytes,
     template: PromptTemplate,
     base_model: str,
+    keep: int = 0,
 ) -> bool:
-    """Write a validated adapter to staging and rename it in; True if the name was new."""
+    """Write a validated adapter to staging and rename it in; True if the name was new.
+
+    The version it replaces is kept first (``keep`` earlier versions at most), so requests pinned to
+    it keep working."""
     final = adapter_path(Path(adapter_dir), name)
     try:
         with artifact.staged(final, f"upload-{name}") as staging:
@@ -380,6 +442,8 @@ def publish(
             )
             artifact.write_record(staging, record)
             created = not final.exists()
+            if not created:
+                artifact.keep_version(adapter_dir, name, keep, replacing=True)
             artifact.publish(staging, final)  # verify, seal the record with the weights' sha256, rename
     except BaseException as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -395,7 +459,7 @@ def publish(
 
 
 def delete(adapter_dir: Path, name: str) -> None:
-    """Remove an adapter: one rename takes the name away, then the files go.
+    """Remove an adapter and its kept versions: one rename takes the name away, then the files go.
 
     A worker that already loaded the adapter keeps its copy in memory, so requests already
     running finish; new requests get 404 because the folder is gone.
@@ -411,4 +475,5 @@ def delete(adapter_dir: Path, name: str) -> None:
         os.replace(folder, trash)
     except FileNotFoundError as exc:  # a concurrent delete won
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name") from exc
+    artifact.remove_versions(adapter_dir, name)
     shutil.rmtree(trash, ignore_errors=True)

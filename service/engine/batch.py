@@ -17,7 +17,7 @@ from .lora import LoraPlan, Mix, RowLora, Stacks
 from .model import GPT2Runner
 from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
-from .types import BASE_LABEL, GenerationRequest
+from .types import GenerationRequest, adapter_label
 
 
 @dataclass(eq=False)
@@ -57,10 +57,11 @@ class Row:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """Metric labels: the adapter, the base, or each component of a composition once."""
+        """Metric labels: the adapter, the base, or each component of a composition once (by name:
+        every version of an adapter shares its label)."""
         if self.req.adapters is not None:
-            return tuple(dict.fromkeys(c.name for c in self.req.adapters))
-        return (self.req.adapter or BASE_LABEL,)
+            return tuple(dict.fromkeys(adapter_label(c.name) for c in self.req.adapters))
+        return (adapter_label(self.req.adapter),)
 
     @property
     def pins(self) -> tuple[LoadedAdapter, ...]:

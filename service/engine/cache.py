@@ -1,12 +1,16 @@
 """The generation worker's LRU of loaded adapters, kept in step with the adapter directory.
 
-The directory is the source of truth: every lookup stats ``<adapter_dir>/<name>/adapter_model.safetensors``.
-A new folder is loaded on its first request; a replaced one (different inode, size or mtime: the
-publish path swaps whole folders) is reloaded on the next request; a deleted one is not found.
+The directory is the source of truth. Entries are keyed by adapter name and version id (the sha256
+of the weights, ``trainer.artifact``): every lookup resolves ``name`` to the version in
+``<adapter_dir>/<name>/`` now (hashed again whenever the weights file's stat changes, ctime
+included) and ``name@<id prefix>`` to that version, current or kept in ``.versions``. So a replaced
+folder is reloaded on the next request, even when the new file has the same size and mtime, and a
+deleted one is not found. Earlier versions stay cached (least recently used go first) for requests
+pinned to them.
 An entry is *pinned* while rows of the running batch use it: pinned entries are never evicted, and
-a replaced or evicted version stays alive (held by its rows) until those rows finish, so running
-rows keep the weights they started with. At most ``capacity`` entries are cached; when all are
-pinned, ``can_acquire`` says no and the scheduler keeps the request waiting.
+an evicted version stays alive (held by its rows) until those rows finish, so running rows keep
+the weights they started with. At most ``capacity`` entries are cached; when all are pinned,
+``can_acquire`` says no and the scheduler keeps the request waiting.
 
 The cache counts its hits, misses, evictions and load times in ``CacheActivity``; the engine hands
 it to its caller with each step (``StepReport.adapters``), and the worker exports it as metrics.
@@ -16,7 +20,6 @@ Used from the engine's single thread only (no locks).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -24,35 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.artifact import valid_name
-
-from .lora import CONFIG_FILE, WEIGHTS_FILE
+from trainer.artifact import Version, resolve, split_ref, valid_name, valid_ref
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Version:
-    """Identity of one version of an adapter folder's weights file."""
-
-    ino: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Version:
-        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(eq=False)
 class LoadedAdapter:
     name: str
-    version: Version
+    version: str  # the version id: sha256 of the weights as loaded
     weights: Any  # engine.lora.LoraWeights
     loaded_at: float
     load_seconds: float
     refs: int = 0  # running rows using this version
-    cached: bool = True  # False once evicted or superseded (kept alive only by its rows)
+    cached: bool = True  # False once evicted (kept alive only by its rows)
     meta: dict = field(default_factory=dict)
 
 
@@ -72,16 +60,15 @@ class AdapterError(RuntimeError):
 
 
 class AdapterCache:
-    def __init__(
-        self, adapter_dir: str | Path, load: Callable[[Path], tuple[Any, os.stat_result]], capacity: int
-    ):
-        """``load(folder) -> (weights, stat of the weights file as read)`` raises on a bad adapter."""
+    def __init__(self, adapter_dir: str | Path, load: Callable[[Path], tuple[Any, str]], capacity: int):
+        """``load(folder) -> (weights, sha256 of the weights file as read)`` raises on a bad adapter."""
         if capacity < 1:
             raise ValueError("max_loaded_adapters must be >= 1")
         self.dir = Path(adapter_dir)
         self.load = load
         self.capacity = capacity
-        self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        # (name, version id) -> entry, least recently used first
+        self.entries: OrderedDict[tuple[str, str], LoadedAdapter] = OrderedDict()
         self.hits = self.misses = self.evictions = self.reloads = 0
         self._activity = CacheActivity()
 
@@ -92,100 +79,99 @@ class AdapterCache:
         return activity
 
     # --- disk ---------------------------------------------------------------------------------
-    def folder(self, name: str) -> Path:
-        return self.dir / name
+    def folder(self, ref: str) -> Path:
+        """The folder holding the version ``ref`` names now (the adapter's own folder if none)."""
+        version = self.disk_version(ref)
+        return version.folder if version is not None else self.dir / split_ref(ref)[0]
 
-    def disk_version(self, name: str) -> Version | None:
-        """The version on disk now, or None when the adapter does not exist (or the name is invalid)."""
-        if not valid_name(name):
+    def disk_version(self, ref: str) -> Version | None:
+        """The version ``ref`` (``name`` or ``name@<id prefix>``) names on disk now, or None when it does
+        not exist (or the reference is invalid)."""
+        if not valid_ref(ref):
             return None
-        try:
-            st = os.stat(self.folder(name) / WEIGHTS_FILE)
-            if not (self.folder(name) / CONFIG_FILE).is_file():
-                return None
-        except OSError:
-            return None
-        return Version.of(st)
+        return resolve(self.dir, ref)
 
-    def exists(self, name: str) -> bool:
-        """Whether the folder is there now; a deleted adapter's idle entry is dropped on the way."""
-        if self.disk_version(name) is not None:
+    def exists(self, ref: str) -> bool:
+        """Whether the version is there now; a deleted adapter's idle entries are dropped on the way."""
+        if self.disk_version(ref) is not None:
             return True
-        entry = self.entries.get(name)
-        if entry is not None and entry.refs == 0:
-            del self.entries[name]
-            entry.cached = False
+        name = split_ref(ref)[0]
+        if valid_name(name) and self.disk_version(name) is None:
+            for key, entry in list(self.entries.items()):
+                if entry.name == name and entry.refs == 0:
+                    del self.entries[key]
+                    entry.cached = False
         return False
 
     # --- lookups ------------------------------------------------------------------------------
-    def _current(self, name: str, version: Version) -> LoadedAdapter | None:
-        entry = self.entries.get(name)
-        return entry if entry is not None and entry.version == version else None
-
-    def can_acquire(self, name: str) -> bool:
-        """Whether ``acquire(name)`` fits the capacity: loaded, room left, or an idle entry to evict."""
-        v = self.disk_version(name)
-        if v is None or self._current(name, v) is not None:
+    def can_acquire(self, ref: str) -> bool:
+        """Whether ``acquire(ref)`` fits the capacity: loaded, room left, or an idle entry to evict."""
+        v = self.disk_version(ref)
+        if v is None or (split_ref(ref)[0], v.id) in self.entries:
             return True  # not found -> acquire raises at once; loaded -> hit
         if len(self.entries) < self.capacity:
             return True
-        return any(e.refs == 0 or e.name == name for e in self.entries.values())
+        return any(e.refs == 0 for e in self.entries.values())
 
-    def can_acquire_all(self, names: list[str]) -> bool:
-        """Whether ``acquire_all(names)`` fits the capacity: the adapters not loaded need free room or
-        idle entries other than ``names`` to evict (a composition's adapters are pinned together)."""
-        if len(names) <= 1:
-            return not names or self.can_acquire(names[0])
-        wanted = set(names)
-        missing = new = 0
-        for name in wanted:
-            v = self.disk_version(name)
+    def _loaded(self, ref: str) -> tuple[str, str] | None:
+        """The cache key of the version ``ref`` names when it is loaded, else None."""
+        v = self.disk_version(ref)
+        if v is None:
+            return None
+        key = (split_ref(ref)[0], v.id)
+        return key if key in self.entries else None
+
+    def can_acquire_all(self, refs: list[str]) -> bool:
+        """Whether ``acquire_all(refs)`` fits the capacity: the versions not loaded need free room or
+        idle entries other than the wanted ones to evict (a composition's adapters are pinned together)."""
+        if len(refs) <= 1:
+            return not refs or self.can_acquire(refs[0])
+        wanted, missing = set(), 0
+        for ref in dict.fromkeys(refs):
+            v = self.disk_version(ref)
             if v is None:
                 return True  # not found -> acquire_all raises at once
-            if self._current(name, v) is None:
-                missing += 1
-                new += name not in self.entries  # a stale entry is replaced, not added
+            key = (split_ref(ref)[0], v.id)
+            wanted.add(key)
+            missing += key not in self.entries
         if not missing:
             return True
-        idle = sum(1 for e in self.entries.values() if e.refs == 0 and e.name not in wanted)
-        return len(self.entries) + new - idle <= self.capacity
+        idle = sum(1 for k, e in self.entries.items() if e.refs == 0 and k not in wanted)
+        return len(self.entries) + missing - idle <= self.capacity
 
-    def acquire_all(self, names: list[str]) -> list[LoadedAdapter]:
-        """``acquire`` each name (the result in ``names``' order), all or none: on a failure the ones
-        already pinned are released and the error is raised. Loaded names are pinned first, so
+    def acquire_all(self, refs: list[str]) -> list[LoadedAdapter]:
+        """``acquire`` each ref (the result in ``refs``' order), all or none: on a failure the ones
+        already pinned are released and the error is raised. Loaded versions are pinned first, so
         loading another one cannot evict them."""
-
-        def loaded(name: str) -> bool:
-            v = self.disk_version(name)
-            return v is not None and self._current(name, v) is not None
-
-        order = sorted(range(len(names)), key=lambda k: not loaded(names[k]))
+        order = sorted(range(len(refs)), key=lambda k: self._loaded(refs[k]) is None)
         got: dict[int, LoadedAdapter] = {}
         try:
             for k in order:
-                got[k] = self.acquire(names[k])
+                got[k] = self.acquire(refs[k])
         except BaseException:
             for entry in got.values():
                 self.release(entry)
             raise
-        return [got[k] for k in range(len(names))]
+        return [got[k] for k in range(len(refs))]
 
-    def acquire(self, name: str) -> LoadedAdapter:
-        """The current version of ``name``, loaded if needed, pinned for one row (``release`` it).
+    def acquire(self, ref: str) -> LoadedAdapter:
+        """The version ``ref`` names (``name``: the current one), loaded if needed, pinned for one row
+        (``release`` it).
 
-        Raises KeyError (via the caller's AdapterNotFound) when the folder is gone, AdapterError when
-        it cannot be loaded.
+        Raises FileNotFoundError (the caller's AdapterNotFound) when it is gone, AdapterError when it
+        cannot be loaded.
         """
-        version = self.disk_version(name)
+        version = self.disk_version(ref)
         if version is None:
-            raise FileNotFoundError(name)
-        entry = self._current(name, version)
+            raise FileNotFoundError(ref)
+        key = (split_ref(ref)[0], version.id)
+        entry = self.entries.get(key)
         if entry is not None:
             self.hits += 1
             self._activity.hits += 1
-            self.entries.move_to_end(name)
+            self.entries.move_to_end(key)
         else:
-            entry = self._load(name)
+            entry = self._load(key[0], version)
         entry.refs += 1
         return entry
 
@@ -194,45 +180,50 @@ class AdapterCache:
         if entry.refs == 0 and entry.cached and len(self.entries) > self.capacity:
             self._evict_idle()
 
-    def _load(self, name: str) -> LoadedAdapter:
+    def _load(self, name: str, version: Version) -> LoadedAdapter:
         self.misses += 1
         self._activity.misses += 1
         t0 = time.perf_counter()
         try:
-            weights, st = self.load(self.folder(name))
+            weights, digest = self.load(version.folder)
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}") from exc
+        if digest != version.id and not version.current:  # a kept copy is never rewritten
+            raise AdapterError(f"adapter {name!r}: kept version {version.id[:16]} does not match its weights")
+        # a current folder replaced between resolving and reading: keyed by what was read
         seconds = time.perf_counter() - t0
         self._activity.load_seconds.append(seconds)
-        entry = LoadedAdapter(name, Version.of(st), weights, time.time(), seconds)
-        old = self.entries.pop(name, None)
-        if old is not None:  # superseded: its running rows keep it alive
+        entry = LoadedAdapter(name, digest, weights, time.time(), seconds)
+        old = self.entries.pop((name, digest), None)
+        if old is not None:
             old.cached = False
+        if any(e.name == name for e in self.entries.values()):
             self.reloads += 1
-            log.info("adapter %s: new version loaded (%.1f ms)", name, seconds * 1e3)
+            log.info("adapter %s: version %s loaded (%.1f ms)", name, digest[:12], seconds * 1e3)
         else:
             log.info("adapter %s loaded (%.1f ms)", name, seconds * 1e3)
-        self.entries[name] = entry
+        self.entries[(name, digest)] = entry
         self._evict_idle()
         return entry
 
     def _evict_idle(self) -> None:
         """Drop least recently used unpinned entries while over capacity."""
-        for name in list(self.entries):
+        for key in list(self.entries):
             if len(self.entries) <= self.capacity:
                 break
-            e = self.entries[name]
+            e = self.entries[key]
             if e.refs == 0:
-                del self.entries[name]
+                del self.entries[key]
                 e.cached = False
                 self.evictions += 1
                 self._activity.evictions += 1
-                log.info("adapter %s evicted (LRU)", name)
+                log.info("adapter %s version %s evicted (LRU)", e.name, e.version[:12])
 
     def loaded(self) -> list[str]:
-        return list(self.entries)
+        """The names with at least one version loaded, least recently used first."""
+        return list(dict.fromkeys(e.name for e in self.entries.values()))
 
     def stats(self) -> dict:
         return {
@@ -240,6 +231,7 @@ class AdapterCache:
             "loaded": [
                 {
                     "name": e.name,
+                    "version": e.version,
                     "refs": e.refs,
                     "load_ms": round(e.load_seconds * 1e3, 2),
                     "rank": getattr(e.weights, "rank", None),

@@ -20,6 +20,7 @@ caller's decision, made before ``add``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
-from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
 from .constraints import Grammars
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
@@ -112,8 +113,9 @@ class Engine:
         return ids
 
     def _load_adapter(self, folder: Path):
-        cfg, weights, st = read_adapter_files(folder)
-        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), st
+        cfg, weights, _st = read_adapter_files(folder)
+        digest = hashlib.sha256(weights).hexdigest()  # the version id of exactly these bytes
+        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), digest
 
     def _check_thread(self) -> None:
         me = threading.get_ident()
@@ -124,7 +126,8 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------
     def adapter_template(self, name: str | None) -> PromptTemplate:
-        """The prompt template recorded in the adapter's ``loraserve.json``, else the default."""
+        """The prompt template recorded in the adapter's ``loraserve.json`` (of the version ``name``
+        names: ``name`` or ``name@<id prefix>``), else the default."""
         if name is None:
             return DEFAULT_TEMPLATE
         if not self.adapters.exists(name):
@@ -171,7 +174,7 @@ class Engine:
             )
         for name in names:
             if not self.adapters.exists(name):
-                raise AdapterNotFound(name, "" if valid_name(name) else "invalid adapter name")
+                raise AdapterNotFound(name, "" if valid_ref(name) else "invalid adapter name or version")
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         if req.params.json_schema is not None:

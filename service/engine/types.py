@@ -7,12 +7,18 @@ import time
 from dataclasses import dataclass, field
 
 from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+from trainer.artifact import split_ref
 
 from .cache import CacheActivity
 
 # Label used for base-model rows in metrics and stats ("__base__" cannot be an adapter name:
 # names must start with a letter or digit).
 BASE_LABEL = "__base__"
+
+
+def adapter_label(adapter: str | None) -> str:
+    """A request's label in metrics and stats: the adapter's name (all its versions together)."""
+    return BASE_LABEL if adapter is None else split_ref(adapter)[0]
 
 
 @dataclass
@@ -86,7 +92,9 @@ class AdapterWeight:
 class GenerationRequest:
     id: str
     prompt_ids: list[int]
-    adapter: str | None  # None: the base model (or the composition below)
+    adapter: (
+        str | None
+    )  # None: the base (or the composition below); "name" (newest) or "name@<version prefix>"
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
     # a weighted composition of adapters instead of ``adapter`` (which is then None)

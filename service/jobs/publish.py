@@ -23,8 +23,11 @@ class PublishError(Exception):
     """The trainer's output cannot be published; the message says why (it becomes the job's error)."""
 
 
-def publish_adapter(staged: Path, final: Path, job_id: str, *, overwrite: bool) -> str:
-    """Rename the trainer's output ``staged`` to ``final``; returns the adapter's sha256."""
+def publish_adapter(staged: Path, final: Path, job_id: str, *, overwrite: bool, keep: int = 0) -> str:
+    """Rename the trainer's output ``staged`` to ``final``; returns the adapter's sha256.
+
+    A version it replaces is kept first (``keep`` earlier versions at most, ``artifact.keep_version``).
+    """
     record = artifact.read_record(staged) if artifact.is_complete(staged) else None
     if record is None or record.job != job_id or record.sha256 is None:  # not this job's trainer output
         try:
@@ -34,6 +37,7 @@ def publish_adapter(staged: Path, final: Path, job_id: str, *, overwrite: bool) 
         record.job = job_id
         artifact.write_record(staged, record)
     if overwrite:
+        artifact.keep_version(final.parent, final.name, keep, replacing=True)
         publish_dir(staged, final)
         return record.sha256
     fsync_tree(staged)

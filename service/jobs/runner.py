@@ -433,7 +433,13 @@ class Runner:
     def _publish(self, job: Job, paths: JobPaths) -> None:
         final = self.settings.adapter_dir / job.adapter
         try:
-            sha = publish_adapter(paths.output, final, job.id, overwrite=job.overwrite)
+            sha = publish_adapter(
+                paths.output,
+                final,
+                job.id,
+                overwrite=job.overwrite,
+                keep=self.settings.keep_adapter_versions,
+            )
         except (PublishError, OSError) as exc:
             self._end(job, "failed", f"publishing the adapter failed: {exc}")
             return

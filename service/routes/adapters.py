@@ -47,7 +47,8 @@ def register_adapter_routes(
         """Upload a PEFT LoRA adapter: multipart ``adapter_config``, ``adapter_model``, optional ``template``.
 
         Validated against the base before anything is written, then published atomically: a bad
-        upload leaves the previous version serving.
+        upload leaves the previous version serving. A replaced version stays servable as
+        ``name@<version id>`` (the server keeps ``keep_adapter_versions`` earlier versions).
         """
         store.check_name(name)
         declared = request.headers.get("content-length")
@@ -89,7 +90,15 @@ def register_adapter_routes(
 
         def validate_and_publish() -> bool:
             store.validate_upload(config_raw, weights_raw, shape)
-            return store.publish(adapter_dir, name, config_raw, weights_raw, template, model.name)
+            return store.publish(
+                adapter_dir,
+                name,
+                config_raw,
+                weights_raw,
+                template,
+                model.name,
+                settings.keep_adapter_versions,
+            )
 
         created = await asyncio.to_thread(validate_and_publish)
         info = store.info(adapter_dir, name, _loaded_adapters(settings))

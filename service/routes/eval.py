@@ -56,10 +56,8 @@ def _check_adapters(settings: Settings, adapters: list[str | None]) -> None:
     seen: set[str] = set()
     for i, name in enumerate(adapters):
         param = f"adapters[{i}]"
-        if name is not None:
-            store.check_name(name, param)
-            if not store.exists(settings.adapter_dir, name):
-                raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", param)
+        if name is not None:  # name, or name@<version id prefix>
+            store.resolve(settings.adapter_dir, name, settings.keep_adapter_versions, param)
         key = key_of(name)
         if key in seen:
             raise ApiError(

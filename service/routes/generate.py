@@ -56,10 +56,10 @@ def register_generate_routes(
         """Generate text with the base model, one adapter or a weighted composition of adapters;
         ``stream: true`` answers with SSE."""
         if body.adapter is not None:
-            store.check_name(body.adapter, "adapter")
+            store.check_ref(body.adapter, "adapter")
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
         for i, (name, _) in enumerate(composition or []):
-            store.check_name(name, f"adapters.{i}.name")
+            store.check_ref(name, f"adapters.{i}.name")
         # a composition's prompt template is its first adapter's
         template = store.template_for(
             settings.adapter_dir, composition[0][0] if composition else body.adapter
@@ -88,6 +88,7 @@ def register_generate_routes(
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
             composition=composition,
+            keep_versions=settings.keep_adapter_versions,
         )
         client.reserve()
         sub = client.submit(job, request)

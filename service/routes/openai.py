@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
-The ``model`` field names an adapter, or the base (by its configured name or its id); with the
-``adapters`` extension (a weighted composition, as on ``/generate``) it names the base. Every
+The ``model`` field names an adapter (its newest version, or ``name@<version id prefix>`` for one
+version), or the base (by its configured name or its id); with the ``adapters`` extension (a
+weighted composition, as on ``/generate``) it names the base. Every
 choice of a request (``n`` per prompt, for every prompt of a list) is one engine job on the same
 queue as ``/generate``, so choices, streamed and non-streamed requests all share engine batches.
 Every job is validated before the first one is queued, and a streamed reply waits for the first
@@ -66,7 +67,8 @@ from service.served_model import ServedModel
 from service.settings import Settings
 from service.structured import JSON_OBJECT
 from service.wire import Event, Job, TokenLogprob, WireError
-from trainer.artifact import valid_name
+from trainer import artifact
+from trainer.artifact import valid_name, valid_ref
 from trainer.template import PromptTemplate
 
 OWNER = "loraserve"
@@ -110,6 +112,14 @@ class Models:
             return None
         if valid_name(name) and store.exists(self.adapter_dir, name):
             return name
+        if artifact.VERSION_SEP in name and valid_name(artifact.split_ref(name)[0]):
+            store.check_ref(name, "model")  # 422 for a malformed version: "name@<8+ hex digits>"
+        if valid_ref(name):  # name@<version id prefix>: one version of an adapter
+            try:
+                store.resolve(self.adapter_dir, name, param="model")
+            except ApiError as exc:
+                raise ApiError(404, "model_not_found", exc.message, "model") from None
+            return name
         raise ApiError(
             404,
             "model_not_found",
@@ -131,10 +141,13 @@ class Models:
         return out
 
     def adapter_card(self, name: str) -> ModelCard:
-        created = _timestamp(store.read_record(self.adapter_dir, name).created)
+        """The card of an adapter, or of one of its versions (``name@<version id prefix>``)."""
+        version = artifact.resolve(self.adapter_dir, name)
+        folder = version.folder if version is not None else store.adapter_path(self.adapter_dir, name)
+        created = _timestamp((artifact.read_record(folder) or artifact.Record()).created)
         if created is None:
             try:
-                created = int(store.adapter_path(self.adapter_dir, name).stat().st_mtime)
+                created = int(folder.stat().st_mtime)
             except OSError:
                 created = 0
         return ModelCard(id=name, created=created, owned_by=OWNER, parent=self.base_id, root=self.base_id)
@@ -477,6 +490,7 @@ def register_openai_routes(
                         request_timeout=settings.request_timeout,
                         adapter_param="model",
                         max_tokens_param=max_tokens_param,
+                        keep_versions=settings.keep_adapter_versions,
                     )
                 except ApiError as exc:
                     if exc.code == "prompt_too_long" and len(prompts) > 1:

@@ -35,6 +35,7 @@ from ._exceptions import (
 )
 from .types import (
     AdapterInfo,
+    AdapterVersion,
     Dataset,
     GeneratedToken,
     Generation,
@@ -52,6 +53,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AdapterInfo",
+    "AdapterVersion",
     "AsyncClient",
     "AsyncEventStream",
     "AsyncTextStream",

@@ -54,6 +54,15 @@ class Generation(_Model):
     tokens: list[GeneratedToken] | None = None
 
 
+class AdapterVersion(_Model):
+    """One version of an adapter: ``id`` is its weights' sha256; ``adapter="name@<id[:8]>"`` serves it."""
+
+    id: str
+    created: datetime | None = None
+    size_bytes: int | None = None
+    current: bool = False
+
+
 class AdapterInfo(_Model):
     name: str
     rank: int | None = None
@@ -65,6 +74,7 @@ class AdapterInfo(_Model):
     base_model: str | None = None
     loaded: bool = False
     template: dict[str, Any] | None = None
+    versions: list[AdapterVersion] = []  # newest first: the current one, then the kept earlier ones
 
 
 class JobProgress(_Model):
