@@ -486,6 +486,10 @@ def test_dashboard_covers_the_required_panels() -> None:
         "loraserve_train_jobs",
         "loraserve_train_loss",
         "loraserve_gpu_memory_bytes",
+        "loraserve_num_requests_running",  # the Inference Gateway's gauges
+        "loraserve_num_requests_waiting",
+        "loraserve_kv_cache_usage_perc",
+        "loraserve_lora_requests_info",
     ):
         assert metric in exprs, f"no panel queries {metric}"
 

@@ -549,4 +549,4 @@ def test_metrics_updated(shared_engine: Engine):
     )
     assert value("loraserve_time_to_first_token_seconds_count", {"adapter": "a"}) - ttft0 == 1
     assert value("loraserve_batch_size_count") - batch0 == 4  # decode steps after the shared prefill
-    assert value("loraserve_requests_running") == 0
+    assert value("loraserve_num_requests_running") == 0
