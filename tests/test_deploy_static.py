@@ -420,6 +420,36 @@ def test_kubernetes_scale_out_overlay_runs_serve_replicas_and_one_runner() -> No
     assert not service["spec"]["selector"].items() <= runner_labels.items()
 
 
+def test_kubernetes_multi_host_overlay_shares_a_postgres_store_and_the_job_volume() -> None:
+    docs = [d for d in yaml.safe_load_all(_kustomize(DEPLOY / "k8s" / "overlays" / "multi-host")) if d]
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    # Adapters and job folders (inputs, checkpoints, logs, datasets) on volumes every node mounts.
+    assert {name: c["spec"]["accessModes"] for name, c in claims.items()} == {
+        "loraserve-adapters": ["ReadWriteMany"],
+        "loraserve-jobs": ["ReadWriteMany"],
+    }
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert deployments["loraserve-runner"]["spec"]["replicas"] >= 2
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert "affinity" not in pod, name  # no longer tied to the runner's node
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        db = env["LORASERVE_JOBS_DB"]
+        assert set(db) == {"name", "valueFrom"}, db  # from the Secret only, never a path or a literal
+        assert db["valueFrom"]["secretKeyRef"] == {"name": "loraserve-jobs-db", "key": "url"}
+        for key in env:
+            if key.startswith("LORASERVE_") and key != "LORASERVE_API_KEY":
+                assert key.removeprefix("LORASERVE_").lower() in Settings.model_fields, (name, key)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        jobs_volume = volumes[mounts[env["LORASERVE_JOBS_DIR"]["value"]]]
+        assert jobs_volume["persistentVolumeClaim"]["claimName"] == "loraserve-jobs"
+        adapters = volumes[mounts[env["LORASERVE_ADAPTER_DIR"]["value"]]]
+        assert adapters["persistentVolumeClaim"]["claimName"] == "loraserve-adapters"
+        assert set(volumes[mounts[env["LORASERVE_DATA_DIR"]["value"]]]) == {"name", "emptyDir"}
+
+
 # The InferencePool CRD as released upstream (Apache-2.0; commit and source in its README).
 VENDOR = ROOT / "tests" / "vendor" / "gateway-api-inference-extension"
 
