@@ -73,7 +73,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="body cap of every route without its own (generation, /v1/*)"
     )
-    max_concurrent_jobs: int = Field(1, ge=1)
+    max_concurrent_jobs: int = Field(
+        1,
+        ge=1,
+        description="training jobs running at once, counted across every runner sharing the job store",
+    )
+    jobs_per_runner: int = Field(
+        0, ge=0, description="training jobs one runner runs at once (0: max_concurrent_jobs); e.g. 1 per GPU"
+    )
     train_yield_rows: int = Field(
         1,
         ge=0,
@@ -127,6 +134,11 @@ class Settings(BaseSettings):
             return self.jobs_dir
         assert self.jobs_db is not None  # set by _default_jobs_db
         return self.data_dir if self.jobs_on_postgres else Path(self.jobs_db).parent
+
+    @property
+    def runner_slots(self) -> int:
+        """Jobs this runner trains at once: ``jobs_per_runner`` within the store-wide limit."""
+        return min(self.jobs_per_runner or self.max_concurrent_jobs, self.max_concurrent_jobs)
 
     @property
     def runs_jobs(self) -> bool:

@@ -429,7 +429,15 @@ def test_kubernetes_multi_host_overlay_shares_a_postgres_store_and_the_job_volum
         "loraserve-jobs": ["ReadWriteMany"],
     }
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert deployments["loraserve-runner"]["spec"]["replicas"] >= 2
+    runner = deployments["loraserve-runner"]
+    assert runner["spec"]["replicas"] >= 2
+    # max_concurrent_jobs counts across runners: every runner gets one job (its GPU), none idles.
+    runner_env = _env(runner["spec"]["template"]["spec"]["containers"][0])
+    settings = Settings(
+        max_concurrent_jobs=runner_env["LORASERVE_MAX_CONCURRENT_JOBS"],
+        jobs_per_runner=runner_env["LORASERVE_JOBS_PER_RUNNER"],
+    )
+    assert settings.runner_slots == 1 and settings.max_concurrent_jobs == runner["spec"]["replicas"]
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         assert "affinity" not in pod, name  # no longer tied to the runner's node

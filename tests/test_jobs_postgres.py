@@ -95,7 +95,16 @@ def test_two_runners_share_a_postgres_store_and_take_over_a_killed_runners_job(
                     tmp_path / host,
                     api_key=KEY,
                     env=env,
-                    args=[*common, "--role", "runner"],
+                    # the limit counts across runners: two jobs at once, one on each
+                    args=[
+                        *common,
+                        "--role",
+                        "runner",
+                        "--max-concurrent-jobs",
+                        "2",
+                        "--jobs-per-runner",
+                        "1",
+                    ],
                     prefix=on_host(host),
                 )
             )

@@ -14,7 +14,8 @@ The loop (single-threaded, every ``POLL_SECONDS``):
     error line, the signal that killed it, or the log's last lines);
   * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
     from their last checkpoint, failing them after ``MAX_ATTEMPTS`` interrupted runs;
-  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners);
+  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners)
+    and this runner has fewer than ``settings.runner_slots``;
   * serving first: while the generation worker's status file shows it busy
     (``service.worker_status.serving_busy``), creates each running job's ``yield`` file, which the
     trainer (``--yield-file``) waits on between optimizer steps, at most ``train_max_pause`` s a time.
@@ -252,7 +253,7 @@ class Runner:
             self._last_recover = now
             self.recover()
         if claim:
-            while len(self.runs) < self.settings.max_concurrent_jobs and self._claim_one():
+            while len(self.runs) < self.settings.runner_slots and self._claim_one():
                 pass
         if now - self._last_metrics >= METRICS_SECONDS:
             self._last_metrics = now
@@ -584,7 +585,10 @@ def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event
         return
     outage.up()
     log.info(
-        "job runner started (owner %s, up to %d job(s) at once)", runner.owner, settings.max_concurrent_jobs
+        "job runner started (owner %s, up to %d job(s) at once, %d across runners)",
+        runner.owner,
+        settings.runner_slots,
+        settings.max_concurrent_jobs,
     )
     try:
         while not (stop.is_set() or stop_event.is_set()):
