@@ -131,6 +131,8 @@ _LOCKS = {name: zlib.crc32(f"loraserve.jobs.{name}".encode()) for name in ("migr
 
 
 STORE_RETRY_AFTER_S = 5
+# An unreachable database host must not hold an API request (or the runner's loop) for long.
+PG_CONNECT_TIMEOUT_S = 5
 
 
 class StoreUnavailable(ApiError):
@@ -403,10 +405,11 @@ class JobStore:
     """All reads and writes of jobs, idempotency keys and datasets, on SQLite or PostgreSQL."""
 
     def __init__(self, location: str | Path, busy_timeout: float = 30.0):
-        """``location``: a SQLite file path, or a ``postgresql://`` URL (``is_database_url``)."""
+        """``location``: a SQLite file path, or a ``postgresql://`` URL (``is_database_url``).
+        ``busy_timeout``: how long a SQLite writer waits for the lock."""
         self.location = location
         if is_database_url(location):
-            self.backend: _SQLite | _Postgres = _Postgres(str(location), busy_timeout)
+            self.backend: _SQLite | _Postgres = _Postgres(str(location), PG_CONNECT_TIMEOUT_S)
         else:
             self.backend = _SQLite(Path(location), busy_timeout)
         self._migrate()
