@@ -16,19 +16,26 @@ $(STAMP): pyproject.toml requirements.lock clients/python/pyproject.toml
 
 install: $(STAMP)
 
-# Debian's `prometheus` package (promtool, prometheus) for the deploy checks and the end-to-end
-# metrics test. Installed with apt-get when missing and we are root (or have password-less sudo);
-# otherwise one line says what to install, and the tests that need it fail naming it.
+# Debian packages the tests run for real: `prometheus` (promtool, prometheus) for the deploy checks and
+# the end-to-end metrics test, `postgresql` (initdb, pg_ctl in /usr/lib/postgresql/<version>/bin)
+# for the PostgreSQL job store tests, which start their own server in a temporary folder (as the
+# package's `postgres` user when run as root). Installed with apt-get when missing and we are root
+# (or have password-less sudo); otherwise one line says what to install, and the tests that need
+# it fail naming it.
 test-tools:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi; \
+	@missing=""; \
+	if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then missing="prometheus"; fi; \
+	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+		missing="$$missing postgresql"; fi; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
 	if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "make: installing Debian's prometheus package (promtool, prometheus) for the tests"; \
+		echo "make: installing Debian's$$missing package(s) for the tests"; \
 		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
-			--no-install-recommends prometheus >/dev/null \
-		|| echo "make: could not install Debian's 'prometheus' package; the deploy and metrics tests will fail" >&2; \
+			--no-install-recommends $$missing >/dev/null \
+		|| echo "make: could not install Debian's$$missing; the tests that need them will fail" >&2; \
 	else \
-		echo "make: the deploy and metrics tests need Debian's 'prometheus' package: apt-get install prometheus" >&2; \
+		echo "make: the tests need Debian's$$missing package(s): apt-get install$$missing" >&2; \
 	fi
 
 # Starts the service on http://127.0.0.1:8000. Without reachable distilgpt2 weights it comes

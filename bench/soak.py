@@ -470,8 +470,8 @@ class Load:
         await asyncio.sleep(1.5)  # the worker publishes its gauges on its next loop pass
         m = promstats.parse((await c.get("/metrics")).text)
         self.tally.count("/metrics", 200)
-        running = promstats.total(m, "loraserve_requests_running")
-        waiting = promstats.total(m, "loraserve_requests_waiting")
+        running = promstats.total(m, "loraserve_num_requests_running")
+        waiting = promstats.total(m, "loraserve_num_requests_waiting")
         loaded = promstats.total(m, "loraserve_adapters_loaded")
         if running or waiting:
             problems.append(f"after the load {running:.0f} requests still running, {waiting:.0f} waiting")

@@ -117,13 +117,41 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 unit="s",
                 description="From arrival to joining a batch.",
             ),
+        ],
+    ),
+    (
+        # The model-server protocol gauges the Inference Gateway's endpoint picker routes on.
+        "Routing (Inference Gateway gauges)",
+        [
             Panel(
                 "Requests running and waiting",
                 [
-                    (f"sum(loraserve_requests_running{{{SEL}}})", "running"),
-                    (f"sum(loraserve_requests_waiting{{{SEL}}})", "waiting"),
+                    (f"sum by (instance) (loraserve_num_requests_running{{{SEL}}})", "running {{instance}}"),
+                    (f"sum by (instance) (loraserve_num_requests_waiting{{{SEL}}})", "waiting {{instance}}"),
                 ],
                 unit="short",
+                width=8,
+            ),
+            Panel(
+                "KV cache usage",
+                [(f"max by (instance) (loraserve_kv_cache_usage_perc{{{SEL}}})", "{{instance}}")],
+                unit="percentunit",
+                width=8,
+                description="Tokens in the KV slots of running rows over batch rows x context length.",
+            ),
+            Panel(
+                "Adapters running and waiting",
+                [
+                    (
+                        f"topk by (instance) (1, loraserve_lora_requests_info{{{SEL}}})",
+                        "{{instance}} running=[{{running_lora_adapters}}] "
+                        "waiting=[{{waiting_lora_adapters}}] max={{max_lora}}",
+                    )
+                ],
+                kind="stat",
+                width=8,
+                description="The newest loraserve_lora_requests_info series of each instance "
+                "(its value is the time of the update; older label sets keep older times).",
             ),
         ],
     ),

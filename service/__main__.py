@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from service.jobs.store import redact
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype,
             host,
             settings.port,
-            settings.jobs_db,
+            redact(settings.jobs_db or ""),
         )
         if settings.runs_jobs:
             spawn = mp.get_context("spawn")

@@ -43,11 +43,29 @@ INTER_TOKEN_SECONDS = Histogram(
 BATCH_SIZE = Histogram("loraserve_batch_size", "rows in a decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 PROMPT_TOKENS = Counter("loraserve_prompt_tokens_total", "prompt tokens processed", ["adapter"])
 GENERATED_TOKENS = Counter("loraserve_generated_tokens_total", "tokens generated", ["adapter"])
+# The next four are the Kubernetes Inference Gateway's model-server protocol (its endpoint picker
+# is told these names; deploy/k8s/overlays/inference-gateway): keep names and meanings as they are.
 REQUESTS_RUNNING = Gauge(
-    "loraserve_requests_running", "requests in the running batch", multiprocess_mode="livesum"
+    "loraserve_num_requests_running", "requests in the running batch", multiprocess_mode="livesum"
 )
 REQUESTS_WAITING = Gauge(
-    "loraserve_requests_waiting", "requests queued for the worker", multiprocess_mode="livesum"
+    "loraserve_num_requests_waiting",
+    "requests the worker admitted that are not yet in the batch",
+    multiprocess_mode="livesum",
+)
+KV_CACHE_USAGE = Gauge(
+    "loraserve_kv_cache_usage_perc",
+    "fraction (0-1) of the KV cache's token positions (batch rows x context length) holding live tokens",
+    multiprocess_mode="livemax",
+)
+# vLLM's lora_requests_info: the value is the time of the last update, the labels say what runs.
+# Multiprocess mode cannot drop a label set, so earlier combinations stay with their older times:
+# readers take the series with the newest value (the picker does; the dashboard uses topk).
+LORA_REQUESTS_INFO = Gauge(
+    "loraserve_lora_requests_info",
+    "time of the last update; labels: adapters a batch can hold, adapters running and waiting",
+    ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    multiprocess_mode="livemostrecent",
 )
 
 # --- adapters (worker process) ---------------------------------------------------------------
@@ -132,3 +150,20 @@ def record_step(report: StepReport) -> None:
     for seconds in cache.load_seconds:
         ADAPTER_LOAD_SECONDS.observe(seconds)
     ADAPTERS_LOADED.set(cache.loaded)
+
+
+def record_load(waiting: int, stats: dict, waiting_adapters: set[str], now: float) -> None:
+    """Export the worker's state between steps for the Inference Gateway's endpoint picker.
+
+    ``stats`` is ``Engine.stats()``; ``waiting`` and ``waiting_adapters`` also count what the worker
+    holds in front of the engine. The base model is no adapter, so it is never named.
+    """
+    REQUESTS_WAITING.set(waiting)
+    REQUESTS_RUNNING.set(stats["rows"])
+    ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
+    KV_CACHE_USAGE.set(stats["kv_tokens_used"] / stats["kv_tokens_max"] if stats["kv_tokens_max"] else 0.0)
+    LORA_REQUESTS_INFO.labels(
+        max_lora=str(stats["adapter_cache"]["capacity"]),
+        running_lora_adapters=",".join(sorted(stats["running_adapters"])),
+        waiting_lora_adapters=",".join(sorted(waiting_adapters | set(stats["waiting_adapters"]))),
+    ).set(now)

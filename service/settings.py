@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Role = Literal["all", "serve", "runner"]
 
 
+def is_database_url(location: str | Path) -> bool:
+    """A PostgreSQL URL (``postgresql://user:pass@host:port/db``) rather than a SQLite file path."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid")
 
@@ -35,10 +40,16 @@ class Settings(BaseSettings):
         description="Prometheus multiprocess folder, emptied at start; default <data-dir>/prometheus "
         "(a preset PROMETHEUS_MULTIPROC_DIR wins)",
     )
-    jobs_db: Path | None = Field(
+    jobs_db: str | None = Field(
         None,
-        description="SQLite job store; its folder also holds jobs/ and datasets/ (default "
-        "<data-dir>/jobs.sqlite3). Replicas share jobs by pointing at one file",
+        description="job store: a SQLite file (default <data-dir>/jobs.sqlite3; servers of one host "
+        "share jobs by pointing at one file) or postgresql://user:pass@host:port/db for runners and "
+        "servers on many hosts (put the password in LORASERVE_JOBS_DB, not on the command line)",
+    )
+    jobs_dir: Path | None = Field(
+        None,
+        description="job folders (inputs, checkpoints, logs) and datasets; default: the SQLite file's "
+        "folder, or <data-dir> with PostgreSQL. On many hosts: a volume every server and runner mounts",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -67,7 +78,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="body cap of every route without its own (generation, /v1/*)"
     )
-    max_concurrent_jobs: int = Field(1, ge=1)
+    max_concurrent_jobs: int = Field(
+        1,
+        ge=1,
+        description="training jobs running at once, counted across every runner sharing the job store",
+    )
+    jobs_per_runner: int = Field(
+        0, ge=0, description="training jobs one runner runs at once (0: max_concurrent_jobs); e.g. 1 per GPU"
+    )
     train_yield_rows: int = Field(
         1,
         ge=0,
@@ -104,15 +122,28 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_jobs_db(self) -> Settings:
-        if self.jobs_db is None:
-            self.jobs_db = self.data_dir / "jobs.sqlite3"
+        if self.jobs_db is None or not self.jobs_db.strip():
+            self.jobs_db = str(self.data_dir / "jobs.sqlite3")
         return self
 
     @property
-    def jobs_root(self) -> Path:
-        """The job store's folder: ``jobs/<id>/`` and ``datasets/`` live beside the SQLite file."""
+    def jobs_on_postgres(self) -> bool:
         assert self.jobs_db is not None  # set by _default_jobs_db
-        return self.jobs_db.parent
+        return is_database_url(self.jobs_db)
+
+    @property
+    def jobs_root(self) -> Path:
+        """Where ``jobs/<id>/`` and ``datasets/`` live: ``--jobs-dir``, else beside the SQLite file
+        (or in the data dir when the store is PostgreSQL)."""
+        if self.jobs_dir is not None:
+            return self.jobs_dir
+        assert self.jobs_db is not None  # set by _default_jobs_db
+        return self.data_dir if self.jobs_on_postgres else Path(self.jobs_db).parent
+
+    @property
+    def runner_slots(self) -> int:
+        """Jobs this runner trains at once: ``jobs_per_runner`` within the store-wide limit."""
+        return min(self.jobs_per_runner or self.max_concurrent_jobs, self.max_concurrent_jobs)
 
     @property
     def runs_jobs(self) -> bool:

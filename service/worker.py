@@ -148,7 +148,7 @@ class EngineLoop(QueueLoop):
 
 class _Driver:
     """Owns the engine in the worker and writes its metrics: each engine step's report
-    (``metrics.record_step``) and the queue it keeps in front of the engine (``requests_waiting``)."""
+    (``metrics.record_step``) and, between steps, its load (``metrics.record_load``)."""
 
     def __init__(self, lit_api: EngineAPI, queue: WorkerQueue) -> None:
         from service import metrics
@@ -180,10 +180,13 @@ class _Driver:
             self.expire()
             self.admit()
             stats = self.engine.stats()
-            self.metrics.REQUESTS_WAITING.set(len(self.waiting) + stats["waiting"])
             # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
-            self.metrics.REQUESTS_RUNNING.set(stats["rows"])
-            self.metrics.ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
+            self.metrics.record_load(
+                len(self.waiting) + stats["waiting"],
+                stats,
+                {w.job.adapter for w in self.waiting if w.job.adapter},
+                time.time(),
+            )
             if self.engine.has_active():
                 self.step()
             elif self.waiting:

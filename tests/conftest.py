@@ -55,3 +55,19 @@ def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
         name: train_fixed_sentence_adapter(tiny_base, root / name, sentence)
         for name, sentence in FIXED_SENTENCES.items()
     }
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (Debian's package); ``new_database()`` per test."""
+    from helpers.postgres import running_postgres
+
+    try:
+        server = running_postgres()
+        pg = server.__enter__()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield pg
+    finally:
+        server.__exit__(None, None, None)

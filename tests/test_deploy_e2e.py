@@ -43,6 +43,9 @@ MUST_HAVE_DATA = (
     "loraserve_batch_size_bucket",
     "loraserve_queue_wait_seconds_bucket",
     "loraserve_model_info",
+    "loraserve_num_requests_running",
+    "loraserve_kv_cache_usage_perc",
+    "loraserve_lora_requests_info",
 )
 
 

@@ -169,12 +169,14 @@ def test_ci_runs_the_readme_test_command_and_installs_nothing_itself() -> None:
     assert "make test" in (ROOT / "README.md").read_text()
 
 
-def test_make_test_installs_prometheus_as_its_own_prerequisite() -> None:
+def test_make_test_installs_prometheus_and_postgresql_as_its_own_prerequisites() -> None:
     # `make -n` prints the recipe without running it: the test target must pull in the tools step.
     proc = run("make", "-n", "-p", "test-tools", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^test: .*\btest-tools\b", proc.stdout, re.M), "test does not depend on test-tools"
     assert "apt-get install" in proc.stdout and "prometheus" in proc.stdout
+    assert 'missing="$$missing postgresql"' in proc.stdout
+    assert "/usr/lib/postgresql/*/bin/initdb" in proc.stdout  # where Debian puts the server binaries
 
 
 @pytest.fixture()
@@ -418,6 +420,166 @@ def test_kubernetes_scale_out_overlay_runs_serve_replicas_and_one_runner() -> No
     assert not service["spec"]["selector"].items() <= runner_labels.items()
 
 
+def test_kubernetes_multi_host_overlay_shares_a_postgres_store_and_the_job_volume() -> None:
+    docs = [d for d in yaml.safe_load_all(_kustomize(DEPLOY / "k8s" / "overlays" / "multi-host")) if d]
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    # Adapters and job folders (inputs, checkpoints, logs, datasets) on volumes every node mounts.
+    assert {name: c["spec"]["accessModes"] for name, c in claims.items()} == {
+        "loraserve-adapters": ["ReadWriteMany"],
+        "loraserve-jobs": ["ReadWriteMany"],
+    }
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    runner = deployments["loraserve-runner"]
+    assert runner["spec"]["replicas"] >= 2
+    # max_concurrent_jobs counts across runners: every runner gets one job (its GPU), none idles.
+    runner_env = _env(runner["spec"]["template"]["spec"]["containers"][0])
+    settings = Settings(
+        max_concurrent_jobs=runner_env["LORASERVE_MAX_CONCURRENT_JOBS"],
+        jobs_per_runner=runner_env["LORASERVE_JOBS_PER_RUNNER"],
+    )
+    assert settings.runner_slots == 1 and settings.max_concurrent_jobs == runner["spec"]["replicas"]
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert "affinity" not in pod, name  # no longer tied to the runner's node
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        db = env["LORASERVE_JOBS_DB"]
+        assert set(db) == {"name", "valueFrom"}, db  # from the Secret only, never a path or a literal
+        assert db["valueFrom"]["secretKeyRef"] == {"name": "loraserve-jobs-db", "key": "url"}
+        for key in env:
+            if key.startswith("LORASERVE_") and key != "LORASERVE_API_KEY":
+                assert key.removeprefix("LORASERVE_").lower() in Settings.model_fields, (name, key)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        jobs_volume = volumes[mounts[env["LORASERVE_JOBS_DIR"]["value"]]]
+        assert jobs_volume["persistentVolumeClaim"]["claimName"] == "loraserve-jobs"
+        adapters = volumes[mounts[env["LORASERVE_ADAPTER_DIR"]["value"]]]
+        assert adapters["persistentVolumeClaim"]["claimName"] == "loraserve-adapters"
+        assert set(volumes[mounts[env["LORASERVE_DATA_DIR"]["value"]]]) == {"name", "emptyDir"}
+
+
+# The InferencePool CRD as released upstream (Apache-2.0; commit and source in its README).
+VENDOR = ROOT / "tests" / "vendor" / "gateway-api-inference-extension"
+
+
+def _crd_schema(crd: Path, version: str) -> dict:
+    doc = yaml.safe_load(crd.read_text())
+    (served,) = [v for v in doc["spec"]["versions"] if v["name"] == version]
+    return served["schema"]["openAPIV3Schema"]
+
+
+def _inference_gateway_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(_kustomize(DEPLOY / "k8s" / "overlays" / "inference-gateway")) if d]
+
+
+def _check_inference_pool(pool: dict) -> list[str]:
+    """The CRD's openAPIV3Schema, plus its two CEL rules (jsonschema does not run CEL)."""
+    import jsonschema
+
+    group, version = pool["apiVersion"].split("/")
+    assert group == "inference.networking.k8s.io"
+    schema = _crd_schema(VENDOR / "inferencepools.crd.yaml", version)
+    validator = jsonschema.Draft7Validator(schema)
+    problems = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(pool)]
+    ref = pool["spec"].get("endpointPickerRef", {})
+    if ref.get("kind", "Service") == "Service" and "port" not in ref:
+        problems.append("endpointPickerRef: port is required when kind is 'Service'")
+    numbers = [p.get("number") for p in pool["spec"].get("targetPorts", [])]
+    if len(numbers) != len(set(numbers)):
+        problems.append("targetPorts: port number must be unique")
+    return problems
+
+
+def test_inference_pool_validates_against_the_crd_schema() -> None:
+    docs = _inference_gateway_docs()
+    (pool,) = [d for d in docs if d["kind"] == "InferencePool"]
+    assert _check_inference_pool(pool) == []
+    # The checker is not blind: a misspelt field, a bad enum and a missing port are caught.
+    bad = yaml.safe_load(yaml.safe_dump(pool))
+    bad["spec"]["targetPort"] = bad["spec"].pop("targetPorts")
+    bad["spec"]["endpointPickerRef"]["failureMode"] = "FailSoft"
+    del bad["spec"]["endpointPickerRef"]["port"]
+    problems = " | ".join(_check_inference_pool(bad))
+    assert "'targetPorts' is a required property" in problems
+    assert "'FailSoft' is not one of" in problems
+    assert "port is required" in problems
+
+
+def test_inference_gateway_overlay_routes_openai_requests_through_the_pool() -> None:
+    from service import metrics
+
+    docs = _inference_gateway_docs()
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    (pool,) = by_kind["InferencePool"]
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    assert set(deployments) == {"loraserve", "loraserve-runner", "loraserve-epp"}
+    # The pool selects the serving replicas only, on the port they serve.
+    selector = pool["spec"]["selector"]["matchLabels"]
+    serve_pod = deployments["loraserve"]["spec"]["template"]
+    assert selector.items() <= serve_pod["metadata"]["labels"].items()
+    for name in ("loraserve-runner", "loraserve-epp"):
+        assert not selector.items() <= deployments[name]["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = serve_pod["spec"]["containers"]
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [container["ports"][0]["containerPort"]]
+
+    # The picker's Service answers on the port the pool names, and selects the picker's pods.
+    services = {d["metadata"]["name"]: d for d in by_kind["Service"]}
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = services[ref["name"]]
+    assert ref["port"]["number"] in {p["port"] for p in epp_service["spec"]["ports"]}
+    epp = deployments["loraserve-epp"]
+    assert epp_service["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    (picker,) = epp["spec"]["template"]["spec"]["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in picker["args"])
+    assert args["pool-name"] == pool["metadata"]["name"]
+    assert "nvidia.com/gpu" not in picker["resources"].get("limits", {})
+
+    # It reads the metric names loraserve exports, from the ConfigMap it mounts.
+    (config_map,) = by_kind["ConfigMap"]
+    volumes = {v["name"]: v for v in epp["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in picker["volumeMounts"]}
+    config_dir, config_file = args["config-file"].rsplit("/", 1)
+    assert volumes[mounts[config_dir]]["configMap"]["name"] == config_map["metadata"]["name"]
+    config = yaml.safe_load(config_map["data"][config_file])
+    assert config["kind"] == "EndpointPickerConfig"
+    (extractor,) = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"]
+    (engine,) = extractor["parameters"]["engineConfigs"]
+    assert engine == {
+        "name": extractor["parameters"]["defaultEngine"],
+        "queuedRequestsSpec": metrics.REQUESTS_WAITING._name,
+        "runningRequestsSpec": metrics.REQUESTS_RUNNING._name,
+        "kvUsageSpec": metrics.KV_CACHE_USAGE._name,
+        "loraSpec": metrics.LORA_REQUESTS_INFO._name,
+    }
+    assert engine["loraSpec"] == "loraserve_lora_requests_info"
+    assert set(metrics.LORA_REQUESTS_INFO._labelnames) == {
+        "max_lora",
+        "running_lora_adapters",
+        "waiting_lora_adapters",
+    }
+    plugins = {p["type"] for p in config["plugins"]}
+    (profile,) = config["schedulingProfiles"]
+    assert {r["pluginRef"] for r in profile["plugins"]} <= plugins
+    assert {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer"} <= plugins
+
+    # The OpenAI API goes to the pool; the rest of the API to the plain Service.
+    (route,) = by_kind["HTTPRoute"]
+    backends = {
+        rule["matches"][0]["path"]["value"]: rule["backendRefs"][0] for rule in route["spec"]["rules"]
+    }
+    assert backends["/v1"] == {
+        "group": "inference.networking.k8s.io",
+        "kind": "InferencePool",
+        "name": pool["metadata"]["name"],
+    }
+    assert backends["/"]["kind"] == "Service" and backends["/"]["name"] in services
+    assert (
+        services[backends["/"]["name"]]["spec"]["selector"].items() <= serve_pod["metadata"]["labels"].items()
+    )
+
+
 # --- Prometheus ---------------------------------------------------------------------------------
 
 
@@ -486,6 +648,10 @@ def test_dashboard_covers_the_required_panels() -> None:
         "loraserve_train_jobs",
         "loraserve_train_loss",
         "loraserve_gpu_memory_bytes",
+        "loraserve_num_requests_running",  # the Inference Gateway's gauges
+        "loraserve_num_requests_waiting",
+        "loraserve_kv_cache_usage_perc",
+        "loraserve_lora_requests_info",
     ):
         assert metric in exprs, f"no panel queries {metric}"
 

@@ -932,7 +932,7 @@ def test_metrics_updated(shared_engine: Engine):
     )
     assert value("loraserve_time_to_first_token_seconds_count", {"adapter": "a"}) - ttft0 == 1
     assert value("loraserve_batch_size_count") - batch0 == 4  # decode steps after the shared prefill
-    assert value("loraserve_requests_running") == 0
+    assert value("loraserve_num_requests_running") == 0
     # a composed row counts per component adapter (bounded labels), never under a label of its own
     gen_b, gen_c = (value("loraserve_generated_tokens_total", {"adapter": n}) for n in ("b", "c"))
     ttft_b = value("loraserve_time_to_first_token_seconds_count", {"adapter": "b"})

@@ -1,4 +1,5 @@
-"""The SQLite job store on its own: state changes, leases, recovery, and several processes at once."""
+"""The job store on its own, on both backends (SQLite file and a real PostgreSQL server): state
+changes, leases, recovery, migrations and several processes at once."""
 
 from __future__ import annotations
 
@@ -19,9 +20,17 @@ def _job(adapter: str = "a", **kw) -> Job:
     return Job(id=new_job_id(), adapter=adapter, status="queued", **kw)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty store of each backend: a SQLite path, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "jobs.sqlite3")
+def store(location: str) -> JobStore:
+    return JobStore(location)
 
 
 def test_create_get_list_and_counts(store: JobStore) -> None:
@@ -175,8 +184,8 @@ def _run_all(target, args_list) -> list:
     return results
 
 
-def test_concurrent_claims_take_each_job_exactly_once(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.sqlite3"
+def test_concurrent_claims_take_each_job_exactly_once(location: str) -> None:
+    db = location
     store = JobStore(db)
     ids = {store.create_job(_job(f"a{i}"))[0].id for i in range(60)}
     barrier = CTX.Barrier(4)
@@ -188,8 +197,8 @@ def test_concurrent_claims_take_each_job_exactly_once(tmp_path: Path) -> None:
     assert all(j.progress == {"step": 1} and j.attempts == 1 for j in store.list_jobs())
 
 
-def test_concurrent_creates_one_job_per_key_and_adapter(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.sqlite3"
+def test_concurrent_creates_one_job_per_key_and_adapter(location: str) -> None:
+    db = location
     JobStore(db)
     same_key = _run_all(_creator, [(str(db), "k", "retry-1", CTX.Barrier(4))] * 4)
     assert len({job_id for job_id, _ in same_key}) == 1
@@ -198,3 +207,68 @@ def test_concurrent_creates_one_job_per_key_and_adapter(tmp_path: Path) -> None:
     winners = [r for r in same_name if r[0] is not None]
     assert len(winners) == 1 and sorted(r[1] for r in same_name if r[0] is None) == ["adapter_busy"] * 3
     assert len(JobStore(db).list_jobs()) == 2
+
+
+# --- schema versions and an unreachable database ---------------------------------------------------
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(location: str, store: JobStore) -> None:
+    from service.jobs.store import SCHEMA_VERSION
+
+    job, _ = store.create_job(_job("a"))
+    with store._read() as con:
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert JobStore(location).get(job.id) == job  # reopening migrates nothing and loses nothing
+    with store._write() as con:
+        con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(RuntimeError, match="newer than this loraserve"):
+        JobStore(location)
+
+
+def test_sqlite_store_from_before_schema_versions_is_migrated(tmp_path: Path) -> None:
+    """A store of the first release (no schema_version, no eval/warnings columns) keeps its jobs."""
+    import sqlite3
+
+    from service.jobs.store import MIGRATIONS, SCHEMA_VERSION
+
+    db = tmp_path / "jobs.sqlite3"
+    con = sqlite3.connect(db)
+    for stmt in MIGRATIONS[0]:
+        con.execute(stmt)
+    con.execute(
+        "INSERT INTO jobs (id, adapter, status, created_at, updated_at) "
+        "VALUES ('job-old', 'x', 'queued', 1, 1)"
+    )
+    con.commit()
+    con.close()
+    store = JobStore(db)
+    old = store.get("job-old")
+    assert old is not None and old.status == "queued" and old.warnings == [] and old.eval is None
+    with store._read() as con:
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert store.claim_next("o", 30, 1).id == "job-old"
+
+
+def test_postgres_going_away_raises_store_unavailable_and_nothing_is_lost(postgres) -> None:
+    from service.errors import error_body
+    from service.jobs.store import StoreUnavailable
+
+    store = JobStore(postgres.new_database())
+    job, _ = store.create_job(_job("a"))
+    store.claim_next("o", 60, 1)
+    assert store.update_progress(job.id, "o", {"step": 2})
+    postgres.stop("immediate")  # a crash: no checkpoint, connections cut
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            store.heartbeat(job.id, "o", 60)
+        assert err.value.status == 503 and err.value.code == "job_store_unavailable"
+        assert err.value.headers["Retry-After"].isdigit()
+        assert "127.0.0.1" in err.value.detail and postgres.password not in err.value.detail
+        assert "127.0.0.1" not in error_body(503, err.value.code, err.value.message)["error"]["message"]
+        with pytest.raises(StoreUnavailable):
+            JobStore(store.location)  # opening (and migrating) waits for the database the same way
+    finally:
+        postgres.start()
+    back = store.heartbeat(job.id, "o", 60)  # the same store object works again
+    assert back is not None and back.status == "running" and back.progress == {"step": 2}
+    assert store.finish(job.id, "o", "succeeded").status == "succeeded"

@@ -250,7 +250,7 @@ def test_a_client_that_leaves_stops_its_non_streamed_generation(scratch_server: 
 
 def _scrape(srv: Server) -> dict:
     text = httpx.get(f"{srv.url}/metrics", timeout=10).text
-    running = _samples(text, "loraserve_requests_running")
+    running = _samples(text, "loraserve_num_requests_running")
     requests = _samples(text, "loraserve_requests_total")
     return {
         "running": sum(running.values()),

@@ -214,6 +214,11 @@ class Engine:
             "tokens_generated": self.tokens_generated,
             "kv_capacity_tokens": self.runner.capacity,
             "kv_bytes": self.runner.kv_bytes(),
+            # what the KV cache holds of what it can hold at most (every row at full context)
+            "kv_tokens_used": sum(r.length for r in self.batch.rows),
+            "kv_tokens_max": self.max_batch_size * self.n_positions,
+            "running_adapters": sorted({r.req.adapter for r in self.batch.rows if r.req.adapter}),
+            "waiting_adapters": sorted({r.adapter for r in self.scheduler if r.adapter}),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "n_positions": self.n_positions,

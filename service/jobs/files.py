@@ -1,7 +1,8 @@
 """Where a job's files live, and reading them while a trainer writes them.
 
-Job files live beside the job store (``settings.jobs_root``: the folder of ``--jobs-db``, by default
-the data dir), so every server sharing one store also sees every job's files.
+Job files live in ``settings.jobs_root`` (``--jobs-dir``; by default the SQLite store's folder, or the
+data dir with PostgreSQL), so every server and runner mounting it sees every job's files: on many hosts
+it is a shared volume, and a runner taking a job over resumes from the checkpoints found here.
 
 <jobs-root>/jobs/<job-id>/config.yaml     the full trainer config (defaults + the request's keys)
                           data.jsonl      the rows, one JSON object a line

@@ -14,7 +14,8 @@ The loop (single-threaded, every ``POLL_SECONDS``):
     error line, the signal that killed it, or the log's last lines);
   * requeues jobs whose runner died (expired lease, or a dead process on this host) so they resume
     from their last checkpoint, failing them after ``MAX_ATTEMPTS`` interrupted runs;
-  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners);
+  * claims queued jobs while fewer than ``settings.max_concurrent_jobs`` run (counted across runners)
+    and this runner has fewer than ``settings.runner_slots``;
   * serving first: while the generation worker's status file shows it busy
     (``service.worker_status.serving_busy``), creates each running job's ``yield`` file, which the
     trainer (``--yield-file``) waits on between optimizer steps, at most ``train_max_pause`` s a time.
@@ -43,7 +44,17 @@ from typing import IO, Any
 from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
 from service.jobs.publish import PublishError, publish_adapter, published_by
-from service.jobs.store import FINISHED, PROGRESS_KEYS, STATUSES, Job, JobStore, make_owner_id, owner_is_dead
+from service.jobs.store import (
+    FINISHED,
+    PROGRESS_KEYS,
+    STATUSES,
+    Job,
+    JobStore,
+    StoreUnavailable,
+    make_owner_id,
+    owner_is_dead,
+    redact,
+)
 from service.settings import Settings
 from service.worker_status import read_load, read_status, serving_busy
 from trainer.artifact import is_complete
@@ -57,6 +68,7 @@ RECOVER_SECONDS = 2.0
 METRICS_SECONDS = 2.0
 STOP_GRACE_SECONDS = 8.0  # SIGTERM -> checkpoint -> exit, then SIGKILL (the server waits 10 s for the runner)
 MAX_ATTEMPTS = 3  # runs of one job cut short by a dying runner before the job fails
+STORE_RETRY_SECONDS = 1.0  # how often a runner retries an unreachable job store
 STALL_SECONDS = 1800.0  # a trainer that writes neither progress nor log for this long is killed
 
 _PR_SET_PDEATHSIG = 1
@@ -222,10 +234,16 @@ class Runner:
         self._last_recover = 0.0
         self._last_metrics = 0.0
         self.yielding = False  # whether the yield files are up
+        # Final states (``_end`` arguments) that could not be written while the store was unreachable.
+        self.pending: list[tuple] = []
+        self.pending_logged: set[str] = set()
 
     # --- one pass of the loop ------------------------------------------------------------------
     def tick(self, *, claim: bool = True) -> None:
         now = time.monotonic()
+        pending, self.pending = self.pending, []
+        for args in pending:  # first what waited for the store to come back
+            self._end(*args)
         for run in list(self.runs.values()):
             self._poll(run, now)
         for ev in list(self.evals.values()):
@@ -235,7 +253,7 @@ class Runner:
             self._last_recover = now
             self.recover()
         if claim:
-            while len(self.runs) < self.settings.max_concurrent_jobs and self._claim_one():
+            while len(self.runs) < self.settings.runner_slots and self._claim_one():
                 pass
         if now - self._last_metrics >= METRICS_SECONDS:
             self._last_metrics = now
@@ -408,7 +426,16 @@ class Runner:
             self._end(job, "cancelled", None)
             return
         if reason == "shutdown":
-            if self.store.release(job.id, self.owner):
+            try:
+                released = self.store.release(job.id, self.owner)
+            except StoreUnavailable:
+                log.warning(
+                    "job %s: stopped for shutdown, but the job store is unreachable: its lease expires "
+                    "and a runner resumes it from its last checkpoint",
+                    job.id,
+                )
+                return
+            if released:
                 log.info("job %s: stopped for shutdown; it resumes on the next start", job.id)
             else:  # a cancel arrived meanwhile
                 self._end(job, "cancelled", None)
@@ -486,7 +513,19 @@ class Runner:
         report: dict[str, Any] | None = None,
         warnings: list[str] | None = None,
     ) -> None:
-        ended = self.store.finish(job.id, self.owner, status, error, eval_report=report, warnings=warnings)
+        try:
+            ended = self.store.finish(
+                job.id, self.owner, status, error, eval_report=report, warnings=warnings
+            )
+        except StoreUnavailable:
+            if job.id not in self.pending_logged:
+                self.pending_logged.add(job.id)
+                log.warning(
+                    "job %s: %s, but the job store is unreachable: recorded once it is back", job.id, status
+                )
+            self.pending.append((job, status, error, report, warnings))
+            return
+        self.pending_logged.discard(job.id)
         if ended is None:
             log.warning("job %s: lease lost before it could be marked %s", job.id, status)
             return
@@ -538,10 +577,24 @@ def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     parent = os.getppid()
-    runner = Runner(settings)
-    runner.recover()  # jobs of a runner that died go back to the queue (or fail) before anything starts
+    outage = _Outage(settings)
+    runner = None
+    while runner is None and not (stop.is_set() or stop_event.is_set()):
+        try:
+            runner = Runner(settings)
+            runner.recover()  # jobs of a runner that died go back to the queue (or fail) first
+        except StoreUnavailable as exc:  # the database is not up yet: wait for it, as in an outage
+            runner = None
+            outage.down(exc)
+            stop_event.wait(STORE_RETRY_SECONDS)
+    if runner is None:
+        return
+    outage.up()
     log.info(
-        "job runner started (owner %s, up to %d job(s) at once)", runner.owner, settings.max_concurrent_jobs
+        "job runner started (owner %s, up to %d job(s) at once, %d across runners)",
+        runner.owner,
+        settings.runner_slots,
+        settings.max_concurrent_jobs,
     )
     try:
         while not (stop.is_set() or stop_event.is_set()):
@@ -550,6 +603,10 @@ def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event
                 break
             try:
                 runner.tick()
+                outage.up()
+            except StoreUnavailable as exc:
+                outage.down(exc)
+                time.sleep(STORE_RETRY_SECONDS)
             except Exception:  # a store hiccup (disk full, locked too long) must not end the runner
                 log.exception("job runner: tick failed; retrying")
                 time.sleep(1.0)
@@ -557,3 +614,31 @@ def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event
     finally:
         runner.shutdown()
         log.info("job runner stopped")
+
+
+class _Outage:
+    """One log line when the job store goes away and one when it is back (not one per tick)."""
+
+    def __init__(self, settings: Settings):
+        self.store = redact(settings.jobs_db or "")
+        self.since: float | None = None
+
+    def down(self, exc: StoreUnavailable) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning(
+                "job runner: job store %s unreachable (%s). Running trainers go on; claims, progress "
+                "and results wait until it is back (retrying every %.0f s)",
+                self.store,
+                exc.detail,
+                STORE_RETRY_SECONDS,
+            )
+
+    def up(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "job runner: job store %s reachable again after %.0f s",
+                self.store,
+                time.monotonic() - self.since,
+            )
+            self.since = None

@@ -1,14 +1,19 @@
-"""The job store: SQLite in WAL mode, shared by every API process and the job runner.
+"""The job store: one interface, two backends. Every API process and every job runner shares it.
 
-Each call opens its own short connection (processes are forked; a connection must never cross a
-fork) and every write runs in ``BEGIN IMMEDIATE``, so concurrent writers queue on SQLite's lock
-instead of losing updates. State changes are compare-and-set (``UPDATE ... WHERE status = ?``),
-and a running job belongs to the runner holding its lease (``lease_owner``, ``lease_expires``,
-renewed by heartbeats): a runner whose lease is gone may not write the job any more.
+- **SQLite** (a path, the default): WAL mode, one host. Each call opens its own short connection
+  (processes are forked; a connection must never cross a fork) and every write runs in
+  ``BEGIN IMMEDIATE``, so concurrent writers queue on SQLite's lock instead of losing updates.
+- **PostgreSQL** (a ``postgresql://`` URL): runners and servers on many hosts. Each call opens its own
+  connection too; every write is one transaction. Where a write reads before it decides (a new
+  job's idempotency key and busy-adapter check, the running-jobs count of a claim, a schema
+  migration) it first takes a transaction-scoped advisory lock, the equivalent of SQLite's write
+  lock for that one operation. Claims pick their row with ``SELECT ... FOR UPDATE SKIP LOCKED``.
 
-The SQL stays portable (plain types, no SQLite functions, ``?`` placeholders that a PostgreSQL
-driver spells ``%s``). What PostgreSQL would need instead: ``SELECT ... FOR UPDATE SKIP LOCKED`` in
-``claim_next`` and a lock around the running-jobs count (see docs/jobs.md).
+The SQL is shared (plain types, no engine functions, ``?`` placeholders that the PostgreSQL backend
+spells ``%s``). State changes are compare-and-set (``UPDATE ... WHERE status = ?``), and a running
+job belongs to the runner holding its lease (``lease_owner``, ``lease_expires``, renewed by
+heartbeats): a runner whose lease is gone may not write the job any more. The schema is versioned
+(``schema_version``, ``MIGRATIONS``). A database that cannot be reached raises ``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ import socket
 import sqlite3
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from service.errors import ApiError
+from service.settings import is_database_url
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -44,46 +54,53 @@ PROGRESS_KEYS = (
     "yielded_seconds",
 )
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id TEXT PRIMARY KEY,
-        adapter TEXT NOT NULL,
-        status TEXT NOT NULL,
-        error TEXT,
-        overwrite INTEGER NOT NULL DEFAULT 0,
-        base_model TEXT,
-        dataset TEXT,
-        num_rows INTEGER NOT NULL DEFAULT 0,
-        progress TEXT NOT NULL DEFAULT '{}',
-        created_at DOUBLE PRECISION NOT NULL,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        updated_at DOUBLE PRECISION NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        resume INTEGER NOT NULL DEFAULT 0,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        lease_owner TEXT,
-        lease_expires DOUBLE PRECISION,
-        trainer_pid INTEGER,
-        eval TEXT,
-        warnings TEXT NOT NULL DEFAULT '[]'
-    )""",
-    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)",
-    "CREATE INDEX IF NOT EXISTS jobs_adapter ON jobs (adapter, status)",
-    """CREATE TABLE IF NOT EXISTS idempotency_keys (
-        key TEXT PRIMARY KEY,
-        request_hash TEXT NOT NULL,
-        job_id TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS datasets (
-        id TEXT PRIMARY KEY,
-        num_rows INTEGER NOT NULL,
-        size_bytes INTEGER NOT NULL,
-        sha256 TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL
-    )""",
+# Schema migrations, in order: version N is reached by running MIGRATIONS[N - 1]. Never edit a
+# released step; append one. Both backends run the same statements.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            adapter TEXT NOT NULL,
+            status TEXT NOT NULL,
+            error TEXT,
+            overwrite INTEGER NOT NULL DEFAULT 0,
+            base_model TEXT,
+            dataset TEXT,
+            num_rows INTEGER NOT NULL DEFAULT 0,
+            progress TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            started_at DOUBLE PRECISION,
+            finished_at DOUBLE PRECISION,
+            updated_at DOUBLE PRECISION NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            resume INTEGER NOT NULL DEFAULT 0,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_expires DOUBLE PRECISION,
+            trainer_pid INTEGER
+        )""",
+        "CREATE INDEX jobs_status ON jobs (status, created_at)",
+        "CREATE INDEX jobs_adapter ON jobs (adapter, status)",
+        """CREATE TABLE idempotency_keys (
+            key TEXT PRIMARY KEY,
+            request_hash TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            num_rows INTEGER NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+    ],
+    [
+        "ALTER TABLE jobs ADD COLUMN eval TEXT",
+        "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
+    ],
 ]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMN_NAMES = (
     "id",
@@ -108,9 +125,33 @@ _COLUMN_NAMES = (
     "eval",
     "warnings",
 )
-# Columns added after the first release: a store created before gets them on open.
-_ADDED_COLUMNS = {"eval": "eval TEXT", "warnings": "warnings TEXT NOT NULL DEFAULT '[]'"}
 _COLUMNS = ", ".join(_COLUMN_NAMES)
+# PostgreSQL advisory lock keys (transaction scope) of the writes that read before they decide.
+_LOCKS = {name: zlib.crc32(f"loraserve.jobs.{name}".encode()) for name in ("migrate", "create", "claim")}
+
+
+STORE_RETRY_AFTER_S = 5
+# An unreachable database host must not hold an API request (or the runner's loop) for long.
+PG_CONNECT_TIMEOUT_S = 5
+
+
+class StoreUnavailable(ApiError):
+    """The job store cannot be reached (the database is down or unreachable): retry later.
+
+    An ``ApiError``, so a route that meets it answers 503 ``job_store_unavailable`` with Retry-After.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(
+            503,
+            "job_store_unavailable",
+            "the job store (database) cannot be reached right now; retry later",
+            headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+        )
+        self.detail = detail  # for the server's log: which store, and the driver's reason
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class StoreConflict(Exception):
@@ -180,13 +221,24 @@ class Dataset:
 _PROCESS_STORES: dict[tuple[int, str], JobStore] = {}
 
 
-def process_store(path: str | Path) -> JobStore:
-    """This process's store for ``path``, made on first use: LitServe forks API processes after the
-    routes are registered, and nothing made before a fork may be used after it."""
-    key = (os.getpid(), str(path))
+def process_store(location: str | Path) -> JobStore:
+    """This process's store for ``location``, made on first use: LitServe forks API processes after
+    the routes are registered, and nothing made before a fork may be used after it."""
+    key = (os.getpid(), str(location))
     if key not in _PROCESS_STORES:
-        _PROCESS_STORES[key] = JobStore(path)
+        _PROCESS_STORES[key] = JobStore(location)
     return _PROCESS_STORES[key]
+
+
+def redact(location: str | Path) -> str:
+    """``location`` fit for a log line: a URL's password is replaced by ``***``."""
+    if not is_database_url(location):
+        return str(location)
+    parts = urlsplit(str(location))
+    if parts.password is None:
+        return str(location)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def new_job_id() -> str:
@@ -235,28 +287,30 @@ def owner_is_dead(owner: str | None) -> bool:
     return False
 
 
-class JobStore:
-    """All reads and writes of jobs, idempotency keys and datasets."""
+class _Connection:
+    """One connection of either backend, with the shared SQL's ``?`` placeholders."""
 
-    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
-        self.path = Path(path)
-        self.busy_timeout = busy_timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, raw: Any, postgres: bool):
+        self.raw, self.postgres = raw, postgres
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        return self.raw.execute(sql.replace("?", "%s") if self.postgres else sql, params)
+
+
+class _SQLite:
+    postgres = False
+    skip_locked = ""  # BEGIN IMMEDIATE already holds the whole database
+    for_update = ""
+
+    def __init__(self, path: Path, busy_timeout: float):
+        self.path, self.busy_timeout = path, busy_timeout
+        path.parent.mkdir(parents=True, exist_ok=True)
         con = self._connect()
         try:
             con.execute("PRAGMA journal_mode=WAL")
-            con.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA:
-                con.execute(stmt)
-            have = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}  # SQLite's own catalogue
-            for name, column in _ADDED_COLUMNS.items():
-                if name not in have:
-                    con.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
-            con.execute("COMMIT")
         finally:
             con.close()
 
-    # --- connections ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
         con = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
@@ -265,20 +319,20 @@ class JobStore:
         return con
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[_Connection]:
         con = self._connect()
         try:
-            yield con
+            yield _Connection(con, False)
         finally:
             con.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def write(self, lock: str | None = None) -> Iterator[_Connection]:
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
-                yield con
+                yield _Connection(con, False)
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
@@ -287,7 +341,118 @@ class JobStore:
             con.close()
 
     @staticmethod
-    def _get(con: sqlite3.Connection, job_id: str) -> Job | None:
+    def columns(con: _Connection, table: str) -> set[str]:
+        return {row[1] for row in con.execute(f"PRAGMA table_info({table})")}  # SQLite's own catalogue
+
+
+class _Postgres:
+    postgres = True
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, url: str, connect_timeout: float):
+        import psycopg  # only stores on PostgreSQL need the driver loaded
+
+        self.psycopg, self.url, self.connect_timeout = psycopg, url, connect_timeout
+
+    def _connect(self, autocommit: bool) -> Any:
+        try:
+            return self.psycopg.connect(
+                self.url, autocommit=autocommit, connect_timeout=max(1, round(self.connect_timeout))
+            )
+        except self.psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"job store {redact(self.url)} unreachable: {exc}".strip()) from exc
+
+    @contextmanager
+    def _unavailable_on_disconnect(self) -> Iterator[None]:
+        try:
+            yield
+        except self.psycopg.OperationalError as exc:  # the server went away mid-call
+            raise StoreUnavailable(f"job store {redact(self.url)} connection lost: {exc}".strip()) from exc
+
+    @contextmanager
+    def read(self) -> Iterator[_Connection]:
+        with self._unavailable_on_disconnect():
+            con = self._connect(autocommit=True)
+            try:
+                yield _Connection(con, True)
+            finally:
+                con.close()
+
+    @contextmanager
+    def write(self, lock: str | None = None) -> Iterator[_Connection]:
+        with self._unavailable_on_disconnect():
+            con = self._connect(autocommit=False)
+            try:
+                with con.transaction():
+                    if lock is not None:
+                        con.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCKS[lock],))
+                    yield _Connection(con, True)
+            finally:
+                con.close()
+
+    @staticmethod
+    def columns(con: _Connection, table: str) -> set[str]:
+        rows = con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {row[0] for row in rows}
+
+
+class JobStore:
+    """All reads and writes of jobs, idempotency keys and datasets, on SQLite or PostgreSQL."""
+
+    def __init__(self, location: str | Path, busy_timeout: float = 30.0):
+        """``location``: a SQLite file path, or a ``postgresql://`` URL (``is_database_url``).
+        ``busy_timeout``: how long a SQLite writer waits for the lock."""
+        self.location = location
+        if is_database_url(location):
+            self.backend: _SQLite | _Postgres = _Postgres(str(location), PG_CONNECT_TIMEOUT_S)
+        else:
+            self.backend = _SQLite(Path(location), busy_timeout)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the schema to ``SCHEMA_VERSION``; concurrent openers wait for each other."""
+        with self._write("migrate") as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = con.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                # 0: a new store. 1: a SQLite store from before schema_version, which got step 2's
+                # columns one by one as they were added: add the missing ones, and it is at 2.
+                have = self.backend.columns(con, "jobs")
+                version = 1 if have else 0
+                if have:
+                    for stmt in MIGRATIONS[1]:
+                        if stmt.split()[5] not in have:  # ALTER TABLE jobs ADD COLUMN <name> ...
+                            con.execute(stmt)
+                    version = 2
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            else:
+                version = row[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the job store's schema is version {version}, newer than this loraserve's "
+                    f"({SCHEMA_VERSION}): upgrade loraserve"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[step]:
+                    con.execute(stmt)
+            if version < SCHEMA_VERSION:
+                con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    # --- connections ---------------------------------------------------------------------------
+    def _read(self):
+        return self.backend.read()
+
+    def _write(self, lock: str | None = None):
+        """One write transaction; ``lock`` names the PostgreSQL advisory lock a read-then-write takes."""
+        return self.backend.write(lock)
+
+    @staticmethod
+    def _get(con: _Connection, job_id: str) -> Job | None:
         row = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job._from_row(row) if row else None
 
@@ -307,7 +472,7 @@ class JobStore:
         the transaction (after the checks) so callers can refuse at the last moment.
         """
         now = time.time()
-        with self._write() as con:
+        with self._write("create") as con:
             if idempotency_key is not None:
                 hit = con.execute(
                     "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?", (idempotency_key,)
@@ -439,12 +604,13 @@ class JobStore:
     def claim_next(self, owner: str, lease_seconds: float, max_running: int) -> Job | None:
         """Take the oldest queued job if fewer than ``max_running`` jobs run (across all runners)."""
         now = time.time()
-        with self._write() as con:
+        with self._write("claim") as con:  # the count holds while this transaction runs
             (running,) = con.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running'").fetchone()
             if running >= max_running:
                 return None
             row = con.execute(
                 "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1"
+                + self.backend.skip_locked
             ).fetchone()
             if row is None:
                 return None
@@ -540,7 +706,9 @@ class JobStore:
         now = time.time()
         out: list[tuple[Job, str]] = []
         with self._write() as con:
-            rows = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
+            rows = con.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'" + self.backend.for_update
+            ).fetchall()
             for job in map(Job._from_row, rows):
                 if skip_owner is not None and job.lease_owner == skip_owner:
                     continue
