@@ -290,13 +290,49 @@ class Engine:
         )
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
-        tokens = choose_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        """Choose and record one token per row; a row whose sampling, detokenizing or stop matching
+        raises fails alone (an error event, it leaves the batch) and its batch-mates go on."""
+        tokens = self._choose(rows, logits)
         now = time.monotonic()
         per_adapter = report.generated_tokens
         for row, token in zip(rows, tokens, strict=True):
-            report.events.append(self._advance(row, token, now, report))
-            per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
-        self.tokens_generated += len(rows)
+            if isinstance(token, Exception):
+                report.events.append(self._fail_row(row, "sampling", token))
+                continue
+            try:
+                event = self._advance(row, token, now, report)
+            except Exception as exc:
+                event = self._fail_row(row, "detokenizing or stop matching", exc)
+            else:
+                per_adapter[row.label] = per_adapter.get(row.label, 0) + 1
+                self.tokens_generated += 1
+            report.events.append(event)
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
+        """One batched ``choose_tokens``; if it raises, each row alone from the same generator states,
+        so the rows that do not fail draw exactly the tokens the batched call would have given them."""
+        params = [r.req.params for r in rows]
+        gens = [r.generator for r in rows]
+        states = [g.get_state() if isinstance(g, torch.Generator) else None for g in gens]
+        try:
+            return list(choose_tokens(logits, params, gens))
+        except Exception:
+            log.warning("batched sampling failed; sampling the %d rows one by one", len(rows), exc_info=True)
+        out: list[int | Exception] = []
+        for i, (p, g, state) in enumerate(zip(params, gens, states, strict=True)):
+            if state is not None:
+                g.set_state(state)
+            try:
+                out.append(choose_tokens(logits[i : i + 1], [p], [g])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _fail_row(self, row: Row, stage: str, exc: Exception) -> TokenEvent:
+        """End one row with an error event; ``step`` takes it out of the batch with the finished rows."""
+        log.error("request %s failed in %s: %s: %s", row.req.id, stage, type(exc).__name__, exc, exc_info=exc)
+        row.finished = True
+        return self._error(row.req, f"{stage} failed: {type(exc).__name__}: {exc}", row.completion)
 
     def _advance(self, row: Row, token: int, now: float, report: StepReport) -> TokenEvent:
         """Record one generated token: text delta, stop conditions, latencies."""
