@@ -27,6 +27,7 @@ import litserve as ls
 from service.errors import ApiError, error_body
 from service.litserve_glue import (
     Reply,
+    WorkerLost,
     close_reply,
     consumer_id,
     describe_failure,
@@ -153,6 +154,7 @@ class Submission:
     client: EngineClient
     job: Job
     reply: Reply
+    generation: int = 0  # the worker generation it was queued to (``Server.worker_generation``)
     done: bool = False
 
     @property
@@ -168,7 +170,15 @@ class Submission:
 
         Raises TimeoutError when the deadline passes first (the caller answers 504 and closes).
         """
-        data, ok = await next_reply(self.reply, self.remaining)
+        server = self.client.server
+        try:
+            data, ok = await next_reply(
+                self.reply, self.remaining, lambda: server.worker_generation() != self.generation
+            )
+        except WorkerLost:
+            # not done: close() still cancels it, in case it waits in the queue for the new worker
+            message = "the generation worker stopped while handling this request and is restarting; retry"
+            return Event.failure(self.job_id, WireError.of("worker_restarted", message))
         if not ok or not isinstance(data, dict):  # LitServe-level failure
             self.done = True
             return Event.failure(self.job_id, WireError.of("generation_failed", describe_failure(data)))
@@ -232,6 +242,12 @@ class EngineClient:
     def submit(self, job: Job, request: Any) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to the API server
         that received ``request``."""
+        if not self.server.worker_up():
+            self.release()
+            raise api_error(
+                WireError.of("worker_restarted", "the generation worker is restarting (loading the model)")
+            )
+        generation = self.server.worker_generation()
         reply = open_reply(self.server)
         try:
             put_request(self.server, consumer_id(request), reply.uid, job.to_dict())
@@ -244,7 +260,7 @@ class EngineClient:
                 "the generation worker is not reachable",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from exc
-        return Submission(self, job, reply)
+        return Submission(self, job, reply, generation)
 
     def cancel(self, job_id: str) -> None:
         try:
@@ -294,8 +310,11 @@ async def unless_disconnected(awaitable: Awaitable[T], request: Any) -> T:
 
 
 def api_error(error: WireError) -> ApiError:
-    """The ApiError a route answers for ``error``, its status from the one table (``service.wire``)."""
-    return ApiError(error.status, error.code, error.message, error.param)
+    """The ApiError a route answers for ``error``, its status (and Retry-After) from the one table
+    (``service.wire``)."""
+    retry = error.retry_after
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return ApiError(error.status, error.code, error.message, error.param, headers=headers)
 
 
 def error_payload(error: WireError) -> dict[str, Any]:

@@ -50,6 +50,10 @@ REQUESTS_WAITING = Gauge(
     "loraserve_requests_waiting", "requests queued for the worker", multiprocess_mode="livesum"
 )
 
+WORKER_RESTARTS = Counter(
+    "loraserve_worker_restarts_total", "generation workers that died and were restarted (main process)"
+)
+
 # --- adapters (worker process) ---------------------------------------------------------------
 ADAPTERS_LOADED = Gauge(
     "loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum"

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     request_timeout: float = Field(120.0, gt=0, description="server-side deadline for one request, seconds")
+    worker_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="a generation worker that dies is restarted in place at most this many times within "
+        "--worker-restart-window; one more death stops the server with exit code 1 (0: never restart)",
+    )
+    worker_restart_window: float = Field(600.0, gt=0, description="seconds; see --worker-max-restarts")
     num_api_servers: int = Field(1, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024)
