@@ -63,6 +63,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         device=model.device,
         dtype=model.dtype,
         max_batch_size=settings.max_batch_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,
@@ -78,7 +79,12 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     app = server.app
     app.title, app.version = "loraserve", "0.1.0"
 
-    client = EngineClient(server, settings.max_in_flight)
+    client = EngineClient(
+        server,
+        max_queue=settings.max_queue,
+        status_path=settings.worker_status_path,
+        max_batch_size=settings.max_batch_size,
+    )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(context=int(config.get("n_positions", 1024)), tokenizer=load_tokenizer(model.path))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import multiprocessing as mp
 import time
 import uuid
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import litserve as ls
-
 from service.errors import ApiError, error_body
 from service.litserve_glue import (
     Reply,
+    Server,
     WorkerLost,
     close_reply,
     consumer_id,
@@ -36,10 +36,13 @@ from service.litserve_glue import (
     put_request,
 )
 from service.wire import Cancel, Event, Job, WireError
+from service.worker_status import read_load, read_status
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+MAX_RETRY_AFTER_S = 60
+STATUS_EVERY_S = 0.25  # how stale the worker's load (rows, decode rate) may be when admitting
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is still there
 
 T = TypeVar("T")
@@ -138,13 +141,12 @@ def prepare_job(
 
 
 class Overloaded(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            503,
-            "overloaded",
-            f"the server is at its limit of {limit} generation requests in flight; retry shortly",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(503, "overloaded", message, headers={"Retry-After": str(retry_after)})
+
+
+def _retry_after(seconds: float) -> int:
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(seconds)))
 
 
 @dataclass
@@ -210,40 +212,99 @@ class Submission:
         if not self.done:
             self.done = True
             self.client.cancel(self.job_id)
-        self.client.release()
+        self.client.release(self.job)
 
 
 class EngineClient:
     """Submits jobs from an API-server process to the generation worker through LitServe's queues.
 
-    The in-flight counter is shared memory created before LitServe forks its API servers, so the
-    bound holds across all of them.
+    Admission is by load. A job is refused early (503 ``overloaded`` with Retry-After) when the
+    batch and the queue are full (``batch rows + max_queue`` requests in flight), or when the work in
+    flight plus its own (their ``max_new_tokens``) would take longer than its deadline at the decode
+    rate the worker measures: a refusal now instead of a 504 later for work that could not finish.
+    The counters are shared memory created before LitServe forks its API servers, so the bounds hold
+    across all of them. The batch's rows and the decode rate come from the worker's status file.
     """
 
-    def __init__(self, server: ls.LitServer, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        *,
+        max_queue: int,
+        status_path: Path,
+        max_batch_size: int | None = None,
+    ) -> None:
         self.server = server
-        self.max_in_flight = max_in_flight
-        self._in_flight = mp.get_context("fork").Value("i", 0)
+        self.max_queue = max_queue
+        self.status_path = status_path
+        self.max_batch_size = max_batch_size
+        fork = mp.get_context("fork")
+        self._in_flight = fork.Value("i", 0)
+        self._work = fork.Value("q", 0, lock=False)  # max_new_tokens in flight; under _in_flight's lock
+        self._status: tuple[float, dict[str, Any]] = (-1.0, {})
+
+    def worker_status(self) -> dict[str, Any]:
+        """The worker's status file, read at most every ``STATUS_EVERY_S`` by this process."""
+        at, status = self._status
+        now = time.monotonic()
+        if now - at >= STATUS_EVERY_S:
+            status = read_status(self.status_path) or status
+            self._status = (now, status)
+        return status
+
+    @property
+    def batch_rows(self) -> int:
+        rows = (self.worker_status().get("batch") or {}).get("rows")
+        if isinstance(rows, int) and rows > 0:
+            return rows
+        return self.max_batch_size or 1  # before the worker has published its plan
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.batch_rows + self.max_queue
 
     @property
     def in_flight(self) -> int:
         return self._in_flight.value
 
-    def reserve(self) -> None:
+    def reserve(self, job: Job) -> None:
+        """Take a slot for ``job`` or raise Overloaded; ``release(job)`` gives it back."""
+        limit = self.max_in_flight
+        load = read_load(self.worker_status())
+        rate = load.tokens_per_s if load is not None else None
+        cost = int(job.params["max_new_tokens"])
         with self._in_flight.get_lock():
-            if self._in_flight.value >= self.max_in_flight:
-                raise Overloaded(self.max_in_flight)
-            self._in_flight.value += 1
+            n, work = self._in_flight.value, self._work.value
+            if n >= limit:
+                drain = (work / n) / rate if rate and n else RETRY_AFTER_S
+                raise Overloaded(
+                    f"the server is at its limit of {limit} generation requests in flight; retry shortly",
+                    _retry_after(drain),
+                )
+            if rate and n:  # an idle server always admits: a request alone is never refused
+                need = (work + cost) / rate
+                left = job.deadline - time.monotonic()
+                if need > left:
+                    raise Overloaded(
+                        f"the server would not finish this request within its deadline: {work + cost} "
+                        f"tokens in flight with this one take about {need:.0f} s at the current "
+                        f"{rate:.0f} tokens/s, and {max(0.0, left):.0f} s remain; retry later or ask "
+                        "for fewer tokens",
+                        _retry_after(need - left),
+                    )
+            self._in_flight.value = n + 1
+            self._work.value = work + cost
 
-    def release(self) -> None:
+    def release(self, job: Job) -> None:
         with self._in_flight.get_lock():
             self._in_flight.value = max(0, self._in_flight.value - 1)
+            self._work.value = max(0, self._work.value - int(job.params["max_new_tokens"]))
 
     def submit(self, job: Job, request: Any) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to the API server
         that received ``request``."""
         if not self.server.worker_up():
-            self.release()
+            self.release(job)
             raise api_error(
                 WireError.of("worker_restarted", "the generation worker is restarting (loading the model)")
             )
@@ -253,7 +314,7 @@ class EngineClient:
             put_request(self.server, consumer_id(request), reply.uid, job.to_dict())
         except Exception as exc:  # the manager is gone: the server is shutting down
             close_reply(self.server, reply)
-            self.release()
+            self.release(job)
             raise ApiError(
                 503,
                 "unavailable",

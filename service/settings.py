@@ -47,7 +47,19 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU"
     )
-    max_batch_size: int = Field(16, ge=1, le=256)
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="cap on the running batch's rows; default: as many as the KV cache budget holds at "
+        "full context (shown on /health/ready)",
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="KV cache budget of the generation worker; default: half the free GPU memory after "
+        "the model loaded, or a quarter of the available RAM (at most 8 GiB) on CPU",
+    )
     batch_timeout: float = Field(
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )
@@ -135,8 +147,3 @@ class Settings(BaseSettings):
     def model_cache_dir(self) -> Path:
         """Where random-weights bases are built when ``allow_random_weights`` is set."""
         return self.data_dir / "models"
-
-    @property
-    def max_in_flight(self) -> int:
-        """Generation requests admitted at once (running batch + queue); more get 503 + Retry-After."""
-        return self.max_batch_size + self.max_queue

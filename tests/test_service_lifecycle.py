@@ -125,7 +125,7 @@ def test_overload_and_deadline(distil_base: Path, tmp_path: Path):
         assert set(codes) <= {503, 504} and codes.count(503) >= 3, codes
         for r in results:
             if r.status_code == 503:
-                assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "overloaded"
+                assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "overloaded"
 
         with client.stream("POST", "/generate", json=dict(body, stream=True)) as r:
             lines = [line for line in r.iter_lines() if line]

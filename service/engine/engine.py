@@ -33,6 +33,7 @@ from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_name
+from .capacity import kv_bytes_per_token, plan_batch
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
 from .sampling import choose_tokens, make_generator
@@ -58,22 +59,35 @@ class Engine:
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
-        max_batch_size: int = 16,
+        max_batch_size: int | None = None,
+        kv_cache_bytes: int | None = None,
         max_loaded_adapters: int = 16,
         max_prefill_tokens: int = 2048,
     ):
-        """Load the base and its tokenizer. ``max_prefill_tokens`` bounds the prompt tokens admitted
-        in one step (a step with a huge prefill delays every running row's next token)."""
-        if max_batch_size < 1:
+        """Load the base and its tokenizer. The batch's capacity is what ``kv_cache_bytes`` (default:
+        measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
+        ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
+        prefill delays every running row's next token)."""
+        if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(device, dtype)
         self.model_path = Path(model_path)
         self.adapter_dir = Path(adapter_dir)
-        self.max_batch_size = max_batch_size
         self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
         model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
-        self.runner = GPT2Runner(model, max_rows=max_batch_size)
+        cfg = model.config
+        self.plan = plan_batch(
+            device=self.device,
+            per_token=kv_bytes_per_token(
+                cfg.n_layer, cfg.n_embd, GPT2Runner.kv_dtype_for(self.device, self.dtype)
+            ),
+            row_tokens=cfg.n_positions,
+            max_batch_size=max_batch_size,
+            kv_cache_bytes=kv_cache_bytes,
+        )
+        self.max_batch_size = self.plan.rows
+        self.runner = GPT2Runner(model, max_rows=self.max_batch_size)
         self.n_positions = self.runner.n_positions
         self.shapes = self.runner.module_shapes()
         self.eos_ids = self._eos_ids(model)
@@ -84,7 +98,7 @@ class Engine:
         if self.byte_table is None:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
-        self.batch = Batch(self.runner, max_batch_size)
+        self.batch = Batch(self.runner, self.max_batch_size)
         self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
         self.steps = 0
@@ -176,6 +190,7 @@ class Engine:
             "rows": len(self.batch.rows),
             "waiting": len(self.scheduler),
             "max_batch_size": self.max_batch_size,
+            "batch_plan": self.plan.to_dict(),
             "adapters_loaded": self.adapters.loaded(),
             "adapter_cache": cache,
             "steps": self.steps,

@@ -74,7 +74,7 @@ def register_generate_routes(
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
         )
-        client.reserve()
+        client.reserve(job)
         sub = client.submit(job, request)
         if not body.stream:
             try:
