@@ -3,10 +3,12 @@
 API-server processes never hold the model. ``prepare_job`` validates a request with the tokenizer
 and the adapter folder only (unknown adapter 404, prompt over the context 400, ``max_new_tokens``
 over the cap 422) *before* it is queued, so a bad request never reaches, and never fails, a batch.
-``EngineClient`` bounds the requests in flight (503 + Retry-After beyond) and puts the job on the
-worker's queue; a ``Submission`` reads the job's events back (``service.wire``) and, when closed
-early, tells the worker to drop the job. ``unless_disconnected`` notices a client that went away
-while a non-streamed request waits. The worker side is ``service.worker``.
+``EngineClient`` admits by load (503 + Retry-After at once when the batch and queue are full or the
+work in flight could not end before the deadline) and puts the job on the worker's queue; a
+``Submission`` reads the job's events back (``service.wire``) and, when closed early, tells the worker
+to drop the job. When the worker dies, each waiting submission answers 503 ``worker_restarted``.
+``unless_disconnected`` notices a client that went away while a non-streamed request waits. The
+worker side is ``service.worker``.
 """
 
 from __future__ import annotations

@@ -340,6 +340,8 @@ class _Driver:
         stats = self.engine.stats()
         load = Load(len(self.waiting) + stats["waiting"], stats["rows"], time.time(), self.rate.value)
         loaded = sorted(stats["adapters_loaded"])
+        pins = sum(e["refs"] for e in stats["adapter_cache"]["loaded"])  # 0 once idle, or a pin leaked
         write_status(
-            self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded, load=load.to_dict())
+            self.api.config.status_path,
+            dict(self.api.status, loaded_adapters=loaded, adapter_pins=pins, load=load.to_dict()),
         )

@@ -4,7 +4,7 @@ The worker writes it (``service.worker``); the API processes read it for readine
 listings, and the job runner reads its ``load`` to decide whether training yields to serving
 (``docs/jobs.md``, "Serving first"). Kept free of torch and LitServe so the runner can import it.
 
-    {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...],
+    {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...], "adapter_pins",
      "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
      "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float}, "pid", "updated"}
 
