@@ -167,6 +167,7 @@ class Tally:
     deletes: int = 0
     disconnects: int = 0
     worker_lost: int = 0  # streams ended by an error event worker_restarted (the worker was killed)
+    late_cancels: int = 0  # cancels answered 200 whose job still ended succeeded
 
     def count(self, route: str, status: int | str) -> None:
         self.responses[(route, str(status))] += 1
@@ -418,7 +419,12 @@ class Load:
                 if finished_first and r.json()["error"]["code"] != "job_finished":
                     self.tally.violation(f"DELETE /train/{job_id}: 409 {r.text}")
                 status = await self.wait_job(client, job_id, until=time.monotonic() + 60)
-                expected = ("succeeded", "cancelled") if finished_first else ("cancelled",)
+                # A cancel that lands while the job is publishing its adapter may lose the race: it
+                # is answered 200, the job still ends succeeded (recorded as such in the result).
+                late = status == "succeeded" and not finished_first
+                if late:
+                    self.tally.late_cancels += 1
+                expected = ("succeeded", "cancelled") if finished_first or late else ("cancelled",)
                 if status not in expected:
                     self.tally.violation(f"job {job_id}: {status} after cancel, expected cancelled")
             elif status != "succeeded" and not (status == "failed" and job_id in self.killed_jobs):
@@ -463,6 +469,7 @@ class Load:
                 while time.monotonic() < killed + 120:
                     await asyncio.sleep(0.2)
                     r = await client.get("/health/ready")
+                    self.tally.count("/health/ready", r.status_code)  # 503 while the model reloads
                     if r.status_code == 200 and self.worker_pid() not in (None, pid):
                         break
                 self.chaos["worker"]["serving_again_s"] = round(time.monotonic() - killed, 2)
@@ -550,6 +557,7 @@ class Load:
             "deletes": self.tally.deletes,
             "disconnects": self.tally.disconnects,
             "streams_ended_by_worker_restart": self.tally.worker_lost,
+            "cancels_that_lost_the_race": self.tally.late_cancels,
             "chaos": self.chaos,
             "jobs": dict(self.tally.jobs),
             "responses": {f"{r} {s}": n for (r, s), n in sorted(self.tally.responses.items())},
