@@ -8,7 +8,8 @@ never allocates more than was planned for.
 
 The budget, unless given (``kv_cache_bytes``): on CUDA half the device memory free once the model is
 loaded (the rest is for activations, adapters and the allocator's slack); on CPU a quarter of the
-memory the kernel reports available, at most ``CPU_BUDGET_MAX``.
+memory the kernel reports available (within the container's cgroup limit, if any), at most
+``CPU_BUDGET_MAX``.
 """
 
 from __future__ import annotations
@@ -44,14 +45,31 @@ def kv_bytes_per_token(n_layer: int, d_model: int, kv_dtype: torch.dtype) -> int
     return 2 * n_layer * d_model * torch.empty((), dtype=kv_dtype).element_size()
 
 
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup v2 memory limit (a container's), None without one:
+    /proc/meminfo shows the host's memory, not the container's."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def _mem_available() -> int | None:
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        available = None
+    room = _cgroup_room()
+    if room is not None:
+        available = room if available is None else min(available, room)
+    return available
 
 
 def default_kv_budget(device: torch.device) -> tuple[int, str]:
