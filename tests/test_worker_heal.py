@@ -21,7 +21,7 @@ from bench.soak import TRAIN_ROWS
 from tests.helpers.server import group_members, running_server
 
 FAIL_WITHIN_S = 5.0  # in-flight requests answered this soon after the kill
-HEAL_WITHIN_S = 60.0  # serving again this soon (the bound on this CPU)
+HEAL_WITHIN_S = 60.0  # serving again this soon on this CPU (docs/reliability.md)
 
 
 def _worker_pid(data: Path) -> int:
