@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-size", type=int, default=16)
     s.add_argument("--churn-duration", type=float, default=90.0)
     s.add_argument("--long-clients", type=int, default=8)
+    s.add_argument(
+        "--server-batch",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="tuned: --max-batch-size = the clients; default: the server derives its batch capacity",
+    )
     s.add_argument("--long-new-tokens", type=int, default=256)
     s.add_argument("--n-short", type=int, default=8)
     s.add_argument("--profile", action="store_true", help="py-spy the server during an extra, unmeasured run")
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_size=a.cache_size,
             churn_duration_s=a.churn_duration,
             long_clients=a.long_clients,
+            server_batch=a.server_batch,
             long_new_tokens=a.long_new_tokens,
             n_short=a.n_short,
             quiet_wait_s=a.quiet_wait,

@@ -82,6 +82,7 @@ class ServeConfig:
     churn_new_tokens: int = 8
     churn_duration_s: float = 90.0
     long_clients: int = 8
+    server_batch: str = "tuned"  # "tuned": max_batch_size = the clients; "default": the server derives it
     long_new_tokens: int = 256
     short_new_tokens: int = 16
     n_short: int = 8
@@ -220,7 +221,7 @@ def _server_session(cfg, base, adapter_dir, k_names, churn_names, lora_reqs, bas
         adapter_dir=adapter_dir,
         data_dir=data_dir,
         device=cfg.device,
-        max_batch_size=max(cfg.clients, cfg.long_clients + 1),
+        max_batch_size=max(cfg.clients, cfg.long_clients + 1) if cfg.server_batch == "tuned" else None,
         max_loaded_adapters=cfg.cache_size,
         log_path=cfg.workdir / f"server-r{rnd}.log",
     ) as srv:

@@ -110,13 +110,15 @@ def loraserve(
     adapter_dir: Path,
     data_dir: Path,
     device: str,
-    max_batch_size: int,
+    max_batch_size: int | None,
     max_loaded_adapters: int,
     log_path: Path,
     extra_env: dict | None = None,
     ready_timeout: float = 300.0,
 ):
-    """This project's server: ``python -m service``, configured through LORASERVE_* settings."""
+    """This project's server: ``python -m service``, configured through LORASERVE_* settings.
+
+    ``max_batch_size`` None: the server's default (the batch's rows derived from its KV budget)."""
     port = free_port()
     env = child_env(
         {
@@ -126,7 +128,7 @@ def loraserve(
             "LORASERVE_HOST": "127.0.0.1",
             "LORASERVE_PORT": port,
             "LORASERVE_DEVICE": device,
-            "LORASERVE_MAX_BATCH_SIZE": max_batch_size,
+            **({"LORASERVE_MAX_BATCH_SIZE": max_batch_size} if max_batch_size is not None else {}),
             "LORASERVE_MAX_LOADED_ADAPTERS": max_loaded_adapters,
             "LORASERVE_MAX_NEW_TOKENS_CAP": 1024,
             "LORASERVE_MAX_QUEUE": 1024,

@@ -1,7 +1,7 @@
 """Soak test: sustained mixed load on a real server over loopback, then proof that nothing leaked.
 
-    python -m bench.soak                                  # 64 clients, 2 minutes, 20 adapters (issue 7)
-    python -m bench.soak --clients 16 --duration 15 --adapters 5 --json out.json
+    python -m bench.soak                                  # 64 clients, 10 minutes, 20 adapters, chaos
+    python -m bench.soak --clients 16 --duration 15 --adapters 5 --no-chaos --json out.json
 
 It starts ``python -m service`` on a free loopback port (its own process group, a tiny random-weight
 GPT-2 unless ``--model`` names a folder, two API processes), then for ``--duration`` seconds runs:
@@ -10,13 +10,19 @@ GPT-2 unless ``--model`` names a folder, two API processes), then for ``--durati
   * one churn client that uploads new versions of some adapters and deletes and re-creates others;
   * training jobs one after another (each must succeed; the one still running at the end is cancelled);
   * a sampler of the resident memory of the server's processes (the trainer children, in their own
-    sessions, are not counted: a training job is not a leak).
+    sessions, are not counted: a training job is not a leak);
+  * chaos (unless ``--no-chaos``): ``kill -9`` of the generation worker at 15 % of the load (the server
+    heals in place) and of the running job's trainer at 50 % (that job must end ``failed``).
+Clients mix /generate (a fifth streamed, some dropped after the first event), /v1/completions and
+/v1/chat/completions.
 Every request is checked: success, or a designed 503/429 with Retry-After (404 only for an adapter
 the churn client may just have deleted); a transport error, a timeout or any other status is a
 violation. Afterwards: no request left running or waiting, at most ``max_loaded_adapters`` adapters
 in memory, a burst of exactly ``max_in_flight`` requests is admitted whole (no leaked in-flight slot),
 every adapter still answers (no leaked adapter pin), resident memory grew less than 10 %, and the
-counters of ``/metrics`` equal what the client counted, request by request and token by token.
+counters of ``/metrics`` equal what the client counted, request by request and token by token, every
+adapter serves the version last published (no half-published one), every training job is listed once
+and ran once, and the adapter cache's pins are back to 0.
 
 Loopback only, bounded in time and count; it stops by itself. Progress is JSON lines on stderr; the
 result is one JSON object on stdout (and in ``--json``); the exit status is 0 only when every check
@@ -31,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -158,6 +165,9 @@ class Tally:
     jobs: Counter = field(default_factory=Counter)
     uploads: int = 0
     deletes: int = 0
+    disconnects: int = 0
+    worker_lost: int = 0  # streams ended by an error event worker_restarted (the worker was killed)
+    late_cancels: int = 0  # cancels answered 200 whose job still ended succeeded
 
     def count(self, route: str, status: int | str) -> None:
         self.responses[(route, str(status))] += 1
@@ -180,6 +190,10 @@ class SoakConfig:
     train: bool = True
     warmup_fraction: float = 0.25  # memory baseline: the median over the window after this much load
     client_timeout: float = 90.0  # a request without an answer by then hangs (server deadline + margin)
+    openai_fraction: float = 0.2  # requests sent to /v1/completions and /v1/chat/completions
+    disconnect_fraction: float = 0.05  # streams the client drops after the first event
+    kill_worker_at: float | None = None  # kill -9 the generation worker at this fraction of the load
+    kill_trainer_at: float | None = None  # kill -9 the running training job's trainer at this fraction
     seed: int = 0
 
 
@@ -194,8 +208,15 @@ class Load:
         pgid: int | None,
         config: SoakConfig,
         settings: ServerSettings,
+        data_dir: Path | None = None,
     ) -> None:
         self.url, self.base, self.pgid = url, Path(base), pgid
+        self.data_dir = data_dir  # the server's --data-dir: the worker's status file (chaos, pins)
+        self.sha: dict[str, str] = {}  # adapter -> sha256 of the version last published
+        self.submitted: list[str] = []  # training jobs, in order
+        self.current_job: str | None = None
+        self.killed_jobs: set[str] = set()
+        self.chaos: dict[str, Any] = {}
         self.cfg, self.settings = config, settings
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tally = Tally()
@@ -248,6 +269,7 @@ class Load:
         )
         if r is not None and r.status_code == expected:
             self.present.add(name)
+            self.sha[name] = r.json()["sha256"]
             self.tally.uploads += 1
 
     async def delete(self, client: httpx.AsyncClient, name: str) -> None:
@@ -257,9 +279,10 @@ class Load:
             self.tally.deletes += 1
 
     async def generate(
-        self, client: httpx.AsyncClient, adapter: str | None, max_new: int, stream: bool
+        self, client: httpx.AsyncClient, adapter: str | None, max_new: int, stream: bool, drop: bool = False
     ) -> int:
-        """One /generate; returns its status (0 for a transport error)."""
+        """One /generate; returns its status (0 for a transport error). ``drop``: a stream the client
+        closes after its first event."""
         body = {
             "prompt": "Tell me something.",
             "adapter": adapter,
@@ -294,8 +317,14 @@ class Load:
                         continue
                     event = json.loads(line[6:])
                     if "error" in event:
+                        if event["error"].get("code") == "worker_restarted" and "worker" in self.chaos:
+                            self.tally.worker_lost += 1  # designed: the worker was killed
+                            return 503
                         self.tally.violation(f"stream for {adapter}: {event['error']}")
                     usage = event.get("usage") or usage
+                    if drop:  # the client goes away mid-stream: the server must cope
+                        self.tally.disconnects += 1
+                        return r.status_code
                 if not done:
                     self.tally.violation(f"stream for {adapter} ended without [DONE]")
                 else:
@@ -304,6 +333,24 @@ class Load:
         except httpx.HTTPError as exc:
             self.tally.violation(f"POST /generate (stream, {adapter}): {type(exc).__name__}: {exc}")
             return 0
+
+    async def openai(self, client: httpx.AsyncClient, adapter: str | None, max_new: int, chat: bool) -> int:
+        """One non-streamed /v1/completions or /v1/chat/completions; its status (0: transport error)."""
+        model = adapter or "base"
+        if chat:
+            path = "/v1/chat/completions"
+            body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+        else:
+            path, body = "/v1/completions", {"model": model, "prompt": "Tell me something."}
+        body["max_tokens"] = max_new
+        ok = (200, 404) if adapter in self.churned else (200,)
+        t0 = time.monotonic()
+        r = await self.call(client, "POST", path, path, ok, json=body)
+        if r is None:
+            return 0
+        if r.status_code == 200:
+            self._finished(r.json().get("usage"), max_new, adapter, t0)
+        return r.status_code
 
     def _finished(self, usage: dict | None, max_new: int, adapter: str | None, t0: float) -> None:
         self.tally.latencies.append(time.monotonic() - t0)
@@ -324,12 +371,16 @@ class Load:
                 adapter = rng.choice(self.churned)
             else:
                 adapter = rng.choice(self.stable)
-            status = await self.generate(
-                client,
-                adapter,
-                rng.randint(1, self.cfg.max_new_tokens),
-                rng.random() < self.cfg.stream_fraction,
-            )
+            max_new = rng.randint(1, self.cfg.max_new_tokens)
+            route = rng.random()
+            if route < self.cfg.openai_fraction:
+                status = await self.openai(
+                    client, adapter, max_new, chat=route < self.cfg.openai_fraction / 2
+                )
+            else:
+                stream = rng.random() < self.cfg.stream_fraction
+                drop = stream and rng.random() < self.cfg.disconnect_fraction / self.cfg.stream_fraction
+                status = await self.generate(client, adapter, max_new, stream, drop)
             if status in DESIGNED_REFUSALS:  # a polite client waits Retry-After (1 s here), with jitter
                 await asyncio.sleep(RETRY_AFTER_S * (0.5 + rng.random()))
 
@@ -355,8 +406,11 @@ class Load:
             if r is None or r.status_code != 202:
                 return
             job_id = r.json()["job_id"]
+            self.submitted.append(job_id)
+            self.current_job = job_id
             log("train_submitted", job=job_id)
             status = await self.wait_job(client, job_id, until=self.stop_at)
+            self.current_job = None
             if status is None:  # still running at the end: cancel it, it must end cancelled
                 r = await self.call(client, "DELETE", f"/train/{job_id}", "/train/{job_id}", (200, 409))
                 # 409 job_finished: the job ended between the last poll and the cancel, which is
@@ -365,10 +419,15 @@ class Load:
                 if finished_first and r.json()["error"]["code"] != "job_finished":
                     self.tally.violation(f"DELETE /train/{job_id}: 409 {r.text}")
                 status = await self.wait_job(client, job_id, until=time.monotonic() + 60)
-                expected = ("succeeded", "cancelled") if finished_first else ("cancelled",)
+                # A cancel that lands while the job is publishing its adapter may lose the race: it
+                # is answered 200, the job still ends succeeded (recorded as such in the result).
+                late = status == "succeeded" and not finished_first
+                if late:
+                    self.tally.late_cancels += 1
+                expected = ("succeeded", "cancelled") if finished_first or late else ("cancelled",)
                 if status not in expected:
                     self.tally.violation(f"job {job_id}: {status} after cancel, expected cancelled")
-            elif status != "succeeded":
+            elif status != "succeeded" and not (status == "failed" and job_id in self.killed_jobs):
                 self.tally.violation(f"job {job_id} ended {status}")
             if status:
                 self.tally.jobs[status] += 1
@@ -383,11 +442,50 @@ class Load:
                 return "unknown"
             job = r.json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] == "failed":
+                if job["status"] == "failed" and job_id not in self.killed_jobs:
                     self.tally.violation(f"job {job_id} failed: {job.get('error')}")
+                elif job["status"] == "failed" and "SIGKILL" not in (job.get("error") or ""):
+                    self.tally.violation(f"killed job {job_id} failed for another reason: {job.get('error')}")
                 return job["status"]
             await asyncio.sleep(1.0)
         return None
+
+    # --- chaos --------------------------------------------------------------------------------
+    def worker_pid(self) -> int | None:
+        status = _read_json(self.data_dir / "worker-status.json") if self.data_dir else None
+        return (status or {}).get("pid")
+
+    async def chaos_loop(self, client: httpx.AsyncClient, start: float) -> None:
+        """kill -9 of the generation worker, then of a running trainer, at their moments of the load."""
+        cfg = self.cfg
+        if cfg.kill_worker_at is not None and self.data_dir is not None:
+            await asyncio.sleep(max(0.0, start + cfg.duration * cfg.kill_worker_at - time.monotonic()))
+            pid = self.worker_pid()
+            if pid is not None:
+                self.chaos["worker"] = {"pid": pid}
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                log("chaos_kill_worker", pid=pid)
+                while time.monotonic() < killed + 120:
+                    await asyncio.sleep(0.2)
+                    r = await client.get("/health/ready")
+                    self.tally.count("/health/ready", r.status_code)  # 503 while the model reloads
+                    if r.status_code == 200 and self.worker_pid() not in (None, pid):
+                        break
+                self.chaos["worker"]["serving_again_s"] = round(time.monotonic() - killed, 2)
+                log("chaos_worker_back", seconds=self.chaos["worker"]["serving_again_s"])
+        if cfg.kill_trainer_at is not None and cfg.train:
+            await asyncio.sleep(max(0.0, start + cfg.duration * cfg.kill_trainer_at - time.monotonic()))
+            while time.monotonic() < self.stop_at:
+                job_id = self.current_job
+                pid = _trainer_pid(job_id) if job_id else None
+                if pid is not None and job_id is not None:
+                    self.killed_jobs.add(job_id)
+                    os.kill(pid, signal.SIGKILL)
+                    self.chaos["trainer"] = {"pid": pid, "job": job_id}
+                    log("chaos_kill_trainer", pid=pid, job=job_id)
+                    return
+                await asyncio.sleep(0.2)
 
     def sample_memory(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):
@@ -419,6 +517,7 @@ class Load:
             actors.append(self.churn_loop(c))
             if cfg.train:
                 actors.append(self.train_loop(c))
+            actors.append(self.chaos_loop(c, start))
 
             async def progress() -> None:
                 while time.monotonic() < self.stop_at:
@@ -456,6 +555,10 @@ class Load:
             "latency_s": _summary(self.tally.latencies),
             "uploads": self.tally.uploads,
             "deletes": self.tally.deletes,
+            "disconnects": self.tally.disconnects,
+            "streams_ended_by_worker_restart": self.tally.worker_lost,
+            "cancels_that_lost_the_race": self.tally.late_cancels,
+            "chaos": self.chaos,
             "jobs": dict(self.tally.jobs),
             "responses": {f"{r} {s}": n for (r, s), n in sorted(self.tally.responses.items())},
             "violations": violations,
@@ -493,6 +596,28 @@ class Load:
         for name in self.stable + sorted(self.present & set(self.churned)):
             if await self.generate(c, name, 1, False) != 200:
                 problems.append(f"adapter {name} does not answer after the load")
+        # No adapter half-published: each serves exactly the version last uploaded.
+        for name in sorted(self.present):
+            r = await self.call(c, "GET", f"/adapters/{name}", "/adapters/{name}", (200,))
+            if r is None or r.status_code != 200 or r.json().get("sha256") != self.sha[name]:
+                problems.append(f"adapter {name} is not the version last published")
+        # No job lost or run twice: every submitted job listed once, and claimed once.
+        r = await self.call(c, "GET", "/train", "/train", (200,), params={"limit": 1000})
+        listed = (
+            Counter(j["job_id"] for j in r.json()["jobs"]) if r is not None and r.status_code == 200 else {}
+        )
+        attempts = {j["job_id"]: j["attempts"] for j in r.json()["jobs"]} if listed else {}
+        for job_id in self.submitted:
+            if listed.get(job_id) != 1:
+                problems.append(f"job {job_id} listed {listed.get(job_id, 0)} times")
+            elif attempts.get(job_id) != 1:
+                problems.append(f"job {job_id} ran {attempts.get(job_id)} times")
+        # Adapter cache pins back to 0 once idle (the worker publishes them when it turns idle).
+        await asyncio.sleep(1.0)
+        status = _read_json(self.data_dir / "worker-status.json") if self.data_dir else None
+        pins = (status or {}).get("adapter_pins")
+        if self.data_dir is not None and pins != 0:
+            problems.append(f"adapter cache pins after the load: {pins}, expected 0")
         return {
             "ok": not problems,
             "problems": problems,
@@ -501,6 +626,8 @@ class Load:
             "adapters_loaded": loaded,
             "burst": len(burst),
             "burst_admitted": len(burst) - refused,
+            "adapter_pins": pins,
+            "jobs_listed_once": all(listed.get(j) == 1 for j in self.submitted),
         }
 
     def compare_counters(self, before: dict, after: dict) -> dict[str, Any]:
@@ -526,7 +653,9 @@ class Load:
         }
         # A request that ran past its deadline generated tokens the client never saw: with 504s
         # (violations themselves) the server's count may only be higher.
+        # So did a stream the client dropped, and a request whose worker was killed under it.
         timed_out = any(status == "504" for (_, status) in self.tally.responses)
+        timed_out = timed_out or self.tally.disconnects > 0 or "worker" in self.chaos
         tokens_ok = int(tokens) >= self.tally.tokens if timed_out else int(tokens) == self.tally.tokens
         ok = not mismatch and tokens_ok and jobs == dict(self.tally.jobs)
         return {
@@ -563,6 +692,27 @@ class Load:
         return asyncio.run(self._run())
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _trainer_pid(job_id: str) -> int | None:
+    """The trainer process of a job (its command line names the job's folder)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"trainer" in cmd and any(job_id.encode() in part for part in cmd) and b"train" in cmd:
+                return int(entry)
+    return None
+
+
 def _summary(xs: list[float]) -> dict[str, float | None]:
     if not xs:
         return {"p50": None, "p95": None, "max": None}
@@ -577,7 +727,7 @@ def _summary(xs: list[float]) -> dict[str, float | None]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--duration", type=float, default=120.0, help="seconds of load")
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     p.add_argument("--adapters", type=int, default=20)
     p.add_argument("--churn", type=int, default=4, help="adapters replaced and deleted during the load")
     p.add_argument("--no-train", action="store_true", help="no training job during the load")
@@ -586,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "soak")
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chaos", action="store_true", help="no kill -9 of the worker and of a trainer")
     a = p.parse_args(argv)
     if a.churn >= a.adapters:
         p.error("--churn must be smaller than --adapters")
@@ -601,10 +752,13 @@ def main(argv: list[str] | None = None) -> int:
         churn=a.churn,
         train=not a.no_train,
         seed=a.seed,
+        kill_worker_at=None if a.no_chaos else 0.15,
+        kill_trainer_at=None if a.no_chaos else 0.5,
+        warmup_fraction=0.25 if a.no_chaos else 0.4,  # the memory baseline: after the worker's restart
     )
     key = "soak-" + os.urandom(8).hex()
     with start_server(base, run_dir, settings, key) as (url, pgid):
-        result = Load(url, key, base, pgid, config, settings).run()
+        result = Load(url, key, base, pgid, config, settings, data_dir=run_dir / "data").run()
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     text = json.dumps(result, indent=2)
     print(text)

@@ -7,7 +7,8 @@ flags win. Prefer ``LORASERVE_API_KEY`` over ``--api-key`` (argv is visible to o
     python -m service --allow-random-weights ...   # demo without downloadable weights (loud warning)
 
 Process tree: this main process -> LitServe's manager, one spawned generation worker, forked
-API servers; plus the job runner (spawned here). SIGTERM and SIGINT stop all of them.
+API servers; plus the job runner (spawned here). SIGTERM and SIGINT stop all of them. A generation
+worker that dies is restarted in place (``--worker-max-restarts``, docs/reliability.md).
 
 ``--role`` picks the parts: ``all`` (the tree above), ``serve`` (no job runner: jobs are queued in
 the shared ``--jobs-db`` for a runner elsewhere) or ``runner`` (the job runner and the job, adapter,
@@ -237,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             log_level=settings.log_level,
             generate_client_file=False,
         )
+        if server.gave_up:
+            log.error("the generation worker kept dying (see the log above); exit code 1")
+            return 1
     except KeyboardInterrupt:
         pass
-    except (EOFError, ConnectionError):  # LitServe's monitor tore the tree down: a worker died
+    except (EOFError, ConnectionError):  # LitServe's manager process died: nothing to heal in place
         log.error("a server process died (see the log above); exit code 1, so a supervisor restarts us")
         return 1
     except Exception:
@@ -260,8 +264,9 @@ def _serve_runner_role(
 ) -> int:
     """Role ``runner``: uvicorn serves the job routes in this process while the spawned runner trains.
 
-    A runner that dies stops the server with exit code 1 (as a dead generation worker does in the
-    other roles), so a supervisor restarts it; SIGTERM stops uvicorn, then ``main`` stops the runner.
+    A runner that dies stops the server with exit code 1 (a dead generation worker is restarted in
+    place, a dead runner is not), so a supervisor restarts it; SIGTERM stops uvicorn, then ``main``
+    stops the runner.
     """
     import uvicorn
 

@@ -32,7 +32,7 @@ from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
 from service.gateway import EngineClient, ModelLimits
 from service.limits import BodyLimitMiddleware
-from service.litserve_glue import Server, build_litserver
+from service.litserve_glue import Server, WorkerExit, build_litserver
 from service.routes.adapters import register_adapter_routes
 from service.routes.eval import register_eval_routes
 from service.routes.files import register_file_routes
@@ -45,6 +45,7 @@ from service.served_model import ServedModel
 from service.settings import Settings
 from service.text_input import TextMiddleware
 from service.worker import EngineAPI, WorkerConfig
+from service.worker_status import read_status, write_status
 
 # --- assembly --------------------------------------------------------------------------------------
 
@@ -62,6 +63,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         device=model.device,
         dtype=model.dtype,
         max_batch_size=settings.max_batch_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,
@@ -69,10 +71,20 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     accelerator = {"cpu": {"accelerator": "cpu"}, "cuda": {"accelerator": "cuda", "devices": 1}}[model.device]
     # open streams get 5 s on shutdown, not LitServe's 30 s
     server = build_litserver(EngineAPI(worker), accelerator, settings.request_timeout, graceful_timeout=5)
+    server.heal(
+        max_restarts=settings.worker_max_restarts,
+        window_s=settings.worker_restart_window,
+        on_exit=lambda gone: _worker_exited(settings, gone),
+    )
     app = server.app
     app.title, app.version = "loraserve", "0.1.0"
 
-    client = EngineClient(server, settings.max_in_flight)
+    client = EngineClient(
+        server,
+        max_queue=settings.max_queue,
+        status_path=settings.worker_status_path,
+        max_batch_size=settings.max_batch_size,
+    )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(
         context=int(config.get("n_positions", 1024)),
@@ -81,12 +93,31 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
 
     install_error_handlers(app)
-    register_health_routes(app, lambda: worker_readiness(settings))
+    register_health_routes(app, lambda: worker_readiness(settings, server.worker_up))
     register_generate_routes(app, settings, client, limits)
     register_eval_routes(app, settings, client, limits)
     register_openai_routes(app, settings, client, limits, model)
     _common_routes(app, settings, model)
     return server, client
+
+
+def _worker_exited(settings: Settings, gone: WorkerExit) -> None:
+    """In the main process, when the generation worker died: readiness 503 until its successor has
+    loaded the model (it rewrites the status file), and its live gauges no longer counted."""
+    from prometheus_client import multiprocess
+
+    previous = read_status(settings.worker_status_path) or {}
+    keep = {k: v for k, v in previous.items() if k not in ("load", "loaded_adapters", "pid", "updated")}
+    action = "the server stops" if gone.giving_up else f"restarting it (restart {gone.restarts})"
+    detail = f"the generation worker died (exit code {gone.exitcode}); {action}"
+    write_status(
+        settings.worker_status_path,
+        dict(keep, status="failed" if gone.giving_up else "starting", detail=detail),
+    )
+    if gone.pid is not None:
+        multiprocess.mark_process_dead(gone.pid)
+    if not gone.giving_up:
+        metrics.WORKER_RESTARTS.inc()
 
 
 def build_runner_app(settings: Settings, model: ServedModel, runner_alive: Callable[[], bool]) -> FastAPI:

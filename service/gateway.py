@@ -3,10 +3,12 @@
 API-server processes never hold the model. ``prepare_job`` validates a request with the tokenizer
 and the adapter folder only (unknown adapter 404, prompt over the context 400, ``max_new_tokens``
 over the cap 422) *before* it is queued, so a bad request never reaches, and never fails, a batch.
-``EngineClient`` bounds the requests in flight (503 + Retry-After beyond) and puts the job on the
-worker's queue; a ``Submission`` reads the job's events back (``service.wire``) and, when closed
-early, tells the worker to drop the job. ``unless_disconnected`` notices a client that went away
-while a non-streamed request waits. The worker side is ``service.worker``.
+``EngineClient`` admits by load (503 + Retry-After at once when the batch and queue are full or the
+work in flight could not end before the deadline) and puts the job on the worker's queue; a
+``Submission`` reads the job's events back (``service.wire``) and, when closed early, tells the worker
+to drop the job. When the worker dies, each waiting submission answers 503 ``worker_restarted``.
+``unless_disconnected`` notices a client that went away while a non-streamed request waits. The
+worker side is ``service.worker``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import multiprocessing as mp
 import time
 import uuid
@@ -22,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import litserve as ls
-
 from service import structured
 from service.errors import ApiError, error_body
 from service.litserve_glue import (
     Reply,
+    Server,
+    WorkerLost,
     close_reply,
     consumer_id,
     describe_failure,
@@ -36,10 +39,13 @@ from service.litserve_glue import (
     put_request,
 )
 from service.wire import Cancel, Event, Job, WireError
+from service.worker_status import read_load, read_status
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+MAX_RETRY_AFTER_S = 60
+STATUS_EVERY_S = 0.25  # how stale the worker's load (rows, decode rate) may be when admitting
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is still there
 
 T = TypeVar("T")
@@ -177,13 +183,12 @@ def json_schema_text(schema: Any, param: str) -> str:
 
 
 class Overloaded(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            503,
-            "overloaded",
-            f"the server is at its limit of {limit} generation requests in flight; retry shortly",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(503, "overloaded", message, headers={"Retry-After": str(retry_after)})
+
+
+def _retry_after(seconds: float) -> int:
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(seconds)))
 
 
 @dataclass
@@ -193,6 +198,7 @@ class Submission:
     client: EngineClient
     job: Job
     reply: Reply
+    generation: int = 0  # the worker generation it was queued to (``Server.worker_generation``)
     done: bool = False
 
     @property
@@ -208,7 +214,15 @@ class Submission:
 
         Raises TimeoutError when the deadline passes first (the caller answers 504 and closes).
         """
-        data, ok = await next_reply(self.reply, self.remaining)
+        server = self.client.server
+        try:
+            data, ok = await next_reply(
+                self.reply, self.remaining, lambda: server.worker_generation() != self.generation
+            )
+        except WorkerLost:
+            # not done: close() still cancels it, in case it waits in the queue for the new worker
+            message = "the generation worker stopped while handling this request and is restarting; retry"
+            return Event.failure(self.job_id, WireError.of("worker_restarted", message))
         if not ok or not isinstance(data, dict):  # LitServe-level failure
             self.done = True
             return Event.failure(self.job_id, WireError.of("generation_failed", describe_failure(data)))
@@ -240,51 +254,116 @@ class Submission:
         if not self.done:
             self.done = True
             self.client.cancel(self.job_id)
-        self.client.release()
+        self.client.release(self.job)
 
 
 class EngineClient:
     """Submits jobs from an API-server process to the generation worker through LitServe's queues.
 
-    The in-flight counter is shared memory created before LitServe forks its API servers, so the
-    bound holds across all of them.
+    Admission is by load. A job is refused early (503 ``overloaded`` with Retry-After) when the
+    batch and the queue are full (``batch rows + max_queue`` requests in flight), or when the work in
+    flight plus its own (their ``max_new_tokens``) would take longer than its deadline at the decode
+    rate the worker measures: a refusal now instead of a 504 later for work that could not finish.
+    The counters are shared memory created before LitServe forks its API servers, so the bounds hold
+    across all of them. The batch's rows and the decode rate come from the worker's status file.
     """
 
-    def __init__(self, server: ls.LitServer, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        *,
+        max_queue: int,
+        status_path: Path,
+        max_batch_size: int | None = None,
+    ) -> None:
         self.server = server
-        self.max_in_flight = max_in_flight
-        self._in_flight = mp.get_context("fork").Value("i", 0)
+        self.max_queue = max_queue
+        self.status_path = status_path
+        self.max_batch_size = max_batch_size
+        fork = mp.get_context("fork")
+        self._in_flight = fork.Value("i", 0)
+        self._work = fork.Value("q", 0, lock=False)  # max_new_tokens in flight; under _in_flight's lock
+        self._status: tuple[float, dict[str, Any]] = (-1.0, {})
+
+    def worker_status(self) -> dict[str, Any]:
+        """The worker's status file, read at most every ``STATUS_EVERY_S`` by this process."""
+        at, status = self._status
+        now = time.monotonic()
+        if now - at >= STATUS_EVERY_S:
+            status = read_status(self.status_path) or status
+            self._status = (now, status)
+        return status
+
+    @property
+    def batch_rows(self) -> int:
+        rows = (self.worker_status().get("batch") or {}).get("rows")
+        if isinstance(rows, int) and rows > 0:
+            return rows
+        return self.max_batch_size or 1  # before the worker has published its plan
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.batch_rows + self.max_queue
 
     @property
     def in_flight(self) -> int:
         return self._in_flight.value
 
-    def reserve(self) -> None:
+    def reserve(self, job: Job) -> None:
+        """Take a slot for ``job`` or raise Overloaded; ``release(job)`` gives it back."""
+        limit = self.max_in_flight
+        load = read_load(self.worker_status())
+        rate = load.tokens_per_s if load is not None else None
+        cost = int(job.params["max_new_tokens"])
         with self._in_flight.get_lock():
-            if self._in_flight.value >= self.max_in_flight:
-                raise Overloaded(self.max_in_flight)
-            self._in_flight.value += 1
+            n, work = self._in_flight.value, self._work.value
+            if n >= limit:
+                drain = (work / n) / rate if rate and n else RETRY_AFTER_S
+                raise Overloaded(
+                    f"the server is at its limit of {limit} generation requests in flight; retry shortly",
+                    _retry_after(drain),
+                )
+            if rate and n:  # an idle server always admits: a request alone is never refused
+                need = (work + cost) / rate
+                left = job.deadline - time.monotonic()
+                if need > left:
+                    raise Overloaded(
+                        f"the server would not finish this request within its deadline: {work + cost} "
+                        f"tokens in flight with this one take about {need:.0f} s at the current "
+                        f"{rate:.0f} tokens/s, and {max(0.0, left):.0f} s remain; retry later or ask "
+                        "for fewer tokens",
+                        _retry_after(need - left),
+                    )
+            self._in_flight.value = n + 1
+            self._work.value = work + cost
 
-    def release(self) -> None:
+    def release(self, job: Job) -> None:
         with self._in_flight.get_lock():
             self._in_flight.value = max(0, self._in_flight.value - 1)
+            self._work.value = max(0, self._work.value - int(job.params["max_new_tokens"]))
 
     def submit(self, job: Job, request: Any) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to the API server
         that received ``request``."""
+        if not self.server.worker_up():
+            self.release(job)
+            raise api_error(
+                WireError.of("worker_restarted", "the generation worker is restarting (loading the model)")
+            )
+        generation = self.server.worker_generation()
         reply = open_reply(self.server)
         try:
             put_request(self.server, consumer_id(request), reply.uid, job.to_dict())
         except Exception as exc:  # the manager is gone: the server is shutting down
             close_reply(self.server, reply)
-            self.release()
+            self.release(job)
             raise ApiError(
                 503,
                 "unavailable",
                 "the generation worker is not reachable",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from exc
-        return Submission(self, job, reply)
+        return Submission(self, job, reply, generation)
 
     def cancel(self, job_id: str) -> None:
         try:
@@ -334,8 +413,11 @@ async def unless_disconnected(awaitable: Awaitable[T], request: Any) -> T:
 
 
 def api_error(error: WireError) -> ApiError:
-    """The ApiError a route answers for ``error``, its status from the one table (``service.wire``)."""
-    return ApiError(error.status, error.code, error.message, error.param)
+    """The ApiError a route answers for ``error``, its status (and Retry-After) from the one table
+    (``service.wire``)."""
+    retry = error.retry_after
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return ApiError(error.status, error.code, error.message, error.param, headers=headers)
 
 
 def error_payload(error: WireError) -> dict[str, Any]:

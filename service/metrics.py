@@ -68,6 +68,10 @@ LORA_REQUESTS_INFO = Gauge(
     multiprocess_mode="livemostrecent",
 )
 
+WORKER_RESTARTS = Counter(
+    "loraserve_worker_restarts_total", "generation workers that died and were restarted (main process)"
+)
+
 # --- adapters (worker process) ---------------------------------------------------------------
 ADAPTERS_LOADED = Gauge(
     "loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum"

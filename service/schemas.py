@@ -216,6 +216,18 @@ class Health(BaseModel):
     status: str
 
 
+class BatchCapacity(BaseModel):
+    """What the worker derived its batch's capacity from (``engine.capacity.BatchPlan``)."""
+
+    rows: int = Field(description="rows of the running batch")
+    kv_budget_bytes: int
+    kv_bytes_per_token: int = Field(description="one position of one row: every layer's K and V")
+    row_tokens: int = Field(description="the longest a row can get: the model's context")
+    cap: int | None = Field(None, description="max_batch_size, when set")
+    budget_source: str
+    limited_by: Literal["kv_budget", "max_batch_size", "ceiling"]
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "starting", "failed"]
     role: Literal["all", "serve", "runner"] | None = None
@@ -225,3 +237,4 @@ class Readiness(BaseModel):
     weights: Literal["hub", "local", "random"] | None = None
     random_weights: bool | None = None
     detail: str | None = None
+    batch: BatchCapacity | None = None

@@ -58,7 +58,19 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU"
     )
-    max_batch_size: int = Field(16, ge=1, le=256)
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="cap on the running batch's rows; default: as many as the KV cache budget holds at "
+        "full context (shown on /health/ready)",
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="KV cache budget of the generation worker; default: half the free GPU memory after "
+        "the model loaded, or a quarter of the available RAM (at most 8 GiB) on CPU",
+    )
     batch_timeout: float = Field(
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )
@@ -72,6 +84,13 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     request_timeout: float = Field(120.0, gt=0, description="server-side deadline for one request, seconds")
+    worker_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="a generation worker that dies is restarted in place at most this many times within "
+        "--worker-restart-window; one more death stops the server with exit code 1 (0: never restart)",
+    )
+    worker_restart_window: float = Field(600.0, gt=0, description="seconds; see --worker-max-restarts")
     num_api_servers: int = Field(1, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -164,8 +183,3 @@ class Settings(BaseSettings):
     def model_cache_dir(self) -> Path:
         """Where random-weights bases are built when ``allow_random_weights`` is set."""
         return self.data_dir / "models"
-
-    @property
-    def max_in_flight(self) -> int:
-        """Generation requests admitted at once (running batch + queue); more get 503 + Retry-After."""
-        return self.max_batch_size + self.max_queue

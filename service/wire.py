@@ -36,6 +36,7 @@ MAX_COMPOSITION_WEIGHT = 2.0
 class ErrorKind:
     status: int
     param: str | None = None  # the request field an error of this kind points at, if any
+    retry_after: int | None = None  # seconds, sent as Retry-After: the condition passes by itself
 
 
 # Every error code the worker sends, with its status. A code missing here (one a newer engine might
@@ -46,6 +47,8 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_request": ErrorKind(422),  # sampling parameters the engine refused
     "timeout": ErrorKind(504),  # the request's deadline passed
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
+    # the worker that had the request died; a new one is starting (the API side sends this)
+    "worker_restarted": ErrorKind(503, retry_after=5),
 }
 
 
@@ -70,6 +73,11 @@ class WireError:
     @property
     def status(self) -> int:
         return http_status(self.code)
+
+    @property
+    def retry_after(self) -> int | None:
+        kind = ERRORS.get(self.code)
+        return kind.retry_after if kind is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "param": self.param}

@@ -49,7 +49,8 @@ class WorkerConfig:
     adapter_dir: str
     device: str  # "cpu" | "cuda"
     dtype: str  # "float32" | "float16" | "bfloat16"
-    max_batch_size: int
+    max_batch_size: int | None  # a cap; None: what the KV budget holds (``engine.capacity``)
+    kv_cache_bytes: int | None
     max_loaded_adapters: int
     status_path: str
     log_level: str = "info"
@@ -66,7 +67,7 @@ class EngineAPI(ls.LitAPI):
     """The LitAPI of the generation worker: ``setup`` builds the engine, ``EngineLoop`` drives it."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        super().__init__(**engine_api_options(config.max_batch_size, EngineLoop()))
+        super().__init__(**engine_api_options(config.max_batch_size or 1, EngineLoop()))
         self.config = config
         self.engine = None
 
@@ -98,6 +99,7 @@ class EngineAPI(ls.LitAPI):
                 device=device,
                 dtype=getattr(torch, cfg.dtype),
                 max_batch_size=cfg.max_batch_size,
+                kv_cache_bytes=cfg.kv_cache_bytes,
                 max_loaded_adapters=cfg.max_loaded_adapters,
             )
         except Exception as exc:
@@ -107,8 +109,18 @@ class EngineAPI(ls.LitAPI):
             raise
         # LitServe stops workers with SIGTERM: run the finalizers, skip the slow teardown (see below).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        self.status = dict(status, status="ready")
+        plan = self.engine.plan
+        self.status = dict(status, status="ready", batch=plan.to_dict())
         write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
+        log.info(
+            "batch capacity %d rows (limited by %s): KV budget %d MiB (%s), %d KiB per row-position x %d",
+            plan.rows,
+            plan.limited_by,
+            plan.kv_budget_bytes >> 20,
+            plan.budget_source,
+            plan.kv_bytes_per_token >> 10,
+            plan.row_tokens,
+        )
         metrics.MODEL_INFO.labels(cfg.model_name, device, cfg.dtype, cfg.origin).set(1)
         if cfg.random_weights:
             log.warning(
@@ -118,6 +130,28 @@ class EngineAPI(ls.LitAPI):
 
     def predict(self, x: Any) -> Any:  # pragma: no cover - EngineLoop never calls it
         raise NotImplementedError("EngineLoop drives the engine directly")
+
+
+@dataclass
+class DecodeRate:
+    """Generated tokens per second of engine time, smoothed over windows of ``WINDOW_S`` busy seconds:
+    what admission divides the queued work by. Engine time only, so idle time does not dilute it, and a
+    machine starved by other work shows up as a lower rate."""
+
+    WINDOW_S = 1.0
+    WEIGHT = 0.3  # of the newest window
+
+    value: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        if self.seconds >= self.WINDOW_S:
+            rate = self.tokens / self.seconds
+            self.value = rate if self.value is None else self.WEIGHT * rate + (1 - self.WEIGHT) * self.value
+            self.tokens, self.seconds = 0, 0.0
 
 
 @dataclass
@@ -169,6 +203,7 @@ class _Driver:
         self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
         self.busy = False  # as last published
         self.status_at = 0.0
+        self.rate = DecodeRate()
 
     # --- the loop, in execution order -----------------------------------------------------------
     def serve(self) -> None:
@@ -259,6 +294,7 @@ class _Driver:
                 self.fail(live, WireError.of("generation_failed", f"{type(exc).__name__}: {exc}"))
             return
         self.metrics.record_step(report)
+        self.rate.add(sum(report.generated_tokens.values()), report.prefill_seconds + report.decode_seconds)
         for ev in report.events:
             live = self.running.get(ev.id)
             if live is None:  # cancelled or expired meanwhile
@@ -340,8 +376,10 @@ class _Driver:
             return
         self.busy, self.status_at = busy, now
         stats = self.engine.stats()
-        load = Load(len(self.waiting) + stats["waiting"], stats["rows"], time.time())
+        load = Load(len(self.waiting) + stats["waiting"], stats["rows"], time.time(), self.rate.value)
         loaded = sorted(stats["adapters_loaded"])
+        pins = sum(e["refs"] for e in stats["adapter_cache"]["loaded"])  # 0 once idle, or a pin leaked
         write_status(
-            self.api.config.status_path, dict(self.api.status, loaded_adapters=loaded, load=load.to_dict())
+            self.api.config.status_path,
+            dict(self.api.status, loaded_adapters=loaded, adapter_pins=pins, load=load.to_dict()),
         )

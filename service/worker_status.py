@@ -4,13 +4,16 @@ The worker writes it (``service.worker``); the API processes read it for readine
 listings, and the job runner reads its ``load`` to decide whether training yields to serving
 (``docs/jobs.md``, "Serving first"). Kept free of torch and LitServe so the runner can import it.
 
-    {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...],
-     "load": {"waiting": int, "running": int, "time": unix seconds}, "pid", "updated"}
+    {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...], "adapter_pins",
+     "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
+     "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float}, "pid", "updated"}
 
 ``load.waiting`` counts requests taken by the worker but not yet in the batch (its own queue plus
 the engine's scheduler); ``load.running`` the rows of the running batch. The worker rewrites ``load``
 every ``LOAD_EVERY_S`` while busy and once when it becomes idle, so a busy ``load`` older than
 ``LOAD_STALE_S`` means the worker stopped writing (hung or gone) and is read as idle.
+``load.tokens_per_s`` is the decode rate of recent busy time; the API processes admit a request only
+when the work ahead of it, at that rate, ends before its deadline (``service.gateway``).
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ class Load:
     waiting: int
     running: int
     time: float  # time.time() when the worker measured it
+    tokens_per_s: float | None = None  # generated tokens per busy second, recent (None: not measured yet)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"waiting": self.waiting, "running": self.running, "time": round(self.time, 3)}
+        out: dict[str, Any] = {"waiting": self.waiting, "running": self.running, "time": round(self.time, 3)}
+        if self.tokens_per_s is not None:
+            out["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return out
 
 
 def write_status(path: str | Path, status: dict[str, Any]) -> None:
@@ -60,7 +67,13 @@ def read_load(status: dict[str, Any] | None, now: float | None = None) -> Load |
     if not isinstance(raw, dict):
         return None
     try:
-        load = Load(int(raw["waiting"]), int(raw["running"]), float(raw["time"]))
+        rate = raw.get("tokens_per_s")
+        load = Load(
+            int(raw["waiting"]),
+            int(raw["running"]),
+            float(raw["time"]),
+            float(rate) if rate is not None else None,
+        )
     except (KeyError, TypeError, ValueError):
         return None
     now = time.time() if now is None else now

@@ -161,3 +161,51 @@ def test_a_litserve_level_failure_is_described() -> None:
     )
     assert glue.describe_failure(pickle.dumps(RuntimeError("bad"))) == "the generation worker failed: bad"
     assert glue.describe_failure(b"not a pickle") == "the generation worker failed"
+
+
+def test_the_worker_monitor_replaces_litserves_with_the_internals_it_uses() -> None:
+    """``Server._start_worker_monitoring`` replaces LitServe's; the restart uses these internals."""
+    run = inspect.getsource(ls.LitServer.run)
+    assert "self._start_worker_monitoring(manager, uvicorn_workers)" in run
+    assert "self.inference_workers" in run and "self._monitor_workers" in run
+    assert list(inspect.signature(ls.LitServer._start_worker_monitoring).parameters) == [
+        "self",
+        "manager",
+        "uvicorn_workers",
+    ]
+    assert list(inspect.signature(ls.LitServer.launch_single_inference_worker).parameters) == [
+        "self",
+        "lit_api",
+        "worker_id",
+    ]
+    launch = inspect.getsource(ls.LitServer.launch_single_inference_worker)
+    assert 'self.workers_setup_status[f"{endpoint}_{worker_id}"]' in launch
+    assert 'endpoint = lit_api.api_path.split("/")[-1]' in launch
+    worker = inspect.getsource(litserve.loops.loops.inference_worker)
+    assert "WorkerSetupStatus.READY" in worker
+    server = _server()
+    assert server._monitor_workers is True
+    assert server._worker_of(0) == (server.lit_api, 0)
+    with pytest.raises(IndexError):
+        server._worker_of(1)
+    assert server.worker_generation() == 0 and not server.worker_up()
+
+
+def test_next_reply_raises_worker_lost_after_what_the_worker_sent() -> None:
+    server = _server()
+
+    async def scenario() -> tuple:
+        reply = glue.open_reply(server)
+        reply.item.response_queue.append(({"id": "x"}, LitAPIStatus.OK))
+        first = await glue.next_reply(reply, lambda: 5.0, lambda: True)  # sent before the worker died
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(glue.WorkerLost):
+            await glue.next_reply(reply, lambda: 5.0, lambda: True)
+        lost_after = asyncio.get_running_loop().time() - t0
+        end = asyncio.get_running_loop().time() + 0.6
+        with pytest.raises(TimeoutError):  # a deadline longer than one poll still ends
+            await glue.next_reply(reply, lambda: max(0.0, end - asyncio.get_running_loop().time()))
+        return first, lost_after
+
+    first, lost_after = asyncio.run(scenario())
+    assert first == ({"id": "x"}, True) and lost_after < 0.1

@@ -104,9 +104,23 @@ def test_two_api_processes_write_the_job_store_without_losing_updates(srv: Serve
 
 
 def test_short_soak(srv: Server, tiny_base: Path) -> None:
-    config = SoakConfig(clients=16, duration=15.0, adapters=5, churn=2, train=True, seed=7)
-    result = Load(srv.url, KEY, tiny_base, srv.proc.pid, config, SETTINGS).run()
-    summary = {k: result[k] for k in ("generated", "refused_503_429", "tokens_per_s", "latency_s", "jobs")}
+    """The short form of ``python -m bench.soak``, chaos included: kill -9 of the generation worker
+    early in the load and of the running trainer half-way."""
+    config = SoakConfig(
+        clients=16,
+        duration=40.0,
+        adapters=5,
+        churn=2,
+        train=True,
+        seed=7,
+        kill_worker_at=0.1,
+        kill_trainer_at=0.5,
+        warmup_fraction=0.5,
+    )
+    data_dir = srv.log_path.parent
+    result = Load(srv.url, KEY, tiny_base, srv.proc.pid, config, SETTINGS, data_dir=data_dir).run()
+    keys = ("generated", "refused_503_429", "tokens_per_s", "latency_s", "jobs", "chaos", "disconnects")
+    summary = {k: result[k] for k in keys}
     print("short soak:", json.dumps(summary | {"memory": result["memory"]}))
     problems = {
         k: result[k]
@@ -116,3 +130,7 @@ def test_short_soak(srv: Server, tiny_base: Path) -> None:
     assert result["ok"], json.dumps(problems, indent=2)[:6000]
     assert result["generated"] >= 16 and result["uploads"] >= 5 and result["deletes"] >= 1
     assert result["leaks"]["burst_admitted"] == SETTINGS.max_in_flight
+    assert result["leaks"]["adapter_pins"] == 0 and result["leaks"]["jobs_listed_once"]
+    assert result["chaos"]["worker"]["serving_again_s"] < 60, result["chaos"]
+    assert "trainer" in result["chaos"], result["chaos"]
+    assert result["jobs"].get("failed") == 1, result["jobs"]  # the killed one, and only it

@@ -59,6 +59,9 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
         "distilgpt2", tmp_path / "adapters", data, api_key=KEY, args=["--allow-random-weights"]
     ) as srv:
         ready = httpx.get(f"{srv.url}/health/ready").json()  # open without the key
+        batch = ready.pop("batch")  # what the batch's capacity was derived from (distilgpt2 at fp32 KV)
+        assert batch["kv_bytes_per_token"] == 2 * 6 * 768 * 4 and batch["row_tokens"] == 1024
+        assert batch["rows"] >= 1 and batch["cap"] is None and batch["limited_by"] != "max_batch_size"
         assert ready == {
             "status": "ready",
             "role": "all",
@@ -125,7 +128,7 @@ def test_overload_and_deadline(distil_base: Path, tmp_path: Path):
         assert set(codes) <= {503, 504} and codes.count(503) >= 3, codes
         for r in results:
             if r.status_code == 503:
-                assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "overloaded"
+                assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "overloaded"
 
         with client.stream("POST", "/generate", json=dict(body, stream=True)) as r:
             lines = [line for line in r.iter_lines() if line]
@@ -183,7 +186,9 @@ def scratch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scratch
     (scratch / "counter_999999.db").write_bytes(b"an earlier run's values")  # unreadable if left there
     (scratch / "notes.txt").write_text("not a metrics file")
     env = {"PROMETHEUS_MULTIPROC_DIR": str(scratch)}
-    args = ["--max-new-tokens-cap", str(LONG)]
+    # a long deadline: admission would refuse two LONG rows that a loaded machine cannot finish in
+    # the default 120 s, and these tests are about what happens once a request runs
+    args = ["--max-new-tokens-cap", str(LONG), "--request-timeout", "900", "--max-batch-size", "16"]
     with running_server(base, root / "adapters", root / "data", env=env, args=args) as srv:
         yield ScratchServer(srv, scratch, root / "data", base)
 

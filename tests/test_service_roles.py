@@ -117,7 +117,8 @@ def test_serve_queues_jobs_a_runner_trains_them_and_serve_serves_the_adapter(tin
 
 
 def test_runner_role_stops_with_exit_code_1_when_its_job_runner_dies(tiny_base: Path, tmp_path: Path):
-    """As a dead generation worker stops the other roles: a supervisor sees the failure and restarts it."""
+    """A dead job runner is not restarted in place (a dead generation worker is): a supervisor sees the
+    failure and restarts the server."""
     args = ["--role", "runner"]
     with running_server(tiny_base, tmp_path / "a", tmp_path / "d", args=args) as runner:
         (child,) = [pid for pid, cmd in _tree(runner).items() if "spawn_main" in cmd]

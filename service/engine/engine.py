@@ -34,6 +34,7 @@ from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
+from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
 from .lora import parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, GPT2Runner
@@ -67,22 +68,35 @@ class Engine:
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
-        max_batch_size: int = 16,
+        max_batch_size: int | None = None,
+        kv_cache_bytes: int | None = None,
         max_loaded_adapters: int = 16,
         max_prefill_tokens: int = 2048,
     ):
-        """Load the base and its tokenizer. ``max_prefill_tokens`` bounds the prompt tokens admitted
-        in one step (a step with a huge prefill delays every running row's next token)."""
-        if max_batch_size < 1:
+        """Load the base and its tokenizer. The batch's capacity is what ``kv_cache_bytes`` (default:
+        measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
+        ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
+        prefill delays every running row's next token)."""
+        if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(device, dtype)
         self.model_path = Path(model_path)
         self.adapter_dir = Path(adapter_dir)
-        self.max_batch_size = max_batch_size
         self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
         model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
-        self.runner = GPT2Runner(model, max_rows=max_batch_size)
+        cfg = model.config
+        self.plan = plan_batch(
+            device=self.device,
+            per_token=kv_bytes_per_token(
+                cfg.n_layer, cfg.n_embd, GPT2Runner.kv_dtype_for(self.device, self.dtype)
+            ),
+            row_tokens=cfg.n_positions,
+            max_batch_size=max_batch_size,
+            kv_cache_bytes=kv_cache_bytes,
+        )
+        self.max_batch_size = self.plan.rows
+        self.runner = GPT2Runner(model, max_rows=self.max_batch_size)
         self.n_positions = self.runner.n_positions
         self.shapes = self.runner.module_shapes()
         self.eos_ids = self._eos_ids(model)
@@ -93,7 +107,7 @@ class Engine:
         if self.byte_table is None:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
-        self.batch = Batch(self.runner, max_batch_size)
+        self.batch = Batch(self.runner, self.max_batch_size)
         self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
@@ -208,6 +222,7 @@ class Engine:
             "rows": len(self.batch.rows),
             "waiting": len(self.scheduler),
             "max_batch_size": self.max_batch_size,
+            "batch_plan": self.plan.to_dict(),
             "adapters_loaded": self.adapters.loaded(),
             "adapter_cache": cache,
             "steps": self.steps,
@@ -352,26 +367,62 @@ class Engine:
         return row
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
+        """Choose and record one token per row; a row whose sampling, detokenizing or stop matching
+        raises fails alone (an error event, it leaves the batch) and its batch-mates go on."""
         params = [r.req.params for r in rows]
         logits = adjust_logits(logits, params, [r.bias for r in rows], [r.counts for r in rows])
         constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
         if constrained:  # free rows of the batch keep their logits untouched
             masks = self.grammars.masks([rows[i].constraint for i in constrained])
             logits = apply_token_bitmask(logits, constrained, masks)
-        tokens = choose_tokens(logits, params, [r.generator for r in rows])
-        logprobs = token_logprobs(logits, params, tokens)
+        tokens = self._choose(rows, logits)
+        # a failed row's slot holds a placeholder id: its logprobs are never read
+        logprobs = token_logprobs(logits, params, [t if isinstance(t, int) else 0 for t in tokens])
         now = time.monotonic()
         per_adapter = report.generated_tokens
         for row, token, lp in zip(rows, tokens, logprobs, strict=True):
-            if row.counts is not None:
-                row.counts[token] = row.counts.get(token, 0) + 1
-            event = self._advance(row, token, now, report)
-            if lp is not None:
-                event.logprob, event.top_logprobs = lp
+            if isinstance(token, Exception):
+                report.events.append(self._fail_row(row, "sampling", token))
+                continue
+            try:
+                if row.counts is not None:
+                    row.counts[token] = row.counts.get(token, 0) + 1
+                event = self._advance(row, token, now, report)
+            except Exception as exc:
+                event = self._fail_row(row, "detokenizing or stop matching", exc)
+            else:
+                if lp is not None:
+                    event.logprob, event.top_logprobs = lp
+                for label in row.labels:  # a composed row's token counts once for each of its adapters
+                    per_adapter[label] = per_adapter.get(label, 0) + 1
+                self.tokens_generated += 1
             report.events.append(event)
-            for label in row.labels:  # a composed row's token counts once for each of its adapters
-                per_adapter[label] = per_adapter.get(label, 0) + 1
-        self.tokens_generated += len(rows)
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
+        """One batched ``choose_tokens``; if it raises, each row alone from the same generator states,
+        so the rows that do not fail draw exactly the tokens the batched call would have given them."""
+        params = [r.req.params for r in rows]
+        gens = [r.generator for r in rows]
+        states = [g.get_state() if isinstance(g, torch.Generator) else None for g in gens]
+        try:
+            return list(choose_tokens(logits, params, gens))
+        except Exception:
+            log.warning("batched sampling failed; sampling the %d rows one by one", len(rows), exc_info=True)
+        out: list[int | Exception] = []
+        for i, (p, g, state) in enumerate(zip(params, gens, states, strict=True)):
+            if state is not None:
+                g.set_state(state)
+            try:
+                out.append(choose_tokens(logits[i : i + 1], [p], [g])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _fail_row(self, row: Row, stage: str, exc: Exception) -> TokenEvent:
+        """End one row with an error event; ``step`` takes it out of the batch with the finished rows."""
+        log.error("request %s failed in %s: %s: %s", row.req.id, stage, type(exc).__name__, exc, exc_info=exc)
+        row.finished = True
+        return self._error(row.req, f"{stage} failed: {type(exc).__name__}: {exc}", row.completion)
 
     def _advance(self, row: Row, token: int, now: float, report: StepReport) -> TokenEvent:
         """Record one generated token: text delta, stop conditions, latencies."""

@@ -160,7 +160,7 @@ async def _answer_all(client: EngineClient, jobs: list[Job], request: Request) -
     waits: list[asyncio.Future] = []
     try:
         for job in jobs:
-            client.reserve()
+            client.reserve(job)
             subs.append(client.submit(job, request))
         waits = [asyncio.ensure_future(s.final(raise_for_event)) for s in subs]
         return await unless_disconnected(asyncio.gather(*waits), request)

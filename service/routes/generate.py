@@ -90,7 +90,7 @@ def register_generate_routes(
             composition=composition,
             keep_versions=settings.keep_adapter_versions,
         )
-        client.reserve()
+        client.reserve(job)
         sub = client.submit(job, request)
         if not body.stream:
             try:

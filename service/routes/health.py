@@ -24,11 +24,16 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def worker_readiness(settings: Settings) -> dict[str, Any]:
-    """The generation worker's status file, checked against its pid (roles ``all`` and ``serve``)."""
+def worker_readiness(
+    settings: Settings, taking_requests: Callable[[], bool] = lambda: True
+) -> dict[str, Any]:
+    """The generation worker's status file, checked against its pid (roles ``all`` and ``serve``)
+    and against ``taking_requests`` (a restarted worker: the API side admits requests again)."""
     status = read_status(settings.worker_status_path) or {"status": "starting"}
     if status.get("status") == "ready" and not _pid_alive(status.get("pid")):
         status = dict(status, status="failed", detail="the generation worker is not running")
+    elif status.get("status") == "ready" and not taking_requests():
+        status = dict(status, status="starting", detail="the restarted generation worker is starting")
     return dict(status, role=settings.role)
 
 

@@ -313,7 +313,7 @@ def _submit(client: EngineClient, request: Request, jobs: list[Job], prompt_of: 
     choices: list[Choice] = []
     try:
         for index, job in enumerate(jobs):
-            client.reserve()
+            client.reserve(job)
             sub = client.submit(job, request)
             choices.append(Choice(index=index, prompt_index=prompt_of[index], sub=sub))
     except BaseException:

@@ -1,0 +1,61 @@
+"""Admission by load on the real server: once the worker has measured its decode rate, requests whose
+work (with what is already in flight) cannot end before the deadline get an early 503 with
+Retry-After, and the admitted ones finish: no late 504. The batch's derived capacity is on
+/health/ready.
+
+The distilgpt2 shape (random weights): the tiny base decodes too fast for any deadline to bind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.helpers.server import running_server
+
+DEADLINE_S = 30.0  # generous: this CPU may decode a few tokens per second under load
+
+
+def test_overload_is_an_early_503_never_a_late_504(distil_base: Path, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    args = ["--request-timeout", str(DEADLINE_S), "--max-queue", "64"]
+    with running_server(distil_base, tmp_path / "a", data, args=args) as srv, srv.client() as c:
+        ready = c.get("/health/ready").json()
+        batch = ready["batch"]
+        assert batch["rows"] >= 1 and batch["limited_by"] in ("kv_budget", "ceiling")
+        assert batch["rows"] * batch["row_tokens"] * batch["kv_bytes_per_token"] <= batch["kv_budget_bytes"]
+
+        def rate() -> float | None:
+            load = json.loads((data / "worker-status.json").read_text()).get("load") or {}
+            return load.get("tokens_per_s")
+
+        warm = {"prompt": "Count:", "max_new_tokens": 8, "temperature": 0, "raw": True}
+        for _ in range(20):  # until the worker has a second of engine time to measure
+            assert c.post("/generate", json=warm).status_code == 200
+            if rate():
+                break
+        measured = rate()
+        assert measured and measured > 0
+        # one request of this size fits the deadline alone at the measured rate; three do not
+        cost = max(4, int(measured * DEADLINE_S * 0.4))
+        body = {"prompt": "Once upon a time", "max_new_tokens": min(cost, 900), "temperature": 0, "raw": True}
+
+        def post(_):
+            t0 = time.monotonic()
+            r = c.post("/generate", json=body)
+            return r, time.monotonic() - t0
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(post, range(8)))
+        codes = sorted(r.status_code for r, _ in results)
+        assert 504 not in codes, (codes, measured, cost)
+        assert codes.count(200) >= 1 and codes.count(503) >= 1, (codes, measured, cost)
+        for r, seconds in results:
+            if r.status_code == 503:
+                err = r.json()["error"]
+                assert err["code"] == "overloaded" and "deadline" in err["message"], err
+                assert 1 <= int(r.headers["Retry-After"]) <= 60
+                assert seconds < DEADLINE_S / 3  # refused at once, not after waiting
+    print(f"admission: {codes} at {measured:.0f} tokens/s, {cost} tokens each, deadline {DEADLINE_S} s")
