@@ -127,7 +127,7 @@ def test_killed_worker_heals_in_place_then_repeated_deaths_stop_the_server(
         assert after.json()["text"] == before.json()["text"]
         metrics = c.get("/metrics").text
         assert "loraserve_worker_restarts_total 1.0" in metrics
-        assert "loraserve_requests_running 0.0" in metrics  # the dead worker's gauges are gone
+        assert "loraserve_num_requests_running 0.0" in metrics  # the dead worker's gauges are gone
 
         # the training job ran on, once
         job = _wait(
