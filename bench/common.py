@@ -223,3 +223,15 @@ def wait_for_quiet_cpu(max_wait: float = 20.0, threshold: float = 0.5) -> float:
             time.sleep(1.0)
         if fl.cores < threshold or time.monotonic() >= deadline:
             return fl.cores
+
+
+def target_rows(targets: dict, ratios: dict, clients: int) -> list[dict]:
+    """One row per target ``key: (op, target, text)``: the measured ratio and whether it is met
+    (None when not measured). ``text`` may name ``{c}``, the client count."""
+    rows = []
+    for key, (op, target, text) in targets.items():
+        value = ratios.get(key)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        rows.append({"key": key, "what": text.format(c=clients), "op": op, "target": target,
+                     "measured": value, "met": met})  # fmt: skip
+    return rows

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import servers
 from bench.adapters import ensure_base, make_adapters
-from bench.common import REPO, ForeignLoad, log, machine_description, ratio, wait_for_quiet_cpu
+from bench.common import REPO, ForeignLoad, log, machine_description, ratio, target_rows, wait_for_quiet_cpu
 from bench.loadgen import LoadRun, run_load
 from bench.workload import Request, make_requests
 
@@ -136,7 +136,7 @@ def run(cfg: ServeMixConfig) -> dict:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "rounds": rounds,
         "ratios": ratios,
-        "targets": _targets(ratios, cfg),
+        "targets": target_rows(TARGETS, ratios, cfg.clients),
     }
 
 
@@ -151,16 +151,6 @@ def _phase(cfg: ServeMixConfig, url: str, reqs: list[Request], label: str) -> di
     log("load", label=label, ok=s["requests_ok"], failed=s["requests_failed"], tokens_per_s=s["tokens_per_s"],
         foreign=s["foreign_cores"], foreign_before=round(foreign_before, 2))  # fmt: skip
     return s
-
-
-def _targets(ratios: dict, cfg: ServeMixConfig) -> list[dict]:
-    rows = []
-    for key, (op, target, text) in TARGETS.items():
-        value = ratios.get(key)
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
-        rows.append({"key": key, "what": text.format(c=cfg.clients), "op": op, "target": target,
-                     "measured": value, "met": met})  # fmt: skip
-    return rows
 
 
 def markdown(res: dict) -> str:

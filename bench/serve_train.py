@@ -22,7 +22,7 @@ import httpx
 
 from bench import servers
 from bench.adapters import ensure_base, make_adapters
-from bench.common import REPO, ForeignLoad, log, machine_description, ratio, wait_for_quiet_cpu
+from bench.common import REPO, ForeignLoad, log, machine_description, ratio, target_rows, wait_for_quiet_cpu
 from bench.loadgen import LoadRun, run_load
 from bench.train_data import make_rows
 from bench.workload import make_requests
@@ -133,7 +133,7 @@ def run(cfg: ServeTrainConfig) -> dict:
         "job_with_traffic": job_loaded,
         "yield_seconds_total_metric": _metric(metrics, "loraserve_train_yield_seconds_total"),
         "ratios": ratios,
-        "targets": _targets(ratios, cfg),
+        "targets": target_rows(TARGETS, ratios, cfg.clients),
     }
 
 
@@ -233,16 +233,6 @@ def _metric(text: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def _targets(ratios: dict, cfg: ServeTrainConfig) -> list[dict]:
-    rows = []
-    for key, (op, target, text) in TARGETS.items():
-        value = ratios.get(key)
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
-        rows.append({"key": key, "what": text.format(c=cfg.clients), "op": op, "target": target,
-                     "measured": value, "met": met})  # fmt: skip
-    return rows
 
 
 def markdown(res: dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.json_schemas import SMALL_SCHEMA
 
 from service import metrics
 from service.engine import (
@@ -266,21 +267,6 @@ def test_penalties_reduce_repeats(shared_engine: Engine):
     # a negative penalty makes repeats likelier
     encourage = solo(eng, request(eng, "rep3", PROMPTS[1], None, greedy(24, presence_penalty=-2.0)))
     assert len(set(encourage.tokens)) <= len(set(plain.tokens))
-
-
-# A schema whose every valid output is short: on random weights each row completes well within
-# its token budget, so the output must be complete, valid JSON.
-SMALL_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "color": {"enum": ["red", "green", "blue"]},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tag": {"type": "string", "maxLength": 4},
-    },
-    "required": ["ok", "color", "n", "tag"],
-    "additionalProperties": False,
-}
 
 
 def json_params(schema: dict, n: int = 48, **kw) -> SamplingParams:

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import FIXED_SENTENCES
+from helpers.adapters import make_random_lora
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,25 +36,6 @@ GAMMA_TEMPLATE = PromptTemplate(
     assistant_prefix="### Answer:",
     assistant_answer=" {content}",
 )
-
-
-def make_random_lora(base: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A PEFT LoRA with non-zero random B: it changes the output without saying anything in particular."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from trainer.model import load_base_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=["c_attn", "c_proj"],
-        fan_in_fan_out=True,
-        init_lora_weights=False,
-    )
-    get_peft_model(load_base_model(base), cfg).save_pretrained(out)
-    return out
 
 
 def publish(src: Path, adapters: Path, name: str, template: PromptTemplate | None = None) -> None:

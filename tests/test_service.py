@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
+from helpers.adapters import make_random_lora
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,21 +49,6 @@ class Recorder:
     def __call__(self, response: httpx.Response) -> None:
         with self.lock:
             self.counts[(route_of(response.request.url.path), str(response.status_code))] += 1
-
-
-def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_attn", "c_proj")) -> Path:
-    """A PEFT LoRA adapter with non-zero random B: it changes the output, but says nothing in particular."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from trainer.model import load_base_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=list(targets), fan_in_fan_out=True, init_lora_weights=False
-    )
-    get_peft_model(load_base_model(base), cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

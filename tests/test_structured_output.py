@@ -16,21 +16,13 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
+from helpers.adapters import make_random_lora
+from helpers.json_schemas import SMALL_SCHEMA
 from helpers.server import running_server
-from test_openai import make_random_lora, publish
+from test_openai import publish
 
 API_KEY = "test-structured-key"
-SMALL = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "color": {"enum": ["red", "green", "blue"]},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tag": {"type": "string", "maxLength": 4},
-    },
-    "required": ["ok", "color", "n", "tag"],
-    "additionalProperties": False,
-}
+SMALL = SMALL_SCHEMA
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
 BUDGET = 48  # SMALL's longest output is far shorter
 BAD_SCHEMA = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
+from helpers.adapters import make_random_lora
 from helpers.server import running_server
-from test_service import make_random_lora
 
 from trainer.publish import publish_dir, staging_dir
 

@@ -47,6 +47,7 @@ def test_every_error_code_has_a_status() -> None:
         "invalid_request": 422,
         "timeout": 504,
         "generation_failed": 500,
+        "worker_restarted": 503,
     }
 
 

@@ -166,7 +166,7 @@ def train_fixed_sentence_adapter(
     raise AssertionError(f"adapter at {out} did not learn to answer {sentence!r} after {attempts} attempts")
 
 
-def make_random_lora(base: Path, out: Path, seed: int, r: int = 4) -> Path:
+def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_attn", "c_proj")) -> Path:
     """A PEFT LoRA with non-zero random B: it changes the output without saying anything in particular."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -177,7 +177,7 @@ def make_random_lora(base: Path, out: Path, seed: int, r: int = 4) -> Path:
     cfg = LoraConfig(
         r=r,
         lora_alpha=2 * r,
-        target_modules=["c_attn", "c_proj"],
+        target_modules=list(targets),
         fan_in_fan_out=True,
         init_lora_weights=False,
     )
