@@ -53,7 +53,7 @@ import httpx
 
 from bench import promstats
 from bench.adapters import base_shape, ensure_base, lora_files, upload_files
-from bench.common import REPO, log
+from bench.common import REPO, log, trainer_pid
 from bench.servers import child_env, free_port, launch
 
 TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
@@ -478,7 +478,7 @@ class Load:
             await asyncio.sleep(max(0.0, start + cfg.duration * cfg.kill_trainer_at - time.monotonic()))
             while time.monotonic() < self.stop_at:
                 job_id = self.current_job
-                pid = _trainer_pid(job_id) if job_id else None
+                pid = trainer_pid(job_id) if job_id else None
                 if pid is not None and job_id is not None:
                     self.killed_jobs.add(job_id)
                     os.kill(pid, signal.SIGKILL)
@@ -698,19 +698,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _trainer_pid(job_id: str) -> int | None:
-    """The trainer process of a job (its command line names the job's folder)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"trainer" in cmd and any(job_id.encode() in part for part in cmd) and b"train" in cmd:
-                return int(entry)
-    return None
 
 
 def _summary(xs: list[float]) -> dict[str, float | None]:

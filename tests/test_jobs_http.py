@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.common import trainer_pid
 from tests.helpers.server import Server, group_members, running_server
 
 pytestmark = pytest.mark.slow
@@ -70,19 +71,6 @@ def wait_job(client: httpx.Client, job_id: str, pred, timeout: float, what: str)
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} not {what} within {timeout:.0f} s: {job}")
-
-
-def trainer_pid(job_id: str) -> int | None:
-    """The trainer process of a job (its command line names the job's folder)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"trainer" in cmd and any(job_id.encode() in part for part in cmd) and b"train" in cmd:
-                return int(entry)
-    return None
 
 
 def gone(pid: int) -> bool:
