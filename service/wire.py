@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from loracore.artifact import VERSION_SEP
+from loracore.template import PromptTemplate
+
 # Bounds of the sampling parameters a job may carry (the routes' schemas and the engine check them)
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
 MAX_PENALTY = 2.0  # frequency/presence penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
@@ -41,6 +44,22 @@ ERROR_PARAMS: dict[str, str | None] = {
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)
 }
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """An adapter as a request resolved it, once: the version whose weights serve the request and the
+    prompt template recorded with exactly that version. The route renders with ``template``; the job
+    carries ``ref`` (``name@<version id>``), so the worker loads that version and no other, whatever
+    is published meanwhile."""
+
+    name: str
+    version_id: str  # the sha256 of the version's weights
+    template: PromptTemplate
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}{VERSION_SEP}{self.version_id}"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
@@ -18,6 +17,8 @@ from service.gateway import (
     json_schema_text,
     prepare_job,
     raise_for_event,
+    resolve_targets,
+    template_of,
     unless_disconnected,
 )
 from service.routes import SSE_HEADERS
@@ -55,16 +56,12 @@ def register_generate_routes(
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Generate text with the base model, one adapter or a weighted composition of adapters;
         ``stream: true`` answers with SSE."""
-        if body.adapter is not None:
-            store.check_ref(body.adapter, "adapter")
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
-        for i, (name, _) in enumerate(composition or []):
-            store.check_ref(name, f"adapters.{i}.name")
-        # a composition's prompt template is its first adapter's
-        template = store.template_for(
-            settings.adapter_dir, composition[0][0] if composition else body.adapter
+        # resolved once: the prompt's template and the weights that serve it are one version's
+        target, parts = resolve_targets(
+            settings.adapter_dir, settings.keep_adapter_versions, body.adapter, composition
         )
-        prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
+        prompt = body.prompt if body.raw else template_of(target, parts).render_prompt(body.prompt)
         params = {
             "max_new_tokens": body.max_new_tokens or settings.default_max_new_tokens,
             "temperature": body.temperature,
@@ -80,15 +77,13 @@ def register_generate_routes(
         }
         job = prepare_job(
             prompt_text=prompt,
-            adapter=body.adapter,
+            target=target,
             params=params,
             stream=body.stream,
             limits=limits,
-            adapter_dir=settings.adapter_dir,
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
-            composition=composition,
-            keep_versions=settings.keep_adapter_versions,
+            composition=parts,
         )
         client.reserve(job)
         sub = client.submit(job, request)

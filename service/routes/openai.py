@@ -33,16 +33,21 @@ from fastapi.responses import StreamingResponse
 
 from loracore import artifact
 from loracore.artifact import valid_name, valid_ref
+from loracore.template import PromptTemplate
 from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
+    api_error,
     error_payload,
     json_schema_text,
     prepare_job,
     raise_for_event,
+    resolve_target,
+    resolve_targets,
+    template_of,
     unless_disconnected,
 )
 from service.openai_schemas import (
@@ -68,7 +73,7 @@ from service.routes import SSE_HEADERS
 from service.served_model import ServedModel
 from service.settings import Settings
 from service.structured import JSON_OBJECT
-from service.wire import Event, Job, TokenLogprob, WireError
+from service.wire import Event, Job, ResolvedTarget, TokenLogprob, WireError
 
 OWNER = "loraserve"
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
@@ -117,7 +122,7 @@ class Models:
             try:
                 store.resolve(self.adapter_dir, name, param="model")
             except ApiError as exc:
-                raise ApiError(404, "model_not_found", exc.message, "model") from None
+                raise model_not_found(exc) from None
             return name
         raise ApiError(
             404,
@@ -169,15 +174,22 @@ def _timestamp(iso: Any) -> int | None:
 
 @dataclass(frozen=True)
 class Target:
-    """What a request generates with: an adapter (None: the base) or a weighted composition."""
+    """What a request generates with, resolved once: an adapter version (None: the base) or a weighted
+    composition of versions."""
 
-    adapter: str | None
-    composition: list[tuple[str, float]] | None
+    adapter: ResolvedTarget | None
+    composition: list[tuple[ResolvedTarget, float]] | None
 
     @property
-    def template_adapter(self) -> str | None:
-        """Whose prompt template chat uses: the adapter's, or a composition's first adapter's."""
-        return self.composition[0][0] if self.composition else self.adapter
+    def template(self) -> PromptTemplate:
+        """The template chat renders with: the adapter version's, or a composition's first one's."""
+        return template_of(self.adapter, self.composition)
+
+
+def model_not_found(exc: ApiError) -> ApiError:
+    """An adapter that ``model`` named is gone: OpenAI's ``model_not_found`` (a composition's adapters
+    keep ``adapter_not_found``, their param names the entry). The one place that relabels it."""
+    return ApiError(exc.status, "model_not_found", exc.message, "model")
 
 
 # --- fan-out: one engine job per choice ------------------------------------------------------------
@@ -293,7 +305,7 @@ def _raiser(choice: Choice) -> Callable[[Event], None]:
 def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
-        raise ApiError(err.status, "model_not_found", err.message, "model")
+        raise model_not_found(api_error(err))
     raise_for_event(event)
 
 
@@ -428,7 +440,13 @@ def register_openai_routes(
         """What ``model`` (and the ``adapters`` extension) asks for."""
         adapter = models.resolve(body.model)
         if body.adapters is None:
-            return Target(adapter, None)
+            if adapter is None:
+                return Target(None, None)
+            try:
+                keep = settings.keep_adapter_versions
+                return Target(resolve_target(settings.adapter_dir, adapter, keep, "model"), None)
+            except ApiError as exc:
+                raise model_not_found(exc) from None
         if adapter is not None:
             raise ApiError(
                 422,
@@ -437,7 +455,9 @@ def register_openai_routes(
                 f"not the adapter {body.model!r}",
                 "model",
             )
-        return Target(None, [(a.name, a.weight) for a in body.adapters])
+        composition = [(a.name, a.weight) for a in body.adapters]
+        _, parts = resolve_targets(settings.adapter_dir, settings.keep_adapter_versions, None, composition)
+        return Target(None, parts)
 
     def make_jobs(
         prompts: list[str],
@@ -479,24 +499,19 @@ def register_openai_routes(
                 try:
                     job = prepare_job(
                         prompt_text=prompt,
-                        adapter=target.adapter,
+                        target=target.adapter,
                         composition=target.composition,
                         params=params,
                         stream=stream,
                         limits=limits,
-                        adapter_dir=settings.adapter_dir,
                         max_new_tokens_cap=settings.max_new_tokens_cap,
                         request_timeout=settings.request_timeout,
-                        adapter_param="model",
                         max_tokens_param=max_tokens_param,
-                        keep_versions=settings.keep_adapter_versions,
                     )
                 except ApiError as exc:
                     if exc.code == "prompt_too_long" and len(prompts) > 1:
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
-                    if exc.code == "adapter_not_found" and target.composition is None:
-                        raise ApiError(exc.status, "model_not_found", exc.message, "model") from None
                     raise
                 jobs.append(job)
                 prompt_of.append(p)
@@ -584,7 +599,7 @@ def register_openai_routes(
         """Chat: the messages are rendered with the adapter's recorded prompt template."""
         include_usage = check_stream_options(body)
         wanted = target(body)
-        template = store.template_for(settings.adapter_dir, wanted.template_adapter)
+        template = wanted.template
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
