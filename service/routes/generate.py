@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +20,7 @@ from service.gateway import (
     template_of,
     unless_disconnected,
 )
-from service.routes import SSE_HEADERS
+from service.routes import SSE_DONE, SSE_HEADERS, sse
 from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
 from service.settings import Settings
 from service.structured import JSON_OBJECT
@@ -144,7 +143,7 @@ def _chunk(event: Event, adapter: str | None) -> str:
         usage=event.usage,
         tokens=_tokens(event),
     )
-    return f"data: {chunk.model_dump_json()}\n\n"
+    return sse(chunk.model_dump_json())
 
 
 async def _sse(sub: Submission, first: Event, adapter: str | None):
@@ -153,17 +152,17 @@ async def _sse(sub: Submission, first: Event, adapter: str | None):
         event = first
         while True:
             if event.error is not None:
-                yield f"data: {json.dumps(error_payload(event.error))}\n\n"
+                yield sse(error_payload(event.error))
                 return
             yield _chunk(event, adapter)
             if event.finished:
-                yield "data: [DONE]\n\n"
+                yield SSE_DONE
                 return
             try:
                 event = await sub.next_event()
             except TimeoutError:
                 late = WireError.of("timeout", "generation ran past the server's deadline")
-                yield f"data: {json.dumps(error_payload(late))}\n\n"
+                yield sse(error_payload(late))
                 return
     finally:
         sub.close()

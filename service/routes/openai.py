@@ -18,23 +18,18 @@ prefix (the space after ``Assistant:``) from the reply.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from loracore import artifact
-from loracore.artifact import valid_name, valid_ref
 from loracore.template import PromptTemplate
-from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
@@ -69,107 +64,13 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
-from service.routes import SSE_HEADERS
-from service.served_model import ServedModel
+from service.routes import SSE_DONE, SSE_HEADERS, sse
+from service.served_model import Models, ServedModel, base_names, model_not_found
 from service.settings import Settings
 from service.structured import JSON_OBJECT
 from service.wire import Event, Job, ResolvedTarget, TokenLogprob, WireError
 
-OWNER = "loraserve"
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
-
-
-# --- model names -----------------------------------------------------------------------------------
-
-
-BASE_ALIAS = "base"  # always names the base, whatever it is called
-
-
-def base_model_id(model: ServedModel) -> str:
-    """The base's own name: a hub id as given, a local folder by its folder name."""
-    local = Path(model.name).expanduser()
-    return local.name if local.is_dir() and local.name else model.name
-
-
-def base_names(settings: Settings, model: ServedModel) -> tuple[str, frozenset[str]]:
-    """(the id /v1/models lists, every ``model`` value that means the base).
-
-    As in vLLM, the first ``--served-model-name`` is the listed id and every one of them is
-    accepted; the base's own name, the ``--model`` value and ``base`` are accepted as well.
-    """
-    own = base_model_id(model)
-    served = settings.served_model_names
-    return (served[0] if served else own), frozenset({*served, own, model.name, BASE_ALIAS})
-
-
-@dataclass(frozen=True)
-class Models:
-    """Maps OpenAI ``model`` names onto the base (None) or an adapter name, reading the adapter folder."""
-
-    base_id: str
-    base_names: frozenset[str]
-    adapter_dir: Path
-    base_created: int
-
-    def resolve(self, name: str) -> str | None:
-        if name in self.base_names:
-            return None
-        if valid_name(name) and store.exists(self.adapter_dir, name):
-            return name
-        if artifact.VERSION_SEP in name and valid_name(artifact.split_ref(name)[0]):
-            store.check_ref(name, "model")  # 422 for a malformed version: "name@<8+ hex digits>"
-        if valid_ref(name):  # name@<version id prefix>: one version of an adapter
-            try:
-                store.resolve(self.adapter_dir, name, param="model")
-            except ApiError as exc:
-                raise model_not_found(exc) from None
-            return name
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"the model {name!r} does not exist: GET /v1/models lists the base ({self.base_id!r}) "
-            "and every adapter",
-            "model",
-        )
-
-    def cards(self) -> list[ModelCard]:
-        out = [
-            ModelCard(
-                id=self.base_id, created=self.base_created, owned_by=OWNER, parent=None, root=self.base_id
-            )
-        ]
-        for name in store.names(self.adapter_dir):
-            if name in self.base_names:  # the base's name wins; such an adapter is reached via /generate
-                continue
-            out.append(self.adapter_card(name))
-        return out
-
-    def adapter_card(self, name: str) -> ModelCard:
-        """The card of an adapter, or of one of its versions (``name@<version id prefix>``)."""
-        version = artifact.resolve(self.adapter_dir, name)
-        folder = version.folder if version is not None else store.adapter_path(self.adapter_dir, name)
-        created = _timestamp((artifact.read_record(folder) or artifact.Record()).created)
-        if created is None:
-            try:
-                created = int(folder.stat().st_mtime)
-            except OSError:
-                created = 0
-        return ModelCard(id=name, created=created, owned_by=OWNER, parent=self.base_id, root=self.base_id)
-
-    def card(self, name: str) -> ModelCard:
-        adapter = self.resolve(name)
-        if adapter is None:
-            return self.cards()[0]
-        return self.adapter_card(adapter)
-
-
-def _timestamp(iso: Any) -> int | None:
-    if not isinstance(iso, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(iso).timestamp())
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -184,12 +85,6 @@ class Target:
     def template(self) -> PromptTemplate:
         """The template chat renders with: the adapter version's, or a composition's first one's."""
         return template_of(self.adapter, self.composition)
-
-
-def model_not_found(exc: ApiError) -> ApiError:
-    """An adapter that ``model`` named is gone: OpenAI's ``model_not_found`` (a composition's adapters
-    keep ``adapter_not_found``, their param names the entry). The one place that relabels it."""
-    return ApiError(exc.status, "model_not_found", exc.message, "model")
 
 
 # --- fan-out: one engine job per choice ------------------------------------------------------------
@@ -356,10 +251,6 @@ async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
 # --- SSE -------------------------------------------------------------------------------------------
 
 
-def _data(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
 async def _merged(choices: list[Choice], firsts: list[Event]) -> AsyncIterator[tuple[Choice, Event]]:
     """Events of every choice as they come: the first ones already received, then the rest."""
     queue: asyncio.Queue[tuple[Choice, Event]] = asyncio.Queue()
@@ -408,7 +299,7 @@ async def _stream(
         async with aclosing(_merged(choices, firsts)) as events:
             async for choice, event in events:
                 if event.error is not None:
-                    yield _data(error_payload(event.error))
+                    yield sse(error_payload(event.error), compact=True)
                     return
                 finished = event.finished
                 choice.receive(event)
@@ -418,7 +309,7 @@ async def _stream(
                     yield line
         if include_usage:
             yield usage_chunk(_usage(choices))
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
     finally:
         _close(choices)
 
@@ -587,10 +478,10 @@ def register_openai_routes(
             out = reply([item], None).model_dump()
             if not include_usage:
                 out.pop("usage")
-            return [_data(out)]
+            return [sse(out, compact=True)]
 
         def usage_chunk(usage: Usage) -> str:
-            return _data(reply([], usage).model_dump())
+            return sse(reply([], usage).model_dump(), compact=True)
 
         return await _stream_response(request, choices, chunk, [], include_usage, usage_chunk)
 
@@ -648,7 +539,7 @@ def register_openai_routes(
                 out.pop("usage")
             for item in out["choices"]:  # a delta carries only what it changes
                 item["delta"] = {k: v for k, v in item["delta"].items() if v is not None}
-            return _data(out)
+            return sse(out, compact=True)
 
         def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
             lines = []
