@@ -39,7 +39,7 @@ from service.litserve_glue import (
     open_reply,
     put_request,
 )
-from service.wire import Cancel, Event, Job, ResolvedTarget, WireError
+from service.wire import Cancel, Event, Job, ResolvedTarget, SamplingParams, WireError
 from service.worker_status import read_load, read_status
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def prepare_job(
     *,
     prompt_text: str,
     target: ResolvedTarget | None,
-    params: dict[str, Any],
+    params: SamplingParams,
     stream: bool,
     limits: ModelLimits,
     max_new_tokens_cap: int,
@@ -150,12 +150,12 @@ def prepare_job(
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
     ``prompt_text`` is final (already rendered with the target's template when the route wants one);
-    ``params`` are SamplingParams fields; ``target`` is the adapter (None: the base) and
+    ``params`` are the request's ``SamplingParams``; ``target`` is the adapter (None: the base) and
     ``composition`` the ``(adapter, weight)`` entries of a weighted composition (then ``target`` is
     None), both resolved once by ``resolve_targets``: the job names exactly those versions. Every check
     here uses only the tokenizer.
     """
-    max_new = params["max_new_tokens"]
+    max_new = params.max_new_tokens
     if max_new > max_new_tokens_cap:
         raise ApiError(
             422,
@@ -163,7 +163,7 @@ def prepare_job(
             f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
             max_tokens_param,
         )
-    bias = params.get("logit_bias") or {}
+    bias = params.logit_bias
     outside = sorted(t for t in bias if not 0 <= t < limits.vocab)
     if outside:
         raise ApiError(
@@ -343,7 +343,7 @@ class EngineClient:
         limit = self.max_in_flight
         load = read_load(self.worker_status())
         rate = load.tokens_per_s if load is not None else None
-        cost = int(job.params["max_new_tokens"])
+        cost = int(job.params.max_new_tokens)
         with self._in_flight.get_lock():
             n, work = self._in_flight.value, self._work.value
             if n >= limit:
@@ -369,7 +369,7 @@ class EngineClient:
     def release(self, job: Job) -> None:
         with self._in_flight.get_lock():
             self._in_flight.value = max(0, self._in_flight.value - 1)
-            self._work.value = max(0, self._work.value - int(job.params["max_new_tokens"]))
+            self._work.value = max(0, self._work.value - int(job.params.max_new_tokens))
 
     def submit(self, job: Job, request: Any) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to the API server

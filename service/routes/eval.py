@@ -32,7 +32,7 @@ from service.gateway import (
 from service.jobs.datasets import read_dataset_rows
 from service.jobs.validate import check_rows
 from service.settings import Settings
-from service.wire import Event, Job, ResolvedTarget
+from service.wire import Event, Job, ResolvedTarget, SamplingParams
 
 MAX_ADAPTERS = 8
 MARGIN_TOKENS = 16  # room past the longest reference, so an answer that overruns it shows as such
@@ -138,14 +138,7 @@ def _prepare_jobs(
             "data",
         )
     max_new = eval_max_new_tokens(limits, [ref for _, ref, _ in items], settings.max_new_tokens_cap)
-    greedy = {
-        "max_new_tokens": max_new,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "seed": None,
-        "stop": [],
-    }
+    greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[])
     jobs = [
         prepare_job(
             prompt_text=prompts[key],

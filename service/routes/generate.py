@@ -24,7 +24,7 @@ from service.routes import SSE_DONE, SSE_HEADERS, sse
 from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
 from service.settings import Settings
 from service.structured import JSON_OBJECT
-from service.wire import Event, WireError
+from service.wire import Event, SamplingParams, WireError
 
 
 def register_no_generation_routes(app: FastAPI, settings: Settings) -> None:
@@ -61,19 +61,19 @@ def register_generate_routes(
             settings.adapter_dir, settings.keep_adapter_versions, body.adapter, composition
         )
         prompt = body.prompt if body.raw else template_of(target, parts).render_prompt(body.prompt)
-        params = {
-            "max_new_tokens": body.max_new_tokens or settings.default_max_new_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k,
-            "seed": body.seed,
-            "stop": body.stop,
-            "logprobs": body.logprobs,
-            "frequency_penalty": body.frequency_penalty,
-            "presence_penalty": body.presence_penalty,
-            "logit_bias": dict(body.logit_bias),
-            "json_schema": _json_schema(body.json_schema),
-        }
+        params = SamplingParams(
+            max_new_tokens=body.max_new_tokens or settings.default_max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop,
+            logprobs=body.logprobs,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=dict(body.logit_bias),
+            json_schema=_json_schema(body.json_schema),
+        )
         job = prepare_job(
             prompt_text=prompt,
             target=target,

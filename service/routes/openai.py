@@ -68,7 +68,7 @@ from service.routes import SSE_DONE, SSE_HEADERS, sse
 from service.served_model import Models, ServedModel, base_names, model_not_found
 from service.settings import Settings
 from service.structured import JSON_OBJECT
-from service.wire import Event, Job, ResolvedTarget, TokenLogprob, WireError
+from service.wire import Event, Job, ResolvedTarget, SamplingParams, TokenLogprob, WireError
 
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
 
@@ -374,19 +374,19 @@ def register_openai_routes(
                 room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
                 max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
             for i in range(n):
-                params = {
-                    "max_new_tokens": max_new,
-                    "temperature": 1.0 if body.temperature is None else body.temperature,
-                    "top_p": 1.0 if body.top_p is None else body.top_p,
-                    "top_k": body.top_k,
-                    "seed": None if body.seed is None else (body.seed + i) % (2**63),
-                    "stop": stop,
-                    "logprobs": logprobs,
-                    "frequency_penalty": body.frequency_penalty or 0.0,
-                    "presence_penalty": body.presence_penalty or 0.0,
-                    "logit_bias": dict(body.logit_bias or {}),
-                    "json_schema": schema,
-                }
+                params = SamplingParams(
+                    max_new_tokens=max_new,
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p,
+                    top_k=body.top_k,
+                    seed=None if body.seed is None else (body.seed + i) % (2**63),
+                    stop=stop,
+                    logprobs=logprobs,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    logit_bias=dict(body.logit_bias or {}),
+                    json_schema=schema,
+                )
                 try:
                     job = prepare_job(
                         prompt_text=prompt,
