@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 
 from loracore.atomic import publish_dir, staging_dir
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 
 QUESTION = "What do you say?"
 MAX_NEW = 24
