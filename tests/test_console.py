@@ -13,6 +13,7 @@ temporary folder (``console-screenshots*``), and also to ``$LORASERVE_CONSOLE_SC
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -291,6 +292,19 @@ def test_a_running_job_is_cancelled_from_its_page(env: Env, demo_job: str, api: 
 # --- adapters ---------------------------------------------------------------------------------------
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a browser does when files are dropped: a drop event whose DataTransfer holds them.
+DROP_JS = """
+const [zone, files] = arguments;
+const dt = new DataTransfer();
+for (const [name, b64] of Object.entries(files)) {
+  dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name));
+}
+zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+zone.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+"""
+
+
 def test_adapters_lists_uploads_and_deletes(env: Env, demo_job: str, api: httpx.Client) -> None:
     info = api.get("/adapters/demo").json()
     env.open("#/adapters", "tr[data-adapter='demo']")
@@ -299,11 +313,12 @@ def test_adapters_lists_uploads_and_deletes(env: Env, demo_job: str, api: httpx.
     assert ("loaded" if info["loaded"] else "not loaded") in row.text
     env.shot("adapters")
 
-    # Upload the demo adapter's two files under a new name (the file input is the drop zone's).
+    # Upload the demo adapter's two files under a new name, dropped together on the drop zone.
     folder = env.root / "adapters" / "demo"
     env.css("#upload-name")[0].send_keys("demo-copy")
-    files = [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
-    env.css("#upload-files")[0].send_keys("\n".join(str(f) for f in files))
+    files = {f: base64.b64encode((folder / f).read_bytes()).decode() for f in ADAPTER_FILES}
+    env.driver.execute_script(DROP_JS, env.css("#upload-drop")[0], files)
+    assert "adapter_model.safetensors" in env.css("#upload-drop")[0].text  # the zone names what it got
     env.css("#upload")[0].click()
     env.wait(lambda d: env.css("tr[data-adapter='demo-copy']"), what="the uploaded adapter")
     assert api.get("/adapters/demo-copy").json()["sha256"] == info["sha256"]

@@ -168,7 +168,7 @@ export async function renderJob(main, route, signal) {
     caption.textContent = chart.train.size
       ? `${chart.train.size} training and ${chart.val.size} validation points` + (mark ? `; ${mark.label}` : "")
       : "Waiting for the first step…";
-    replace(values.lastElementChild, valuesTable(chart));
+    if (values.open) replace(values.lastElementChild, valuesTable(chart)); // built when looked at
     replace(evalBox, evalSection(job));
     replace(warnings, (job.warnings || []).map((w) => h("li", {}, w)));
     if (!(job.warnings || []).length) warnings.append(h("li", { class: "muted" }, "none"));
@@ -207,6 +207,7 @@ export async function renderJob(main, route, signal) {
     }
   };
 
+  values.addEventListener("toggle", () => values.open && replace(values.lastElementChild, valuesTable(chart)));
   show();
   const logs = logLoop().catch(() => {});
   let lastId = null;

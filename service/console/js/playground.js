@@ -282,7 +282,7 @@ export async function renderPlayground(main, route, signal) {
     inflight?.abort();
     const ctl = new AbortController();
     inflight = ctl;
-    signal.addEventListener("abort", () => ctl.abort());
+    signal.addEventListener("abort", () => ctl.abort(), { once: true });
     const base = { prompt: prompt.value, max_new_tokens: Number(maxTokens.value), temperature: Number(temperature.value), raw: raw.checked };
     generate.disabled = true;
     stop.disabled = false;
