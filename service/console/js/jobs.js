@@ -239,6 +239,10 @@ export async function renderJob(main, route, signal) {
       if (FINISHED.has(job.status)) break;
     } catch (err) {
       if (signal.aborted) return;
+      if (err instanceof ApiError && err.status < 500) {
+        errorBox.textContent = err.describe(); // e.g. the job is gone: reconnecting will not help
+        return;
+      }
       errorBox.textContent = `event stream interrupted (${err.describe ? err.describe() : err}); reconnecting…`;
     }
     await sleep(1000, signal);
