@@ -119,6 +119,7 @@ class Answer {
       own = own.slice(0, -1);
     }
     const pieces = own.map((t) => this.decoder.decode(new Uint8Array(t.bytes), { stream: true }));
+    if (finish && pieces.length) pieces[pieces.length - 1] += this.decoder.decode(); // a cut character: U+FFFD
     if (own.length && pieces.join("") === delta) {
       own.forEach((t, i) => {
         this.pending.push(t);
