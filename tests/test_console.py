@@ -136,6 +136,15 @@ def demo_job(signed_in: Env) -> str:
     val.write_text("".join(json.dumps(r) + "\n" for r in VAL_ROWS))
     env.open("#/new", "#adapter")
     env.css("#adapter")[0].send_keys("demo")
+    # A bad row first: the page shows the API's error, naming the row, and starts nothing.
+    bad = env.root / "bad.jsonl"
+    bad.write_text(json.dumps(VAL_ROWS[0]) + "\n" + json.dumps({"prompt": "no answer"}) + "\n")
+    env.css("#train-file")[0].send_keys(str(bad))
+    env.driver.find_element(By.ID, "start").click()
+    env.wait(lambda d: "data[1]" in env.css("#new-error")[0].text, what="the bad row named")
+    assert "#/new" in env.driver.current_url and env.css("#start")[0].is_enabled()
+    refused = env.browser.console_errors(EXPECTED_401)  # the browser logs the 422 it was given
+    assert refused and all("/datasets" in e and "422" in e for e in refused), refused
     env.css("#train-file")[0].send_keys(str(REPO / "examples" / "fixed_sentence.jsonl"))
     env.css("#val-file")[0].send_keys(str(val))
     Select(env.css("#preset")[0]).select_by_value("demo")

@@ -64,6 +64,7 @@ export async function renderNewJob(main, route, signal) {
   );
   main.append(h("h1", {}, "New training job"), form);
 
+  form.addEventListener("change", () => (error.textContent = "")); // an error is about what was sent
   let idempotencyKey = randomKey(); // one per attempt: a retried request cannot start a second job
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
