@@ -61,11 +61,16 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    interop_json = outdir / "interop.json"
     serve_mix_json = outdir / "serve_mix.json"
     if serve_mix_json.exists():
         from bench import serve_mix
 
         parts.append(serve_mix.markdown(json.loads(serve_mix_json.read_text())))
+    if interop_json.exists():
+        from bench import interop
+
+        parts.append(interop.markdown(json.loads(interop_json.read_text())))
     path = outdir / "results.md"
     path.write_text("\n".join(parts))
     return path
