@@ -30,6 +30,7 @@ import ctypes
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -431,11 +432,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _ggml_commit(root: Path) -> str | None:
-    cache = root / "vendor" / "llama.cpp" / "build" / "CMakeCache.txt"
-    for line in cache.read_text(errors="replace").splitlines() if cache.exists() else []:
-        if line.startswith("GGML_BUILD_COMMIT"):
-            return line.split("=", 1)[1]
-    return None
+    """The ggml version and commit the build stamped into its header, e.g. ``0.25.3 0c1e570-dirty``."""
+    header = root / "vendor" / "llama.cpp" / "build" / "ggml" / "src" / "ggml-version.h"
+    if not header.exists():
+        return None
+    found = dict(re.findall(r'#define GGML_(VERSION|COMMIT)\s+"([^"]*)"', header.read_text()))
+    return " ".join(v for v in (found.get("VERSION"), found.get("COMMIT")) if v) or None
 
 
 TIE = 1e-3  # a top-2 logit gap below this is a tie that float rounding may break either way
