@@ -24,10 +24,10 @@ import torch
 from helpers.adapters import make_random_lora
 from helpers.server import running_server
 
-from trainer import artifact
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE
 from trainer.export import write_gguf
 from trainer.export_plan import ExportError, Part, parse_parts
-from trainer.template import DEFAULT_TEMPLATE
 
 GPT2_CONV1D = ("c_attn", "c_proj", "c_fc")
 

@@ -35,7 +35,8 @@ import gguf
 import torch
 from safetensors.torch import load_file
 
-from trainer import artifact
+from loracore import artifact, lora_format
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.export_plan import (
     GGUF_ARCHS,
     ExportError,
@@ -46,7 +47,6 @@ from trainer.export_plan import (
     peft_zip,
     resolve_parts,
 )
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -63,49 +63,54 @@ class Term:
     scale: float  # PEFT's alpha / r (alpha / sqrt(r) with rsLoRA) times the composition weight
 
 
-def read_terms(folder: Path, weight: float = 1.0) -> tuple[dict[str, Term], dict]:
+def _check_lora(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor], base_cfg: dict) -> None:
+    """loracore.lora_format's rules: the whole table (config, tensor names, shapes) on a base it has a layout
+    for; on another base (the Llama family) its config rules, tensor names and shapes checked below."""
+    layout = lora_format.BaseLayout.from_config(base_cfg)
+    try:
+        if layout.shapes:
+            lora_format.check_config(cfg, layout)
+            lora_format.check_tensors(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, layout)
+            return
+        for key, allowed in lora_format.REQUIRED_VALUES.items():
+            if cfg.get(key, allowed[0]) not in allowed:
+                raise lora_format.LoraFormatError(f"{key} is {cfg.get(key)!r}", lora_format.CONFIG_PART)
+        for key, reason in lora_format.REFUSED_KEYS.items():
+            if cfg.get(key):
+                raise lora_format.LoraFormatError(reason, lora_format.CONFIG_PART)
+    except lora_format.LoraFormatError as exc:
+        raise ExportError("export_failed", f"{folder.name}: {exc}") from None
+
+
+def read_terms(folder: Path, base_cfg: dict, weight: float = 1.0) -> tuple[dict[str, Term], dict]:
     """An adapter folder's LoRA pairs by module path (``transformer.h.0.attn.c_attn``), and its config."""
     folder = Path(folder)
     cfg = json.loads((folder / artifact.CONFIG_FILE).read_text())
-    unsupported = [
-        what
-        for what, bad in (
-            ("DoRA (use_dora)", cfg.get("use_dora")),
-            (f"bias={cfg.get('bias')!r}", cfg.get("bias", "none") != "none"),
-            ("lora_bias", cfg.get("lora_bias")),
-            ("modules_to_save", cfg.get("modules_to_save")),
-            ("alpha_pattern", cfg.get("alpha_pattern")),
-        )
-        if bad
-    ]
-    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ExportError(
-            "export_unsupported",
-            f"{folder.name}: cannot export {', '.join(unsupported) or 'a non-LoRA adapter'}",
-        )
     tensors = load_file(str(folder / artifact.WEIGHTS_FILE))
+    _check_lora(folder, cfg, tensors, base_cfg)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _PEFT_KEY.fullmatch(key)
         if m is None:
-            raise ExportError("export_unsupported", f"{folder.name}: tensor {key!r} is not a LoRA A/B matrix")
+            raise ExportError("export_failed", f"{folder.name}: tensor {key!r} is not a LoRA A/B matrix")
         halves.setdefault(m["path"], {})[m["half"]] = t.to(torch.float32)
     alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora"))
     terms = {}
     for path, pair in halves.items():
-        if set(pair) != {"A", "B"}:
-            raise ExportError("export_unsupported", f"{folder.name}: {path} lacks lora_A or lora_B")
-        r = pair["A"].shape[0]
+        a, b = pair.get("A"), pair.get("B")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ExportError("export_failed", f"{folder.name}: {path} lacks a matching lora_A/lora_B pair")
+        r = a.shape[0]
         scale = alpha / (r**0.5 if rslora else r)
-        terms[path] = Term(pair["A"], pair["B"], scale * weight)
+        terms[path] = Term(a, b, scale * weight)
     return terms, cfg
 
 
-def composed_terms(parts: list[tuple[Path, float]]) -> dict[str, list[Term]]:
+def composed_terms(parts: list[tuple[Path, float]], base_cfg: dict) -> dict[str, list[Term]]:
     """Every module's terms over the parts of a composition (one term per adapter that targets it)."""
     out: dict[str, list[Term]] = {}
     for folder, weight in parts:
-        terms, _ = read_terms(folder, weight)
+        terms, _ = read_terms(folder, base_cfg, weight)
         for path, term in terms.items():
             out.setdefault(path, []).append(term)
     return out
@@ -139,7 +144,7 @@ def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     n_head = cfg.get("num_attention_heads", cfg.get("n_head"))
     n_kv_head = cfg.get("num_key_value_heads") or n_head
 
-    _, first_cfg = read_terms(parts[0][0])
+    first_cfg = json.loads((Path(parts[0][0]) / artifact.CONFIG_FILE).read_text())
     # One alpha for the file, llama.cpp scales each pair by alpha / rank: with PEFT's alpha for a single
     # plain adapter its matrices are written unchanged; any other scale is folded into lora_b.
     alpha = float(first_cfg["lora_alpha"])
@@ -148,7 +153,7 @@ def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_string(gguf.Keys.General.NAME, "+".join(f"{p.name}" for p, _ in parts))
-    for path, terms in sorted(composed_terms(parts).items()):
+    for path, terms in sorted(composed_terms(parts, cfg).items()):
         name = names.get_name(path + ".weight", try_suffixes=(".weight",))
         if name is None:
             raise ExportError(
@@ -201,9 +206,10 @@ def write_merged(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
+    base_cfg = json.loads((Path(base) / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     with torch.no_grad():
-        for path, terms in composed_terms(parts).items():
+        for path, terms in composed_terms(parts, base_cfg).items():
             try:
                 module = model.get_submodule(path)
             except AttributeError:

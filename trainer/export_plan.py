@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import artifact
+from loracore import artifact
 from trainer.errors import TrainerError
 
 MAX_PARTS = 8  # as many adapters as a served composition may have

@@ -23,11 +23,12 @@ from pathlib import Path
 from fastapi import FastAPI, Query
 from fastapi.responses import Response, StreamingResponse
 
+from loracore import artifact
 from service.adapters import store
 from service.errors import ApiError
 from service.served_model import ServedModel
 from service.settings import Settings
-from trainer import artifact, export_plan
+from trainer import export_plan
 from trainer.export_plan import ExportError, ExportFormat, Part
 
 CHUNK = 1 << 20
