@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from loracore import artifact, lora_format
+from loracore.atomic import write_atomic
 from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.export_plan import (
     GGUF_ARCHS,
@@ -148,12 +149,14 @@ def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     # One alpha for the file, llama.cpp scales each pair by alpha / rank: with PEFT's alpha for a single
     # plain adapter its matrices are written unchanged; any other scale is folded into lora_b.
     alpha = float(first_cfg["lora_alpha"])
-    writer = gguf.GGUFWriter(str(out), arch_name)
+    terms_by_module = sorted(composed_terms(parts, cfg).items())  # every check before a byte is written
+    part = Path(out).with_name(Path(out).name + ".part")
+    writer = gguf.GGUFWriter(str(part), arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_string(gguf.Keys.General.NAME, "+".join(f"{p.name}" for p, _ in parts))
-    for path, terms in sorted(composed_terms(parts, cfg).items()):
+    for path, terms in terms_by_module:
         name = names.get_name(path + ".weight", try_suffixes=(".weight",))
         if name is None:
             raise ExportError(
@@ -172,6 +175,7 @@ def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    part.replace(out)  # the file is complete or absent
     return Path(out)
 
 
@@ -246,7 +250,7 @@ def export(adapter_dir: Path, base: Path, fmt_name: str, parts: list[Part], out:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt.name == "peft":
-        out.write_bytes(peft_zip(folders[0][0]))
+        write_atomic(out, peft_zip(folders[0][0]))
     elif fmt.name == "gguf":
         write_gguf(base, folders, out)
     else:
