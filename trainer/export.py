@@ -132,6 +132,12 @@ def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _adapter_name(folder: Path) -> str:
+    """The adapter's name, also for a kept version (``<adapter-dir>/.versions/<name>/<sha256>``)."""
+    folder = Path(folder)
+    return folder.parent.name if folder.parent.parent.name == artifact.VERSIONS else folder.name
+
+
 def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     """A GGUF LoRA adapter for ``base`` (as llama.cpp's convert_hf_to_gguf.py writes it) at ``out``."""
     cfg = json.loads((Path(base) / "config.json").read_text())
@@ -155,7 +161,7 @@ def write_gguf(base: Path, parts: list[tuple[Path, float]], out: Path) -> Path:
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_string(gguf.Keys.General.NAME, "+".join(f"{p.name}" for p, _ in parts))
+    writer.add_string(gguf.Keys.General.NAME, "+".join(_adapter_name(p) for p, _ in parts))
     for path, terms in terms_by_module:
         name = names.get_name(path + ".weight", try_suffixes=(".weight",))
         if name is None:
