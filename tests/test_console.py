@@ -25,9 +25,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.adapters import CHECK_PROMPTS
-from helpers.browser import Browser, chromium
-from helpers.server import REPO, Server, running_server
+
+from tests.helpers.adapters import CHECK_PROMPTS
+from tests.helpers.browser import Browser, chromium
+from tests.helpers.server import REPO, Server, running_server
 
 pytestmark = pytest.mark.slow
 API_KEY = "console-key"

@@ -21,11 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 
 from loracore import artifact
 from loracore.template import DEFAULT_TEMPLATE
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 from trainer.export import write_gguf
 from trainer.export_plan import ExportError, Part, parse_parts
 
