@@ -518,6 +518,7 @@ def save(run: Setup, state: RunState, summary: Summary) -> None:
                 base_model=run.cfg.training.model_name_or_path,
                 created=artifact.created_now(),
                 job=inputs.job,
+                base=run.base_record,
             )
             artifact.write_record(folder, record)
             write_atomic(folder / artifact.SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -69,6 +69,7 @@ class Setup:
     total_steps: int
     autocast_dtype: str  # "fp32" | "fp16" | "bf16": what training computes in
     started: float  # time.time() when the model work began (the summary's wall time)
+    base_record: dict | None = None  # the base's shape and name, for the adapter's record
 
     @property
     def cfg(self) -> TrainConfig:
@@ -204,6 +205,7 @@ def _quiet_libraries() -> None:
 
 def setup(inputs: Inputs, started: float) -> Setup:
     """Base model, Accelerate, tokenized rows, LoRA, the step plan, optimizer and scheduler."""
+    from trainer.families import UnsupportedBase, base_shape, family_of_folder
     from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
 
     cfg, t = inputs.cfg, inputs.cfg.training
@@ -216,6 +218,10 @@ def setup(inputs: Inputs, started: float) -> Setup:
     try:
         base = resolve_base(name, allow_random=inputs.allow_random_weights)
     except Exception as exc:  # ModelSourceError and friends: one line for the user
+        raise TrainerError(str(exc)) from None
+    try:
+        family_of_folder(base.path)
+    except UnsupportedBase as exc:
         raise TrainerError(str(exc)) from None
 
     import torch
@@ -246,7 +252,10 @@ def setup(inputs: Inputs, started: float) -> Setup:
     # --- tokenizer, base weights, data
     tokenizer = load_tokenizer(base.path)
     base_model = load_base_model(base.path)
-    max_len = min(t.max_seq_length, getattr(base_model.config, "n_positions", t.max_seq_length))
+    context = getattr(base_model.config, "n_positions", None) or getattr(
+        base_model.config, "max_position_embeddings", t.max_seq_length
+    )
+    max_len = min(t.max_seq_length, context)
     train_rows = tokenize_all(inputs.train_examples, tokenizer, max_len, name=str(inputs.data_path))
     if inputs.val_examples is not None:
         eval_rows = tokenize_all(inputs.val_examples, tokenizer, max_len, name=str(inputs.val_path))
@@ -310,6 +319,7 @@ def setup(inputs: Inputs, started: float) -> Setup:
         total_steps=total_steps,
         autocast_dtype=autocast_dtype,
         started=started,
+        base_record={**base_shape(base_model.config.to_dict()), "name": name},
     )
 
 

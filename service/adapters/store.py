@@ -27,44 +27,67 @@ from typing import Any
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
-from trainer import artifact
+from trainer import artifact, families
 from trainer.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
-# PEFT's key for one LoRA matrix of a GPT-2 block,
-# e.g. base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.transformer\.h\.(\d+)\.((?:attn|mlp)\.\w+)\.lora_([AB])\.weight$"
-)
+
+
+def _lora_key(blocks: str) -> re.Pattern:
+    """PEFT's key for one LoRA matrix of a block, e.g.
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight (GPT-2) or
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (Llama family)."""
+    return re.compile(
+        rf"^base_model\.model\.{re.escape(blocks)}\.(\d+)\.((?:\w+)\.\w+)\.lora_([AB])\.weight$"
+    )
 
 
 @dataclass(frozen=True)
 class BaseShape:
-    """What an adapter must fit: the GPT-2 base's dimensions, from its config.json."""
+    """What an adapter must fit: the base's dimensions, from its config.json (``trainer.families``)."""
 
     model_type: str
     n_layer: int
     n_embd: int
     n_inner: int
+    blocks: str = "transformer.h"  # where the blocks are in the model (the keys' prefix)
+    modules: tuple[tuple[str, tuple[int, int]], ...] = ()  # set for every family but GPT-2's default
 
     @classmethod
     def from_model_dir(cls, path: Path) -> BaseShape:
         cfg = json.loads((Path(path) / "config.json").read_text())
-        n_embd = int(cfg["n_embd"])
+        family = families.check_config(cfg)
+        shape = families.base_shape(cfg)
+        modules = families.linear_shapes(cfg)
+        inner = modules["mlp.c_fc" if family is families.GPT2 else "mlp.up_proj"][1]
         return cls(
-            cfg.get("model_type", ""), int(cfg["n_layer"]), n_embd, int(cfg.get("n_inner") or 4 * n_embd)
+            shape["model_type"],
+            shape["num_layers"],
+            shape["hidden_size"],
+            inner,
+            family.blocks,
+            tuple(modules.items()),
         )
 
+    @property
+    def family(self) -> families.Family:
+        return families.family_for(self.model_type)
+
     def linear_modules(self) -> dict[str, tuple[int, int]]:
-        """GPT-2 block modules LoRA can wrap, by path inside a block: (in_features, out_features)."""
+        """Block modules LoRA can wrap, by path inside a block: (in_features, out_features)."""
+        if self.modules:
+            return dict(self.modules)
         return {
             "attn.c_attn": (self.n_embd, 3 * self.n_embd),
             "attn.c_proj": (self.n_embd, self.n_embd),
             "mlp.c_fc": (self.n_embd, self.n_inner),
             "mlp.c_proj": (self.n_inner, self.n_embd),
         }
+
+    def describe(self) -> str:
+        return f"{self.model_type} ({self.n_layer} layers, {self.n_embd} wide)"
 
 
 # --- names and lookups ---------------------------------------------------------------------------
@@ -259,8 +282,8 @@ def parse_safetensors_header(raw: bytes) -> dict[str, dict[str, Any]]:
     return tensors
 
 
-def _module_paths(n_layer: int, modules: dict[str, tuple[int, int]]) -> list[str]:
-    return [f"transformer.h.{i}.{m}" for i in range(n_layer) for m in modules]
+def _module_paths(shape: BaseShape, modules: dict[str, tuple[int, int]]) -> list[str]:
+    return [f"{shape.blocks}.{i}.{m}" for i in range(shape.n_layer) for m in modules]
 
 
 def _targeted(targets: Any, path: str) -> bool:
@@ -272,14 +295,18 @@ def _targeted(targets: Any, path: str) -> bool:
 
 def _check_target_modules(targets: Any, shape: BaseShape) -> None:
     modules = shape.linear_modules()
-    paths = _module_paths(shape.n_layer, modules)
+    paths = _module_paths(shape, modules)
+    if targets == "all-linear":  # PEFT's shorthand: every linear layer of the blocks
+        return
     if isinstance(targets, str):  # PEFT reads a string as a regex over full module names
         try:
             pattern = re.compile(targets)
         except re.error as exc:
             raise _bad(f"target_modules regex {targets!r} does not compile: {exc}", "adapter_config") from exc
         if not any(pattern.fullmatch(p) for p in paths):
-            raise _bad(f"target_modules {targets!r} matches no module of GPT-2", "adapter_config")
+            raise _bad(
+                f"target_modules {targets!r} matches no module of {shape.model_type}", "adapter_config"
+            )
         return
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise _bad("target_modules must be a non-empty list of module names", "adapter_config")
@@ -287,7 +314,8 @@ def _check_target_modules(targets: Any, shape: BaseShape) -> None:
         if not any(p == target or p.endswith("." + target) for p in paths):
             known = sorted({m.split(".")[-1] for m in modules})
             raise _bad(
-                f"target module {target!r} does not exist in GPT-2 (LoRA can target {', '.join(known)})",
+                f"target module {target!r} does not exist in {shape.model_type} (LoRA can target "
+                f"{', '.join(known)})",
                 "adapter_config",
             )
 
@@ -295,12 +323,10 @@ def _check_target_modules(targets: Any, shape: BaseShape) -> None:
 def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> dict[str, Any]:
     """Check an uploaded adapter against the base; returns the parsed adapter_config.json.
 
-    Checks: config is a LoRA config, the target modules exist in GPT-2, the safetensors file is
+    Checks: config is a LoRA config, the target modules exist in the base, the safetensors file is
     well formed, holds only LoRA A/B matrices of existing modules in layers the base has, and
     every shape fits the base (A: rank x in_features, B: out_features x rank).
     """
-    if shape.model_type != "gpt2":
-        raise ApiError(500, "unsupported_base", f"the base model type {shape.model_type!r} is not GPT-2")
     if len(config_raw) > MAX_CONFIG_BYTES:
         raise _bad("adapter_config is larger than 1 MiB", "adapter_config")
     try:
@@ -329,12 +355,15 @@ def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> 
 
     tensors = parse_safetensors_header(weights_raw)
     modules = shape.linear_modules()
+    lora_key = _lora_key(shape.blocks)
     ranks: dict[tuple[int, str], dict[str, int]] = {}
     for key, entry in tensors.items():
-        m = _LORA_KEY.fullmatch(key)
+        m = lora_key.fullmatch(key)
         if not m:
             raise _bad(
-                f"adapter_model: unexpected tensor {key!r} (only GPT-2 LoRA A/B matrices)", "adapter_model"
+                f"adapter_model: unexpected tensor {key!r} (only LoRA A/B matrices of {shape.blocks}.<layer>"
+                f" for this {shape.model_type} base)",
+                "adapter_model",
             )
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
         if layer >= shape.n_layer:
@@ -343,9 +372,11 @@ def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> 
             )
         if module not in modules:
             raise _bad(
-                f"adapter_model: {key!r} targets {module!r}, which GPT-2 does not have", "adapter_model"
+                f"adapter_model: {key!r} targets {module!r}, which {shape.model_type} does not have",
+                "adapter_model",
             )
-        if not _targeted(config["target_modules"], f"transformer.h.{layer}.{module}"):
+        targets = config["target_modules"]
+        if targets != "all-linear" and not _targeted(targets, f"{shape.blocks}.{layer}.{module}"):
             raise _bad(
                 f"adapter_model: {key!r} is for a module that target_modules "
                 f"{config['target_modules']!r} does not select",

@@ -1,7 +1,9 @@
-"""Batched multi-adapter LoRA for GPT-2's Conv1D layers, without PEFT at serving time.
+"""Batched multi-adapter LoRA for the base's dense layers, without PEFT at serving time.
 
 An adapter is read straight from its PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-into per-layer pairs ``A [in, r]``, ``B [r, out]`` with the LoRA scaling folded into ``B``. In a forward
+into per-layer pairs ``A [in, r]``, ``B [r, out]`` (the same for GPT-2's Conv1D and ``nn.Linear``:
+PEFT stores ``lora_A [r, in]`` and ``lora_B [out, r]`` for both) with the LoRA scaling folded into
+``B``. In a forward
 pass each target layer computes the base ``x @ W + b`` once for all rows and then, for each adapter
 present in the batch, adds ``(x[rows] @ A) @ B`` to that adapter's rows. Base-model rows get nothing
 added. A *composed* row (``Mix``) gets ``sum_i w_i * (x @ A_i) @ B_i`` over its adapters: each
@@ -25,12 +27,13 @@ from trainer.artifact import CONFIG_FILE, WEIGHTS_FILE
 
 from .dense import Dense
 
-# GPT-2 block modules a LoRA adapter may target (Conv1D, weight stored [in, out]).
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
-_KEY = re.compile(
-    r"(?:^|\.)h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
-)
+def _key_pattern(block_key: str, targets: list[str]) -> re.Pattern:
+    """A PEFT tensor name: ``...<block_key>.<layer>.<target>.lora_<A|B>[.<adapter name>].weight``."""
+    alternatives = "|".join(re.escape(t) for t in targets)
+    return re.compile(
+        rf"(?:^|\.){re.escape(block_key)}\.(\d+)\.({alternatives})\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+    )
 
 
 class AdapterFormatError(ValueError):
@@ -76,10 +79,13 @@ def parse_adapter(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
+    block_key: str = "h",
 ) -> LoraWeights:
     """Turn the two files of a PEFT LoRA folder into serving form.
 
-    ``shapes[i][module] = (in_features, out_features)`` of the base's Conv1D layers. Everything that
+    ``shapes[i][module] = (in_features, out_features)`` of the base's targetable layers (the
+    runner's ``module_shapes``), ``block_key`` the blocks' list name in a tensor key (the runner's
+    ``family.block_key``). Each module's rank is its own tensors' (PEFT's ``rank_pattern``). Everything that
     does not fit (unknown keys, shapes, missing halves, unsupported options) raises
     AdapterFormatError naming the problem; nothing is silently dropped.
     """
@@ -97,11 +103,16 @@ def parse_adapter(
     if not tensors:
         raise AdapterFormatError(f"{WEIGHTS_FILE} holds no tensors")
 
+    targets = list(shapes[0]) if shapes else []
+    pattern = _key_pattern(block_key, targets)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY.search(key)
+        m = pattern.search(key)
         if not m:
-            raise AdapterFormatError(f"unsupported tensor {key!r} (only LoRA A/B of {', '.join(TARGETS)})")
+            raise AdapterFormatError(
+                f"unsupported tensor {key!r}: this base serves LoRA A/B of {block_key}.<layer>."
+                f"{{{', '.join(targets)}}}"
+            )
         layer, module, half = int(m.group(1)), m.group(2), m.group(3)
         if layer >= len(shapes):
             raise AdapterFormatError(f"{key!r} targets layer {layer}, the base has {len(shapes)}")
@@ -113,17 +124,20 @@ def parse_adapter(
     nbytes, ranks, modules = 0, set(), set()
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
-            raise AdapterFormatError(f"h.{layer}.{module} has lora_{''.join(pair)} but not both A and B")
+            raise AdapterFormatError(
+                f"{block_key}.{layer}.{module} has lora_{''.join(pair)} but not both A and B"
+            )
         a, b = pair["A"], pair["B"]
         fan_in, fan_out = shapes[layer][module]
         r = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape != (r, fan_in) or b.shape != (fan_out, r) or r < 1:
             raise AdapterFormatError(
-                f"h.{layer}.{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"{block_key}.{layer}.{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"fit the base "
                 f"{fan_in}->{fan_out} layer (expected [r, {fan_in}] and [{fan_out}, r])"
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterFormatError(f"h.{layer}.{module} holds NaN or infinite values")
+            raise AdapterFormatError(f"{block_key}.{layer}.{module} holds NaN or infinite values")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # Serving form: x @ A_t @ B_t, scaling folded into B (same numbers as PEFT up to rounding).
         a_t = a.t().to(device=device, dtype=dtype).contiguous()
@@ -209,7 +223,7 @@ class Stacks:
         self.dtype: torch.dtype = torch.float32
         for layer in range(len(adapters[0].layers)):
             mods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for module in TARGETS:
+            for module in sorted({m for w in adapters for m in w.layers[layer]}):
                 pairs = [w.layers[layer].get(module) for w in adapters]
                 present = [p for p in pairs if p is not None]
                 if not present:
