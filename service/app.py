@@ -46,6 +46,8 @@ from service.settings import Settings
 from service.text_input import TextMiddleware
 from service.worker import EngineAPI, WorkerConfig
 from service.worker_status import read_status, write_status
+from trainer.families import served_context
+from trainer.template import base_chat_template
 
 # --- assembly --------------------------------------------------------------------------------------
 
@@ -87,9 +89,10 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(
-        context=int(config.get("n_positions", 1024)),
+        context=served_context(config),
         tokenizer=load_tokenizer(model.path),
         vocab_size=config.get("vocab_size"),
+        template=base_chat_template(model.path),
     )
 
     install_error_handlers(app)

@@ -45,6 +45,8 @@ ERRORS: dict[str, ErrorKind] = {
     "adapter_not_found": ErrorKind(404, "adapter"),  # e.g. deleted between acceptance and admission
     "prompt_too_long": ErrorKind(400, "prompt"),
     "invalid_request": ErrorKind(422),  # sampling parameters the engine refused
+    # the adapter's folder is not one this base can serve (another base's shape, unsupported options)
+    "invalid_adapter": ErrorKind(422, "adapter"),
     "timeout": ErrorKind(504),  # the request's deadline passed
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
     # the worker that had the request died; a new one is starting (the API side sends this)

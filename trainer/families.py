@@ -59,6 +59,9 @@ LLAMA = Family(
     conv1d=False,
 )
 FAMILIES = (GPT2, LLAMA)
+# The longest context served unless asked for more: Llama-family configs allow 32k-128k positions,
+# and the batch plan reserves every row's full context, so 128k would leave room for one row.
+DEFAULT_MAX_CONTEXT = 4096
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
 
@@ -102,6 +105,30 @@ def check_config(config: dict) -> Family:
                 f"unsupported base model: {model_type} with hidden_act {act!r} (SwiGLU needs silu)"
             )
     return family
+
+
+def sliding_window(config: dict) -> int | None:
+    """The attention window when some layer uses one (Mistral; Qwen with ``use_sliding_window``)."""
+    window = config.get("sliding_window")
+    if not window:
+        return None
+    if config.get("model_type") == "mistral":
+        return int(window)
+    if config.get("model_type") in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        return None
+    return int(window) if "sliding_attention" in (config.get("layer_types") or []) else None
+
+
+def served_context(config: dict, max_context: int | None = None) -> int:
+    """The longest row (prompt + completion) served: the model's context, at most ``max_context``
+    (default ``DEFAULT_MAX_CONTEXT``) and at most the sliding window (within it, windowed attention
+    is full attention, so the window is honoured by never exceeding it)."""
+    cap = max_context or DEFAULT_MAX_CONTEXT
+    if check_config(config) is GPT2:
+        return min(int(config.get("n_positions") or 1024), cap)
+    positions = min(int(config["max_position_embeddings"]), cap)
+    window = sliding_window(config)
+    return min(positions, window) if window is not None else positions
 
 
 def read_config(folder: str | Path) -> dict:

@@ -41,7 +41,6 @@ from trainer.errors import TrainerError, TrainingInterrupted
 from trainer.progress import Progress
 from trainer.publish import write_atomic
 from trainer.setup import Setup, resolve_inputs, setup, start_state
-from trainer.template import DEFAULT_TEMPLATE
 
 log = logging.getLogger("trainer")
 SUMMARY_FORMAT = 1
@@ -514,7 +513,7 @@ def save(run: Setup, state: RunState, summary: Summary) -> None:
         with artifact.staged(inputs.output) as folder:
             accelerator.unwrap_model(run.net).save_pretrained(folder)
             record = artifact.Record(
-                template=DEFAULT_TEMPLATE.to_dict(),
+                template=run.template.to_dict(),
                 base_model=run.cfg.training.model_name_or_path,
                 created=artifact.created_now(),
                 job=inputs.job,

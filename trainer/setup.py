@@ -25,7 +25,7 @@ from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import Example, Row, read_examples, split_holdout, tokenize_all
 from trainer.errors import TrainerError
 from trainer.hardware import cpu_has_native_bf16
-from trainer.template import DEFAULT_TEMPLATE
+from trainer.template import DEFAULT_TEMPLATE, base_chat_template
 
 log = logging.getLogger("trainer")
 
@@ -70,6 +70,7 @@ class Setup:
     autocast_dtype: str  # "fp32" | "fp16" | "bf16": what training computes in
     started: float  # time.time() when the model work began (the summary's wall time)
     base_record: dict | None = None  # the base's shape and name, for the adapter's record
+    template: Any = DEFAULT_TEMPLATE  # what rendered the rows: the base's chat template, else the default
 
     @property
     def cfg(self) -> TrainConfig:
@@ -223,6 +224,15 @@ def setup(inputs: Inputs, started: float) -> Setup:
         family_of_folder(base.path)
     except UnsupportedBase as exc:
         raise TrainerError(str(exc)) from None
+    # rows are rendered with the base's own chat template when it has one (what serving uses too)
+    template = base_chat_template(base.path) or DEFAULT_TEMPLATE
+    train_examples, val_examples = inputs.train_examples, inputs.val_examples
+    if template is not DEFAULT_TEMPLATE:
+        try:
+            train_examples = read_examples(inputs.data_path, template)
+            val_examples = read_examples(inputs.val_path, template) if inputs.val_path else None
+        except ValueError as exc:
+            raise TrainerError(f"the base's chat template cannot render the rows: {exc}") from None
 
     import torch
     from accelerate import Accelerator
@@ -256,9 +266,9 @@ def setup(inputs: Inputs, started: float) -> Setup:
         base_model.config, "max_position_embeddings", t.max_seq_length
     )
     max_len = min(t.max_seq_length, context)
-    train_rows = tokenize_all(inputs.train_examples, tokenizer, max_len, name=str(inputs.data_path))
-    if inputs.val_examples is not None:
-        eval_rows = tokenize_all(inputs.val_examples, tokenizer, max_len, name=str(inputs.val_path))
+    train_rows = tokenize_all(train_examples, tokenizer, max_len, name=str(inputs.data_path))
+    if val_examples is not None:
+        eval_rows = tokenize_all(val_examples, tokenizer, max_len, name=str(inputs.val_path))
     else:
         train_rows, eval_rows = split_holdout(train_rows, t.eval_fraction, t.seed)
 
@@ -320,6 +330,7 @@ def setup(inputs: Inputs, started: float) -> Setup:
         autocast_dtype=autocast_dtype,
         started=started,
         base_record={**base_shape(base_model.config.to_dict()), "name": name},
+        template=template,
     )
 
 

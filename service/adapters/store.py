@@ -29,7 +29,7 @@ from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
 from trainer import artifact, families
 from trainer.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+from trainer.template import DEFAULT_TEMPLATE, PromptTemplate, Template, choose_template
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
@@ -164,19 +164,25 @@ def read_record(adapter_dir: Path, name: str) -> artifact.Record:
     return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
 
 
-def template_for(adapter_dir: Path, ref: str | None) -> PromptTemplate:
-    """The prompt template recorded with the adapter (the version ``ref`` names); the default one for
-    the base, a plain folder or a version that is gone (the request's own check reports that)."""
-    if ref is None:
-        return DEFAULT_TEMPLATE
+def template_for(adapter_dir: Path, ref: str | None, base: Template | None = None) -> Template:
+    """The template a request renders with (``trainer.template.choose_template``): the base's own chat
+    template ``base`` when it has one, else the one recorded with the adapter (the version ``ref``
+    names), else the default (for the base, a plain folder, or a version that is gone: the
+    request's own check reports that)."""
+    if base is not None or ref is None:
+        return choose_template(base, None)
     version = artifact.resolve(adapter_dir, ref) if artifact.valid_ref(ref) else None
     if version is None:
         return DEFAULT_TEMPLATE
-    tpl = (artifact.read_record(version.folder) or artifact.Record()).template
-    return PromptTemplate.from_dict(tpl) if tpl is not None else DEFAULT_TEMPLATE
+    return choose_template(None, (artifact.read_record(version.folder) or artifact.Record()).template)
 
 
-def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:
+def info(
+    adapter_dir: Path,
+    name: str,
+    loaded: set[str] | frozenset[str] = frozenset(),
+    base_template: Template | None = None,
+) -> AdapterInfo:
     check_name(name)
     folder = adapter_path(adapter_dir, name)
     if not exists(adapter_dir, name):
@@ -188,7 +194,7 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
     record = read_record(adapter_dir, name)
     created = _created(record, folder)
-    template = record.template if record.template is not None else DEFAULT_TEMPLATE.to_dict()
+    template = choose_template(base_template, record.template).to_dict()  # the one chat renders with
     kept = [i for v in artifact.versions(adapter_dir, name) if (i := _version_info(v)) is not None]
     return AdapterInfo(
         name=name,
@@ -218,11 +224,13 @@ def _version_info(version: artifact.Version) -> AdapterVersion | None:
     return AdapterVersion(id=version.id, created=created, size_bytes=size, current=version.current)
 
 
-def list_infos(adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset()) -> list[AdapterInfo]:
+def list_infos(
+    adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset(), base_template: Template | None = None
+) -> list[AdapterInfo]:
     out = []
     for name in names(adapter_dir):
         try:
-            out.append(info(adapter_dir, name, loaded))
+            out.append(info(adapter_dir, name, loaded, base_template))
         except ApiError:  # vanished between listing and reading
             continue
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from trainer import artifact
+from trainer.families import base_shape, shape_differences
 from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -36,7 +37,7 @@ from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
 from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
-from .lora import parse_adapter, read_adapter_files
+from .lora import AdapterFormatError, parse_adapter, read_adapter_files
 from .model import CAPACITY_STEP, kv_dtype_for
 from .runners import cache_shape, make_runner
 from .sampling import (
@@ -79,7 +80,7 @@ class Engine:
         measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
         ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
         prefill delays every running row's next token). ``max_context`` caps the context served
-        (default ``model.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
+        (default ``trainer.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
         unsupported family raises ``model.UnsupportedModel`` before its weights load."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -135,6 +136,15 @@ class Engine:
         return ids
 
     def _load_adapter(self, folder: Path):
+        record = artifact.read_record(folder)
+        if record is not None and record.base is not None:
+            differs = shape_differences(record.base, base_shape(self.base_config))
+            if differs:
+                trained_on = record.base.get("name") or record.base_model or "another base"
+                raise AdapterFormatError(
+                    f"it was trained on {trained_on}, whose shape differs from the served base: "
+                    + "; ".join(differs)
+                )
         cfg, weights, _st = read_adapter_files(folder)
         digest = hashlib.sha256(weights).hexdigest()  # the version id of exactly these bytes
         weights_form = parse_adapter(
@@ -325,7 +335,7 @@ class Engine:
                 report.events.append(self._error(req, str(missing), code="adapter_not_found"))
                 return None
             except AdapterError as exc:
-                report.events.append(self._error(req, str(exc)))
+                report.events.append(self._error(req, str(exc), code=exc.code))
                 return None
             if req.adapters is not None:
                 return self._new_row(req, None, report, tuple(pinned))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.families import GPT2, check_config
+from trainer.families import GPT2, check_config, served_context
 
 from .dense import Dense, prepack_supported
 from .lora import LoraPlan
@@ -25,7 +25,7 @@ class GPT2Runner(SlotRunner):
             config.n_layer,
             config.n_head,
             config.n_embd // config.n_head,
-            min(config.n_positions, max_context),
+            served_context(config.to_dict(), max_context),
         )
 
     def __init__(self, model, *, max_rows: int, max_context: int = 1 << 30):

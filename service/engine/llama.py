@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from trainer.families import LLAMA, check_config
+from trainer.families import LLAMA, check_config, served_context
 
 from .dense import Dense, prepack_supported
 from .lora import LoraPlan
 from .model import Attend, CacheShape, SlotRunner, UnsupportedModel
-
-
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    if config.model_type == "mistral":
-        return int(window)
-    layer_types = getattr(config, "layer_types", None) or []
-    return int(window) if "sliding_attention" in layer_types else None
 
 
 def _head_dim(config) -> int:
@@ -45,10 +35,7 @@ class LlamaRunner(SlotRunner):
 
     @classmethod
     def cache_shape(cls, config, max_context: int) -> CacheShape:
-        positions = min(config.max_position_embeddings, max_context)
-        window = _sliding_window(config)
-        if window is not None:
-            positions = min(positions, window)
+        positions = served_context(config.to_dict(), max_context)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return CacheShape(config.num_hidden_layers, kv_heads, _head_dim(config), positions)
 

@@ -39,6 +39,8 @@ def _key_pattern(block_key: str, targets: list[str]) -> re.Pattern:
 class AdapterFormatError(ValueError):
     """An adapter folder that is not a LoRA adapter this base can serve; the message says why."""
 
+    code = "invalid_adapter"  # the request's error code (service.wire: 422)
+
 
 @dataclass
 class LoraWeights:

@@ -29,15 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.families import Family, UnsupportedBase
+from trainer.families import DEFAULT_MAX_CONTEXT, Family, UnsupportedBase  # noqa: F401 (re-exported)
 
 from .dense import Dense
 from .lora import LoraPlan
 
 CAPACITY_STEP = 64  # the cache's time axis grows in steps of this many positions
-# The longest context served unless asked for more: Llama-family configs allow 32k-128k positions,
-# and the batch plan reserves every row's full context, so 128k would leave room for one row.
-DEFAULT_MAX_CONTEXT = 4096
 
 UnsupportedModel = UnsupportedBase  # the engine's name for it
 

@@ -81,12 +81,14 @@ def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
     return read_dataset_rows(settings, req.dataset), "dataset"
 
 
-def _prompts(settings: Settings, rows: list[Any], param: str, adapters: list[str | None]):
+def _prompts(
+    settings: Settings, rows: list[Any], param: str, adapters: list[str | None], base_template: Any = None
+):
     """[(row index, reference, {adapter key: rendered prompt})] for the rows that have a prompt part."""
     from trainer.data import parse_row
     from trainer.errors import TrainerError
 
-    templates = {key_of(a): store.template_for(settings.adapter_dir, a) for a in adapters}
+    templates = {key_of(a): store.template_for(settings.adapter_dir, a, base_template) for a in adapters}
     out = []
     for i, row in enumerate(rows):
         where = f"{param}[{i}]"
@@ -179,7 +181,7 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
 
         _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)
-        items = await run_in_threadpool(_prompts, settings, rows, param, body.adapters)
+        items = await run_in_threadpool(_prompts, settings, rows, param, body.adapters, limits.template)
         jobs, max_new = await run_in_threadpool(
             _prepare_jobs, settings, limits, items, body.adapters, client.max_in_flight
         )

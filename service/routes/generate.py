@@ -62,7 +62,7 @@ def register_generate_routes(
             store.check_ref(name, f"adapters.{i}.name")
         # a composition's prompt template is its first adapter's
         template = store.template_for(
-            settings.adapter_dir, composition[0][0] if composition else body.adapter
+            settings.adapter_dir, composition[0][0] if composition else body.adapter, limits.template
         )
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = {

@@ -10,9 +10,10 @@ event of every choice before it sends its 200: an error found before the first t
 model, bad parameters, prompt too long, overload) is a real 4xx/5xx status with the envelope.
 
 Completions send the prompt as is (no template), as OpenAI's legacy endpoint does. Chat renders
-the messages with the template the trainer recorded for the adapter (the default one for the
-base), stops where the template would start the next user turn, and drops the template's answer
-prefix (the space after ``Assistant:``) from the reply.
+the messages with the base's own Jinja chat template when it has one, else the template the
+trainer recorded for the adapter, else the default one (``trainer.template.choose_template``),
+stops where the template would start the next user turn (a chat template: its end-of-turn
+marker), and drops the template's answer prefix (the space after ``Assistant:``) from the reply.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from service.structured import JSON_OBJECT
 from service.wire import Event, Job, TokenLogprob, WireError
 from trainer import artifact
 from trainer.artifact import valid_name, valid_ref
-from trainer.template import PromptTemplate
+from trainer.template import ChatTemplate, Template
 
 OWNER = "loraserve"
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
@@ -582,10 +583,11 @@ def register_openai_routes(
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Chat: the messages are rendered with the adapter's recorded prompt template."""
+        """Chat: the messages are rendered with the base's own chat template when it has one, else the
+        adapter's recorded prompt template, else the default one."""
         include_usage = check_stream_options(body)
         wanted = target(body)
-        template = store.template_for(settings.adapter_dir, wanted.template_adapter)
+        template = store.template_for(settings.adapter_dir, wanted.template_adapter, limits.template)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
@@ -695,12 +697,18 @@ def _json_schema(body: CompletionRequest | ChatCompletionRequest) -> str | None:
     return json_schema_text(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
-def _turn_stops(template: PromptTemplate) -> list[str]:
-    """Where the template would start the next user turn: a chat reply ends there."""
+def _turn_stops(template: Template) -> list[str]:
+    """Where the template would start the next user turn: a chat reply ends there. A base's chat
+    template: where its end-of-turn marker starts (the model's EOS ends the reply as well)."""
+    if isinstance(template, ChatTemplate):
+        end = template.turn_end()
+        return [end] if end else []
     user_head = template.user.partition("{content}")[0].rstrip()
     return [template.turn_separator + user_head] if user_head else []
 
 
-def _answer_prefix(template: PromptTemplate) -> str:
+def _answer_prefix(template: Template) -> str:
     """What the template puts between ``Assistant:`` and the answer (a space): not part of the reply."""
+    if isinstance(template, ChatTemplate):
+        return ""
     return template.assistant_answer.partition("{content}")[0]
