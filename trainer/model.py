@@ -121,29 +121,46 @@ def make_random_base(
     return out
 
 
-def make_random_llama_base(out_dir: str | Path, *, seed: int = 0, **config) -> Path:
+def make_random_llama_base(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    chat_template: str | None = None,
+    special_tokens: tuple[str, ...] = (),
+    end_of_turn: str | None = None,
+    **config,
+) -> Path:
     """Write a Llama-family model (``model_type`` llama, mistral, qwen2 or qwen3 in ``config``) with
     random weights and GPT-2's real tokenizer (vocabulary sized to it, EOS = BOS = GPT-2's
-    ``<|endoftext|>``). ``config`` overrides SmolLM2-135M's shape; ``chat_template`` (a Jinja
-    string), when given, goes into the tokenizer's config as a real base's does."""
+    ``<|endoftext|>``). ``config`` overrides SmolLM2-135M's shape. As an instruct base ships them:
+    ``chat_template`` (Jinja) goes into the tokenizer's files, ``special_tokens`` are added to the
+    tokenizer and the vocabulary, and ``end_of_turn`` (one of them) becomes the tokenizer's EOS and
+    the first of the EOS ids in ``generation_config.json`` (``<|endoftext|>`` the second)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    chat_template = config.pop("chat_template", None)
+    tok = gpt2_tokenizer()
+    if special_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    eos_ids: list[int] = [GPT2_VOCAB - 1]
+    if end_of_turn is not None:
+        tok.eos_token = end_of_turn
+        eos_ids.insert(0, tok.convert_tokens_to_ids(end_of_turn))
     settings = {**SMOLLM2_135M_SHAPE, **config}
     model_type = settings.pop("model_type")
-    settings.setdefault("vocab_size", GPT2_VOCAB)
+    settings.setdefault("vocab_size", len(tok))
     settings.setdefault("bos_token_id", GPT2_VOCAB - 1)
-    settings.setdefault("eos_token_id", GPT2_VOCAB - 1)
+    settings.setdefault("eos_token_id", eos_ids[0])
     hf_config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config)
+    if len(eos_ids) > 1:
+        model.generation_config = GenerationConfig(bos_token_id=GPT2_VOCAB - 1, eos_token_id=eos_ids)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(staging)
-        tok = gpt2_tokenizer()
         if chat_template is not None:
             tok.chat_template = chat_template
         tok.save_pretrained(staging)
