@@ -66,6 +66,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         dtype=model.dtype,
         max_batch_size=settings.max_batch_size,
         kv_cache_bytes=settings.kv_cache_bytes,
+        max_context=settings.max_context,
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,
@@ -89,7 +90,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(
-        context=served_context(config),
+        context=served_context(config, settings.max_context),
         tokenizer=load_tokenizer(model.path),
         vocab_size=config.get("vocab_size"),
         template=base_chat_template(model.path),
