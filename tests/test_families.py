@@ -177,7 +177,7 @@ def _peft_greedy(model, tok, prompt: str, n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])  # llama-linear: logits above
 def test_greedy_equals_transformers_and_peft(bases: dict[str, Path], family: str, tmp_path: Path):
     """Base, single adapters (per-module ranks), a mixed batch and a weighted composition, fp32."""
     from peft import PeftModel
