@@ -247,6 +247,10 @@ def test_unsupported_model_type_is_one_line(tmp_path: Path):
     message = str(info.value)
     assert "\n" not in message and "'gpt_neox'" in message
     assert "llama, mistral, qwen2, qwen3" in message and "gpt2" in message
+    (tmp_path / "custom").mkdir()  # a model_type transformers itself does not know
+    (tmp_path / "custom" / "config.json").write_text('{"model_type": "my-own-lm"}')
+    with pytest.raises(UnsupportedModel, match="'my-own-lm'"):
+        Engine(tmp_path / "custom", tmp_path / "adapters")
 
 
 def test_unsupported_rope_type_is_refused():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from trainer import artifact
-from trainer.families import base_shape, shape_differences
+from trainer.families import base_shape, family_of_folder, shape_differences
 from trainer.model import load_base_model, load_tokenizer
 from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -88,9 +88,7 @@ class Engine:
         self.dtype = resolve_dtype(device, dtype)
         self.model_path = Path(model_path)
         self.adapter_dir = Path(adapter_dir)
-        from transformers import AutoConfig
-
-        cache_shape(AutoConfig.from_pretrained(str(self.model_path)), max_context)  # refuse before loading
+        family_of_folder(self.model_path)  # an unsupported base is refused before anything loads
         self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
         model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
         shape = cache_shape(model.config, max_context)
