@@ -261,3 +261,30 @@ def test_unsupported_rope_type_is_refused():
     )
     with pytest.raises(UnsupportedModel, match="dynamic"):
         cache_shape(cfg)
+
+
+def test_the_server_refuses_an_unsupported_base_in_one_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    (tmp_path / "neox").mkdir()
+    (tmp_path / "neox" / "config.json").write_text('{"model_type": "gpt_neox", "hidden_size": 32}')
+    args = [
+        "--model",
+        str(tmp_path / "neox"),
+        "--adapter-dir",
+        str(tmp_path / "a"),
+        "--data-dir",
+        str(tmp_path / "d"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", *args, "--port", "8799"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "python -m service: unsupported base model: config.json has model_type='gpt_neox'; "
+        "supported: gpt2, llama, mistral, qwen2, qwen3"
+    ]
