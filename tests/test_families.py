@@ -288,3 +288,18 @@ def test_the_server_refuses_an_unsupported_base_in_one_line(tmp_path: Path):
         "python -m service: unsupported base model: config.json has model_type='gpt_neox'; "
         "supported: gpt2, llama, mistral, qwen2, qwen3"
     ]
+
+
+def test_engine_batch_invariance_on_a_llama_family_base(bases: dict[str, Path], tmp_path: Path):
+    """tests/test_engine.py's mixed-batch test (log-probabilities, penalties, logit_bias and
+    compositions sharing a batch with plain rows, each row equal to itself alone) on a Qwen3 base."""
+    import test_engine
+
+    from trainer.model import load_base_model
+
+    base = bases["qwen3"]
+    hf = load_base_model(base).eval()
+    for i, name in enumerate("abc"):
+        make_lora(base, tmp_path / name, seed=100 + i, model=copy.deepcopy(hf))
+    make_lora(base, tmp_path / "d", seed=104, r=2, rank_pattern={"up_proj": 6}, model=copy.deepcopy(hf))
+    test_engine.test_mixed_batch_greedy_equals_each_alone(Engine(base, tmp_path, max_batch_size=8))
