@@ -45,7 +45,7 @@ import torch
 def build(root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2") -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
 
-    from trainer.families import family_of_folder
+    from loracore.families import family_of_folder
     from trainer.model import (
         DISTILGPT2_SHAPE,
         SMOLLM2_135M_SHAPE,

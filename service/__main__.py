@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         except ModelSourceError as exc:
             print(f"python -m service: {exc}", file=sys.stderr)
             return 2
-        from trainer.families import UnsupportedBase, family_of_folder
+        from loracore.families import UnsupportedBase, family_of_folder
 
         try:
             family_of_folder(base.path)  # refused here, in one line, before any process loads it

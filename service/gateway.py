@@ -58,7 +58,7 @@ class ModelLimits:
     context: int
     tokenizer: Any
     vocab_size: int | None = None  # the model's (config.json); None: the tokenizer's size
-    template: Any = None  # the base's own chat template (trainer.template.ChatTemplate), None if it has none
+    template: Any = None  # the base's own chat template (loracore.template.ChatTemplate), None if it has none
 
     @property
     def vocab(self) -> int:

@@ -54,7 +54,7 @@ class WorkerConfig:
     max_loaded_adapters: int
     status_path: str
     log_level: str = "info"
-    max_context: int | None = None  # the longest row served (trainer.families.served_context)
+    max_context: int | None = None  # the longest row served (loracore.families.served_context)
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -76,7 +76,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def targets_of(base: Path) -> str | list[str]:
-    from trainer.families import family_of_folder
+    from loracore.families import family_of_folder
 
     return "all-linear" if family_of_folder(base).name == "llama" else ["c_attn", "c_proj", "c_fc"]
 

@@ -26,7 +26,7 @@ from conftest import CHATML
 from helpers.adapters import CHECK_PROMPTS, TRAIN_PROMPTS, make_random_lora, train_fixed_sentence_adapter
 from helpers.server import running_server
 
-from trainer.publish import publish_dir, staging_dir
+from loracore.atomic import publish_dir, staging_dir
 
 SENTENCE = "The answer is always forty two."
 QUESTION = "What do you say?"

@@ -274,7 +274,7 @@ def lora_targets_are_conv1d(model, target_modules) -> bool:
 
 def resolve_targets(model_type: str, target_modules):
     """The modules LoRA wraps: the config's, or the base family's default when it names none."""
-    from trainer.families import family_for
+    from loracore.families import family_for
 
     if target_modules is None:
         return list(family_for(model_type).default_targets)

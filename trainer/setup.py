@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, base_chat_template
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import Example, Row, read_examples, split_holdout, tokenize_all
 from trainer.errors import TrainerError
 from trainer.hardware import cpu_has_native_bf16
-from trainer.template import DEFAULT_TEMPLATE, base_chat_template
 
 log = logging.getLogger("trainer")
 
@@ -46,6 +46,7 @@ class Inputs:
     resume_from: Path | None
     allow_random_weights: bool
     job: str | None  # recorded in loraserve.json
+    template: PromptTemplate  # the rows were rendered with it; recorded in loraserve.json for serving
 
 
 @dataclass
@@ -101,6 +102,7 @@ def resolve_inputs(
     checkpoint_dir: str | Path | None = None,
     allow_random_weights: bool = False,
     job: str | None = None,
+    template: PromptTemplate | None = None,
 ) -> Inputs:
     """Config, data rows, output and checkpoint paths, checked before anything heavy is loaded."""
     overrides = list(overrides or [])
@@ -109,8 +111,9 @@ def resolve_inputs(
     cfg = resolve_config(config, overrides)
     data_path = Path(data_path)
     val = Path(val_path) if val_path else None
-    train_examples = read_examples(data_path, DEFAULT_TEMPLATE)
-    val_examples = read_examples(val, DEFAULT_TEMPLATE) if val else None
+    template = template or DEFAULT_TEMPLATE
+    train_examples = read_examples(data_path, template)
+    val_examples = read_examples(val, template) if val else None
     data_sha256 = artifact.file_sha256(data_path, val)
     output = Path(output).absolute()
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output.parent / ".checkpoints" / output.name
@@ -135,6 +138,7 @@ def resolve_inputs(
         resume_from=resume_from,
         allow_random_weights=allow_random_weights,
         job=job,
+        template=template,
     )
 
 
@@ -206,7 +210,7 @@ def _quiet_libraries() -> None:
 
 def setup(inputs: Inputs, started: float) -> Setup:
     """Base model, Accelerate, tokenized rows, LoRA, the step plan, optimizer and scheduler."""
-    from trainer.families import UnsupportedBase, base_shape, family_of_folder
+    from loracore.families import UnsupportedBase, base_shape, family_of_folder
     from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
 
     cfg, t = inputs.cfg, inputs.cfg.training
@@ -225,9 +229,9 @@ def setup(inputs: Inputs, started: float) -> Setup:
     except UnsupportedBase as exc:
         raise TrainerError(str(exc)) from None
     # rows are rendered with the base's own chat template when it has one (what serving uses too)
-    template = base_chat_template(base.path) or DEFAULT_TEMPLATE
+    template = base_chat_template(base.path) or inputs.template
     train_examples, val_examples = inputs.train_examples, inputs.val_examples
-    if template is not DEFAULT_TEMPLATE:
+    if template is not inputs.template:
         try:
             train_examples = read_examples(inputs.data_path, template)
             val_examples = read_examples(inputs.val_path, template) if inputs.val_path else None

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import artifact
-from trainer.families import base_shape, family_of_folder, shape_differences
+from loracore import artifact
+from loracore.families import base_shape, family_of_folder, shape_differences
+from loracore.lora_format import BaseLayout
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.model import load_base_model, load_tokenizer
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
@@ -80,7 +81,7 @@ class Engine:
         measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
         ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
         prefill delays every running row's next token). ``max_context`` caps the context served
-        (default ``trainer.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
+        (default ``loracore.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
         unsupported family raises ``model.UnsupportedModel`` before its weights load."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -105,6 +106,10 @@ class Engine:
         self.runner = make_runner(model, max_rows=self.max_batch_size, max_context=max_context)
         self.n_positions = self.runner.n_positions
         self.shapes = self.runner.module_shapes()
+        # what an adapter must fit: the runner's own layers, by the rules of loracore.lora_format
+        self.layout = BaseLayout(
+            model.config.model_type, tuple(self.shapes), layer_path=self.runner.family.blocks
+        )
         self.base_config = model.config.to_dict()
         self.eos_ids = self._eos_ids(model)
         self.bos_id = (
@@ -148,10 +153,9 @@ class Engine:
         weights_form = parse_adapter(
             cfg,
             weights,
-            self.shapes,
+            self.layout,
             dtype=self.dtype,
             device=self.device,
-            block_key=self.runner.family.block_key,
         )
         return weights_form, digest
 

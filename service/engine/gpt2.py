@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.families import GPT2, check_config, served_context
+from loracore.families import GPT2, check_config, served_context
 
 from .dense import Dense, prepack_supported
 from .lora import LoraPlan

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.families import LLAMA, check_config, served_context
+from loracore.families import LLAMA, check_config, served_context
 
 from .dense import Dense, prepack_supported
 from .lora import LoraPlan

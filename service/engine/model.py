@@ -8,7 +8,7 @@ family's runner (``gpt2.py``, ``llama.py``; ``runners.py`` picks one) supplies t
 blocks and the head; attention over the cache is here, shared. Logits match the Hugging Face
 model's to float rounding (tests/test_engine_parts.py, tests/test_families.py). The engine, batch
 and sampling see only ``SlotRunner``'s methods and attributes, never the family. Which configs
-each family serves is ``trainer.families.check_config``'s decision (the API process refuses the
+each family serves is ``loracore.families.check_config``'s decision (the API process refuses the
 rest at start-up).
 
 Every method that touches the cache runs under ``torch.inference_mode`` (the cache tensors are
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.families import DEFAULT_MAX_CONTEXT, Family, UnsupportedBase  # noqa: F401 (re-exported)
+from loracore.families import DEFAULT_MAX_CONTEXT, Family, UnsupportedBase  # noqa: F401 (re-exported)
 
 from .dense import Dense
 from .lora import LoraPlan

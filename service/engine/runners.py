@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainer.families import Family
-from trainer.families import check_config as check_family
+from loracore.families import Family
+from loracore.families import check_config as check_family
 
 from .gpt2 import GPT2Runner
 from .llama import LlamaRunner

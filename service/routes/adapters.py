@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from loracore.lora_format import BaseLayout
+from loracore.template import base_chat_template
 from service.adapters import store
 from service.errors import ApiError
 from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
@@ -16,7 +18,6 @@ from service.schemas import AdapterInfo, AdapterList, Deleted
 from service.served_model import ServedModel
 from service.settings import Settings
 from service.worker_status import read_status
-from trainer.template import base_chat_template
 
 
 def _loaded_adapters(settings: Settings) -> frozenset[str]:
@@ -24,9 +25,7 @@ def _loaded_adapters(settings: Settings) -> frozenset[str]:
     return frozenset(status.get("loaded_adapters") or [])
 
 
-def register_adapter_routes(
-    app: FastAPI, settings: Settings, shape: store.BaseShape, model: ServedModel
-) -> None:
+def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout, model: ServedModel) -> None:
     adapter_dir = settings.adapter_dir
     base_template = base_chat_template(model.path)  # shown as the template chat renders with
 
@@ -91,7 +90,7 @@ def register_adapter_routes(
         template = store.parse_template(template_field)
 
         def validate_and_publish() -> bool:
-            store.validate_upload(config_raw, weights_raw, shape)
+            store.validate_upload(config_raw, weights_raw, layout)
             return store.publish(
                 adapter_dir,
                 name,

@@ -99,8 +99,8 @@ def greedy_answers(base: Path, adapter: Path | None, prompts: list[str], max_new
     import torch
     from peft import PeftModel
 
+    from loracore.template import DEFAULT_TEMPLATE, base_chat_template
     from trainer.model import load_base_model, load_tokenizer
-    from trainer.template import DEFAULT_TEMPLATE, base_chat_template
 
     template = base_chat_template(base) or DEFAULT_TEMPLATE
 

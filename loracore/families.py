@@ -2,9 +2,10 @@
 
 One table says, per family: which ``model_type`` values belong to it, where its blocks live, which
 block modules LoRA may target (the module paths inside a block, as PEFT names them), and which the
-trainer targets by default. The engine's runners (``service/engine``), the adapter parser and the
-trainer all read it, so a family's LoRA targets have one owner. No torch here: the API processes
-read it to refuse an unsupported base at start-up.
+trainer targets by default; and which configs are served at all (``check_config``) and with how much
+context. The modules' shapes, and what an adapter folder may hold, are ``lora_format``'s (its
+``BaseLayout`` reads this table). The engine's runners, the upload check and the trainer all ask
+here. No torch: the API process refuses an unsupported base with it at start-up.
 """
 
 from __future__ import annotations
@@ -146,39 +147,6 @@ def read_config(folder: str | Path) -> dict:
 def family_of_folder(folder: str | Path) -> Family:
     """The base folder's family, checked as ``check_config`` does."""
     return check_config(read_config(folder))
-
-
-def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """``(in_features, out_features)`` of each LoRA-targetable module of a block, from ``config.json``."""
-    family = check_config(config)
-    if family is GPT2:
-        d = int(config["n_embd"])
-        inner = int(config.get("n_inner") or 4 * d)
-        return {
-            "attn.c_attn": (d, 3 * d),
-            "attn.c_proj": (d, d),
-            "mlp.c_fc": (d, inner),
-            "mlp.c_proj": (inner, d),
-        }
-    h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    dim = int(config.get("head_dim") or h // heads)
-    inner = int(config["intermediate_size"])
-    return {
-        "self_attn.q_proj": (h, heads * dim),
-        "self_attn.k_proj": (h, kv * dim),
-        "self_attn.v_proj": (h, kv * dim),
-        "self_attn.o_proj": (heads * dim, h),
-        "mlp.gate_proj": (h, inner),
-        "mlp.up_proj": (h, inner),
-        "mlp.down_proj": (inner, h),
-    }
-
-
-def num_layers(config: dict) -> int:
-    return int(
-        config["n_layer"] if family_for(config.get("model_type")) is GPT2 else config["num_hidden_layers"]
-    )
 
 
 def base_shape(config: dict) -> dict:

@@ -73,6 +73,15 @@ class PromptTemplate:
             raise ValueError("the last message must not be from the assistant")
         return "".join(text for text, _ in self.render_chat(messages))
 
+    def turn_stops(self) -> list[str]:
+        """Where the template would start the next user turn: a chat reply ends there."""
+        user_head = self.user.partition("{content}")[0].rstrip()
+        return [self.turn_separator + user_head] if user_head else []
+
+    def answer_prefix(self) -> str:
+        """What the template puts between ``Assistant:`` and the answer (a space): not part of the reply."""
+        return self.assistant_answer.partition("{content}")[0]
+
 
 DEFAULT_TEMPLATE = PromptTemplate()
 
@@ -149,6 +158,15 @@ class ChatTemplate:
         if messages and messages[-1]["role"] == "assistant":
             raise ValueError("the last message must not be from the assistant")
         return self._render(messages, True)
+
+    def turn_stops(self) -> list[str]:
+        """A chat reply ends where the template's end-of-turn marker starts (besides the base's EOS)."""
+        end = self.turn_end()
+        return [end] if end else []
+
+    def answer_prefix(self) -> str:
+        """Nothing between the generation prompt and the answer is the template's own."""
+        return ""
 
     def turn_end(self) -> str:
         """The text the template puts right after an assistant answer, stripped (ChatML:
