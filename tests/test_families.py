@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_engine import greedy, request, run, solo
 
+from loracore.lora_format import BaseLayout
 from service.engine import Engine
 from service.engine.lora import LoraPlan, parse_adapter, read_adapter_files
 from service.engine.model import UnsupportedModel
@@ -147,14 +148,8 @@ def test_lora_logits_equal_peft(bases: dict[str, Path], family: str, tmp_path: P
     model = load_base_model(base).eval()
     runner = make_runner(model, max_rows=2)
     cfg, weights, _ = read_adapter_files(tmp_path / "ad")
-    w = parse_adapter(
-        cfg,
-        weights,
-        runner.module_shapes(),
-        dtype=torch.float32,
-        device="cpu",
-        block_key=runner.family.block_key,
-    )
+    layout = BaseLayout(runner.family.name, tuple(runner.module_shapes()), layer_path=runner.family.blocks)
+    w = parse_adapter(cfg, weights, layout, dtype=torch.float32, device="cpu")
     assert len(w.target_modules) == 7 and w.rank == 6
     assert w.layers[0]["mlp.down_proj"][0].shape[1] == 2 and w.layers[0]["self_attn.q_proj"][0].shape[1] == 6
     peft = PeftModel.from_pretrained(load_base_model(base), tmp_path / "ad").eval()
