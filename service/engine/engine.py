@@ -146,7 +146,8 @@ class Engine:
                 trained_on = record.base.get("name") or record.base_model or "another base"
                 raise AdapterFormatError(
                     f"it was trained on {trained_on}, whose shape differs from the served base: "
-                    + "; ".join(differs)
+                    + "; ".join(differs),
+                    artifact.RECORD_FILE,
                 )
         cfg, weights, _st = read_adapter_files(folder)
         digest = hashlib.sha256(weights).hexdigest()  # the version id of exactly these bytes
