@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(60):
         t0 = time.perf_counter()
         cfg, w, _ = read_adapter_files(adapter_dir / names[i % len(names)])
-        parse_adapter(cfg, w, engine.shapes, dtype=engine.dtype, device=engine.device)
+        parse_adapter(cfg, w, engine.layout, dtype=engine.dtype, device=engine.device)
         loads_ms.append((time.perf_counter() - t0) * 1e3)
     loads_ms.sort()
     # the sampler's side of the mask: unpack and apply 8 rows' bitmasks to a [batch, vocab] logits
