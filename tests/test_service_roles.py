@@ -93,6 +93,7 @@ def test_serve_queues_jobs_a_runner_trains_them_and_serve_serves_the_adapter(tin
                 assert error["code"] == "generation_not_served" and "'runner'" in error["message"], error
                 assert "Retry-After" not in r.headers  # retrying this server will not help
             assert httpx.post(f"{runner.url}/generate", json=gen).status_code == 401  # still needs the key
+            assert httpx.get(f"{runner.url}/ui/").status_code == 200  # the web console, open as on serve
             # No LitServe (no forked API servers, no generation worker): main + the job runner.
             runner_tree = _tree(runner)
             main = runner_tree[runner.proc.pid]

@@ -7,6 +7,7 @@ jobs.py      /train*, /datasets
 files.py     /v1/files* (OpenAI's Files API over the datasets)
 fine_tuning.py  /v1/fine_tuning/jobs* (OpenAI's fine-tuning API over the native jobs)
 health.py    GET /health, /health/ready, /metrics
+console.py   GET /ui (the web console's static files, service/console/)
 """
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
