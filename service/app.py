@@ -39,6 +39,7 @@ from service.litserve_glue import Server, WorkerExit, build_litserver
 from service.routes.adapters import register_adapter_routes
 from service.routes.console import register_console_routes
 from service.routes.eval import register_eval_routes
+from service.routes.export import register_export_routes
 from service.routes.files import register_file_routes
 from service.routes.fine_tuning import register_fine_tuning_routes
 from service.routes.generate import register_generate_routes, register_no_generation_routes
@@ -145,6 +146,7 @@ def _common_routes(app: FastAPI, settings: Settings, model: ServedModel) -> None
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     auth = make_auth_dependency(api_key)
     register_adapter_routes(app, settings, BaseLayout.from_model_dir(model.path), model)
+    register_export_routes(app, settings, model)
     register_job_routes(app, settings, auth)
     register_file_routes(app, settings, auth)
     register_fine_tuning_routes(app, settings, auth, model)

@@ -229,3 +229,16 @@ def test_fits_table_is_computed_from_the_configs() -> None:
     # KV bytes per token: 2 x layers x KV heads x head dim x 2 bytes (grouped-query attention caches fewer)
     assert rows["Qwen2.5-0.5B"]["kv_kib_per_token"] == 2 * 24 * 2 * 64 * 2 / 1024
     assert "| SmolLM2-135M |" in fits.markdown()
+
+
+def test_interop_benchmark_is_a_bench_command() -> None:
+    """The llama.cpp check (not run here: it builds llama.cpp) keeps its command and options."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "interop", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m bench interop" in proc.stdout and "--max-new-tokens" in proc.stdout
