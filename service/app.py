@@ -27,7 +27,9 @@ from fastapi import FastAPI
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loracore.families import served_context
 from loracore.lora_format import BaseLayout
+from loracore.template import base_chat_template
 from service import metrics
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
@@ -67,6 +69,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         dtype=model.dtype,
         max_batch_size=settings.max_batch_size,
         kv_cache_bytes=settings.kv_cache_bytes,
+        max_context=settings.max_context,
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,
@@ -90,9 +93,10 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(
-        context=int(config.get("n_positions", 1024)),
+        context=served_context(config, settings.max_context),
         tokenizer=load_tokenizer(model.path),
         vocab_size=config.get("vocab_size"),
+        template=base_chat_template(model.path),
     )
 
     install_error_handlers(app)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, Template
 from service import structured
 from service.errors import ApiError, domain_error, error_body, http_status
 from service.litserve_glue import (
@@ -59,6 +59,7 @@ class ModelLimits:
     context: int
     tokenizer: Any
     vocab_size: int | None = None  # the model's (config.json); None: the tokenizer's size
+    template: Any = None  # the base's own chat template (loracore.template.ChatTemplate), None if it has none
 
     @property
     def vocab(self) -> int:
@@ -126,10 +127,15 @@ def resolve_targets(
 
 
 def template_of(
-    target: ResolvedTarget | None, composition: list[tuple[ResolvedTarget, float]] | None = None
-) -> PromptTemplate:
-    """The prompt template a request renders with: its adapter's, a composition's first adapter's, or
-    the default one for the base."""
+    target: ResolvedTarget | None,
+    composition: list[tuple[ResolvedTarget, float]] | None = None,
+    base: Template | None = None,
+) -> Template:
+    """The prompt template a request renders with (``loracore.template.choose_template``): the base's own
+    chat template ``base`` when it has one, else its adapter's, a composition's first adapter's, or the
+    default one for the base."""
+    if base is not None:
+        return base
     if composition:
         return composition[0][0].template
     return target.template if target is not None else DEFAULT_TEMPLATE

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loracore.artifact import VERSION_SEP
-from loracore.template import PromptTemplate
+from loracore.template import Template
 
 # Bounds of the sampling parameters a job may carry (the routes' schemas and the engine check them)
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
@@ -40,6 +40,8 @@ ERROR_PARAMS: dict[str, str | None] = {
     "adapter_not_found": "adapter",  # e.g. deleted between acceptance and admission
     "prompt_too_long": "prompt",
     "invalid_request": None,  # sampling parameters the engine refused
+    # the adapter's folder is not one this base can serve (another base's shape, unsupported options)
+    "invalid_adapter": "adapter",
     "timeout": None,  # the request's deadline passed
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)
@@ -115,7 +117,7 @@ class ResolvedTarget:
 
     name: str
     version_id: str  # the sha256 of the version's weights
-    template: PromptTemplate
+    template: Template
 
     @property
     def ref(self) -> str:

@@ -54,6 +54,7 @@ class WorkerConfig:
     max_loaded_adapters: int
     status_path: str
     log_level: str = "info"
+    max_context: int | None = None  # the longest row served (loracore.families.served_context)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -101,6 +102,7 @@ class EngineAPI(ls.LitAPI):
                 max_batch_size=cfg.max_batch_size,
                 kv_cache_bytes=cfg.kv_cache_bytes,
                 max_loaded_adapters=cfg.max_loaded_adapters,
+                max_context=cfg.max_context,
             )
         except Exception as exc:
             write_status(

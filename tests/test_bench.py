@@ -219,6 +219,18 @@ def test_serve_mix_benchmark_smoke(tmp_path: Path) -> None:
     assert "Composed and constrained traffic" in (out / "results.md").read_text()
 
 
+def test_fits_table_is_computed_from_the_configs() -> None:
+    from bench import fits
+
+    rows = {r["base"]: r for r in map(fits.row, fits.BASES)}
+    # public parameter counts, recomputed from the configs (norms and biases left out)
+    assert round(rows["gpt2"]["params_m"]) == 124 and round(rows["SmolLM2-135M"]["params_m"]) == 134
+    assert round(rows["Llama-3.2-1B"]["params_m"]) == 1236 and round(rows["Qwen2.5-0.5B"]["params_m"]) == 494
+    # KV bytes per token: 2 x layers x KV heads x head dim x 2 bytes (grouped-query attention caches fewer)
+    assert rows["Qwen2.5-0.5B"]["kv_kib_per_token"] == 2 * 24 * 2 * 64 * 2 / 1024
+    assert "| SmolLM2-135M |" in fits.markdown()
+
+
 def test_interop_benchmark_is_a_bench_command() -> None:
     """The llama.cpp check (not run here: it builds llama.cpp) keeps its command and options."""
     proc = subprocess.run(

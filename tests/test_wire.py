@@ -47,6 +47,7 @@ def test_every_error_code_has_a_status() -> None:
         "adapter_not_found": 404,
         "prompt_too_long": 400,
         "invalid_request": 422,
+        "invalid_adapter": 422,
         "timeout": 504,
         "generation_failed": 500,
         "worker_restarted": 503,

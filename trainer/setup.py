@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loracore import artifact
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, base_chat_template
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import Example, Row, read_examples, split_holdout, tokenize_all
@@ -70,6 +70,8 @@ class Setup:
     total_steps: int
     autocast_dtype: str  # "fp32" | "fp16" | "bf16": what training computes in
     started: float  # time.time() when the model work began (the summary's wall time)
+    base_record: dict | None = None  # the base's shape and name, for the adapter's record
+    template: Any = DEFAULT_TEMPLATE  # what rendered the rows: the base's chat template, else the default
 
     @property
     def cfg(self) -> TrainConfig:
@@ -208,6 +210,7 @@ def _quiet_libraries() -> None:
 
 def setup(inputs: Inputs, started: float) -> Setup:
     """Base model, Accelerate, tokenized rows, LoRA, the step plan, optimizer and scheduler."""
+    from loracore.families import UnsupportedBase, base_shape, family_of_folder
     from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
 
     cfg, t = inputs.cfg, inputs.cfg.training
@@ -221,6 +224,19 @@ def setup(inputs: Inputs, started: float) -> Setup:
         base = resolve_base(name, allow_random=inputs.allow_random_weights)
     except Exception as exc:  # ModelSourceError and friends: one line for the user
         raise TrainerError(str(exc)) from None
+    try:
+        family_of_folder(base.path)
+    except UnsupportedBase as exc:
+        raise TrainerError(str(exc)) from None
+    # rows are rendered with the base's own chat template when it has one (what serving uses too)
+    template = base_chat_template(base.path) or inputs.template
+    train_examples, val_examples = inputs.train_examples, inputs.val_examples
+    if template is not inputs.template:
+        try:
+            train_examples = read_examples(inputs.data_path, template)
+            val_examples = read_examples(inputs.val_path, template) if inputs.val_path else None
+        except ValueError as exc:
+            raise TrainerError(f"the base's chat template cannot render the rows: {exc}") from None
 
     import torch
     from accelerate import Accelerator
@@ -250,10 +266,13 @@ def setup(inputs: Inputs, started: float) -> Setup:
     # --- tokenizer, base weights, data
     tokenizer = load_tokenizer(base.path)
     base_model = load_base_model(base.path)
-    max_len = min(t.max_seq_length, getattr(base_model.config, "n_positions", t.max_seq_length))
-    train_rows = tokenize_all(inputs.train_examples, tokenizer, max_len, name=str(inputs.data_path))
-    if inputs.val_examples is not None:
-        eval_rows = tokenize_all(inputs.val_examples, tokenizer, max_len, name=str(inputs.val_path))
+    context = getattr(base_model.config, "n_positions", None) or getattr(
+        base_model.config, "max_position_embeddings", t.max_seq_length
+    )
+    max_len = min(t.max_seq_length, context)
+    train_rows = tokenize_all(train_examples, tokenizer, max_len, name=str(inputs.data_path))
+    if val_examples is not None:
+        eval_rows = tokenize_all(val_examples, tokenizer, max_len, name=str(inputs.val_path))
     else:
         train_rows, eval_rows = split_holdout(train_rows, t.eval_fraction, t.seed)
 
@@ -314,6 +333,8 @@ def setup(inputs: Inputs, started: float) -> Setup:
         total_steps=total_steps,
         autocast_dtype=autocast_dtype,
         started=started,
+        base_record={**base_shape(base_model.config.to_dict()), "name": name},
+        template=template,
     )
 
 

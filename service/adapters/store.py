@@ -25,7 +25,7 @@ from typing import Any
 from loracore import artifact, lora_format
 from loracore.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
 from loracore.lora_format import BaseLayout
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, Template, choose_template
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
@@ -94,7 +94,7 @@ def resolve_target(
         if record.sha256 == version.id or (
             record.sha256 is None and artifact.weights_digest(version.folder) == version.id
         ):
-            template = PromptTemplate.from_dict(record.template) if record.template else DEFAULT_TEMPLATE
+            template = choose_template(None, record.template)
             return ResolvedTarget(artifact.split_ref(ref)[0], version.id, template)
         ref = f"{artifact.split_ref(ref)[0]}{artifact.VERSION_SEP}{version.id}"  # replaced meanwhile: pin
     raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
@@ -128,7 +128,12 @@ def read_record(adapter_dir: Path, name: str) -> artifact.Record:
     return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
 
 
-def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:
+def info(
+    adapter_dir: Path,
+    name: str,
+    loaded: set[str] | frozenset[str] = frozenset(),
+    base_template: Template | None = None,
+) -> AdapterInfo:
     check_name(name)
     folder = adapter_path(adapter_dir, name)
     if not exists(adapter_dir, name):
@@ -140,7 +145,7 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
     record = read_record(adapter_dir, name)
     created = _created(record, folder)
-    template = record.template if record.template is not None else DEFAULT_TEMPLATE.to_dict()
+    template = choose_template(base_template, record.template).to_dict()  # the one chat renders with
     kept = [i for v in artifact.versions(adapter_dir, name) if (i := _version_info(v)) is not None]
     return AdapterInfo(
         name=name,
@@ -170,11 +175,13 @@ def _version_info(version: artifact.Version) -> AdapterVersion | None:
     return AdapterVersion(id=version.id, created=created, size_bytes=size, current=version.current)
 
 
-def list_infos(adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset()) -> list[AdapterInfo]:
+def list_infos(
+    adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset(), base_template: Template | None = None
+) -> list[AdapterInfo]:
     out = []
     for name in names(adapter_dir):
         try:
-            out.append(info(adapter_dir, name, loaded))
+            out.append(info(adapter_dir, name, loaded, base_template))
         except ApiError:  # vanished between listing and reading
             continue
     return out

@@ -56,7 +56,13 @@ class CacheActivity:
 
 
 class AdapterError(RuntimeError):
-    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter."""
+    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter.
+    ``code`` is the loader's error code when the folder itself is at fault (``invalid_adapter``:
+    it does not fit this base), None for a failure of ours."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class AdapterCache:
@@ -196,7 +202,9 @@ class AdapterCache:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}") from exc
+            raise AdapterError(
+                f"adapter {name!r} cannot be loaded: {exc}", getattr(exc, "code", None)
+            ) from exc
         if digest != version.id and not version.current:  # a kept copy is never rewritten
             raise AdapterError(f"adapter {name!r}: kept version {version.id[:16]} does not match its weights")
         # a current folder replaced between resolving and reading: keyed by what was read

@@ -86,12 +86,14 @@ def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
     return read_dataset_rows(settings, req.dataset), "dataset"
 
 
-def _prompts(rows: list[Any], param: str, targets: dict[str, ResolvedTarget | None]):
+def _prompts(
+    rows: list[Any], param: str, targets: dict[str, ResolvedTarget | None], base_template: Any = None
+):
     """[(row index, reference, {adapter key: rendered prompt})] for the rows that have a prompt part."""
     from trainer.data import parse_row
     from trainer.errors import TrainerError
 
-    templates = {key: template_of(target) for key, target in targets.items()}
+    templates = {key: template_of(target, base=base_template) for key, target in targets.items()}
     out = []
     for i, row in enumerate(rows):
         where = f"{param}[{i}]"
@@ -180,7 +182,7 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
 
         targets = _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)
-        items = await run_in_threadpool(_prompts, rows, param, targets)
+        items = await run_in_threadpool(_prompts, rows, param, targets, limits.template)
         jobs, max_new = await run_in_threadpool(
             _prepare_jobs, settings, limits, items, targets, client.max_in_flight
         )

@@ -60,7 +60,8 @@ def register_generate_routes(
         target, parts = resolve_targets(
             settings.adapter_dir, settings.keep_adapter_versions, body.adapter, composition
         )
-        prompt = body.prompt if body.raw else template_of(target, parts).render_prompt(body.prompt)
+        template = template_of(target, parts, limits.template)
+        prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = SamplingParams(
             max_new_tokens=body.max_new_tokens or settings.default_max_new_tokens,
             temperature=body.temperature,

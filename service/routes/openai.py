@@ -10,9 +10,10 @@ event of every choice before it sends its 200: an error found before the first t
 model, bad parameters, prompt too long, overload) is a real 4xx/5xx status with the envelope.
 
 Completions send the prompt as is (no template), as OpenAI's legacy endpoint does. Chat renders
-the messages with the template the trainer recorded for the adapter (the default one for the
-base), stops where the template would start the next user turn, and drops the template's answer
-prefix (the space after ``Assistant:``) from the reply.
+the messages with the base's own Jinja chat template when it has one, else the template the
+trainer recorded for the adapter, else the default one (``loracore.template.choose_template``),
+stops where the template would start the next user turn (a chat template: its end-of-turn
+marker), and drops the template's answer prefix (the space after ``Assistant:``) from the reply.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from loracore.template import PromptTemplate
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
@@ -80,11 +80,6 @@ class Target:
 
     adapter: ResolvedTarget | None
     composition: list[tuple[ResolvedTarget, float]] | None
-
-    @property
-    def template(self) -> PromptTemplate:
-        """The template chat renders with: the adapter version's, or a composition's first one's."""
-        return template_of(self.adapter, self.composition)
 
 
 # --- fan-out: one engine job per choice ------------------------------------------------------------
@@ -487,10 +482,11 @@ def register_openai_routes(
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Chat: the messages are rendered with the adapter's recorded prompt template."""
+        """Chat: the messages are rendered with the base's own chat template when it has one, else the
+        adapter's recorded prompt template, else the default one."""
         include_usage = check_stream_options(body)
         wanted = target(body)
-        template = wanted.template
+        template = template_of(wanted.adapter, wanted.composition, limits.template)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
