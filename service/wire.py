@@ -44,6 +44,9 @@ class ErrorKind:
 ERRORS: dict[str, ErrorKind] = {
     "adapter_not_found": ErrorKind(404, "adapter"),  # e.g. deleted between acceptance and admission
     "prompt_too_long": ErrorKind(400, "prompt"),
+    # the adapter exists but cannot be served (bad shapes for this base, corrupt or truncated weights,
+    # non-finite values, a config the engine cannot honour): the adapter's fault, not the server's
+    "invalid_adapter": ErrorKind(422, "adapter"),
     "invalid_request": ErrorKind(422),  # sampling parameters the engine refused
     "timeout": ErrorKind(504),  # the request's deadline passed
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed

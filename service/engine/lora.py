@@ -65,6 +65,10 @@ def _check_config(cfg: dict) -> None:
         problems.append("alpha_pattern is not supported")
     if "r" not in cfg or "lora_alpha" not in cfg:
         problems.append("adapter_config.json lacks r or lora_alpha")
+    else:
+        alpha = cfg["lora_alpha"]
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+            problems.append(f"lora_alpha must be a positive number, got {alpha!r}")
     if problems:
         raise AdapterFormatError("; ".join(problems))
 
@@ -116,7 +120,7 @@ def parse_adapter(
             raise AdapterFormatError(f"h.{layer}.{module} has lora_{''.join(pair)} but not both A and B")
         a, b = pair["A"], pair["B"]
         fan_in, fan_out = shapes[layer][module]
-        r = a.shape[0]
+        r = a.shape[0] if a.ndim else 0
         if a.ndim != 2 or b.ndim != 2 or a.shape != (r, fan_in) or b.shape != (fan_out, r) or r < 1:
             raise AdapterFormatError(
                 f"h.{layer}.{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "

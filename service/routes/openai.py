@@ -287,7 +287,8 @@ def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
 
 def _raiser(choice: Choice) -> Callable[[Event], None]:
     """Raise for a choice's error event: an adapter deleted after validation is OpenAI's
-    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition."""
+    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition;
+    an adapter that cannot be loaded stays ``invalid_adapter``, pointing at ``model``."""
     return raise_for_event if choice.sub.job.adapters is not None else _raise_for
 
 
@@ -295,6 +296,8 @@ def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
         raise ApiError(err.status, "model_not_found", err.message, "model")
+    if err is not None and err.code == "invalid_adapter":  # ``model`` named the adapter
+        raise ApiError(err.status, err.code, err.message, "model")
     raise_for_event(event)
 
 
