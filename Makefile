@@ -24,7 +24,7 @@ install: $(STAMP)
 # it fail naming it.
 test-tools:
 	@missing=""; \
-	if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then missing="prometheus"; fi; \
+	if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then missing=" prometheus"; fi; \
 	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
 		missing="$$missing postgresql"; fi; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
