@@ -100,7 +100,6 @@ def prepare_job(
     adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
     composition: list[tuple[str, float]] | None = None,
-    keep_versions: int = 0,
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
@@ -108,22 +107,21 @@ def prepare_job(
     ``params`` are SamplingParams fields; ``composition`` is ``(name, weight)`` per entry of a
     weighted composition (then ``adapter`` is None). Every check here uses only the disk and the
     tokenizer. ``adapter`` and each composition name are ``name`` (the newest version) or
-    ``name@<version id prefix>``; ``keep_versions`` is the server's ``keep_adapter_versions``
-    (``store.resolve``).
+    ``name@<version id prefix>`` (``store.resolve``; a read).
     """
     from service.adapters import store
 
     if adapter is not None:
         store.check_ref(adapter, adapter_param)
         try:
-            store.resolve(adapter_dir, adapter, keep_versions, adapter_param)
+            store.resolve(adapter_dir, adapter, adapter_param)
         except ApiError as exc:
             raise api_error(WireError("adapter_not_found", exc.message, adapter_param)) from None
     for i, (name, _) in enumerate(composition or []):
         param = f"adapters.{i}.name"
         store.check_ref(name, param)
         try:
-            store.resolve(adapter_dir, name, keep_versions, param)
+            store.resolve(adapter_dir, name, param)
         except ApiError as exc:
             raise api_error(WireError("adapter_not_found", exc.message, param)) from None
     max_new = params["max_new_tokens"]

@@ -2,9 +2,9 @@
 
 ``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``trainer.artifact``).
 A folder that appears there is servable on its next request: nothing here caches the listing.
-Earlier versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``trainer.artifact``): a publish
-keeps the one it replaces, and the first request that sees a version keeps it too (a folder replaced
-by hand keeps its predecessor that way), up to ``keep`` earlier versions per adapter.
+Versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``trainer.artifact``): written once at
+publish, the name's folder hard links to the current one, up to ``keep`` earlier versions per adapter.
+Resolving a request's adapter only reads.
 Uploads are validated without torch and without pickle (the safetensors header is parsed by hand),
 staged and renamed in atomically by ``trainer.artifact``, so a name is always absent or a complete
 adapter.
@@ -96,20 +96,14 @@ def not_found_message(adapter_dir: Path, ref: str) -> str:
     )
 
 
-def resolve(adapter_dir: Path, ref: str, keep: int | None = None, param: str = "adapter") -> artifact.Version:
+def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Version:
     """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
-
-    With ``keep`` (the server's ``keep_adapter_versions``) the current version is kept as a copy the
-    first time it is seen, so replacing the folder by hand leaves it servable as ``name@<id>``.
-    """
+    A read: the request path never writes to the adapter directory (a folder dropped in by hand is
+    stored as a version by the watcher, ``service.adapters.watcher``)."""
     check_ref(ref, param)
     version = artifact.resolve(adapter_dir, ref)
     if version is None:
         raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
-    if keep and version.current:
-        name = artifact.split_ref(ref)[0]
-        if not (artifact.versions_dir(adapter_dir, name) / version.id).is_dir():
-            artifact.keep_version(adapter_dir, name, keep, replacing=False)
     return version
 
 
@@ -427,10 +421,11 @@ def publish(
     base_model: str,
     keep: int = 0,
 ) -> bool:
-    """Write a validated adapter to staging and rename it in; True if the name was new.
+    """Write a validated adapter to staging and publish it as the current version; True if the name
+    was new.
 
-    The version it replaces is kept first (``keep`` earlier versions at most), so requests pinned to
-    it keep working."""
+    The version it replaces stays stored (``keep`` earlier versions at most), so requests pinned to
+    it keep working (``artifact.publish_version``)."""
     final = adapter_path(Path(adapter_dir), name)
     try:
         with artifact.staged(final, f"upload-{name}") as staging:
@@ -442,9 +437,7 @@ def publish(
             )
             artifact.write_record(staging, record)
             created = not final.exists()
-            if not created:
-                artifact.keep_version(adapter_dir, name, keep, replacing=True)
-            artifact.publish(staging, final)  # verify, seal the record with the weights' sha256, rename
+            artifact.publish_version(staging, Path(adapter_dir), name, keep)
     except BaseException as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(

@@ -57,7 +57,7 @@ def _check_adapters(settings: Settings, adapters: list[str | None]) -> None:
     for i, name in enumerate(adapters):
         param = f"adapters[{i}]"
         if name is not None:  # name, or name@<version id prefix>
-            store.resolve(settings.adapter_dir, name, settings.keep_adapter_versions, param)
+            store.resolve(settings.adapter_dir, name, param)
         key = key_of(name)
         if key in seen:
             raise ApiError(

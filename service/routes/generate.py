@@ -88,7 +88,6 @@ def register_generate_routes(
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
             composition=composition,
-            keep_versions=settings.keep_adapter_versions,
         )
         client.reserve(job)
         sub = client.submit(job, request)

@@ -493,7 +493,6 @@ def register_openai_routes(
                         request_timeout=settings.request_timeout,
                         adapter_param="model",
                         max_tokens_param=max_tokens_param,
-                        keep_versions=settings.keep_adapter_versions,
                     )
                 except ApiError as exc:
                     if exc.code == "prompt_too_long" and len(prompts) > 1:
