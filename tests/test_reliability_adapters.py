@@ -3,12 +3,14 @@ directory (``PUT`` refuses all of these, so they can only arrive that way) for a
 with more layers than the base, truncated or corrupt weights, NaN values, a 0-d tensor, and configs
 the engine cannot honour. Every request naming one answers ``422 invalid_adapter`` naming the adapter
 and the reason (``param`` ``adapter``; ``model`` on the OpenAI routes), streamed or not, never a 5xx,
-and the requests sharing the batch with them get exactly the text they get alone.
+and the requests sharing the batch with them get exactly the text they get alone. ``PUT`` refuses the
+same files with ``422`` (one rule table, ``loracore.lora_format``: ``alpha_pattern`` among them).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import FIXED_SENTENCES
 
 from bench.adapters import lora_files, upload_files
 from tests.helpers.server import Server, running_server
@@ -66,14 +69,18 @@ def _broken() -> dict[str, tuple[bytes, bytes, str]]:
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def srv(
+    tiny_base: Path, trained_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("rel-adapters")
     adapters = root / "adapters"
+    for name, folder in trained_adapters.items():  # they answer with known sentences (conftest)
+        shutil.copytree(folder, adapters / name)
     for name, (config, weights, _) in _broken().items():
         (adapters / name).mkdir(parents=True)
         (adapters / name / "adapter_config.json").write_bytes(config)
         (adapters / name / "adapter_model.safetensors").write_bytes(weights)
-    args = ["--max-batch-size", "16", "--request-timeout", "60"]
+    args = ["--max-batch-size", "16", "--request-timeout", "300"]  # admission by load: room for all
     with running_server(tiny_base, adapters, root / "data", args=args) as s:
         with s.client() as c:
             r = c.put("/adapters/good", files=upload_files(*lora_files(N_LAYER, N_EMBD, seed=1, scale=0.5)))
@@ -107,24 +114,32 @@ def test_an_adapter_that_cannot_be_loaded_is_422_on_every_route(srv: Server, nam
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_adapter", r.text[:400]
         # the adapter is still listed (it is there), and the server still serves
         assert c.post("/generate", json={**body, "adapter": "good"}).status_code == 200
+        # one rule decides (loracore.lora_format): the same files are refused at upload, naming the problem
+        config, weights, _ = _broken()[name]
+        r = c.put(f"/adapters/{name}-upload", files=upload_files(config, weights))
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] in ("invalid_adapter", "invalid_upload"), r.text
+        assert r.json()["error"]["param"] in ("adapter_config", "adapter_model"), r.text
+        assert c.get(f"/adapters/{name}-upload").status_code == 404
 
 
 def test_batch_mates_of_a_broken_adapter_are_unaffected(srv: Server) -> None:
+    """Rows on trained adapters share the batch with requests on every broken one: each answers its
+    adapter's sentence (argmax margins too large for batch composition to flip a token)."""
     good = [
-        {"prompt": f"Tell me about {topic}", "adapter": adapter, "max_new_tokens": 24, "temperature": 0}
-        for topic in ("the sea", "the moon", "rain")
-        for adapter in ("good", None)
+        {"prompt": prompt, "adapter": adapter, "max_new_tokens": 24, "temperature": 0}
+        for prompt in ("Where do penguins live?", "hi", "Compose a limerick.")
+        for adapter in FIXED_SENTENCES
     ]
-    broken = [{"prompt": "Hello", "adapter": name, "max_new_tokens": 24} for name in _broken()]
-    with srv.client() as c:
-        alone = [c.post("/generate", json=b).json()["text"] for b in good]
-        with ThreadPoolExecutor(len(good) + len(broken)) as pool:
-            futures = [pool.submit(c.post, "/generate", json=b) for b in [*good, *broken]]
-            answers = [f.result() for f in futures]
-        together = [r.json()["text"] for r in answers[: len(good)]]
-        assert [r.status_code for r in answers[: len(good)]] == [200] * len(good)
-        assert together == alone
-        assert [r.status_code for r in answers[len(good) :]] == [422] * len(broken)
+    broken = [{"prompt": "Hello", "adapter": name, "max_new_tokens": 1} for name in _broken()]
+    with srv.client() as c, ThreadPoolExecutor(len(good) + len(broken)) as pool:
+        futures = [pool.submit(c.post, "/generate", json=b) for b in [*good, *broken]]
+        answers = [f.result() for f in futures]
         metrics = c.get("/metrics").text
+    assert [r.status_code for r in answers[: len(good)]] == [200] * len(good)
+    assert [r.json()["text"].strip() for r in answers[: len(good)]] == [
+        FIXED_SENTENCES[b["adapter"]] for b in good
+    ]
+    assert [r.status_code for r in answers[len(good) :]] == [422] * len(broken)
     five_xx = [line for line in metrics.splitlines() if 'status="5' in line and not line.startswith("#")]
     assert not five_xx, five_xx

@@ -27,8 +27,8 @@ import pytest
 
 from bench.adapters import lora_files, upload_files
 from bench.soak import TRAIN_ROWS
+from loracore import artifact
 from tests.helpers.server import running_server
-from trainer import artifact
 
 KEY = "faults-" + "5eb1" * 6
 TMPFS = "4m"

@@ -5,7 +5,7 @@ Accepted files: a JSON array, or JSON lines (one object per line), each row one 
     {"instruction": ..., "input": ..., "output": ...}                          (Alpaca)
     {"messages": [{"role": "system"|"user"|"assistant", "content": ..., "weight": 0|1}, ...]}  (chat)
     {"text": "Human: ...\nAssistant: ..."}                                     (the prototype's form)
-Every row is rendered with the prompt template (``trainer.template``). Labels are set by
+Every row is rendered with the prompt template (``loracore.template``). Labels are set by
 *position*: -100 on prompt tokens and on padding, the token id on response tokens and on the
 EOS appended after the last answer. In chat rows every assistant message is trained unless it has
 ``"weight": 0`` (OpenAI's chat fine-tuning format); the EOS goes with the last answer's weight.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.errors import TrainerError
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.text import find_lone_surrogate
 
 log = logging.getLogger(__name__)

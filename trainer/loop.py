@@ -9,7 +9,7 @@ pick precision -> load base + tokenizer, tokenize -> add LoRA -> plan steps -> o
 Then ``fit``: train with token-normalised gradient accumulation, log, evaluate (keeping a copy of
 the LoRA weights whenever the eval loss improves), checkpoint. Then ``save``: put back the best
 evaluation's weights (``training.select: best``, the default) or keep the last step's, stage the
-adapter folder -> verify -> rename into place (``trainer.artifact``).
+adapter folder -> verify -> rename into place (``loracore.artifact``).
 
 Gradient accumulation, precisely: an optimizer step consumes one *window* of micro-batches
 (``gradient_accumulation_steps`` per process x processes). The window's micro-batches are known in
@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
+from loracore.atomic import write_atomic
+from loracore.progress import Progress
+from loracore.template import PromptTemplate
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import RunState
 from trainer.data import Row, collate, epoch_batches
-from trainer.errors import TrainerError, TrainingInterrupted
-from trainer.progress import Progress
-from trainer.publish import write_atomic
+from trainer.errors import USER_ERRORS, TrainerError, TrainingInterrupted
 from trainer.setup import Setup, resolve_inputs, setup, start_state
-from trainer.template import DEFAULT_TEMPLATE
 
 log = logging.getLogger("trainer")
 SUMMARY_FORMAT = 1
@@ -273,6 +273,7 @@ def train_adapter(
     progress: Progress | None = None,
     yield_file: str | Path | None = None,
     max_pause_seconds: float = 10.0,
+    template: PromptTemplate | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter and publish it at ``output``; returns the training summary.
 
@@ -280,7 +281,8 @@ def train_adapter(
     True for the newest one in the checkpoint folder. Raises ``TrainerError`` for bad input
     (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal. While
     ``yield_file`` exists, training pauses before loading the model and between steps
-    (``YieldGate``, at most ``max_pause_seconds`` each time).
+    (``YieldGate``, at most ``max_pause_seconds`` each time). ``template`` renders the rows (default:
+    ``DEFAULT_TEMPLATE``) and is recorded with the adapter, so serving renders prompts the same way.
     """
     # Only the main process reports; under `accelerate launch` RANK is set before anything starts.
     progress = progress or Progress(jsonl=progress_jsonl, enabled=os.environ.get("RANK", "0") == "0")
@@ -296,6 +298,7 @@ def train_adapter(
             checkpoint_dir=checkpoint_dir,
             allow_random_weights=allow_random_weights,
             job=job,
+            template=template,
         )
         gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
         # Loading torch, the base and the rows is a burst of work too: it waits like a step does
@@ -328,7 +331,7 @@ def train_adapter(
     except BaseException as exc:
         msg = (
             str(exc)
-            if isinstance(exc, (TrainerError, TrainingInterrupted))
+            if isinstance(exc, (*USER_ERRORS, TrainingInterrupted))
             else f"{type(exc).__name__}: {exc}"
         )
         progress.emit(
@@ -514,7 +517,7 @@ def save(run: Setup, state: RunState, summary: Summary) -> None:
         with artifact.staged(inputs.output) as folder:
             accelerator.unwrap_model(run.net).save_pretrained(folder)
             record = artifact.Record(
-                template=DEFAULT_TEMPLATE.to_dict(),
+                template=inputs.template.to_dict(),
                 base_model=run.cfg.training.model_name_or_path,
                 created=artifact.created_now(),
                 job=inputs.job,

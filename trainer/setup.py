@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import Example, Row, read_examples, split_holdout, tokenize_all
 from trainer.errors import TrainerError
 from trainer.hardware import cpu_has_native_bf16
-from trainer.template import DEFAULT_TEMPLATE
 
 log = logging.getLogger("trainer")
 
@@ -46,6 +46,7 @@ class Inputs:
     resume_from: Path | None
     allow_random_weights: bool
     job: str | None  # recorded in loraserve.json
+    template: PromptTemplate  # the rows were rendered with it; recorded in loraserve.json for serving
 
 
 @dataclass
@@ -99,6 +100,7 @@ def resolve_inputs(
     checkpoint_dir: str | Path | None = None,
     allow_random_weights: bool = False,
     job: str | None = None,
+    template: PromptTemplate | None = None,
 ) -> Inputs:
     """Config, data rows, output and checkpoint paths, checked before anything heavy is loaded."""
     overrides = list(overrides or [])
@@ -107,8 +109,9 @@ def resolve_inputs(
     cfg = resolve_config(config, overrides)
     data_path = Path(data_path)
     val = Path(val_path) if val_path else None
-    train_examples = read_examples(data_path, DEFAULT_TEMPLATE)
-    val_examples = read_examples(val, DEFAULT_TEMPLATE) if val else None
+    template = template or DEFAULT_TEMPLATE
+    train_examples = read_examples(data_path, template)
+    val_examples = read_examples(val, template) if val else None
     data_sha256 = artifact.file_sha256(data_path, val)
     output = Path(output).absolute()
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output.parent / ".checkpoints" / output.name
@@ -133,6 +136,7 @@ def resolve_inputs(
         resume_from=resume_from,
         allow_random_weights=allow_random_weights,
         job=job,
+        template=template,
     )
 
 

@@ -1,6 +1,6 @@
 """The adapter watcher: stores folders dropped into the adapter directory by hand as versions.
 
-Uploads and jobs store their version when they publish (``trainer.artifact.publish_version``). A folder
+Uploads and jobs store their version when they publish (``loracore.artifact.publish_version``). A folder
 copied into ``<adapter-dir>/<name>/`` by hand is servable at once (resolving it only reads); this
 process, started by the main process, scans the directory every ``POLL_S`` seconds and stores each
 current folder that is not a stored version yet (``artifact.adopt``: hard links, one copy where links
@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from trainer import artifact
+from loracore import artifact
 
 log = logging.getLogger(__name__)
 

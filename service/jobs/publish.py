@@ -1,7 +1,7 @@
 """Publishing a trained adapter: rename the trainer's verified output to the adapter's name.
 
 The trainer gets ``--output <adapter-dir>/.staging/<job-id>`` and ``--job-id``; it stages the
-adapter beside that folder, verifies it and renames it in (``trainer.artifact``), so the folder
+adapter beside that folder, verifies it and renames it in (``loracore.artifact``), so the folder
 only ever holds a complete, verified adapter whose record names this job. The runner stores it as a
 version and swaps ``<adapter-dir>/<name>`` to it (``artifact.publish_version``): the single moment the
 next ``/generate`` sees it. Without ``overwrite`` the rename refuses to replace a folder that appeared
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer import artifact
+from loracore import artifact
 
 
 class PublishError(Exception):

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from loracore.artifact import is_complete
 from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
 from service.jobs.publish import PublishError, publish_adapter, published_by
@@ -57,7 +58,6 @@ from service.jobs.store import (
 )
 from service.settings import Settings
 from service.worker_status import read_load, read_status, serving_busy
-from trainer.artifact import is_complete
 
 log = logging.getLogger("loraserve.jobs")
 

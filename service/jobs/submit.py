@@ -10,13 +10,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from loracore.atomic import write_atomic
 from service.errors import ApiError
 from service.jobs.datasets import link_dataset
 from service.jobs.files import DATASET_ID, JobPaths, job_paths
 from service.jobs.store import Job, JobStore, new_job_id
 from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
 from service.settings import Settings
-from trainer.publish import write_atomic
 
 
 class TrainRequest(BaseModel):
