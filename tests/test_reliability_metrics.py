@@ -133,3 +133,40 @@ def test_series_stay_bounded_under_changing_adapter_mixes(srv: Server) -> None:
     assert second == first, {"new": sorted(second - first)[:20], "gone": sorted(first - second)[:20]}
     adapters_named = {dict(labels).get("adapter") for _, labels in first}
     assert {f"a{i:02d}" for i in range(N_ADAPTERS)} <= adapters_named  # every adapter has its counters
+
+
+def test_the_info_gauge_is_the_workers_current_state_or_nothing(tmp_path: Path) -> None:
+    """``WorkerStatusCollector`` reads the status file the worker writes: idle, busy, stale, gone."""
+    import os
+    import subprocess
+    import sys
+
+    from service.metrics import WorkerStatusCollector
+    from service.worker_status import Load, write_status
+
+    path, now = tmp_path / "worker-status.json", time.time()
+    collector = WorkerStatusCollector(path, clock=lambda: now)
+
+    def samples() -> list[tuple[dict[str, str], float]]:
+        (family,) = list(collector.collect())
+        return [(s.labels, s.value) for s in family.samples]
+
+    def status(load: Load, **extra) -> None:
+        write_status(path, {"status": "ready", "max_loaded_adapters": 8, "load": load.to_dict(), **extra})
+
+    assert samples() == []  # no worker yet
+    status(Load(0, 0, now - 100))
+    idle = {"max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert samples() == [(idle, now)]  # idle stands until the worker writes again: the scrape's time
+    status(Load(1, 2, now - 0.1, running_adapters=("a", "b"), waiting_adapters=("c",)))
+    busy = {"max_lora": "8", "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"}
+    assert samples() == [(busy, round(now - 0.1, 3))]
+    status(Load(1, 2, now - 60, running_adapters=("a",)))
+    assert samples() == []  # a busy state not refreshed for a minute: the worker is hung
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    write_status(path, {"status": "ready", "load": Load(0, 0, now).to_dict()})
+    body = path.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {int(gone.stdout)}')
+    path.write_text(body)
+    assert samples() == []  # the worker's process is gone
+    write_status(path, {"status": "starting"})
+    assert samples() == []
