@@ -343,15 +343,16 @@ def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, re
     """Publish a staged folder as the current version of ``name``; returns its record.
 
     1. ``verify`` it and seal its record with the weights' sha256 (the version id);
-    2. rename it to ``.versions/<name>/<id>/`` (written once; if that version is stored already, the
-       stored one is used), its files made read-only;
+    2. store it as ``.versions/<name>/<id>/`` (written once, by hard links to the staged files, which
+       are made read-only; if that version is stored already, the stored one is used);
     3. build the name's folder from hard links to the version's files (no second copy) and swap it in
        for ``<adapter-dir>/<name>/`` atomically (``replace``), or rename it in where the name is free
        (else ``NameTaken``). The version it replaces is touched, so it orders as the newest earlier one;
-    4. drop the earlier versions beyond the ``keep`` newest.
+    4. remove the staged folder and drop the earlier versions beyond the ``keep`` newest.
 
     On any failure (a full disk, say) nothing visible changed: the name still serves what it served,
-    and a version stored by this call is removed again.
+    a version stored by this call is removed again, and the staged folder is still there (a job's
+    runner that dies midway publishes it again on restart).
     """
     adapter_dir = Path(adapter_dir)
     record = verify(folder)
@@ -359,6 +360,7 @@ def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, re
         write_record(folder, record)
     vid = record.sha256
     assert vid is not None
+    final = adapter_dir / name
     stored = versions_dir(adapter_dir, name) / vid
     created = False
     if not (stored.is_dir() and weights_digest(stored) == vid):
@@ -367,22 +369,14 @@ def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, re
         for entry in folder.iterdir():
             if entry.is_file():
                 entry.chmod(0o444)
-        fsync_tree(folder)
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(folder, stored)
-            created = True
-        except OSError as exc:  # another writer stored the same version first: same bytes
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-    final = adapter_dir / name
+        created = _store(folder, stored, final)
     try:
         link = staging_for(final, f"link-{name}")
         try:
             _link_files(stored, link)
             previous = current_id(adapter_dir, name)
             if previous is not None and previous != vid:
-                # (a folder dropped in by hand and not adopted yet is not stored: nothing to touch)
+                # (a folder placed by hand and not adopted yet is not stored: nothing to touch)
                 with suppress(FileNotFoundError):
                     os.utime(versions_dir(adapter_dir, name) / previous)
             if replace:
@@ -395,8 +389,28 @@ def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, re
         if created:
             _remove(adapter_dir, stored)
         raise
+    shutil.rmtree(folder, ignore_errors=True)
     expire(adapter_dir, name, keep, vid)
     return record
+
+
+def _store(source: Path, dest: Path, beside: Path) -> bool:
+    """Link ``source``'s files into a staged folder and rename it to ``dest``; False when another
+    writer stored the same version first (same bytes)."""
+    tmp = staging_for(beside, f"version-{beside.name}")
+    try:
+        _link_files(source, tmp)
+        fsync_tree(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rename_new(folder: Path, final: Path) -> None:
@@ -448,24 +462,14 @@ def adopt(adapter_dir: Path, name: str, keep: int) -> str | None:
     if dest.is_dir():
         return None
     current = adapter_dir / name
-    tmp = staging_for(current, f"adopt-{name}")
     try:
-        try:
-            _link_files(current, tmp)
-        except FileNotFoundError:  # the folder went away meanwhile
+        if not _store(current, dest, current):
             return None
-        if file_sha256(tmp / WEIGHTS_FILE) != cid:  # replaced meanwhile: the next scan adopts the new one
-            return None
-        fsync_tree(tmp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(tmp, dest)
-        except OSError as exc:  # another process adopted it first: same bytes
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except FileNotFoundError:  # the folder went away meanwhile
+        return None
+    if file_sha256(dest / WEIGHTS_FILE) != cid:  # replaced meanwhile: the next scan adopts the new one
+        _remove(adapter_dir, dest)
+        return None
     expire(adapter_dir, name, keep, cid)
     return cid
 
