@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.jobs.store import redact
+from service.jobs.sql import redact
 from service.settings import Settings
 
 if TYPE_CHECKING:

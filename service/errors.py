@@ -1,16 +1,23 @@
-"""One error shape for every 4xx/5xx: OpenAI's envelope, so OpenAI clients read it too.
+"""One error shape for every 4xx/5xx (OpenAI's envelope, so OpenAI clients read it too), and the one
+table from a domain error code (the generation worker's, the jobs domain's) to its HTTP status.
 
 {"error": {"code": "adapter_not_found", "message": "...", "param": "adapter", "type": "..."}}
+
+The domains below the routes report a code, never a status: the worker a ``service.wire.WireError``,
+the jobs domain a ``service.jobs.model.JobError``. ``DOMAIN_ERRORS`` decides what each becomes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.jobs.model import JobError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -24,6 +31,60 @@ _TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    retry_after: int | None = None  # seconds, sent as Retry-After: the condition passes by itself
+
+
+# Every domain error code, with its status. A code missing here (one a newer engine might add) is a
+# server-side failure: 500.
+DOMAIN_ERRORS: dict[str, ErrorKind] = {
+    # the generation worker (service.wire.WireError)
+    "adapter_not_found": ErrorKind(404),  # e.g. deleted between acceptance and admission
+    "prompt_too_long": ErrorKind(400),
+    "invalid_adapter": ErrorKind(422),  # the adapter exists but cannot be loaded: its fault, not ours
+    "invalid_request": ErrorKind(422),  # sampling parameters the engine refused; a malformed job request
+    "timeout": ErrorKind(504),  # the request's deadline passed
+    "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
+    # the worker that had the request died; a new one is starting (the API side sends this)
+    "worker_restarted": ErrorKind(503, retry_after=5),
+    # the jobs domain (service.jobs.model.JobError)
+    "job_not_found": ErrorKind(404),
+    "dataset_not_found": ErrorKind(404),
+    "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed
+    "adapter_busy": ErrorKind(409),  # a job for the adapter is queued or running
+    "adapter_exists": ErrorKind(409),  # without overwrite
+    "idempotency_key_reused": ErrorKind(422),
+    "invalid_adapter_name": ErrorKind(422),
+    "invalid_config": ErrorKind(422),
+    "unknown_config_key": ErrorKind(422),
+    "invalid_data": ErrorKind(422),
+    "invalid_row": ErrorKind(422),
+    "invalid_json": ErrorKind(422),
+    "invalid_text": ErrorKind(422),
+    "job_store_unavailable": ErrorKind(503, retry_after=5),  # the database is down or unreachable
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status for a domain error code; 500 for a code the table does not know."""
+    kind = DOMAIN_ERRORS.get(code)
+    return kind.status if kind is not None else 500
+
+
+def domain_error(code: str, message: str, param: str | None = None) -> ApiError:
+    """The ApiError a route answers for a domain error code (its status and Retry-After from the table)."""
+    kind = DOMAIN_ERRORS.get(code)
+    retry = kind.retry_after if kind is not None else None
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return ApiError(http_status(code), code, message, param, headers=headers)
+
+
+def job_error(exc: JobError) -> ApiError:
+    return domain_error(exc.code, exc.message, exc.param)
 
 
 class ApiError(Exception):
@@ -82,6 +143,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(JobError)
+    async def _job_error(_: Request, exc: JobError) -> JSONResponse:
+        err = job_error(exc)
+        return error_response(err.status, err.code, err.message, err.param, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service import structured
-from service.errors import ApiError, error_body
+from service.errors import ApiError, domain_error, error_body, http_status
 from service.litserve_glue import (
     Reply,
     Server,
@@ -412,15 +412,13 @@ async def unless_disconnected(awaitable: Awaitable[T], request: Any) -> T:
 
 def api_error(error: WireError) -> ApiError:
     """The ApiError a route answers for ``error``, its status (and Retry-After) from the one table
-    (``service.wire``)."""
-    retry = error.retry_after
-    headers = {"Retry-After": str(retry)} if retry is not None else None
-    return ApiError(error.status, error.code, error.message, error.param, headers=headers)
+    (``service.errors``)."""
+    return domain_error(error.code, error.message, error.param)
 
 
 def error_payload(error: WireError) -> dict[str, Any]:
     """The error envelope for ``error``, for an SSE line once the stream's 200 has been sent."""
-    return error_body(error.status, error.code, error.message, error.param)
+    return error_body(http_status(error.code), error.code, error.message, error.param)
 
 
 def raise_for_event(event: Event) -> None:

@@ -1,5 +1,5 @@
-"""What crosses LitServe's queue between the API processes and the generation worker, and the one
-table from an error code the worker reports to its HTTP status.
+"""What crosses LitServe's queue between the API processes and the generation worker, and the error
+codes the worker reports (their HTTP statuses: the one table in ``service.errors``).
 
 The queue pickles plain dicts, so each message has ``to_dict``/``from_dict``; both sides speak the
 dataclasses:
@@ -32,33 +32,18 @@ MAX_COMPOSITION = 8
 MAX_COMPOSITION_WEIGHT = 2.0
 
 
-@dataclass(frozen=True)
-class ErrorKind:
-    status: int
-    param: str | None = None  # the request field an error of this kind points at, if any
-    retry_after: int | None = None  # seconds, sent as Retry-After: the condition passes by itself
-
-
-# Every error code the worker sends, with its status. A code missing here (one a newer engine might
-# add) is a server-side failure: 500.
-ERRORS: dict[str, ErrorKind] = {
-    "adapter_not_found": ErrorKind(404, "adapter"),  # e.g. deleted between acceptance and admission
-    "prompt_too_long": ErrorKind(400, "prompt"),
+# Every error code the worker sends, with the request field it points at (if any).
+ERROR_PARAMS: dict[str, str | None] = {
+    "adapter_not_found": "adapter",  # e.g. deleted between acceptance and admission
+    "prompt_too_long": "prompt",
     # the adapter exists but cannot be served (bad shapes for this base, corrupt or truncated weights,
     # non-finite values, a config the engine cannot honour): the adapter's fault, not the server's
-    "invalid_adapter": ErrorKind(422, "adapter"),
-    "invalid_request": ErrorKind(422),  # sampling parameters the engine refused
-    "timeout": ErrorKind(504),  # the request's deadline passed
-    "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
-    # the worker that had the request died; a new one is starting (the API side sends this)
-    "worker_restarted": ErrorKind(503, retry_after=5),
+    "invalid_adapter": "adapter",
+    "invalid_request": None,  # sampling parameters the engine refused
+    "timeout": None,  # the request's deadline passed
+    "generation_failed": None,  # the engine, or LitServe's transport, failed
+    "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)
 }
-
-
-def http_status(code: str) -> int:
-    """The HTTP status for an error code; 500 for a code the table does not know."""
-    kind = ERRORS.get(code)
-    return kind.status if kind is not None else 500
 
 
 @dataclass(frozen=True)
@@ -69,18 +54,8 @@ class WireError:
 
     @classmethod
     def of(cls, code: str, message: str) -> WireError:
-        """An error with the param its kind points at (``adapter``, ``prompt``, or none)."""
-        kind = ERRORS.get(code)
-        return cls(code, message, kind.param if kind is not None else None)
-
-    @property
-    def status(self) -> int:
-        return http_status(self.code)
-
-    @property
-    def retry_after(self) -> int | None:
-        kind = ERRORS.get(self.code)
-        return kind.retry_after if kind is not None else None
+        """An error with the param its code points at (``adapter``, ``prompt``, or none)."""
+        return cls(code, message, ERROR_PARAMS.get(code))
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "param": self.param}

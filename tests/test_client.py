@@ -634,7 +634,7 @@ def test_client_models_read_every_field_the_server_sends():
     or renames shows up here."""
     schemas = pytest.importorskip("service.schemas")
     routes = pytest.importorskip("service.routes.jobs")
-    from service.jobs.store import Job as StoredJob
+    from service.jobs.model import Job as StoredJob
 
     pairs = [
         (lc.Generation, schemas.GenerateResponse),

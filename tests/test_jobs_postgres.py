@@ -22,7 +22,7 @@ import pytest
 from helpers.server import Server, running_server
 
 from service.jobs.runner import LEASE_SECONDS
-from service.jobs.store import JobStore
+from service.jobs.sql import JobStore
 
 pytestmark = pytest.mark.slow
 KEY = "pg-key-0123456789abcdef"

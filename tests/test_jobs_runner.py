@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from loracore.artifact import file_sha256
+from service.jobs.actions import TrainRequest, submit_job
 from service.jobs.files import job_paths
-from service.jobs.store import Job, JobStore
-from service.jobs.submit import TrainRequest, submit_job
+from service.jobs.model import Job
+from service.jobs.sql import JobStore
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow

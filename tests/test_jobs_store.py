@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.store import Job, JobStore, StoreConflict, make_owner_id, new_job_id, owner_is_dead
+from service.jobs.lease import make_owner_id, owner_is_dead
+from service.jobs.model import Job, StoreConflict, new_job_id
+from service.jobs.sql import JobStore
 
 CTX = mp.get_context("spawn")  # fresh interpreters: nothing shared but the database file
 
@@ -138,7 +140,7 @@ def test_recover_expired_lease_and_cancel_requested(store: JobStore) -> None:
 
 def test_owner_liveness_on_this_host() -> None:
     assert not owner_is_dead(make_owner_id())
-    code = "from service.jobs.store import make_owner_id; print(make_owner_id())"
+    code = "from service.jobs.lease import make_owner_id; print(make_owner_id())"
     owner = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -213,7 +215,7 @@ def test_concurrent_creates_one_job_per_key_and_adapter(location: str) -> None:
 
 
 def test_schema_is_versioned_and_a_newer_one_is_refused(location: str, store: JobStore) -> None:
-    from service.jobs.store import SCHEMA_VERSION
+    from service.jobs.sql import SCHEMA_VERSION
 
     job, _ = store.create_job(_job("a"))
     with store._read() as con:
@@ -229,7 +231,7 @@ def test_sqlite_store_from_before_schema_versions_is_migrated(tmp_path: Path) ->
     """A store of the first release (no schema_version, no eval/warnings columns) keeps its jobs."""
     import sqlite3
 
-    from service.jobs.store import MIGRATIONS, SCHEMA_VERSION
+    from service.jobs.sql import MIGRATIONS, SCHEMA_VERSION
 
     db = tmp_path / "jobs.sqlite3"
     con = sqlite3.connect(db)
@@ -250,8 +252,8 @@ def test_sqlite_store_from_before_schema_versions_is_migrated(tmp_path: Path) ->
 
 
 def test_postgres_going_away_raises_store_unavailable_and_nothing_is_lost(postgres) -> None:
-    from service.errors import error_body
-    from service.jobs.store import StoreUnavailable
+    from service.errors import error_body, job_error
+    from service.jobs.model import StoreUnavailable
 
     store = JobStore(postgres.new_database())
     job, _ = store.create_job(_job("a"))
@@ -261,8 +263,9 @@ def test_postgres_going_away_raises_store_unavailable_and_nothing_is_lost(postgr
     try:
         with pytest.raises(StoreUnavailable) as err:
             store.heartbeat(job.id, "o", 60)
-        assert err.value.status == 503 and err.value.code == "job_store_unavailable"
-        assert err.value.headers["Retry-After"].isdigit()
+        answer = job_error(err.value)  # the domain error carries no HTTP; the one table maps it
+        assert answer.status == 503 and answer.code == "job_store_unavailable"
+        assert answer.headers["Retry-After"].isdigit()
         assert "127.0.0.1" in err.value.detail and postgres.password not in err.value.detail
         assert "127.0.0.1" not in error_body(503, err.value.code, err.value.message)["error"]["message"]
         with pytest.raises(StoreUnavailable):

@@ -19,9 +19,10 @@ from loracore.lora_format import BaseLayout
 from service import auth
 from service.adapters import store
 from service.engine.engine import valid_ref as worker_valid_name  # the worker checks name or name@version
-from service.errors import ApiError
+from service.errors import ApiError, http_status
 from service.jobs import validate
 from service.jobs.files import dataset_path, job_paths
+from service.jobs.model import JobError
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,8 +145,8 @@ def test_every_accepted_adapter_name_stays_in_the_adapter_dir(name: str) -> None
     try:
         validate.check_adapter_name(name)
         assert accepted
-    except ApiError:
-        assert not accepted
+    except JobError as exc:
+        assert not accepted and http_status(exc.code) == 422
     if accepted:
         path = store.adapter_path(root, name)
         assert path.parent == root and path.name == name and not name.startswith(".")

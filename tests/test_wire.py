@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import DOMAIN_ERRORS, http_status
 from service.wire import (
-    ERRORS,
+    ERROR_PARAMS,
     LOGPROB_FLOOR,
     Cancel,
     Event,
     Job,
     TokenLogprob,
     WireError,
-    http_status,
     request_from_dict,
 )
 
@@ -41,9 +41,10 @@ def test_every_error_code_has_a_status() -> None:
     # and the codes an adapter that cannot be loaded carries (``engine.cache.AdapterError.code``)
     reported = {"prompt_too_long", "invalid_request", "timeout", "generation_failed", "invalid_adapter"}
     for code in engine_codes | reported:
-        assert code in ERRORS, f"error code {code!r} has no entry in service.wire.ERRORS"
+        assert code in ERROR_PARAMS, f"error code {code!r} has no entry in service.wire.ERROR_PARAMS"
+        assert code in DOMAIN_ERRORS, f"error code {code!r} has no entry in service.errors.DOMAIN_ERRORS"
         assert 400 <= http_status(code) <= 599
-    assert {code: kind.status for code, kind in ERRORS.items()} == {
+    assert {code: http_status(code) for code in ERROR_PARAMS} == {
         "adapter_not_found": 404,
         "prompt_too_long": 400,
         "invalid_adapter": 422,
@@ -58,14 +59,15 @@ def test_every_error_code_has_a_status() -> None:
 def test_unknown_code_is_a_server_error(code: str) -> None:
     assert http_status(code) == 500
     err = WireError.of(code, "boom")
-    assert err.status == 500 and err.param is None
+    assert http_status(err.code) == 500 and err.param is None
 
 
 def test_error_param_comes_from_the_table_unless_given() -> None:
     assert WireError.of("adapter_not_found", "gone").param == "adapter"
     assert WireError.of("prompt_too_long", "long").param == "prompt"
     assert WireError.of("timeout", "late").param is None
-    assert WireError("adapter_not_found", "gone", "model").status == 404
+    err = WireError("adapter_not_found", "gone", "model")
+    assert err.param == "model" and http_status(err.code) == 404
 
 
 def test_messages_survive_the_queue_as_plain_dicts() -> None:

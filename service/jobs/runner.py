@@ -1,8 +1,8 @@
 """The job runner: one process started by the server; claims queued jobs and runs each in a trainer child.
 
-Each job runs as ``python -m trainer train ...`` in its own session (so its own process group),
-with ``PR_SET_PDEATHSIG`` so that it dies with the runner. Accelerate keeps process-wide state and
-training can crash or run out of memory; in a child none of that reaches the server.
+This module is the state machine (``service.jobs.model`` draws it); the child process itself (command
+line, environment, signals, progress tail) is ``service.jobs.trainer_process``, the store
+``service.jobs.sql``, lease owners and process liveness ``service.jobs.lease``.
 
 The loop (single-threaded, every ``POLL_SECONDS``):
   * reads each trainer's new progress lines into the store and the metrics;
@@ -25,36 +25,32 @@ checkpoint and exit; their jobs go back to the queue and resume on the next star
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing.synchronize
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from loracore.artifact import is_complete
 from service.jobs.evaluation import served_eval
-from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
+from service.jobs.files import JobPaths, job_paths, tail_text
+from service.jobs.lease import make_owner_id, owner_is_dead
+from service.jobs.model import FINISHED, STATUSES, Job, StoreUnavailable
 from service.jobs.publish import PublishError, publish_adapter, published_by
-from service.jobs.store import (
-    FINISHED,
-    PROGRESS_KEYS,
-    STATUSES,
-    Job,
-    JobStore,
-    StoreUnavailable,
-    make_owner_id,
-    owner_is_dead,
-    redact,
+from service.jobs.sql import JobStore, redact
+from service.jobs.trainer_process import (
+    ProgressTail,
+    kill_group,
+    kill_orphan,
+    set_flag,
+    signal_name,
+    start_trainer,
+    trainer_base,
 )
 from service.settings import Settings
 from service.worker_status import read_load, read_status, serving_busy
@@ -71,8 +67,6 @@ MAX_ATTEMPTS = 3  # runs of one job cut short by a dying runner before the job f
 STORE_RETRY_SECONDS = 1.0  # how often a runner retries an unreachable job store
 STALL_SECONDS = 1800.0  # a trainer that writes neither progress nor log for this long is killed
 
-_PR_SET_PDEATHSIG = 1
-
 
 @dataclass
 class _Run:
@@ -80,19 +74,14 @@ class _Run:
     paths: JobPaths
     proc: subprocess.Popen
     log_fh: IO[bytes]
-    offset: int = 0
-    progress: dict[str, Any] = field(default_factory=dict)
+    tail: ProgressTail
     steps_counted: int = 0
-    done: bool = False
-    error_message: str | None = None
     stop_reason: str | None = None  # "cancel" | "shutdown" | "stall" | "lost"
     term_sent_at: float | None = None
     started: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     log_size: int = 0
-    yielded_before: float = 0.0  # seconds earlier attempts of the job yielded
-    yielded_reported: float = 0.0  # what this trainer reported so far (its count starts at 0)
 
 
 @dataclass
@@ -109,116 +98,6 @@ def _metrics():
     from service import metrics
 
     return metrics
-
-
-def _die_with_parent_fn():
-    """preexec_fn for the trainer: SIGKILL it when the runner dies (Linux), so no orphan trains on."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def _set() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the runner died between fork and prctl
-            os._exit(1)
-
-    return _set
-
-
-def trainer_base(settings: Settings) -> tuple[str, bool]:
-    """What to pass as the trainer's ``--model`` (and whether to allow random weights).
-
-    The adapter must fit the base the server serves. A local folder is passed as is. With random
-    weights allowed and no real weights found, the server serves the random base it built in its
-    model cache; the trainer gets that exact folder rather than building its own.
-    """
-    if Path(settings.model).expanduser().is_dir():
-        return str(Path(settings.model).expanduser()), False
-    if settings.allow_random_weights:
-        from trainer.model import resolve_base
-
-        cache = getattr(settings, "model_cache_dir", None)
-        source = resolve_base(settings.model, allow_random=True, random_cache=cache)
-        if source.random_weights:
-            return str(source.path), True
-    return settings.model, settings.allow_random_weights
-
-
-def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool]) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "trainer", "train",
-        "--config", str(paths.config),
-        "--data", str(paths.data),
-        "--output", str(paths.output),
-        "--checkpoint-dir", str(paths.checkpoints),
-        "--progress-jsonl", str(paths.progress),
-        "--model", base[0],
-        "--job-id", paths.root.name,
-    ]  # fmt: skip
-    if paths.val.is_file():
-        cmd += ["--val", str(paths.val)]
-    if base[1]:
-        cmd.append("--allow-random-weights")
-    if settings.train_yield_rows > 0:
-        cmd += ["--yield-file", str(paths.yield_flag), "--max-pause-seconds", str(settings.train_max_pause)]
-    if _has_checkpoint(paths.checkpoints):
-        cmd.append("--resume")
-    return cmd
-
-
-def trainer_threads(settings: Settings) -> int | None:
-    """CPU threads for a trainer child (None: torch's default, all cores).
-
-    Generation on the same CPU gets a core of its own: torch's intra-op pool would otherwise take
-    every core and make each decode step wait for a training matmul to finish with them.
-    """
-    if settings.train_threads:
-        return settings.train_threads
-    if settings.device == "cpu" and settings.serves_generation:
-        return max(1, (os.cpu_count() or 1) - 1)
-    return None
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name.startswith("checkpoint-") and p.is_dir() for p in folder.iterdir())
-
-
-def _signal_name(rc: int) -> str:
-    try:
-        return signal.Signals(-rc).name
-    except ValueError:
-        return f"signal {-rc}"
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
-
-
-def _set_flag(path: Path, up: bool) -> None:
-    """Create or remove an empty flag file (idempotent; a vanished job folder is not an error)."""
-    with contextlib.suppress(OSError):
-        if up:
-            path.touch(exist_ok=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _kill_orphan(job: Job) -> None:
-    """A trainer left running by a dead runner (only where PDEATHSIG is unavailable): stop it."""
-    pid = job.trainer_pid
-    if not pid:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return
-    if job.id.encode() in cmdline:
-        log.warning("job %s: killing trainer %d left by a runner that died", job.id, pid)
-        _kill_group(pid, signal.SIGKILL)
 
 
 class Runner:
@@ -265,14 +144,14 @@ class Runner:
             read_load(read_status(self.settings.worker_status_path)), self.settings.train_yield_rows
         )
         for run in self.runs.values():
-            _set_flag(run.paths.yield_flag, busy and run.stop_reason is None)
+            set_flag(run.paths.yield_flag, busy and run.stop_reason is None)
         if busy != self.yielding:
             self.yielding = busy
             _metrics().TRAIN_YIELDING.set(int(busy))
 
     def recover(self) -> None:
         for job, new in self.store.recover_stale(MAX_ATTEMPTS, owner_is_dead, skip_owner=self.owner):
-            _kill_orphan(job)
+            kill_orphan(job)
             log.warning("job %s: its runner is gone; now %s", job.id, new)
             if new in FINISHED:
                 self._count_finished(job, new)
@@ -304,38 +183,10 @@ class Runner:
             return
         if self._base is None:
             self._base = trainer_base(self.settings)
-        cmd = trainer_command(self.settings, paths, self._base)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the trainer exports no metrics of its own
-        env.pop("LORASERVE_API_KEY", None)  # nor does it need the server's secret
-        if self.settings.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        threads = trainer_threads(self.settings)
-        if threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        _set_flag(paths.yield_flag, False)  # a flag left by a runner that died must not pause this run
-        log_fh = open(paths.log, "ab")  # noqa: SIM115 (closed when the run ends)
-        log_fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(cmd)}\n".encode())
-        log_fh.flush()
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent_fn(),
-                close_fds=True,
-            )
-        except BaseException:
-            log_fh.close()
-            raise
-        offset = paths.progress.stat().st_size if paths.progress.exists() else 0
+        proc, log_fh = start_trainer(self.settings, paths, self._base)
+        tail = ProgressTail.resume(job, paths.progress)
         step = int(job.progress.get("step") or 0)
-        run = _Run(job=job, paths=paths, proc=proc, log_fh=log_fh, offset=offset, steps_counted=step)
-        run.progress = dict(job.progress)
-        run.yielded_before = float(job.progress.get("yielded_seconds") or 0.0)
+        run = _Run(job=job, paths=paths, proc=proc, log_fh=log_fh, tail=tail, steps_counted=step)
         self.runs[job.id] = run  # from here on the loop owns the child, whatever happens next
         try:
             self.store.set_trainer_pid(job.id, self.owner, proc.pid)
@@ -371,51 +222,37 @@ class Runner:
             log.warning("job %s: no progress for %.0f s; killing the trainer", run.job.id, STALL_SECONDS)
             self._stop(run, "stall", signal.SIGKILL)
         if run.term_sent_at is not None and now - run.term_sent_at > STOP_GRACE_SECONDS:
-            _kill_group(run.proc.pid, signal.SIGKILL)
+            kill_group(run.proc.pid, signal.SIGKILL)
 
     def _stop(self, run: _Run, reason: str, sig: int = signal.SIGTERM) -> None:
         run.stop_reason = run.stop_reason or reason
         if run.term_sent_at is None or sig == signal.SIGKILL:
             run.term_sent_at = time.monotonic()
-            _kill_group(run.proc.pid, sig)
+            kill_group(run.proc.pid, sig)
 
     def _read_progress(self, run: _Run, now: float) -> None:
-        events, run.offset = read_progress(run.paths.progress, run.offset)
-        if not events:
+        lines, yielded = run.tail.read(run.paths.progress)
+        if not lines:
             return
         run.last_activity = now
         m = _metrics()
-        for _, ev in events:
-            for key in PROGRESS_KEYS:
-                if key in ev:
-                    run.progress[key] = ev[key]
-            kind = ev.get("event")
-            if kind == "done":
-                run.done = True
-            elif kind == "error":
-                run.error_message = str(
-                    ev.get("message") or ev.get("error") or "the trainer reported an error"
-                )
-            if ev.get("yielded_seconds") is not None:  # this trainer's own count: add earlier attempts'
-                reported = float(ev["yielded_seconds"])
-                if reported > run.yielded_reported:
-                    m.TRAIN_YIELD_SECONDS.inc(reported - run.yielded_reported)
-                    run.yielded_reported = reported
-                run.progress["yielded_seconds"] = round(run.yielded_before + run.yielded_reported, 3)
-        step = int(run.progress.get("step") or 0)
+        if yielded:
+            m.TRAIN_YIELD_SECONDS.inc(yielded)
+        progress = run.tail.progress
+        step = int(progress.get("step") or 0)
         if step > run.steps_counted:
             m.TRAIN_STEPS.inc(step - run.steps_counted)
             run.steps_counted = step
-        if run.progress.get("loss") is not None:
-            m.TRAIN_LOSS.set(float(run.progress["loss"]))
-        if run.progress.get("tokens_per_second") is not None:
-            m.TRAIN_TOKENS_PER_SECOND.set(float(run.progress["tokens_per_second"]))
-        self.store.update_progress(run.job.id, self.owner, run.progress)
+        if progress.get("loss") is not None:
+            m.TRAIN_LOSS.set(float(progress["loss"]))
+        if progress.get("tokens_per_second") is not None:
+            m.TRAIN_TOKENS_PER_SECOND.set(float(progress["tokens_per_second"]))
+        self.store.update_progress(run.job.id, self.owner, progress)
 
     def _finished(self, run: _Run, rc: int) -> None:
         del self.runs[run.job.id]
         run.log_fh.close()
-        _set_flag(run.paths.yield_flag, False)
+        set_flag(run.paths.yield_flag, False)
         job, reason = run.job, run.stop_reason
         if reason == "lost":
             return
@@ -446,12 +283,12 @@ class Runner:
         if run.stop_reason == "stall":
             return f"the trainer made no progress for {STALL_SECONDS:.0f} s and was killed"
         if rc < 0:
-            why = f"the training process was killed by {_signal_name(rc)}"
+            why = f"the training process was killed by {signal_name(rc)}"
             if rc == -signal.SIGKILL:
                 why += " (out of memory, or killed by someone)"
-            return why + (f"; last error: {run.error_message}" if run.error_message else "")
-        if run.error_message:
-            return run.error_message
+            return why + (f"; last error: {run.tail.error_message}" if run.tail.error_message else "")
+        if run.tail.error_message:
+            return run.tail.error_message
         if rc == 0:
             return f"the trainer exited without producing an adapter in {run.paths.output}"
         lines = [ln for ln in tail_text(run.paths.log, 4000).splitlines() if ln.strip()]
@@ -561,7 +398,7 @@ class Runner:
             self.tick(claim=False)
             time.sleep(POLL_SECONDS)
         for run in list(self.runs.values()):
-            _kill_group(run.proc.pid, signal.SIGKILL)
+            kill_group(run.proc.pid, signal.SIGKILL)
             run.proc.wait()
             self._finished(run, run.proc.returncode)
 

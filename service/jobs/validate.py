@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loracore.artifact import name_problem
-from service.errors import ApiError
+from service.jobs.model import JobError
 from service.settings import Settings
 from trainer.text import find_lone_surrogate
 
@@ -17,7 +17,7 @@ from trainer.text import find_lone_surrogate
 def check_adapter_name(name: Any, param: str = "adapter") -> str:
     problem = name_problem(name)
     if problem:
-        raise ApiError(422, "invalid_adapter_name", problem, param)
+        raise JobError("invalid_adapter_name", problem, param)
     return name
 
 
@@ -29,8 +29,8 @@ def check_config(raw: Any, settings: Settings):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ApiError(
-            422, "invalid_config", "config must be an object with 'lora' and 'training' sections", "config"
+        raise JobError(
+            "invalid_config", "config must be an object with 'lora' and 'training' sections", "config"
         )
     try:
         cfg = TrainConfig.model_validate(raw)
@@ -43,12 +43,11 @@ def check_config(raw: Any, settings: Settings):
             message = str(exc)
         except TrainerError as terr:
             message = str(terr)
-        raise ApiError(422, code, message, param) from None
+        raise JobError(code, message, param) from None
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
     wanted = training.get("model_name_or_path")
     if wanted is not None and wanted != settings.model:
-        raise ApiError(
-            422,
+        raise JobError(
             "invalid_config",
             f"config.training.model_name_or_path is {wanted!r}, but this server serves {settings.model!r}: "
             "adapters are trained on the served base; leave the key out",
@@ -68,17 +67,17 @@ def check_rows(rows: Any, param: str = "data", *, line_numbers: list[int] | None
     from trainer.errors import TrainerError
 
     if not isinstance(rows, list) or not rows:
-        raise ApiError(422, "invalid_data", f"{param} must be a non-empty list of rows", param)
+        raise JobError("invalid_data", f"{param} must be a non-empty list of rows", param)
     for i, row in enumerate(rows):
         where = f"{param}[{i}]" + (f" (line {line_numbers[i]})" if line_numbers else "")
         hit = find_lone_surrogate(row, f"{param}[{i}]")
         if hit:
             line = f"line {line_numbers[i]}: " if line_numbers else ""
-            raise ApiError(422, "invalid_text", line + hit.describe(), hit.param)
+            raise JobError("invalid_text", line + hit.describe(), hit.param)
         try:
             parse_row(row, where)
         except TrainerError as exc:
-            raise ApiError(422, "invalid_row", str(exc), f"{param}[{i}]") from None
+            raise JobError("invalid_row", str(exc), f"{param}[{i}]") from None
     return len(rows)
 
 
@@ -87,16 +86,12 @@ def parse_jsonl(raw: bytes, param: str = "data") -> tuple[list[Any], list[int]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(
-            422, "invalid_data", f"the upload is not UTF-8 text (byte {exc.start})", param
-        ) from None
+        raise JobError("invalid_data", f"the upload is not UTF-8 text (byte {exc.start})", param) from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ApiError(
-                422, "invalid_json", f"line {exc.lineno}: invalid JSON ({exc.msg})", param
-            ) from None
+            raise JobError("invalid_json", f"line {exc.lineno}: invalid JSON ({exc.msg})", param) from None
         return rows, []
     rows, lines = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -105,8 +100,7 @@ def parse_jsonl(raw: bytes, param: str = "data") -> tuple[list[Any], list[int]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ApiError(
-                422,
+            raise JobError(
                 "invalid_json",
                 f"line {lineno} ({param}[{len(rows)}]): invalid JSON ({exc.msg} at column {exc.colno})",
                 f"{param}[{len(rows)}]",

@@ -12,10 +12,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from loracore.lora_format import BaseLayout
 from service.adapters import store
 from service.errors import ApiError
-from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
 from service.schemas import AdapterInfo, AdapterList, Deleted
 from service.served_model import ServedModel
 from service.settings import Settings
+from service.uploads import MULTIPART_OVERHEAD, read_capped
 from service.worker_status import read_status
 
 

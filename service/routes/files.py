@@ -17,10 +17,12 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
-from service.jobs.datasets import read_upload_form, save_dataset
+from service.jobs.datasets import save_dataset
 from service.jobs.files import DATASET_ID, dataset_meta_path, dataset_path
-from service.jobs.store import Dataset, process_store
+from service.jobs.model import Dataset
+from service.jobs.sql import process_store
 from service.settings import Settings
+from service.uploads import read_upload_form
 
 PURPOSE = "fine-tune"  # the one purpose served: training data
 

@@ -1,7 +1,7 @@
 """OpenAI's fine-tuning API as views of the native training jobs: /v1/fine_tuning/jobs[/{id}[/cancel|
 /events|/checkpoints]].
 
-A fine-tuning job IS a native job (``service.jobs.submit.submit_job``, the queue of ``POST /train``): its id
+A fine-tuning job IS a native job (``service.jobs.actions.submit_job``, the queue of ``POST /train``): its id
 is the job id, it shows in ``GET /train``, the runner trains it like any other. What the OpenAI request
 asked for (model, files, hyperparameters, suffix, seed) is kept in the job's folder
 (``fine_tuning.json``), which is also what makes a job a fine-tuning job: jobs made by ``POST /train``
@@ -29,11 +29,11 @@ from loracore.artifact import valid_name
 from loracore.atomic import write_atomic
 from service.adapters import store as adapter_store
 from service.errors import ApiError
+from service.jobs.actions import TrainRequest, cancel, submit_job
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
-from service.jobs.store import Job, JobStore, StoreConflict, process_store
-from service.jobs.submit import TrainRequest, submit_job
+from service.jobs.model import Job, JobError, StoreConflict
+from service.jobs.sql import JobStore, process_store
 from service.routes.files import file_not_found
-from service.routes.jobs import cancel
 from service.routes.openai import base_names
 from service.served_model import ServedModel
 from service.settings import Settings
@@ -371,11 +371,9 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
 
         try:
             job, _ = submit_job(store(), settings, req, extra=write_spec)
-        except StoreConflict as exc:
-            raise ApiError(
-                409 if exc.code == "adapter_busy" else 422, exc.code, exc.message, exc.param
-            ) from None
-        except ApiError as exc:  # the native request's field names, in this API's terms
+        except StoreConflict:  # its param is the native request's too
+            raise
+        except JobError as exc:  # the native request's field names, in this API's terms
             exc.param = _NATIVE_PARAMS.get(exc.param or "", exc.param)
             raise
         return job_object(job, spec)

@@ -21,13 +21,15 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError, not_utf8_message
-from service.jobs.datasets import read_capped, upload_dataset
+from service.jobs.actions import TrainRequest, cancel, submit_job
+from service.jobs.datasets import save_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
-from service.jobs.store import PROGRESS_KEYS, STATUSES, Job, JobStore, StoreConflict, process_store
-from service.jobs.submit import TrainRequest, submit_job
+from service.jobs.model import PROGRESS_KEYS, STATUSES, Job
+from service.jobs.sql import JobStore, process_store
 from service.routes import SSE_HEADERS
 from service.settings import Settings
 from service.text_input import check_text
+from service.uploads import read_capped, read_upload
 
 SSE_POLL_SECONDS = 0.5
 SSE_PING_SECONDS = 15.0
@@ -127,14 +129,10 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
             )
         digest = await call(_request_hash, body)
         if key is not None:
-            existing = await call(_idempotent_hit, store(), key, digest)
+            existing = await call(store().find_idempotent, key, digest)
             if existing is not None:
                 return _accepted(existing)
-        try:
-            created, _ = await call(submit_job, store(), settings, req, key, digest)
-        except StoreConflict as exc:
-            status = 409 if exc.code == "adapter_busy" else 422
-            raise ApiError(status, exc.code, exc.message, exc.param) from None
+        created, _ = await call(submit_job, store(), settings, req, key, digest)
         return _accepted(created)
 
     @app.get("/train", dependencies=deps, tags=["training"])
@@ -192,31 +190,9 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
 
     @app.post("/datasets", status_code=201, dependencies=deps, tags=["training"], openapi_extra=dataset_body)
     async def create_dataset(request: Request) -> dict[str, Any]:
-        ds = await upload_dataset(request, store(), settings)
+        raw = await read_upload(request, settings)
+        ds = await call(save_dataset, store(), settings, raw)
         return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}
-
-
-def cancel(store: JobStore, job: Job) -> Job:
-    """Cancel a queued job now, or ask the runner to stop a running one; 409 once it succeeded or failed."""
-    if job.status in ("succeeded", "failed"):
-        raise ApiError(409, "job_finished", f"training job '{job.id}' already {job.status}", "job_id")
-    was = job.status
-    current = store.request_cancel(job.id)
-    assert current is not None
-    if was == "queued" and current.status == "cancelled":  # the runner never saw it: count it here
-        from service import metrics
-
-        metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
-    if current.status in ("succeeded", "failed"):  # it ended while we asked
-        raise ApiError(409, "job_finished", f"training job '{job.id}' already {current.status}", "job_id")
-    return current
-
-
-def _idempotent_hit(store: JobStore, key: str, digest: str) -> Job | None:
-    try:
-        return store.find_idempotent(key, digest)
-    except StoreConflict as exc:
-        raise ApiError(422, exc.code, exc.message, exc.param) from None
 
 
 def _accepted(job: Job) -> JSONResponse:

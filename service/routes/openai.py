@@ -34,7 +34,7 @@ from fastapi.responses import StreamingResponse
 from loracore import artifact
 from loracore.artifact import valid_name, valid_ref
 from service.adapters import store
-from service.errors import ApiError
+from service.errors import ApiError, http_status
 from service.gateway import (
     EngineClient,
     ModelLimits,
@@ -294,9 +294,9 @@ def _raiser(choice: Choice) -> Callable[[Event], None]:
 def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
-        raise ApiError(err.status, "model_not_found", err.message, "model")
+        raise ApiError(http_status(err.code), "model_not_found", err.message, "model")
     if err is not None and err.code == "invalid_adapter":  # ``model`` named the adapter
-        raise ApiError(err.status, err.code, err.message, "model")
+        raise ApiError(http_status(err.code), err.code, err.message, "model")
     raise_for_event(event)
 
 

@@ -1,4 +1,4 @@
-"""Turning a validated ``POST /train`` request into a queued job: checks, files, then the store row."""
+"""What a client can do to jobs: submit one (checks, files, then the store row) and cancel one."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from loracore.atomic import write_atomic
-from service.errors import ApiError
 from service.jobs.datasets import link_dataset
 from service.jobs.files import DATASET_ID, JobPaths, job_paths
-from service.jobs.store import Job, JobStore, new_job_id
+from service.jobs.model import Job, JobError, cancellable, new_job_id
+from service.jobs.sql import JobStore
 from service.jobs.validate import check_adapter_name, check_config, check_rows, to_jsonl
 from service.settings import Settings
 
@@ -39,7 +39,7 @@ def submit_job(
     digest: str | None = None,
     extra: Callable[[JobPaths], None] | None = None,
 ) -> tuple[Job, bool]:
-    """Validate ``req`` (422/404/409 as ``ApiError``), write the job's files, insert the queued row.
+    """Validate ``req`` (``JobError`` naming the problem), write the job's files, insert the queued row.
 
     Returns (job, created); with an ``Idempotency-Key`` seen before, the earlier job and False.
     ``StoreConflict`` propagates (adapter already in training, key reused with another body).
@@ -48,11 +48,11 @@ def submit_job(
     check_adapter_name(req.adapter)
     if (req.data is None) == (req.dataset is None):
         msg = "give exactly one of 'data' (rows) or 'dataset' (an id)"
-        raise ApiError(422, "invalid_request", msg, "data")
+        raise JobError("invalid_request", msg, "data")
     num_rows = _check_source(store, req.data, req.dataset, "data", "dataset")
     if req.validation_data is not None and req.validation_dataset is not None:
         msg = "give at most one of 'validation_data' (rows) or 'validation_dataset' (an id)"
-        raise ApiError(422, "invalid_request", msg, "validation_data")
+        raise JobError("invalid_request", msg, "validation_data")
     has_val = req.validation_data is not None or req.validation_dataset is not None
     if has_val:
         _check_source(
@@ -60,8 +60,7 @@ def submit_job(
         )
     cfg = check_config(req.config, settings)
     if not req.overwrite and (settings.adapter_dir / req.adapter).exists():
-        raise ApiError(
-            409,
+        raise JobError(
             "adapter_exists",
             f"adapter '{req.adapter}' already exists; pass 'overwrite': true to replace it",
             "adapter",
@@ -102,7 +101,7 @@ def _check_source(
     if dataset is not None:
         ds = store.get_dataset(dataset) if DATASET_ID.match(dataset) else None
         if ds is None:
-            raise ApiError(404, "dataset_not_found", f"dataset '{dataset}' does not exist", dataset_param)
+            raise JobError("dataset_not_found", f"dataset '{dataset}' does not exist", dataset_param)
         return ds.num_rows
     return check_rows(rows, rows_param)
 
@@ -112,3 +111,20 @@ def _write_rows(settings: Settings, rows: list[Any] | None, dataset: str | None,
         link_dataset(settings, dataset, dest)
     else:
         write_atomic(dest, to_jsonl(rows or []))
+
+
+def cancel(store: JobStore, job: Job) -> Job:
+    """Cancel a queued job now, or ask the runner to stop a running one; ``job_finished`` once it
+    succeeded or failed."""
+    if not cancellable(job.status):
+        raise JobError("job_finished", f"training job '{job.id}' already {job.status}", "job_id")
+    was = job.status
+    current = store.request_cancel(job.id)
+    assert current is not None
+    if was == "queued" and current.status == "cancelled":  # the runner never saw it: count it here
+        from service import metrics
+
+        metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
+    if not cancellable(current.status):  # it ended while we asked
+        raise JobError("job_finished", f"training job '{job.id}' already {current.status}", "job_id")
+    return current

@@ -1,4 +1,5 @@
-"""The job store: one interface, two backends. Every API process and every job runner shares it.
+"""The job store: one interface, two backends, versioned migrations. Every API process and every job
+runner shares it. What it stores (Job, Dataset, the statuses) is ``service.jobs.model``.
 
 - **SQLite** (a path, the default): WAL mode, one host. Each call opens its own short connection
   (processes are forked; a connection must never cross a fork) and every write runs in
@@ -20,26 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from loracore.progress import JOB_KEYS
-from service.errors import ApiError
+from service.jobs.lease import owner_is_dead
+from service.jobs.model import FINISHED, STATUSES, Dataset, Job, StoreConflict, StoreUnavailable
 from service.settings import is_database_url
-
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running")
-PROGRESS_KEYS = JOB_KEYS  # what a job's progress holds (the trainer's line format owns the list)
 
 # Schema migrations, in order: version N is reached by running MIGRATIONS[N - 1]. Never edit a
 # released step; append one. Both backends run the same statements.
@@ -117,36 +110,8 @@ _COLUMNS = ", ".join(_COLUMN_NAMES)
 _LOCKS = {name: zlib.crc32(f"loraserve.jobs.{name}".encode()) for name in ("migrate", "create", "claim")}
 
 
-STORE_RETRY_AFTER_S = 5
 # An unreachable database host must not hold an API request (or the runner's loop) for long.
 PG_CONNECT_TIMEOUT_S = 5
-
-
-class StoreUnavailable(ApiError):
-    """The job store cannot be reached (the database is down or unreachable): retry later.
-
-    An ``ApiError``, so a route that meets it answers 503 ``job_store_unavailable`` with Retry-After.
-    """
-
-    def __init__(self, detail: str):
-        super().__init__(
-            503,
-            "job_store_unavailable",
-            "the job store (database) cannot be reached right now; retry later",
-            headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
-        )
-        self.detail = detail  # for the server's log: which store, and the driver's reason
-
-    def __str__(self) -> str:
-        return self.detail
-
-
-class StoreConflict(Exception):
-    """A write the store refused; ``code`` and ``param`` say why (the routes map them to HTTP)."""
-
-    def __init__(self, code: str, message: str, param: str | None = None, job: Job | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param, self.job = code, message, param, job
 
 
 def _key_reused() -> StoreConflict:
@@ -157,52 +122,14 @@ def _key_reused() -> StoreConflict:
     )
 
 
-@dataclass
-class Job:
-    id: str
-    adapter: str
-    status: str
-    error: str | None = None
-    overwrite: bool = False
-    base_model: str | None = None
-    dataset: str | None = None
-    num_rows: int = 0
-    progress: dict[str, Any] = field(default_factory=dict)
-    created_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    updated_at: float = 0.0
-    attempts: int = 0
-    resume: bool = False
-    cancel_requested: bool = False
-    lease_owner: str | None = None
-    lease_expires: float | None = None
-    trainer_pid: int | None = None
-    eval: dict[str, Any] | None = None  # the served evaluation of the published adapter (validation rows)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    @classmethod
-    def _from_row(cls, row: tuple) -> Job:
-        d = dict(zip(_COLUMN_NAMES, row, strict=True))
-        d["progress"] = json.loads(d["progress"] or "{}")
-        d["eval"] = json.loads(d["eval"]) if d["eval"] else None
-        d["warnings"] = json.loads(d["warnings"] or "[]")
-        for key in ("overwrite", "resume", "cancel_requested"):
-            d[key] = bool(d[key])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    id: str
-    num_rows: int
-    size_bytes: int
-    sha256: str
-    created_at: float
+def _job_from_row(row: tuple) -> Job:
+    d = dict(zip(_COLUMN_NAMES, row, strict=True))
+    d["progress"] = json.loads(d["progress"] or "{}")
+    d["eval"] = json.loads(d["eval"]) if d["eval"] else None
+    d["warnings"] = json.loads(d["warnings"] or "[]")
+    for key in ("overwrite", "resume", "cancel_requested"):
+        d[key] = bool(d[key])
+    return Job(**d)
 
 
 _PROCESS_STORES: dict[tuple[int, str], JobStore] = {}
@@ -226,52 +153,6 @@ def redact(location: str | Path) -> str:
         return str(location)
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex[:20]}"
-
-
-def new_dataset_id() -> str:
-    return f"ds-{uuid.uuid4().hex[:20]}"
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """Kernel start time of ``pid`` (Linux), so a reused pid is not mistaken for the old process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields and fields[0] in ("Z", "X"):  # zombie or dead: not running any more
-        return None
-    return fields[19] if len(fields) > 19 else None
-
-
-def make_owner_id() -> str:
-    """Lease owner id of this process: host, pid, the pid's start time and a random token."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}|{pid}|{_proc_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` ran on this host and that process is gone (False when unsure: leases expire)."""
-    if not owner:
-        return True
-    parts = owner.split("|")
-    if len(parts) != 4 or parts[0] != socket.gethostname():
-        return False
-    pid, started = int(parts[1]), parts[2]
-    if Path("/proc").is_dir():
-        now = _proc_start_time(pid)
-        return now is None or (started != "-" and now != started)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class _Connection:
@@ -441,7 +322,7 @@ class JobStore:
     @staticmethod
     def _get(con: _Connection, job_id: str) -> Job | None:
         row = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job._from_row(row) if row else None
+        return _job_from_row(row) if row else None
 
     # --- API side ------------------------------------------------------------------------------
     def create_job(
@@ -533,7 +414,7 @@ class JobStore:
                     f"SELECT {_COLUMNS} FROM jobs WHERE status = ? ORDER BY created_at DESC, id LIMIT ?",
                     (status, limit),
                 ).fetchall()
-        return [Job._from_row(r) for r in rows]
+        return [_job_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._read() as con:
@@ -696,7 +577,7 @@ class JobStore:
             rows = con.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'" + self.backend.for_update
             ).fetchall()
-            for job in map(Job._from_row, rows):
+            for job in map(_job_from_row, rows):
                 if skip_owner is not None and job.lease_owner == skip_owner:
                     continue
                 expired = job.lease_expires is None or job.lease_expires < now
