@@ -5,6 +5,7 @@
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
+    python -m bench interop      # our GGUF export in llama.cpp: same greedy tokens as our server
     python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
 
 Results go to docs/benchmarks/ (JSON, results.md, PNG plots); progress is JSON lines on stderr.
@@ -60,11 +61,16 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    interop_json = outdir / "interop.json"
     serve_mix_json = outdir / "serve_mix.json"
     if serve_mix_json.exists():
         from bench import serve_mix
 
         parts.append(serve_mix.markdown(json.loads(serve_mix_json.read_text())))
+    if interop_json.exists():
+        from bench import interop
+
+        parts.append(interop.markdown(json.loads(interop_json.read_text())))
     path = outdir / "results.md"
     path.write_text("\n".join(parts))
     return path
@@ -182,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
+    sub.add_parser("interop", help="GGUF export in llama.cpp vs our server (python -m bench interop --help)")
     sub.add_parser("engine", help="engine micro-benchmark in one process (python -m bench engine --help)")
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["interop"]:  # its options are its own (bench/interop.py)
+        from bench import interop
+
+        return interop.main(argv[1:])
     if argv[:1] == ["engine"]:  # its options are its own (bench/engine.py)
         from bench import engine
 

@@ -54,6 +54,7 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     # the jobs domain (service.jobs.model.JobError)
     "job_not_found": ErrorKind(404),
     "dataset_not_found": ErrorKind(404),
+    "file_not_found": ErrorKind(404),  # OpenAI's files API: a dataset id
     "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed
     "adapter_busy": ErrorKind(409),  # a job for the adapter is queued or running
     "adapter_exists": ErrorKind(409),  # without overwrite

@@ -193,13 +193,12 @@ class _Driver:
             AdapterWeight,
             GenerationRequest,
             PromptTooLong,
-            SamplingParams,
         )
 
         self.api, self.engine, self.queue = lit_api, lit_api.engine, queue
         self.metrics = metrics
         self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
-        self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
+        self.GenerationRequest = GenerationRequest
         self.AdapterWeight = AdapterWeight
         self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
         self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
@@ -265,7 +264,7 @@ class _Driver:
                         job.id,
                         list(job.prompt_ids),
                         job.adapter,
-                        self.SamplingParams(**job.params),
+                        job.params,
                         arrival=job.arrived,
                         adapters=(
                             None
@@ -277,7 +276,7 @@ class _Driver:
             except Exception as exc:
                 self.fail(live, self.refusal(job, exc))
             else:
-                if job.params.get("logprobs") is not None:
+                if job.params.logprobs is not None:
                     live.logprobs = []
                 self.running[job.id] = live
 

@@ -48,7 +48,7 @@ def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
     Training is the slowest thing in the suite, so every module that needs an adapter which
     really learned something shares these. Copy a folder before changing it.
     """
-    from helpers.adapters import train_fixed_sentence_adapter
+    from tests.helpers.adapters import train_fixed_sentence_adapter
 
     root = tmp_path_factory.mktemp("trained-adapters")
     return {
@@ -60,7 +60,7 @@ def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def postgres():
     """One real PostgreSQL server for the session (Debian's package); ``new_database()`` per test."""
-    from helpers.postgres import running_postgres
+    from tests.helpers.postgres import running_postgres
 
     try:
         server = running_postgres()

@@ -217,3 +217,16 @@ def test_serve_mix_benchmark_smoke(tmp_path: Path) -> None:
     for key in ("composed_vs_adapters_tokens", "constrained_vs_adapters_tokens"):
         assert res["ratios"][key] > 0, key
     assert "Composed and constrained traffic" in (out / "results.md").read_text()
+
+
+def test_interop_benchmark_is_a_bench_command() -> None:
+    """The llama.cpp check (not run here: it builds llama.cpp) keeps its command and options."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "interop", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m bench interop" in proc.stdout and "--max-new-tokens" in proc.stdout

@@ -29,6 +29,7 @@ from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
+from service.wire import ResolvedTarget
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
@@ -72,6 +73,25 @@ def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Ver
     return version
 
 
+def resolve_target(adapter_dir: Path, ref: str, param: str = "adapter") -> ResolvedTarget:
+    """The version ``ref`` names and the prompt template recorded WITH it, resolved once for a request:
+    the route renders with ``template`` and the worker loads exactly ``version_id`` (``target.ref``), so a
+    publish in between cannot pair one version's template with another's weights. 422/404 as ``resolve``.
+    """
+    for _ in range(3):
+        version = resolve(adapter_dir, ref, param)
+        record = artifact.read_record(version.folder) or artifact.Record()
+        # The record is this version's when it is sealed with its sha256, or when the weights are still
+        # the ones resolved after it was read (a plain folder has no sha256 in a record).
+        if record.sha256 == version.id or (
+            record.sha256 is None and artifact.weights_digest(version.folder) == version.id
+        ):
+            template = PromptTemplate.from_dict(record.template) if record.template else DEFAULT_TEMPLATE
+            return ResolvedTarget(artifact.split_ref(ref)[0], version.id, template)
+        ref = f"{artifact.split_ref(ref)[0]}{artifact.VERSION_SEP}{version.id}"  # replaced meanwhile: pin
+    raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
+
+
 def adapter_path(adapter_dir: Path, name: str) -> Path:
     """The folder of ``name``; the name must already be valid (it cannot contain '/' or '..')."""
     return Path(adapter_dir) / name
@@ -98,18 +118,6 @@ def names(adapter_dir: Path) -> list[str]:
 def read_record(adapter_dir: Path, name: str) -> artifact.Record:
     """The record of an adapter; an empty one when the folder is a plain PEFT folder."""
     return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
-
-
-def template_for(adapter_dir: Path, ref: str | None) -> PromptTemplate:
-    """The prompt template recorded with the adapter (the version ``ref`` names); the default one for
-    the base, a plain folder or a version that is gone (the request's own check reports that)."""
-    if ref is None:
-        return DEFAULT_TEMPLATE
-    version = artifact.resolve(adapter_dir, ref) if artifact.valid_ref(ref) else None
-    if version is None:
-        return DEFAULT_TEMPLATE
-    tpl = (artifact.read_record(version.folder) or artifact.Record()).template
-    return PromptTemplate.from_dict(tpl) if tpl is not None else DEFAULT_TEMPLATE
 
 
 def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:

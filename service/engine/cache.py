@@ -186,6 +186,13 @@ class AdapterCache:
             self.entries.move_to_end(key)
         else:
             entry = self._load(key[0], version)
+            if entry.version != version.id and split_ref(ref)[1] is not None:
+                # A pinned version whose folder was replaced between resolving and reading: the publish
+                # kept it first, so it is read again from its kept copy (never the newer weights).
+                version = self.disk_version(ref)
+                if version is None or version.current:
+                    raise FileNotFoundError(ref)
+                entry = self._load(key[0], version)
         entry.refs += 1
         return entry
 
