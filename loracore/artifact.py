@@ -10,8 +10,12 @@ A folder is built in a staging folder beside its final place (same filesystem), 
 
 Versions: an adapter's version id is the sha256 of its weights file. ``name@<hex>`` (8 to 64 hex
 digits, a prefix of the id) refers to one version, ``name`` to the newest (the folder itself).
-Earlier versions are kept as copies in ``<adapter-dir>/.versions/<name>/<sha256>/`` (hidden, so
-listings and the name rule never see them; never modified once renamed in), see ``keep_version``.
+Every published version is stored once, at publish, in ``<adapter-dir>/.versions/<name>/<sha256>/``
+(hidden, so listings and the name rule never see it; never modified once renamed in, its files
+read-only), and ``<adapter-dir>/<name>/`` is a folder of hard links to the current version's files,
+swapped atomically (``publish_version``): kept versions cost no second copy of the weights. A folder
+dropped in by hand is servable at once and is stored the same way by the adapter watcher (``adopt``).
+Resolving a name or a version only reads.
 The trainer writes adapters this way; the service lists, uploads and renames them with the names
 defined here. Light on purpose (standard library only): the API process and the engine import it.
 
@@ -31,7 +35,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +62,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class ArtifactError(ValueError):
     """A folder that is not a complete adapter; the message says what is wrong."""
+
+
+class NameTaken(ArtifactError):
+    """A publish that must not replace found the name taken."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -275,15 +283,16 @@ class Version:
 
     id: str
     folder: Path
-    current: bool  # the adapter's own folder (the newest), not a kept copy
+    current: bool  # the adapter's own folder (the newest), not a kept version
 
 
 def versions_dir(adapter_dir: Path, name: str) -> Path:
     return Path(adapter_dir) / VERSIONS / name
 
 
-def _kept(adapter_dir: Path, name: str) -> list[tuple[int, Path]]:
-    """(mtime_ns, folder) of the kept copies, newest first: a copy is touched when it stops being current."""
+def _stored(adapter_dir: Path, name: str) -> list[tuple[int, Path]]:
+    """(mtime_ns, folder) of the stored versions, newest first: a version is touched when it stops
+    being current."""
     root = versions_dir(adapter_dir, name)
     out = []
     try:
@@ -301,85 +310,183 @@ def _kept(adapter_dir: Path, name: str) -> list[tuple[int, Path]]:
     return out
 
 
+def current_id(adapter_dir: Path, name: str) -> str | None:
+    """The version id of ``<adapter-dir>/<name>/`` now (hashed once per change of its weights file)."""
+    current = Path(adapter_dir) / name
+    return weights_digest(current) if servable(current) else None
+
+
 def versions(adapter_dir: Path, name: str) -> list[Version]:
-    """Every version of ``name`` that can be served, newest first: the current folder, then kept copies."""
+    """Every version of ``name`` that can be served, newest first: the current folder, then the kept
+    ones whose weights still hash to their id (a folder adopted by hard links shares its files with
+    the folder it came from, so an in-place rewrite there changes the kept version too: it is dropped)."""
     out = []
     current = Path(adapter_dir) / name
-    current_id = weights_digest(current) if servable(current) else None
-    if current_id is not None:
-        out.append(Version(current_id, current, True))
+    cid = current_id(adapter_dir, name)
+    if cid is not None:
+        out.append(Version(cid, current, True))
     out.extend(
         Version(folder.name, folder, False)
-        for _, folder in _kept(adapter_dir, name)
-        if folder.name != current_id and servable(folder)
+        for _, folder in _stored(adapter_dir, name)
+        if folder.name != cid and servable(folder) and weights_digest(folder) == folder.name
     )
     return out
 
 
 def resolve(adapter_dir: Path, ref: str) -> Version | None:
     """The version ``ref`` names (the newest whose id starts with its prefix), or None. ``ref`` must be
-    valid (``valid_ref``)."""
+    valid (``valid_ref``). A read: nothing on disk changes."""
     name, prefix = split_ref(ref)
-    current = Path(adapter_dir) / name
     if prefix is None:
-        current_id = weights_digest(current) if servable(current) else None
-        return Version(current_id, current, True) if current_id is not None else None
+        cid = current_id(adapter_dir, name)
+        return Version(cid, Path(adapter_dir) / name, True) if cid is not None else None
     return next((v for v in versions(adapter_dir, name) if v.id.startswith(prefix)), None)
 
 
-def keep_version(adapter_dir: Path, name: str, keep: int, *, replacing: bool) -> None:
-    """Keep a copy of the current folder of ``name`` as ``.versions/<name>/<sha256>`` and drop the kept
-    versions beyond the ``keep`` newest earlier ones.
+def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, replace: bool = True) -> Record:
+    """Publish a staged folder as the current version of ``name``; returns its record.
 
-    Called before a publish replaces the folder (``replacing``: so requests pinned to the old version
-    still find it; the copy then counts as an earlier version) and when a folder dropped in by hand
-    is first seen. The copy is staged and renamed in, so a kept
-    version is complete or absent; copies (not hard links) because a hand-edited folder may be
-    rewritten in place. Its mtime orders the kept versions: it is touched when it stops being current.
+    1. ``verify`` it and seal its record with the weights' sha256 (the version id);
+    2. store it as ``.versions/<name>/<id>/`` (written once, by hard links to the staged files, which
+       are made read-only; if that version is stored already, the stored one is used);
+    3. build the name's folder from hard links to the version's files (no second copy) and swap it in
+       for ``<adapter-dir>/<name>/`` atomically (``replace``), or rename it in where the name is free
+       (else ``NameTaken``). The version it replaces is touched, so it orders as the newest earlier one;
+    4. remove the staged folder and drop the earlier versions beyond the ``keep`` newest.
+
+    On any failure (a full disk, say) nothing visible changed: the name still serves what it served,
+    a version stored by this call is removed again, and the staged folder is still there (a job's
+    runner that dies midway publishes it again on restart).
     """
     adapter_dir = Path(adapter_dir)
-    current = adapter_dir / name
-    current_id = weights_digest(current) if servable(current) else None
-    if keep > 0 and current_id is not None:
-        dest = versions_dir(adapter_dir, name) / current_id
-        try:
-            os.utime(dest)  # kept already: now the newest earlier version
-        except FileNotFoundError:
-            _copy_in(current, dest, current_id, adapter_dir)
-    expire(adapter_dir, name, keep, None if replacing else current_id)
-
-
-def _copy_in(source: Path, dest: Path, version_id: str, adapter_dir: Path) -> None:
-    tmp = adapter_dir / STAGING / f"keep-{source.name}-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir(parents=True)
-    try:
-        for entry in source.iterdir():
+    record = verify(folder)
+    if read_record(folder).sha256 is None:  # type: ignore[union-attr]  (verify read it)
+        write_record(folder, record)
+    vid = record.sha256
+    assert vid is not None
+    final = adapter_dir / name
+    stored = versions_dir(adapter_dir, name) / vid
+    created = False
+    if not (stored.is_dir() and weights_digest(stored) == vid):
+        if stored.exists():  # damaged on disk: replaced by these bytes
+            _remove(adapter_dir, stored)
+        for entry in folder.iterdir():
             if entry.is_file():
-                shutil.copy2(entry, tmp / entry.name)
-        if file_sha256(tmp / WEIGHTS_FILE) != version_id:  # replaced while we copied: keep nothing
-            return
+                entry.chmod(0o444)
+        created = _store(folder, stored, final)
+    try:
+        link = staging_for(final, f"link-{name}")
+        try:
+            _link_files(stored, link)
+            previous = current_id(adapter_dir, name)
+            if previous is not None and previous != vid:
+                # (a folder placed by hand and not adopted yet is not stored: nothing to touch)
+                with suppress(FileNotFoundError):
+                    os.utime(versions_dir(adapter_dir, name) / previous)
+            if replace:
+                publish_dir(link, final)
+            else:
+                _rename_new(link, final)
+        finally:
+            shutil.rmtree(link, ignore_errors=True)
+    except BaseException:
+        if created:
+            _remove(adapter_dir, stored)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    expire(adapter_dir, name, keep, vid)
+    return record
+
+
+def _store(source: Path, dest: Path, beside: Path) -> bool:
+    """Link ``source``'s files into a staged folder and rename it to ``dest``; False when another
+    writer stored the same version first (same bytes)."""
+    tmp = staging_for(beside, f"version-{beside.name}")
+    try:
+        _link_files(source, tmp)
         fsync_tree(tmp)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tmp, dest)
-        except OSError as exc:  # another process kept the same version first: same bytes
+        except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-    except FileNotFoundError:  # the folder went away while we copied
-        return
+            return False
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def expire(adapter_dir: Path, name: str, keep: int, current_id: str | None) -> None:
-    """Remove the kept versions of ``name`` beyond the ``keep`` newest ones other than the current."""
-    earlier = [folder for _, folder in _kept(adapter_dir, name) if folder.name != current_id]
+def _rename_new(folder: Path, final: Path) -> None:
+    fsync_tree(folder)
+    try:
+        os.rename(folder, final)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise NameTaken(f"adapter '{final.name}' exists already") from None
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _link_files(source: Path, dest: Path) -> None:
+    """Hard-link every file of ``source`` into ``dest``, all from one opening of ``source`` (a swap of
+    it meanwhile cannot mix two versions); where the filesystem refuses links, copy."""
+    dfd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for entry in os.scandir(dfd):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                os.link(entry.name, dest / entry.name, src_dir_fd=dfd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                    raise
+                src = os.open(entry.name, os.O_RDONLY, dir_fd=dfd)
+                with os.fdopen(src, "rb") as fin, open(dest / entry.name, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+    finally:
+        os.close(dfd)
+
+
+def adopt(adapter_dir: Path, name: str, keep: int) -> str | None:
+    """Store the current folder of ``name`` as a version when it is not one yet (a folder dropped in
+    or replaced by hand), so it stays servable as ``name@<id>`` after the next replace, and drop the
+    earlier versions beyond ``keep``. Its files are hard-linked (one copy where links are impossible).
+    Returns the id of a version stored now, else None. Called by the adapter watcher, never on the
+    request path."""
+    adapter_dir = Path(adapter_dir)
+    cid = current_id(adapter_dir, name)
+    if cid is None:
+        return None
+    dest = versions_dir(adapter_dir, name) / cid
+    if dest.is_dir():
+        return None
+    current = adapter_dir / name
+    try:
+        if not _store(current, dest, current):
+            return None
+    except FileNotFoundError:  # the folder went away meanwhile
+        return None
+    if file_sha256(dest / WEIGHTS_FILE) != cid:  # replaced meanwhile: the next scan adopts the new one
+        _remove(adapter_dir, dest)
+        return None
+    expire(adapter_dir, name, keep, cid)
+    return cid
+
+
+def expire(adapter_dir: Path, name: str, keep: int, current: str | None) -> None:
+    """Remove the stored versions of ``name`` beyond the ``keep`` newest ones other than ``current``."""
+    earlier = [folder for _, folder in _stored(adapter_dir, name) if folder.name != current]
     for folder in earlier[max(keep, 0) :]:
         _remove(Path(adapter_dir), folder)
 
 
 def remove_versions(adapter_dir: Path, name: str) -> None:
-    """Remove every kept version of ``name`` (the adapter is being deleted)."""
+    """Remove every stored version of ``name`` (the adapter is being deleted)."""
     _remove(Path(adapter_dir), versions_dir(adapter_dir, name))
 
 

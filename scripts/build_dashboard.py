@@ -150,8 +150,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 ],
                 kind="stat",
                 width=8,
-                description="The newest loraserve_lora_requests_info series of each instance "
-                "(its value is the time of the update; older label sets keep older times).",
+                description="loraserve_lora_requests_info of each instance: one series, the adapters "
+                "running and waiting now (its value is the time of the update).",
             ),
         ],
     ),

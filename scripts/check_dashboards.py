@@ -70,8 +70,12 @@ def exported_metrics(module: str = "service.metrics") -> dict[str, frozenset[str
     from prometheus_client.metrics import MetricWrapperBase
 
     mod = importlib.import_module(module)
+    status_gauge = getattr(mod, "StatusGauge", None)  # gauges read from the worker's status file
     out: dict[str, frozenset[str]] = {}
     for value in vars(mod).values():
+        if status_gauge is not None and isinstance(value, status_gauge):
+            out[value.name] = frozenset(value.labelnames)
+            continue
         if not isinstance(value, MetricWrapperBase):
             continue
         name, labels, kind = value._name, frozenset(value._labelnames), value._type

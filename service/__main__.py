@@ -7,8 +7,9 @@ flags win. Prefer ``LORASERVE_API_KEY`` over ``--api-key`` (argv is visible to o
     python -m service --allow-random-weights ...   # demo without downloadable weights (loud warning)
 
 Process tree: this main process -> LitServe's manager, one spawned generation worker, forked
-API servers; plus the job runner (spawned here). SIGTERM and SIGINT stop all of them. A generation
-worker that dies is restarted in place (``--worker-max-restarts``, docs/reliability.md).
+API servers; plus the job runner and the adapter watcher (spawned here). SIGTERM and SIGINT stop
+all of them. A generation worker that dies is restarted in place (``--worker-max-restarts``,
+docs/reliability.md).
 
 ``--role`` picks the parts: ``all`` (the tree above), ``serve`` (no job runner: jobs are queued in
 the shared ``--jobs-db`` for a runner elsewhere) or ``runner`` (the job runner and the job, adapter,
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, dtype = resolve_device(settings)
 
+        from service.adapters.watcher import run_watcher
         from service.app import build_server
         from service.jobs.runner import run_runner
         from service.served_model import ServedModel
@@ -230,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             settings.port,
             redact(settings.jobs_db or ""),
         )
+        spawn = mp.get_context("spawn")
+        # stores folders placed in the adapter directory by hand as versions (the request path only reads)
+        watcher_args = (str(settings.adapter_dir), settings.keep_adapter_versions, settings.log_level)
+        spawn.Process(target=run_watcher, args=watcher_args, name="adapter-watcher", daemon=True).start()
         if settings.runs_jobs:
-            spawn = mp.get_context("spawn")
             stop_event = spawn.Event()
             runner = spawn.Process(target=run_runner, args=(settings, stop_event), name="job-runner")
             runner.start()

@@ -100,7 +100,9 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
 
     install_error_handlers(app)
-    register_health_routes(app, lambda: worker_readiness(settings, server.worker_up))
+    register_health_routes(
+        app, lambda: worker_readiness(settings, server.worker_up), settings.worker_status_path
+    )
     register_generate_routes(app, settings, client, limits)
     register_eval_routes(app, settings, client, limits)
     register_openai_routes(app, settings, client, limits, model)

@@ -45,8 +45,8 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     # the generation worker (service.wire.WireError)
     "adapter_not_found": ErrorKind(404),  # e.g. deleted between acceptance and admission
     "prompt_too_long": ErrorKind(400),
+    "invalid_adapter": ErrorKind(422),  # the adapter exists but cannot be loaded: its fault, not ours
     "invalid_request": ErrorKind(422),  # sampling parameters the engine refused; a malformed job request
-    "invalid_adapter": ErrorKind(422),  # an adapter folder this base cannot serve (another base's, ...)
     "timeout": ErrorKind(504),  # the request's deadline passed
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
     # the worker that had the request died; a new one is starting (the API side sends this)

@@ -89,21 +89,20 @@ class ModelLimits:
             )
 
 
-def resolve_target(adapter_dir: Path, ref: str, keep_versions: int, param: str) -> ResolvedTarget:
+def resolve_target(adapter_dir: Path, ref: str, param: str) -> ResolvedTarget:
     """The version ``ref`` names with its own template, resolved once for the request
     (``store.resolve_target``): 422 for a malformed ref, 404 ``adapter_not_found`` naming it."""
     from service.adapters import store
 
     store.check_ref(ref, param)
     try:
-        return store.resolve_target(adapter_dir, ref, keep_versions, param)
+        return store.resolve_target(adapter_dir, ref, param)
     except ApiError as exc:
         raise api_error(WireError("adapter_not_found", exc.message, param)) from None
 
 
 def resolve_targets(
     adapter_dir: Path,
-    keep_versions: int,
     adapter: str | None,
     composition: list[tuple[str, float]] | None,
     adapter_param: str = "adapter",
@@ -114,13 +113,11 @@ def resolve_targets(
 
     for i, (name, _) in enumerate(composition or []):
         store.check_ref(name, f"adapters.{i}.name")
-    target = (
-        resolve_target(adapter_dir, adapter, keep_versions, adapter_param) if adapter is not None else None
-    )
+    target = resolve_target(adapter_dir, adapter, adapter_param) if adapter is not None else None
     if composition is None:
         return target, None
     parts = [
-        (resolve_target(adapter_dir, name, keep_versions, f"adapters.{i}.name"), weight)
+        (resolve_target(adapter_dir, name, f"adapters.{i}.name"), weight)
         for i, (name, weight) in enumerate(composition)
     ]
     return target, parts

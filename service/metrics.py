@@ -3,15 +3,26 @@
 LitServe runs the API servers, the generation worker and the job runner in separate processes,
 so metrics use prometheus_client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR must be set (and
 the folder wiped) by the main process *before* this module is imported anywhere; ``/metrics``
-serves a registry holding only a MultiProcessCollector, so each family appears exactly once.
+serves a registry holding a MultiProcessCollector, so each family appears exactly once, and a
+``WorkerStatusCollector``. A multiprocess gauge can never drop a label set, so a gauge whose labels
+name adapters would keep every combination it ever had; those are ``StatusGauge``s instead, read
+from the worker's status file at scrape time: one series, the current state.
 The Grafana dashboard and the alert rules in deploy/ name these metrics; a test keeps them honest.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.worker_status import pid_alive, read_load, read_status
 
 if TYPE_CHECKING:
     from service.engine.types import StepReport
@@ -58,14 +69,25 @@ KV_CACHE_USAGE = Gauge(
     "fraction (0-1) of the KV cache's token positions (batch rows x context length) holding live tokens",
     multiprocess_mode="livemax",
 )
+
+
+@dataclass(frozen=True)
+class StatusGauge:
+    """A gauge exported from the worker's status file (``WorkerStatusCollector``), not from the
+    multiprocess files: at most one series, the worker's current state."""
+
+    name: str
+    documentation: str
+    labelnames: tuple[str, ...]
+
+
 # vLLM's lora_requests_info: the value is the time of the last update, the labels say what runs.
-# Multiprocess mode cannot drop a label set, so earlier combinations stay with their older times:
-# readers take the series with the newest value (the picker does; the dashboard uses topk).
-LORA_REQUESTS_INFO = Gauge(
+# One series: the state the worker last published (it rewrites it every LOAD_EVERY_S while busy and
+# when it turns idle; an idle state stands until the worker writes another, so its time is the scrape's).
+LORA_REQUESTS_INFO = StatusGauge(
     "loraserve_lora_requests_info",
     "time of the last update; labels: adapters a batch can hold, adapters running and waiting",
-    ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-    multiprocess_mode="livemostrecent",
+    ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
 )
 
 WORKER_RESTARTS = Counter(
@@ -156,18 +178,48 @@ def record_step(report: StepReport) -> None:
     ADAPTERS_LOADED.set(cache.loaded)
 
 
-def record_load(waiting: int, stats: dict, waiting_adapters: set[str], now: float) -> None:
-    """Export the worker's state between steps for the Inference Gateway's endpoint picker.
+def record_load(waiting: int, stats: dict) -> None:
+    """Export the worker's load between steps for the Inference Gateway's endpoint picker.
 
-    ``stats`` is ``Engine.stats()``; ``waiting`` and ``waiting_adapters`` also count what the worker
-    holds in front of the engine. The base model is no adapter, so it is never named.
+    ``stats`` is ``Engine.stats()``; ``waiting`` also counts what the worker holds in front of the
+    engine. Which adapters run and wait goes to the status file (``LORA_REQUESTS_INFO``).
     """
     REQUESTS_WAITING.set(waiting)
     REQUESTS_RUNNING.set(stats["rows"])
     ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
     KV_CACHE_USAGE.set(stats["kv_tokens_used"] / stats["kv_tokens_max"] if stats["kv_tokens_max"] else 0.0)
-    LORA_REQUESTS_INFO.labels(
-        max_lora=str(stats["adapter_cache"]["capacity"]),
-        running_lora_adapters=",".join(sorted(stats["running_adapters"])),
-        waiting_lora_adapters=",".join(sorted(waiting_adapters | set(stats["waiting_adapters"]))),
-    ).set(now)
+
+
+class WorkerStatusCollector(Collector):
+    """The ``StatusGauge``s, from the generation worker's status file at each scrape.
+
+    Nothing is exported while the worker is not ready, its process is gone, or its busy load is stale
+    (``worker_status.read_load``): a dead or hung worker has no current state to report.
+    """
+
+    def __init__(self, status_path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self.status_path = Path(status_path)
+        self.clock = clock
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        g = LORA_REQUESTS_INFO
+        yield GaugeMetricFamily(g.name, g.documentation, labels=g.labelnames)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = LORA_REQUESTS_INFO
+        family = GaugeMetricFamily(g.name, g.documentation, labels=g.labelnames)
+        status = read_status(self.status_path)
+        now = self.clock()
+        load = read_load(status, now)
+        ready = status is not None and status.get("status") == "ready" and pid_alive(status.get("pid"))
+        if ready and load is not None:
+            busy = bool(load.waiting or load.running)
+            family.add_metric(
+                [
+                    str(status.get("max_loaded_adapters", "")),  # type: ignore[union-attr]  (ready: not None)
+                    ",".join(load.running_adapters),
+                    ",".join(load.waiting_adapters),
+                ],
+                load.time if busy else now,
+            )
+        yield family

@@ -39,9 +39,10 @@ MAX_COMPOSITION_WEIGHT = 2.0
 ERROR_PARAMS: dict[str, str | None] = {
     "adapter_not_found": "adapter",  # e.g. deleted between acceptance and admission
     "prompt_too_long": "prompt",
-    "invalid_request": None,  # sampling parameters the engine refused
-    # the adapter's folder is not one this base can serve (another base's shape, unsupported options)
+    # the adapter exists but cannot be served (bad shapes for this base, corrupt or truncated weights,
+    # non-finite values, a config the engine cannot honour): the adapter's fault, not the server's
     "invalid_adapter": "adapter",
+    "invalid_request": None,  # sampling parameters the engine refused
     "timeout": None,  # the request's deadline passed
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)

@@ -112,8 +112,10 @@ class EngineAPI(ls.LitAPI):
         # LitServe stops workers with SIGTERM: run the finalizers, skip the slow teardown (see below).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         plan = self.engine.plan
-        self.status = dict(status, status="ready", batch=plan.to_dict())
-        write_status(cfg.status_path, dict(self.status, loaded_adapters=[]))
+        capacity = self.engine.adapters.capacity
+        self.status = dict(status, status="ready", batch=plan.to_dict(), max_loaded_adapters=capacity)
+        idle = Load(0, 0, time.time()).to_dict()
+        write_status(cfg.status_path, dict(self.status, loaded_adapters=[], load=idle))
         log.info(
             "batch capacity %d rows (limited by %s): KV budget %d MiB (%s), %d KiB per row-position x %d",
             plan.rows,
@@ -217,12 +219,7 @@ class _Driver:
             self.admit()
             stats = self.engine.stats()
             # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
-            self.metrics.record_load(
-                len(self.waiting) + stats["waiting"],
-                stats,
-                {w.job.adapter for w in self.waiting if w.job.adapter},
-                time.time(),
-            )
+            self.metrics.record_load(len(self.waiting) + stats["waiting"], stats)
             if self.engine.has_active():
                 self.step()
             elif self.waiting:
@@ -377,7 +374,16 @@ class _Driver:
             return
         self.busy, self.status_at = busy, now
         stats = self.engine.stats()
-        load = Load(len(self.waiting) + stats["waiting"], stats["rows"], time.time(), self.rate.value)
+        waiting_adapters = {w.job.adapter for w in self.waiting if w.job.adapter}
+        waiting_adapters.update(stats["waiting_adapters"])
+        load = Load(
+            len(self.waiting) + stats["waiting"],
+            stats["rows"],
+            time.time(),
+            self.rate.value,
+            tuple(sorted(stats["running_adapters"])),
+            tuple(sorted(waiting_adapters)),
+        )
         loaded = sorted(stats["adapters_loaded"])
         pins = sum(e["refs"] for e in stats["adapter_cache"]["loaded"])  # 0 once idle, or a pin leaked
         write_status(

@@ -5,8 +5,9 @@ listings, and the job runner reads its ``load`` to decide whether training yield
 (``docs/jobs.md``, "Serving first"). Kept free of torch and LitServe so the runner can import it.
 
     {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...], "adapter_pins",
-     "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
-     "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float}, "pid", "updated"}
+     "max_loaded_adapters": int, "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
+     "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float,
+              "running_adapters": [...], "waiting_adapters": [...]}, "pid", "updated"}
 
 ``load.waiting`` counts requests taken by the worker but not yet in the batch (its own queue plus
 the engine's scheduler); ``load.running`` the rows of the running batch. The worker rewrites ``load``
@@ -14,6 +15,9 @@ every ``LOAD_EVERY_S`` while busy and once when it becomes idle, so a busy ``loa
 ``LOAD_STALE_S`` means the worker stopped writing (hung or gone) and is read as idle.
 ``load.tokens_per_s`` is the decode rate of recent busy time; the API processes admit a request only
 when the work ahead of it, at that rate, ends before its deadline (``service.gateway``).
+``load.running_adapters`` and ``load.waiting_adapters`` name the adapters of those requests (sorted;
+the base model is not named): ``/metrics`` exports them as ``loraserve_lora_requests_info``
+(``service.metrics.WorkerStatusCollector``), the current state only.
 """
 
 from __future__ import annotations
@@ -38,11 +42,15 @@ class Load:
     running: int
     time: float  # time.time() when the worker measured it
     tokens_per_s: float | None = None  # generated tokens per busy second, recent (None: not measured yet)
+    running_adapters: tuple[str, ...] = ()  # adapters of the running rows, sorted
+    waiting_adapters: tuple[str, ...] = ()  # adapters of the waiting requests, sorted
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"waiting": self.waiting, "running": self.running, "time": round(self.time, 3)}
         if self.tokens_per_s is not None:
             out["tokens_per_s"] = round(self.tokens_per_s, 2)
+        out["running_adapters"] = list(self.running_adapters)
+        out["waiting_adapters"] = list(self.waiting_adapters)
         return out
 
 
@@ -61,6 +69,15 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def pid_alive(pid: Any) -> bool:
+    """Whether the process that wrote a status file (its ``pid``) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
 def read_load(status: dict[str, Any] | None, now: float | None = None) -> Load | None:
     """The worker's load, or None when there is none to believe (no file, no load, a stale busy one)."""
     raw = (status or {}).get("load")
@@ -73,6 +90,8 @@ def read_load(status: dict[str, Any] | None, now: float | None = None) -> Load |
             int(raw["running"]),
             float(raw["time"]),
             float(rate) if rate is not None else None,
+            tuple(str(n) for n in raw.get("running_adapters") or ()),
+            tuple(str(n) for n in raw.get("waiting_adapters") or ()),
         )
     except (KeyError, TypeError, ValueError):
         return None

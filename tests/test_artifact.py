@@ -10,6 +10,7 @@ import pytest
 
 from loracore import artifact
 from loracore.artifact import CONFIG_FILE, RECORD_FILE, STAGING, WEIGHTS_FILE, ArtifactError, Record
+from loracore.atomic import publish_dir
 from loracore.template import DEFAULT_TEMPLATE
 
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      not real safetensors, only bytes to hash"
@@ -161,9 +162,7 @@ def _publish_version(adapter_dir: Path, name: str, weights: bytes, keep: int) ->
     with artifact.staged(adapter_dir / name) as staging:
         write_folder(staging)
         (staging / WEIGHTS_FILE).write_bytes(weights)
-        if (adapter_dir / name).exists():
-            artifact.keep_version(adapter_dir, name, keep, replacing=True)
-        return artifact.publish(staging, adapter_dir / name).sha256
+        return artifact.publish_version(staging, adapter_dir, name, keep).sha256
 
 
 def test_publishing_keeps_earlier_versions_up_to_the_limit(tmp_path: Path) -> None:
@@ -200,3 +199,75 @@ def test_digest_follows_an_in_place_rewrite_with_the_same_size_and_mtime(tmp_pat
         fh.write(WEIGHTS.upper())
     os.utime(folder / WEIGHTS_FILE, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert artifact.weights_digest(folder) == hashlib.sha256(WEIGHTS.upper()).hexdigest() != first
+
+
+def test_versions_share_the_weights_and_resolving_only_reads(tmp_path: Path) -> None:
+    """The name's folder and its stored version are one set of files (hard links): no second copy;
+    resolving names and versions writes nothing."""
+    import os
+
+    ids = [_publish_version(tmp_path, "a", WEIGHTS + bytes([i]), keep=3) for i in range(2)]
+    current = os.stat(tmp_path / "a" / WEIGHTS_FILE)
+    stored = os.stat(tmp_path / ".versions" / "a" / ids[1] / WEIGHTS_FILE)
+    assert (current.st_ino, current.st_nlink) == (stored.st_ino, 2)
+    assert stored.st_mode & 0o222 == 0  # read-only: written once
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {
+            str(p.relative_to(tmp_path)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")
+        }
+
+    before = tree()
+    for ref in ("a", f"a@{ids[0][:8]}", f"a@{ids[1]}", "a@0123456789abcdef", "missing"):
+        artifact.resolve(tmp_path, ref)
+    artifact.versions(tmp_path, "a")
+    assert tree() == before
+
+
+def test_a_folder_placed_by_hand_is_adopted_by_links_and_its_rewrite_drops_the_kept_version(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    hand = write_folder(tmp_path / "h")
+    first = artifact.weights_digest(hand)
+    assert artifact.adopt(tmp_path, "h", keep=2) == first
+    assert artifact.adopt(tmp_path, "h", keep=2) is None  # once
+    kept = tmp_path / ".versions" / "h" / first
+    assert os.stat(kept / WEIGHTS_FILE).st_ino == os.stat(hand / WEIGHTS_FILE).st_ino
+    assert [v.id for v in artifact.versions(tmp_path, "h")] == [first]
+
+    # replaced by hand (new files): the adopted version stays servable by its id
+    staging = artifact.staging_for(tmp_path / "h")
+    write_folder(staging)
+    (staging / WEIGHTS_FILE).write_bytes(WEIGHTS + b"v2")
+    publish_dir(staging, tmp_path / "h")
+    second = artifact.weights_digest(tmp_path / "h")
+    assert [v.id for v in artifact.versions(tmp_path, "h")] == [second, first]
+    assert artifact.resolve(tmp_path, f"h@{first[:8]}").folder == kept
+
+    # the current one rewritten in place after its adoption: the kept version shares its files and is
+    # dropped (its bytes no longer match its id); the new bytes serve under the name
+    artifact.adopt(tmp_path, "h", keep=2)
+    (tmp_path / "h" / WEIGHTS_FILE).write_bytes(WEIGHTS + b"v3")
+    ids = [v.id for v in artifact.versions(tmp_path, "h")]
+    assert (
+        ids[0] == artifact.file_sha256(tmp_path / "h" / WEIGHTS_FILE) and second not in ids and first in ids
+    )
+
+
+def test_a_publish_that_fails_changes_nothing_visible(tmp_path: Path, monkeypatch) -> None:
+    """A failure after the version was stored (here: the swap of the name) removes it again."""
+    import errno
+
+    old = _publish_version(tmp_path, "a", WEIGHTS, keep=3)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "publish_dir", full)
+    with pytest.raises(OSError, match="No space"):
+        _publish_version(tmp_path, "a", WEIGHTS + b"new", keep=3)
+    assert [v.id for v in artifact.versions(tmp_path, "a")] == [old]
+    assert sorted(p.name for p in (tmp_path / ".versions" / "a").iterdir()) == [old]
+    assert list((tmp_path / STAGING).iterdir()) == []

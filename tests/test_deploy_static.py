@@ -552,10 +552,10 @@ def test_inference_gateway_overlay_routes_openai_requests_through_the_pool() -> 
         "queuedRequestsSpec": metrics.REQUESTS_WAITING._name,
         "runningRequestsSpec": metrics.REQUESTS_RUNNING._name,
         "kvUsageSpec": metrics.KV_CACHE_USAGE._name,
-        "loraSpec": metrics.LORA_REQUESTS_INFO._name,
+        "loraSpec": metrics.LORA_REQUESTS_INFO.name,
     }
     assert engine["loraSpec"] == "loraserve_lora_requests_info"
-    assert set(metrics.LORA_REQUESTS_INFO._labelnames) == {
+    assert set(metrics.LORA_REQUESTS_INFO.labelnames) == {
         "max_lora",
         "running_lora_adapters",
         "waiting_lora_adapters",

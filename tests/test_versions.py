@@ -176,18 +176,44 @@ def test_stream_started_before_a_replace_finishes_on_its_version(env):
     )
 
 
-def test_same_size_rewrite_in_place_serves_the_new_weights(env):
-    """A rewrite that keeps the inode, the size and the mtime is still a new version (new sha256)."""
-    adapters, src = env["adapters"], env["src"]
-    staging = staging_dir(adapters, "drop")
-    shutil.copytree(src / "alpha", staging, dirs_exist_ok=True)
-    (staging / "loraserve.json").unlink()  # a plain PEFT folder: its version id is computed on discovery
-    publish_dir(staging, adapters / "drop")
-    assert text_of(env, "drop").strip() == FIXED_SENTENCES["alpha"]
-    first = env["client"].get("/adapters/drop").json()["sha256"]
+def _adopted(env, name: str, version: str) -> None:
+    """Wait for the adapter watcher to store the folder placed by hand as a version."""
+    deadline = time.monotonic() + 30
+    while not (env["adapters"] / ".versions" / name / version).is_dir():
+        assert time.monotonic() < deadline, f"{name}@{version[:8]} was not adopted within 30 s"
+        time.sleep(0.2)
 
+
+def _place_by_hand(env, name: str, source: str) -> None:
+    adapters = env["adapters"]
+    staging = staging_dir(adapters, "drop")
+    shutil.copytree(env["src"] / source, staging, dirs_exist_ok=True)
+    (staging / "loraserve.json").unlink(missing_ok=True)  # a plain PEFT folder, as placed by hand
+    publish_dir(staging, adapters / name)
+
+
+def test_folders_placed_by_hand_are_adopted_and_a_rewrite_in_place_serves_the_new_weights(env):
+    """A folder placed by hand is servable at once and stored as a version by the watcher, by hard
+    links (no copy), so a replace by hand keeps it servable by its id. A rewrite that keeps the inode,
+    the size and the mtime is still a new version (new sha256); the kept version that shared those
+    files is dropped, since its bytes changed with them."""
+    adapters = env["adapters"]
+    _place_by_hand(env, "drop", "random3")
+    served = text_of(env, "drop")
+    first = env["client"].get("/adapters/drop").json()["sha256"]
+    _adopted(env, "drop", first)
     weights = adapters / "drop" / "adapter_model.safetensors"
-    new = (src / "beta" / "adapter_model.safetensors").read_bytes()
+    stored = adapters / ".versions" / "drop" / first / "adapter_model.safetensors"
+    assert os.stat(stored).st_ino == os.stat(weights).st_ino  # a link, not a copy
+
+    _place_by_hand(env, "drop", "alpha")  # replaced by hand: new files
+    assert text_of(env, "drop").strip() == FIXED_SENTENCES["alpha"]
+    second = env["client"].get("/adapters/drop").json()["sha256"]
+    assert second != first
+    assert text_of(env, f"drop@{first[:8]}") == served
+    _adopted(env, "drop", second)
+
+    new = (env["src"] / "beta" / "adapter_model.safetensors").read_bytes()
     before = os.stat(weights)
     assert len(new) == before.st_size
     with open(weights, "r+b") as fh:  # same inode
@@ -202,10 +228,37 @@ def test_same_size_rewrite_in_place_serves_the_new_weights(env):
 
     assert text_of(env, "drop").strip() == FIXED_SENTENCES["beta"]
     info = env["client"].get("/adapters/drop").json()
-    assert info["sha256"] != first
-    # The first version was kept when it was first served, so it stays reachable by its id.
+    assert info["sha256"] not in (first, second)
+    _adopted(env, "drop", info["sha256"])
+    info = env["client"].get("/adapters/drop").json()
     assert [v["id"] for v in info["versions"]] == [info["sha256"], first]
-    assert text_of(env, f"drop@{first[:8]}").strip() == FIXED_SENTENCES["alpha"]
+    assert text_of(env, f"drop@{first[:8]}") == served
+    assert generate(env, f"drop@{second[:8]}").status_code == 404
+
+
+def test_serving_writes_nothing_to_the_adapter_dir(env):
+    """Requests naming adapters and versions, listings and infos only read the adapter directory."""
+    v1 = upload(env, "ro", "alpha")["sha256"]
+    upload(env, "ro", "beta")
+    adapters = env["adapters"]
+
+    def tree() -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for p in sorted(adapters.rglob("*")):
+            if ".staging" not in p.parts:
+                st = os.lstat(p)
+                out[str(p.relative_to(adapters))] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        return out
+
+    time.sleep(1.5)  # the watcher has scanned since the upload (nothing to adopt: it was published)
+    before = tree()
+    for ref in ("ro", f"ro@{v1[:8]}", "ro", f"ro@{v1}"):
+        assert generate(env, ref).status_code == 200
+    assert env["client"].get("/adapters/ro").status_code == 200
+    assert env["client"].get("/adapters").status_code == 200
+    assert env["client"].get("/v1/models").status_code == 200
+    time.sleep(1.5)
+    assert tree() == before
 
 
 def test_a_training_job_that_overwrites_keeps_the_version_it_replaced(env):

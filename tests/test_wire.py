@@ -39,15 +39,17 @@ def test_every_error_code_has_a_status() -> None:
     engine_codes = _engine_error_codes()
     assert "adapter_not_found" in engine_codes  # the scan really sees the engine's codes
     # what the engine sets, plus what the worker itself reports (refusals of add, deadlines, failures)
-    for code in engine_codes | {"prompt_too_long", "invalid_request", "timeout", "generation_failed"}:
+    # and the codes an adapter that cannot be loaded carries (``engine.cache.AdapterError.code``)
+    reported = {"prompt_too_long", "invalid_request", "timeout", "generation_failed", "invalid_adapter"}
+    for code in engine_codes | reported:
         assert code in ERROR_PARAMS, f"error code {code!r} has no entry in service.wire.ERROR_PARAMS"
         assert code in DOMAIN_ERRORS, f"error code {code!r} has no entry in service.errors.DOMAIN_ERRORS"
         assert 400 <= http_status(code) <= 599
     assert {code: http_status(code) for code in ERROR_PARAMS} == {
         "adapter_not_found": 404,
         "prompt_too_long": 400,
-        "invalid_request": 422,
         "invalid_adapter": 422,
+        "invalid_request": 422,
         "timeout": 504,
         "generation_failed": 500,
         "worker_restarted": 503,

@@ -2,9 +2,9 @@
 
 ``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``loracore.artifact``).
 A folder that appears there is servable on its next request: nothing here caches the listing.
-Earlier versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``loracore.artifact``): a publish
-keeps the one it replaces, and the first request that sees a version keeps it too (a folder replaced
-by hand keeps its predecessor that way), up to ``keep`` earlier versions per adapter.
+Versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``loracore.artifact``): written once at
+publish, the name's folder hard links to the current one, up to ``keep`` earlier versions per adapter.
+Resolving a request's adapter only reads.
 Uploads are validated without torch and without pickle (the safetensors header is parsed by hand),
 staged and renamed in atomically by ``loracore.artifact``, so a name is always absent or a complete
 adapter.
@@ -62,32 +62,24 @@ def not_found_message(adapter_dir: Path, ref: str) -> str:
     )
 
 
-def resolve(adapter_dir: Path, ref: str, keep: int | None = None, param: str = "adapter") -> artifact.Version:
+def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Version:
     """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
-
-    With ``keep`` (the server's ``keep_adapter_versions``) the current version is kept as a copy the
-    first time it is seen, so replacing the folder by hand leaves it servable as ``name@<id>``.
-    """
+    A read: the request path never writes to the adapter directory (a folder dropped in by hand is
+    stored as a version by the watcher, ``service.adapters.watcher``)."""
     check_ref(ref, param)
     version = artifact.resolve(adapter_dir, ref)
     if version is None:
         raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
-    if keep and version.current:
-        name = artifact.split_ref(ref)[0]
-        if not (artifact.versions_dir(adapter_dir, name) / version.id).is_dir():
-            artifact.keep_version(adapter_dir, name, keep, replacing=False)
     return version
 
 
-def resolve_target(
-    adapter_dir: Path, ref: str, keep: int | None = None, param: str = "adapter"
-) -> ResolvedTarget:
+def resolve_target(adapter_dir: Path, ref: str, param: str = "adapter") -> ResolvedTarget:
     """The version ``ref`` names and the prompt template recorded WITH it, resolved once for a request:
     the route renders with ``template`` and the worker loads exactly ``version_id`` (``target.ref``), so a
     publish in between cannot pair one version's template with another's weights. 422/404 as ``resolve``.
     """
     for _ in range(3):
-        version = resolve(adapter_dir, ref, keep, param)
+        version = resolve(adapter_dir, ref, param)
         record = artifact.read_record(version.folder) or artifact.Record()
         # The record is this version's when it is sealed with its sha256, or when the weights are still
         # the ones resolved after it was read (a plain folder has no sha256 in a record).
@@ -321,10 +313,11 @@ def publish(
     base_model: str,
     keep: int = 0,
 ) -> bool:
-    """Write a validated adapter to staging and rename it in; True if the name was new.
+    """Write a validated adapter to staging and publish it as the current version; True if the name
+    was new.
 
-    The version it replaces is kept first (``keep`` earlier versions at most), so requests pinned to
-    it keep working."""
+    The version it replaces stays stored (``keep`` earlier versions at most), so requests pinned to
+    it keep working (``artifact.publish_version``)."""
     final = adapter_path(Path(adapter_dir), name)
     try:
         with artifact.staged(final, f"upload-{name}") as staging:
@@ -336,9 +329,7 @@ def publish(
             )
             artifact.write_record(staging, record)
             created = not final.exists()
-            if not created:
-                artifact.keep_version(adapter_dir, name, keep, replacing=True)
-            artifact.publish(staging, final)  # verify, seal the record with the weights' sha256, rename
+            artifact.publish_version(staging, Path(adapter_dir), name, keep)
     except BaseException as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(

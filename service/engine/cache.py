@@ -56,13 +56,21 @@ class CacheActivity:
 
 
 class AdapterError(RuntimeError):
-    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter.
-    ``code`` is the loader's error code when the folder itself is at fault (``invalid_adapter``:
-    it does not fit this base), None for a failure of ours."""
+    """An adapter folder exists but cannot be loaded; the message names the adapter and the reason.
 
-    def __init__(self, message: str, code: str | None = None):
+    ``code`` is the error code the request fails with: ``invalid_adapter`` when the fault is the
+    adapter's (its files do not parse, do not fit the base, hold non-finite values, ask for what the
+    engine cannot do, or cannot be read as files), ``generation_failed`` when it is the server's (out of
+    memory, a disk error, a bug)."""
+
+    def __init__(self, message: str, code: str = "invalid_adapter"):
         super().__init__(message)
         self.code = code
+
+
+# Faults of the adapter's own files: a format error is a ValueError (``lora.AdapterFormatError``), and
+# a folder whose files are directories or unreadable to the server is the folder's fault too.
+_ADAPTER_FAULTS = (ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class AdapterCache:
@@ -202,11 +210,17 @@ class AdapterCache:
         except FileNotFoundError:
             raise
         except Exception as exc:
+            code = getattr(exc, "code", None) or (
+                "invalid_adapter" if isinstance(exc, _ADAPTER_FAULTS) else "generation_failed"
+            )
+            if code != "invalid_adapter":
+                log.exception("adapter %s: loading failed", name)
+            raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}", code) from exc
+        if digest != version.id and not version.current:  # a kept version is never rewritten
             raise AdapterError(
-                f"adapter {name!r} cannot be loaded: {exc}", getattr(exc, "code", None)
-            ) from exc
-        if digest != version.id and not version.current:  # a kept copy is never rewritten
-            raise AdapterError(f"adapter {name!r}: kept version {version.id[:16]} does not match its weights")
+                f"adapter {name!r} cannot be loaded: version {version.id[:16]} does not match its weights "
+                "(corrupt on disk)"
+            )
         # a current folder replaced between resolving and reading: keyed by what was read
         seconds = time.perf_counter() - t0
         self._activity.load_seconds.append(seconds)

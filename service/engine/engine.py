@@ -337,7 +337,7 @@ class Engine:
                 missing = AdapterNotFound(exc.args[0] if exc.args else "?")
                 report.events.append(self._error(req, str(missing), code="adapter_not_found"))
                 return None
-            except AdapterError as exc:
+            except AdapterError as exc:  # the adapter's fault (422) or the server's (5xx): exc.code
                 report.events.append(self._error(req, str(exc), code=exc.code))
                 return None
             if req.adapters is not None:

@@ -75,7 +75,8 @@ class TokenEvent:
     completion_tokens: int  # tokens generated so far, the EOS token included
     error: str | None = None
     # why an "error" event failed, for the server's status code: "adapter_not_found" when the
-    # adapter was deleted between ``add`` and admission, else None (a server-side failure)
+    # adapter was deleted between ``add`` and admission, "invalid_adapter" when it cannot be loaded
+    # for a fault of its own (``cache.AdapterError``), else None (a server-side failure)
     error_code: str | None = None
     # with SamplingParams.logprobs: the chosen token's log-probability and the most likely tokens
     # as (token id, logprob), most likely first, from the distribution the token was drawn from

@@ -61,7 +61,7 @@ def _check_adapters(settings: Settings, adapters: list[str | None]) -> dict[str,
         param = f"adapters[{i}]"
         target = None
         if name is not None:
-            target = resolve_target(settings.adapter_dir, name, settings.keep_adapter_versions, param)
+            target = resolve_target(settings.adapter_dir, name, param)
         key = key_of(name)
         if key in seen:
             raise ApiError(

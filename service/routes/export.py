@@ -73,7 +73,7 @@ def register_export_routes(app: FastAPI, settings: Settings, model: ServedModel)
         pinned = []
         for i, part in enumerate(parts):
             where = param if param == "name" else f"adapters.{i}"
-            version = store.resolve(settings.adapter_dir, part.ref, settings.keep_adapter_versions, where)
+            version = store.resolve(settings.adapter_dir, part.ref, where)
             pinned.append((version, part.weight))
         filename = export_plan.download_name(fmt, parts)
         headers = {"Content-Disposition": f'attachment; filename="{filename}"'}

@@ -57,9 +57,7 @@ def register_generate_routes(
         ``stream: true`` answers with SSE."""
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
         # resolved once: the prompt's template and the weights that serve it are one version's
-        target, parts = resolve_targets(
-            settings.adapter_dir, settings.keep_adapter_versions, body.adapter, composition
-        )
+        target, parts = resolve_targets(settings.adapter_dir, body.adapter, composition)
         template = template_of(target, parts, limits.template)
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = SamplingParams(

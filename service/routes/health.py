@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from service.metrics import WorkerStatusCollector
 from service.schemas import Health, Readiness
 from service.served_model import ServedModel
 from service.settings import Settings
-from service.worker_status import read_status
-
-
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, TypeError, ValueError):
-        return False
-    return True
+from service.worker_status import pid_alive, read_status
 
 
 def worker_readiness(
@@ -30,7 +23,7 @@ def worker_readiness(
     """The generation worker's status file, checked against its pid (roles ``all`` and ``serve``)
     and against ``taking_requests`` (a restarted worker: the API side admits requests again)."""
     status = read_status(settings.worker_status_path) or {"status": "starting"}
-    if status.get("status") == "ready" and not _pid_alive(status.get("pid")):
+    if status.get("status") == "ready" and not pid_alive(status.get("pid")):
         status = dict(status, status="failed", detail="the generation worker is not running")
     elif status.get("status") == "ready" and not taking_requests():
         status = dict(status, status="starting", detail="the restarted generation worker is starting")
@@ -58,9 +51,15 @@ def runner_readiness(
     return readiness
 
 
-def register_health_routes(app: FastAPI, readiness: Callable[[], dict[str, Any]]) -> None:
+def register_health_routes(
+    app: FastAPI, readiness: Callable[[], dict[str, Any]], worker_status: Path | None = None
+) -> None:
+    """``worker_status``: the generation worker's status file, read at each scrape for the gauges of
+    its current state (``metrics.WorkerStatusCollector``); None where no worker runs."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    if worker_status is not None:
+        registry.register(WorkerStatusCollector(worker_status))
 
     @app.get("/health", response_model=Health, tags=["health"])
     def health() -> Health:

@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from service.errors import ApiError
+from service.errors import ApiError, http_status
 from service.gateway import (
     EngineClient,
     ModelLimits,
@@ -188,7 +188,8 @@ def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
 
 def _raiser(choice: Choice) -> Callable[[Event], None]:
     """Raise for a choice's error event: an adapter deleted after validation is OpenAI's
-    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition."""
+    ``model_not_found`` when ``model`` named it, and stays ``adapter_not_found`` in a composition;
+    an adapter that cannot be loaded stays ``invalid_adapter``, pointing at ``model``."""
     return raise_for_event if choice.sub.job.adapters is not None else _raise_for
 
 
@@ -196,6 +197,8 @@ def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
         raise model_not_found(api_error(err))
+    if err is not None and err.code == "invalid_adapter":  # ``model`` named the adapter
+        raise ApiError(http_status(err.code), err.code, err.message, "model")
     raise_for_event(event)
 
 
@@ -329,8 +332,7 @@ def register_openai_routes(
             if adapter is None:
                 return Target(None, None)
             try:
-                keep = settings.keep_adapter_versions
-                return Target(resolve_target(settings.adapter_dir, adapter, keep, "model"), None)
+                return Target(resolve_target(settings.adapter_dir, adapter, "model"), None)
             except ApiError as exc:
                 raise model_not_found(exc) from None
         if adapter is not None:
@@ -342,7 +344,7 @@ def register_openai_routes(
                 "model",
             )
         composition = [(a.name, a.weight) for a in body.adapters]
-        _, parts = resolve_targets(settings.adapter_dir, settings.keep_adapter_versions, None, composition)
+        _, parts = resolve_targets(settings.adapter_dir, None, composition)
         return Target(None, parts)
 
     def make_jobs(
