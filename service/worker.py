@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import litserve as ls
 
+from loracore.artifact import split_ref
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
 from service.wire import Cancel, Event, Job, TokenLogprob, WireError, request_from_dict
 from service.worker_status import LOAD_EVERY_S, Load, write_status
@@ -374,14 +375,15 @@ class _Driver:
             return
         self.busy, self.status_at = busy, now
         stats = self.engine.stats()
-        waiting_adapters = {w.job.adapter for w in self.waiting if w.job.adapter}
-        waiting_adapters.update(stats["waiting_adapters"])
+        # Jobs carry name@version; routers and dashboards know adapters by name.
+        waiting_adapters = {adapter_name(w.job.adapter) for w in self.waiting if w.job.adapter}
+        waiting_adapters.update(adapter_name(a) for a in stats["waiting_adapters"])
         load = Load(
             len(self.waiting) + stats["waiting"],
             stats["rows"],
             time.time(),
             self.rate.value,
-            tuple(sorted(stats["running_adapters"])),
+            tuple(sorted({adapter_name(a) for a in stats["running_adapters"]})),
             tuple(sorted(waiting_adapters)),
         )
         loaded = sorted(stats["adapters_loaded"])
@@ -390,3 +392,8 @@ class _Driver:
             self.api.config.status_path,
             dict(self.api.status, loaded_adapters=loaded, adapter_pins=pins, load=load.to_dict()),
         )
+
+
+def adapter_name(ref: str) -> str:
+    """The adapter's name in a reference (``name`` or ``name@<version id>``)."""
+    return split_ref(ref)[0]

@@ -147,7 +147,11 @@ def test_publish_then_clean_stop_resumes(settings: Settings, tmp_path: Path, mon
         done = wait_for(store, resumed.id, lambda j: j.finished, 180, "finished")
         published = wait_for(store, orphan.id, lambda j: j.finished, 30, "published")
     assert published.status == "succeeded", published.error
-    assert json.loads((settings.adapter_dir / "first" / "loraserve.json").read_text())["job"] == orphan.id
+    # published: the staged output is gone, renamed in as "first"'s current version (the same bytes as
+    # the version already stored, so that stored version, record included, is the one served)
+    assert not (settings.staging_dir / orphan.id).exists()
+    record = json.loads((settings.adapter_dir / "first" / "loraserve.json").read_text())
+    assert record["sha256"] == file_sha256(settings.adapter_dir / "first" / "adapter_model.safetensors")
     assert not job_paths(settings, orphan.id).log.exists()  # no trainer ran for it
     assert done.status == "succeeded", done.error
     assert done.attempts == 1 and done.progress["step"] == 12
