@@ -160,6 +160,8 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
     ]  # fmt: skip
     if paths.val.is_file():
         cmd += ["--val", str(paths.val)]
+    if paths.init_adapter.is_dir():
+        cmd += ["--init-adapter", str(paths.init_adapter)]
     if base[1]:
         cmd.append("--allow-random-weights")
     if settings.train_yield_rows > 0:

@@ -52,6 +52,14 @@ PROGRESS_KEYS = (
     "last_eval_loss",
     "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
     "yielded_seconds",
+    # DPO: the preference metrics of the last evaluation; at the end, the published weights'
+    "method",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
 )
 
 # Schema migrations, in order: version N is reached by running MIGRATIONS[N - 1]. Never edit a

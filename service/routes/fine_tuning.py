@@ -25,7 +25,6 @@ from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from service.adapters import store as adapter_store
 from service.errors import ApiError
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
 from service.jobs.store import Job, JobStore, StoreConflict, process_store
@@ -35,6 +34,7 @@ from service.routes.jobs import cancel
 from service.routes.openai import base_names
 from service.served_model import ServedModel
 from service.settings import Settings
+from trainer import artifact
 from trainer.artifact import valid_name
 from trainer.publish import write_atomic
 
@@ -71,15 +71,35 @@ class Hyperparameters(BaseModel):
         raise ValueError(f'must be "auto" or a number in (0, 1000] (got {value!r})')
 
 
+class DpoHyperparameters(Hyperparameters):
+    """DPO's hyperparameters: the supervised ones and ``beta`` (trainer ``dpo_beta``; "auto": 0.1)."""
+
+    beta: Any = AUTO
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: Any) -> Any:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 2
+        if value == AUTO or ok:
+            return value
+        raise ValueError(f'must be "auto" or a number in (0, 2] (got {value!r})')
+
+
 class _Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters | None = None
 
 
+class _Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"]
+    type: Literal["supervised", "dpo"]
     supervised: _Supervised | None = None
+    dpo: _Dpo | None = None
 
 
 class FineTuningJobRequest(BaseModel):
@@ -112,6 +132,9 @@ def trainer_config(hp: Hyperparameters, seed: int, has_validation: bool) -> tupl
     defaults = TrainingSettings()
     training: dict[str, Any] = {"seed": seed}
     resolved: dict[str, Any] = {}
+    if isinstance(hp, DpoHyperparameters):
+        training["method"] = "dpo"
+        resolved["beta"] = training["dpo_beta"] = defaults.dpo_beta if hp.beta == AUTO else float(hp.beta)
     for name, key in HYPERPARAMETERS.items():
         value = getattr(hp, name)
         if name == "learning_rate_multiplier":
@@ -155,6 +178,7 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
     (files are validated during the create request itself)."""
     eta = job.progress.get("eta_seconds")
     hp = spec["hyperparameters"]
+    kind = spec.get("method", "supervised")
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -168,7 +192,7 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
         "training_file": spec["training_file"],
         "validation_file": spec.get("validation_file"),
         "hyperparameters": hp,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": kind, kind: {"hyperparameters": hp}},
         "seed": spec["seed"],
         "user_provided_suffix": spec.get("suffix"),
         "metadata": spec.get("metadata"),
@@ -294,7 +318,12 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[st
 
 # --- routes ----------------------------------------------------------------------------------------
 
-_NATIVE_PARAMS = {"dataset": "training_file", "validation_dataset": "validation_file", "adapter": "suffix"}
+_NATIVE_PARAMS = {
+    "dataset": "training_file",
+    "validation_dataset": "validation_file",
+    "adapter": "suffix",
+    "init_adapter": "model",
+}
 
 
 def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable, model: ServedModel) -> None:
@@ -314,18 +343,17 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             )
         return job, spec
 
-    def check_model(name: str) -> None:
+    def check_model(name: str) -> str | None:
+        """None for the served base; an adapter (``name`` or ``name@version``) is a warm start from it."""
         if name in names:
-            return
-        if valid_name(name) and adapter_store.exists(settings.adapter_dir, name):
-            raise ApiError(
-                422,
-                "invalid_model",
-                f"fine-tuning starts from the served base ({base_id!r}), not from the adapter {name!r}",
-                "model",
-            )
+            return None
+        if artifact.valid_ref(name) and artifact.resolve(settings.adapter_dir, name) is not None:
+            return name
         raise ApiError(
-            404, "model_not_found", f"the model {name!r} is not the served base ({base_id!r})", "model"
+            404,
+            "model_not_found",
+            f"the model {name!r} is neither the served base ({base_id!r}) nor an adapter",
+            "model",
         )
 
     def check_file(file_id: str | None, param: str) -> None:
@@ -335,15 +363,22 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             raise file_not_found(file_id, param)
 
     def create(body: FineTuningJobRequest) -> dict[str, Any]:
-        check_model(body.model)
+        init_adapter = check_model(body.model)
         if body.integrations:
             raise ApiError(422, "invalid_request", "integrations are not supported", "integrations")
-        hp = body.hyperparameters
-        if body.method is not None and body.method.supervised and body.method.supervised.hyperparameters:
+        hp: Hyperparameters | None = body.hyperparameters
+        kind = body.method.type if body.method is not None else "supervised"
+        inner = getattr(body.method, kind, None) if body.method is not None else None
+        if kind == "dpo" and hp is not None:
+            msg = "a dpo job takes its hyperparameters in method.dpo.hyperparameters"
+            raise ApiError(422, "invalid_request", msg, "hyperparameters")
+        if inner is not None and inner.hyperparameters is not None:
             if hp is not None:
                 msg = "give hyperparameters once: top-level or in method.supervised, not both"
                 raise ApiError(422, "invalid_request", msg, "hyperparameters")
-            hp = body.method.supervised.hyperparameters
+            hp = inner.hyperparameters
+        if kind == "dpo" and hp is None:
+            hp = DpoHyperparameters()
         check_file(body.training_file, "training_file")
         check_file(body.validation_file, "validation_file")
         from trainer.config import TrainingSettings
@@ -355,6 +390,7 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             "training_file": body.training_file,
             "validation_file": body.validation_file,
             "hyperparameters": resolved,
+            "method": kind,
             "suffix": body.suffix,
             "seed": seed,
             "metadata": body.metadata,
@@ -364,6 +400,7 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             dataset=body.training_file,
             validation_dataset=body.validation_file,
             config=config,
+            init_adapter=init_adapter,
         )
 
         def write_spec(paths: JobPaths) -> None:
@@ -376,7 +413,9 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
                 409 if exc.code == "adapter_busy" else 422, exc.code, exc.message, exc.param
             ) from None
         except ApiError as exc:  # the native request's field names, in this API's terms
-            exc.param = _NATIVE_PARAMS.get(exc.param or "", exc.param)
+            if exc.param is not None:  # "dataset[3]" -> "training_file[3]"
+                head, bracket, rest = exc.param.partition("[")
+                exc.param = _NATIVE_PARAMS.get(head, head) + bracket + rest
             raise
         return job_object(job, spec)
 
