@@ -63,6 +63,13 @@ def finish(oai: openai.OpenAI, job_id: str, timeout: float = 600):
     return job
 
 
+def answer_tokens(text: str) -> list[int]:
+    """The token ids of an answer as the template renders it (" " + text), from the server's tokenizer."""
+    from trainer.model import gpt2_tokenizer
+
+    return gpt2_tokenizer()(" " + text, add_special_tokens=False)["input_ids"]
+
+
 def answer(oai: openai.OpenAI, model: str, prompt: str) -> str:
     reply = oai.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0
@@ -100,6 +107,7 @@ def test_a_dpo_job_through_the_openai_client(env) -> None:
         },
         suffix="prefers",
         seed=0,
+        metadata={"team": "prefs", "run": "1"},
     )
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1  # "auto" resolved
     done = finish(oai, job.id)
@@ -113,6 +121,17 @@ def test_a_dpo_job_through_the_openai_client(env) -> None:
     rows = native["eval"]["rows"]
     assert all(r["rejected"] == DISPREFERRED and r["reference"] == PREFERRED for r in rows)
     assert native["eval"]["closer_to_chosen_rate"] >= 0.75 and sum(r["closer_to_chosen"] for r in rows) >= 6
+    # the fields clients read: tokens that received loss (both answers of 12 rows, 10 epochs), metadata
+    per_row = sum(len(answer_tokens(s)) + 1 for s in (PREFERRED, DISPREFERRED))  # + EOS each
+    assert done.trained_tokens == 10 * 12 * per_row
+    assert done.metadata == {"team": "prefs", "run": "1"}
+    assert [j.id for j in oai.fine_tuning.jobs.list(metadata={"team": "prefs"})] == [job.id]
+    assert list(oai.fine_tuning.jobs.list(metadata={"team": "other"})) == []
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oai.fine_tuning.jobs.create(
+            model="base", training_file=train.id, metadata={f"k{i}": "v" for i in range(17)}
+        )
+    assert err.value.body["param"] == "metadata"
     events = list(oai.fine_tuning.jobs.list_events(job.id, limit=1000))
     assert sum(1 for e in events if e.type == "metrics" and "valid_loss" in e.data) == 10
     # prompts never trained on now get the preferred sentence first (DPO teaches the ranking of the two

@@ -381,6 +381,7 @@ def train_adapter(
             last_eval_loss=summary.last_eval_loss,
             selected=summary.selected,
             yielded_seconds=round(gate.total, 3),
+            trained_tokens=state.target_tokens,
             method=summary.method,
             **(summary.preference or {}),
         )
@@ -512,6 +513,7 @@ def fit(
                     eta_seconds=per_step * (run.total_steps - step),  # pauses included: they recur
                     grad_norm=grad_norm,
                     yielded_seconds=round(gate.total, 3),
+                    trained_tokens=state.target_tokens,  # tokens that received loss, all epochs so far
                 )
                 losses_since_log.clear()
 

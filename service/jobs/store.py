@@ -52,6 +52,7 @@ PROGRESS_KEYS = (
     "last_eval_loss",
     "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
     "yielded_seconds",
+    "trained_tokens",  # tokens that received loss, all epochs (and attempts) so far
     # DPO: the preference metrics of the last evaluation; at the end, the published weights'
     "method",
     "reward_accuracy",

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +40,7 @@ from trainer.publish import write_atomic
 
 ORGANIZATION = "loraserve"
 AUTO = "auto"
+MAX_METADATA_PAIRS = 16
 
 # --- the request -----------------------------------------------------------------------------------
 
@@ -114,6 +115,19 @@ class FineTuningJobRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     integrations: list[Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's limits: at most 16 pairs, keys up to 64 characters, values up to 512."""
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs (got {len(value)})")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError(f"key {key[:70]!r}: keys take up to 64 characters, values up to 512")
+        return value
 
 
 # OpenAI hyperparameter -> trainer key (trainer.config.TrainingSettings). The learning rate is the
@@ -197,7 +211,7 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
         "user_provided_suffix": spec.get("suffix"),
         "metadata": spec.get("metadata"),
         "integrations": [],
-        "trained_tokens": None,
+        "trained_tokens": job.progress.get("trained_tokens"),
         "estimated_finish": int(time.time() + eta) if job.status == "running" and eta is not None else None,
         "error": (
             {"code": "training_failed", "message": job.error or "training failed", "param": None}
@@ -424,17 +438,28 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         """A native training job on the served base, from uploaded files (see docs/openai.md)."""
         return await run_in_threadpool(create, body)
 
-    def list_all(after: str | None, limit: int) -> dict[str, Any]:
+    def list_all(after: str | None, limit: int, metadata: dict[str, str]) -> dict[str, Any]:
         out = []
         for job in store().list_jobs(None, 1_000_000):  # newest first
             spec = read_spec(job_paths(settings, job.id))
-            if spec is not None:
+            if spec is None:
+                continue
+            tags = spec.get("metadata") or {}
+            if all(tags.get(key) == value for key, value in metadata.items()):
                 out.append(job_object(job, spec))
         return _page(out, after, limit)
 
     @app.get("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
-    async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
-        return await run_in_threadpool(list_all, after, limit)
+    async def list_jobs(
+        request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """``?metadata[key]=value`` (any number) keeps the jobs whose metadata has every such pair."""
+        metadata = {
+            k[len("metadata[") : -1]: v
+            for k, v in request.query_params.multi_items()
+            if k.startswith("metadata[") and k.endswith("]")
+        }
+        return await run_in_threadpool(list_all, after, limit, metadata)
 
     @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}", dependencies=deps, tags=["fine-tuning"])
     async def retrieve_job(fine_tuning_job_id: str) -> dict[str, Any]:
