@@ -134,6 +134,22 @@ def test_a_dpo_job_through_the_openai_client(env) -> None:
     assert err.value.body["param"] == "metadata"
     events = list(oai.fine_tuning.jobs.list_events(job.id, limit=1000))
     assert sum(1 for e in events if e.type == "metrics" and "valid_loss" in e.data) == 10
+    # every checkpoint the job keeps is a model: 12 rows at batch 4 save one every epoch (3 steps);
+    # the newest 3 (keep_checkpoints) of those 9 stay servable, as does the published adapter
+    checkpoints = list(oai.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints[1:]] == [27, 24, 21], checkpoints
+    assert checkpoints[0].fine_tuned_model_checkpoint == done.fine_tuned_model
+    for ckpt in checkpoints[1:]:
+        model = ckpt.fine_tuned_model_checkpoint
+        assert model.startswith(done.fine_tuned_model + "@"), model
+        via_openai = oai.completions.create(
+            model=model, prompt="Human: hi\nAssistant:", max_tokens=8, temperature=0
+        )
+        r = http.post(
+            "/generate", json={"prompt": "hi", "adapter": model, "max_new_tokens": 8, "temperature": 0}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == via_openai.choices[0].text, (r.json(), via_openai)
     # prompts never trained on now get the preferred sentence first (DPO teaches the ranking of the two
     # answers; what follows the sentence is not in the data, and may run on)
     answers = [answer(oai, done.fine_tuned_model, p) for p in CHECK_PROMPTS]

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from service.jobs.checkpoints import export as export_checkpoint
+from service.jobs.checkpoints import remove_all as remove_checkpoint_versions
 from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, read_progress, tail_text
 from service.jobs.publish import PublishError, publish_adapter, published_by
@@ -392,6 +394,13 @@ class Runner:
                 if key in ev:
                     run.progress[key] = ev[key]
             kind = ev.get("event")
+            if kind == "checkpoint" and ev.get("path"):  # servable as <adapter>@<version id>
+                try:
+                    export_checkpoint(
+                        self.settings, run.paths, run.job.adapter, Path(ev["path"]), int(ev.get("step") or 0)
+                    )
+                except OSError as exc:  # the checkpoint is still a checkpoint: training goes on
+                    log.warning("job %s: checkpoint %s not made servable: %s", run.job.id, ev["path"], exc)
             if kind == "done":
                 run.done = True
             elif kind == "error":
@@ -538,6 +547,8 @@ class Runner:
         # (with its log) for whoever looks into the failure. A staged output that was not published goes.
         if status != "failed":
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        if status == "cancelled":  # its servable checkpoints go too; a published or failed job's stay
+            remove_checkpoint_versions(self.settings, paths, job.adapter)
         shutil.rmtree(paths.output, ignore_errors=True)
 
     def _count_finished(self, job: Job, status: str) -> None:

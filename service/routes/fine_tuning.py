@@ -15,6 +15,7 @@ validation file its ``validation_dataset``. ``fine_tuned_model`` is the adapter'
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
+from service.jobs.checkpoints import servable_checkpoints
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
 from service.jobs.store import Job, JobStore, StoreConflict, process_store
 from service.jobs.submit import TrainRequest, submit_job
@@ -139,8 +141,13 @@ HYPERPARAMETERS = {
 }
 
 
-def trainer_config(hp: Hyperparameters, seed: int, has_validation: bool) -> tuple[dict, dict]:
-    """(the partial trainer config for ``POST /train``, the hyperparameters as resolved for the job)."""
+def trainer_config(
+    hp: Hyperparameters, seed: int, has_validation: bool, num_rows: int | None = None
+) -> tuple[dict, dict]:
+    """(the partial trainer config for ``POST /train``, the hyperparameters as resolved for the job).
+
+    With ``num_rows`` a checkpoint is saved at the end of every epoch, as OpenAI does (each is servable
+    while kept: ``service.jobs.checkpoints``)."""
     from trainer.config import TrainingSettings
 
     defaults = TrainingSettings()
@@ -160,6 +167,8 @@ def trainer_config(hp: Hyperparameters, seed: int, has_validation: bool) -> tupl
             training[key] = resolved[name]
     if not has_validation:  # as OpenAI: without a validation file every row trains, nothing is held out
         training["eval_fraction"] = 0.0
+    if num_rows:  # every row trains (validation rows come from their own file): an epoch is this many steps
+        training["save_steps"] = math.ceil(num_rows / training["per_device_train_batch_size"])
     return {"training": training}, resolved
 
 
@@ -286,10 +295,12 @@ def job_events(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[s
     return out
 
 
-def job_checkpoints(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One per checkpoint the trainer saved (``save_steps``, or when stopped), plus the published adapter
-    once the job succeeded; newest first. Only the published one is a servable model: intermediate
-    checkpoints are resumable training state, removed when the job ends."""
+def job_checkpoints(
+    job: Job, lines: list[tuple[int, dict[str, Any]]], servable: dict[int, str]
+) -> list[dict[str, Any]]:
+    """One per checkpoint the job keeps servable (``servable``: step -> ``<adapter>@<version id>``,
+    ``service.jobs.checkpoints``), plus the published adapter once the job succeeded; newest first. Each
+    ``fine_tuned_model_checkpoint`` is a model for ``/v1/*`` and an adapter for ``/generate``."""
     found: dict[int, dict[str, Any]] = {}
     train_loss: dict[int, Any] = {}
 
@@ -310,8 +321,9 @@ def job_checkpoints(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[d
         step = int(ev.get("step") or 0)
         if ev.get("event") == "step":
             train_loss[step] = ev.get("loss")
-        elif ev.get("event") == "checkpoint":
-            add(step, ev.get("time"), ev.get("loss"), ev.get("eval_loss"), f"{job.adapter}:step-{step}")
+        elif ev.get("event") == "checkpoint" and step in servable:
+            loss = train_loss.get(step, ev.get("loss"))
+            add(step, ev.get("time"), loss, ev.get("eval_loss"), servable[step])
         elif ev.get("event") == "done":
             done = ev
     if job.status == "succeeded" and done is not None:
@@ -398,7 +410,13 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         from trainer.config import TrainingSettings
 
         seed = TrainingSettings().seed if body.seed is None else body.seed
-        config, resolved = trainer_config(hp or Hyperparameters(), seed, body.validation_file is not None)
+        dataset = store().get_dataset(body.training_file)
+        config, resolved = trainer_config(
+            hp or Hyperparameters(),
+            seed,
+            body.validation_file is not None,
+            dataset.num_rows if dataset is not None else None,
+        )
         spec = {
             "model": body.model,
             "training_file": body.training_file,
@@ -491,7 +509,8 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
 
     def checkpoints(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
         job, _ = load(job_id)
-        return _page(job_checkpoints(job, lines_of(job)), after, limit)
+        servable = servable_checkpoints(settings, job_paths(settings, job.id), job.adapter)
+        return _page(job_checkpoints(job, lines_of(job), servable), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", dependencies=deps, tags=["fine-tuning"])
     async def list_checkpoints(
