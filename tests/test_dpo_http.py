@@ -63,7 +63,7 @@ def finish(oai: openai.OpenAI, job_id: str, timeout: float = 600):
     return job
 
 
-def answer_tokens(text: str) -> list[int]:
+def answer_tokens_of(text: str) -> list[int]:
     """The token ids of an answer as the template renders it (" " + text), from the server's tokenizer."""
     from trainer.model import gpt2_tokenizer
 
@@ -122,7 +122,7 @@ def test_a_dpo_job_through_the_openai_client(env) -> None:
     assert all(r["rejected"] == DISPREFERRED and r["reference"] == PREFERRED for r in rows)
     assert native["eval"]["closer_to_chosen_rate"] >= 0.75 and sum(r["closer_to_chosen"] for r in rows) >= 6
     # the fields clients read: tokens that received loss (both answers of 12 rows, 10 epochs), metadata
-    per_row = sum(len(answer_tokens(s)) + 1 for s in (PREFERRED, DISPREFERRED))  # + EOS each
+    per_row = sum(len(answer_tokens_of(s)) + 1 for s in (PREFERRED, DISPREFERRED))  # + EOS each
     assert done.trained_tokens == 10 * 12 * per_row
     assert done.metadata == {"team": "prefs", "run": "1"}
     assert [j.id for j in oai.fine_tuning.jobs.list(metadata={"team": "prefs"})] == [job.id]
@@ -221,3 +221,26 @@ def test_native_method_and_init_adapter_refusals(env, tmp_path: Path) -> None:
     err = train(data=prefs, method="dpo", init_adapter=adapters[0], config={"lora": {"r": 8}})
     assert err["code"] == "init_adapter_mismatch" and err["param"] == "config.lora.r"
     assert "lora r 32" in err["message"]
+
+
+def test_the_client_package_trains_with_method_and_init_adapter(env) -> None:
+    import loraserve_client as lc
+
+    srv, http, _, _ = env
+    adapters = [a["name"] for a in http.get("/adapters").json()["adapters"]]
+    prefs = [{"prompt": p, "chosen": PREFERRED, "rejected": DISPREFERRED} for p in PROMPTS[:4]]
+    with lc.Client(srv.url, api_key=API_KEY) as client:
+        with pytest.raises(lc.APIStatusError) as err:
+            client.train("client-dpo", [{"prompt": "Hi", "response": "Hello"}], method="dpo")
+        assert err.value.status_code == 422 and err.value.param == "data[0]"
+        job = client.train(
+            "client-dpo",
+            prefs,
+            method="dpo",
+            init_adapter=adapters[0],
+            config={"training": {"max_steps": 2, "per_device_train_batch_size": 2, "eval_fraction": 0}},
+        )
+        done = job.wait(progress=False, timeout=300)
+    assert done.status == "succeeded", (done, srv.log_tail())
+    answer_tokens = sum(len(answer_tokens_of(s)) + 1 for s in (PREFERRED, DISPREFERRED))
+    assert done.progress.method == "dpo" and done.progress.trained_tokens == 4 * answer_tokens
