@@ -244,3 +244,16 @@ def test_the_client_package_trains_with_method_and_init_adapter(env) -> None:
     assert done.status == "succeeded", (done, srv.log_tail())
     answer_tokens = sum(len(answer_tokens_of(s)) + 1 for s in (PREFERRED, DISPREFERRED))
     assert done.progress.method == "dpo" and done.progress.trained_tokens == 4 * answer_tokens
+
+
+def test_auto_hyperparameters_are_resolved_from_the_data_size(env) -> None:
+    _, _, oai, _ = env
+    prefs = upload(oai, openai_preference_rows(PROMPTS[:12]), "prefs.jsonl")
+    job = oai.fine_tuning.jobs.create(model="base", training_file=prefs.id, method={"type": "dpo"})
+    try:
+        hp = job.method.dpo.hyperparameters
+        # 12 rows: 3 epochs would train 36 examples, under 100: ceil(100 / 12) = 9; batch 0.2 % -> 1
+        assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier, hp.beta) == (9, 1, 1.0, 0.1)
+    finally:
+        oai.fine_tuning.jobs.cancel(job.id)
+        assert finish(oai, job.id, timeout=120).status == "cancelled"

@@ -156,20 +156,42 @@ def trainer_config(
     if isinstance(hp, DpoHyperparameters):
         training["method"] = "dpo"
         resolved["beta"] = training["dpo_beta"] = defaults.dpo_beta if hp.beta == AUTO else float(hp.beta)
+    auto = auto_hyperparameters(num_rows)
     for name, key in HYPERPARAMETERS.items():
         value = getattr(hp, name)
         if name == "learning_rate_multiplier":
-            mult = 1.0 if value == AUTO else float(value)
+            mult = auto[name] if value == AUTO else float(value)
             training[key] = mult * defaults.learning_rate
             resolved[name] = mult
         else:
-            resolved[name] = getattr(defaults, key) if value == AUTO else value
+            resolved[name] = auto[name] if value == AUTO else value
             training[key] = resolved[name]
     if not has_validation:  # as OpenAI: without a validation file every row trains, nothing is held out
         training["eval_fraction"] = 0.0
     if num_rows:  # every row trains (validation rows come from their own file): an epoch is this many steps
         training["save_steps"] = math.ceil(num_rows / training["per_device_train_batch_size"])
     return {"training": training}, resolved
+
+
+# OpenAI's published rule for n_epochs "auto" (the chat fine-tuning data preparation cookbook): 3 epochs,
+# raised so that at least 100 examples are trained on and lowered so that at most 25,000 are, within 1-25.
+TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 3, 100, 25_000, 25
+MAX_AUTO_BATCH = 8  # the trainer's per-device default: what one device's LoRA step is sized for
+
+
+def auto_hyperparameters(num_rows: int | None) -> dict[str, Any]:
+    """What "auto" resolves to for a training file of ``num_rows`` rows (None: unknown, the trainer's
+    defaults): ``n_epochs`` by OpenAI's rule above; ``batch_size`` about 0.2 % of the rows (OpenAI's
+    proportion), 1 to 8; ``learning_rate_multiplier`` 1 (the trainer's LoRA rate, 2e-4)."""
+    if not num_rows:
+        return {"n_epochs": TARGET_EPOCHS, "batch_size": MAX_AUTO_BATCH, "learning_rate_multiplier": 1.0}
+    epochs = TARGET_EPOCHS
+    if num_rows * epochs < MIN_TARGET_EXAMPLES:
+        epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / num_rows))
+    elif num_rows * epochs > MAX_TARGET_EXAMPLES:
+        epochs = max(1, MAX_TARGET_EXAMPLES // num_rows)
+    batch = min(MAX_AUTO_BATCH, max(1, math.ceil(0.002 * num_rows)))
+    return {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": 1.0}
 
 
 def adapter_name(base_id: str, suffix: str | None) -> str:
