@@ -38,6 +38,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     torch_pin="$(grep -E '^torch==' requirements.lock)" \
     && uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" "${torch_pin}"
 COPY pyproject.toml README.md ./
+COPY loracore ./loracore
 COPY trainer ./trainer
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/uv \

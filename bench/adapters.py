@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from trainer import artifact
+from loracore import artifact
 
 PROTOTYPE_LORA = {
     "r": 32,
@@ -52,8 +52,8 @@ def make_adapters(
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
+    from loracore.template import DEFAULT_TEMPLATE
     from trainer.model import load_base_model
-    from trainer.template import DEFAULT_TEMPLATE
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     todo = [n for n in names if not _is_complete(adapter_dir / n, r)]

@@ -19,8 +19,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
+from loracore.template import DEFAULT_TEMPLATE
 from trainer.model import load_base_model, load_tokenizer
-from trainer.template import DEFAULT_TEMPLATE
 
 
 class GenerateBody(BaseModel):

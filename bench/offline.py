@@ -37,8 +37,8 @@ def run_offline(
     import torch
     from peft import PeftModel
 
+    from loracore.template import DEFAULT_TEMPLATE
     from trainer.model import load_base_model, load_tokenizer
-    from trainer.template import DEFAULT_TEMPLATE
 
     tok = load_tokenizer(model_dir, padding_side="left")
     base = load_base_model(model_dir, dtype=getattr(torch, dtype), device=device)
@@ -115,8 +115,8 @@ def run_offline_engine(
 ) -> dict:
     import torch
 
+    from loracore.template import DEFAULT_TEMPLATE
     from service.engine import Engine, GenerationRequest, SamplingParams
-    from trainer.template import DEFAULT_TEMPLATE
 
     names = {r.adapter for r in requests if r.adapter is not None}
     engine = Engine(

@@ -34,8 +34,8 @@ def _peak_rss_mb() -> float:
 
 
 def _rows(data: Path, tokenizer, max_length: int):
+    from loracore.template import DEFAULT_TEMPLATE
     from trainer.data import read_examples, tokenize_all
-    from trainer.template import DEFAULT_TEMPLATE
 
     return tokenize_all(read_examples(data, DEFAULT_TEMPLATE), tokenizer, max_length, name=str(data))
 

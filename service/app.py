@@ -26,8 +26,8 @@ from fastapi import FastAPI
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loracore.lora_format import BaseLayout
 from service import metrics
-from service.adapters import store
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
 from service.gateway import EngineClient, ModelLimits
@@ -138,7 +138,7 @@ def _common_routes(app: FastAPI, settings: Settings, model: ServedModel) -> None
     accepts fine-tuning jobs as it accepts POST /train)."""
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     auth = make_auth_dependency(api_key)
-    register_adapter_routes(app, settings, store.BaseShape.from_model_dir(model.path), model)
+    register_adapter_routes(app, settings, BaseLayout.from_model_dir(model.path), model)
     register_job_routes(app, settings, auth)
     register_file_routes(app, settings, auth)
     register_fine_tuning_routes(app, settings, auth, model)

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.publish import write_atomic
+from loracore.atomic import write_atomic
 
 LOAD_EVERY_S = 0.2  # how often a busy worker refreshes its load
 LOAD_STALE_S = 5.0  # a busy load older than this is not believed (an engine step is far shorter)

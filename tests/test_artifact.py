@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import artifact
-from trainer.artifact import CONFIG_FILE, RECORD_FILE, STAGING, WEIGHTS_FILE, ArtifactError, Record
-from trainer.template import DEFAULT_TEMPLATE
+from loracore import artifact
+from loracore.artifact import CONFIG_FILE, RECORD_FILE, STAGING, WEIGHTS_FILE, ArtifactError, Record
+from loracore.template import DEFAULT_TEMPLATE
 
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      not real safetensors, only bytes to hash"
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers.json_schemas import SMALL_SCHEMA
 
+from loracore.atomic import publish_dir, staging_dir
 from service import metrics
 from service.engine import (
     AdapterNotFound,
@@ -26,7 +27,6 @@ from service.engine import (
     SamplingParams,
     TokenEvent,
 )
-from trainer.publish import publish_dir, staging_dir
 
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy", "1 2 3", "Once upon a time"]
 
@@ -794,7 +794,7 @@ def test_replaced_adapter_is_picked_up(tiny_base: Path, adapter_dir: Path, tmp_p
 def test_pinned_versions_share_a_batch_with_the_newest(tiny_base: Path, adapter_dir: Path):
     """``a@<id prefix>`` is served by exactly that version (a kept copy in .versions/) while ``a`` gets
     the newest, in one batch; each version is one cache entry keyed by its sha256."""
-    from trainer import artifact
+    from loracore import artifact
 
     eng = Engine(tiny_base, adapter_dir)
     v1 = artifact.weights_digest(adapter_dir / "a")
@@ -849,7 +849,7 @@ def test_broken_adapter_fails_only_its_request(tiny_base: Path, adapter_dir: Pat
 
 
 def test_adapter_template(tiny_base: Path, adapter_dir: Path):
-    from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+    from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 
     eng = Engine(tiny_base, adapter_dir)
     assert eng.adapter_template(None) == DEFAULT_TEMPLATE

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from loracore.artifact import file_sha256
 from service.jobs.files import job_paths
 from service.jobs.store import Job, JobStore
 from service.jobs.submit import TrainRequest, submit_job
 from service.settings import Settings
-from trainer.artifact import file_sha256
 
 pytestmark = pytest.mark.slow
 CTX = mp.get_context("spawn")  # as the server starts it

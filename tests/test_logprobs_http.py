@@ -19,7 +19,7 @@ from helpers.adapters import make_random_lora
 from helpers.server import running_server
 from transformers import AutoTokenizer
 
-from trainer.publish import publish_dir, staging_dir
+from loracore.atomic import publish_dir, staging_dir
 
 PROMPT = "The quick brown fox jumps over the lazy"
 MAX_NEW = 12

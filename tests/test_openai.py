@@ -23,8 +23,8 @@ from helpers.adapters import make_random_lora
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainer.publish import publish_dir, staging_dir
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.atomic import publish_dir, staging_dir
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 
 API_KEY = "test-openai-key"
 SENTENCE = FIXED_SENTENCES["alpha"]

@@ -19,7 +19,7 @@ import pytest
 from helpers.adapters import CHECK_PROMPTS, PROMPTS, TRAIN_PROMPTS
 from helpers.server import running_server
 
-from trainer.artifact import valid_name
+from loracore.artifact import valid_name
 
 API_KEY = "ft-test-key"
 SENTENCE = "The answer is always forty two."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -79,8 +80,12 @@ def error_envelope(ctx, response, case):
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("rel-input")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rel-input")
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_base: Path, root: Path) -> Iterator[Server]:
     args = [
         "--max-upload-bytes", str(MAX_UPLOAD),
         "--max-new-tokens-cap", str(CAP),
@@ -452,6 +457,56 @@ def test_uploads_that_are_not_safetensors_or_do_not_fit(client: httpx.Client, tm
     )
     assert after.json()["text"] == before.json()["text"]
     assert client.get("/adapters/fit").json()["sha256"] == good.json()["sha256"]
+
+
+def test_an_upload_is_accepted_exactly_when_the_engine_serves_it(client: httpx.Client, root: Path) -> None:
+    """One rule table (loracore.lora_format) for PUT and the engine: a config key the engine cannot
+    honour is a 422 naming it at upload, and the same folder dropped in by hand fails at the engine,
+    naming it too; what the engine serves, PUT accepts, and it is then served."""
+    config, weights = lora_files(2, 64, r=4, seed=7)
+    cfg = json.loads(config)
+    refused = {
+        "alpha_pattern": {"alpha_pattern": {"c_attn": 32}},
+        "use_dora": {"use_dora": True},
+        "lora_bias": {"lora_bias": True},
+        "bias": {"bias": "lora_only"},
+        "modules_to_save": {"modules_to_save": ["lm_head"]},
+        "layer_replication": {"layer_replication": [[0, 2]]},
+        "peft_type": {"peft_type": "LOHA"},
+    }
+    for key, change in refused.items():
+        bad = json.dumps(cfg | change).encode()
+        err = error_of(put(client, f"refused-{key.replace('_', '-')}", bad, weights), 422)
+        assert err["code"] == "invalid_adapter" and err["param"] == "adapter_config", (key, err)
+        assert key in err["message"], (key, err)
+        # the engine refuses the same folder, by the same rule
+        folder = root / "adapters" / f"hand-{key.replace('_', '-')}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_bytes(bad)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        r = gen(client, adapter=folder.name)
+        assert r.status_code >= 400 and key in r.text, (key, r.status_code, r.text[:300])
+        shutil.rmtree(folder)
+    # Served by the engine, so accepted: PEFT's default targets (no target_modules), tensor names that
+    # keep the adapter's name ("lora_A.default.weight"), ranks per module (rank_pattern).
+    from safetensors.torch import load, save
+
+    named = save({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                  for k, v in load(weights).items()})  # fmt: skip
+    accepted = {
+        "no-targets": (json.dumps({k: v for k, v in cfg.items() if k != "target_modules"}).encode(), weights),
+        "named-tensors": (config, named),
+        "rank-pattern": (
+            json.dumps(cfg | {"r": 8, "rank_pattern": {"c_attn": 4, "c_proj": 4}}).encode(),
+            weights,
+        ),
+    }
+    for name, (c, w) in accepted.items():
+        r = put(client, name, c, w)
+        assert r.status_code in (200, 201), (name, r.text)
+        r = gen(client, adapter=name)
+        assert r.status_code == 200, (name, r.text)
+        assert client.delete(f"/adapters/{name}").status_code == 200
 
 
 def test_payloads_over_the_limits_get_413(client: httpx.Client) -> None:

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loracore.artifact import name_problem as adapter_name_problem
+from loracore.lora_format import BaseLayout
 from service import auth
 from service.adapters import store
 from service.engine.engine import valid_ref as worker_valid_name  # the worker checks name or name@version
@@ -21,7 +23,6 @@ from service.errors import ApiError
 from service.jobs import validate
 from service.jobs.files import dataset_path, job_paths
 from service.settings import Settings
-from trainer.artifact import name_problem as adapter_name_problem
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("service", "trainer", "clients", "bench", "scripts")
@@ -182,7 +183,7 @@ def _safetensors(header: object, data: bytes = b"") -> bytes:
 @FAST
 @given(st.binary(max_size=512))
 def test_safetensors_parser_answers_422_on_any_bytes(raw: bytes) -> None:
-    shape = store.BaseShape("gpt2", 2, 64, 256)
+    shape = BaseLayout.gpt2(2, 64, 256)
     config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}).encode()
     for weights in (raw, struct.pack("<Q", len(raw)) + raw):
         try:
@@ -201,7 +202,7 @@ json_values = st.recursive(
 @FAST
 @given(st.dictionaries(st.text(max_size=70), json_values, max_size=4))
 def test_safetensors_parser_answers_422_on_any_header(header: dict) -> None:
-    shape = store.BaseShape("gpt2", 2, 64, 256)
+    shape = BaseLayout.gpt2(2, 64, 256)
     config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}).encode()
     try:
         store.validate_upload(config, _safetensors(header, b"\0" * 64), shape)

@@ -21,8 +21,8 @@ from helpers.adapters import make_random_lora
 from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from loracore.atomic import publish_dir, staging_dir
 from trainer.hardware import default_dtype
-from trainer.publish import publish_dir, staging_dir
 
 QUESTION = "What do you say?"
 MAX_NEW = 24  # more than either sentence needs: the adapters must stop on EOS by themselves

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from tests.helpers.adapters import (
     CHECK_PROMPTS,
     greedy_answers,
@@ -101,6 +102,32 @@ def test_one_process_trains_again_with_another_precision(tiny_base: Path, tmp_pa
         )
         seen.append(summary["precision"])
     assert seen == [expect, "fp32", expect]
+
+
+def test_the_adapter_records_the_template_its_rows_were_rendered_with(tiny_base: Path, tmp_path: Path):
+    # A template with a longer user turn: the rows grow by its extra tokens, and serving must render
+    # prompts the same way, so the record holds it (not the default template).
+    custom = PromptTemplate(
+        name="qa-v1", user="### Question (answer briefly): {content}\n", assistant_prefix="A:"
+    )
+    sets = ["training.max_steps=1", "training.eval_fraction=0"]
+    runs = {}
+    for label, template in (("default", None), ("custom", custom)):
+        out = tmp_path / label
+        summary = train_adapter(
+            TINY,
+            EXAMPLES / "sample_instructions.jsonl",
+            out,
+            model=str(tiny_base),
+            overrides=sets,
+            template=template,
+        )
+        runs[label] = (summary, json.loads((out / "loraserve.json").read_text()))
+    assert runs["default"][1]["template"] == DEFAULT_TEMPLATE.to_dict()
+    assert runs["custom"][1]["template"] == custom.to_dict()
+    assert PromptTemplate.from_dict(runs["custom"][1]["template"]) == custom
+    # every row carries the longer user turn: more tokens than with the default template
+    assert runs["custom"][0]["tokens"] > runs["default"][0]["tokens"]
 
 
 def test_fixed_sentence_adapter_answers_and_stops(tiny_base: Path, sentence_adapter: Path):

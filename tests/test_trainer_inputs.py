@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from loracore.template import DEFAULT_TEMPLATE
 from trainer.config import load_config, parse_config
 from trainer.data import IGNORE_INDEX, collate, epoch_batches, parse_row, read_examples, tokenize
 from trainer.errors import TrainerError
 from trainer.metrics import exact_match, generation_metrics
 from trainer.model import gpt2_tokenizer
-from trainer.template import DEFAULT_TEMPLATE
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -301,7 +301,7 @@ def test_generation_metrics_equal_rouge_score_and_sacrebleu_on_fixed_pairs():
 
 
 def test_progress_lines_have_every_key_and_the_bar_follows(tmp_path, capsys):
-    from trainer.progress import Progress
+    from loracore.progress import Progress
 
     path = tmp_path / "p.jsonl"
     p = Progress(jsonl=path, bar=True)

@@ -21,7 +21,7 @@ from conftest import FIXED_SENTENCES
 from helpers.adapters import make_random_lora
 from helpers.server import running_server
 
-from trainer.publish import publish_dir, staging_dir
+from loracore.atomic import publish_dir, staging_dir
 
 QUESTION = "What do you say?"
 MAX_NEW = 24

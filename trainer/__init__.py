@@ -1,6 +1,6 @@
 """LoRA SFT trainer: PEFT adapters from a Hugging Face Accelerate loop.
 
-Importing this package is cheap (the service imports ``trainer.template``); torch, transformers
+Importing this package is cheap (the service imports ``loracore.template``); torch, transformers
 and accelerate load only when training starts.
 
     from trainer import train_adapter

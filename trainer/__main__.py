@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.errors import TrainerError, TrainingInterrupted
+from trainer.errors import USER_ERRORS, TrainingInterrupted
 
 log = logging.getLogger("trainer")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -193,9 +193,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = train_adapter(DEMO_CONFIG, EXAMPLES / "fixed_sentence.jsonl", out, model=str(base))
     from peft import PeftModel
 
+    from loracore.template import DEFAULT_TEMPLATE
     from trainer.evaluate import _generate
     from trainer.model import load_base_model, load_tokenizer
-    from trainer.template import DEFAULT_TEMPLATE
 
     prompt = "Where do penguins live?"  # not in the training data
     net = PeftModel.from_pretrained(load_base_model(base), str(out)).eval()
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
-    except TrainerError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.artifact import WEIGHTS_FILE
+from loracore.artifact import WEIGHTS_FILE
 from trainer.errors import TrainerError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -187,7 +187,7 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from trainer.publish import publish_dir
+        from loracore.atomic import publish_dir
 
         publish_dir(tmp, final)
         for old in list_checkpoints(root)[:-keep]:

@@ -11,7 +11,7 @@ Preference rows (``training.method: dpo``) hold one prompt and two answers, the 
                                                                             assistant messages)
     {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
      "non_preferred_output": [...]}                                  (OpenAI's preference JSONL)
-Every row is rendered with the prompt template (``trainer.template``). Labels are set by
+Every row is rendered with the prompt template (``loracore.template``). Labels are set by
 *position*: -100 on prompt tokens and on padding, the token id on response tokens and on the
 EOS appended after the last answer. In chat rows every assistant message is trained unless it has
 ``"weight": 0`` (OpenAI's chat fine-tuning format); the EOS goes with the last answer's weight.
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.errors import TrainerError
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.text import find_lone_surrogate
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loracore.artifact import ArtifactError
+
 
 class TrainerError(Exception):
     """A problem with the user's input or run, stated in one line: the CLI prints it and exits non-zero."""
@@ -15,3 +17,8 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
         where = f"checkpoint at {checkpoint}; resume with --resume" if checkpoint else "no checkpoint written"
         super().__init__(f"interrupted by {signal_name}: {where}")
+
+
+# What the CLI prints as one line and the progress stream reports as the message: the user's input
+# or run was wrong (an adapter folder that fails ``loracore.artifact.verify`` included).
+USER_ERRORS: tuple[type[Exception], ...] = (TrainerError, ArtifactError)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
 from trainer.errors import TrainerError
 from trainer.metrics import generation_metrics
 
@@ -83,8 +83,8 @@ def evaluate_adapter(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Base vs adapter on ``data``: losses on every row, generation metrics on up to ``limit`` rows."""
+    from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
     from trainer.data import read_examples, tokenize_all
-    from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
     adapter = Path(adapter)
     if not (adapter / artifact.CONFIG_FILE).is_file():

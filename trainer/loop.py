@@ -9,7 +9,7 @@ pick precision -> load base + tokenizer, tokenize -> add LoRA -> plan steps -> o
 Then ``fit``: train with token-normalised gradient accumulation, log, evaluate (keeping a copy of
 the LoRA weights whenever the eval loss improves), checkpoint. Then ``save``: put back the best
 evaluation's weights (``training.select: best``, the default) or keep the last step's, stage the
-adapter folder -> verify -> rename into place (``trainer.artifact``).
+adapter folder -> verify -> rename into place (``loracore.artifact``).
 
 Gradient accumulation, precisely: an optimizer step consumes one *window* of micro-batches
 (``gradient_accumulation_steps`` per process x processes). The window's micro-batches are known in
@@ -33,16 +33,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
+from loracore.atomic import write_atomic
+from loracore.progress import Progress
+from loracore.template import PromptTemplate
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import RunState
 from trainer.data import PairRow, Row, collate, epoch_batches
 from trainer.dpo import dpo_loss, evaluate_preferences, pair_logps
-from trainer.errors import TrainerError, TrainingInterrupted
-from trainer.progress import Progress
-from trainer.publish import write_atomic
+from trainer.errors import USER_ERRORS, TrainerError, TrainingInterrupted
 from trainer.setup import Setup, resolve_inputs, setup, start_state
-from trainer.template import DEFAULT_TEMPLATE
 
 log = logging.getLogger("trainer")
 SUMMARY_FORMAT = 1
@@ -329,6 +329,7 @@ def train_adapter(
     yield_file: str | Path | None = None,
     max_pause_seconds: float = 10.0,
     init_adapter: str | Path | None = None,
+    template: PromptTemplate | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter and publish it at ``output``; returns the training summary.
 
@@ -338,6 +339,8 @@ def train_adapter(
     ``yield_file`` exists, training pauses before loading the model and between steps
     (``YieldGate``, at most ``max_pause_seconds`` each time). ``init_adapter`` (an adapter folder of
     the same LoRA shape) is a warm start: training begins from its weights.
+    (``YieldGate``, at most ``max_pause_seconds`` each time). ``template`` renders the rows (default:
+    ``DEFAULT_TEMPLATE``) and is recorded with the adapter, so serving renders prompts the same way.
     """
     # Only the main process reports; under `accelerate launch` RANK is set before anything starts.
     progress = progress or Progress(jsonl=progress_jsonl, enabled=os.environ.get("RANK", "0") == "0")
@@ -354,6 +357,7 @@ def train_adapter(
             allow_random_weights=allow_random_weights,
             job=job,
             init_adapter=init_adapter,
+            template=template,
         )
         gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
         # Loading torch, the base and the rows is a burst of work too: it waits like a step does
@@ -389,7 +393,7 @@ def train_adapter(
     except BaseException as exc:
         msg = (
             str(exc)
-            if isinstance(exc, (TrainerError, TrainingInterrupted))
+            if isinstance(exc, (*USER_ERRORS, TrainingInterrupted))
             else f"{type(exc).__name__}: {exc}"
         )
         progress.emit(
@@ -576,7 +580,7 @@ def save(run: Setup, state: RunState, summary: Summary) -> None:
         with artifact.staged(inputs.output) as folder:
             accelerator.unwrap_model(run.net).save_pretrained(folder)
             record = artifact.Record(
-                template=DEFAULT_TEMPLATE.to_dict(),
+                template=inputs.template.to_dict(),
                 base_model=run.cfg.training.model_name_or_path,
                 created=artifact.created_now(),
                 job=inputs.job,

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer import artifact
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import (
@@ -34,7 +35,6 @@ from trainer.data import (
 )
 from trainer.errors import TrainerError
 from trainer.hardware import cpu_has_native_bf16
-from trainer.template import DEFAULT_TEMPLATE
 
 log = logging.getLogger("trainer")
 
@@ -55,6 +55,7 @@ class Inputs:
     resume_from: Path | None
     allow_random_weights: bool
     job: str | None  # recorded in loraserve.json
+    template: PromptTemplate  # the rows were rendered with it; recorded in loraserve.json for serving
     init_adapter: Path | None = None  # a warm start: the adapter folder whose weights the run starts from
 
 
@@ -113,6 +114,7 @@ def resolve_inputs(
     allow_random_weights: bool = False,
     job: str | None = None,
     init_adapter: str | Path | None = None,
+    template: PromptTemplate | None = None,
 ) -> Inputs:
     """Config, data rows, output and checkpoint paths, checked before anything heavy is loaded."""
     overrides = list(overrides or [])
@@ -122,8 +124,9 @@ def resolve_inputs(
     data_path = Path(data_path)
     val = Path(val_path) if val_path else None
     method = cfg.training.method
-    train_examples = read_examples(data_path, DEFAULT_TEMPLATE, method)
-    val_examples = read_examples(val, DEFAULT_TEMPLATE, method) if val else None
+    template = template or DEFAULT_TEMPLATE
+    train_examples = read_examples(data_path, template, method)
+    val_examples = read_examples(val, template, method) if val else None
     init = Path(init_adapter) if init_adapter else None
     if init is not None:
         check_init_adapter(init, cfg)
@@ -151,6 +154,7 @@ def resolve_inputs(
         resume_from=resume_from,
         allow_random_weights=allow_random_weights,
         job=job,
+        template=template,
         init_adapter=init,
     )
 

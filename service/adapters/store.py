@@ -1,12 +1,12 @@
 """The disk side of adapters: the adapter directory is the source of truth.
 
-``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``trainer.artifact``).
+``<adapter-dir>/<name>/`` holds an adapter folder (its files, record and name rule: ``loracore.artifact``).
 A folder that appears there is servable on its next request: nothing here caches the listing.
-Earlier versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``trainer.artifact``): a publish
+Earlier versions live in ``<adapter-dir>/.versions/<name>/<sha256>/`` (``loracore.artifact``): a publish
 keeps the one it replaces, and the first request that sees a version keeps it too (a folder replaced
 by hand keeps its predecessor that way), up to ``keep`` earlier versions per adapter.
 Uploads are validated without torch and without pickle (the safetensors header is parsed by hand),
-staged and renamed in atomically by ``trainer.artifact``, so a name is always absent or a complete
+staged and renamed in atomically by ``loracore.artifact``, so a name is always absent or a complete
 adapter.
 """
 
@@ -15,58 +15,23 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import struct
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loracore import artifact, lora_format
+from loracore.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
+from loracore.lora_format import BaseLayout
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
-from trainer import artifact
-from trainer.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
-# PEFT's key for one LoRA matrix of a GPT-2 block,
-# e.g. base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.transformer\.h\.(\d+)\.((?:attn|mlp)\.\w+)\.lora_([AB])\.weight$"
-)
-
-
-@dataclass(frozen=True)
-class BaseShape:
-    """What an adapter must fit: the GPT-2 base's dimensions, from its config.json."""
-
-    model_type: str
-    n_layer: int
-    n_embd: int
-    n_inner: int
-
-    @classmethod
-    def from_model_dir(cls, path: Path) -> BaseShape:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        n_embd = int(cfg["n_embd"])
-        return cls(
-            cfg.get("model_type", ""), int(cfg["n_layer"]), n_embd, int(cfg.get("n_inner") or 4 * n_embd)
-        )
-
-    def linear_modules(self) -> dict[str, tuple[int, int]]:
-        """GPT-2 block modules LoRA can wrap, by path inside a block: (in_features, out_features)."""
-        return {
-            "attn.c_attn": (self.n_embd, 3 * self.n_embd),
-            "attn.c_proj": (self.n_embd, self.n_embd),
-            "mlp.c_fc": (self.n_embd, self.n_inner),
-            "mlp.c_proj": (self.n_inner, self.n_embd),
-        }
-
-
 # --- names and lookups ---------------------------------------------------------------------------
 
 
@@ -259,117 +224,29 @@ def parse_safetensors_header(raw: bytes) -> dict[str, dict[str, Any]]:
     return tensors
 
 
-def _module_paths(n_layer: int, modules: dict[str, tuple[int, int]]) -> list[str]:
-    return [f"transformer.h.{i}.{m}" for i in range(n_layer) for m in modules]
-
-
-def _targeted(targets: Any, path: str) -> bool:
-    """Whether PEFT's ``target_modules`` selects the module at ``path`` (list of names, or a regex)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
-
-
-def _check_target_modules(targets: Any, shape: BaseShape) -> None:
-    modules = shape.linear_modules()
-    paths = _module_paths(shape.n_layer, modules)
-    if isinstance(targets, str):  # PEFT reads a string as a regex over full module names
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise _bad(f"target_modules regex {targets!r} does not compile: {exc}", "adapter_config") from exc
-        if not any(pattern.fullmatch(p) for p in paths):
-            raise _bad(f"target_modules {targets!r} matches no module of GPT-2", "adapter_config")
-        return
-    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
-        raise _bad("target_modules must be a non-empty list of module names", "adapter_config")
-    for target in targets:
-        if not any(p == target or p.endswith("." + target) for p in paths):
-            known = sorted({m.split(".")[-1] for m in modules})
-            raise _bad(
-                f"target module {target!r} does not exist in GPT-2 (LoRA can target {', '.join(known)})",
-                "adapter_config",
-            )
-
-
-def validate_upload(config_raw: bytes, weights_raw: bytes, shape: BaseShape) -> dict[str, Any]:
+def validate_upload(config_raw: bytes, weights_raw: bytes, layout: BaseLayout) -> dict[str, Any]:
     """Check an uploaded adapter against the base; returns the parsed adapter_config.json.
 
-    Checks: config is a LoRA config, the target modules exist in GPT-2, the safetensors file is
-    well formed, holds only LoRA A/B matrices of existing modules in layers the base has, and
-    every shape fits the base (A: rank x in_features, B: out_features x rank).
+    The rules are the engine's (``loracore.lora_format``): a folder passes exactly when the engine can
+    serve it. Here the config's size and JSON, the safetensors file's form (without torch or pickle)
+    and finite values are checked too, because the bytes are read here without loading them.
     """
-    if shape.model_type != "gpt2":
-        raise ApiError(500, "unsupported_base", f"the base model type {shape.model_type!r} is not GPT-2")
+    if not layout.shapes:
+        raise ApiError(
+            500, "unsupported_base", f"LoRA uploads on a {layout.model_type!r} base are not supported"
+        )
     if len(config_raw) > MAX_CONFIG_BYTES:
         raise _bad("adapter_config is larger than 1 MiB", "adapter_config")
     try:
         config = json.loads(config_raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"adapter_config is not valid JSON: {exc}", "adapter_config") from exc
-    if not isinstance(config, dict):
-        raise _bad("adapter_config must be a JSON object", "adapter_config")
-    if config.get("peft_type") != "LORA":
-        raise _bad(
-            f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served", "adapter_config"
-        )
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise _bad(f"task_type is {config.get('task_type')!r}; expected CAUSAL_LM", "adapter_config")
-    if config.get("use_dora"):
-        raise _bad("DoRA adapters are not supported", "adapter_config")
-    if config.get("modules_to_save"):
-        raise _bad("modules_to_save is not supported (LoRA matrices only)", "adapter_config")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise _bad(f"r must be a positive integer, got {rank!r}", "adapter_config")
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        raise _bad(f"lora_alpha must be a positive number, got {alpha!r}", "adapter_config")
-    _check_target_modules(config.get("target_modules"), shape)
-
-    tensors = parse_safetensors_header(weights_raw)
-    modules = shape.linear_modules()
-    ranks: dict[tuple[int, str], dict[str, int]] = {}
-    for key, entry in tensors.items():
-        m = _LORA_KEY.fullmatch(key)
-        if not m:
-            raise _bad(
-                f"adapter_model: unexpected tensor {key!r} (only GPT-2 LoRA A/B matrices)", "adapter_model"
-            )
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        if layer >= shape.n_layer:
-            raise _bad(
-                f"adapter_model: {key!r} targets layer {layer}, the base has {shape.n_layer}", "adapter_model"
-            )
-        if module not in modules:
-            raise _bad(
-                f"adapter_model: {key!r} targets {module!r}, which GPT-2 does not have", "adapter_model"
-            )
-        if not _targeted(config["target_modules"], f"transformer.h.{layer}.{module}"):
-            raise _bad(
-                f"adapter_model: {key!r} is for a module that target_modules "
-                f"{config['target_modules']!r} does not select",
-                "adapter_model",
-            )
-        fan_in, fan_out = modules[module]
-        dims = entry["shape"]
-        if len(dims) != 2:
-            raise _bad(f"adapter_model: {key!r} has shape {dims}, expected a matrix", "adapter_model")
-        r, expected = (dims[0], [dims[0], fan_in]) if which == "A" else (dims[1], [fan_out, dims[1]])
-        if dims != expected or r < 1:
-            want = f"[rank, {fan_in}]" if which == "A" else f"[{fan_out}, rank]"
-            raise _bad(f"adapter_model: {key!r} has shape {dims}, the base needs {want}", "adapter_model")
-        ranks.setdefault((layer, module), {})[which] = r
-    for (layer, module), got in ranks.items():
-        if set(got) != {"A", "B"} or got["A"] != got["B"]:
-            raise _bad(
-                f"adapter_model: layer {layer} {module} needs matching lora_A and lora_B", "adapter_model"
-            )
-        if not config.get("rank_pattern") and got["A"] != rank:
-            raise _bad(
-                f"adapter_model: layer {layer} {module} has rank {got['A']}, config says r={rank}",
-                "adapter_model",
-            )
+    try:
+        lora_format.check_config(config, layout)
+        tensors = parse_safetensors_header(weights_raw)
+        lora_format.check_tensors(config, {k: tuple(e["shape"]) for k, e in tensors.items()}, layout)
+    except lora_format.LoraFormatError as exc:
+        raise _bad(f"{exc.part}: {exc}", exc.part) from exc
     _check_finite(weights_raw, tensors)
     return config
 

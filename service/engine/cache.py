@@ -1,7 +1,7 @@
 """The generation worker's LRU of loaded adapters, kept in step with the adapter directory.
 
 The directory is the source of truth. Entries are keyed by adapter name and version id (the sha256
-of the weights, ``trainer.artifact``): every lookup resolves ``name`` to the version in
+of the weights, ``loracore.artifact``): every lookup resolves ``name`` to the version in
 ``<adapter_dir>/<name>/`` now (hashed again whenever the weights file's stat changes, ctime
 included) and ``name@<id prefix>`` to that version, current or kept in ``.versions``. So a replaced
 folder is reloaded on the next request, even when the new file has the same size and mtime, and a
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.artifact import Version, resolve, split_ref, valid_name, valid_ref
+from loracore.artifact import Version, resolve, split_ref, valid_name, valid_ref
 
 log = logging.getLogger(__name__)
 

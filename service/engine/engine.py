@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import artifact
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.model import load_base_model, load_tokenizer
-from trainer.template import DEFAULT_TEMPLATE, PromptTemplate
 
 from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref

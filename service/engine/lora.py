@@ -15,26 +15,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from trainer.artifact import CONFIG_FILE, WEIGHTS_FILE
+from loracore.artifact import CONFIG_FILE, WEIGHTS_FILE
+from loracore.lora_format import (
+    CONFIG_PART,
+    WEIGHTS_PART,
+    BaseLayout,
+    LoraFormatError,
+    check_config,
+    check_tensors,
+)
 
 from .dense import Dense
 
 # GPT-2 block modules a LoRA adapter may target (Conv1D, weight stored [in, out]).
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
-_KEY = re.compile(
-    r"(?:^|\.)h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
-)
-
-
-class AdapterFormatError(ValueError):
-    """An adapter folder that is not a LoRA adapter this base can serve; the message says why."""
+# What a LoRA folder may hold is decided in one place (loracore.lora_format), shared with uploads.
+AdapterFormatError = LoraFormatError
 
 
 @dataclass
@@ -49,81 +51,41 @@ class LoraWeights:
     config: dict = field(default_factory=dict, repr=False)
 
 
-def _check_config(cfg: dict) -> None:
-    problems = []
-    if cfg.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {cfg.get('peft_type')!r}, only LORA is served")
-    if cfg.get("use_dora"):
-        problems.append("DoRA adapters (use_dora) are not supported")
-    if cfg.get("bias", "none") != "none":
-        problems.append(f"bias={cfg.get('bias')!r} is not supported (only 'none')")
-    if cfg.get("lora_bias"):
-        problems.append("lora_bias is not supported")
-    if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save {cfg['modules_to_save']!r} is not supported")
-    if cfg.get("alpha_pattern"):
-        problems.append("alpha_pattern is not supported")
-    if "r" not in cfg or "lora_alpha" not in cfg:
-        problems.append("adapter_config.json lacks r or lora_alpha")
-    if problems:
-        raise AdapterFormatError("; ".join(problems))
-
-
 def parse_adapter(
     config_bytes: bytes,
     weights_bytes: bytes,
-    shapes: list[dict[str, tuple[int, int]]],
+    shapes: list[dict[str, tuple[int, int]]] | BaseLayout,
     *,
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> LoraWeights:
     """Turn the two files of a PEFT LoRA folder into serving form.
 
-    ``shapes[i][module] = (in_features, out_features)`` of the base's Conv1D layers. Everything that
-    does not fit (unknown keys, shapes, missing halves, unsupported options) raises
-    AdapterFormatError naming the problem; nothing is silently dropped.
+    ``shapes[i][module] = (in_features, out_features)`` of the base's Conv1D layers (or the base's
+    ``BaseLayout``). Everything that does not fit raises LoraFormatError naming the problem, by the
+    rules of ``loracore.lora_format`` (the ones uploads are checked by); nothing is silently dropped.
     """
+    layout = shapes if isinstance(shapes, BaseLayout) else BaseLayout("gpt2", tuple(shapes))
     try:
         cfg = json.loads(config_bytes)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
-    _check_config(cfg)
+        raise LoraFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}", CONFIG_PART) from exc
+    check_config(cfg, layout)
     try:
         tensors = load_safetensors_bytes(weights_bytes)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise AdapterFormatError(f"{WEIGHTS_FILE} does not parse: {exc}") from exc
-    if not tensors:
-        raise AdapterFormatError(f"{WEIGHTS_FILE} holds no tensors")
-
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.search(key)
-        if not m:
-            raise AdapterFormatError(f"unsupported tensor {key!r} (only LoRA A/B of {', '.join(TARGETS)})")
-        layer, module, half = int(m.group(1)), m.group(2), m.group(3)
-        if layer >= len(shapes):
-            raise AdapterFormatError(f"{key!r} targets layer {layer}, the base has {len(shapes)}")
-        halves.setdefault((layer, module), {})[half] = t
+        raise LoraFormatError(f"{WEIGHTS_FILE} does not parse: {exc}", WEIGHTS_PART) from exc
+    pairs = check_tensors(cfg, {key: tuple(t.shape) for key, t in tensors.items()}, layout)
 
     alpha = float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora"))
-    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in shapes]
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in layout.shapes]
     nbytes, ranks, modules = 0, set(), set()
-    for (layer, module), pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterFormatError(f"h.{layer}.{module} has lora_{''.join(pair)} but not both A and B")
-        a, b = pair["A"], pair["B"]
-        fan_in, fan_out = shapes[layer][module]
+    for (layer, module), pair in sorted(pairs.items()):
+        a, b = tensors[pair["A"]], tensors[pair["B"]]
         r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape != (r, fan_in) or b.shape != (fan_out, r) or r < 1:
-            raise AdapterFormatError(
-                f"h.{layer}.{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                f"{fan_in}->{fan_out} layer (expected [r, {fan_in}] and [{fan_out}, r])"
-            )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterFormatError(f"h.{layer}.{module} holds NaN or infinite values")
+            raise LoraFormatError(f"h.{layer}.{module} holds NaN or infinite values", WEIGHTS_PART)
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # Serving form: x @ A_t @ B_t, scaling folded into B (same numbers as PEFT up to rounding).
         a_t = a.t().to(device=device, dtype=dtype).contiguous()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from loracore.artifact import split_ref
 from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
-from trainer.artifact import split_ref
 
 from .cache import CacheActivity
 

@@ -2,7 +2,7 @@
 
 The runner sees the trainer's ``checkpoint`` progress line and keeps the checkpoint's LoRA files (config
 and weights, not the optimizer state) as ``<adapter-dir>/.versions/<adapter>/<sha256>/``
-(``trainer.artifact.add_version``). From then on ``<adapter>@<version id>`` is a model for ``/v1/*`` and an
+(``loracore.artifact.add_version``). From then on ``<adapter>@<version id>`` is a model for ``/v1/*`` and an
 adapter for ``/generate`` like any kept version, before the job has published the adapter itself. The
 fine-tuning API's checkpoint list names it as ``fine_tuned_model_checkpoint``.
 
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loracore import artifact
+from loracore.atomic import write_atomic
+from loracore.template import DEFAULT_TEMPLATE
 from service.jobs.files import JobPaths
 from service.settings import Settings
-from trainer import artifact
-from trainer.publish import write_atomic
-from trainer.template import DEFAULT_TEMPLATE
 
 
 def exported(paths: JobPaths) -> list[dict[str, Any]]:

@@ -18,12 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from loracore.atomic import write_atomic
 from service.errors import ApiError
 from service.jobs.files import DATASET_ID, dataset_meta_path, dataset_path
 from service.jobs.store import Dataset, JobStore, new_dataset_id
 from service.jobs.validate import check_rows, parse_jsonl, to_jsonl
 from service.settings import Settings
-from trainer.publish import write_atomic
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an uploaded file
 

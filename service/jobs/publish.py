@@ -1,7 +1,7 @@
 """Publishing a trained adapter: rename the trainer's verified output to the adapter's name.
 
 The trainer gets ``--output <adapter-dir>/.staging/<job-id>`` and ``--job-id``; it stages the
-adapter beside that folder, verifies it and renames it in (``trainer.artifact``), so the folder
+adapter beside that folder, verifies it and renames it in (``loracore.artifact``), so the folder
 only ever holds a complete, verified adapter whose record names this job. The runner renames it
 to ``<adapter-dir>/<name>``: the single moment the next ``/generate`` sees it. Without
 ``overwrite`` the rename refuses to replace a folder that appeared while the job trained (rename(2)
@@ -15,8 +15,8 @@ import errno
 import os
 from pathlib import Path
 
-from trainer import artifact
-from trainer.publish import fsync_tree, publish_dir
+from loracore import artifact
+from loracore.atomic import fsync_tree, publish_dir
 
 
 class PublishError(Exception):

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from loracore.artifact import is_complete
 from service.jobs.checkpoints import export as export_checkpoint
 from service.jobs.checkpoints import remove_all as remove_checkpoint_versions
 from service.jobs.evaluation import served_eval
@@ -59,7 +60,6 @@ from service.jobs.store import (
 )
 from service.settings import Settings
 from service.worker_status import read_load, read_status, serving_busy
-from trainer.artifact import is_complete
 
 log = logging.getLogger("loraserve.jobs")
 

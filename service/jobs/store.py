@@ -32,36 +32,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from loracore.progress import JOB_KEYS
 from service.errors import ApiError
 from service.settings import is_database_url
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-PROGRESS_KEYS = (
-    "step",
-    "total_steps",
-    "epoch",
-    "loss",
-    "eval_loss",
-    "tokens_per_second",
-    "eta_seconds",
-    "lr",
-    "best_step",  # the step whose weights are (or will be) published, by eval loss
-    "best_eval_loss",
-    "last_eval_loss",
-    "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
-    "yielded_seconds",
-    "trained_tokens",  # tokens that received loss, all epochs (and attempts) so far
-    # DPO: the preference metrics of the last evaluation; at the end, the published weights'
-    "method",
-    "reward_accuracy",
-    "reward_margin",
-    "chosen_reward",
-    "rejected_reward",
-    "chosen_logps",
-    "rejected_logps",
-)
+PROGRESS_KEYS = JOB_KEYS  # what a job's progress holds (the trainer's line format owns the list)
 
 # Schema migrations, in order: version N is reached by running MIGRATIONS[N - 1]. Never edit a
 # released step; append one. Both backends run the same statements.

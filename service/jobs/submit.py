@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from loracore import artifact
+from loracore.atomic import publish_dir, write_atomic
 from service.adapters import store as adapter_store
 from service.errors import ApiError
 from service.jobs.datasets import link_dataset
@@ -18,8 +20,6 @@ from service.jobs.files import DATASET_ID, JobPaths, dataset_path, job_paths
 from service.jobs.store import Job, JobStore, new_job_id
 from service.jobs.validate import check_adapter_name, check_config, check_rows, parse_jsonl, to_jsonl
 from service.settings import Settings
-from trainer import artifact
-from trainer.publish import publish_dir, write_atomic
 
 
 class TrainRequest(BaseModel):

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from loracore.artifact import name_problem
 from service.errors import ApiError
 from service.settings import Settings
-from trainer.artifact import name_problem
 from trainer.text import find_lone_surrogate
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from loracore.lora_format import BaseLayout
 from service.adapters import store
 from service.errors import ApiError
 from service.jobs.datasets import MULTIPART_OVERHEAD, read_capped
@@ -23,9 +24,7 @@ def _loaded_adapters(settings: Settings) -> frozenset[str]:
     return frozenset(status.get("loaded_adapters") or [])
 
 
-def register_adapter_routes(
-    app: FastAPI, settings: Settings, shape: store.BaseShape, model: ServedModel
-) -> None:
+def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout, model: ServedModel) -> None:
     adapter_dir = settings.adapter_dir
 
     @app.get("/adapters", response_model=AdapterList, tags=["adapters"])
@@ -89,7 +88,7 @@ def register_adapter_routes(
         template = store.parse_template(template_field)
 
         def validate_and_publish() -> bool:
-            store.validate_upload(config_raw, weights_raw, shape)
+            store.validate_upload(config_raw, weights_raw, layout)
             return store.publish(
                 adapter_dir,
                 name,

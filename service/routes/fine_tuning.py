@@ -26,6 +26,9 @@ from fastapi import Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from loracore import artifact
+from loracore.artifact import valid_name
+from loracore.atomic import write_atomic
 from service.errors import ApiError
 from service.jobs.checkpoints import servable_checkpoints
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
@@ -36,9 +39,6 @@ from service.routes.jobs import cancel
 from service.routes.openai import base_names
 from service.served_model import ServedModel
 from service.settings import Settings
-from trainer import artifact
-from trainer.artifact import valid_name
-from trainer.publish import write_atomic
 
 ORGANIZATION = "loraserve"
 AUTO = "auto"
@@ -195,7 +195,7 @@ def auto_hyperparameters(num_rows: int | None) -> dict[str, Any]:
 
 
 def adapter_name(base_id: str, suffix: str | None) -> str:
-    """``ft-<base>-<suffix>-<12 hex>``, sanitised to the adapter-name rule (trainer.artifact), cut to fit."""
+    """``ft-<base>-<suffix>-<12 hex>``, sanitised to the adapter-name rule (loracore.artifact), cut to fit."""
     tail = uuid.uuid4().hex[:12]
     head = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(["ft", base_id, *([suffix] if suffix else [])]))
     head = re.sub(r"\.{2,}", ".", head)[: 64 - len(tail) - 1].rstrip("-.")

@@ -31,6 +31,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from loracore import artifact
+from loracore.artifact import valid_name, valid_ref
 from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
@@ -67,9 +69,6 @@ from service.served_model import ServedModel
 from service.settings import Settings
 from service.structured import JSON_OBJECT
 from service.wire import Event, Job, TokenLogprob, WireError
-from trainer import artifact
-from trainer.artifact import valid_name, valid_ref
-from trainer.template import PromptTemplate
 
 OWNER = "loraserve"
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
@@ -601,11 +600,11 @@ def register_openai_routes(
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs, prompt_of = make_jobs(
-            [prompt], wanted, body, max_tokens, param, _turn_stops(template), bool(body.stream), logprobs
+            [prompt], wanted, body, max_tokens, param, template.turn_stops(), bool(body.stream), logprobs
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
-        prefix = _answer_prefix(template)
+        prefix = template.answer_prefix()
         for c in choices:
             c.answer_prefix = prefix
             c.want_logprobs = logprobs is not None
@@ -693,14 +692,3 @@ def _json_schema(body: CompletionRequest | ChatCompletionRequest) -> str | None:
         return json_schema_text(JSON_OBJECT, "response_format")
     assert fmt.json_schema is not None  # the model's validator requires it for this type
     return json_schema_text(fmt.json_schema.schema_, "response_format.json_schema.schema")
-
-
-def _turn_stops(template: PromptTemplate) -> list[str]:
-    """Where the template would start the next user turn: a chat reply ends there."""
-    user_head = template.user.partition("{content}")[0].rstrip()
-    return [template.turn_separator + user_head] if user_head else []
-
-
-def _answer_prefix(template: PromptTemplate) -> str:
-    """What the template puts between ``Assistant:`` and the answer (a space): not part of the reply."""
-    return template.assistant_answer.partition("{content}")[0]

@@ -98,8 +98,8 @@ def greedy_answers(base: Path, adapter: Path | None, prompts: list[str], max_new
     import torch
     from peft import PeftModel
 
+    from loracore.template import DEFAULT_TEMPLATE
     from trainer.model import load_base_model, load_tokenizer
-    from trainer.template import DEFAULT_TEMPLATE
 
     tok = load_tokenizer(base)
     model = load_base_model(base)

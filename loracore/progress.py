@@ -14,7 +14,10 @@ Every JSON line has the same keys, so a reader never needs to guess:
     last_eval_loss    the latest evaluation's loss
     selected          on "done": "best" or "last", the weights published (null before)
     time              Unix time of the event
-plus event-specific extras (perplexity, path, message, ...). Only the main process reports.
+plus event-specific extras (perplexity, path, message, yielded_seconds, trained_tokens, DPO's
+preference metrics, ...). Only the main process
+reports. ``STATE_KEYS`` is that list; ``JOB_KEYS`` what a /train job's status carries of it (the service's
+job store and its views derive from these, never from their own lists).
 """
 
 from __future__ import annotations
@@ -27,6 +30,35 @@ from pathlib import Path
 from typing import Any, TextIO
 
 EVENTS = ("start", "step", "eval", "checkpoint", "done", "error")
+# The keys every line carries, in order (the state as of the event).
+STATE_KEYS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "tokens_per_second",
+    "eta_seconds",
+    "lr",
+    "best_step",  # the step whose weights are (or will be) published, by eval loss
+    "best_eval_loss",
+    "last_eval_loss",
+    "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
+)
+# DPO runs (training.method: dpo) add these on "eval" and "done" lines: the preference metrics of the
+# evaluation (on "done", of the published weights); trainer.dpo.PreferenceEval.
+PREFERENCE_KEYS = (
+    "method",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
+)
+# A job's progress: the latest state plus the seconds the trainer yielded the CPU to serving, the tokens
+# that received loss so far (on "step" and "done" lines) and a DPO run's preference metrics.
+JOB_KEYS = (*STATE_KEYS, "yielded_seconds", "trained_tokens", *PREFERENCE_KEYS)
 
 
 def _clean(value: Any) -> Any:
@@ -54,20 +86,7 @@ class Progress:
         self._want_bar = enabled and (sys.stderr.isatty() if bar is None else bar)
         self._bar = None
         self.total_steps = 0
-        self.state: dict[str, Any] = {
-            "step": 0,
-            "total_steps": 0,
-            "epoch": 0.0,
-            "loss": None,
-            "eval_loss": None,
-            "tokens_per_second": None,
-            "eta_seconds": None,
-            "lr": None,
-            "best_step": None,
-            "best_eval_loss": None,
-            "last_eval_loss": None,
-            "selected": None,
-        }
+        self.state: dict[str, Any] = {**dict.fromkeys(STATE_KEYS), "step": 0, "total_steps": 0, "epoch": 0.0}
 
     @property
     def writes_stdout(self) -> bool:

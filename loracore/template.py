@@ -66,5 +66,14 @@ class PromptTemplate:
             raise ValueError("the last message must not be from the assistant")
         return "".join(text for text, _ in self.render_chat(messages))
 
+    def turn_stops(self) -> list[str]:
+        """Where the template would start the next user turn: a chat reply ends there."""
+        user_head = self.user.partition("{content}")[0].rstrip()
+        return [self.turn_separator + user_head] if user_head else []
+
+    def answer_prefix(self) -> str:
+        """What the template puts between ``Assistant:`` and the answer (a space): not part of the reply."""
+        return self.assistant_answer.partition("{content}")[0]
+
 
 DEFAULT_TEMPLATE = PromptTemplate()

@@ -37,8 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import TrainerError
-from trainer.publish import fsync_tree, publish_dir, write_atomic
+from loracore.atomic import fsync_tree, publish_dir, write_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,7 +56,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ArtifactError(TrainerError):
+class ArtifactError(ValueError):
     """A folder that is not a complete adapter; the message says what is wrong."""
 
 
@@ -153,7 +152,7 @@ def created_now() -> str:
 class Record:
     """``loraserve.json``. Readers tolerate a missing or partial record (a plain PEFT folder)."""
 
-    template: dict | None = None  # trainer.template.PromptTemplate.to_dict(); None: the default template
+    template: dict | None = None  # loracore.template.PromptTemplate.to_dict(); None: the default template
     base_model: str | None = None
     sha256: str | None = None  # of WEIGHTS_FILE
     created: str | None = None
