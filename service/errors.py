@@ -58,6 +58,8 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     "adapter_exists": ErrorKind(409),  # without overwrite
     "idempotency_key_reused": ErrorKind(422),
     "invalid_adapter_name": ErrorKind(422),
+    "invalid_adapter_version": ErrorKind(422),  # init_adapter "name@<not 8+ hex digits>"
+    "init_adapter_mismatch": ErrorKind(422),  # a warm start's base, rank, alpha or targets differ
     "invalid_config": ErrorKind(422),
     "unknown_config_key": ErrorKind(422),
     "invalid_data": ErrorKind(422),

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from loracore.artifact import is_complete
+from service.jobs.checkpoints import export as export_checkpoint
+from service.jobs.checkpoints import remove_all as remove_checkpoint_versions
 from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, tail_text
 from service.jobs.lease import make_owner_id, owner_is_dead
@@ -238,6 +240,11 @@ class Runner:
         m = _metrics()
         if yielded:
             m.TRAIN_YIELD_SECONDS.inc(yielded)
+        for path, ckpt_step in run.tail.take_checkpoints():  # servable as <adapter>@<version id>
+            try:
+                export_checkpoint(self.settings, run.paths, run.job.adapter, path, ckpt_step)
+            except OSError as exc:  # the checkpoint is still a checkpoint: training goes on
+                log.warning("job %s: checkpoint %s not made servable: %s", run.job.id, path, exc)
         progress = run.tail.progress
         step = int(progress.get("step") or 0)
         if step > run.steps_counted:
@@ -373,6 +380,8 @@ class Runner:
         # (with its log) for whoever looks into the failure. A staged output that was not published goes.
         if status != "failed":
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        if status == "cancelled":  # its servable checkpoints go too; a published or failed job's stay
+            remove_checkpoint_versions(self.settings, paths, job.adapter)
         shutil.rmtree(paths.output, ignore_errors=True)
 
     def _count_finished(self, job: Job, status: str) -> None:

@@ -147,12 +147,16 @@ class Client(_Config):
         overwrite: bool = False,
         validation: Rows | PathLike | None = None,
         validation_dataset: str | None = None,
+        method: str | None = None,
+        init_adapter: str | None = None,
     ) -> TrainingJob:
         """Queue training of ``adapter`` on ``data`` (rows, or a .jsonl path uploaded first as a dataset) or
         on an uploaded ``dataset`` id. ``config`` is a partial trainer config, e.g. ``{"training":
         {"num_train_epochs": 5}}``. ``validation`` (rows or a path, uploaded likewise) or
         ``validation_dataset`` are evaluated on instead of a held-out part of the rows; the adapter
-        published is the best evaluation's. Returns at once; ``.wait()`` on the result to follow it."""
+        published is the best evaluation's. ``method`` is "sft" (default) or "dpo" (preference rows
+        ``{"prompt", "chosen", "rejected"}``); ``init_adapter`` ("name" or "name@version") starts from an
+        existing adapter's weights. Returns at once; ``.wait()`` on the result to follow it."""
         if _core.is_path(data):
             dataset, data = self.datasets.upload(data).dataset, None  # type: ignore[arg-type]
         if _core.is_path(validation):
@@ -165,6 +169,8 @@ class Client(_Config):
             overwrite=overwrite,
             validation=validation,  # type: ignore[arg-type]
             validation_dataset=validation_dataset,
+            method=method,
+            init_adapter=init_adapter,
         )
         return TrainingJob(self, self._request(op))
 
@@ -490,6 +496,8 @@ class AsyncClient(_Config):
         overwrite: bool = False,
         validation: Rows | PathLike | None = None,
         validation_dataset: str | None = None,
+        method: str | None = None,
+        init_adapter: str | None = None,
     ) -> AsyncTrainingJob:
         if _core.is_path(data):
             dataset, data = (await self.datasets.upload(data)).dataset, None  # type: ignore[arg-type]
@@ -503,6 +511,8 @@ class AsyncClient(_Config):
             overwrite=overwrite,
             validation=validation,  # type: ignore[arg-type]
             validation_dataset=validation_dataset,
+            method=method,
+            init_adapter=init_adapter,
         )
         return AsyncTrainingJob(self, await self._request(op))
 

@@ -324,6 +324,8 @@ def train(
     validation: Iterable[Mapping[str, Any]] | None = None,
     validation_dataset: str | None = None,
     idempotency_key: str | None = None,
+    method: str | None = None,
+    init_adapter: str | None = None,
 ) -> Op[Job]:
     """``POST /train`` with one Idempotency-Key for the call: a retry after a lost answer returns the job the
     first attempt queued instead of queueing a second one."""
@@ -346,6 +348,10 @@ def train(
         body["validation_dataset"] = validation_dataset
     if config:
         body["config"] = dict(config)
+    if method is not None:
+        body["method"] = method
+    if init_adapter is not None:
+        body["init_adapter"] = init_adapter
     headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
     return Op("POST", "/train", _model(Job), json=body, headers=headers)
 
