@@ -53,7 +53,8 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     # the jobs domain (service.jobs.model.JobError)
     "job_not_found": ErrorKind(404),
     "dataset_not_found": ErrorKind(404),
-    "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed
+    "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed; pause/resume of an ended job
+    "job_cancelling": ErrorKind(409),  # pause of a running job that is being cancelled
     "adapter_busy": ErrorKind(409),  # a job for the adapter is queued or running
     "adapter_exists": ErrorKind(409),  # without overwrite
     "idempotency_key_reused": ErrorKind(422),

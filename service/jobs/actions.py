@@ -1,4 +1,4 @@
-"""What a client can do to jobs: submit one (checks, files, then the store row) and cancel one."""
+"""What a client can do to jobs: submit one (checks, files, then the store row), cancel, pause, resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from loracore import artifact
 from loracore.atomic import publish_dir, write_atomic
 from service.jobs.datasets import link_dataset
 from service.jobs.files import DATASET_ID, JobPaths, dataset_path, job_paths
-from service.jobs.model import Job, JobError, cancellable, new_job_id
+from service.jobs.model import Job, JobError, cancellable, new_job_id, pausable, resumable
 from service.jobs.sql import JobStore
 from service.jobs.validate import check_adapter_name, check_config, check_rows, parse_jsonl, to_jsonl
 from service.settings import Settings
@@ -243,5 +243,33 @@ def cancel(store: JobStore, job: Job) -> Job:
 
         metrics.TRAIN_JOBS_FINISHED.labels(status="cancelled").inc()
     if not cancellable(current.status):  # it ended while we asked
+        raise JobError("job_finished", f"training job '{job.id}' already {current.status}", "job_id")
+    return current
+
+
+def pause(store: JobStore, job: Job) -> Job:
+    """Pause a queued job now, or ask the runner to stop a running one at its next step (it writes a
+    checkpoint and gives back its slot; the job shows ``paused`` then). ``job_finished`` once it ended,
+    ``job_cancelling`` while a cancel is under way."""
+    if not pausable(job.status):
+        raise JobError("job_finished", f"training job '{job.id}' already {job.status}", "job_id")
+    current = store.request_pause(job.id)
+    assert current is not None
+    if not pausable(current.status):  # it ended while we asked
+        raise JobError("job_finished", f"training job '{job.id}' already {current.status}", "job_id")
+    if current.status == "running" and current.cancel_requested:
+        raise JobError("job_cancelling", f"training job '{job.id}' is being cancelled", "job_id")
+    return current
+
+
+def resume(store: JobStore, job: Job) -> Job:
+    """Put a paused job back in the queue: the next runner slot resumes it from its checkpoint (same seed,
+    same data order). A queued or running job answers as it is (a pause not yet carried out is
+    withdrawn); ``job_finished`` once it ended."""
+    if not resumable(job.status):
+        raise JobError("job_finished", f"training job '{job.id}' already {job.status}", "job_id")
+    current = store.resume(job.id)
+    assert current is not None
+    if not resumable(current.status):
         raise JobError("job_finished", f"training job '{job.id}' already {current.status}", "job_id")
     return current

@@ -1,5 +1,5 @@
 """OpenAI's fine-tuning API as views of the native training jobs: /v1/fine_tuning/jobs[/{id}[/cancel|
-/events|/checkpoints]].
+/pause|/resume|/events|/checkpoints]].
 
 A fine-tuning job IS a native job (``service.jobs.actions.submit_job``, the queue of ``POST /train``): its id
 is the job id, it shows in ``GET /train``, the runner trains it like any other. What the OpenAI request
@@ -30,7 +30,7 @@ from loracore import artifact
 from loracore.artifact import valid_name
 from loracore.atomic import write_atomic
 from service.errors import ApiError
-from service.jobs.actions import TrainRequest, cancel, submit_job
+from service.jobs.actions import TrainRequest, cancel, pause, resume, submit_job
 from service.jobs.checkpoints import servable_checkpoints
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
 from service.jobs.model import Job, JobError, StoreConflict
@@ -512,6 +512,25 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         """Queued: cancelled now. Running: the trainer stops at its next step (status ``running`` until
         then, ``cancelled`` after)."""
         return await run_in_threadpool(cancel_one, fine_tuning_job_id)
+
+    def pause_one(job_id: str) -> dict[str, Any]:
+        job, spec = load(job_id)
+        return job_object(pause(store(), job), spec)
+
+    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", dependencies=deps, tags=["fine-tuning"])
+    async def pause_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        """Queued: paused now. Running: the trainer writes a checkpoint at its next step and exits, freeing
+        its slot (status ``running`` until then, ``paused`` after)."""
+        return await run_in_threadpool(pause_one, fine_tuning_job_id)
+
+    def resume_one(job_id: str) -> dict[str, Any]:
+        job, spec = load(job_id)
+        return job_object(resume(store(), job), spec)
+
+    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", dependencies=deps, tags=["fine-tuning"])
+    async def resume_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        """Paused: queued again; training resumes from the pause's checkpoint with the same loss curve."""
+        return await run_in_threadpool(resume_one, fine_tuning_job_id)
 
     def lines_of(job: Job) -> list[tuple[int, dict[str, Any]]]:
         return read_progress(job_paths(settings, job.id).progress, 0)[0]

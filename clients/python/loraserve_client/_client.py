@@ -224,6 +224,15 @@ class Jobs(_Resource):
         """Queued: cancelled at once. Running: stops at the next step (the answer may still say running)."""
         return self._client._request(_core.cancel_job(job_id))
 
+    def pause(self, job_id: str) -> Job:
+        """Queued: paused at once. Running: checkpoints at the next step and frees its slot (the answer may
+        still say running, with ``pause_requested``)."""
+        return self._client._request(_core.pause_job(job_id))
+
+    def resume(self, job_id: str) -> Job:
+        """Paused: queued again; it resumes from the pause's checkpoint with the same loss curve."""
+        return self._client._request(_core.resume_job(job_id))
+
     def logs(self, job_id: str) -> str:
         return self._client._request(_core.job_logs(job_id))
 
@@ -315,6 +324,14 @@ class TrainingJob:
 
     def cancel(self) -> Job:
         self.job = self._client.jobs.cancel(self.id)
+        return self.job
+
+    def pause(self) -> Job:
+        self.job = self._client.jobs.pause(self.id)
+        return self.job
+
+    def resume(self) -> Job:
+        self.job = self._client.jobs.resume(self.id)
         return self.job
 
     def logs(self) -> str:
@@ -557,6 +574,12 @@ class AsyncJobs(_Resource):
     async def cancel(self, job_id: str) -> Job:
         return await self._client._request(_core.cancel_job(job_id))
 
+    async def pause(self, job_id: str) -> Job:
+        return await self._client._request(_core.pause_job(job_id))
+
+    async def resume(self, job_id: str) -> Job:
+        return await self._client._request(_core.resume_job(job_id))
+
     async def logs(self, job_id: str) -> str:
         return await self._client._request(_core.job_logs(job_id))
 
@@ -636,6 +659,14 @@ class AsyncTrainingJob:
 
     async def cancel(self) -> Job:
         self.job = await self._client.jobs.cancel(self.id)
+        return self.job
+
+    async def pause(self) -> Job:
+        self.job = await self._client.jobs.pause(self.id)
+        return self.job
+
+    async def resume(self) -> Job:
+        self.job = await self._client.jobs.resume(self.id)
         return self.job
 
     async def logs(self) -> str:

@@ -369,6 +369,16 @@ def cancel_job(job_id: str) -> Op[Job]:
     return Op("DELETE", f"/train/{_segment(job_id, 'job id')}", _model(Job))
 
 
+def pause_job(job_id: str) -> Op[Job]:
+    # Pausing a paused job answers it as it is, so a retry is safe.
+    return Op("POST", f"/train/{_segment(job_id, 'job id')}/pause", _model(Job))
+
+
+def resume_job(job_id: str) -> Op[Job]:
+    # Resuming a queued or running job answers it as it is, so a retry is safe.
+    return Op("POST", f"/train/{_segment(job_id, 'job id')}/resume", _model(Job))
+
+
 def job_logs(job_id: str) -> Op[str]:
     return Op(
         "GET", f"/train/{_segment(job_id, 'job id')}/logs", lambda r: r.text, headers={"Accept": "text/plain"}

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -112,6 +112,7 @@ class Job(_Model):
     finished_at: datetime | None = None
     progress: JobProgress | None = None
     cancel_requested: bool = False
+    pause_requested: bool = False
     attempts: int | None = None
     dataset: str | None = None
     rows: int | None = None
