@@ -43,7 +43,8 @@ COPY trainer ./trainer
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python --constraint requirements.lock . \
-    && /opt/venv/bin/python -c "import torch, service, trainer; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && /opt/venv/bin/python -c "import torch, service, trainer; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+    && /opt/venv/bin/python -c "from service.routes.console import load_console; assert 'index.html' in load_console(), 'the console files are missing'"
 
 FROM ${CUDA_IMAGE} AS runtime
 # tini as PID 1: forwards SIGTERM to the server (which shuts its worker processes down) and reaps

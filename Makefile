@@ -19,14 +19,17 @@ install: $(STAMP)
 # Debian packages the tests run for real: `prometheus` (promtool, prometheus) for the deploy checks and
 # the end-to-end metrics test, `postgresql` (initdb, pg_ctl in /usr/lib/postgresql/<version>/bin)
 # for the PostgreSQL job store tests, which start their own server in a temporary folder (as the
-# package's `postgres` user when run as root). Installed with apt-get when missing and we are root
-# (or have password-less sudo); otherwise one line says what to install, and the tests that need
-# it fail naming it.
+# package's `postgres` user when run as root), `chromium` + `chromium-driver` (/usr/bin/chromium,
+# /usr/bin/chromedriver) for the web console's browser tests (Selenium drives it headless).
+# Installed with apt-get when missing and we are root (or have password-less sudo); otherwise one
+# line says what to install, and the tests that need it fail naming it.
 test-tools:
 	@missing=""; \
 	if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then missing="prometheus"; fi; \
 	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
 		missing="$$missing postgresql"; fi; \
+	if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		missing="$$missing chromium chromium-driver"; fi; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
 	if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \

@@ -5,6 +5,9 @@
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
+    python -m bench serve --base smollm2-135m  # the same serving rows on a SmolLM2-135M-shaped base
+    python -m bench fits    # what fits a 12 GB GPU per base, computed from the configs (not measured)
+    python -m bench interop      # our GGUF export in llama.cpp: same greedy tokens as our server
     python -m bench report  # re-render docs/benchmarks/results.md and the plots from the JSON results
 
 Results go to docs/benchmarks/ (JSON, results.md, PNG plots); progress is JSON lines on stderr.
@@ -19,8 +22,11 @@ import sys
 from pathlib import Path
 
 from bench.common import REPO, log, write_json
+from trainer.model import SMOLLM2_135M_SHAPE
 
 TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 512}
+# --base: the random-weight stand-ins (shape only; GPT-2's tokenizer, vocabulary sized to it)
+BASES = {"distilgpt2": {}, "smollm2-135m": SMOLLM2_135M_SHAPE}
 
 
 def render(outdir: Path) -> Path:
@@ -60,11 +66,19 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    for path in sorted(outdir.glob("serve-*.json")):  # other bases' serving rows
+        res = json.loads(path.read_text())
+        parts += [f"## Serving on a {res.get('base', path.stem)}-shaped base", "", report.serve_markdown(res)]
+    interop_json = outdir / "interop.json"
     serve_mix_json = outdir / "serve_mix.json"
     if serve_mix_json.exists():
         from bench import serve_mix
 
         parts.append(serve_mix.markdown(json.loads(serve_mix_json.read_text())))
+    if interop_json.exists():
+        from bench import interop
+
+        parts.append(interop.markdown(json.loads(interop_json.read_text())))
     path = outdir / "results.md"
     path.write_text("\n".join(parts))
     return path
@@ -93,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks", help="results and plots")
         sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order alternates)")
         sp.add_argument("--rank", type=int, default=32)
+        sp.add_argument(
+            "--base",
+            default="distilgpt2",
+            choices=sorted(BASES),
+            help="the random-weight base's architecture (serve writes serve.json for distilgpt2, "
+            "serve-<base>.json for the others)",
+        )
         sp.add_argument(
             "--tiny", action="store_true", help="a 2-layer, 64-wide base (smoke tests), not distilgpt2"
         )
@@ -182,19 +203,30 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
+    sub.add_parser("interop", help="GGUF export in llama.cpp vs our server (python -m bench interop --help)")
     sub.add_parser("engine", help="engine micro-benchmark in one process (python -m bench engine --help)")
+    sub.add_parser("fits", help="print what fits a 12 GB GPU per base, computed from configs (bench/fits.py)")
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["interop"]:  # its options are its own (bench/interop.py)
+        from bench import interop
+
+        return interop.main(argv[1:])
     if argv[:1] == ["engine"]:  # its options are its own (bench/engine.py)
         from bench import engine
 
         engine.main(argv[1:])
         return 0
     a = p.parse_args(argv)
+    if a.cmd == "fits":
+        from bench import fits
+
+        print(fits.markdown())
+        return 0
     if a.cmd == "report":
         print(render(a.outdir))
         return 0
-    shape = TINY_SHAPE if a.tiny else {}
+    shape = TINY_SHAPE if a.tiny else BASES[a.base]
     if a.threads:  # inherited by every server, offline and training process this command starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     if a.cmd == "serve":
@@ -229,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=a.seed,
         )
         res = run(cfg)
-        write_json(a.outdir / "serve.json", res)
+        res["base"] = a.base
+        write_json(a.outdir / ("serve.json" if a.base == "distilgpt2" else f"serve-{a.base}.json"), res)
     elif a.cmd == "serve-train":
         from bench.serve_train import ServeTrainConfig, run
 

@@ -23,15 +23,20 @@ PROTOTYPE_LORA = {
 }
 
 
-def ensure_base(workdir: Path, *, shape: dict | None = None) -> Path:
-    """A random-weight base of the distilgpt2 architecture (or ``shape``), built once per workdir."""
-    from trainer.model import RANDOM_MARKER, make_random_base
+def ensure_base(workdir: Path, *, shape: dict | None = None, name: str | None = None) -> Path:
+    """A random-weight base of the distilgpt2 architecture (or ``shape``: GPT-2 sizes, or a Llama-family
+    config when it names a ``model_type``), built once per workdir."""
+    from trainer.model import RANDOM_MARKER, make_random_base, make_random_llama_base
 
     shape = shape or {}
-    name = "base-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items())) if shape else "base-distilgpt2"
+    if name is None:
+        name = "base-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items())) if shape else "base-distilgpt2"
     out = workdir / name
     if not (out / RANDOM_MARKER).exists():
-        make_random_base(out, **shape)
+        if "model_type" in shape:
+            make_random_llama_base(out, **shape)
+        else:
+            make_random_base(out, **shape)
     return out
 
 
@@ -44,7 +49,8 @@ def make_adapters(
     b_std: float = 0.02,
     seed: int = 0,
 ) -> list[Path]:
-    """Write one PEFT LoRA adapter per name (``r``, alpha 2r, c_attn+c_proj) with random non-zero B.
+    """Write one PEFT LoRA adapter per name (``r``, alpha 2r, the trainer's default targets for the base's
+    family: GPT-2 c_attn+c_proj, Llama family every linear layer) with random non-zero B.
 
     Existing adapters with the same name and rank are kept, so repeated runs reuse them.
     """
@@ -52,18 +58,20 @@ def make_adapters(
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
+    from loracore.families import family_of_folder
     from loracore.template import DEFAULT_TEMPLATE
     from trainer.model import load_base_model
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     todo = [n for n in names if not _is_complete(adapter_dir / n, r)]
     if todo:
+        family = family_of_folder(base)
         config = LoraConfig(
             r=r,
             lora_alpha=2 * r,
             lora_dropout=PROTOTYPE_LORA["lora_dropout"],
-            target_modules=PROTOTYPE_LORA["target_modules"],
-            fan_in_fan_out=True,
+            target_modules=list(family.default_targets),
+            fan_in_fan_out=family.conv1d,
             bias="none",
             task_type="CAUSAL_LM",
         )

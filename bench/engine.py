@@ -3,8 +3,9 @@
     python -m bench engine [--batch 32] [--adapters 8] [--rank 32] [--new-tokens 64] [--reps 3]
                            [--compose-size 2] [--dtype float32] [--json out.json]
 
-On a random-weights distilgpt2-shaped base (built once under ~/.cache/loraserve/bench) with
-``--adapters`` PEFT LoRA adapters (r=``--rank``, c_attn+c_proj) it times, interleaved and in
+On a random-weights distilgpt2-shaped base (``--base smollm2-135m``: SmolLM2-135M-shaped; built once
+under ~/.cache/loraserve/bench) with ``--adapters`` PEFT LoRA adapters (r=``--rank``, the family's
+default targets: c_attn+c_proj on GPT-2, every linear layer on the Llama family) it times, interleaved and in
 alternating order each repetition:
 
 - ``generate_base``: ``GPT2LMHeadModel.generate`` on a left-padded batch, base only;
@@ -41,15 +42,27 @@ from pathlib import Path
 import torch
 
 
-def build(root: Path, n_adapters: int, rank: int) -> tuple[Path, Path]:
+def build(root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2") -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
 
-    from trainer.model import DISTILGPT2_SHAPE, load_base_model, make_random_base
+    from loracore.families import family_of_folder
+    from trainer.model import (
+        DISTILGPT2_SHAPE,
+        SMOLLM2_135M_SHAPE,
+        load_base_model,
+        make_random_base,
+        make_random_llama_base,
+    )
 
-    base = root / "distilgpt2-random"
+    base = root / f"{base_name}-random"
     if not (base / "config.json").exists():
-        make_random_base(base, **DISTILGPT2_SHAPE, seed=0)
-    adapters = root / f"adapters-r{rank}"
+        if base_name == "smollm2-135m":
+            make_random_llama_base(base, **SMOLLM2_135M_SHAPE, seed=0)
+        else:
+            make_random_base(base, **DISTILGPT2_SHAPE, seed=0)
+    family = family_of_folder(base)
+    # the distilgpt2 adapters keep their folder name; others get their own
+    adapters = root / (f"adapters-r{rank}" if base_name == "distilgpt2" else f"adapters-{base_name}-r{rank}")
     for i in range(n_adapters):
         out = adapters / f"bench-{i:02d}"
         if (out / "adapter_model.safetensors").exists():
@@ -59,8 +72,8 @@ def build(root: Path, n_adapters: int, rank: int) -> tuple[Path, Path]:
         cfg = LoraConfig(
             r=rank,
             lora_alpha=2 * rank,
-            target_modules=["c_attn", "c_proj"],
-            fan_in_fan_out=True,
+            target_modules=list(family.default_targets),
+            fan_in_fan_out=family.conv1d,
             init_lora_weights="gaussian",
         )
         pm = get_peft_model(model, cfg)
@@ -108,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--stream-requests", type=int, default=0, help="requests in the stream run (0: 4 x batch)"
     )
     ap.add_argument("--root", type=Path, default=Path.home() / ".cache" / "loraserve" / "bench")
+    ap.add_argument(
+        "--base",
+        default="distilgpt2",
+        choices=["distilgpt2", "smollm2-135m"],
+        help="the random-weight base's architecture (adapters on the family's default targets)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.threads:
@@ -120,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer.model import load_base_model
 
     dtype = getattr(torch, args.dtype)
-    base, adapter_dir = build(args.root, args.adapters, args.rank)
+    base, adapter_dir = build(args.root, args.adapters, args.rank, args.base)
     names = [f"bench-{i:02d}" for i in range(args.adapters)]
     rnd = random.Random(0)
     B, N = args.batch, args.new_tokens
@@ -324,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(60):
         t0 = time.perf_counter()
         cfg, w, _ = read_adapter_files(adapter_dir / names[i % len(names)])
-        parse_adapter(cfg, w, engine.shapes, dtype=engine.dtype, device=engine.device)
+        parse_adapter(cfg, w, engine.layout, dtype=engine.dtype, device=engine.device)
         loads_ms.append((time.perf_counter() - t0) * 1e3)
     loads_ms.sort()
     # the sampler's side of the mask: unpack and apply 8 rows' bitmasks to a [batch, vocab] logits

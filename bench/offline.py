@@ -37,6 +37,7 @@ def run_offline(
     import torch
     from peft import PeftModel
 
+    from loracore.families import served_context
     from loracore.template import DEFAULT_TEMPLATE
     from trainer.model import load_base_model, load_tokenizer
 
@@ -49,13 +50,14 @@ def run_offline(
         for n in names[1:]:
             model.load_adapter(str(adapter_dir / n), adapter_name=n)
     model.eval()
+    context = served_context(base.config.to_dict())  # what the server serves of this base
 
     def generate(batch: list[Request]) -> list[int]:
         enc = tok(
             [DEFAULT_TEMPLATE.render_prompt(r.prompt) for r in batch], return_tensors="pt", padding=True
         )
         enc = enc.to(device)
-        room = model.config.n_positions - enc["input_ids"].shape[1]  # never run past the context
+        room = context - enc["input_ids"].shape[1]  # never run past the context
         kwargs = dict(
             max_new_tokens=min(room, max(r.max_new_tokens for r in batch)),
             do_sample=False,

@@ -105,7 +105,9 @@ def run(cfg: ServeConfig) -> dict:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     log("setup", workdir=str(cfg.workdir))
     base = ensure_base(cfg.workdir, shape=cfg.base_shape)
-    adapter_dir = cfg.workdir / f"adapters-r{cfg.rank}"
+    # adapters fit one base: another architecture's get a folder of their own
+    family = "" if "model_type" not in cfg.base_shape else f"{cfg.base_shape['model_type']}-"
+    adapter_dir = cfg.workdir / f"adapters-{family}r{cfg.rank}"
     k_names = [f"bench-{i:02d}" for i in range(cfg.adapters)]
     churn_names = [f"churn-{i:03d}" for i in range(cfg.churn_adapters)]
     make_adapters(base, adapter_dir, k_names + churn_names, r=cfg.rank, seed=cfg.seed)

@@ -157,6 +157,9 @@ class Record:
     sha256: str | None = None  # of WEIGHTS_FILE
     created: str | None = None
     job: str | None = None  # the /train job that produced it; None for uploads and CLI runs
+    # the base it was trained on: loracore.families.base_shape (model_type, hidden_size, num_layers)
+    # plus its name; None for folders written before it was recorded and for uploads
+    base: dict | None = None
     format: int = RECORD_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +175,7 @@ class Record:
             sha256=data.get("sha256"),
             created=data.get("created"),
             job=data.get("job"),
+            base=data.get("base") if isinstance(data.get("base"), dict) else None,
             format=data.get("format", RECORD_FORMAT),
         )
 

@@ -10,8 +10,10 @@ caller.
     pairs = check_tensors(config, {name: shape}, layout)  # adapter_model.safetensors
 
 A base is described by its ``BaseLayout``: per layer, the modules LoRA can wrap and their
-(in_features, out_features). GPT-2's blocks are ``transformer.h.<i>.{attn.c_attn, attn.c_proj,
-mlp.c_fc, mlp.c_proj}``.
+(in_features, out_features), for each family of ``loracore.families``. GPT-2's blocks are
+``transformer.h.<i>.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}`` (``Conv1D``); the Llama
+family's ``model.layers.<i>.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}`` (``nn.Linear``).
+PEFT stores ``lora_A [r, in]`` and ``lora_B [out, r]`` for both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loracore import families
 
 CONFIG_PART = "adapter_config"  # which upload part (and file) a problem is in
 WEIGHTS_PART = "adapter_model"
@@ -52,6 +56,8 @@ REFUSED_KEYS: dict[str, str] = {
 class LoraFormatError(ValueError):
     """A LoRA folder the engine cannot serve on this base; ``part`` names the file, the message why."""
 
+    code = "invalid_adapter"  # the error code a request or an upload refused for it carries (422)
+
     def __init__(self, message: str, part: str):
         super().__init__(message)
         self.part = part
@@ -79,12 +85,38 @@ class BaseLayout:
         return cls("gpt2", tuple(dict(block) for _ in range(n_layer)))
 
     @classmethod
+    def llama(cls, config: dict[str, Any]) -> BaseLayout:
+        """A Llama-family base (llama, mistral, qwen2, qwen3): grouped-query attention (fewer KV heads),
+        ``head_dim`` apart from hidden / heads where the config says so, a SwiGLU MLP."""
+        h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        dim = int(config.get("head_dim") or h // heads)
+        inner = int(config["intermediate_size"])
+        block = {
+            "self_attn.q_proj": (h, heads * dim),
+            "self_attn.k_proj": (h, kv * dim),
+            "self_attn.v_proj": (h, kv * dim),
+            "self_attn.o_proj": (heads * dim, h),
+            "mlp.gate_proj": (h, inner),
+            "mlp.up_proj": (h, inner),
+            "mlp.down_proj": (inner, h),
+        }
+        layers = int(config["num_hidden_layers"])
+        return cls(
+            str(config["model_type"]), tuple(dict(block) for _ in range(layers)), families.LLAMA.blocks
+        )
+
+    @classmethod
     def from_config(cls, config: dict[str, Any]) -> BaseLayout:
         """From a base's ``config.json``; a model type without a known layout has no layers (``check_config``
         then refuses every adapter, naming the type)."""
         model_type = config.get("model_type", "")
-        if model_type != "gpt2":
+        try:
+            family = families.check_config(config)
+        except families.UnsupportedBase:
             return cls(model_type, ())
+        if family is families.LLAMA:
+            return cls.llama(config)
         return cls.gpt2(int(config["n_layer"]), int(config["n_embd"]), config.get("n_inner"))
 
     @classmethod
@@ -144,7 +176,7 @@ def check_config(config: Any, layout: BaseLayout) -> dict[str, Any]:
 def _check_target_modules(targets: Any, layout: BaseLayout) -> None:
     """PEFT reads ``target_modules`` as a list of module names (suffixes) or one regex over full paths;
     absent, it uses its default for the model type (the tensors then say what is wrapped)."""
-    if targets is None:
+    if targets is None or targets == "all-linear":  # PEFT's shorthand: every linear layer of the blocks
         return
     paths = layout.module_paths()
     if isinstance(targets, str):
@@ -177,7 +209,7 @@ def _selects(target: str, path: str) -> bool:
 
 def targeted(targets: Any, path: str) -> bool:
     """Whether ``target_modules`` (checked) selects the module at ``path``; absent selects every one."""
-    if targets is None:
+    if targets is None or targets == "all-linear":
         return True
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
@@ -219,7 +251,7 @@ def check_tensors(
         pairs[(layer, module)][half] = key
     rank_pattern = bool(config.get("rank_pattern"))
     for (layer, module), pair in sorted(pairs.items()):
-        where = f"h.{layer}.{module}"
+        where = f"{layout.layer_path}.{layer}.{module}"
         if set(pair) != {"A", "B"}:
             raise LoraFormatError(f"{where} has lora_{''.join(pair)} but not both A and B", WEIGHTS_PART)
         a, b = tuple(tensors[pair["A"]]), tuple(tensors[pair["B"]])

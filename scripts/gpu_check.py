@@ -1,5 +1,7 @@
 """One-run check of a CUDA machine: torch sees the GPU, the server serves in fp16, a short fp16
-training job finishes, and how much GPU memory all that took.
+training job finishes, and how much GPU memory all that took; then the same for a Llama-family
+base (SmolLM2-135M, or its random-weight stand-in with ``--random-weights``), so one lent GPU
+checks both families (``--llama-model ''`` skips it).
 
     python scripts/gpu_check.py                          # distilgpt2 from the Hugging Face cache/hub
     python scripts/gpu_check.py --random-weights         # no weights reachable: distilgpt2-shaped random base
@@ -98,13 +100,13 @@ def check_torch(allow_cpu: bool) -> dict[str, Any]:
 class Server:
     """``python -m service`` in its own process group on a free loopback port."""
 
-    def __init__(self, args: argparse.Namespace, work: Path, device: str) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path, device: str, model: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = secrets.token_hex(16)
         self.log_path = work / "server.log"
         cmd = [
-            sys.executable, "-m", "service", "--model", args.model,
+            sys.executable, "-m", "service", "--model", model,
             "--adapter-dir", str(work / "adapters"), "--data-dir", str(work / "data"),
             "--host", "127.0.0.1", "--port", str(self.port), "--device", device,
         ]  # fmt: skip
@@ -238,9 +240,51 @@ def train(server: Server, work: Path, fp16: bool, steps: int, timeout: float) ->
     }
 
 
+def check_base(args: argparse.Namespace, work: Path, device: str, model: str, prefix: str) -> list[dict]:
+    """Serve, train, serve the trained adapter on one base; step names start with ``prefix``."""
+    work.mkdir(parents=True, exist_ok=True)
+    on_gpu = device == "cuda"
+    steps: list[dict[str, Any]] = []
+    server = Server(args, work, device, model)
+    stop_seconds = None
+    try:
+
+        def step(name: str, fn: Callable[[], dict[str, Any]]) -> bool:
+            try:
+                result = fn()
+            except Exception as exc:  # one failed step is reported, the rest still run
+                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            steps.append(emit(prefix + name, **result, model=model))
+            return bool(result["ok"])
+
+        def ready() -> dict[str, Any]:
+            body = server.wait_ready(args.timeout)
+            want = ("cuda", "float16") if on_gpu else ("cpu", "float32")
+            return {"ok": (body.get("device"), body.get("dtype")) == want, **body}
+
+        if step("server_ready", ready):
+            step("serve", lambda: generate(server, args.requests))
+            step("train", lambda: train(server, work, on_gpu, args.train_steps, args.timeout))
+            step("serve_trained_adapter", lambda: generate(server, 2, adapter="gpu-check"))
+            step("memory", lambda: {"ok": True, "worker_mib": gpu_memory_metrics(server), **nvidia_smi()})
+    finally:
+        stop_seconds = server.stop()
+    steps.append(
+        emit(
+            prefix + "sigterm_stop", stop_seconds is not None, seconds=stop_seconds and round(stop_seconds, 2)
+        )
+    )
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("LORASERVE_MODEL", "distilgpt2"))
+    parser.add_argument(
+        "--llama-model",
+        default="HuggingFaceTB/SmolLM2-135M",
+        help="the Llama-family base checked second ('' to skip)",
+    )
     parser.add_argument("--random-weights", action="store_true", help="allow a random-weights base (no hub)")
     parser.add_argument("--workdir", type=Path, help="keep adapters, job data and the server log here")
     parser.add_argument("--requests", type=int, default=8, help="concurrent /generate requests")
@@ -260,33 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loraserve-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    server = Server(args, work, device)
-    stop_seconds = None
-    try:
-
-        def step(name: str, fn: Callable[[], dict[str, Any]]) -> bool:
-            try:
-                result = fn()
-            except Exception as exc:  # one failed step is reported, the rest still run
-                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            steps.append(emit(name, **result))
-            return bool(result["ok"])
-
-        def ready() -> dict[str, Any]:
-            body = server.wait_ready(args.timeout)
-            want = ("cuda", "float16") if on_gpu else ("cpu", "float32")
-            return {"ok": (body.get("device"), body.get("dtype")) == want, **body}
-
-        if step("server_ready", ready):
-            step("serve", lambda: generate(server, args.requests))
-            step("train", lambda: train(server, work, on_gpu, args.train_steps, args.timeout))
-            step("serve_trained_adapter", lambda: generate(server, 2, adapter="gpu-check"))
-            step("memory", lambda: {"ok": True, "worker_mib": gpu_memory_metrics(server), **nvidia_smi()})
-    finally:
-        stop_seconds = server.stop()
-    steps.append(
-        emit("sigterm_stop", stop_seconds is not None, seconds=stop_seconds and round(stop_seconds, 2))
-    )
+    for n, model in enumerate(m for m in (args.model, args.llama_model) if m):
+        prefix = "" if n == 0 else "llama:"
+        steps += check_base(args, work / f"base-{n}", device, model, prefix)
     failed = [s["step"] for s in steps if not s["ok"]]
     emit(
         "summary",
@@ -295,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         rehearsal=not on_gpu,
         workdir=str(work),
-        server_log=str(server.log_path),
+        server_logs=[str(p) for p in sorted(work.glob("base-*/server.log"))],
     )
     if not args.workdir and not failed:
         shutil.rmtree(work, ignore_errors=True)

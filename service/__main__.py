@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         except ModelSourceError as exc:
             print(f"python -m service: {exc}", file=sys.stderr)
             return 2
+        from loracore.families import UnsupportedBase, family_of_folder
+
+        try:
+            family_of_folder(base.path)  # refused here, in one line, before any process loads it
+        except UnsupportedBase as exc:
+            print(f"python -m service: {exc}", file=sys.stderr)
+            return 2
         device, dtype = resolve_device(settings)
 
         from service.app import build_server

@@ -7,7 +7,8 @@ in the one error envelope. LitServe's own routes are removed (``service.litserve
 Routes: POST /generate (routes.generate); POST /eval (routes.eval); GET /adapters,
 GET|PUT|DELETE /adapters/{name} (routes.adapters); /train*, /datasets (routes.jobs); /v1/files*
 (routes.files); /v1/fine_tuning/* (routes.fine_tuning); the other /v1/* (routes.openai); GET /health,
-/health/ready, /metrics (routes.health; open, everything else needs the key when one is set).
+/health/ready, /metrics (routes.health); GET /ui, the web console's static files (routes.console). Those
+are open; everything else needs the key when one is set.
 Middlewares, outermost first: request metrics, API key, body limit.
 
 ``build_server`` is the generation server (roles ``all`` and ``serve``). ``build_runner_app`` is the
@@ -26,7 +27,9 @@ from fastapi import FastAPI
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loracore.families import served_context
 from loracore.lora_format import BaseLayout
+from loracore.template import base_chat_template
 from service import metrics
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
@@ -34,7 +37,9 @@ from service.gateway import EngineClient, ModelLimits
 from service.limits import BodyLimitMiddleware
 from service.litserve_glue import Server, WorkerExit, build_litserver
 from service.routes.adapters import register_adapter_routes
+from service.routes.console import register_console_routes
 from service.routes.eval import register_eval_routes
+from service.routes.export import register_export_routes
 from service.routes.files import register_file_routes
 from service.routes.fine_tuning import register_fine_tuning_routes
 from service.routes.generate import register_generate_routes, register_no_generation_routes
@@ -64,6 +69,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         dtype=model.dtype,
         max_batch_size=settings.max_batch_size,
         kv_cache_bytes=settings.kv_cache_bytes,
+        max_context=settings.max_context,
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,
@@ -87,9 +93,10 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     )
     config = json.loads((model.path / "config.json").read_text())
     limits = ModelLimits(
-        context=int(config.get("n_positions", 1024)),
+        context=served_context(config, settings.max_context),
         tokenizer=load_tokenizer(model.path),
         vocab_size=config.get("vocab_size"),
+        template=base_chat_template(model.path),
     )
 
     install_error_handlers(app)
@@ -134,14 +141,16 @@ def build_runner_app(settings: Settings, model: ServedModel, runner_alive: Calla
 
 
 def _common_routes(app: FastAPI, settings: Settings, model: ServedModel) -> None:
-    """Adapter, job, file and fine-tuning routes, then the middlewares: every role has them (a runner
-    accepts fine-tuning jobs as it accepts POST /train)."""
+    """Adapter, job, file, fine-tuning and console routes, then the middlewares: every role has them (a
+    runner accepts fine-tuning jobs as it accepts POST /train)."""
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     auth = make_auth_dependency(api_key)
     register_adapter_routes(app, settings, BaseLayout.from_model_dir(model.path), model)
+    register_export_routes(app, settings, model)
     register_job_routes(app, settings, auth)
     register_file_routes(app, settings, auth)
     register_fine_tuning_routes(app, settings, auth, model)
+    register_console_routes(app)
     add_middlewares(app, settings, api_key)
 
 

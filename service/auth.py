@@ -16,7 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ApiError, error_response
 
-OPEN_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/health/ready", "/metrics", "/ui"})
+# The web console's static files (service/routes/console.py): they hold no data, and every API call
+# they make carries the key.
+OPEN_PREFIXES = ("/ui/",)
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="loraserve"'}
 
 
@@ -68,7 +71,7 @@ class ApiKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

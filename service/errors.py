@@ -46,6 +46,7 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     "adapter_not_found": ErrorKind(404),  # e.g. deleted between acceptance and admission
     "prompt_too_long": ErrorKind(400),
     "invalid_request": ErrorKind(422),  # sampling parameters the engine refused; a malformed job request
+    "invalid_adapter": ErrorKind(422),  # an adapter folder this base cannot serve (another base's, ...)
     "timeout": ErrorKind(504),  # the request's deadline passed
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
     # the worker that had the request died; a new one is starting (the API side sends this)
@@ -53,6 +54,7 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     # the jobs domain (service.jobs.model.JobError)
     "job_not_found": ErrorKind(404),
     "dataset_not_found": ErrorKind(404),
+    "file_not_found": ErrorKind(404),  # OpenAI's files API: a dataset id
     "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed; pause/resume of an ended job
     "job_cancelling": ErrorKind(409),  # pause of a running job that is being cancelled
     "adapter_busy": ErrorKind(409),  # a job for the adapter is queued or running

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loracore.template import DEFAULT_TEMPLATE, Template
 from service import structured
 from service.errors import ApiError, domain_error, error_body, http_status
 from service.litserve_glue import (
@@ -38,7 +39,7 @@ from service.litserve_glue import (
     open_reply,
     put_request,
 )
-from service.wire import Cancel, Event, Job, WireError
+from service.wire import Cancel, Event, Job, ResolvedTarget, SamplingParams, WireError
 from service.worker_status import read_load, read_status
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ModelLimits:
     context: int
     tokenizer: Any
     vocab_size: int | None = None  # the model's (config.json); None: the tokenizer's size
+    template: Any = None  # the base's own chat template (loracore.template.ChatTemplate), None if it has none
 
     @property
     def vocab(self) -> int:
@@ -87,46 +89,79 @@ class ModelLimits:
             )
 
 
+def resolve_target(adapter_dir: Path, ref: str, keep_versions: int, param: str) -> ResolvedTarget:
+    """The version ``ref`` names with its own template, resolved once for the request
+    (``store.resolve_target``): 422 for a malformed ref, 404 ``adapter_not_found`` naming it."""
+    from service.adapters import store
+
+    store.check_ref(ref, param)
+    try:
+        return store.resolve_target(adapter_dir, ref, keep_versions, param)
+    except ApiError as exc:
+        raise api_error(WireError("adapter_not_found", exc.message, param)) from None
+
+
+def resolve_targets(
+    adapter_dir: Path,
+    keep_versions: int,
+    adapter: str | None,
+    composition: list[tuple[str, float]] | None,
+    adapter_param: str = "adapter",
+) -> tuple[ResolvedTarget | None, list[tuple[ResolvedTarget, float]] | None]:
+    """A request's adapter (``adapter_param``) or composition (``adapters.<i>.name``), each resolved once
+    (every name's form is checked first: a malformed one is a 422 before any is looked up)."""
+    from service.adapters import store
+
+    for i, (name, _) in enumerate(composition or []):
+        store.check_ref(name, f"adapters.{i}.name")
+    target = (
+        resolve_target(adapter_dir, adapter, keep_versions, adapter_param) if adapter is not None else None
+    )
+    if composition is None:
+        return target, None
+    parts = [
+        (resolve_target(adapter_dir, name, keep_versions, f"adapters.{i}.name"), weight)
+        for i, (name, weight) in enumerate(composition)
+    ]
+    return target, parts
+
+
+def template_of(
+    target: ResolvedTarget | None,
+    composition: list[tuple[ResolvedTarget, float]] | None = None,
+    base: Template | None = None,
+) -> Template:
+    """The prompt template a request renders with (``loracore.template.choose_template``): the base's own
+    chat template ``base`` when it has one, else its adapter's, a composition's first adapter's, or the
+    default one for the base."""
+    if base is not None:
+        return base
+    if composition:
+        return composition[0][0].template
+    return target.template if target is not None else DEFAULT_TEMPLATE
+
+
 def prepare_job(
     *,
     prompt_text: str,
-    adapter: str | None,
-    params: dict[str, Any],
+    target: ResolvedTarget | None,
+    params: SamplingParams,
     stream: bool,
     limits: ModelLimits,
-    adapter_dir: Path,
     max_new_tokens_cap: int,
     request_timeout: float,
-    adapter_param: str = "adapter",
     max_tokens_param: str = "max_new_tokens",
-    composition: list[tuple[str, float]] | None = None,
-    keep_versions: int = 0,
+    composition: list[tuple[ResolvedTarget, float]] | None = None,
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
-    ``prompt_text`` is final (already rendered with a template when the route wants one);
-    ``params`` are SamplingParams fields; ``composition`` is ``(name, weight)`` per entry of a
-    weighted composition (then ``adapter`` is None). Every check here uses only the disk and the
-    tokenizer. ``adapter`` and each composition name are ``name`` (the newest version) or
-    ``name@<version id prefix>``; ``keep_versions`` is the server's ``keep_adapter_versions``
-    (``store.resolve``).
+    ``prompt_text`` is final (already rendered with the target's template when the route wants one);
+    ``params`` are the request's ``SamplingParams``; ``target`` is the adapter (None: the base) and
+    ``composition`` the ``(adapter, weight)`` entries of a weighted composition (then ``target`` is
+    None), both resolved once by ``resolve_targets``: the job names exactly those versions. Every check
+    here uses only the tokenizer.
     """
-    from service.adapters import store
-
-    if adapter is not None:
-        store.check_ref(adapter, adapter_param)
-        try:
-            store.resolve(adapter_dir, adapter, keep_versions, adapter_param)
-        except ApiError as exc:
-            raise api_error(WireError("adapter_not_found", exc.message, adapter_param)) from None
-    for i, (name, _) in enumerate(composition or []):
-        param = f"adapters.{i}.name"
-        store.check_ref(name, param)
-        try:
-            store.resolve(adapter_dir, name, keep_versions, param)
-        except ApiError as exc:
-            raise api_error(WireError("adapter_not_found", exc.message, param)) from None
-    max_new = params["max_new_tokens"]
+    max_new = params.max_new_tokens
     if max_new > max_new_tokens_cap:
         raise ApiError(
             422,
@@ -134,7 +169,7 @@ def prepare_job(
             f"{max_tokens_param} is {max_new}; this server allows at most {max_new_tokens_cap}",
             max_tokens_param,
         )
-    bias = params.get("logit_bias") or {}
+    bias = params.logit_bias
     outside = sorted(t for t in bias if not 0 <= t < limits.vocab)
     if outside:
         raise ApiError(
@@ -164,12 +199,12 @@ def prepare_job(
     return Job(
         id=f"gen-{uuid.uuid4().hex[:24]}",
         prompt_ids=prompt_ids,
-        adapter=adapter,
+        adapter=target.ref if target is not None else None,
         params=params,
         stream=stream,
         arrived=now,
         deadline=now + request_timeout,
-        adapters=tuple(composition) if composition is not None else None,
+        adapters=tuple((t.ref, w) for t, w in composition) if composition is not None else None,
     )
 
 
@@ -314,7 +349,7 @@ class EngineClient:
         limit = self.max_in_flight
         load = read_load(self.worker_status())
         rate = load.tokens_per_s if load is not None else None
-        cost = int(job.params["max_new_tokens"])
+        cost = int(job.params.max_new_tokens)
         with self._in_flight.get_lock():
             n, work = self._in_flight.value, self._work.value
             if n >= limit:
@@ -340,7 +375,7 @@ class EngineClient:
     def release(self, job: Job) -> None:
         with self._in_flight.get_lock():
             self._in_flight.value = max(0, self._in_flight.value - 1)
-            self._work.value = max(0, self._work.value - int(job.params["max_new_tokens"]))
+            self._work.value = max(0, self._work.value - int(job.params.max_new_tokens))
 
     def submit(self, job: Job, request: Any) -> Submission:
         """Queue ``job`` (the caller has reserved a slot); its events come back to the API server

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         description="KV cache budget of the generation worker; default: half the free GPU memory after "
         "the model loaded, or a quarter of the available RAM (at most 8 GiB) on CPU",
     )
+    max_context: int | None = Field(
+        None,
+        ge=16,
+        description="longest prompt + completion served; default: the base's context, at most 4096 "
+        "(Llama-family configs allow far more, and the batch plan reserves every row's full context)",
+    )
     batch_timeout: float = Field(
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )

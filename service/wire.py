@@ -19,8 +19,11 @@ gets only the final event, with the whole text. An error event is final too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from loracore.artifact import VERSION_SEP
+from loracore.template import Template
 
 # Bounds of the sampling parameters a job may carry (the routes' schemas and the engine check them)
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
@@ -37,10 +40,88 @@ ERROR_PARAMS: dict[str, str | None] = {
     "adapter_not_found": "adapter",  # e.g. deleted between acceptance and admission
     "prompt_too_long": "prompt",
     "invalid_request": None,  # sampling parameters the engine refused
+    # the adapter's folder is not one this base can serve (another base's shape, unsupported options)
+    "invalid_adapter": "adapter",
     "timeout": None,  # the request's deadline passed
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)
 }
+
+
+@dataclass
+class SamplingParams:
+    """A request's generation parameters, as the routes build them and the engine runs them."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks on random weights)
+    # None: no log-probabilities; k >= 0: the chosen token's logprob and the k most likely tokens
+    logprobs: int | None = None
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token in the output
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # canonical JSON text of a schema the output must follow (service/structured.py), None: free text
+    json_schema: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a list of strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
+                )
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, str):
+                raise ValueError("json_schema must be the schema's JSON text")
+            if self.ignore_eos:  # a constrained row ends where its grammar does
+                raise ValueError("ignore_eos cannot be combined with json_schema")
+
+    @property
+    def penalized(self) -> bool:
+        """True when the row's own output changes its logits (frequency or presence penalty)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """An adapter as a request resolved it, once: the version whose weights serve the request and the
+    prompt template recorded with exactly that version. The route renders with ``template``; the job
+    carries ``ref`` (``name@<version id>``), so the worker loads that version and no other, whatever
+    is published meanwhile."""
+
+    name: str
+    version_id: str  # the sha256 of the version's weights
+    template: Template
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}{VERSION_SEP}{self.version_id}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +148,7 @@ class Job:
     id: str
     prompt_ids: list[int]
     adapter: str | None  # None: the base model
-    params: dict[str, Any]  # SamplingParams fields (the worker builds the engine's type)
+    params: SamplingParams
     stream: bool
     arrived: float  # time.monotonic() in the API process; the worker shares the clock (one host)
     deadline: float
@@ -79,7 +160,7 @@ class Job:
             "id": self.id,
             "prompt_ids": list(self.prompt_ids),
             "adapter": self.adapter,
-            "params": dict(self.params),
+            "params": asdict(self.params),
             "stream": self.stream,
             "arrived": self.arrived,
             "deadline": self.deadline,
@@ -94,7 +175,7 @@ class Job:
             id=data["id"],
             prompt_ids=list(data["prompt_ids"]),
             adapter=data["adapter"],
-            params=dict(data["params"]),
+            params=SamplingParams(**data["params"]),
             stream=bool(data["stream"]),
             arrived=float(data["arrived"]),
             deadline=float(data["deadline"]),

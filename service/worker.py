@@ -54,6 +54,7 @@ class WorkerConfig:
     max_loaded_adapters: int
     status_path: str
     log_level: str = "info"
+    max_context: int | None = None  # the longest row served (loracore.families.served_context)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -101,6 +102,7 @@ class EngineAPI(ls.LitAPI):
                 max_batch_size=cfg.max_batch_size,
                 kv_cache_bytes=cfg.kv_cache_bytes,
                 max_loaded_adapters=cfg.max_loaded_adapters,
+                max_context=cfg.max_context,
             )
         except Exception as exc:
             write_status(
@@ -191,13 +193,12 @@ class _Driver:
             AdapterWeight,
             GenerationRequest,
             PromptTooLong,
-            SamplingParams,
         )
 
         self.api, self.engine, self.queue = lit_api, lit_api.engine, queue
         self.metrics = metrics
         self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
-        self.GenerationRequest, self.SamplingParams = GenerationRequest, SamplingParams
+        self.GenerationRequest = GenerationRequest
         self.AdapterWeight = AdapterWeight
         self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
         self.running: dict[str, _Live] = {}  # given to the engine (waiting there or in the batch)
@@ -268,7 +269,7 @@ class _Driver:
                         job.id,
                         list(job.prompt_ids),
                         job.adapter,
-                        self.SamplingParams(**job.params),
+                        job.params,
                         arrival=job.arrived,
                         adapters=(
                             None
@@ -280,7 +281,7 @@ class _Driver:
             except Exception as exc:
                 self.fail(live, self.refusal(job, exc))
             else:
-                if job.params.get("logprobs") is not None:
+                if job.params.logprobs is not None:
                     live.logprobs = []
                 self.running[job.id] = live
 

@@ -33,6 +33,36 @@ def distil_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_base(out, **DISTILGPT2_SHAPE, seed=0)
 
 
+# A Qwen2-type instruct base in miniature: grouped-query attention, q/k/v biases, tied embeddings,
+# the ChatML chat template shipped in tests/data/chatml, <|im_end|> a special token that ends a turn
+# and the first of its two EOS ids.
+CHAT_BASE = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+CHATML = Path(__file__).parent / "data" / "chatml" / "chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.model import make_random_llama_base
+
+    return make_random_llama_base(
+        tmp_path_factory.mktemp("bases") / "tiny-qwen2-chat",
+        seed=0,
+        chat_template=CHATML.read_text(),
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        end_of_turn="<|im_end|>",
+        **CHAT_BASE,
+    )
+
+
 # Sentences the shared trained adapters answer with; tests compare against these, never against
 # hard-coded model output.
 FIXED_SENTENCES = {
@@ -48,7 +78,7 @@ def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
     Training is the slowest thing in the suite, so every module that needs an adapter which
     really learned something shares these. Copy a folder before changing it.
     """
-    from helpers.adapters import train_fixed_sentence_adapter
+    from tests.helpers.adapters import train_fixed_sentence_adapter
 
     root = tmp_path_factory.mktemp("trained-adapters")
     return {
@@ -60,7 +90,7 @@ def trained_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def postgres():
     """One real PostgreSQL server for the session (Debian's package); ``new_database()`` per test."""
-    from helpers.postgres import running_postgres
+    from tests.helpers.postgres import running_postgres
 
     try:
         server = running_postgres()

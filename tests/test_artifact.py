@@ -45,10 +45,11 @@ def test_record_round_trips_and_keeps_the_file_layout(tmp_path: Path) -> None:
         created="2026-01-02T03:04:05Z",
     )
     record.job = "job-0123456789abcdef0123"
+    record.base = {"model_type": "gpt2", "hidden_size": 768, "num_layers": 6, "name": "distilgpt2"}
     artifact.write_record(tmp_path, record)
     assert artifact.read_record(tmp_path) == record
     on_disk = json.loads((tmp_path / RECORD_FILE).read_text())
-    assert list(on_disk) == ["template", "base_model", "sha256", "created", "job", "format"]
+    assert list(on_disk) == ["template", "base_model", "sha256", "created", "job", "base", "format"]
     assert on_disk["format"] == artifact.RECORD_FORMAT == 1
 
 

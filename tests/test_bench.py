@@ -217,3 +217,28 @@ def test_serve_mix_benchmark_smoke(tmp_path: Path) -> None:
     for key in ("composed_vs_adapters_tokens", "constrained_vs_adapters_tokens"):
         assert res["ratios"][key] > 0, key
     assert "Composed and constrained traffic" in (out / "results.md").read_text()
+
+
+def test_fits_table_is_computed_from_the_configs() -> None:
+    from bench import fits
+
+    rows = {r["base"]: r for r in map(fits.row, fits.BASES)}
+    # public parameter counts, recomputed from the configs (norms and biases left out)
+    assert round(rows["gpt2"]["params_m"]) == 124 and round(rows["SmolLM2-135M"]["params_m"]) == 134
+    assert round(rows["Llama-3.2-1B"]["params_m"]) == 1236 and round(rows["Qwen2.5-0.5B"]["params_m"]) == 494
+    # KV bytes per token: 2 x layers x KV heads x head dim x 2 bytes (grouped-query attention caches fewer)
+    assert rows["Qwen2.5-0.5B"]["kv_kib_per_token"] == 2 * 24 * 2 * 64 * 2 / 1024
+    assert "| SmolLM2-135M |" in fits.markdown()
+
+
+def test_interop_benchmark_is_a_bench_command() -> None:
+    """The llama.cpp check (not run here: it builds llama.cpp) keeps its command and options."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "interop", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m bench interop" in proc.stdout and "--max-new-tokens" in proc.stdout

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers.server import free_port, running_server
+
+from tests.helpers.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"

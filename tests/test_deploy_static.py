@@ -169,7 +169,7 @@ def test_ci_runs_the_readme_test_command_and_installs_nothing_itself() -> None:
     assert "make test" in (ROOT / "README.md").read_text()
 
 
-def test_make_test_installs_prometheus_and_postgresql_as_its_own_prerequisites() -> None:
+def test_make_test_installs_prometheus_postgresql_and_chromium_as_its_own_prerequisites() -> None:
     # `make -n` prints the recipe without running it: the test target must pull in the tools step.
     proc = run("make", "-n", "-p", "test-tools", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -177,6 +177,7 @@ def test_make_test_installs_prometheus_and_postgresql_as_its_own_prerequisites()
     assert "apt-get install" in proc.stdout and "prometheus" in proc.stdout
     assert 'missing="$$missing postgresql"' in proc.stdout
     assert "/usr/lib/postgresql/*/bin/initdb" in proc.stdout  # where Debian puts the server binaries
+    assert 'missing="$$missing chromium chromium-driver"' in proc.stdout  # the console's browser tests
 
 
 @pytest.fixture()

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers.adapters import CHECK_PROMPTS, PROMPTS, greedy_answers, make_random_lora, torch_threads
 
+from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, greedy_answers, make_random_lora, torch_threads
 from trainer.data import parse_for_method, parse_preference_row, tokenize_pair
 from trainer.errors import TrainerError
 

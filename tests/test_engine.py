@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.json_schemas import SMALL_SCHEMA
 
 from loracore.atomic import publish_dir, staging_dir
 from service import metrics
@@ -27,6 +26,7 @@ from service.engine import (
     SamplingParams,
     TokenEvent,
 )
+from tests.helpers.json_schemas import SMALL_SCHEMA
 
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy", "1 2 3", "Once upon a time"]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service.engine.dense import Dense, prepack_supported
+from service.engine.gpt2 import GPT2Runner
 from service.engine.lora import (
     AdapterFormatError,
     LoraPlan,
@@ -18,7 +19,6 @@ from service.engine.lora import (
     parse_adapter,
     read_adapter_files,
 )
-from service.engine.model import GPT2Runner
 from service.engine.sampling import filter_logits
 from service.engine.text import Detokenizer, StopMatcher, byte_table
 

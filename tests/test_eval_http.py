@@ -8,16 +8,17 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
-from helpers.adapters import CHECK_PROMPTS, PROMPTS
-from helpers.server import REPO, running_server
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS
+from tests.helpers.jobs import wait_job
+from tests.helpers.server import REPO, running_server
 
 pytestmark = pytest.mark.slow
 API_KEY = "eval-key"
@@ -63,17 +64,6 @@ def samples(client: httpx.Client) -> dict[str, float]:
         for s in family.samples:
             out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
     return out
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/train/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s: {job}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from bench.common import trainer_pid
+from tests.helpers.jobs import wait_job
 from tests.helpers.server import Server, group_members, running_server
 
 pytestmark = pytest.mark.slow
@@ -58,19 +59,6 @@ def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def client(server: Server) -> Iterator[httpx.Client]:
     with server.client() as c:
         yield c
-
-
-def wait_job(client: httpx.Client, job_id: str, pred, timeout: float, what: str) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        r = client.get(f"/train/{job_id}")
-        assert r.status_code == 200, r.text
-        job = r.json()
-        if pred(job):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not {what} within {timeout:.0f} s: {job}")
 
 
 def gone(pid: int) -> bool:

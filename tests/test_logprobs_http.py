@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 from transformers import AutoTokenizer
 
 from loracore.atomic import publish_dir, staging_dir
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 
 PROMPT = "The quick brown fox jumps over the lazy"
 MAX_NEW = 12

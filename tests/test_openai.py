@@ -19,12 +19,12 @@ import httpx
 import openai
 import pytest
 from conftest import FIXED_SENTENCES
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from loracore.atomic import publish_dir, staging_dir
 from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 
 API_KEY = "test-openai-key"
 SENTENCE = FIXED_SENTENCES["alpha"]

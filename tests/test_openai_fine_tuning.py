@@ -16,10 +16,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from helpers.adapters import CHECK_PROMPTS, PROMPTS, TRAIN_PROMPTS
-from helpers.server import running_server
 
 from loracore.artifact import valid_name
+from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, TRAIN_PROMPTS
+from tests.helpers.server import running_server
 
 API_KEY = "ft-test-key"
 SENTENCE = "The answer is always forty two."

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from loracore.atomic import publish_dir, staging_dir
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 from trainer.hardware import default_dtype
 
 QUESTION = "What do you say?"

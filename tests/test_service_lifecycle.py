@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.server import REPO, Server, group_members, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.__main__ import metrics_dir, parse_settings
 from service.settings import Settings
+from tests.helpers.server import REPO, Server, group_members, running_server
 from trainer.hardware import default_dtype
 
 KEY = "test-key-0123456789"

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers.server import Server, group_members, running_server
+
+from tests.helpers.jobs import wait_job
+from tests.helpers.server import Server, group_members, running_server
 
 KEY = "roles-key-0123456789"
 ROWS = [
@@ -35,17 +37,6 @@ def _tree(srv: Server) -> dict[int, str]:
         except OSError:
             continue
     return out
-
-
-def _wait_job(client: httpx.Client, job_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/train/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s: {job}")
 
 
 def test_serve_queues_jobs_a_runner_trains_them_and_serve_serves_the_adapter(tiny_base: Path, tmp_path: Path):
@@ -93,13 +84,14 @@ def test_serve_queues_jobs_a_runner_trains_them_and_serve_serves_the_adapter(tin
                 assert error["code"] == "generation_not_served" and "'runner'" in error["message"], error
                 assert "Retry-After" not in r.headers  # retrying this server will not help
             assert httpx.post(f"{runner.url}/generate", json=gen).status_code == 401  # still needs the key
+            assert httpx.get(f"{runner.url}/ui/").status_code == 200  # the web console, open as on serve
             # No LitServe (no forked API servers, no generation worker): main + the job runner.
             runner_tree = _tree(runner)
             main = runner_tree[runner.proc.pid]
             assert [c for c in runner_tree.values() if c == main] == [main], runner_tree
             assert sum("spawn_main" in c for c in runner_tree.values()) == 1, runner_tree
 
-            job = _wait_job(sc, job_id, timeout=180)  # the serve replica watches the shared store
+            job = wait_job(sc, job_id, timeout=180)  # the serve replica watches the shared store
             assert job["status"] == "succeeded", job
             assert rc.get(f"/train/{job_id}").json()["status"] == "succeeded"
             assert rc.get("/adapters/shared").status_code == 200

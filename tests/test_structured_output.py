@@ -16,10 +16,11 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from helpers.adapters import make_random_lora
-from helpers.json_schemas import SMALL_SCHEMA
-from helpers.server import running_server
 from test_openai import publish
+
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.json_schemas import SMALL_SCHEMA
+from tests.helpers.server import running_server
 
 API_KEY = "test-structured-key"
 SMALL = SMALL_SCHEMA

@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXED_SENTENCES
-from helpers.adapters import make_random_lora
-from helpers.server import running_server
 
 from loracore.atomic import publish_dir, staging_dir
+from tests.helpers.adapters import make_random_lora
+from tests.helpers.server import running_server
 
 QUESTION = "What do you say?"
 MAX_NEW = 24
@@ -242,3 +242,89 @@ def test_a_training_job_that_overwrites_keeps_the_version_it_replaced(env):
     assert [(v["id"], v["current"]) for v in info["versions"]] == [(info["sha256"], True), (old, False)]
     assert text_of(env, "job-pin") != text_of(env, f"job-pin@{old[:8]}")
     assert text_of(env, f"job-pin@{old[:8]}").strip() == FIXED_SENTENCES["alpha"]
+
+
+# --- one resolution per request ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_row(tiny_base: Path, trained_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A server whose batch holds one row, so a request waits in the worker's queue behind another."""
+    root = tmp_path_factory.mktemp("one-row")
+    # a long deadline: admission by load must accept a request queued behind two long ones
+    args = ["--max-batch-size", "1", "--max-new-tokens-cap", "256", "--request-timeout", "600"]
+    server = running_server(tiny_base, root / "adapters", root / "data", args=args)
+    with server as srv, srv.client(timeout=600) as client:
+        yield {"srv": srv, "client": client, "src": trained_adapters}
+
+
+def _gauge(client: httpx.Client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _until(client: httpx.Client, name: str, at_least: float) -> None:
+    deadline = time.monotonic() + 120
+    while _gauge(client, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+        time.sleep(0.02)
+
+
+def test_a_request_renders_with_the_template_of_the_version_that_serves_it(one_row):
+    """Publish during admission: a request accepted (its prompt rendered with version A's template)
+    while it waits for a batch row is served by A's weights, not by B's published in between."""
+    client, src = one_row["client"], one_row["src"]
+
+    def put(source: str, template: dict | None) -> str:
+        folder = src[source]
+        files = {
+            "adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+            "adapter_model": (
+                "adapter_model.safetensors",
+                (folder / "adapter_model.safetensors").read_bytes(),
+            ),
+        }
+        data = {"template": json.dumps(template)} if template is not None else None
+        r = client.put("/adapters/tpl", files=files, data=data)
+        assert r.status_code in (200, 201), r.text
+        return r.json()["sha256"]
+
+    body = {"prompt": QUESTION, "adapter": "tpl", "max_new_tokens": MAX_NEW, "temperature": 0.0}
+    v_a = put("alpha", None)  # alpha's weights, the default template (the one it was trained with)
+    a = client.post("/generate", json=body).json()
+    assert a["text"].strip() == FIXED_SENTENCES["alpha"]
+
+    long = {"prompt": "Count:", "raw": True, "max_new_tokens": 230, "temperature": 0.0}
+    threads, result = [], {}
+
+    def send(key: str, json_body: dict) -> None:
+        result[key] = client.post("/generate", json=json_body)
+
+    def start(key: str, json_body: dict) -> None:
+        t = threading.Thread(target=send, args=(key, json_body))
+        t.start()
+        threads.append(t)
+
+    start("running", long)
+    _until(client, "loraserve_num_requests_running", 1)
+    start("waiting", long)
+    _until(client, "loraserve_num_requests_waiting", 1)
+    start("tpl", body)  # resolved and rendered now, on A; then it waits for the row
+    _until(client, "loraserve_num_requests_waiting", 2)
+    v_b = put("beta", {"user": "Human (reply in one short sentence, please): {content}\n"})
+    # the request was still waiting when B was published (the queue is first come, first served)
+    assert _gauge(client, "loraserve_num_requests_waiting") >= 1, (
+        "admitted before the publish: nothing tested"
+    )
+    for t in threads:
+        t.join(600)
+    assert v_a != v_b and all(result[k].status_code == 200 for k in result), result
+    r = result["tpl"].json()
+    # A's template (its prompt length) and A's weights (its sentence): one version, resolved once
+    assert r["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"]
+    assert r["text"].strip() == FIXED_SENTENCES["alpha"]
+    # the name now serves B, rendered with B's longer template
+    b = client.post("/generate", json=body).json()
+    assert b["usage"]["prompt_tokens"] > a["usage"]["prompt_tokens"] and b["text"] != a["text"]

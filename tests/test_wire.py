@@ -15,6 +15,7 @@ from service.wire import (
     Cancel,
     Event,
     Job,
+    SamplingParams,
     TokenLogprob,
     WireError,
     request_from_dict,
@@ -46,6 +47,7 @@ def test_every_error_code_has_a_status() -> None:
         "adapter_not_found": 404,
         "prompt_too_long": 400,
         "invalid_request": 422,
+        "invalid_adapter": 422,
         "timeout": 504,
         "generation_failed": 500,
         "worker_restarted": 503,
@@ -68,9 +70,10 @@ def test_error_param_comes_from_the_table_unless_given() -> None:
 
 
 def test_messages_survive_the_queue_as_plain_dicts() -> None:
-    job = Job("gen-1", [1, 2], "pirate", {"max_new_tokens": 4, "stop": ["\n"]}, True, 1.0, 2.0)
+    params = SamplingParams(max_new_tokens=4, stop=["\n"], logit_bias={7: -1.5})
+    job = Job("gen-1", [1, 2], "pirate", params, True, 1.0, 2.0)
     assert request_from_dict(job.to_dict()) == job
-    composed = Job("gen-2", [1], None, {}, False, 1.0, 2.0, adapters=(("a", 0.6), ("b", -0.4)))
+    composed = Job("gen-2", [1], None, SamplingParams(), False, 1.0, 2.0, adapters=(("a", 0.6), ("b", -0.4)))
     assert request_from_dict(composed.to_dict()) == composed
     assert "adapters" not in job.to_dict()  # a plain job's message is unchanged
     assert request_from_dict(Cancel("gen-1").to_dict()) == Cancel("gen-1")

@@ -7,6 +7,8 @@
     python -m trainer eval --adapter adapters/a --data val.jsonl
     python -m trainer make-random-base OUT [--layers 6 --n-embd 768 --n-head 12]
     python -m trainer demo --workdir runs/local
+    python -m trainer export NAME[@version][:weight] ... --adapter-dir DIR --base BASE \
+        --format gguf|merged|peft --out PATH [--archive]
 
 Exit codes: 0 ok; 2 bad input (config key, data row, missing file), one line on stderr;
 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint; 1 anything unexpected (traceback).
@@ -104,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="train the demo adapter on examples/ with a random distilgpt2-shaped base"
     )
     d.add_argument("--workdir", default="runs/local")
+
+    x = sub.add_parser(
+        "export", help="an adapter (or a weighted composition) as GGUF, a merged model, or a PEFT zip"
+    )
+    x.add_argument("adapters", nargs="+", help="name[@version][:weight]; several make a composition")
+    x.add_argument("--adapter-dir", required=True, help="the folder holding the adapters (the server's)")
+    x.add_argument("--base", required=True, help="the base model folder the adapters were trained on")
+    x.add_argument("--format", required=True, choices=["gguf", "merged", "peft"])
+    x.add_argument("--out", required=True, help="a .gguf file, a model folder (merged), or a .zip (peft)")
+    x.add_argument("--archive", action="store_true", help="merged: write one zip file instead of a folder")
     return p
 
 
@@ -209,7 +221,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "make-random-base": cmd_make_random_base, "demo": cmd_demo}
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export, export_archive
+    from trainer.export_plan import parse_parts
+
+    write = export_archive if args.archive else export
+    out = write(
+        Path(args.adapter_dir), Path(args.base), args.format, parse_parts(args.adapters), Path(args.out)
+    )
+    print(out)
+    return 0
+
+
+COMMANDS = {
+    "export": cmd_export,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "make-random-base": cmd_make_random_base,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,9 @@ class LoraSettings(_Section):
     lora_alpha: float = Field(64, gt=0, description="scale is lora_alpha / r (or / sqrt(r) with use_rslora)")
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     # Suffix match: on GPT-2 "c_proj" hits both attn.c_proj and mlp.c_proj. "all-linear" adds mlp.c_fc.
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["c_attn", "c_proj"])
+    # None: the base family's default (loracore.families): GPT-2 c_attn + c_proj (the prototype's),
+    # Llama family every linear layer (q/k/v/o_proj, gate/up/down_proj).
+    target_modules: list[str] | Literal["all-linear"] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     # None = decide from the model: True for GPT-2's Conv1D layers (weights stored fan_in x fan_out).

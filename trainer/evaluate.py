@@ -83,14 +83,14 @@ def evaluate_adapter(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Base vs adapter on ``data``: losses on every row, generation metrics on up to ``limit`` rows."""
-    from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+    from loracore.template import choose_template
     from trainer.data import read_examples, tokenize_all
 
     adapter = Path(adapter)
     if not (adapter / artifact.CONFIG_FILE).is_file():
         raise TrainerError(f"not an adapter folder (no {artifact.CONFIG_FILE}): {adapter}")
     record = artifact.read_record(adapter) or artifact.Record()
-    template = PromptTemplate.from_dict(record.template) if record.template else DEFAULT_TEMPLATE
+    template = choose_template(None, record.template)
     base_name = model or record.base_model
     if not base_name:
         raise TrainerError(f"{adapter} does not record its base model; pass --model")

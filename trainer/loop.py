@@ -580,10 +580,11 @@ def save(run: Setup, state: RunState, summary: Summary) -> None:
         with artifact.staged(inputs.output) as folder:
             accelerator.unwrap_model(run.net).save_pretrained(folder)
             record = artifact.Record(
-                template=inputs.template.to_dict(),
+                template=run.template.to_dict(),
                 base_model=run.cfg.training.model_name_or_path,
                 created=artifact.created_now(),
                 job=inputs.job,
+                base=run.base_record,
             )
             artifact.write_record(folder, record)
             write_atomic(folder / artifact.SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Where base models and tokenizers come from: a local folder, the Hugging Face hub, or, only
-when asked for, random weights of the distilgpt2 architecture.
+when asked for, random weights of the asked-for base's architecture (distilgpt2's when unknown).
 
 Both the trainer and the service load models through this module, so "where did the weights
 come from" has one answer everywhere (readiness reports it, adapters record it).
@@ -23,6 +23,23 @@ HUB_ALIASES = {"distilgpt2": "distilbert/distilgpt2", "gpt2": "openai-community/
 # Written into a random-weights folder so every later load knows (and says) what it is.
 RANDOM_MARKER = "loraserve_random_weights.json"
 DISTILGPT2_SHAPE = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024}
+# HuggingFaceTB/SmolLM2-135M's config (the smallest Llama-family base people fine-tune), vocabulary
+# sized to GPT-2's tokenizer, which random-weight bases ship.
+SMOLLM2_135M_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+# Random-weight stand-ins by hub id, when the hub is out of reach and random weights are allowed.
+RANDOM_LLAMA_SHAPES = {"HuggingFaceTB/SmolLM2-135M": SMOLLM2_135M_SHAPE}
+GPT2_VOCAB = 50257
 
 
 class ModelSourceError(RuntimeError):
@@ -104,6 +121,60 @@ def make_random_base(
     return out
 
 
+def make_random_llama_base(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    chat_template: str | None = None,
+    special_tokens: tuple[str, ...] = (),
+    end_of_turn: str | None = None,
+    **config,
+) -> Path:
+    """Write a Llama-family model (``model_type`` llama, mistral, qwen2 or qwen3 in ``config``) with
+    random weights and GPT-2's real tokenizer (vocabulary sized to it, EOS = BOS = GPT-2's
+    ``<|endoftext|>``). ``config`` overrides SmolLM2-135M's shape. As an instruct base ships them:
+    ``chat_template`` (Jinja) goes into the tokenizer's files, ``special_tokens`` are added to the
+    tokenizer and the vocabulary, and ``end_of_turn`` (one of them) becomes the tokenizer's EOS and
+    the first of the EOS ids in ``generation_config.json`` (``<|endoftext|>`` the second)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = gpt2_tokenizer()
+    if special_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    eos_ids: list[int] = [GPT2_VOCAB - 1]
+    if end_of_turn is not None:
+        tok.eos_token = end_of_turn
+        eos_ids.insert(0, tok.convert_tokens_to_ids(end_of_turn))
+    settings = {**SMOLLM2_135M_SHAPE, **config}
+    model_type = settings.pop("model_type")
+    settings.setdefault("vocab_size", len(tok))
+    settings.setdefault("bos_token_id", GPT2_VOCAB - 1)
+    settings.setdefault("eos_token_id", eos_ids[0])
+    hf_config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    if len(eos_ids) > 1:
+        model.generation_config = GenerationConfig(bos_token_id=GPT2_VOCAB - 1, eos_token_id=eos_ids)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        tok.save_pretrained(staging)
+        marker = {"random_weights": True, "seed": seed, "model_type": model_type}
+        (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def is_random(path: str | Path) -> bool:
     return (Path(path) / RANDOM_MARKER).exists()
 
@@ -111,7 +182,7 @@ def is_random(path: str | Path) -> bool:
 def warn_random(path: Path) -> None:
     bar = "!" * 78
     log.warning(
-        "\n%s\n!! RANDOM WEIGHTS: the base model at %s has random weights of the distilgpt2\n"
+        "\n%s\n!! RANDOM WEIGHTS: the base model at %s has random weights of a real\n"
         "!! architecture. Output is meaningless until you point --model at real weights.\n%s",
         bar,
         path,
@@ -155,7 +226,10 @@ def resolve_base(
     cache = cache_root / f"random-{repo_id.replace('/', '--')}"
     if not (cache / RANDOM_MARKER).exists():
         log.warning("building a random-weights %s-shaped base model in %s", name_or_path, cache)
-        make_random_base(cache, **DISTILGPT2_SHAPE)
+        if repo_id in RANDOM_LLAMA_SHAPES:
+            make_random_llama_base(cache, **RANDOM_LLAMA_SHAPES[repo_id])
+        else:
+            make_random_base(cache, **DISTILGPT2_SHAPE)
     warn_random(cache)
     return BaseSource(cache.resolve(), name_or_path, "random", True)
 
@@ -198,6 +272,15 @@ def lora_targets_are_conv1d(model, target_modules) -> bool:
     return any(isinstance(module, Conv1D) and targeted(name) for name, module in model.named_modules())
 
 
+def resolve_targets(model_type: str, target_modules):
+    """The modules LoRA wraps: the config's, or the base family's default when it names none."""
+    from loracore.families import family_for
+
+    if target_modules is None:
+        return list(family_for(model_type).default_targets)
+    return target_modules
+
+
 def add_lora(model, lora, *, gradient_checkpointing: bool = False):
     """Wrap ``model`` with a fresh LoRA adapter described by ``lora`` (a ``trainer.config.LoraSettings``).
 
@@ -211,15 +294,16 @@ def add_lora(model, lora, *, gradient_checkpointing: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model.config.use_cache = False
+    targets = resolve_targets(model.config.model_type, lora.target_modules)
     fan_in_fan_out = lora.fan_in_fan_out
     if fan_in_fan_out is None:
-        fan_in_fan_out = lora_targets_are_conv1d(model, lora.target_modules)
+        fan_in_fan_out = lora_targets_are_conv1d(model, targets)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
         fan_in_fan_out=fan_in_fan_out,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loracore import artifact
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, base_chat_template
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
 from trainer.data import (
@@ -83,6 +83,8 @@ class Setup:
     # DPO: the reference's (chosen, rejected) log-probabilities per train / eval pair (trainer.dpo)
     ref_train: list[tuple[float, float]] = field(default_factory=list)
     ref_eval: list[tuple[float, float]] = field(default_factory=list)
+    base_record: dict | None = None  # the base's shape and name, for the adapter's record
+    template: Any = DEFAULT_TEMPLATE  # what rendered the rows: the base's chat template, else the default
 
     @property
     def cfg(self) -> TrainConfig:
@@ -252,6 +254,7 @@ def _quiet_libraries() -> None:
 
 def setup(inputs: Inputs, started: float) -> Setup:
     """Base model, Accelerate, tokenized rows, LoRA, the step plan, optimizer and scheduler."""
+    from loracore.families import UnsupportedBase, base_shape, family_of_folder
     from trainer.model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_base
 
     cfg, t = inputs.cfg, inputs.cfg.training
@@ -265,6 +268,19 @@ def setup(inputs: Inputs, started: float) -> Setup:
         base = resolve_base(name, allow_random=inputs.allow_random_weights)
     except Exception as exc:  # ModelSourceError and friends: one line for the user
         raise TrainerError(str(exc)) from None
+    try:
+        family_of_folder(base.path)
+    except UnsupportedBase as exc:
+        raise TrainerError(str(exc)) from None
+    # rows are rendered with the base's own chat template when it has one (what serving uses too)
+    template = base_chat_template(base.path) or inputs.template
+    train_examples, val_examples = inputs.train_examples, inputs.val_examples
+    if template is not inputs.template:
+        try:
+            train_examples = read_examples(inputs.data_path, template, t.method)
+            val_examples = read_examples(inputs.val_path, template, t.method) if inputs.val_path else None
+        except ValueError as exc:
+            raise TrainerError(f"the base's chat template cannot render the rows: {exc}") from None
 
     import torch
     from accelerate import Accelerator
@@ -294,11 +310,14 @@ def setup(inputs: Inputs, started: float) -> Setup:
     # --- tokenizer, base weights, data
     tokenizer = load_tokenizer(base.path)
     base_model = load_base_model(base.path)
-    max_len = min(t.max_seq_length, getattr(base_model.config, "n_positions", t.max_seq_length))
+    context = getattr(base_model.config, "n_positions", None) or getattr(
+        base_model.config, "max_position_embeddings", t.max_seq_length
+    )
+    max_len = min(t.max_seq_length, context)
     tokenize_rows = tokenize_pairs if t.method == "dpo" else tokenize_all
-    train_rows = tokenize_rows(inputs.train_examples, tokenizer, max_len, name=str(inputs.data_path))
-    if inputs.val_examples is not None:
-        eval_rows = tokenize_rows(inputs.val_examples, tokenizer, max_len, name=str(inputs.val_path))
+    train_rows = tokenize_rows(train_examples, tokenizer, max_len, name=str(inputs.data_path))
+    if val_examples is not None:
+        eval_rows = tokenize_rows(val_examples, tokenizer, max_len, name=str(inputs.val_path))
     else:
         train_rows, eval_rows = split_holdout(train_rows, t.eval_fraction, t.seed)
 
@@ -384,6 +403,8 @@ def setup(inputs: Inputs, started: float) -> Setup:
         started=started,
         ref_train=ref_train,
         ref_eval=ref_eval,
+        base_record={**base_shape(base_model.config.to_dict()), "name": name},
+        template=template,
     )
 
 

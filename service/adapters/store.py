@@ -25,10 +25,11 @@ from typing import Any
 from loracore import artifact, lora_format
 from loracore.artifact import CONFIG_FILE, STAGING, WEIGHTS_FILE
 from loracore.lora_format import BaseLayout
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, Template, choose_template
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterVersion
 from service.text_input import check_text
+from service.wire import ResolvedTarget
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
@@ -66,6 +67,27 @@ def resolve(adapter_dir: Path, ref: str, keep: int | None = None, param: str = "
     return version
 
 
+def resolve_target(
+    adapter_dir: Path, ref: str, keep: int | None = None, param: str = "adapter"
+) -> ResolvedTarget:
+    """The version ``ref`` names and the prompt template recorded WITH it, resolved once for a request:
+    the route renders with ``template`` and the worker loads exactly ``version_id`` (``target.ref``), so a
+    publish in between cannot pair one version's template with another's weights. 422/404 as ``resolve``.
+    """
+    for _ in range(3):
+        version = resolve(adapter_dir, ref, keep, param)
+        record = artifact.read_record(version.folder) or artifact.Record()
+        # The record is this version's when it is sealed with its sha256, or when the weights are still
+        # the ones resolved after it was read (a plain folder has no sha256 in a record).
+        if record.sha256 == version.id or (
+            record.sha256 is None and artifact.weights_digest(version.folder) == version.id
+        ):
+            template = choose_template(None, record.template)
+            return ResolvedTarget(artifact.split_ref(ref)[0], version.id, template)
+        ref = f"{artifact.split_ref(ref)[0]}{artifact.VERSION_SEP}{version.id}"  # replaced meanwhile: pin
+    raise ApiError(404, "adapter_not_found", artifact.missing_message(adapter_dir, ref), param)
+
+
 def adapter_path(adapter_dir: Path, name: str) -> Path:
     """The folder of ``name``; the name must already be valid (it cannot contain '/' or '..')."""
     return Path(adapter_dir) / name
@@ -94,19 +116,12 @@ def read_record(adapter_dir: Path, name: str) -> artifact.Record:
     return artifact.read_record(adapter_path(adapter_dir, name)) or artifact.Record()
 
 
-def template_for(adapter_dir: Path, ref: str | None) -> PromptTemplate:
-    """The prompt template recorded with the adapter (the version ``ref`` names); the default one for
-    the base, a plain folder or a version that is gone (the request's own check reports that)."""
-    if ref is None:
-        return DEFAULT_TEMPLATE
-    version = artifact.resolve(adapter_dir, ref) if artifact.valid_ref(ref) else None
-    if version is None:
-        return DEFAULT_TEMPLATE
-    tpl = (artifact.read_record(version.folder) or artifact.Record()).template
-    return PromptTemplate.from_dict(tpl) if tpl is not None else DEFAULT_TEMPLATE
-
-
-def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = frozenset()) -> AdapterInfo:
+def info(
+    adapter_dir: Path,
+    name: str,
+    loaded: set[str] | frozenset[str] = frozenset(),
+    base_template: Template | None = None,
+) -> AdapterInfo:
     check_name(name)
     folder = adapter_path(adapter_dir, name)
     if not exists(adapter_dir, name):
@@ -118,7 +133,7 @@ def info(adapter_dir: Path, name: str, loaded: set[str] | frozenset[str] = froze
         raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not readable: {exc}", "name") from exc
     record = read_record(adapter_dir, name)
     created = _created(record, folder)
-    template = record.template if record.template is not None else DEFAULT_TEMPLATE.to_dict()
+    template = choose_template(base_template, record.template).to_dict()  # the one chat renders with
     kept = [i for v in artifact.versions(adapter_dir, name) if (i := _version_info(v)) is not None]
     return AdapterInfo(
         name=name,
@@ -148,11 +163,13 @@ def _version_info(version: artifact.Version) -> AdapterVersion | None:
     return AdapterVersion(id=version.id, created=created, size_bytes=size, current=version.current)
 
 
-def list_infos(adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset()) -> list[AdapterInfo]:
+def list_infos(
+    adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset(), base_template: Template | None = None
+) -> list[AdapterInfo]:
     out = []
     for name in names(adapter_dir):
         try:
-            out.append(info(adapter_dir, name, loaded))
+            out.append(info(adapter_dir, name, loaded, base_template))
         except ApiError:  # vanished between listing and reading
             continue
     return out

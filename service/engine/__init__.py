@@ -1,4 +1,5 @@
-"""Generation engine: continuous batching of many LoRA adapters on one GPT-2 base (see docs/engine.md).
+"""Generation engine: continuous batching of many LoRA adapters on one base, any supported family
+(see docs/engine.md).
 
     engine = Engine(model_path, adapter_dir)
     engine.add(GenerationRequest("r1", prompt_ids, "my-adapter", SamplingParams(temperature=0)))

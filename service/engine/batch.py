@@ -14,7 +14,7 @@ import torch
 from .cache import LoadedAdapter
 from .constraints import Constraint
 from .lora import LoraPlan, Mix, RowLora, Stacks
-from .model import GPT2Runner
+from .model import SlotRunner
 from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
 from .types import GenerationRequest, adapter_label
@@ -76,7 +76,7 @@ class Row:
 
 
 class Batch:
-    def __init__(self, runner: GPT2Runner, max_rows: int):
+    def __init__(self, runner: SlotRunner, max_rows: int):
         self.runner = runner
         self.max_rows = max_rows
         self.rows: list[Row] = []

@@ -56,7 +56,13 @@ class CacheActivity:
 
 
 class AdapterError(RuntimeError):
-    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter."""
+    """An adapter folder exists but cannot be loaded (bad format, shapes, I/O); names the adapter.
+    ``code`` is the loader's error code when the folder itself is at fault (``invalid_adapter``:
+    it does not fit this base), None for a failure of ours."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class AdapterCache:
@@ -172,6 +178,13 @@ class AdapterCache:
             self.entries.move_to_end(key)
         else:
             entry = self._load(key[0], version)
+            if entry.version != version.id and split_ref(ref)[1] is not None:
+                # A pinned version whose folder was replaced between resolving and reading: the publish
+                # kept it first, so it is read again from its kept copy (never the newer weights).
+                version = self.disk_version(ref)
+                if version is None or version.current:
+                    raise FileNotFoundError(ref)
+                entry = self._load(key[0], version)
         entry.refs += 1
         return entry
 
@@ -189,7 +202,9 @@ class AdapterCache:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise AdapterError(f"adapter {name!r} cannot be loaded: {exc}") from exc
+            raise AdapterError(
+                f"adapter {name!r} cannot be loaded: {exc}", getattr(exc, "code", None)
+            ) from exc
         if digest != version.id and not version.current:  # a kept copy is never rewritten
             raise AdapterError(f"adapter {name!r}: kept version {version.id[:16]} does not match its weights")
         # a current folder replaced between resolving and reading: keyed by what was read

@@ -41,8 +41,10 @@ class BatchPlan:
         return asdict(self)
 
 
-def kv_bytes_per_token(n_layer: int, d_model: int, kv_dtype: torch.dtype) -> int:
-    return 2 * n_layer * d_model * torch.empty((), dtype=kv_dtype).element_size()
+def kv_bytes_per_token(n_layer: int, kv_width: int, kv_dtype: torch.dtype) -> int:
+    """K and V of every layer for one position; ``kv_width`` = KV heads x head dim (GPT-2: the model's
+    width; grouped-query attention: fewer KV heads than query heads)."""
+    return 2 * n_layer * kv_width * torch.empty((), dtype=kv_dtype).element_size()
 
 
 def _cgroup_room() -> int | None:

@@ -1,4 +1,4 @@
-"""The generation engine: continuous batching of many LoRA adapters on one GPT-2 base.
+"""The generation engine: continuous batching of many LoRA adapters on one base (any supported family).
 
 ``add`` queues a request (after checking its adapter exists and it fits the context); every
 ``step`` either admits waiting requests into free rows and prefills them (their first token), or
@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from loracore import artifact
+from loracore.families import base_shape, family_of_folder, shape_differences
+from loracore.lora_format import BaseLayout
 from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
 from trainer.model import load_base_model, load_tokenizer
 
@@ -36,8 +38,9 @@ from .batch import Batch, Row
 from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
 from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
-from .lora import parse_adapter, read_adapter_files
-from .model import CAPACITY_STEP, GPT2Runner
+from .lora import AdapterFormatError, parse_adapter, read_adapter_files
+from .model import CAPACITY_STEP, kv_dtype_for
+from .runners import cache_shape, make_runner
 from .sampling import (
     LogitBias,
     adjust_logits,
@@ -72,33 +75,42 @@ class Engine:
         kv_cache_bytes: int | None = None,
         max_loaded_adapters: int = 16,
         max_prefill_tokens: int = 2048,
+        max_context: int | None = None,
     ):
         """Load the base and its tokenizer. The batch's capacity is what ``kv_cache_bytes`` (default:
         measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
         ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
-        prefill delays every running row's next token)."""
+        prefill delays every running row's next token). ``max_context`` caps the context served
+        (default ``loracore.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
+        unsupported family raises ``model.UnsupportedModel`` before its weights load."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(device, dtype)
         self.model_path = Path(model_path)
         self.adapter_dir = Path(adapter_dir)
+        family_of_folder(self.model_path)  # an unsupported base is refused before anything loads
         self.tokenizer = load_tokenizer(self.model_path, padding_side="left")
         model = load_base_model(self.model_path, dtype=self.dtype, device=str(self.device))
-        cfg = model.config
+        shape = cache_shape(model.config, max_context)
         self.plan = plan_batch(
             device=self.device,
             per_token=kv_bytes_per_token(
-                cfg.n_layer, cfg.n_embd, GPT2Runner.kv_dtype_for(self.device, self.dtype)
+                shape.n_layer, shape.kv_width, kv_dtype_for(self.device, self.dtype)
             ),
-            row_tokens=cfg.n_positions,
+            row_tokens=shape.n_positions,
             max_batch_size=max_batch_size,
             kv_cache_bytes=kv_cache_bytes,
         )
         self.max_batch_size = self.plan.rows
-        self.runner = GPT2Runner(model, max_rows=self.max_batch_size)
+        self.runner = make_runner(model, max_rows=self.max_batch_size, max_context=max_context)
         self.n_positions = self.runner.n_positions
         self.shapes = self.runner.module_shapes()
+        # what an adapter must fit: the runner's own layers, by the rules of loracore.lora_format
+        self.layout = BaseLayout(
+            model.config.model_type, tuple(self.shapes), layer_path=self.runner.family.blocks
+        )
+        self.base_config = model.config.to_dict()
         self.eos_ids = self._eos_ids(model)
         self.bos_id = (
             self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos_ids)
@@ -127,9 +139,26 @@ class Engine:
         return ids
 
     def _load_adapter(self, folder: Path):
+        record = artifact.read_record(folder)
+        if record is not None and record.base is not None:
+            differs = shape_differences(record.base, base_shape(self.base_config))
+            if differs:
+                trained_on = record.base.get("name") or record.base_model or "another base"
+                raise AdapterFormatError(
+                    f"it was trained on {trained_on}, whose shape differs from the served base: "
+                    + "; ".join(differs),
+                    artifact.RECORD_FILE,
+                )
         cfg, weights, _st = read_adapter_files(folder)
         digest = hashlib.sha256(weights).hexdigest()  # the version id of exactly these bytes
-        return parse_adapter(cfg, weights, self.shapes, dtype=self.dtype, device=self.device), digest
+        weights_form = parse_adapter(
+            cfg,
+            weights,
+            self.layout,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        return weights_form, digest
 
     def _check_thread(self) -> None:
         me = threading.get_ident()
@@ -309,7 +338,7 @@ class Engine:
                 report.events.append(self._error(req, str(missing), code="adapter_not_found"))
                 return None
             except AdapterError as exc:
-                report.events.append(self._error(req, str(exc)))
+                report.events.append(self._error(req, str(exc), code=exc.code))
                 return None
             if req.adapters is not None:
                 return self._new_row(req, None, report, tuple(pinned))

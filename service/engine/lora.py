@@ -1,7 +1,9 @@
-"""Batched multi-adapter LoRA for GPT-2's Conv1D layers, without PEFT at serving time.
+"""Batched multi-adapter LoRA for the base's dense layers, without PEFT at serving time.
 
 An adapter is read straight from its PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-into per-layer pairs ``A [in, r]``, ``B [r, out]`` with the LoRA scaling folded into ``B``. In a forward
+into per-layer pairs ``A [in, r]``, ``B [r, out]`` (the same for GPT-2's Conv1D and ``nn.Linear``:
+PEFT stores ``lora_A [r, in]`` and ``lora_B [out, r]`` for both) with the LoRA scaling folded into
+``B``. In a forward
 pass each target layer computes the base ``x @ W + b`` once for all rows and then, for each adapter
 present in the batch, adds ``(x[rows] @ A) @ B`` to that adapter's rows. Base-model rows get nothing
 added. A *composed* row (``Mix``) gets ``sum_i w_i * (x @ A_i) @ B_i`` over its adapters: each
@@ -32,9 +34,6 @@ from loracore.lora_format import (
 
 from .dense import Dense
 
-# GPT-2 block modules a LoRA adapter may target (Conv1D, weight stored [in, out]).
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
 # What a LoRA folder may hold is decided in one place (loracore.lora_format), shared with uploads.
 AdapterFormatError = LoraFormatError
 
@@ -61,9 +60,11 @@ def parse_adapter(
 ) -> LoraWeights:
     """Turn the two files of a PEFT LoRA folder into serving form.
 
-    ``shapes[i][module] = (in_features, out_features)`` of the base's Conv1D layers (or the base's
-    ``BaseLayout``). Everything that does not fit raises LoraFormatError naming the problem, by the
-    rules of ``loracore.lora_format`` (the ones uploads are checked by); nothing is silently dropped.
+    ``shapes[i][module] = (in_features, out_features)`` of a GPT-2 base's layers, or the base's
+    ``BaseLayout`` (any family: the engine passes its runner's). Each module's rank is its own
+    tensors' (PEFT's ``rank_pattern``). Everything that does not fit raises LoraFormatError naming the
+    problem, by the rules of ``loracore.lora_format`` (the ones uploads are checked by); nothing is
+    silently dropped.
     """
     layout = shapes if isinstance(shapes, BaseLayout) else BaseLayout("gpt2", tuple(shapes))
     try:
@@ -85,7 +86,9 @@ def parse_adapter(
         a, b = tensors[pair["A"]], tensors[pair["B"]]
         r = a.shape[0]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise LoraFormatError(f"h.{layer}.{module} holds NaN or infinite values", WEIGHTS_PART)
+            raise LoraFormatError(
+                f"{layout.layer_path}.{layer}.{module} holds NaN or infinite values", WEIGHTS_PART
+            )
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # Serving form: x @ A_t @ B_t, scaling folded into B (same numbers as PEFT up to rounding).
         a_t = a.t().to(device=device, dtype=dtype).contiguous()
@@ -171,7 +174,7 @@ class Stacks:
         self.dtype: torch.dtype = torch.float32
         for layer in range(len(adapters[0].layers)):
             mods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for module in TARGETS:
+            for module in sorted({m for w in adapters for m in w.layers[layer]}):
                 pairs = [w.layers[layer].get(module) for w in adapters]
                 present = [p for p in pairs if p is not None]
                 if not present:

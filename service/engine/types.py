@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from loracore.artifact import split_ref
-from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, SamplingParams
 
 from .cache import CacheActivity
 
@@ -19,64 +19,6 @@ BASE_LABEL = "__base__"
 def adapter_label(adapter: str | None) -> str:
     """A request's label in metrics and stats: the adapter's name (all its versions together)."""
     return BASE_LABEL if adapter is None else split_ref(adapter)[0]
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 means no top-k filter
-    seed: int | None = None  # None: a fresh random seed per request
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False  # keep generating past EOS (benchmarks on random weights)
-    # None: no log-probabilities; k >= 0: the chosen token's logprob and the k most likely tokens
-    logprobs: int | None = None
-    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token in the output
-    presence_penalty: float = 0.0  # subtracted once from every token already in the output
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    # canonical JSON text of a schema the output must follow (service/structured.py), None: free text
-    json_schema: str | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not isinstance(s, str) for s in self.stop):
-            raise ValueError("stop must be a list of strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if not -MAX_PENALTY <= value <= MAX_PENALTY:
-                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
-        for token, bias in self.logit_bias.items():
-            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise ValueError(
-                    f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
-                )
-        if self.json_schema is not None:
-            if not isinstance(self.json_schema, str):
-                raise ValueError("json_schema must be the schema's JSON text")
-            if self.ignore_eos:  # a constrained row ends where its grammar does
-                raise ValueError("ignore_eos cannot be combined with json_schema")
-
-    @property
-    def penalized(self) -> bool:
-        """True when the row's own output changes its logits (frequency or presence penalty)."""
-        return self.frequency_penalty != 0 or self.presence_penalty != 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
 
 
 @dataclass(frozen=True)

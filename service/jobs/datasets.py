@@ -49,6 +49,11 @@ def save_dataset(
     return ds
 
 
+def file_not_found(file_id: str, param: str = "file_id") -> JobError:
+    """A file of OpenAI's files API (a dataset by another name) that does not exist."""
+    return JobError("file_not_found", f"no file with id '{file_id}' (GET /v1/files lists them)", param)
+
+
 def link_dataset(settings: Settings, dataset_id: str, dest: Path) -> None:
     """Give a job its own copy of a dataset (a hard link where possible: no bytes copied)."""
     src = dataset_path(settings, dataset_id)

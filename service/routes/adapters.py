@@ -10,6 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from loracore.lora_format import BaseLayout
+from loracore.template import base_chat_template
 from service.adapters import store
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterList, Deleted
@@ -26,15 +27,16 @@ def _loaded_adapters(settings: Settings) -> frozenset[str]:
 
 def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout, model: ServedModel) -> None:
     adapter_dir = settings.adapter_dir
+    base_template = base_chat_template(model.path)  # shown as the template chat renders with
 
     @app.get("/adapters", response_model=AdapterList, tags=["adapters"])
     def list_adapters() -> AdapterList:
         """Every adapter folder in the adapter directory."""
-        return AdapterList(adapters=store.list_infos(adapter_dir, _loaded_adapters(settings)))
+        return AdapterList(adapters=store.list_infos(adapter_dir, _loaded_adapters(settings), base_template))
 
     @app.get("/adapters/{name}", response_model=AdapterInfo, tags=["adapters"], responses={404: {}, 422: {}})
     def get_adapter(name: str) -> AdapterInfo:
-        return store.info(adapter_dir, name, _loaded_adapters(settings))
+        return store.info(adapter_dir, name, _loaded_adapters(settings), base_template)
 
     @app.put(
         "/adapters/{name}",
@@ -100,7 +102,7 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
             )
 
         created = await asyncio.to_thread(validate_and_publish)
-        info = store.info(adapter_dir, name, _loaded_adapters(settings))
+        info = store.info(adapter_dir, name, _loaded_adapters(settings), base_template)
         return JSONResponse(info.model_dump(), status_code=201 if created else 200)
 
     @app.delete("/adapters/{name}", response_model=Deleted, tags=["adapters"], responses={404: {}, 422: {}})

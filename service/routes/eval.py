@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
@@ -26,12 +25,14 @@ from service.gateway import (
     Submission,
     prepare_job,
     raise_for_event,
+    resolve_target,
+    template_of,
     unless_disconnected,
 )
 from service.jobs.datasets import read_dataset_rows
 from service.jobs.validate import check_rows
 from service.settings import Settings
-from service.wire import Event, Job
+from service.wire import Event, Job, ResolvedTarget, SamplingParams
 
 MAX_ADAPTERS = 8
 MARGIN_TOKENS = 16  # room past the longest reference, so an answer that overruns it shows as such
@@ -52,12 +53,15 @@ def key_of(adapter: str | None) -> str:
     return BASE_KEY if adapter is None else adapter
 
 
-def _check_adapters(settings: Settings, adapters: list[str | None]) -> None:
-    seen: set[str] = set()
+def _check_adapters(settings: Settings, adapters: list[str | None]) -> dict[str, ResolvedTarget | None]:
+    """Each adapter (name, or name@<version id prefix>) resolved once, by its key: its prompts are
+    rendered with that version's template and answered by that version's weights."""
+    seen: dict[str, ResolvedTarget | None] = {}
     for i, name in enumerate(adapters):
         param = f"adapters[{i}]"
-        if name is not None:  # name, or name@<version id prefix>
-            store.resolve(settings.adapter_dir, name, settings.keep_adapter_versions, param)
+        target = None
+        if name is not None:
+            target = resolve_target(settings.adapter_dir, name, settings.keep_adapter_versions, param)
         key = key_of(name)
         if key in seen:
             raise ApiError(
@@ -66,7 +70,8 @@ def _check_adapters(settings: Settings, adapters: list[str | None]) -> None:
                 f"adapters names {key!r} twice (null, the base, is reported as {BASE_KEY!r})",
                 param,
             )
-        seen.add(key)
+        seen[key] = target
+    return seen
 
 
 def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
@@ -81,13 +86,15 @@ def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
     return read_dataset_rows(settings, req.dataset), "dataset"
 
 
-def _prompts(settings: Settings, rows: list[Any], param: str, adapters: list[str | None]):
+def _prompts(
+    rows: list[Any], param: str, targets: dict[str, ResolvedTarget | None], base_template: Any = None
+):
     """[(row index, reference, {adapter key: rendered prompt}, rejected answer or None)] for the rows that
     have a prompt part. A preference row's reference is its chosen answer."""
     from trainer.data import parse_any_row
     from trainer.errors import TrainerError
 
-    templates = {key_of(a): store.template_for(settings.adapter_dir, a) for a in adapters}
+    templates = {key: template_of(target, base=base_template) for key, target in targets.items()}
     out = []
     for i, row in enumerate(rows):
         where = f"{param}[{i}]"
@@ -119,9 +126,14 @@ def eval_max_new_tokens(limits: ModelLimits, references: list[str], cap: int) ->
 
 
 def _prepare_jobs(
-    settings: Settings, limits: ModelLimits, items: list, adapters: list[str | None], max_in_flight: int
+    settings: Settings,
+    limits: ModelLimits,
+    items: list,
+    targets: dict[str, ResolvedTarget | None],
+    max_in_flight: int,
 ) -> tuple[list[Job], int]:
     """One validated engine job per (row, adapter), row-major, and the max_new_tokens they share."""
+    adapters = list(targets)
     total = len(items) * len(adapters)
     if total > max_in_flight:
         raise ApiError(
@@ -133,28 +145,19 @@ def _prepare_jobs(
         )
     answers = [ref for _, ref, _, _ in items] + [rej for *_, rej in items if rej is not None]
     max_new = eval_max_new_tokens(limits, answers, settings.max_new_tokens_cap)
-    greedy = {
-        "max_new_tokens": max_new,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "seed": None,
-        "stop": [],
-    }
+    greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[])
     jobs = [
         prepare_job(
-            prompt_text=prompts[key_of(adapter)],
-            adapter=adapter,
+            prompt_text=prompts[key],
+            target=targets[key],
             params=greedy,
             stream=False,
             limits=limits,
-            adapter_dir=settings.adapter_dir,
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
-            adapter_param="adapters",
         )
         for _, _, prompts, _ in items
-        for adapter in adapters
+        for key in adapters
     ]
     return jobs, max_new
 
@@ -182,11 +185,11 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
         """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
         from trainer.metrics import generation_metrics
 
-        _check_adapters(settings, body.adapters)
+        targets = _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)
-        items = await run_in_threadpool(_prompts, settings, rows, param, body.adapters)
+        items = await run_in_threadpool(_prompts, rows, param, targets, limits.template)
         jobs, max_new = await run_in_threadpool(
-            _prepare_jobs, settings, limits, items, body.adapters, client.max_in_flight
+            _prepare_jobs, settings, limits, items, targets, client.max_in_flight
         )
         finals = await _answer_all(client, jobs, request)
         keys = [key_of(a) for a in body.adapters]

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
-from service.jobs.datasets import save_dataset
+from service.jobs.datasets import file_not_found, save_dataset
 from service.jobs.files import DATASET_ID, dataset_meta_path, dataset_path
 from service.jobs.model import Dataset
 from service.jobs.sql import process_store
@@ -44,10 +44,6 @@ def file_json(settings: Settings, ds: Dataset) -> dict[str, Any]:
         "status_details": None,
         "expires_at": None,
     }
-
-
-def file_not_found(file_id: str, param: str = "file_id") -> ApiError:
-    return ApiError(404, "file_not_found", f"no file with id '{file_id}' (GET /v1/files lists them)", param)
 
 
 def _save_file(settings: Settings, raw: bytes, filename: str | None) -> Dataset:

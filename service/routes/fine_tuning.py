@@ -32,12 +32,11 @@ from loracore.atomic import write_atomic
 from service.errors import ApiError
 from service.jobs.actions import TrainRequest, cancel, pause, resume, submit_job
 from service.jobs.checkpoints import servable_checkpoints
+from service.jobs.datasets import file_not_found
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
 from service.jobs.model import Job, JobError, StoreConflict
 from service.jobs.sql import JobStore, process_store
-from service.routes.files import file_not_found
-from service.routes.openai import base_names
-from service.served_model import ServedModel
+from service.served_model import ServedModel, base_names
 from service.settings import Settings
 
 ORGANIZATION = "loraserve"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
@@ -18,13 +16,15 @@ from service.gateway import (
     json_schema_text,
     prepare_job,
     raise_for_event,
+    resolve_targets,
+    template_of,
     unless_disconnected,
 )
-from service.routes import SSE_HEADERS
+from service.routes import SSE_DONE, SSE_HEADERS, sse
 from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
 from service.settings import Settings
 from service.structured import JSON_OBJECT
-from service.wire import Event, WireError
+from service.wire import Event, SamplingParams, WireError
 
 
 def register_no_generation_routes(app: FastAPI, settings: Settings) -> None:
@@ -55,40 +55,35 @@ def register_generate_routes(
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Generate text with the base model, one adapter or a weighted composition of adapters;
         ``stream: true`` answers with SSE."""
-        if body.adapter is not None:
-            store.check_ref(body.adapter, "adapter")
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
-        for i, (name, _) in enumerate(composition or []):
-            store.check_ref(name, f"adapters.{i}.name")
-        # a composition's prompt template is its first adapter's
-        template = store.template_for(
-            settings.adapter_dir, composition[0][0] if composition else body.adapter
+        # resolved once: the prompt's template and the weights that serve it are one version's
+        target, parts = resolve_targets(
+            settings.adapter_dir, settings.keep_adapter_versions, body.adapter, composition
         )
+        template = template_of(target, parts, limits.template)
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
-        params = {
-            "max_new_tokens": body.max_new_tokens or settings.default_max_new_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k,
-            "seed": body.seed,
-            "stop": body.stop,
-            "logprobs": body.logprobs,
-            "frequency_penalty": body.frequency_penalty,
-            "presence_penalty": body.presence_penalty,
-            "logit_bias": dict(body.logit_bias),
-            "json_schema": _json_schema(body.json_schema),
-        }
+        params = SamplingParams(
+            max_new_tokens=body.max_new_tokens or settings.default_max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop,
+            logprobs=body.logprobs,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=dict(body.logit_bias),
+            json_schema=_json_schema(body.json_schema),
+        )
         job = prepare_job(
             prompt_text=prompt,
-            adapter=body.adapter,
+            target=target,
             params=params,
             stream=body.stream,
             limits=limits,
-            adapter_dir=settings.adapter_dir,
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
-            composition=composition,
-            keep_versions=settings.keep_adapter_versions,
+            composition=parts,
         )
         client.reserve(job)
         sub = client.submit(job, request)
@@ -149,7 +144,7 @@ def _chunk(event: Event, adapter: str | None) -> str:
         usage=event.usage,
         tokens=_tokens(event),
     )
-    return f"data: {chunk.model_dump_json()}\n\n"
+    return sse(chunk.model_dump_json())
 
 
 async def _sse(sub: Submission, first: Event, adapter: str | None):
@@ -158,17 +153,17 @@ async def _sse(sub: Submission, first: Event, adapter: str | None):
         event = first
         while True:
             if event.error is not None:
-                yield f"data: {json.dumps(error_payload(event.error))}\n\n"
+                yield sse(error_payload(event.error))
                 return
             yield _chunk(event, adapter)
             if event.finished:
-                yield "data: [DONE]\n\n"
+                yield SSE_DONE
                 return
             try:
                 event = await sub.next_event()
             except TimeoutError:
                 late = WireError.of("timeout", "generation ran past the server's deadline")
-                yield f"data: {json.dumps(error_payload(late))}\n\n"
+                yield sse(error_payload(late))
                 return
     finally:
         sub.close()

@@ -26,7 +26,7 @@ from service.jobs.datasets import save_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.model import PROGRESS_KEYS, STATUSES, Job
 from service.jobs.sql import JobStore, process_store
-from service.routes import SSE_HEADERS
+from service.routes import SSE_HEADERS, sse
 from service.settings import Settings
 from service.text_input import check_text
 from service.uploads import read_capped, read_upload
@@ -210,19 +210,14 @@ def _accepted(job: Job) -> JSONResponse:
     return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/train/{job.id}"})
 
 
-def _sse(data: dict[str, Any], event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}data: {json.dumps(data)}\n\n".encode()
-
-
 async def _event_stream(
     request: Request, store: JobStore, settings: Settings, job: Job, offset: int
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[str]:
     """One event per progress line (id = byte offset, for Last-Event-ID), plus status changes; ends
     after the event that carries a finished status."""
     path = job_paths(settings, job.id).progress
     if not job.finished:  # a finished job replays its lines first, then its final status
-        yield _sse({**job_json(job), "event": "status"}, offset)
+        yield sse({**job_json(job), "event": "status"}, offset)
     status, last_sent = job.status, time.monotonic()
     while True:
         current = await run_in_threadpool(store.get, job.id)
@@ -235,17 +230,17 @@ async def _event_stream(
             data = {**job_json(current, progress), "status": "running", "event": ev.get("event")}
             if ev.get("message"):
                 data["message"] = ev["message"]
-            yield _sse(data, end)
+            yield sse(data, end)
             last_sent = time.monotonic()
         if current.status != status or current.finished:
             status = current.status
-            yield _sse({**job_json(current), "event": "status"}, offset)
+            yield sse({**job_json(current), "event": "status"}, offset)
             last_sent = time.monotonic()
             if current.finished:
                 return
         if await request.is_disconnected():
             return
         if time.monotonic() - last_sent > SSE_PING_SECONDS:
-            yield b": ping\n\n"
+            yield ": ping\n\n"
             last_sent = time.monotonic()
         await asyncio.sleep(SSE_POLL_SECONDS)

@@ -10,39 +10,39 @@ event of every choice before it sends its 200: an error found before the first t
 model, bad parameters, prompt too long, overload) is a real 4xx/5xx status with the envelope.
 
 Completions send the prompt as is (no template), as OpenAI's legacy endpoint does. Chat renders
-the messages with the template the trainer recorded for the adapter (the default one for the
-base), stops where the template would start the next user turn, and drops the template's answer
-prefix (the space after ``Assistant:``) from the reply.
+the messages with the base's own Jinja chat template when it has one, else the template the
+trainer recorded for the adapter, else the default one (``loracore.template.choose_template``),
+stops where the template would start the next user turn (a chat template: its end-of-turn
+marker), and drops the template's answer prefix (the space after ``Assistant:``) from the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from loracore import artifact
-from loracore.artifact import valid_name, valid_ref
-from service.adapters import store
 from service.errors import ApiError
 from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
+    api_error,
     error_payload,
     json_schema_text,
     prepare_job,
     raise_for_event,
+    resolve_target,
+    resolve_targets,
+    template_of,
     unless_disconnected,
 )
 from service.openai_schemas import (
@@ -64,120 +64,22 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
-from service.routes import SSE_HEADERS
-from service.served_model import ServedModel
+from service.routes import SSE_DONE, SSE_HEADERS, sse
+from service.served_model import Models, ServedModel, base_names, model_not_found
 from service.settings import Settings
 from service.structured import JSON_OBJECT
-from service.wire import Event, Job, TokenLogprob, WireError
+from service.wire import Event, Job, ResolvedTarget, SamplingParams, TokenLogprob, WireError
 
-OWNER = "loraserve"
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 401: {}, 404: {}, 422: {}, 503: {}, 504: {}}
-
-
-# --- model names -----------------------------------------------------------------------------------
-
-
-BASE_ALIAS = "base"  # always names the base, whatever it is called
-
-
-def base_model_id(model: ServedModel) -> str:
-    """The base's own name: a hub id as given, a local folder by its folder name."""
-    local = Path(model.name).expanduser()
-    return local.name if local.is_dir() and local.name else model.name
-
-
-def base_names(settings: Settings, model: ServedModel) -> tuple[str, frozenset[str]]:
-    """(the id /v1/models lists, every ``model`` value that means the base).
-
-    As in vLLM, the first ``--served-model-name`` is the listed id and every one of them is
-    accepted; the base's own name, the ``--model`` value and ``base`` are accepted as well.
-    """
-    own = base_model_id(model)
-    served = settings.served_model_names
-    return (served[0] if served else own), frozenset({*served, own, model.name, BASE_ALIAS})
-
-
-@dataclass(frozen=True)
-class Models:
-    """Maps OpenAI ``model`` names onto the base (None) or an adapter name, reading the adapter folder."""
-
-    base_id: str
-    base_names: frozenset[str]
-    adapter_dir: Path
-    base_created: int
-
-    def resolve(self, name: str) -> str | None:
-        if name in self.base_names:
-            return None
-        if valid_name(name) and store.exists(self.adapter_dir, name):
-            return name
-        if artifact.VERSION_SEP in name and valid_name(artifact.split_ref(name)[0]):
-            store.check_ref(name, "model")  # 422 for a malformed version: "name@<8+ hex digits>"
-        if valid_ref(name):  # name@<version id prefix>: one version of an adapter
-            try:
-                store.resolve(self.adapter_dir, name, param="model")
-            except ApiError as exc:
-                raise ApiError(404, "model_not_found", exc.message, "model") from None
-            return name
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"the model {name!r} does not exist: GET /v1/models lists the base ({self.base_id!r}) "
-            "and every adapter",
-            "model",
-        )
-
-    def cards(self) -> list[ModelCard]:
-        out = [
-            ModelCard(
-                id=self.base_id, created=self.base_created, owned_by=OWNER, parent=None, root=self.base_id
-            )
-        ]
-        for name in store.names(self.adapter_dir):
-            if name in self.base_names:  # the base's name wins; such an adapter is reached via /generate
-                continue
-            out.append(self.adapter_card(name))
-        return out
-
-    def adapter_card(self, name: str) -> ModelCard:
-        """The card of an adapter, or of one of its versions (``name@<version id prefix>``)."""
-        version = artifact.resolve(self.adapter_dir, name)
-        folder = version.folder if version is not None else store.adapter_path(self.adapter_dir, name)
-        created = _timestamp((artifact.read_record(folder) or artifact.Record()).created)
-        if created is None:
-            try:
-                created = int(folder.stat().st_mtime)
-            except OSError:
-                created = 0
-        return ModelCard(id=name, created=created, owned_by=OWNER, parent=self.base_id, root=self.base_id)
-
-    def card(self, name: str) -> ModelCard:
-        adapter = self.resolve(name)
-        if adapter is None:
-            return self.cards()[0]
-        return self.adapter_card(adapter)
-
-
-def _timestamp(iso: Any) -> int | None:
-    if not isinstance(iso, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(iso).timestamp())
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a request generates with: an adapter (None: the base) or a weighted composition."""
+    """What a request generates with, resolved once: an adapter version (None: the base) or a weighted
+    composition of versions."""
 
-    adapter: str | None
-    composition: list[tuple[str, float]] | None
-
-    @property
-    def template_adapter(self) -> str | None:
-        """Whose prompt template chat uses: the adapter's, or a composition's first adapter's."""
-        return self.composition[0][0] if self.composition else self.adapter
+    adapter: ResolvedTarget | None
+    composition: list[tuple[ResolvedTarget, float]] | None
 
 
 # --- fan-out: one engine job per choice ------------------------------------------------------------
@@ -293,7 +195,7 @@ def _raiser(choice: Choice) -> Callable[[Event], None]:
 def _raise_for(event: Event) -> None:
     err = event.error
     if err is not None and err.code == "adapter_not_found":  # deleted after validation: OpenAI's terms
-        raise ApiError(err.status, "model_not_found", err.message, "model")
+        raise model_not_found(api_error(err))
     raise_for_event(event)
 
 
@@ -344,10 +246,6 @@ async def _final_texts(choices: list[Choice], request: Request) -> list[str]:
 # --- SSE -------------------------------------------------------------------------------------------
 
 
-def _data(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
 async def _merged(choices: list[Choice], firsts: list[Event]) -> AsyncIterator[tuple[Choice, Event]]:
     """Events of every choice as they come: the first ones already received, then the rest."""
     queue: asyncio.Queue[tuple[Choice, Event]] = asyncio.Queue()
@@ -396,7 +294,7 @@ async def _stream(
         async with aclosing(_merged(choices, firsts)) as events:
             async for choice, event in events:
                 if event.error is not None:
-                    yield _data(error_payload(event.error))
+                    yield sse(error_payload(event.error), compact=True)
                     return
                 finished = event.finished
                 choice.receive(event)
@@ -406,7 +304,7 @@ async def _stream(
                     yield line
         if include_usage:
             yield usage_chunk(_usage(choices))
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
     finally:
         _close(choices)
 
@@ -428,7 +326,13 @@ def register_openai_routes(
         """What ``model`` (and the ``adapters`` extension) asks for."""
         adapter = models.resolve(body.model)
         if body.adapters is None:
-            return Target(adapter, None)
+            if adapter is None:
+                return Target(None, None)
+            try:
+                keep = settings.keep_adapter_versions
+                return Target(resolve_target(settings.adapter_dir, adapter, keep, "model"), None)
+            except ApiError as exc:
+                raise model_not_found(exc) from None
         if adapter is not None:
             raise ApiError(
                 422,
@@ -437,7 +341,9 @@ def register_openai_routes(
                 f"not the adapter {body.model!r}",
                 "model",
             )
-        return Target(None, [(a.name, a.weight) for a in body.adapters])
+        composition = [(a.name, a.weight) for a in body.adapters]
+        _, parts = resolve_targets(settings.adapter_dir, settings.keep_adapter_versions, None, composition)
+        return Target(None, parts)
 
     def make_jobs(
         prompts: list[str],
@@ -463,40 +369,35 @@ def register_openai_routes(
                 room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
                 max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
             for i in range(n):
-                params = {
-                    "max_new_tokens": max_new,
-                    "temperature": 1.0 if body.temperature is None else body.temperature,
-                    "top_p": 1.0 if body.top_p is None else body.top_p,
-                    "top_k": body.top_k,
-                    "seed": None if body.seed is None else (body.seed + i) % (2**63),
-                    "stop": stop,
-                    "logprobs": logprobs,
-                    "frequency_penalty": body.frequency_penalty or 0.0,
-                    "presence_penalty": body.presence_penalty or 0.0,
-                    "logit_bias": dict(body.logit_bias or {}),
-                    "json_schema": schema,
-                }
+                params = SamplingParams(
+                    max_new_tokens=max_new,
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p,
+                    top_k=body.top_k,
+                    seed=None if body.seed is None else (body.seed + i) % (2**63),
+                    stop=stop,
+                    logprobs=logprobs,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    logit_bias=dict(body.logit_bias or {}),
+                    json_schema=schema,
+                )
                 try:
                     job = prepare_job(
                         prompt_text=prompt,
-                        adapter=target.adapter,
+                        target=target.adapter,
                         composition=target.composition,
                         params=params,
                         stream=stream,
                         limits=limits,
-                        adapter_dir=settings.adapter_dir,
                         max_new_tokens_cap=settings.max_new_tokens_cap,
                         request_timeout=settings.request_timeout,
-                        adapter_param="model",
                         max_tokens_param=max_tokens_param,
-                        keep_versions=settings.keep_adapter_versions,
                     )
                 except ApiError as exc:
                     if exc.code == "prompt_too_long" and len(prompts) > 1:
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
-                    if exc.code == "adapter_not_found" and target.composition is None:
-                        raise ApiError(exc.status, "model_not_found", exc.message, "model") from None
                     raise
                 jobs.append(job)
                 prompt_of.append(p)
@@ -572,19 +473,20 @@ def register_openai_routes(
             out = reply([item], None).model_dump()
             if not include_usage:
                 out.pop("usage")
-            return [_data(out)]
+            return [sse(out, compact=True)]
 
         def usage_chunk(usage: Usage) -> str:
-            return _data(reply([], usage).model_dump())
+            return sse(reply([], usage).model_dump(), compact=True)
 
         return await _stream_response(request, choices, chunk, [], include_usage, usage_chunk)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Chat: the messages are rendered with the adapter's recorded prompt template."""
+        """Chat: the messages are rendered with the base's own chat template when it has one, else the
+        adapter's recorded prompt template, else the default one."""
         include_usage = check_stream_options(body)
         wanted = target(body)
-        template = store.template_for(settings.adapter_dir, wanted.template_adapter)
+        template = template_of(wanted.adapter, wanted.composition, limits.template)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
@@ -633,7 +535,7 @@ def register_openai_routes(
                 out.pop("usage")
             for item in out["choices"]:  # a delta carries only what it changes
                 item["delta"] = {k: v for k, v in item["delta"].items() if v is not None}
-            return _data(out)
+            return sse(out, compact=True)
 
         def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
             lines = []

@@ -94,12 +94,15 @@ def without_dropout(base: Path, dest: Path) -> Path:
 
 
 def greedy_answers(base: Path, adapter: Path | None, prompts: list[str], max_new_tokens: int = 40):
-    """[(decoded answer, stopped at EOS)] for each prompt, rendered with the project's template."""
+    """[(decoded answer, stopped at EOS)] for each prompt, rendered as the service renders it: with the
+    base's own chat template when it has one, else the project's template."""
     import torch
     from peft import PeftModel
 
-    from loracore.template import DEFAULT_TEMPLATE
+    from loracore.template import DEFAULT_TEMPLATE, base_chat_template
     from trainer.model import load_base_model, load_tokenizer
+
+    template = base_chat_template(base) or DEFAULT_TEMPLATE
 
     tok = load_tokenizer(base)
     model = load_base_model(base)
@@ -108,14 +111,16 @@ def greedy_answers(base: Path, adapter: Path | None, prompts: list[str], max_new
     model.eval()
     results = []
     for prompt in prompts:
-        ids = tok(DEFAULT_TEMPLATE.render_prompt(prompt), return_tensors="pt")
+        ids = tok(template.render_prompt(prompt), return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
                 **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
             )
         gen = out[0, ids["input_ids"].shape[1] :].tolist()
         stopped = bool(gen) and gen[-1] == tok.eos_token_id
-        results.append((tok.decode(gen, skip_special_tokens=True), stopped))
+        text = tok.decode(gen, skip_special_tokens=True)
+        end = template.turn_end() if hasattr(template, "turn_end") else ""
+        results.append((text.split(end)[0] if end else text, stopped))
     return results
 
 

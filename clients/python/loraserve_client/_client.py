@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -201,6 +202,23 @@ class Adapters(_Resource):
 
     def delete(self, name: str) -> str:
         return self._client._request(_core.delete_adapter(name))
+
+    def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
+        """Download ``adapters`` (a name, ``name@<version>``, or ``["alpha:0.6", "beta:0.4"]``) as ``format``
+        (gguf, merged, peft) to ``out``: a .gguf file, a model folder (merged) or a .zip (peft)."""
+        op = _core.export_adapter(adapters, format)
+        part = _core.export_target(out)
+        response = self._client._send(op, stream=True)
+        try:
+            with open(part, "wb") as fh:
+                for block in response.iter_bytes(1 << 20):
+                    fh.write(block)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        finally:
+            response.close()
+        return _core.finish_export(format, part, out)
 
 
 class Datasets(_Resource):
@@ -553,6 +571,21 @@ class AsyncAdapters(_Resource):
 
     async def delete(self, name: str) -> str:
         return await self._client._request(_core.delete_adapter(name))
+
+    async def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
+        op = _core.export_adapter(adapters, format)
+        part = _core.export_target(out)
+        response = await self._client._send(op, stream=True)
+        try:
+            with open(part, "wb") as fh:
+                async for block in response.aiter_bytes(1 << 20):
+                    fh.write(block)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        finally:
+            await response.aclose()
+        return _core.finish_export(format, part, out)
 
 
 class AsyncDatasets(_Resource):

@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar
@@ -274,6 +276,50 @@ def upload_adapter(name: str, folder: PathLike, template: Mapping[str, Any] | No
     return Op(
         "PUT", f"/adapters/{_segment(name, 'adapter name')}", _model(AdapterInfo), files=files, data=data
     )
+
+
+EXPORT_FORMATS = ("gguf", "merged", "peft")
+# An export is built before its first byte is sent (a merged model: seconds to minutes).
+EXPORT_TIMEOUT = httpx.Timeout(60.0, connect=5.0, read=900.0)
+
+
+def export_adapter(adapters: str | Sequence[str], format: str) -> Op[None]:
+    """Download op of an export. ``adapters``: ``"name"`` / ``"name@<version>"`` (one adapter), or
+    ``["alpha:0.6", "beta:0.4"]`` (``name[@version][:weight]``, a weighted composition)."""
+    refs = [adapters] if isinstance(adapters, str) else list(adapters)
+    if not refs:
+        raise ValueError("name at least one adapter to export")
+    if len(refs) == 1 and ":" not in refs[0] and "," not in refs[0]:
+        path = f"/adapters/{_segment(refs[0], 'adapter name')}/export"
+        return Op("GET", path, _no_parse, params={"format": format}, timeout=EXPORT_TIMEOUT)
+    params = {"format": format, "adapters": ",".join(refs)}
+    return Op("GET", "/export", _no_parse, params=params, timeout=EXPORT_TIMEOUT)
+
+
+def export_target(out: PathLike) -> Path:
+    """Where a download is written before it is put in place (beside ``out``, so the rename is atomic)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
+
+
+def finish_export(format: str, part: Path, out: PathLike) -> Path:
+    """Put a finished download in place: a merged model is unpacked into the folder ``out`` (a standard
+    Hugging Face folder), a gguf file or a peft zip is renamed to ``out``."""
+    out = Path(out)
+    try:
+        if format != "merged":
+            part.replace(out)
+            return out
+        staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.dir")
+        with zipfile.ZipFile(part) as zf:
+            zf.extractall(staging)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.replace(out)
+        return out
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def is_path(value: Any) -> bool:

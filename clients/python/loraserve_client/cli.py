@@ -4,6 +4,8 @@
     loraserve generate "What is LoRA?" --adapter pirate --stream
     loraserve adapters [list|get NAME|upload NAME FOLDER|delete NAME]
     loraserve jobs [list [--status S]|get ID|wait ID|cancel ID|logs ID]
+    loraserve export pirate[@version] --format gguf|merged|peft --out PATH
+    loraserve export pirate:0.6 poet:0.4 --format merged --out PATH
 
 Results go to stdout (``--json``: as JSON), progress to stderr. On an error: one line on stderr, exit status 1
 (2 for a bad command line).
@@ -135,6 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     command(sub, "delete", cmd_adapters_delete, "delete an adapter").add_argument("name")
 
     p = command(
+        commands,
+        "export",
+        cmd_export,
+        "download an adapter (or a weighted composition) for llama.cpp, Ollama or any runtime",
+    )
+    p.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="NAME[@VERSION][:WEIGHT]",
+        help="one adapter, or several with weights for a composition (gguf, merged)",
+    )
+    p.add_argument(
+        "--format",
+        "-f",
+        required=True,
+        choices=["gguf", "merged", "peft"],
+        help="gguf: a LoRA for llama.cpp --lora / Ollama ADAPTER; merged: a Hugging Face model folder "
+        "with the adapter merged in; peft: the adapter folder as a zip",
+    )
+    p.add_argument("--out", "-o", required=True, type=Path, help="a .gguf file, a folder (merged) or a .zip")
+
+    p = command(
         commands, "jobs", cmd_jobs_list, "list, show, follow, cancel training jobs or print their logs"
     )
     p.add_argument(
@@ -254,6 +278,12 @@ def cmd_adapters_upload(client: Client, args: argparse.Namespace) -> None:
 def cmd_adapters_delete(client: Client, args: argparse.Namespace) -> None:
     name = client.adapters.delete(args.name)
     _out(args, {"deleted": name}, f"deleted adapter {name}")
+
+
+def cmd_export(client: Client, args: argparse.Namespace) -> None:
+    adapters = args.adapters[0] if len(args.adapters) == 1 else args.adapters
+    out = client.adapters.export(adapters, args.format, args.out)
+    _out(args, {"format": args.format, "path": str(out)}, f"wrote {args.format} export to {out}")
 
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
