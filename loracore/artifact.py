@@ -343,6 +343,18 @@ def resolve(adapter_dir: Path, ref: str) -> Version | None:
     return next((v for v in versions(adapter_dir, name) if v.id.startswith(prefix)), None)
 
 
+def missing_message(adapter_dir: Path, ref: str) -> str:
+    """Why ``ref`` is not servable, naming the version and the ones that are kept."""
+    name, prefix = split_ref(ref)
+    if prefix is None or not servable(Path(adapter_dir) / name):
+        return f"adapter {name!r} does not exist"
+    kept = ", ".join(v.id[: MIN_VERSION_PREFIX * 2] for v in versions(adapter_dir, name))
+    return (
+        f"adapter {name!r} has no version {prefix!r} (unknown, or expired: older versions than the kept "
+        f"ones are removed); its versions, newest first: {kept}"
+    )
+
+
 def publish_version(folder: Path, adapter_dir: Path, name: str, keep: int, *, replace: bool = True) -> Record:
     """Publish a staged folder as the current version of ``name``; returns its record.
 
@@ -415,6 +427,42 @@ def _store(source: Path, dest: Path, beside: Path) -> bool:
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_version(adapter_dir: Path, name: str, source: Path, record: Record) -> str:
+    """Keep the LoRA files of ``source`` (config and weights, e.g. a training checkpoint's, which holds
+    optimizer state too) as a version of ``name``, servable as ``name@<id>``; returns the version id.
+
+    The copy is staged, sealed with the weights' sha256 and renamed in, so it is complete or absent; a
+    version already kept (same weights) is left as it is.
+    """
+    adapter_dir = Path(adapter_dir)
+    tmp = adapter_dir / STAGING / f"version-{name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(Path(source) / file, tmp / file)
+        digest = file_sha256(tmp / WEIGHTS_FILE)
+        record.sha256 = digest
+        write_record(tmp, record)
+        dest = versions_dir(adapter_dir, name) / digest
+        if not dest.is_dir():
+            fsync_tree(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError as exc:  # kept by another process meanwhile: the same bytes
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        return digest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_version(adapter_dir: Path, name: str, version_id: str) -> None:
+    """Remove one kept version of ``name`` (never the current folder)."""
+    if _SHA256_RE.fullmatch(version_id):
+        _remove(Path(adapter_dir), versions_dir(adapter_dir, name) / version_id)
 
 
 def _rename_new(folder: Path, final: Path) -> None:

@@ -14,7 +14,8 @@ Every JSON line has the same keys, so a reader never needs to guess:
     last_eval_loss    the latest evaluation's loss
     selected          on "done": "best" or "last", the weights published (null before)
     time              Unix time of the event
-plus event-specific extras (perplexity, path, message, yielded_seconds, ...). Only the main process
+plus event-specific extras (perplexity, path, message, yielded_seconds, trained_tokens, DPO's
+preference metrics, ...). Only the main process
 reports. ``STATE_KEYS`` is that list; ``JOB_KEYS`` what a /train job's status carries of it (the service's
 job store and its views derive from these, never from their own lists).
 """
@@ -44,8 +45,20 @@ STATE_KEYS = (
     "last_eval_loss",
     "selected",  # at the end: "best" or "last" (no eval rows, or training.select=last)
 )
-# A job's progress: the latest state plus the seconds the trainer yielded the CPU to serving.
-JOB_KEYS = (*STATE_KEYS, "yielded_seconds")
+# DPO runs (training.method: dpo) add these on "eval" and "done" lines: the preference metrics of the
+# evaluation (on "done", of the published weights); trainer.dpo.PreferenceEval.
+PREFERENCE_KEYS = (
+    "method",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
+)
+# A job's progress: the latest state plus the seconds the trainer yielded the CPU to serving, the tokens
+# that received loss so far (on "step" and "done" lines) and a DPO run's preference metrics.
+JOB_KEYS = (*STATE_KEYS, "yielded_seconds", "trained_tokens", *PREFERENCE_KEYS)
 
 
 def _clean(value: Any) -> Any:

@@ -55,11 +55,14 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     "job_not_found": ErrorKind(404),
     "dataset_not_found": ErrorKind(404),
     "file_not_found": ErrorKind(404),  # OpenAI's files API: a dataset id
-    "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed
+    "job_finished": ErrorKind(409),  # cancel of a job that succeeded or failed; pause/resume of an ended job
+    "job_cancelling": ErrorKind(409),  # pause of a running job that is being cancelled
     "adapter_busy": ErrorKind(409),  # a job for the adapter is queued or running
     "adapter_exists": ErrorKind(409),  # without overwrite
     "idempotency_key_reused": ErrorKind(422),
     "invalid_adapter_name": ErrorKind(422),
+    "invalid_adapter_version": ErrorKind(422),  # init_adapter "name@<not 8+ hex digits>"
+    "init_adapter_mismatch": ErrorKind(422),  # a warm start's base, rank, alpha or targets differ
     "invalid_config": ErrorKind(422),
     "unknown_config_key": ErrorKind(422),
     "invalid_data": ErrorKind(422),

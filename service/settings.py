@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         ge=0,
         description="earlier versions kept per adapter when it is replaced, servable as name@<version id>",
     )
+    keep_checkpoints: int = Field(
+        3,
+        ge=0,
+        description="a job's newest checkpoints kept servable as <adapter>@<version id> (0: none)",
+    )
     max_new_tokens_cap: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")

@@ -496,6 +496,8 @@ def test_job_endpoints():
             return httpx.Response(200, json={"jobs": [job_json("running", 1, 4, 2.5)]})
         if path == "/train/job-1" and method == "DELETE":
             return httpx.Response(200, json=job_json("cancelled"))
+        if path in ("/train/job-1/pause", "/train/job-1/resume") and method == "POST":
+            return httpx.Response(200, json=job_json("paused" if path.endswith("pause") else "queued"))
         if path == "/train/job-1/logs":
             return httpx.Response(200, text="step 1 loss 2.5\n")
         return envelope(404, "job_not_found", f"no job at {path}", "job_id")
@@ -505,6 +507,8 @@ def test_job_endpoints():
         jobs = client.jobs.list(status="running")
         assert jobs[0].progress.total_steps == 4 and jobs[0].created_at.year == 2026 and not jobs[0].done
         assert client.jobs.cancel("job-1").status == "cancelled"
+        assert client.jobs.pause("job-1").status == "paused" and not client.jobs.pause("job-1").done
+        assert client.jobs.resume("job-1").status == "queued"
         assert client.jobs.logs("job-1") == "step 1 loss 2.5\n"
         with pytest.raises(lc.NotFoundError) as info:
             client.jobs.get("job 2")

@@ -216,6 +216,9 @@ def test_async_client_against_the_server(server: Server):
                 dataset=ds.dataset,
                 config={**QUICK, "training": {**QUICK["training"], "num_train_epochs": 1}},
             )
+            paused = await job.pause()  # queued: paused at once; running: at its next step
+            assert paused.status == "paused" or (paused.status == "running" and paused.pause_requested)
+            assert (await job.resume()).status in ("queued", "running")
             cancelled = await job.cancel()
             assert cancelled.status in ("cancelled", "running", "queued")
             with pytest.raises(lc.JobFailedError, match="cancelled"):

@@ -355,3 +355,45 @@ def test_kill9_of_the_whole_server_then_restart(tiny_base: Path, tmp_path: Path)
         r = c.post("/generate", json={"prompt": "hi", "adapter": "survivor", "max_new_tokens": 4})
         assert r.status_code == 200, r.text
         print(f"after the restart the job finished in {time.monotonic() - t0:.1f} s")
+
+
+def test_pause_resume_and_cancel_a_paused_job(server: Server, client: httpx.Client) -> None:
+    first = client.post("/train", json={"adapter": "pausing", "data": ROWS, "config": endless()}).json()
+    second = client.post("/train", json={"adapter": "waiting", "data": ROWS, "config": endless()}).json()
+    job_id, other = first["job_id"], second["job_id"]
+    wait_job(client, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, 99, "trained")
+    # queued: paused at once; a pause of a paused job answers it as it is
+    r = client.post(f"/train/{other}/pause")
+    assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+    assert client.post(f"/train/{other}/pause").json()["status"] == "paused"
+    # running: the trainer checkpoints at its next step and exits; the job shows paused, its slot free
+    pid = trainer_pid(job_id)
+    r = client.post(f"/train/{job_id}/pause")
+    assert r.status_code == 200 and r.json()["status"] in ("running", "paused"), r.text
+    assert r.json()["status"] == "paused" or r.json()["pause_requested"]
+    paused = wait_job(client, job_id, lambda j: j["status"] == "paused", 60, "paused")
+    assert not paused["pause_requested"] and pid is not None and gone(pid) and trainer_pid(job_id) is None
+    listed = [j["job_id"] for j in client.get("/train", params={"status": "paused"}).json()["jobs"]]
+    assert job_id in listed and other in listed
+    time.sleep(1.0)
+    assert client.get(f"/train/{job_id}").json()["progress"]["step"] == paused["progress"]["step"]
+    # the adapter stays taken while its job is paused
+    taken = error_of(client.post("/train", json={"adapter": "pausing", "data": ROWS}), 409)
+    assert taken["code"] == "adapter_busy"
+
+    # resume: back in the queue, then training again from the pause's checkpoint
+    assert client.post(f"/train/{job_id}/resume").json()["status"] in ("queued", "running")
+    at = paused["progress"]["step"]
+    wait_job(client, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > at, 99, "resumed")
+    log = client.get(f"/train/{job_id}/logs").text
+    assert "--resume" in log.rsplit("===", 1)[1]  # the second start resumes
+    assert client.get(f"/train/{job_id}").json()["attempts"] == 1  # a pause is not an attempt cut short
+    assert client.post(f"/train/{job_id}/resume").json()["status"] == "running"  # as it is
+
+    # a paused job is cancelled at once; an ended one can be neither paused nor resumed
+    assert client.delete(f"/train/{other}").json()["status"] == "cancelled"
+    assert error_of(client.post(f"/train/{other}/pause"), 409)["code"] == "job_finished"
+    assert error_of(client.post(f"/train/{other}/resume"), 409)["code"] == "job_finished"
+    assert error_of(client.post("/train/job-" + "0" * 20 + "/pause"), 404)["code"] == "job_not_found"
+    client.delete(f"/train/{job_id}")
+    wait_job(client, job_id, lambda j: j["status"] == "cancelled", 60, "cancelled")

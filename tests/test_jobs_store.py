@@ -45,7 +45,9 @@ def test_create_get_list_and_counts(store: JobStore) -> None:
     assert store.list_jobs("running") == []
     assert store.counts()["queued"] == 2
     assert store.request_cancel(a.id).status == "cancelled"
-    assert store.counts() == {"queued": 1, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1}
+    assert store.counts() == {
+        "queued": 1, "running": 0, "paused": 0, "succeeded": 0, "failed": 0, "cancelled": 1
+    }  # fmt: skip
     assert store.list_jobs("cancelled")[0].finished_at is not None
 
 
@@ -99,6 +101,34 @@ def test_cancel_running_and_release(store: JobStore) -> None:
     assert store.release(job2.id, "o")
     back = store.get(job2.id)
     assert back.status == "queued" and back.resume and back.attempts == 0 and back.lease_owner is None
+
+
+def test_pause_and_resume(store: JobStore) -> None:
+    queued, _ = store.create_job(_job("q"))
+    assert store.request_pause(queued.id).status == "paused"  # queued: at once
+    assert store.claim_next("o", 30, 1) is None  # a paused job is not claimed
+    with pytest.raises(StoreConflict):  # it holds its adapter name
+        store.create_job(_job("q"))
+    assert store.resume(queued.id).status == "queued"
+    running = store.claim_next("o", 30, 1)
+    assert running.id == queued.id and running.attempts == 1
+    flagged = store.request_pause(running.id)
+    assert flagged.status == "running" and flagged.pause_requested
+    assert store.heartbeat(running.id, "o", 30).pause_requested
+    assert not store.resume(running.id).pause_requested  # withdrawn before the runner acted on it
+    store.request_pause(running.id)
+    assert store.release(running.id, "o")  # the trainer checkpointed and exited
+    paused = store.get(running.id)
+    assert paused.status == "paused" and paused.resume and not paused.pause_requested
+    assert paused.attempts == 0 and paused.lease_owner is None  # not an attempt cut short; slot free
+    assert store.request_cancel(paused.id).status == "cancelled"  # paused: cancelled at once
+    assert store.request_pause(paused.id).status == "cancelled"  # an ended job stays ended
+    # a runner that dies while a pause is under way leaves the job paused, not queued
+    other, _ = store.create_job(_job("r"))
+    store.claim_next("gone", 30, 1)
+    store.request_pause(other.id)
+    [(_, new)] = store.recover_stale(3, lambda o: o == "gone")
+    assert new == "paused" and store.get(other.id).status == "paused"
 
 
 def test_recover_stale_requeues_then_fails(store: JobStore) -> None:

@@ -4,7 +4,7 @@ Upload a training file (chat rows) and a validation file (prompt/completion rows
 hyperparameters that make the tiny base learn one sentence (tests/helpers/adapters.py), poll it, list
 jobs, events and checkpoints, then chat with ``fine_tuned_model`` and get the sentence back. The job is a
 native job: ``GET /train`` shows it. Then the refusals (unknown file, bad purpose or rows, a model that
-is not the base) and cancelling a queued and a running job.
+is not the base), cancelling a queued and a running job, and pausing and resuming one.
 """
 
 from __future__ import annotations
@@ -190,6 +190,47 @@ def test_cancel_queued_and_running(env) -> None:
     stopped = poll(oai, running.id, {"cancelled", "succeeded", "failed"}, timeout=60)
     assert stopped.status == "cancelled" and stopped.fine_tuned_model is None
     assert oai.fine_tuning.jobs.list_events(running.id).data[0].message == "The job was cancelled"
+
+
+def step_losses(oai: openai.OpenAI, job_id: str) -> dict[int, float]:
+    """step -> training loss from the job's events (a resumed job's later line for a step wins)."""
+    events = oai.fine_tuning.jobs.list_events(job_id, limit=10000).data[::-1]  # oldest first
+    return {e.data["step"]: e.data["train_loss"] for e in events if e.data and "train_loss" in e.data}
+
+
+def test_pause_and_resume_keep_the_loss_curve(env) -> None:
+    """Paused mid-run (checkpoint, trainer gone, slot free: the next job starts), resumed, the job ends with
+    the loss curve of the same job run straight through (same seed, same data order)."""
+    _, http, oai = env
+    train = upload(oai, TRAIN_ROWS, "train.jsonl")
+    hp = {"n_epochs": 12, "batch_size": 2, "learning_rate_multiplier": 5}  # 72 steps
+    paused = oai.fine_tuning.jobs.create(model="base", training_file=train.id, hyperparameters=hp, seed=11)
+    straight = oai.fine_tuning.jobs.create(model="base", training_file=train.id, hyperparameters=hp, seed=11)
+    deadline = time.monotonic() + 120
+    while http.get(f"/train/{paused.id}").json()["progress"]["step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert oai.fine_tuning.jobs.pause(paused.id).status in ("running", "paused")
+    assert poll(oai, paused.id, {"paused", "succeeded", "failed"}, timeout=60).status == "paused"
+    progress = http.get(f"/train/{paused.id}").json()["progress"]
+    total = progress["total_steps"]
+    assert 3 <= progress["step"] < total
+    # its slot is free: the job queued behind it runs (one job at a time), and to the end
+    assert poll(oai, straight.id, {"succeeded", "failed"}, timeout=240).status == "succeeded"
+    assert oai.fine_tuning.jobs.retrieve(paused.id).status == "paused"
+    assert oai.fine_tuning.jobs.resume(paused.id).status in ("queued", "running")
+    done = poll(oai, paused.id, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert done.status == "succeeded" and done.fine_tuned_model is not None
+    messages = [e.message for e in oai.fine_tuning.jobs.list_events(paused.id, limit=10000).data]
+    assert any(m.startswith(f"Fine-tuning job started: {total} steps, resumed at step") for m in messages)
+    steps = [e for e in oai.fine_tuning.jobs.list_events(paused.id, limit=10000).data if e.type == "metrics"]
+    assert len(steps) == total  # no step trained twice: it went on from the pause's checkpoint
+    resumed, reference = step_losses(oai, paused.id), step_losses(oai, straight.id)
+    assert sorted(resumed) == sorted(reference) == list(range(1, total + 1))
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4), step
+    with pytest.raises(openai.ConflictError) as err:
+        oai.fine_tuning.jobs.pause(paused.id)
+    assert err.value.body["code"] == "job_finished"
 
 
 def test_a_runner_role_server_takes_fine_tuning_jobs(tiny_base: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
     python -m trainer train --config examples/prototype.yaml --data rows.jsonl --output adapters/a \\
         [--model M] [--val PATH] [--set training.learning_rate=1e-4 ...] [--resume [CKPT_DIR]] \\
         [--checkpoint-dir DIR] [--progress-jsonl PATH|-] [--allow-random-weights]
-        [--yield-file PATH [--max-pause-seconds 10]]
+        [--yield-file PATH [--max-pause-seconds 10]] [--init-adapter DIR]
     python -m trainer eval --adapter adapters/a --data val.jsonl
     python -m trainer make-random-base OUT [--layers 6 --n-embd 768 --n-head 12]
     python -m trainer demo --workdir runs/local
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--job-id", help="recorded as 'job' in loraserve.json")
     t.add_argument(
+        "--init-adapter",
+        help="a warm start: begin from this adapter folder's weights (same LoRA rank, alpha and targets)",
+    )
+    t.add_argument(
         "--yield-file",
         help="while this file exists, pause between optimizer steps (another process needs the device)",
     )
@@ -132,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         job=args.job_id,
         yield_file=args.yield_file,
         max_pause_seconds=args.max_pause_seconds,
+        init_adapter=args.init_adapter,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         out = sys.stderr if args.progress_jsonl == "-" else sys.stdout
@@ -140,7 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"adapter written to {Path(args.output).absolute()} "
             f"(steps {summary['steps']}, train loss {summary['train_loss']:.4f}"
             + (
-                f", eval loss {summary['eval_loss']:.4f}, perplexity {ppl:.2f}"
+                f", eval loss {summary['eval_loss']:.4f}"
+                + (f", perplexity {ppl:.2f}" if ppl is not None else "")
                 if summary["eval_loss"] is not None
                 else ""
             )

@@ -80,6 +80,13 @@ class RunState:
         """The last evaluation's loss."""
         return self.eval_history[-1]["eval_loss"] if self.eval_history else None
 
+    def metrics_of(self, step: int | None) -> dict[str, Any] | None:
+        """The metrics of the evaluation at ``step`` (None: the last one), without step and loss."""
+        found = [e for e in self.eval_history if step is None or e["step"] == step]
+        if not found:
+            return None
+        return {k: v for k, v in found[-1].items() if k not in ("step", "eval_loss")}
+
     def add_step(
         self, loss: float, *, tokens: int, padded_tokens: int, target_tokens: int, skipped: bool
     ) -> None:
@@ -92,9 +99,10 @@ class RunState:
         self.target_tokens += target_tokens
         self.skipped_steps += int(skipped)
 
-    def add_eval(self, loss: float) -> bool:
-        """Record an evaluation; True when it is the best so far (the caller then keeps the weights)."""
-        self.eval_history.append({"step": self.step, "eval_loss": loss})
+    def add_eval(self, loss: float, metrics: dict[str, float] | None = None) -> bool:
+        """Record an evaluation (with the method's metrics, DPO's preference ones); True when it is the
+        best so far (the caller then keeps the weights)."""
+        self.eval_history.append({"step": self.step, "eval_loss": loss, **(metrics or {})})
         if self.best_eval_loss is None or loss < self.best_eval_loss:
             self.best_eval_loss, self.best_step, self.evals_without_improvement = loss, self.step, 0
             return True

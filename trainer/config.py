@@ -45,6 +45,13 @@ class TrainingSettings(_Section):
     """The loop's settings. Names follow Hugging Face ``TrainingArguments`` where one exists."""
 
     model_name_or_path: str = "distilgpt2"
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: learn the answers; dpo: learn to prefer 'chosen' over 'rejected' (preference rows)",
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0, description="DPO's beta: how far the policy may move from the reference (TRL's default)"
+    )
     num_train_epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="stop after this many optimizer steps (overrides epochs)"
@@ -101,7 +108,12 @@ class TrainConfig(_Section):
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes the trained weights (checked on resume)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        data = self.to_dict()
+        if (
+            data["training"]["method"] == "sft"
+        ):  # keys added with DPO: SFT checkpoints made before still resume
+            del data["training"]["method"], data["training"]["dpo_beta"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _describe(err: ValidationError) -> str:

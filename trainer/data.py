@@ -5,6 +5,12 @@ Accepted files: a JSON array, or JSON lines (one object per line), each row one 
     {"instruction": ..., "input": ..., "output": ...}                          (Alpaca)
     {"messages": [{"role": "system"|"user"|"assistant", "content": ..., "weight": 0|1}, ...]}  (chat)
     {"text": "Human: ...\nAssistant: ..."}                                     (the prototype's form)
+Preference rows (``training.method: dpo``) hold one prompt and two answers, the preferred first:
+    {"prompt": ..., "chosen": ..., "rejected": ...}
+    {"messages": [... ending on a user turn], "chosen": ..., "rejected": ...}   (answers: strings or
+                                                                            assistant messages)
+    {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
+     "non_preferred_output": [...]}                                  (OpenAI's preference JSONL)
 Every row is rendered with the prompt template (``loracore.template``). Labels are set by
 *position*: -100 on prompt tokens and on padding, the token id on response tokens and on the
 EOS appended after the last answer. In chat rows every assistant message is trained unless it has
@@ -49,6 +55,25 @@ class Example:
 
 
 @dataclass(frozen=True)
+class PreferenceExample:
+    """One parsed preference row: the rendered prompt and the two answers (each as the template renders
+    an answer, EOS appended at tokenizing)."""
+
+    prompt_text: str  # ends with the template's "Assistant:"
+    chosen: str  # the preferred answer, as written
+    rejected: str
+    where: str
+    template: PromptTemplate = DEFAULT_TEMPLATE
+
+    @property
+    def reference(self) -> str:
+        return self.chosen
+
+    def answer_text(self, answer: str) -> str:
+        return self.template.assistant_answer.format(content=answer)
+
+
+@dataclass(frozen=True)
 class Row:
     input_ids: list[int]
     labels: list[int]
@@ -56,6 +81,41 @@ class Row:
     @property
     def n_targets(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def width(self) -> int:  # its length in a padded batch
+        return len(self.input_ids)
+
+    def rows(self) -> list[Row]:
+        return [self]
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """A tokenized preference row: the prompt with the chosen answer, and with the rejected one. In a
+    batch the chosen rows come first, then the rejected ones (TRL's layout)."""
+
+    chosen: Row
+    rejected: Row
+
+    @property
+    def n_targets(self) -> int:
+        return self.chosen.n_targets + self.rejected.n_targets
+
+    @property
+    def n_tokens(self) -> int:
+        return self.chosen.n_tokens + self.rejected.n_tokens
+
+    @property
+    def width(self) -> int:
+        return max(self.chosen.width, self.rejected.width)
+
+    def rows(self) -> list[Row]:
+        return [self.chosen, self.rejected]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -175,10 +235,117 @@ def parse_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE)
     return Example(segments, where, reference=messages[-1]["content"], prompt_text=prompt_text)
 
 
-def read_examples(path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE) -> list[Example]:
+PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
+PREFERENCE_FORMATS = (
+    "prompt+chosen+rejected, messages+chosen+rejected, or input+preferred_output+non_preferred_output"
+)
+
+
+def is_preference_row(row: Any) -> bool:
+    return isinstance(row, dict) and any(key in row for key in PREFERENCE_KEYS)
+
+
+def _answer(value: Any, where: str, key: str) -> str:
+    """An answer: a string, an assistant message, or a list of one assistant message (OpenAI's form)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant" or not isinstance(value.get("content"), str):
+            raise TrainerError(f"{where}: '{key}' must be an assistant message with a string 'content'")
+        value = value["content"]
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        raise TrainerError(
+            f"{where}: '{key}' is {kind} (expected a string, or one assistant message with 'content')"
+        )
+    return value
+
+
+def _prompt_messages(messages: Any, where: str, key: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise TrainerError(f"{where}: '{key}' must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise TrainerError(f"{where}: {key}[{i}] needs a string 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise TrainerError(
+                f"{where}: {key}[{i}] has role {m.get('role')!r} (expected system, user or assistant)"
+            )
+    if messages[-1]["role"] == "assistant":
+        raise TrainerError(
+            f"{where}: the prompt's last message is the assistant's; the answers go in chosen/rejected"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_preference_row(
+    row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE
+) -> PreferenceExample:
+    """Validate one preference row (one prompt, a preferred and a dispreferred answer)."""
+    if not isinstance(row, dict):
+        raise TrainerError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    hit = find_lone_surrogate(row)
+    if hit:
+        raise TrainerError(f"{where}: {hit.describe()}")
+    if "preferred_output" in row or "non_preferred_output" in row or isinstance(row.get("input"), dict):
+        inp = row.get("input")
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise TrainerError(
+                f"{where}: 'input' must be an object with 'messages' (OpenAI's preference format)"
+            )
+        messages = _prompt_messages(inp["messages"], where, "input.messages")
+        chosen = _answer(row.get("preferred_output"), where, "preferred_output")
+        rejected = _answer(row.get("non_preferred_output"), where, "non_preferred_output")
+    elif "chosen" in row or "rejected" in row:
+        if "messages" in row:
+            messages = _prompt_messages(row["messages"], where, "messages")
+        elif "prompt" in row:
+            messages = [{"role": "user", "content": _str_field(row, "prompt", where)}]
+        else:
+            raise TrainerError(
+                f"{where}: a preference row needs 'prompt' (or 'messages') with chosen/rejected"
+            )
+        chosen = _answer(row.get("chosen"), where, "chosen")
+        rejected = _answer(row.get("rejected"), where, "rejected")
+    else:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise TrainerError(
+            f"{where}: not a preference row (keys: {keys}); method 'dpo' expects {PREFERENCE_FORMATS}"
+        )
+    if chosen == rejected:
+        raise TrainerError(
+            f"{where}: the chosen and rejected answers are the same, so the row teaches nothing"
+        )
+    prompt_text = "".join(text for text, _ in template.render_chat(messages))
+    return PreferenceExample(prompt_text, chosen, rejected, where, template)
+
+
+def parse_for_method(row: Any, where: str, method: str, template: PromptTemplate = DEFAULT_TEMPLATE):
+    """A row checked against the training method: preference rows for ``dpo``, the others for ``sft``;
+    the wrong kind is an error naming the row and what the method expects."""
+    if method == "dpo":
+        return parse_preference_row(row, where, template)
+    if is_preference_row(row):
+        raise TrainerError(
+            f"{where}: a preference row ({', '.join(k for k in PREFERENCE_KEYS if k in row)}) needs "
+            "method 'dpo'; method 'sft' expects " + FORMATS
+        )
+    return parse_row(row, where, template)
+
+
+def parse_any_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE):
+    """A row of either kind (an uploaded file: the method is chosen later, by the job)."""
+    if is_preference_row(row):
+        return parse_preference_row(row, where, template)
+    return parse_row(row, where, template)
+
+
+def read_examples(
+    path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE, method: str = "sft"
+) -> list[Example] | list[PreferenceExample]:
     """Parse and validate every row of a file; the first bad row raises, naming file and line."""
     path = Path(path)
-    examples = [parse_row(row, where, template) for where, row in _records(path)]
+    examples = [parse_for_method(row, where, method, template) for where, row in _records(path)]
     if not examples:
         raise TrainerError(f"{path}: no rows")
     return examples
@@ -198,6 +365,37 @@ def tokenize(example: Example, tokenizer, max_seq_length: int) -> Row:
     ids.append(tokenizer.eos_token_id)
     labels.append(tokenizer.eos_token_id if example.segments[-1][1] else IGNORE_INDEX)
     return Row(ids[:max_seq_length], labels[:max_seq_length])
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer, max_seq_length: int) -> PairRow:
+    """The prompt followed by each answer (+ EOS); labels on the answer and its EOS only."""
+    prompt = tokenizer(example.prompt_text, add_special_tokens=False)["input_ids"]
+
+    def one(answer: str) -> Row:
+        ids = tokenizer(example.answer_text(answer), add_special_tokens=False)["input_ids"]
+        ids = ids + [tokenizer.eos_token_id]
+        return Row((prompt + ids)[:max_seq_length], ([IGNORE_INDEX] * len(prompt) + ids)[:max_seq_length])
+
+    return PairRow(one(example.chosen), one(example.rejected))
+
+
+def tokenize_pairs(
+    examples: list[PreferenceExample], tokenizer, max_seq_length: int, *, name: str
+) -> list[PairRow]:
+    pairs = [tokenize_pair(ex, tokenizer, max_seq_length) for ex in examples]
+    kept = [p for p in pairs if p.chosen.n_targets and p.rejected.n_targets]
+    if len(kept) < len(pairs):
+        log.warning(
+            "%s: %d preference rows had no answer tokens left within max_seq_length=%d and were dropped",
+            name,
+            len(pairs) - len(kept),
+            max_seq_length,
+        )
+    if not kept:
+        raise TrainerError(
+            f"{name}: no usable rows (all prompts are longer than max_seq_length={max_seq_length})"
+        )
+    return kept
 
 
 def tokenize_all(examples: list[Example], tokenizer, max_seq_length: int, *, name: str) -> list[Row]:

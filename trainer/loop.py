@@ -39,7 +39,8 @@ from loracore.progress import Progress
 from loracore.template import PromptTemplate
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import RunState
-from trainer.data import Row, collate, epoch_batches
+from trainer.data import PairRow, Row, collate, epoch_batches
+from trainer.dpo import dpo_loss, evaluate_preferences, pair_logps
 from trainer.errors import USER_ERRORS, TrainerError, TrainingInterrupted
 from trainer.setup import Setup, resolve_inputs, setup, start_state
 
@@ -94,6 +95,26 @@ def evaluate_loss(accelerator, model, rows: list[Row], batch_size: int, pad_id: 
     return float(total[0] / total[1])
 
 
+def evaluate_run(run: Setup) -> tuple[float, dict[str, float]]:
+    """The eval loss the best checkpoint is chosen by (mean token loss; for DPO the mean DPO loss) and,
+    for DPO, the preference metrics (``trainer.dpo.PreferenceEval``)."""
+    t = run.cfg.training
+    if t.method == "dpo":
+        ev = evaluate_preferences(
+            run.accelerator,
+            run.net,
+            run.eval_rows,
+            run.ref_eval,
+            beta=t.dpo_beta,
+            batch_size=t.per_device_eval_batch_size,
+            pad_id=run.pad_id,
+        )
+        return ev.loss, ev.metrics()
+    return evaluate_loss(
+        run.accelerator, run.net, run.eval_rows, t.per_device_eval_batch_size, run.pad_id
+    ), {}
+
+
 def trainable_weights(accelerator, model) -> dict[str, Any]:
     """A CPU copy of the LoRA weights (PEFT state-dict keys, as in the adapter file): a few MB at most."""
     from peft import get_peft_model_state_dict
@@ -127,21 +148,54 @@ class Window:
     target_tokens: int
     tokens: int  # non-pad tokens
     padded_tokens: int  # tokens including padding (rows x longest row)
+    pairs: int = 0  # preference rows (DPO): what the window's loss is averaged over
 
 
-def plan_windows(rows: list[Row], batches: list[list[int]], size: int) -> list[Window]:
+def plan_windows(rows: list[Row] | list[PairRow], batches: list[list[int]], size: int) -> list[Window]:
     out = []
+    per_item = len(rows[0].rows()) if rows else 1  # token rows per item: 2 for a preference pair
     for start in range(0, len(batches), size):
         group = batches[start : start + size]
         out.append(
             Window(
                 batches=group,
                 target_tokens=sum(rows[i].n_targets for b in group for i in b),
-                tokens=sum(len(rows[i].input_ids) for b in group for i in b),
-                padded_tokens=sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in group),
+                tokens=sum(rows[i].n_tokens for b in group for i in b),
+                padded_tokens=sum(per_item * len(b) * max(rows[i].width for i in b) for b in group),
+                pairs=sum(len(b) for b in group) if isinstance(rows[0], PairRow) else 0,
             )
         )
     return out
+
+
+def sft_objective(rows: list[Row], pad_id: int, device):
+    """(summed token loss of a micro-batch, what a window divides it by: its target tokens)."""
+
+    def loss_of(net, idx: list[int], pad_multiple: int | None):
+        batch = collate([rows[j] for j in idx], pad_id, pad_multiple)
+        return token_loss_sum(net, {name: tensor.to(device) for name, tensor in batch.items()})
+
+    return loss_of, lambda window: window.target_tokens
+
+
+def dpo_objective(pairs: list[PairRow], refs: list[tuple[float, float]], beta: float, pad_id: int, device):
+    """(summed DPO loss of a micro-batch of pairs, what a window divides it by: its pairs)."""
+    import torch
+
+    def loss_of(net, idx: list[int], pad_multiple: int | None):
+        chosen, rejected = pair_logps(net, [pairs[j] for j in idx], pad_id, device, pad_multiple)
+        ref = torch.tensor([refs[j] for j in idx], dtype=chosen.dtype, device=chosen.device)
+        return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)[0].sum()
+
+    return loss_of, lambda window: window.pairs
+
+
+def objective(run: Setup):
+    if run.cfg.training.method == "dpo":
+        return dpo_objective(
+            run.train_rows, run.ref_train, run.cfg.training.dpo_beta, run.pad_id, run.accelerator.device
+        )
+    return sft_objective(run.train_rows, run.pad_id, run.accelerator.device)
 
 
 def train_window(
@@ -149,15 +203,18 @@ def train_window(
     net,
     optimizer,
     window: Window,
-    rows: list[Row],
-    pad_id: int,
+    loss_of,
+    norm: int,
     *,
     params: list,
     max_grad_norm: float,
     autocast_dtype: str,
     step: int,
 ) -> tuple[float, float, bool]:
-    """One optimizer step over one window: (mean token loss, gradient norm, skipped by fp16 scaling).
+    """One optimizer step over one window: (mean loss, gradient norm, skipped by fp16 scaling).
+
+    ``loss_of(net, batch indices, pad multiple)`` is a micro-batch's summed loss (token cross-entropy for
+    SFT, per-pair DPO loss), ``norm`` what the window's sum is divided by (its target tokens, its pairs).
 
     This process runs its share of the window's micro-batches (every N-th of N processes). DDP needs
     every process to run the same number of micro-steps, so a short share is topped up with a
@@ -175,16 +232,14 @@ def train_window(
     loss = grad_norm = float("nan")
     for i in range(k):
         idx, weight = (mine[i], 1.0) if i < len(mine) else (window.batches[0], 0.0)
-        batch = collate([rows[j] for j in idx], pad_id, pad_multiple)
-        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
         with accelerator.accumulate(net):
-            summed = token_loss_sum(net, batch) * weight
+            summed = loss_of(net, idx, pad_multiple) * weight
             # backward() divides by k and DDP averages over processes; undo both so the gradient is
-            # that of (the window's summed token loss) / (the window's target tokens).
-            accelerator.backward(summed * (k * world / window.target_tokens))
+            # that of (the window's summed loss) / (the window's target tokens, or pairs).
+            accelerator.backward(summed * (k * world / norm))
             loss_sum += summed.detach()
             if accelerator.sync_gradients:
-                loss = float(accelerator.reduce(loss_sum, reduction="sum")) / window.target_tokens
+                loss = float(accelerator.reduce(loss_sum, reduction="sum")) / norm
                 if not math.isfinite(loss):  # the watchdog: never step on a NaN/inf loss
                     raise TrainerError(
                         f"loss became {loss} at step {step}; lower training.learning_rate or use fp32/bf16"
@@ -273,6 +328,7 @@ def train_adapter(
     progress: Progress | None = None,
     yield_file: str | Path | None = None,
     max_pause_seconds: float = 10.0,
+    init_adapter: str | Path | None = None,
     template: PromptTemplate | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter and publish it at ``output``; returns the training summary.
@@ -281,6 +337,8 @@ def train_adapter(
     True for the newest one in the checkpoint folder. Raises ``TrainerError`` for bad input
     (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal. While
     ``yield_file`` exists, training pauses before loading the model and between steps
+    (``YieldGate``, at most ``max_pause_seconds`` each time). ``init_adapter`` (an adapter folder of
+    the same LoRA shape) is a warm start: training begins from its weights.
     (``YieldGate``, at most ``max_pause_seconds`` each time). ``template`` renders the rows (default:
     ``DEFAULT_TEMPLATE``) and is recorded with the adapter, so serving renders prompts the same way.
     """
@@ -298,6 +356,7 @@ def train_adapter(
             checkpoint_dir=checkpoint_dir,
             allow_random_weights=allow_random_weights,
             job=job,
+            init_adapter=init_adapter,
             template=template,
         )
         gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
@@ -326,6 +385,9 @@ def train_adapter(
             last_eval_loss=summary.last_eval_loss,
             selected=summary.selected,
             yielded_seconds=round(gate.total, 3),
+            trained_tokens=state.target_tokens,
+            method=summary.method,
+            **(summary.preference or {}),
         )
         return summary.to_dict()
     except BaseException as exc:
@@ -376,7 +438,8 @@ def fit(
         last_eval_loss=state.eval_loss,
     )
     run.net.train()
-    lengths = [len(r.input_ids) for r in run.train_rows]
+    lengths = [r.width for r in run.train_rows]
+    loss_of, norm_of = objective(run)
     first_step, t0, tokens_this_run, paused_this_run = state.step, time.time(), 0, 0.0
     losses_since_log: list[float] = []
     stretch_start = time.time()  # train_seconds is summed per stretch, so a checkpoint carries it
@@ -420,8 +483,8 @@ def fit(
                 run.net,
                 run.optimizer,
                 window,
-                run.train_rows,
-                run.pad_id,
+                loss_of,
+                norm_of(window),
                 params=run.params,
                 max_grad_norm=t.max_grad_norm,
                 autocast_dtype=run.autocast_dtype,
@@ -454,6 +517,7 @@ def fit(
                     eta_seconds=per_step * (run.total_steps - step),  # pauses included: they recur
                     grad_norm=grad_norm,
                     yielded_seconds=round(gate.total, 3),
+                    trained_tokens=state.target_tokens,  # tokens that received loss, all epochs so far
                 )
                 losses_since_log.clear()
 
@@ -462,19 +526,18 @@ def fit(
             if run.eval_rows and (
                 epoch_end or (t.eval_steps and step % t.eval_steps == 0) or step == run.total_steps
             ):
-                eval_loss = evaluate_loss(
-                    accelerator, run.net, run.eval_rows, t.per_device_eval_batch_size, run.pad_id
-                )
-                if state.add_eval(eval_loss) and t.select == "best":
+                eval_loss, metrics = evaluate_run(run)
+                if state.add_eval(eval_loss, metrics) and t.select == "best":
                     state.best_weights = trainable_weights(accelerator, run.net)
                 progress.emit(
                     "eval",
                     step=step,
                     eval_loss=eval_loss,
-                    perplexity=perplexity(eval_loss),
+                    perplexity=perplexity(eval_loss) if t.method == "sft" else None,
                     best_step=state.best_step,
                     best_eval_loss=state.best_eval_loss,
                     last_eval_loss=eval_loss,
+                    **metrics,
                 )
                 if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
                     log.info(
@@ -573,6 +636,9 @@ class Summary:
     data: dict  # {"train": path, "validation": path or None}
     data_sha256: str
     resumed_from: str | None
+    method: str = "sft"  # "sft" | "dpo"
+    # DPO: the preference metrics of the published weights' evaluation (trainer.dpo.PreferenceEval)
+    preference: dict | None = None
 
     @classmethod
     def of(cls, run: Setup, state: RunState) -> Summary:
@@ -592,7 +658,7 @@ class Summary:
             train_loss=state.train_loss,
             final_loss=state.last_loss,
             eval_loss=eval_loss,
-            perplexity=perplexity(eval_loss),
+            perplexity=perplexity(eval_loss) if run.cfg.training.method == "sft" else None,
             best_step=state.best_step,
             best_eval_loss=state.best_eval_loss,
             last_eval_loss=state.eval_loss,
@@ -618,6 +684,10 @@ class Summary:
             },
             data_sha256=inputs.data_sha256,
             resumed_from=str(inputs.resume_from) if inputs.resume_from else None,
+            method=run.cfg.training.method,
+            preference=state.metrics_of(state.best_step if selected == "best" else None)
+            if run.cfg.training.method == "dpo"
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

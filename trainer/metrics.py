@@ -8,6 +8,13 @@ numbers come from. No torch here: the service's API processes import it.
 from __future__ import annotations
 
 
+def rouge_l(candidate: str, reference: str) -> float:
+    """One pair's ROUGE-L F-measure (the per-row score ``generation_metrics`` averages)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)["rougeL"].fmeasure
+
+
 def exact_match(candidate: str, reference: str) -> float:
     return float(" ".join(candidate.split()) == " ".join(reference.split()))
 

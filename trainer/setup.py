@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,16 @@ from loracore import artifact
 from loracore.template import DEFAULT_TEMPLATE, PromptTemplate, base_chat_template
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, parse_config
-from trainer.data import Example, Row, read_examples, split_holdout, tokenize_all
+from trainer.data import (
+    Example,
+    PairRow,
+    PreferenceExample,
+    Row,
+    read_examples,
+    split_holdout,
+    tokenize_all,
+    tokenize_pairs,
+)
 from trainer.errors import TrainerError
 from trainer.hardware import cpu_has_native_bf16
 
@@ -38,8 +47,8 @@ class Inputs:
     output: Path  # absolute
     data_path: Path
     val_path: Path | None
-    train_examples: list[Example]
-    val_examples: list[Example] | None
+    train_examples: list[Example] | list[PreferenceExample]
+    val_examples: list[Example] | list[PreferenceExample] | None
     data_sha256: str  # of the training file, then the validation file
     ckpt_root: Path
     ckpt_root_is_default: bool  # a default checkpoint folder is removed after a successful run
@@ -47,6 +56,7 @@ class Inputs:
     allow_random_weights: bool
     job: str | None  # recorded in loraserve.json
     template: PromptTemplate  # the rows were rendered with it; recorded in loraserve.json for serving
+    init_adapter: Path | None = None  # a warm start: the adapter folder whose weights the run starts from
 
 
 @dataclass
@@ -60,8 +70,8 @@ class Setup:
     optimizer: Any
     scheduler: Any  # stepped by us, once per optimizer step (not prepared)
     params: list  # trainable parameters, for clipping
-    train_rows: list[Row]
-    eval_rows: list[Row]
+    train_rows: list[Row] | list[PairRow]  # PairRow under method dpo
+    eval_rows: list[Row] | list[PairRow]
     pad_id: int
     trainable_params: int
     total_params: int
@@ -70,6 +80,9 @@ class Setup:
     total_steps: int
     autocast_dtype: str  # "fp32" | "fp16" | "bf16": what training computes in
     started: float  # time.time() when the model work began (the summary's wall time)
+    # DPO: the reference's (chosen, rejected) log-probabilities per train / eval pair (trainer.dpo)
+    ref_train: list[tuple[float, float]] = field(default_factory=list)
+    ref_eval: list[tuple[float, float]] = field(default_factory=list)
     base_record: dict | None = None  # the base's shape and name, for the adapter's record
     template: Any = DEFAULT_TEMPLATE  # what rendered the rows: the base's chat template, else the default
 
@@ -102,6 +115,7 @@ def resolve_inputs(
     checkpoint_dir: str | Path | None = None,
     allow_random_weights: bool = False,
     job: str | None = None,
+    init_adapter: str | Path | None = None,
     template: PromptTemplate | None = None,
 ) -> Inputs:
     """Config, data rows, output and checkpoint paths, checked before anything heavy is loaded."""
@@ -111,9 +125,13 @@ def resolve_inputs(
     cfg = resolve_config(config, overrides)
     data_path = Path(data_path)
     val = Path(val_path) if val_path else None
+    method = cfg.training.method
     template = template or DEFAULT_TEMPLATE
-    train_examples = read_examples(data_path, template)
-    val_examples = read_examples(val, template) if val else None
+    train_examples = read_examples(data_path, template, method)
+    val_examples = read_examples(val, template, method) if val else None
+    init = Path(init_adapter) if init_adapter else None
+    if init is not None:
+        check_init_adapter(init, cfg)
     data_sha256 = artifact.file_sha256(data_path, val)
     output = Path(output).absolute()
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output.parent / ".checkpoints" / output.name
@@ -139,7 +157,33 @@ def resolve_inputs(
         allow_random_weights=allow_random_weights,
         job=job,
         template=template,
+        init_adapter=init,
     )
+
+
+def check_init_adapter(folder: Path, cfg: TrainConfig) -> None:
+    """A warm start's adapter must be a LoRA of the same shape as the one this config trains: same rank,
+    scale and target modules (the base is checked when its weights load)."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file() or not (folder / artifact.WEIGHTS_FILE).is_file():
+        raise TrainerError(
+            f"--init-adapter: {folder} is not an adapter folder (adapter_config.json + weights)"
+        )
+    import json
+
+    theirs = json.loads(config_file.read_text())
+    lora = cfg.lora
+    want = {"r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora}
+    for key, value in want.items():
+        if theirs.get(key, False if key == "use_rslora" else None) != value:
+            raise TrainerError(
+                f"--init-adapter: {folder.name} has lora {key} {theirs.get(key)!r}, this config {value!r}"
+            )
+    targets = theirs.get("target_modules")
+    if lora.target_modules != "all-linear" and sorted(targets or []) != sorted(lora.target_modules):
+        raise TrainerError(
+            f"--init-adapter: {folder.name} targets {targets!r}, this config {lora.target_modules!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- precision
@@ -233,8 +277,8 @@ def setup(inputs: Inputs, started: float) -> Setup:
     train_examples, val_examples = inputs.train_examples, inputs.val_examples
     if template is not inputs.template:
         try:
-            train_examples = read_examples(inputs.data_path, template)
-            val_examples = read_examples(inputs.val_path, template) if inputs.val_path else None
+            train_examples = read_examples(inputs.data_path, template, t.method)
+            val_examples = read_examples(inputs.val_path, template, t.method) if inputs.val_path else None
         except ValueError as exc:
             raise TrainerError(f"the base's chat template cannot render the rows: {exc}") from None
 
@@ -270,14 +314,21 @@ def setup(inputs: Inputs, started: float) -> Setup:
         base_model.config, "max_position_embeddings", t.max_seq_length
     )
     max_len = min(t.max_seq_length, context)
-    train_rows = tokenize_all(train_examples, tokenizer, max_len, name=str(inputs.data_path))
+    tokenize_rows = tokenize_pairs if t.method == "dpo" else tokenize_all
+    train_rows = tokenize_rows(train_examples, tokenizer, max_len, name=str(inputs.data_path))
     if val_examples is not None:
-        eval_rows = tokenize_all(val_examples, tokenizer, max_len, name=str(inputs.val_path))
+        eval_rows = tokenize_rows(val_examples, tokenizer, max_len, name=str(inputs.val_path))
     else:
         train_rows, eval_rows = split_holdout(train_rows, t.eval_fraction, t.seed)
 
-    # --- LoRA
+    # --- LoRA: fresh, or a warm start's weights
     peft_model = add_lora(base_model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
+    if inputs.init_adapter is not None:
+        load_init_adapter(peft_model, inputs.init_adapter)
+    if t.method == "dpo":  # TRL's disable_dropout: the policy and its reference see one network
+        from trainer.dpo import disable_dropout
+
+        disable_dropout(peft_model)
     trainable, total = count_parameters(peft_model)
     log.info("trainable params: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -315,6 +366,23 @@ def setup(inputs: Inputs, started: float) -> Setup:
         t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     net, optimizer = accelerator.prepare(peft_model, optimizer)
+    ref_train: list[tuple[float, float]] = []
+    ref_eval: list[tuple[float, float]] = []
+    if t.method == "dpo":  # the reference: the weights the run starts from, before any step
+        from trainer.dpo import reference_logps
+
+        adapter_on = inputs.init_adapter is not None
+        ref_train, ref_eval = (
+            reference_logps(
+                accelerator,
+                net,
+                rows,
+                t.per_device_eval_batch_size,
+                tokenizer.pad_token_id,
+                adapter_on=adapter_on,
+            )
+            for rows in (train_rows, eval_rows)
+        )
     return Setup(
         inputs=inputs,
         base=base,
@@ -333,9 +401,28 @@ def setup(inputs: Inputs, started: float) -> Setup:
         total_steps=total_steps,
         autocast_dtype=autocast_dtype,
         started=started,
+        ref_train=ref_train,
+        ref_eval=ref_eval,
         base_record={**base_shape(base_model.config.to_dict()), "name": name},
         template=template,
     )
+
+
+def load_init_adapter(peft_model, folder: Path) -> None:
+    """Put a warm start's LoRA weights into the freshly wrapped model (same shape: ``check_init_adapter``)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        result = set_peft_model_state_dict(peft_model, load_file(str(folder / artifact.WEIGHTS_FILE)))
+    except RuntimeError as exc:  # tensor shapes of another base
+        raise TrainerError(
+            f"--init-adapter: {folder.name} does not fit this base ({exc})".splitlines()[0]
+        ) from None
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise TrainerError(f"--init-adapter: {folder.name} does not fit this base ({unexpected[0]} ...)")
+    log.info("starting from the weights of %s", folder)
 
 
 def start_state(run: Setup) -> ckpt.RunState:

@@ -50,18 +50,6 @@ def check_ref(ref: str, param: str = "adapter") -> None:
         raise ApiError(422, code or "invalid_adapter_name", problem, param)
 
 
-def not_found_message(adapter_dir: Path, ref: str) -> str:
-    """Why ``ref`` is not servable, naming the version and the ones that are kept."""
-    name, prefix = artifact.split_ref(ref)
-    if prefix is None or not exists(adapter_dir, name):
-        return f"adapter {name!r} does not exist"
-    kept = ", ".join(v.id[: artifact.MIN_VERSION_PREFIX * 2] for v in artifact.versions(adapter_dir, name))
-    return (
-        f"adapter {name!r} has no version {prefix!r} (unknown, or expired: older versions than the kept "
-        f"ones are removed); its versions, newest first: {kept}"
-    )
-
-
 def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Version:
     """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
     A read: the request path never writes to the adapter directory (a folder dropped in by hand is
@@ -69,7 +57,7 @@ def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Ver
     check_ref(ref, param)
     version = artifact.resolve(adapter_dir, ref)
     if version is None:
-        raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
+        raise ApiError(404, "adapter_not_found", artifact.missing_message(adapter_dir, ref), param)
     return version
 
 
@@ -89,7 +77,7 @@ def resolve_target(adapter_dir: Path, ref: str, param: str = "adapter") -> Resol
             template = choose_template(None, record.template)
             return ResolvedTarget(artifact.split_ref(ref)[0], version.id, template)
         ref = f"{artifact.split_ref(ref)[0]}{artifact.VERSION_SEP}{version.id}"  # replaced meanwhile: pin
-    raise ApiError(404, "adapter_not_found", not_found_message(adapter_dir, ref), param)
+    raise ApiError(404, "adapter_not_found", artifact.missing_message(adapter_dir, ref), param)
 
 
 def adapter_path(adapter_dir: Path, name: str) -> Path:

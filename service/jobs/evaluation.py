@@ -76,6 +76,18 @@ def served_eval(settings: Settings, adapter: str, val: Path) -> tuple[dict[str, 
             for row in answer["rows"]
         ],
     }
+    if any("rejected" in row for row in answer["rows"]):
+        # DPO validation rows: is the adapter's answer nearer the chosen one (ROUGE-L) than the base's?
+        from trainer.metrics import rouge_l
+
+        for out, row in zip(report["rows"], answer["rows"], strict=True):
+            if "rejected" in row:
+                out["rejected"] = row["rejected"]
+                out["closer_to_chosen"] = rouge_l(out["adapter"], row["reference"]) > rouge_l(
+                    out["base"], row["reference"]
+                )
+        closer = [r["closer_to_chosen"] for r in report["rows"] if "closer_to_chosen" in r]
+        report["closer_to_chosen_rate"] = sum(closer) / len(closer)
     return report, eos_warnings(report)
 
 

@@ -8,6 +8,8 @@ it is a shared volume, and a runner taking a job over resumes from the checkpoin
                           data.jsonl      the rows, one JSON object a line
                           val.jsonl       validation rows, if any (the trainer's --val, then a served eval)
                           fine_tuning.json  what POST /v1/fine_tuning/jobs asked for (that API's jobs only)
+                          init_adapter/   a warm start's adapter (config + weights), copied at submit time
+                          checkpoint_versions.json  checkpoints kept servable as adapter versions
                           checkpoints/    the trainer's resumable checkpoints
                           progress.jsonl  the trainer's JSON-lines progress (appended across resumes)
                           train.log       the trainer's stdout and stderr (appended across resumes)
@@ -45,6 +47,8 @@ class JobPaths:
     log: Path
     output: Path  # the trainer's --output: a staging folder, published under the adapter's name
     yield_flag: Path  # the trainer's --yield-file: it pauses between steps while this exists
+    init_adapter: Path  # a warm start's adapter, pinned at submit time: the trainer's --init-adapter
+    checkpoint_versions: Path  # the checkpoints kept servable as versions (service.jobs.checkpoints)
 
 
 def job_paths(settings: Settings, job_id: str) -> JobPaths:
@@ -62,6 +66,8 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
         log=root / "train.log",
         output=settings.staging_dir / job_id,
         yield_flag=root / "yield",
+        init_adapter=root / "init_adapter",
+        checkpoint_versions=root / "checkpoint_versions.json",
     )
 
 

@@ -6,6 +6,8 @@ errors of the domain. No HTTP here: ``service.errors`` maps the error codes to s
       │                 └─cancel (the runner stops the trainer)► cancelled
       └──────cancel──────────────────────────────────────────► cancelled
     running ──runner gone or clean shutdown──► queued (resumes from its last checkpoint)
+    queued ──pause──► paused ◄──pause (the runner stops the trainer: checkpoint, exit)── running
+    paused ──resume──► queued (the next claim resumes from the checkpoint)    paused ──cancel──► cancelled
 """
 
 from __future__ import annotations
@@ -16,25 +18,40 @@ from typing import Any
 
 from loracore.progress import JOB_KEYS
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running", "paused")  # a job in these holds its adapter name (adapter_busy)
 # Every move a job's status may make (the store's writes are compare-and-set on the "from" status).
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("running", "cancelled"),
-    "running": ("succeeded", "failed", "cancelled", "queued"),
+    "queued": ("running", "cancelled", "paused"),
+    "running": ("succeeded", "failed", "cancelled", "queued", "paused"),
+    "paused": ("queued", "cancelled"),
     "succeeded": (),
     "failed": (),
     "cancelled": (),
 }
-# A cancel is accepted in these (a cancelled job answers as it is): queued ends at once, running is
-# flagged and stopped by its runner. A job that succeeded or failed cannot be cancelled any more.
-CANCELLABLE = ("queued", "running", "cancelled")
+# A cancel is accepted in these (a cancelled job answers as it is): queued and paused end at once,
+# running is flagged and stopped by its runner. A job that succeeded or failed cannot be cancelled.
+CANCELLABLE = ("queued", "running", "paused", "cancelled")
+# A pause is accepted in these (a paused job answers as it is): queued pauses at once, running is
+# flagged and its runner stops the trainer (it writes a checkpoint), then the job shows paused.
+PAUSABLE = ("queued", "running", "paused")
+# A resume is accepted in these: paused goes back to the queue; queued and running answer as they are
+# (a pause not yet carried out is withdrawn).
+RESUMABLE = ("queued", "running", "paused")
 PROGRESS_KEYS = JOB_KEYS  # what a job's progress holds (the trainer's line format owns the list)
 
 
 def cancellable(status: str) -> bool:
     return status in CANCELLABLE
+
+
+def pausable(status: str) -> bool:
+    return status in PAUSABLE
+
+
+def resumable(status: str) -> bool:
+    return status in RESUMABLE
 
 
 @dataclass
@@ -55,6 +72,7 @@ class Job:
     attempts: int = 0
     resume: bool = False
     cancel_requested: bool = False
+    pause_requested: bool = False  # running: the runner stops the trainer, then the job is paused
     lease_owner: str | None = None
     lease_expires: float | None = None
     trainer_pid: int | None = None

@@ -6,8 +6,9 @@ line, environment, signals, progress tail) is ``service.jobs.trainer_process``, 
 
 The loop (single-threaded, every ``POLL_SECONDS``):
   * reads each trainer's new progress lines into the store and the metrics;
-  * renews the job's lease (heartbeat) and sees cancellation requests: SIGTERM to the trainer,
-    which writes a checkpoint and exits; the job ends ``cancelled``;
+  * renews the job's lease (heartbeat) and sees cancel and pause requests: SIGTERM to the trainer,
+    which writes a checkpoint and exits; the job ends ``cancelled``, or shows ``paused`` (its slot
+    free) until resumed, when it goes back to the queue and resumes from that checkpoint;
   * notices exited trainers: success -> rename the verified adapter into place -> with validation rows,
     the served evaluation (``service.jobs.evaluation``: this server's ``POST /eval``, in a thread while
     the loop goes on) -> ``succeeded``; any other end -> ``failed`` with the reason (the trainer's
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from loracore.artifact import is_complete
+from service.jobs.checkpoints import export as export_checkpoint
+from service.jobs.checkpoints import remove_all as remove_checkpoint_versions
 from service.jobs.evaluation import served_eval
 from service.jobs.files import JobPaths, job_paths, tail_text
 from service.jobs.lease import make_owner_id, owner_is_dead
@@ -76,7 +79,7 @@ class _Run:
     log_fh: IO[bytes]
     tail: ProgressTail
     steps_counted: int = 0
-    stop_reason: str | None = None  # "cancel" | "shutdown" | "stall" | "lost"
+    stop_reason: str | None = None  # "cancel" | "pause" | "shutdown" | "stall" | "lost"
     term_sent_at: float | None = None
     started: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
@@ -209,9 +212,13 @@ class Runner:
             if current is None:  # someone took the job over: stop training it here
                 log.warning("job %s: lease lost; stopping its trainer", run.job.id)
                 self._stop(run, "lost", signal.SIGKILL)
-            elif current.cancel_requested and run.stop_reason is None:
+            elif current.cancel_requested and run.stop_reason in (None, "pause"):
                 log.info("job %s: cancel requested; stopping the trainer at its next step", run.job.id)
+                run.stop_reason = None  # a cancel overrides a pause under way
                 self._stop(run, "cancel")
+            elif current.pause_requested and run.stop_reason is None:
+                log.info("job %s: pause requested; checkpointing and stopping the trainer", run.job.id)
+                self._stop(run, "pause")
         try:
             size = run.paths.log.stat().st_size
         except OSError:
@@ -238,6 +245,11 @@ class Runner:
         m = _metrics()
         if yielded:
             m.TRAIN_YIELD_SECONDS.inc(yielded)
+        for path, ckpt_step in run.tail.take_checkpoints():  # servable as <adapter>@<version id>
+            try:
+                export_checkpoint(self.settings, run.paths, run.job.adapter, path, ckpt_step)
+            except OSError as exc:  # the checkpoint is still a checkpoint: training goes on
+                log.warning("job %s: checkpoint %s not made servable: %s", run.job.id, path, exc)
         progress = run.tail.progress
         step = int(progress.get("step") or 0)
         if step > run.steps_counted:
@@ -262,18 +274,19 @@ class Runner:
         if reason == "cancel":
             self._end(job, "cancelled", None)
             return
-        if reason == "shutdown":
+        if reason in ("shutdown", "pause"):  # a checkpoint was written: queued, or paused if asked
             try:
                 released = self.store.release(job.id, self.owner)
             except StoreUnavailable:
                 log.warning(
-                    "job %s: stopped for shutdown, but the job store is unreachable: its lease expires "
-                    "and a runner resumes it from its last checkpoint",
+                    "job %s: stopped for %s, but the job store is unreachable: its lease expires "
+                    "and a runner resumes (or pauses) it from its last checkpoint",
                     job.id,
+                    reason,
                 )
                 return
             if released:
-                log.info("job %s: stopped for shutdown; it resumes on the next start", job.id)
+                log.info("job %s: stopped for %s; it resumes from its checkpoint", job.id, reason)
             else:  # a cancel arrived meanwhile
                 self._end(job, "cancelled", None)
             return
@@ -373,6 +386,8 @@ class Runner:
         # (with its log) for whoever looks into the failure. A staged output that was not published goes.
         if status != "failed":
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        if status == "cancelled":  # its servable checkpoints go too; a published or failed job's stay
+            remove_checkpoint_versions(self.settings, paths, job.adapter)
         shutil.rmtree(paths.output, ignore_errors=True)
 
     def _count_finished(self, job: Job, status: str) -> None:

@@ -79,6 +79,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN eval TEXT",
         "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
     ],
+    ["ALTER TABLE jobs ADD COLUMN pause_requested INTEGER NOT NULL DEFAULT 0"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -104,6 +105,7 @@ _COLUMN_NAMES = (
     "trainer_pid",
     "eval",
     "warnings",
+    "pause_requested",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 # PostgreSQL advisory lock keys (transaction scope) of the writes that read before they decide.
@@ -127,7 +129,7 @@ def _job_from_row(row: tuple) -> Job:
     d["progress"] = json.loads(d["progress"] or "{}")
     d["eval"] = json.loads(d["eval"]) if d["eval"] else None
     d["warnings"] = json.loads(d["warnings"] or "[]")
-    for key in ("overwrite", "resume", "cancel_requested"):
+    for key in ("overwrite", "resume", "cancel_requested", "pause_requested"):
         d[key] = bool(d[key])
     return Job(**d)
 
@@ -335,8 +337,8 @@ class JobStore:
         """Insert a queued job; returns (job, created).
 
         With an idempotency key already used for the same request, returns that job and False; for a
-        different request raises ``StoreConflict("idempotency_key_reused")``. A queued or running job
-        for the same adapter raises ``StoreConflict("adapter_busy")``. ``before_insert`` runs inside
+        different request raises ``StoreConflict("idempotency_key_reused")``. A queued, running or paused
+        job for the same adapter raises ``StoreConflict("adapter_busy")``. ``before_insert`` runs inside
         the transaction (after the checks) so callers can refuse at the last moment.
         """
         now = time.time()
@@ -352,7 +354,8 @@ class JobStore:
                     if existing is not None:
                         return existing, False
             busy = con.execute(
-                "SELECT id FROM jobs WHERE adapter = ? AND status IN ('queued', 'running')", (job.adapter,)
+                "SELECT id FROM jobs WHERE adapter = ? AND status IN ('queued', 'running', 'paused')",
+                (job.adapter,),
             ).fetchone()
             if busy is not None:
                 raise StoreConflict(
@@ -424,16 +427,49 @@ class JobStore:
         return out
 
     def request_cancel(self, job_id: str) -> Job | None:
-        """Queued → cancelled now; running → flagged, the runner stops the trainer. None if unknown."""
+        """Queued or paused → cancelled now; running → flagged, the runner stops the trainer. None if
+        unknown."""
         now = time.time()
         with self._write() as con:
             con.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, error = NULL "
-                "WHERE id = ? AND status = 'queued'",
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, error = NULL, "
+                "pause_requested = 0 WHERE id = ? AND status IN ('queued', 'paused')",
                 (now, now, job_id),
             )
             con.execute(
                 "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'running'",
+                (now, job_id),
+            )
+            return self._get(con, job_id)
+
+    def request_pause(self, job_id: str) -> Job | None:
+        """Queued → paused now; running → flagged, the runner stops the trainer (it writes a checkpoint)
+        and the job is paused. A job asked to cancel is not paused. None if unknown."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "UPDATE jobs SET status = 'paused', updated_at = ? WHERE id = ? AND status = 'queued'",
+                (now, job_id),
+            )
+            con.execute(
+                "UPDATE jobs SET pause_requested = 1, updated_at = ? "
+                "WHERE id = ? AND status = 'running' AND cancel_requested = 0",
+                (now, job_id),
+            )
+            return self._get(con, job_id)
+
+    def resume(self, job_id: str) -> Job | None:
+        """Paused → queued (the next claim resumes it from its checkpoint); a running job's pause not yet
+        carried out is withdrawn. None if unknown."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "UPDATE jobs SET status = 'queued', updated_at = ? WHERE id = ? AND status = 'paused'",
+                (now, job_id),
+            )
+            con.execute(
+                "UPDATE jobs SET pause_requested = 0, updated_at = ? "
+                "WHERE id = ? AND status = 'running' AND pause_requested = 1",
                 (now, job_id),
             )
             return self._get(con, job_id)
@@ -537,21 +573,23 @@ class JobStore:
         with self._write() as con:
             cur = con.execute(
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ?, lease_owner = NULL, "
-                "lease_expires = NULL, trainer_pid = NULL, eval = ?, warnings = ? "
+                "lease_expires = NULL, trainer_pid = NULL, eval = ?, warnings = ?, pause_requested = 0 "
                 "WHERE id = ? AND status = 'running' AND lease_owner = ?",
                 (status, error, now, now, report, json.dumps(warnings or []), job_id, owner),
             )
             return self._get(con, job_id) if cur.rowcount == 1 else None
 
     def release(self, job_id: str, owner: str) -> bool:
-        """Give a running job back to the queue (clean shutdown): the next runner resumes it.
+        """Give a running job back (its trainer stopped cleanly, with a checkpoint): to the queue, where
+        the next runner resumes it, or, when a pause was asked for, to ``paused``.
 
         The attempt is not counted: a clean stop is not a failure.
         """
         now = time.time()
         with self._write() as con:
             cur = con.execute(
-                "UPDATE jobs SET status = 'queued', resume = 1, attempts = attempts - 1, lease_owner = NULL, "
+                "UPDATE jobs SET status = CASE WHEN pause_requested = 1 THEN 'paused' ELSE 'queued' END, "
+                "pause_requested = 0, resume = 1, attempts = attempts - 1, lease_owner = NULL, "
                 "lease_expires = NULL, trainer_pid = NULL, updated_at = ? "
                 "WHERE id = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 0",
                 (now, job_id, owner),
@@ -567,7 +605,8 @@ class JobStore:
         """Running jobs whose runner is gone (lease expired, or its process is dead on this host).
 
         Each goes back to the queue to resume from its last checkpoint, or, after ``max_attempts``
-        interrupted runs, fails with the reason; one already asked to cancel is cancelled.
+        interrupted runs, fails with the reason; one already asked to cancel is cancelled, one asked to
+        pause is paused.
         Jobs of ``skip_owner`` (the caller, alive by definition) are left alone.
         Returns [(job as it was, new status)].
         """
@@ -585,6 +624,8 @@ class JobStore:
                     continue
                 if job.cancel_requested:
                     new, error = "cancelled", None
+                elif job.pause_requested:  # it resumes from its last checkpoint when resumed
+                    new, error = "paused", None
                 elif job.attempts >= max_attempts:
                     new = "failed"
                     error = (
@@ -596,7 +637,7 @@ class JobStore:
                 finished_at = now if new != "queued" else None
                 cur = con.execute(
                     "UPDATE jobs SET status = ?, error = ?, resume = 1, lease_owner = NULL, "
-                    "lease_expires = NULL, finished_at = ?, updated_at = ? "
+                    "lease_expires = NULL, finished_at = ?, updated_at = ?, pause_requested = 0 "
                     "WHERE id = ? AND status = 'running' AND COALESCE(lease_owner, '') = ?",
                     (new, error, finished_at, now, job.id, job.lease_owner or ""),
                 )

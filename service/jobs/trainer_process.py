@@ -79,6 +79,8 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
     ]  # fmt: skip
     if paths.val.is_file():
         cmd += ["--val", str(paths.val)]
+    if paths.init_adapter.is_dir():
+        cmd += ["--init-adapter", str(paths.init_adapter)]
     if base[1]:
         cmd.append("--allow-random-weights")
     if settings.train_yield_rows > 0:
@@ -185,6 +187,7 @@ class ProgressTail:
     error_message: str | None = None  # the trainer's "error" line
     yielded_before: float = 0.0  # seconds earlier attempts of the job yielded
     yielded_reported: float = 0.0  # what this trainer reported so far (its count starts at 0)
+    checkpoints: list[tuple[Path, int]] = field(default_factory=list)  # saved, not yet taken: (path, step)
 
     @classmethod
     def resume(cls, job: Job, path: Path) -> ProgressTail:
@@ -205,6 +208,8 @@ class ProgressTail:
                 if key in ev:
                     self.progress[key] = ev[key]
             kind = ev.get("event")
+            if kind == "checkpoint" and ev.get("path"):
+                self.checkpoints.append((Path(ev["path"]), int(ev.get("step") or 0)))
             if kind == "done":
                 self.done = True
             elif kind == "error":
@@ -218,3 +223,8 @@ class ProgressTail:
                     self.yielded_reported = reported
                 self.progress["yielded_seconds"] = round(self.yielded_before + self.yielded_reported, 3)
         return len(events), yielded
+
+    def take_checkpoints(self) -> list[tuple[Path, int]]:
+        """The checkpoints the trainer saved since the last call (oldest first)."""
+        taken, self.checkpoints = self.checkpoints, []
+        return taken

@@ -57,14 +57,24 @@ def check_config(raw: Any, settings: Settings):
     return cfg
 
 
-def check_rows(rows: Any, param: str = "data", *, line_numbers: list[int] | None = None) -> int:
-    """Every row parses in one of the trainer's formats; returns how many there are.
+def check_rows(
+    rows: Any, param: str = "data", *, line_numbers: list[int] | None = None, method: str | None = None
+) -> int:
+    """Every row parses in one of the trainer's formats for ``method`` (``sft``: prompt/answer rows,
+    ``dpo``: preference rows; None, an upload whose job is not known yet: either kind); returns how many
+    there are.
 
     The 422 names the row as ``param[i]``; with ``line_numbers`` (uploads) the message also says
     which line of the file it was.
     """
-    from trainer.data import parse_row
+    from trainer.data import parse_any_row, parse_for_method
     from trainer.errors import TrainerError
+
+    def parse_row(row: Any, where: str) -> None:
+        if method is None:
+            parse_any_row(row, where)
+        else:
+            parse_for_method(row, where, method)
 
     if not isinstance(rows, list) or not rows:
         raise JobError("invalid_data", f"{param} must be a non-empty list of rows", param)

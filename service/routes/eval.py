@@ -89,8 +89,9 @@ def _load_rows(settings: Settings, req: EvalRequest) -> tuple[list[Any], str]:
 def _prompts(
     rows: list[Any], param: str, targets: dict[str, ResolvedTarget | None], base_template: Any = None
 ):
-    """[(row index, reference, {adapter key: rendered prompt})] for the rows that have a prompt part."""
-    from trainer.data import parse_row
+    """[(row index, reference, {adapter key: rendered prompt}, rejected answer or None)] for the rows that
+    have a prompt part. A preference row's reference is its chosen answer."""
+    from trainer.data import parse_any_row
     from trainer.errors import TrainerError
 
     templates = {key: template_of(target, base=base_template) for key, target in targets.items()}
@@ -98,13 +99,16 @@ def _prompts(
     for i, row in enumerate(rows):
         where = f"{param}[{i}]"
         try:
-            parsed = {key: parse_row(row, where, tpl) for key, tpl in templates.items()}
+            parsed = {key: parse_any_row(row, where, tpl) for key, tpl in templates.items()}
         except TrainerError as exc:  # a dataset is checked at upload; a template can still refuse a row
             raise ApiError(422, "invalid_row", str(exc), where) from None
         first = next(iter(parsed.values()))
         if first.prompt_text is None:  # plain text: nothing to answer
             continue
-        out.append((i, first.reference or "", {key: ex.prompt_text or "" for key, ex in parsed.items()}))
+        rejected = getattr(first, "rejected", None)
+        out.append(
+            (i, first.reference or "", {key: ex.prompt_text or "" for key, ex in parsed.items()}, rejected)
+        )
     if not out:
         raise ApiError(
             422,
@@ -139,7 +143,8 @@ def _prepare_jobs(
             f"{max_in_flight} requests in flight: send fewer rows or adapters per request",
             "data",
         )
-    max_new = eval_max_new_tokens(limits, [ref for _, ref, _ in items], settings.max_new_tokens_cap)
+    answers = [ref for _, ref, _, _ in items] + [rej for *_, rej in items if rej is not None]
+    max_new = eval_max_new_tokens(limits, answers, settings.max_new_tokens_cap)
     greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[])
     jobs = [
         prepare_job(
@@ -151,7 +156,7 @@ def _prepare_jobs(
             max_new_tokens_cap=settings.max_new_tokens_cap,
             request_timeout=settings.request_timeout,
         )
-        for _, _, prompts in items
+        for _, _, prompts, _ in items
         for key in adapters
     ]
     return jobs, max_new
@@ -189,7 +194,7 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
         finals = await _answer_all(client, jobs, request)
         keys = [key_of(a) for a in body.adapters]
         out_rows = []
-        for n, (index, reference, _) in enumerate(items):
+        for n, (index, reference, _, rejected) in enumerate(items):
             outputs = {}
             for k, key in enumerate(keys):
                 ev = finals[n * len(keys) + k]
@@ -198,8 +203,11 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
                     "finish_reason": ev.finish_reason,
                     "tokens": (ev.usage or {}).get("completion_tokens", 0),
                 }
-            out_rows.append({"index": index, "reference": reference, "outputs": outputs})
-        references = [ref for _, ref, _ in items]
+            row = {"index": index, "reference": reference, "outputs": outputs}
+            if rejected is not None:  # a preference row: the reference is its chosen answer
+                row["rejected"] = rejected
+            out_rows.append(row)
+        references = [ref for _, ref, _, _ in items]
         metrics = {
             key: generation_metrics(
                 [row["outputs"][key]["text"] for row in out_rows],

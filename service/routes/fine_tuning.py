@@ -1,5 +1,5 @@
 """OpenAI's fine-tuning API as views of the native training jobs: /v1/fine_tuning/jobs[/{id}[/cancel|
-/events|/checkpoints]].
+/pause|/resume|/events|/checkpoints]].
 
 A fine-tuning job IS a native job (``service.jobs.actions.submit_job``, the queue of ``POST /train``): its id
 is the job id, it shows in ``GET /train``, the runner trains it like any other. What the OpenAI request
@@ -15,21 +15,23 @@ validation file its ``validation_dataset``. ``fine_tuned_model`` is the adapter'
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from loracore import artifact
 from loracore.artifact import valid_name
 from loracore.atomic import write_atomic
-from service.adapters import store as adapter_store
 from service.errors import ApiError
-from service.jobs.actions import TrainRequest, cancel, submit_job
+from service.jobs.actions import TrainRequest, cancel, pause, resume, submit_job
+from service.jobs.checkpoints import servable_checkpoints
 from service.jobs.datasets import file_not_found
 from service.jobs.files import DATASET_ID, JOB_ID, JobPaths, job_paths, read_progress
 from service.jobs.model import Job, JobError, StoreConflict
@@ -39,6 +41,7 @@ from service.settings import Settings
 
 ORGANIZATION = "loraserve"
 AUTO = "auto"
+MAX_METADATA_PAIRS = 16
 
 # --- the request -----------------------------------------------------------------------------------
 
@@ -70,15 +73,35 @@ class Hyperparameters(BaseModel):
         raise ValueError(f'must be "auto" or a number in (0, 1000] (got {value!r})')
 
 
+class DpoHyperparameters(Hyperparameters):
+    """DPO's hyperparameters: the supervised ones and ``beta`` (trainer ``dpo_beta``; "auto": 0.1)."""
+
+    beta: Any = AUTO
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: Any) -> Any:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 2
+        if value == AUTO or ok:
+            return value
+        raise ValueError(f'must be "auto" or a number in (0, 2] (got {value!r})')
+
+
 class _Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters | None = None
 
 
+class _Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"]
+    type: Literal["supervised", "dpo"]
     supervised: _Supervised | None = None
+    dpo: _Dpo | None = None
 
 
 class FineTuningJobRequest(BaseModel):
@@ -94,6 +117,19 @@ class FineTuningJobRequest(BaseModel):
     metadata: dict[str, str] | None = None
     integrations: list[Any] | None = None
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's limits: at most 16 pairs, keys up to 64 characters, values up to 512."""
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs (got {len(value)})")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError(f"key {key[:70]!r}: keys take up to 64 characters, values up to 512")
+        return value
+
 
 # OpenAI hyperparameter -> trainer key (trainer.config.TrainingSettings). The learning rate is the
 # multiplier times the trainer's default learning_rate.
@@ -104,25 +140,57 @@ HYPERPARAMETERS = {
 }
 
 
-def trainer_config(hp: Hyperparameters, seed: int, has_validation: bool) -> tuple[dict, dict]:
-    """(the partial trainer config for ``POST /train``, the hyperparameters as resolved for the job)."""
+def trainer_config(
+    hp: Hyperparameters, seed: int, has_validation: bool, num_rows: int | None = None
+) -> tuple[dict, dict]:
+    """(the partial trainer config for ``POST /train``, the hyperparameters as resolved for the job).
+
+    With ``num_rows`` a checkpoint is saved at the end of every epoch, as OpenAI does (each is servable
+    while kept: ``service.jobs.checkpoints``)."""
     from trainer.config import TrainingSettings
 
     defaults = TrainingSettings()
     training: dict[str, Any] = {"seed": seed}
     resolved: dict[str, Any] = {}
+    if isinstance(hp, DpoHyperparameters):
+        training["method"] = "dpo"
+        resolved["beta"] = training["dpo_beta"] = defaults.dpo_beta if hp.beta == AUTO else float(hp.beta)
+    auto = auto_hyperparameters(num_rows)
     for name, key in HYPERPARAMETERS.items():
         value = getattr(hp, name)
         if name == "learning_rate_multiplier":
-            mult = 1.0 if value == AUTO else float(value)
+            mult = auto[name] if value == AUTO else float(value)
             training[key] = mult * defaults.learning_rate
             resolved[name] = mult
         else:
-            resolved[name] = getattr(defaults, key) if value == AUTO else value
+            resolved[name] = auto[name] if value == AUTO else value
             training[key] = resolved[name]
     if not has_validation:  # as OpenAI: without a validation file every row trains, nothing is held out
         training["eval_fraction"] = 0.0
+    if num_rows:  # every row trains (validation rows come from their own file): an epoch is this many steps
+        training["save_steps"] = math.ceil(num_rows / training["per_device_train_batch_size"])
     return {"training": training}, resolved
+
+
+# OpenAI's published rule for n_epochs "auto" (the chat fine-tuning data preparation cookbook): 3 epochs,
+# raised so that at least 100 examples are trained on and lowered so that at most 25,000 are, within 1-25.
+TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 3, 100, 25_000, 25
+MAX_AUTO_BATCH = 8  # the trainer's per-device default: what one device's LoRA step is sized for
+
+
+def auto_hyperparameters(num_rows: int | None) -> dict[str, Any]:
+    """What "auto" resolves to for a training file of ``num_rows`` rows (None: unknown, the trainer's
+    defaults): ``n_epochs`` by OpenAI's rule above; ``batch_size`` about 0.2 % of the rows (OpenAI's
+    proportion), 1 to 8; ``learning_rate_multiplier`` 1 (the trainer's LoRA rate, 2e-4)."""
+    if not num_rows:
+        return {"n_epochs": TARGET_EPOCHS, "batch_size": MAX_AUTO_BATCH, "learning_rate_multiplier": 1.0}
+    epochs = TARGET_EPOCHS
+    if num_rows * epochs < MIN_TARGET_EXAMPLES:
+        epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / num_rows))
+    elif num_rows * epochs > MAX_TARGET_EXAMPLES:
+        epochs = max(1, MAX_TARGET_EXAMPLES // num_rows)
+    batch = min(MAX_AUTO_BATCH, max(1, math.ceil(0.002 * num_rows)))
+    return {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": 1.0}
 
 
 def adapter_name(base_id: str, suffix: str | None) -> str:
@@ -154,6 +222,7 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
     (files are validated during the create request itself)."""
     eta = job.progress.get("eta_seconds")
     hp = spec["hyperparameters"]
+    kind = spec.get("method", "supervised")
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -167,12 +236,12 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
         "training_file": spec["training_file"],
         "validation_file": spec.get("validation_file"),
         "hyperparameters": hp,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": kind, kind: {"hyperparameters": hp}},
         "seed": spec["seed"],
         "user_provided_suffix": spec.get("suffix"),
         "metadata": spec.get("metadata"),
         "integrations": [],
-        "trained_tokens": None,
+        "trained_tokens": job.progress.get("trained_tokens"),
         "estimated_finish": int(time.time() + eta) if job.status == "running" and eta is not None else None,
         "error": (
             {"code": "training_failed", "message": job.error or "training failed", "param": None}
@@ -247,10 +316,12 @@ def job_events(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[s
     return out
 
 
-def job_checkpoints(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One per checkpoint the trainer saved (``save_steps``, or when stopped), plus the published adapter
-    once the job succeeded; newest first. Only the published one is a servable model: intermediate
-    checkpoints are resumable training state, removed when the job ends."""
+def job_checkpoints(
+    job: Job, lines: list[tuple[int, dict[str, Any]]], servable: dict[int, str]
+) -> list[dict[str, Any]]:
+    """One per checkpoint the job keeps servable (``servable``: step -> ``<adapter>@<version id>``,
+    ``service.jobs.checkpoints``), plus the published adapter once the job succeeded; newest first. Each
+    ``fine_tuned_model_checkpoint`` is a model for ``/v1/*`` and an adapter for ``/generate``."""
     found: dict[int, dict[str, Any]] = {}
     train_loss: dict[int, Any] = {}
 
@@ -271,8 +342,9 @@ def job_checkpoints(job: Job, lines: list[tuple[int, dict[str, Any]]]) -> list[d
         step = int(ev.get("step") or 0)
         if ev.get("event") == "step":
             train_loss[step] = ev.get("loss")
-        elif ev.get("event") == "checkpoint":
-            add(step, ev.get("time"), ev.get("loss"), ev.get("eval_loss"), f"{job.adapter}:step-{step}")
+        elif ev.get("event") == "checkpoint" and step in servable:
+            loss = train_loss.get(step, ev.get("loss"))
+            add(step, ev.get("time"), loss, ev.get("eval_loss"), servable[step])
         elif ev.get("event") == "done":
             done = ev
     if job.status == "succeeded" and done is not None:
@@ -293,7 +365,12 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[st
 
 # --- routes ----------------------------------------------------------------------------------------
 
-_NATIVE_PARAMS = {"dataset": "training_file", "validation_dataset": "validation_file", "adapter": "suffix"}
+_NATIVE_PARAMS = {
+    "dataset": "training_file",
+    "validation_dataset": "validation_file",
+    "adapter": "suffix",
+    "init_adapter": "model",
+}
 
 
 def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable, model: ServedModel) -> None:
@@ -313,18 +390,17 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             )
         return job, spec
 
-    def check_model(name: str) -> None:
+    def check_model(name: str) -> str | None:
+        """None for the served base; an adapter (``name`` or ``name@version``) is a warm start from it."""
         if name in names:
-            return
-        if valid_name(name) and adapter_store.exists(settings.adapter_dir, name):
-            raise ApiError(
-                422,
-                "invalid_model",
-                f"fine-tuning starts from the served base ({base_id!r}), not from the adapter {name!r}",
-                "model",
-            )
+            return None
+        if artifact.valid_ref(name) and artifact.resolve(settings.adapter_dir, name) is not None:
+            return name
         raise ApiError(
-            404, "model_not_found", f"the model {name!r} is not the served base ({base_id!r})", "model"
+            404,
+            "model_not_found",
+            f"the model {name!r} is neither the served base ({base_id!r}) nor an adapter",
+            "model",
         )
 
     def check_file(file_id: str | None, param: str) -> None:
@@ -334,26 +410,40 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             raise file_not_found(file_id, param)
 
     def create(body: FineTuningJobRequest) -> dict[str, Any]:
-        check_model(body.model)
+        init_adapter = check_model(body.model)
         if body.integrations:
             raise ApiError(422, "invalid_request", "integrations are not supported", "integrations")
-        hp = body.hyperparameters
-        if body.method is not None and body.method.supervised and body.method.supervised.hyperparameters:
+        hp: Hyperparameters | None = body.hyperparameters
+        kind = body.method.type if body.method is not None else "supervised"
+        inner = getattr(body.method, kind, None) if body.method is not None else None
+        if kind == "dpo" and hp is not None:
+            msg = "a dpo job takes its hyperparameters in method.dpo.hyperparameters"
+            raise ApiError(422, "invalid_request", msg, "hyperparameters")
+        if inner is not None and inner.hyperparameters is not None:
             if hp is not None:
                 msg = "give hyperparameters once: top-level or in method.supervised, not both"
                 raise ApiError(422, "invalid_request", msg, "hyperparameters")
-            hp = body.method.supervised.hyperparameters
+            hp = inner.hyperparameters
+        if kind == "dpo" and hp is None:
+            hp = DpoHyperparameters()
         check_file(body.training_file, "training_file")
         check_file(body.validation_file, "validation_file")
         from trainer.config import TrainingSettings
 
         seed = TrainingSettings().seed if body.seed is None else body.seed
-        config, resolved = trainer_config(hp or Hyperparameters(), seed, body.validation_file is not None)
+        dataset = store().get_dataset(body.training_file)
+        config, resolved = trainer_config(
+            hp or Hyperparameters(),
+            seed,
+            body.validation_file is not None,
+            dataset.num_rows if dataset is not None else None,
+        )
         spec = {
             "model": body.model,
             "training_file": body.training_file,
             "validation_file": body.validation_file,
             "hyperparameters": resolved,
+            "method": kind,
             "suffix": body.suffix,
             "seed": seed,
             "metadata": body.metadata,
@@ -363,6 +453,7 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
             dataset=body.training_file,
             validation_dataset=body.validation_file,
             config=config,
+            init_adapter=init_adapter,
         )
 
         def write_spec(paths: JobPaths) -> None:
@@ -373,7 +464,9 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         except StoreConflict:  # its param is the native request's too
             raise
         except JobError as exc:  # the native request's field names, in this API's terms
-            exc.param = _NATIVE_PARAMS.get(exc.param or "", exc.param)
+            if exc.param is not None:  # "dataset[3]" -> "training_file[3]"
+                head, bracket, rest = exc.param.partition("[")
+                exc.param = _NATIVE_PARAMS.get(head, head) + bracket + rest
             raise
         return job_object(job, spec)
 
@@ -382,17 +475,28 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         """A native training job on the served base, from uploaded files (see docs/openai.md)."""
         return await run_in_threadpool(create, body)
 
-    def list_all(after: str | None, limit: int) -> dict[str, Any]:
+    def list_all(after: str | None, limit: int, metadata: dict[str, str]) -> dict[str, Any]:
         out = []
         for job in store().list_jobs(None, 1_000_000):  # newest first
             spec = read_spec(job_paths(settings, job.id))
-            if spec is not None:
+            if spec is None:
+                continue
+            tags = spec.get("metadata") or {}
+            if all(tags.get(key) == value for key, value in metadata.items()):
                 out.append(job_object(job, spec))
         return _page(out, after, limit)
 
     @app.get("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
-    async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
-        return await run_in_threadpool(list_all, after, limit)
+    async def list_jobs(
+        request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """``?metadata[key]=value`` (any number) keeps the jobs whose metadata has every such pair."""
+        metadata = {
+            k[len("metadata[") : -1]: v
+            for k, v in request.query_params.multi_items()
+            if k.startswith("metadata[") and k.endswith("]")
+        }
+        return await run_in_threadpool(list_all, after, limit, metadata)
 
     @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}", dependencies=deps, tags=["fine-tuning"])
     async def retrieve_job(fine_tuning_job_id: str) -> dict[str, Any]:
@@ -407,6 +511,25 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
         """Queued: cancelled now. Running: the trainer stops at its next step (status ``running`` until
         then, ``cancelled`` after)."""
         return await run_in_threadpool(cancel_one, fine_tuning_job_id)
+
+    def pause_one(job_id: str) -> dict[str, Any]:
+        job, spec = load(job_id)
+        return job_object(pause(store(), job), spec)
+
+    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", dependencies=deps, tags=["fine-tuning"])
+    async def pause_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        """Queued: paused now. Running: the trainer writes a checkpoint at its next step and exits, freeing
+        its slot (status ``running`` until then, ``paused`` after)."""
+        return await run_in_threadpool(pause_one, fine_tuning_job_id)
+
+    def resume_one(job_id: str) -> dict[str, Any]:
+        job, spec = load(job_id)
+        return job_object(resume(store(), job), spec)
+
+    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", dependencies=deps, tags=["fine-tuning"])
+    async def resume_job(fine_tuning_job_id: str) -> dict[str, Any]:
+        """Paused: queued again; training resumes from the pause's checkpoint with the same loss curve."""
+        return await run_in_threadpool(resume_one, fine_tuning_job_id)
 
     def lines_of(job: Job) -> list[tuple[int, dict[str, Any]]]:
         return read_progress(job_paths(settings, job.id).progress, 0)[0]
@@ -424,7 +547,8 @@ def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable
 
     def checkpoints(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
         job, _ = load(job_id)
-        return _page(job_checkpoints(job, lines_of(job)), after, limit)
+        servable = servable_checkpoints(settings, job_paths(settings, job.id), job.adapter)
+        return _page(job_checkpoints(job, lines_of(job), servable), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", dependencies=deps, tags=["fine-tuning"])
     async def list_checkpoints(

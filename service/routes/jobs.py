@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError, not_utf8_message
-from service.jobs.actions import TrainRequest, cancel, submit_job
+from service.jobs.actions import TrainRequest, cancel, pause, resume, submit_job
 from service.jobs.datasets import save_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.model import PROGRESS_KEYS, STATUSES, Job
@@ -57,6 +57,7 @@ def job_json(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]
         "finished_at": _iso(job.finished_at),
         "progress": prog,
         "cancel_requested": job.cancel_requested and not job.finished,
+        "pause_requested": job.pause_requested and job.status == "running",
         "attempts": job.attempts,
         "dataset": job.dataset,
         "rows": job.num_rows,
@@ -137,7 +138,7 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
 
     @app.get("/train", dependencies=deps, tags=["training"])
     async def list_jobs(
-        status: str | None = Query(None, description="queued|running|succeeded|failed|cancelled"),
+        status: str | None = Query(None, description="queued|running|paused|succeeded|failed|cancelled"),
         limit: int = Query(100, ge=1, le=1000),
     ) -> dict[str, Any]:
         if status is not None and status not in STATUSES:
@@ -152,6 +153,16 @@ def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> Non
     @app.delete("/train/{job_id}", dependencies=deps, tags=["training"])
     async def cancel_job(job_id: str) -> dict[str, Any]:
         return job_json(await call(cancel, store(), await load_job(job_id)))
+
+    @app.post("/train/{job_id}/pause", dependencies=deps, tags=["training"])
+    async def pause_job(job_id: str) -> dict[str, Any]:
+        """Queued: paused now. Running: checkpoint at the next step, trainer exits, then ``paused``."""
+        return job_json(await call(pause, store(), await load_job(job_id)))
+
+    @app.post("/train/{job_id}/resume", dependencies=deps, tags=["training"])
+    async def resume_job(job_id: str) -> dict[str, Any]:
+        """Paused: back in the queue, resumed from the pause's checkpoint."""
+        return job_json(await call(resume, store(), await load_job(job_id)))
 
     @app.get("/train/{job_id}/logs", dependencies=deps, tags=["training"])
     async def job_logs(

@@ -148,12 +148,16 @@ class Client(_Config):
         overwrite: bool = False,
         validation: Rows | PathLike | None = None,
         validation_dataset: str | None = None,
+        method: str | None = None,
+        init_adapter: str | None = None,
     ) -> TrainingJob:
         """Queue training of ``adapter`` on ``data`` (rows, or a .jsonl path uploaded first as a dataset) or
         on an uploaded ``dataset`` id. ``config`` is a partial trainer config, e.g. ``{"training":
         {"num_train_epochs": 5}}``. ``validation`` (rows or a path, uploaded likewise) or
         ``validation_dataset`` are evaluated on instead of a held-out part of the rows; the adapter
-        published is the best evaluation's. Returns at once; ``.wait()`` on the result to follow it."""
+        published is the best evaluation's. ``method`` is "sft" (default) or "dpo" (preference rows
+        ``{"prompt", "chosen", "rejected"}``); ``init_adapter`` ("name" or "name@version") starts from an
+        existing adapter's weights. Returns at once; ``.wait()`` on the result to follow it."""
         if _core.is_path(data):
             dataset, data = self.datasets.upload(data).dataset, None  # type: ignore[arg-type]
         if _core.is_path(validation):
@@ -166,6 +170,8 @@ class Client(_Config):
             overwrite=overwrite,
             validation=validation,  # type: ignore[arg-type]
             validation_dataset=validation_dataset,
+            method=method,
+            init_adapter=init_adapter,
         )
         return TrainingJob(self, self._request(op))
 
@@ -235,6 +241,15 @@ class Jobs(_Resource):
     def cancel(self, job_id: str) -> Job:
         """Queued: cancelled at once. Running: stops at the next step (the answer may still say running)."""
         return self._client._request(_core.cancel_job(job_id))
+
+    def pause(self, job_id: str) -> Job:
+        """Queued: paused at once. Running: checkpoints at the next step and frees its slot (the answer may
+        still say running, with ``pause_requested``)."""
+        return self._client._request(_core.pause_job(job_id))
+
+    def resume(self, job_id: str) -> Job:
+        """Paused: queued again; it resumes from the pause's checkpoint with the same loss curve."""
+        return self._client._request(_core.resume_job(job_id))
 
     def logs(self, job_id: str) -> str:
         return self._client._request(_core.job_logs(job_id))
@@ -327,6 +342,14 @@ class TrainingJob:
 
     def cancel(self) -> Job:
         self.job = self._client.jobs.cancel(self.id)
+        return self.job
+
+    def pause(self) -> Job:
+        self.job = self._client.jobs.pause(self.id)
+        return self.job
+
+    def resume(self) -> Job:
+        self.job = self._client.jobs.resume(self.id)
         return self.job
 
     def logs(self) -> str:
@@ -508,6 +531,8 @@ class AsyncClient(_Config):
         overwrite: bool = False,
         validation: Rows | PathLike | None = None,
         validation_dataset: str | None = None,
+        method: str | None = None,
+        init_adapter: str | None = None,
     ) -> AsyncTrainingJob:
         if _core.is_path(data):
             dataset, data = (await self.datasets.upload(data)).dataset, None  # type: ignore[arg-type]
@@ -521,6 +546,8 @@ class AsyncClient(_Config):
             overwrite=overwrite,
             validation=validation,  # type: ignore[arg-type]
             validation_dataset=validation_dataset,
+            method=method,
+            init_adapter=init_adapter,
         )
         return AsyncTrainingJob(self, await self._request(op))
 
@@ -579,6 +606,12 @@ class AsyncJobs(_Resource):
 
     async def cancel(self, job_id: str) -> Job:
         return await self._client._request(_core.cancel_job(job_id))
+
+    async def pause(self, job_id: str) -> Job:
+        return await self._client._request(_core.pause_job(job_id))
+
+    async def resume(self, job_id: str) -> Job:
+        return await self._client._request(_core.resume_job(job_id))
 
     async def logs(self, job_id: str) -> str:
         return await self._client._request(_core.job_logs(job_id))
@@ -659,6 +692,14 @@ class AsyncTrainingJob:
 
     async def cancel(self) -> Job:
         self.job = await self._client.jobs.cancel(self.id)
+        return self.job
+
+    async def pause(self) -> Job:
+        self.job = await self._client.jobs.pause(self.id)
+        return self.job
+
+    async def resume(self) -> Job:
+        self.job = await self._client.jobs.resume(self.id)
         return self.job
 
     async def logs(self) -> str:

@@ -370,6 +370,8 @@ def train(
     validation: Iterable[Mapping[str, Any]] | None = None,
     validation_dataset: str | None = None,
     idempotency_key: str | None = None,
+    method: str | None = None,
+    init_adapter: str | None = None,
 ) -> Op[Job]:
     """``POST /train`` with one Idempotency-Key for the call: a retry after a lost answer returns the job the
     first attempt queued instead of queueing a second one."""
@@ -392,6 +394,10 @@ def train(
         body["validation_dataset"] = validation_dataset
     if config:
         body["config"] = dict(config)
+    if method is not None:
+        body["method"] = method
+    if init_adapter is not None:
+        body["init_adapter"] = init_adapter
     headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
     return Op("POST", "/train", _model(Job), json=body, headers=headers)
 
@@ -407,6 +413,16 @@ def get_job(job_id: str) -> Op[Job]:
 
 def cancel_job(job_id: str) -> Op[Job]:
     return Op("DELETE", f"/train/{_segment(job_id, 'job id')}", _model(Job))
+
+
+def pause_job(job_id: str) -> Op[Job]:
+    # Pausing a paused job answers it as it is, so a retry is safe.
+    return Op("POST", f"/train/{_segment(job_id, 'job id')}/pause", _model(Job))
+
+
+def resume_job(job_id: str) -> Op[Job]:
+    # Resuming a queued or running job answers it as it is, so a retry is safe.
+    return Op("POST", f"/train/{_segment(job_id, 'job id')}/resume", _model(Job))
 
 
 def job_logs(job_id: str) -> Op[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -91,6 +91,15 @@ class JobProgress(_Model):
     last_eval_loss: float | None = None
     selected: str | None = None  # at the end: "best" or "last" (the weights that were published)
     yielded_seconds: float | None = None  # paused for live serving, all attempts together
+    trained_tokens: int | None = None  # tokens that received loss, all epochs so far
+    # preference tuning (method "dpo"): the last evaluation's metrics; at the end, the published weights'
+    method: str | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
 
 
 class Job(_Model):
@@ -103,6 +112,7 @@ class Job(_Model):
     finished_at: datetime | None = None
     progress: JobProgress | None = None
     cancel_requested: bool = False
+    pause_requested: bool = False
     attempts: int | None = None
     dataset: str | None = None
     rows: int | None = None
