@@ -193,7 +193,7 @@ def _check_target_modules(targets: Any, layout: BaseLayout) -> None:
         return
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise LoraFormatError("target_modules must be a non-empty list of module names", CONFIG_PART)
-    for target in targets:
+    for target in sorted(targets):  # the same module named whatever order PEFT saved them in
         if not any(_selects(target, p) for p in paths):
             known = sorted({m.split(".")[-1] for m in layout.modules()})
             raise LoraFormatError(
