@@ -78,8 +78,9 @@ def test_a_job_yields_to_live_traffic_and_still_finishes(tiny_base: Path, tmp_pa
                 t.join(60)
         assert job["status"] == "succeeded", job
         assert saw_flag and not flag.exists()  # raised while serving was busy; gone once the job ended
-        # 6 steps under constant traffic: each waited (about) the 1 s bound, then ran anyway
-        assert job["progress"]["step"] == 6 and job["progress"]["yielded_seconds"] >= 3, job
+        # 6 steps under traffic: a step waits up to the 1 s bound while serving is busy, then runs anyway.
+        # Gaps between a client's requests can let a step start early, so at least two full bounds.
+        assert job["progress"]["step"] == 6 and job["progress"]["yielded_seconds"] >= 2, job
         assert answered and set(answered) == {200}
         cmdline = (data_dir / "jobs" / job_id / "train.log").read_text()
         assert f"--yield-file {flag}" in cmdline and "--max-pause-seconds 1.0" in cmdline

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from service.adapters.watcher import PROCESS_NAME
 from tests.helpers.jobs import wait_job
 from tests.helpers.server import Server, group_members, running_server
 
@@ -29,10 +30,13 @@ QUICK = {
 
 
 def _tree(srv: Server) -> dict[int, str]:
-    """Command lines of the server's live processes, by pid."""
+    """Command lines of the server's live processes, by pid, but the adapter watcher's (a spawned child
+    in every role, named by its ``comm``)."""
     out = {}
     for pid, _ in group_members(srv.proc.pid):
         try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == PROCESS_NAME:
+                continue
             out[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
         except OSError:
             continue

@@ -12,9 +12,11 @@ logged once and tried again at the next scan; it changes nothing a request sees.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from loracore import artifact
@@ -54,9 +56,20 @@ def scan(adapter_dir: Path, keep: int, failed: dict[str, str] | None = None) -> 
     return adopted
 
 
+# What `ps -o comm`, `top` and /proc/<pid>/comm show for this process (at most 15 bytes), so an operator
+# (and a test) can tell it from the other spawned children, whose command lines are all alike.
+PROCESS_NAME = "adapter-watcher"
+
+
+def _name_process(name: str) -> None:
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME (Linux)
+
+
 def run_watcher(adapter_dir: str, keep: int, log_level: str = "info") -> None:
     """The watcher process: scan until the main process is gone (or terminates it)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _name_process(PROCESS_NAME)
     parent = os.getppid()
     failed: dict[str, str] = {}
     while os.getppid() == parent:  # re-parented: the main process died
