@@ -85,7 +85,7 @@ def test_a_job_yields_to_live_traffic_and_still_finishes(tiny_base: Path, tmp_pa
         cmdline = (data_dir / "jobs" / job_id / "train.log").read_text()
         assert f"--yield-file {flag}" in cmdline and "--max-pause-seconds 1.0" in cmdline
         text = httpx.get(srv.url + "/metrics").text
-        assert metric(text, "loraserve_train_yield_seconds_total") >= 3
+        assert metric(text, "loraserve_train_yield_seconds_total") >= 2
         # serving idle again: the worker said so at once, and the runner lowered the flag
         status = json.loads((data_dir / "worker-status.json").read_text())
         assert status["load"]["running"] == status["load"]["waiting"] == 0
