@@ -110,15 +110,10 @@ def make_random_base(
         model.save_pretrained(staging)
         gpt2_tokenizer().save_pretrained(staging)
         shape = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
-        marker = {"random_weights": True, "seed": seed, **shape}
-        (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        return _publish_random_base(staging, out, {"random_weights": True, "seed": seed, **shape})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def make_random_llama_base(
@@ -165,14 +160,10 @@ def make_random_llama_base(
             tok.chat_template = chat_template
         tok.save_pretrained(staging)
         marker = {"random_weights": True, "seed": seed, "model_type": model_type}
-        (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        return _publish_random_base(staging, out, marker)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def is_random(path: str | Path) -> bool:
@@ -323,3 +314,12 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def _publish_random_base(staging: Path, out: Path, marker: dict) -> Path:
+    """Mark a staged random-weights base as such and rename it to ``out`` (replacing an older one)."""
+    (staging / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
