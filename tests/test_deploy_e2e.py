@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers.server import free_port, running_server
+from testing.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
