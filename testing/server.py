@@ -141,13 +141,15 @@ def launch(
     ready_timeout: float = 120.0,
     stop_grace: float = 20.0,
     check_stop: bool = False,
+    cwd: Path = REPO,
 ) -> Iterator[Server]:
-    """Start ``cmd`` in its own process group, serving on loopback ``port``; yield it once
-    ``/health/ready`` answers 200; stop it and its group afterwards (see the module's docstring)."""
+    """Start ``cmd`` in its own process group, serving on loopback ``port``, in ``cwd`` (the source tree
+    ``python -m`` imports from); yield it once ``/health/ready`` answers 200; stop it and its group
+    afterwards (see the module's docstring)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            list(cmd), cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, name=name, api_key=api_key)
     failed = True

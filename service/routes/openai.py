@@ -322,8 +322,7 @@ class OpenAIContext:
     settings: Settings
     client: EngineClient
     limits: ModelLimits
-    models: Models
-    base_id: str
+    models: Models  # the base's names and id, and /v1 model -> adapter
 
 
 def _context(request: Request) -> OpenAIContext:
@@ -339,7 +338,7 @@ def register_openai_routes(
         base_created = int(time.time())
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
-    app.state.openai = OpenAIContext(settings, client, limits, models, base_id)
+    app.state.openai = OpenAIContext(settings, client, limits, models)
     app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList, tags=["openai"])
     app.add_api_route(
         "/v1/models/{name}",
@@ -382,7 +381,7 @@ def target(ctx: OpenAIContext, body: CompletionRequest | ChatCompletionRequest) 
         raise ApiError(
             422,
             "invalid_request",
-            f"adapters composes adapters on the base: model must name the base ({ctx.base_id!r}), "
+            f"adapters composes adapters on the base: model must name the base ({ctx.models.base_id!r}), "
             f"not the adapter {body.model!r}",
             "model",
         )
