@@ -261,7 +261,8 @@ def test_completions_logit_bias_and_penalties(env):
     ("kwargs", "param"),
     [
         ({"logprobs": 6}, "logprobs"),
-        ({"logprobs": 2, "echo": True}, "logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),  # generates nothing without echo
+        ({"prompt": [1, 50257]}, "prompt"),  # GPT-2's vocabulary has ids 0..50256
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"logit_bias": {"99999": 3}}, "logit_bias"),
         ({"logit_bias": {"1": -101}}, "logit_bias"),
@@ -270,10 +271,95 @@ def test_completions_logit_bias_and_penalties(env):
 def test_completions_bad_values_are_422(env, kwargs, param):
     for stream in (False, True):
         with pytest.raises(openai.UnprocessableEntityError) as err:
-            env["oai"].completions.create(model="base", prompt="Hi", max_tokens=2, stream=stream, **kwargs)
+            body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "stream": stream, **kwargs}
+            env["oai"].completions.create(**body)
         assert err.value.body["param"] == param, err.value.body
-    if "echo" in kwargs:
-        assert "echo" in err.value.body["message"]
+
+
+# --- prompt log-probabilities (echo) -------------------------------------------------------------
+def _hf_prompt_logprobs(base: Path, ids: list[int]) -> list[float]:
+    """log_softmax of the Hugging Face model's own logits: each prompt token given the ones before."""
+    import torch
+
+    from trainer.model import load_base_model
+
+    with torch.no_grad():
+        lp = torch.log_softmax(load_base_model(base).eval()(torch.tensor([ids])).logits[0].float(), -1)
+    return [float(lp[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+
+def test_generate_prompt_logprobs(env, tiny_base: Path):
+    ids = env["tok"].encode(PROMPT)
+    body = generate(env, prompt_logprobs=3, logprobs=1)
+    prompt = body["prompt_logprobs"]
+    assert [t["id"] for t in prompt] == ids and body["usage"]["prompt_tokens"] == len(ids)
+    assert prompt[0]["logprob"] is None and prompt[0]["top"] == []
+    assert [t["logprob"] for t in prompt[1:]] == pytest.approx(_hf_prompt_logprobs(tiny_base, ids), abs=1e-4)
+    for t in prompt[1:]:
+        assert len(t["top"]) == 3 and t["text"] == env["tok"].decode([t["id"]])
+        check_top([a["logprob"] for a in t["top"]], t["logprob"], greedy=False)
+    assert body["tokens"] == generate(env, logprobs=1)["tokens"]  # generation unchanged by scoring
+    # streamed: the first chunk carries them, once
+    chunks = generate_stream(env, prompt_logprobs=3)
+    assert chunks[0]["prompt_logprobs"] == prompt and all(c["prompt_logprobs"] is None for c in chunks[1:])
+    # max_new_tokens 0: the prompt alone
+    only = generate(env, prompt_logprobs=0, max_new_tokens=0, adapter="beta")
+    assert only["text"] == "" and only["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0}
+    assert [t["top"] for t in only["prompt_logprobs"]] == [[]] * len(ids)
+    assert [t["logprob"] for t in only["prompt_logprobs"][1:]] != pytest.approx(
+        [t["logprob"] for t in prompt[1:]], abs=1e-3
+    )  # the adapter's, not the base's
+    err = error_of(env["http"].post("/generate", json={"prompt": "Hi", "max_new_tokens": 0}))
+    assert "prompt_logprobs" in err["message"], err
+    err = error_of(env["http"].post("/generate", json={"prompt": "Hi", "prompt_logprobs": 21}))
+    assert err["param"] == "prompt_logprobs", err
+
+
+def test_completions_echo_logprobs_is_the_prompt_then_the_completion(env):
+    """OpenAI's legacy shape with echo: the prompt's tokens (the first with null) and then the
+    completion's, in one list; text offsets run over prompt + completion."""
+    ids = env["tok"].encode(PROMPT)
+    plain = env["oai"].completions.create(
+        model="beta", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
+    )
+    ref = generate(env, adapter="beta", prompt_logprobs=2, max_new_tokens=0)["prompt_logprobs"]
+    for prompt in (PROMPT, ids, [ids]):  # text, token ids, a list of token-id lists: the same answer
+        out = env["oai"].completions.create(
+            model="beta", prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True
+        )
+        choice = out.choices[0]
+        lp = choice.logprobs
+        n = len(ids)
+        assert choice.text == PROMPT + plain.choices[0].text
+        assert lp.tokens == [t["text"] for t in ref] + plain.choices[0].logprobs.tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:n] == pytest.approx([t["logprob"] for t in ref[1:]], abs=1e-5)
+        assert lp.token_logprobs[n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        for token, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+            assert top[token] == chosen and len(top) in (2, 3)
+        assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 4
+    # max_tokens 0: the prompt scored alone; streamed, the same in one chunk
+    only = env["oai"].completions.create(model="beta", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)
+    assert only.choices[0].text == PROMPT and only.choices[0].finish_reason == "length"
+    assert only.usage.completion_tokens == 0 and len(only.choices[0].logprobs.tokens) == len(ids)
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [t["logprob"] for t in ref[1:]], abs=1e-5
+    )
+    chunks = list(
+        env["oai"].completions.create(
+            model="beta", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == PROMPT
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == only.choices[0].logprobs.tokens
+    # echo without logprobs: the text only
+    bare = env["oai"].completions.create(model="beta", prompt=ids, max_tokens=0, echo=True)
+    assert bare.choices[0].text == PROMPT and bare.choices[0].logprobs is None
 
 
 # --- /v1/chat/completions ------------------------------------------------------------------------

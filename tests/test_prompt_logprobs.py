@@ -65,13 +65,13 @@ def setup(request: pytest.FixtureRequest, tiny_base: Path, tmp_path_factory: pyt
     return Engine(base, adapters, max_batch_size=8, dtype=torch.float32), refs
 
 
-def _expected(model, ids: list[int], k: int) -> list[tuple[float | None, list[int], list[float]]]:
+def _expected(model, ids: list[int], k: int) -> list[tuple[int, float | None, list[int], list[float]]]:
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    out: list[tuple[float | None, list[int], list[float]]] = [(None, [], [])]
+    out: list[tuple[int, float | None, list[int], list[float]]] = [(ids[0], None, [], [])]
     for j in range(1, len(ids)):
         vals, top = torch.topk(lp[j - 1], k)
-        out.append((float(lp[j - 1, ids[j]]), top.tolist(), vals.tolist()))
+        out.append((ids[j], float(lp[j - 1, ids[j]]), top.tolist(), vals.tolist()))
     return out
 
 
@@ -96,8 +96,9 @@ def test_prompt_logprobs_equal_hf_and_peft_in_a_mixed_batch(setup):
         assert all(ev.prompt_logprobs is None for ev in rest)
         got = first.prompt_logprobs
         assert len(got) == len(expected) == first.prompt_tokens, rid
-        assert got[0] == (None, [])
-        for (lp, top), (ref_lp, ref_ids, ref_vals) in zip(got[1:], expected[1:], strict=True):
+        assert got[0] == (expected[0][0], None, [])
+        assert [t for t, _, _ in got] == [e[0] for e in expected], rid
+        for (_, lp, top), (_, ref_lp, ref_ids, ref_vals) in zip(got[1:], expected[1:], strict=True):
             assert lp == pytest.approx(ref_lp, abs=1e-4), rid
             assert [t for t, _ in top] == ref_ids, rid
             assert [v for _, v in top] == pytest.approx(ref_vals, abs=1e-4), rid
@@ -105,10 +106,10 @@ def test_prompt_logprobs_equal_hf_and_peft_in_a_mixed_batch(setup):
         assert res[rid].tokens == res[f"plain-{rid}"].tokens, rid
         assert all(ev.prompt_logprobs is None for ev in res[f"plain-{rid}"].events)
     # the references differ, so each row was checked against its own target
-    assert want["a-0"][1][0] != pytest.approx(want["base-0"][1][0], abs=1e-3)
-    assert want["mix-0"][1][0] != pytest.approx(want["a-0"][1][0], abs=1e-3)
+    assert want["a-0"][1][1] != pytest.approx(want["base-0"][1][1], abs=1e-3)
+    assert want["mix-0"][1][1] != pytest.approx(want["a-0"][1][1], abs=1e-3)
     pinned = next(t for t in refs if "@" in t)
-    assert want[f"{pinned}-0"][1][0] != pytest.approx(want["a-0"][1][0], abs=1e-3)
+    assert want[f"{pinned}-0"][1][1] != pytest.approx(want["a-0"][1][1], abs=1e-3)
 
 
 def test_zero_new_tokens_scores_the_prompt_alone(setup):
@@ -121,8 +122,10 @@ def test_zero_new_tokens_scores_the_prompt_alone(setup):
     assert only.finished and only.finish_reason == "length" and only.token_id is None
     assert (only.prompt_tokens, only.completion_tokens) == (len(ids), 0)
     expected = _expected(refs["base"], ids, 1)
-    assert [top for _, top in only.prompt_logprobs] == [[]] * len(ids)
-    assert [lp for lp, _ in only.prompt_logprobs][1:] == pytest.approx([e[0] for e in expected[1:]], abs=1e-4)
+    assert [top for _, _, top in only.prompt_logprobs] == [[]] * len(ids)
+    assert [t for t, _, _ in only.prompt_logprobs] == ids
+    got = [lp for _, lp, _ in only.prompt_logprobs]
+    assert got[0] is None and got[1:] == pytest.approx([e[1] for e in expected[1:]], abs=1e-4)
     assert len(res["gen"].tokens) == 3
     assert eng.stats()["rows"] == 0  # the scoring row left the batch in its prefill step
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -83,8 +83,8 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     # with SamplingParams.prompt_logprobs, on the row's first event only: per prompt token its
-    # logprob (None for the first) and the most likely (token id, logprob) at its position
-    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
+    # (id, logprob: None for the first, the most likely (token id, logprob) at its position)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
