@@ -2,7 +2,10 @@
 OpenAI routes with the official ``openai`` package, against one real server (tiny random GPT-2
 and a random LoRA ``beta``). Expected values come from the server itself (the other route, the
 non-streamed reply, a solo request) or from GPT-2's real tokenizer, never hard-coded output.
-The engine-level tests (tests/test_engine.py) hold the numbers against the model's own logits.
+The engine-level tests (tests/test_engine.py, tests/test_prompt_logprobs.py) hold the numbers
+against the model's own logits. lm-evaluation-harness, as users run it (its ``local-completions`` and
+``local-chat-completions`` models, the documented command), scores the repository's tasks
+(tests/data/lm_eval) against this server exactly as its own ``hf`` backend (+ ``peft``) does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from transformers import AutoTokenizer
 
 from loracore.atomic import publish_dir, staging_dir
 from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from tests.helpers.server import REPO, running_server
 
 PROMPT = "The quick brown fox jumps over the lazy"
 MAX_NEW = 12
@@ -38,7 +41,8 @@ def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     args = ("--dtype", "float32")
     with running_server(tiny_base, adapters, root / "data", args=args) as srv, srv.client() as http:
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        yield {"http": http, "oai": oai, "tok": AutoTokenizer.from_pretrained(tiny_base)}
+        tok = AutoTokenizer.from_pretrained(tiny_base)
+        yield {"http": http, "oai": oai, "tok": tok, "url": srv.url, "base": tiny_base, "adapters": adapters}
         oai.close()
 
 
@@ -424,3 +428,146 @@ def test_chat_bad_values_are_422(env, kwargs, param):
         with pytest.raises(openai.UnprocessableEntityError) as err:
             chat(env, max_tokens=2, stream=stream, **kwargs)
         assert err.value.body["param"] == param, err.value.body
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------
+LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval"
+
+
+@pytest.fixture(scope="module")
+def harness(env, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
+    """lm-eval in this process, on the repository's tasks only (the built-in index takes seconds to
+    scan), its datasets cache in a temporary folder; the task files name their data relative to the
+    repository's root."""
+    monkeypatch_module.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch_module.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+    monkeypatch_module.chdir(REPO)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+
+    def evaluate(model: str, args: dict, tasks: list[str], **kw) -> dict:
+        return lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=tasks, task_manager=manager, log_samples=True, **kw
+        )
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _served(env, model: str) -> dict:
+    """local-completions' arguments, as docs/openai.md gives them."""
+    return {
+        "model": model,
+        "base_url": f"{env['url']}/v1/completions",
+        "tokenizer": str(env["base"]),
+        "tokenizer_backend": "huggingface",
+        "max_length": 256,
+        "batch_size": 8,
+    }
+
+
+def _hf(env, adapter: str | None) -> dict:
+    args = {"pretrained": str(env["base"]), "dtype": "float32", "device": "cpu"}
+    return args if adapter is None else {**args, "peft": str(env["adapters"] / adapter)}
+
+
+def _per_item(result: dict, task: str) -> list[list[tuple[float, bool]]]:
+    """Each item's (log-likelihood, is greedy) per choice, in document order (the command's samples
+    file spells both as strings)."""
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    return [[(float(r[0][0]), str(r[0][1]) == "True") for r in s["resps"]] for s in samples]
+
+
+def _same_scores(served: dict, reference: dict, task: str) -> None:
+    got, want = _per_item(served, task), _per_item(reference, task)
+    assert len(got) == len(want) == 6
+    for item, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert [ll for ll, _ in g] == pytest.approx([ll for ll, _ in w], abs=1e-4), item
+        assert [greedy for _, greedy in g] == [greedy for _, greedy in w], item
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"][task][metric] == reference["results"][task][metric], metric
+
+
+@pytest.fixture(scope="module")
+def hf_base(env, harness) -> dict:
+    """lm-eval's own hf backend on the base's weights, both tasks."""
+    return harness("hf", _hf(env, None), ["loraserve_tiny_choice", "loraserve_tiny_gen"], batch_size=1)
+
+
+def test_lm_eval_scores_the_base_like_its_hf_backend(env, harness, hf_base):
+    tasks = ["loraserve_tiny_choice", "loraserve_tiny_gen"]
+    served = harness("local-completions", _served(env, "base"), tasks)
+    reference = hf_base
+    _same_scores(served, reference, "loraserve_tiny_choice")
+    # generate_until: stop sequences, seed and max_gen_toks as lm-eval sends them; greedy answers equal
+    answers = [
+        s["resps"][0][0] for s in sorted(served["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    ]
+    ref = [
+        s["resps"][0][0]
+        for s in sorted(reference["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    ]
+    assert answers == ref and all(answers)
+
+
+def test_lm_eval_command_scores_an_adapter_like_hf_with_peft(env, harness, hf_base, tmp_path: Path):
+    """The command of docs/openai.md ("Evaluate an adapter with lm-evaluation-harness"), run as a user
+    runs it, against the adapter; the reference is lm-eval's hf backend with ``peft=`` in this process."""
+    import subprocess
+    import sys
+
+    args = ",".join(f"{k}={v}" for k, v in _served(env, "beta").items() if k != "batch_size")
+    cmd = [
+        str(Path(sys.executable).with_name("lm-eval")),
+        "run",
+        "--model",
+        "local-completions",
+        "--model_args",
+        args,
+        "--batch_size",
+        "8",
+        "--include_path",
+        "tests/data/lm_eval",
+        "--tasks",
+        "loraserve_tiny_choice",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    (samples_file,) = (tmp_path / "out").rglob("samples_loraserve_tiny_choice_*.jsonl")
+    served = json.loads(results_file.read_text())
+    served["samples"] = {
+        "loraserve_tiny_choice": [json.loads(line) for line in samples_file.read_text().splitlines()]
+    }
+    reference = harness("hf", _hf(env, "beta"), ["loraserve_tiny_choice"], batch_size=1)
+    _same_scores(served, reference, "loraserve_tiny_choice")
+    assert _per_item(hf_base, "loraserve_tiny_choice") != _per_item(reference, "loraserve_tiny_choice")
+
+
+def test_lm_eval_chat_completions_requests_are_accepted(env, harness):
+    """local-chat-completions' generate_until requests (messages, stop[:4], seed, max_tokens from
+    max_gen_toks): each answer is the server's own answer to that chat request."""
+    args = {"model": "beta", "base_url": f"{env['url']}/v1/chat/completions", "max_length": 256}
+    result = harness("local-chat-completions", args, ["loraserve_tiny_gen"], apply_chat_template=True)
+    samples = sorted(result["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    assert len(samples) == 3
+    for s in samples:
+        direct = env["oai"].chat.completions.create(
+            model="beta",
+            messages=[{"role": "user", "content": s["doc"]["question"]}],
+            temperature=0,
+            max_tokens=12,
+            stop=["\n", "Q:"],
+            seed=1234,
+        )
+        assert s["resps"][0][0] == direct.choices[0].message.content
