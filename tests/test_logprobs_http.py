@@ -201,6 +201,14 @@ def test_client_package_sends_and_reads_them(env):
             text = "".join(s)
         assert text == tok.decode([target] * 4) and [t.id for t in s.tokens] == [target] * 4
         assert client.generate(PROMPT, raw=True, max_new_tokens=2).tokens is None
+        scored = client.generate(PROMPT, raw=True, max_new_tokens=0, prompt_logprobs=1)
+        ref_prompt = generate(env, max_new_tokens=0, prompt_logprobs=1)["prompt_logprobs"]
+        assert [(t.id, t.logprob) for t in scored.prompt_logprobs] == [
+            (t["id"], t["logprob"]) for t in ref_prompt
+        ]
+        assert scored.prompt_logprobs[0].logprob is None and isinstance(
+            scored.prompt_logprobs[1], lc.PromptToken
+        )
 
 
 # --- /v1/completions -----------------------------------------------------------------------------
