@@ -210,3 +210,68 @@ def test_pins_over_http_metrics_in_prometheus_and_pins_survive_a_worker_restart(
         assert c.delete("/adapters/a").status_code == 200
         assert json.loads((adapters / ".pins.json").read_text()) == {"pinned": []}
         c.close()
+
+
+CYCLES = 1000  # load/evict cycles of distinct adapters, measured after a warm-up pass over the same ones
+PER_REQUEST = 8  # adapters per request: a composition of 8 loads 8 (and evicts the 8 before)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.slow
+def test_a_thousand_load_evict_cycles_leave_memory_flat_and_metrics_exact(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """1,000 distinct adapter names over one r=64 file (hard links: ~200 KB of weights per load, so
+    keeping the evicted ones would add ~200 MB), 8 cache slots, each request a composition of 8 of them.
+
+    A warm-up pass serves every name once first: the per-adapter series of the request metrics
+    (``generated_tokens_total{adapter}``, ...) are created then, and they stay by design (one set per
+    adapter name served, not per load). The measured pass loads and evicts each of them again."""
+    adapters, data = tmp_path / "adapters", tmp_path / "data"
+    _write_adapter(adapters, "proto", seed=7, r=64)
+    names = [f"churn-{i:04d}" for i in range(CYCLES)]
+    for name in names:
+        (adapters / name).mkdir()
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            os.link(adapters / "proto" / f, adapters / name / f)
+    groups = [names[i : i + PER_REQUEST] for i in range(0, CYCLES, PER_REQUEST)]
+    args = ["--max-loaded-adapters", str(PER_REQUEST), "--max-batch-size", "2"]
+    with running_server(tiny_base, adapters, data, args=args) as srv, srv.client() as c:
+        pid = worker_pid(data)
+        assert pid is not None
+
+        def churn() -> None:
+            for group in groups:
+                body = {
+                    "prompt": "hi",
+                    "adapters": [{"name": n, "weight": 0.1} for n in group],
+                    "max_new_tokens": 1,
+                }
+                r = c.post("/generate", json=body)
+                assert r.status_code == 200, r.text
+
+        churn()
+        warm = rss_bytes(pid)
+        t0 = time.monotonic()
+        churn()
+        seconds = time.monotonic() - t0
+        after = rss_bytes(pid)
+        growth = after / warm - 1
+        print(
+            f"{CYCLES} load/evict cycles in {seconds:.1f} s; worker RSS {warm >> 20} -> {after >> 20} MiB "
+            f"({growth:+.2%})"
+        )
+        assert growth < 0.02, f"worker RSS grew {growth:.2%} over {CYCLES} cycles ({warm} -> {after} bytes)"
+
+        # the cache holds exactly what the metrics say: the last group, and loads - evictions of them
+        m = wait_until(lambda: (m := scrape(srv.url))["num"] == PER_REQUEST and m, 10, "a full cache")
+        assert {name for name, _ in m["loaded"]} == set(groups[-1]) and len(m["loaded"]) == PER_REQUEST
+        assert m["max"] == PER_REQUEST and m["misses"] == m["load_count"] == 2 * CYCLES
+        assert m["misses"] - m["evictions"] == m["num"] == PER_REQUEST
+        assert worker_pid(data) == pid  # one worker throughout
