@@ -31,6 +31,7 @@ from loracore.families import served_context
 from loracore.lora_format import BaseLayout
 from loracore.template import base_chat_template
 from service import metrics
+from service.adapters.source import AdapterSource, Fetcher
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
 from service.gateway import EngineClient, ModelLimits
@@ -99,6 +100,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         template=base_chat_template(model.path),
     )
 
+    app.state.adapter_fetcher = adapter_fetcher(settings, model)
     install_error_handlers(app)
     register_health_routes(
         app, lambda: worker_readiness(settings, server.worker_up), settings.worker_status_path
@@ -108,6 +110,20 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     register_openai_routes(app, settings, client, limits, model)
     _common_routes(app, settings, model)
     return server, client
+
+
+def adapter_fetcher(settings: Settings, model: ServedModel) -> Fetcher | None:
+    """What fetches an adapter the adapter directory lacks on its first request (``--adapter-source``)."""
+    if settings.adapter_source is None:
+        return None
+    return Fetcher(
+        AdapterSource(settings.adapter_source, settings.adapter_source_timeout),
+        settings.adapter_dir,
+        BaseLayout.from_model_dir(model.path),
+        model.name,
+        settings.keep_adapter_versions,
+        settings.max_upload_bytes,
+    )
 
 
 def _worker_exited(settings: Settings, gone: WorkerExit) -> None:
