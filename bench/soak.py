@@ -612,7 +612,7 @@ class Load:
                 problems.append(f"job {job_id} listed {listed.get(job_id, 0)} times")
             elif attempts.get(job_id) != 1:
                 problems.append(f"job {job_id} ran {attempts.get(job_id)} times")
-        # Adapter cache references of running rows back to 0 once idle (the worker publishes them when it turns idle).
+        # Adapter cache references of running rows back to 0 once idle (published when the worker turns idle).
         await asyncio.sleep(1.0)
         status = _read_json(self.data_dir / "worker-status.json") if self.data_dir else None
         pins = (status or {}).get("adapter_pins")
