@@ -132,7 +132,8 @@ def _worker_exited(settings: Settings, gone: WorkerExit) -> None:
     from prometheus_client import multiprocess
 
     previous = read_status(settings.worker_status_path) or {}
-    keep = {k: v for k, v in previous.items() if k not in ("load", "loaded_adapters", "pid", "updated")}
+    gone_with_it = ("load", "loaded_adapters", "adapter_cache", "adapter_pins", "pid", "updated")
+    keep = {k: v for k, v in previous.items() if k not in gone_with_it}
     action = "the server stops" if gone.giving_up else f"restarting it (restart {gone.restarts})"
     detail = f"the generation worker died (exit code {gone.exitcode}); {action}"
     write_status(

@@ -157,8 +157,8 @@ def test_the_info_gauge_is_the_workers_current_state_or_nothing(tmp_path: Path) 
     path, now = tmp_path / "worker-status.json", time.time()
     collector = WorkerStatusCollector(path, clock=lambda: now)
 
-    def samples() -> list[tuple[dict[str, str], float]]:
-        (family,) = list(collector.collect())
+    def samples(name: str = INFO) -> list[tuple[dict[str, str], float]]:
+        (family,) = [f for f in collector.collect() if f.name == name]
         return [(s.labels, s.value) for s in family.samples]
 
     def status(load: Load, **extra) -> None:
@@ -171,8 +171,21 @@ def test_the_info_gauge_is_the_workers_current_state_or_nothing(tmp_path: Path) 
     status(Load(1, 2, now - 0.1, running_adapters=("a", "b"), waiting_adapters=("c",)))
     busy = {"max_lora": "8", "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"}
     assert samples() == [(busy, round(now - 0.1, 3))]
-    status(Load(1, 2, now - 60, running_adapters=("a",)))
+    # what the adapter cache holds: one series per version, the count and the capacity
+    cache = [
+        {"name": "a", "version": "f" * 64, "pinned": True, "rank": 8},
+        {"name": "b", "version": "e" * 64, "pinned": False, "rank": None},
+    ]
+    status(Load(0, 0, now), adapter_cache=cache)
+    assert samples(LOADED) == [
+        ({"adapter_name": "a", "version": "f" * 64, "pinned": "true", "rank": "8"}, 1.0),
+        ({"adapter_name": "b", "version": "e" * 64, "pinned": "false", "rank": ""}, 1.0),
+    ]
+    assert samples("loraserve_num_loaded_lora_adapters") == [({}, 2.0)]
+    assert samples("loraserve_max_loaded_lora_adapters") == [({}, 8.0)]
+    status(Load(1, 2, now - 60, running_adapters=("a",)), adapter_cache=cache)
     assert samples() == []  # a busy state not refreshed for a minute: the worker is hung
+    assert samples(LOADED) == [] and samples("loraserve_num_loaded_lora_adapters") == []
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     write_status(path, {"status": "ready", "load": Load(0, 0, now).to_dict()})
     body = path.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {int(gone.stdout)}')
