@@ -393,15 +393,12 @@ class _Driver:
     def publish_status(self) -> None:
         """Rewrite the status file (load and loaded adapters) every ``LOAD_EVERY_S`` while busy, at
         once when the worker turns busy or idle (the job runner pauses training on it), and when the
-        adapter cache changed (a pinned adapter loaded while idle)."""
+        adapter cache changed while idle (a pinned adapter loaded)."""
         busy = bool(self.waiting or self.running)
         now = time.monotonic()
         changes = self.engine.adapters.changes
-        if (
-            busy == self.busy
-            and changes == self.cache_published
-            and not (busy and now - self.status_at >= LOAD_EVERY_S)
-        ):
+        idle_change = not busy and changes != self.cache_published  # busy: the next refresh carries it
+        if busy == self.busy and not idle_change and not (busy and now - self.status_at >= LOAD_EVERY_S):
             return
         self.busy, self.status_at, self.cache_published = busy, now, changes
         stats = self.engine.stats()
