@@ -53,7 +53,8 @@ def check_ref(ref: str, param: str = "adapter") -> None:
 def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Version:
     """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
     A read: the request path never writes to the adapter directory (a folder dropped in by hand is
-    stored as a version by the watcher, ``service.adapters.watcher``)."""
+    stored as a version by the watcher, ``service.adapters.watcher``; an adapter fetched from
+    ``--adapter-source`` is published before this, by ``service.adapters.source``)."""
     check_ref(ref, param)
     version = artifact.resolve(adapter_dir, ref)
     if version is None:
