@@ -103,7 +103,8 @@ def test_adapters_are_fetched_once_on_first_use_and_failures_name_the_source(
     adapters, data = tmp_path / "adapters", tmp_path / "data"
 
     with serving(root) as (url, asked):
-        args = ["--adapter-source", url, "--adapter-source-timeout", "1"]
+        # two API processes: concurrent first requests may land in either, and still fetch once
+        args = ["--adapter-source", url, "--adapter-source-timeout", "1", "--num-api-servers", "2"]
         with running_server(tiny_base, adapters, data, args=args) as srv, srv.client() as c:
             assert c.get("/adapters").json()["adapters"] == []
 
