@@ -77,6 +77,8 @@ def pin(adapter_dir: str | Path, name: str, limit: int) -> bool:
 def unpin(adapter_dir: str | Path, name: str) -> bool:
     """Unpin ``name``; False when it was not pinned (nothing is written then)."""
     adapter_dir = Path(adapter_dir)
+    if name not in read(adapter_dir):  # nothing to change: nothing written, not even the lock file
+        return False
     with _locked(adapter_dir):
         pinned = read(adapter_dir)
         if name not in pinned:
