@@ -203,6 +203,13 @@ class Adapters(_Resource):
     def delete(self, name: str) -> str:
         return self._client._request(_core.delete_adapter(name))
 
+    def pin(self, name: str) -> AdapterInfo:
+        """Keep ``name`` loaded on the server and never evicted (at most ``--max-loaded-adapters``)."""
+        return self._client._request(_core.pin_adapter(name))
+
+    def unpin(self, name: str) -> AdapterInfo:
+        return self._client._request(_core.pin_adapter(name, pinned=False))
+
     def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
         """Download ``adapters`` (a name, ``name@<version>``, or ``["alpha:0.6", "beta:0.4"]``) as ``format``
         (gguf, merged, peft) to ``out``: a .gguf file, a model folder (merged) or a .zip (peft)."""
@@ -571,6 +578,12 @@ class AsyncAdapters(_Resource):
 
     async def delete(self, name: str) -> str:
         return await self._client._request(_core.delete_adapter(name))
+
+    async def pin(self, name: str) -> AdapterInfo:
+        return await self._client._request(_core.pin_adapter(name))
+
+    async def unpin(self, name: str) -> AdapterInfo:
+        return await self._client._request(_core.pin_adapter(name, pinned=False))
 
     async def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
         op = _core.export_adapter(adapters, format)

@@ -257,6 +257,13 @@ def delete_adapter(name: str) -> Op[str]:
     )
 
 
+def pin_adapter(name: str, pinned: bool = True) -> Op[AdapterInfo]:
+    """Keep the adapter loaded on the server (never evicted), or let it be evicted again."""
+    return Op(
+        "PUT" if pinned else "DELETE", f"/adapters/{_segment(name, 'adapter name')}/pin", _model(AdapterInfo)
+    )
+
+
 def upload_adapter(name: str, folder: PathLike, template: Mapping[str, Any] | None = None) -> Op[AdapterInfo]:
     """A PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors``, and the prompt template from
     ``loraserve.json`` when the folder has one (``template`` overrides it)."""
