@@ -17,7 +17,7 @@ from . import _core
 from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, RetryPolicy
 from ._exceptions import APIConnectionError, APIStatusError, LoraserveError
 from ._progress import ProgressArg, ProgressDisplay
-from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, Usage
+from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, PromptToken, Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -450,6 +450,11 @@ class TextStream(EventStream[str]):
         """With ``logprobs``: every token streamed so far, with its log-probabilities."""
         return self.state.tokens
 
+    @property
+    def prompt_logprobs(self) -> list[PromptToken] | None:
+        """With ``prompt_logprobs``: every prompt token, from the stream's first event."""
+        return self.state.prompt_logprobs
+
 
 # ============================================================== async
 
@@ -770,3 +775,4 @@ class AsyncTextStream(AsyncEventStream[str]):
     finish_reason = TextStream.finish_reason
     usage = TextStream.usage
     tokens = TextStream.tokens
+    prompt_logprobs = TextStream.prompt_logprobs
