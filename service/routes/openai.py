@@ -37,6 +37,7 @@ from service.gateway import (
     Submission,
     api_error,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -383,6 +384,15 @@ def register_openai_routes(
     )
 
 
+async def fetch(
+    ctx: OpenAIContext, body: CompletionRequest | ChatCompletionRequest, request: Request
+) -> None:
+    """An adapter ``model`` or ``adapters`` names that is not local comes from ``--adapter-source``."""
+    refs = [] if body.model in ctx.models.base_names else [(body.model, "model")]
+    refs += [(a.name, f"adapters.{i}.name") for i, a in enumerate(body.adapters or [])]
+    await fetch_missing(request, refs)
+
+
 def target(ctx: OpenAIContext, body: CompletionRequest | ChatCompletionRequest) -> Target:
     """What ``model`` (and the ``adapters`` extension) asks for."""
     settings = ctx.settings
@@ -493,6 +503,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
     ctx = _context(request)
     include_usage = check_stream_options(body)
+    await fetch(ctx, body, request)
     wanted = target(ctx, body)
     if body.best_of not in (None, body.n or 1):
         raise ApiError(
@@ -567,6 +578,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     adapter's recorded prompt template, else the default one."""
     ctx = _context(request)
     include_usage = check_stream_options(body)
+    await fetch(ctx, body, request)
     wanted = target(ctx, body)
     template = template_of(wanted.adapter, wanted.composition, ctx.limits.template)
     messages = [
