@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import promstats, servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import (
     REPO,
     ForeignLoad,
@@ -34,6 +33,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadRun, probe_streaming, run_load, send_one
 from bench.workload import Request, make_requests, short_and_long
+from testing.weights import ensure_base, make_adapters
 from trainer.hardware import default_dtype
 
 TARGETS = {

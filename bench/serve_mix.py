@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import REPO, ForeignLoad, log, machine_description, ratio, target_rows, wait_for_quiet_cpu
 from bench.loadgen import LoadRun, run_load
 from bench.workload import Request, make_requests
+from testing.weights import ensure_base, make_adapters
 
 TARGETS = {
     "composed_vs_adapters_tokens": (

@@ -3,7 +3,7 @@ the loaded-adapter metrics say exactly what the cache holds, read by a live Prom
 of 1,000 loads and evictions of distinct adapters leaves the worker's memory flat.
 
 The engine part drives ``Engine`` in-process on the tiny base; the rest is the real server on
-loopback (``tests.helpers.server``) with tiny uploaded adapters (``bench.adapters.lora_files``).
+loopback (``testing.server``) with tiny uploaded adapters (``testing.weights.lora_files``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.adapters import lora_files, upload_files
 from loracore.artifact import CONFIG_FILE, WEIGHTS_FILE
-from tests.helpers.server import running_server
+from testing.server import running_server
+from testing.weights import lora_files, upload_files
 
 TINY = (2, 64)  # n_layer, n_embd of the tiny base (tests/conftest.py TINY_SHAPE)
 

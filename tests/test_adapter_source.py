@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.adapters import lora_files
 from loracore.artifact import CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
-from tests.helpers.server import free_port, running_server
+from testing.server import free_port, running_server
+from testing.weights import lora_files
 
 TINY = (2, 64)  # n_layer, n_embd of the tiny base (tests/conftest.py TINY_SHAPE)
 SLOW_S = 4.0  # what the slow adapter's files take; the server's timeout is 1 s

@@ -18,8 +18,8 @@ from pathlib import Path
 import loraserve_client as lc
 import pytest
 
+from testing.server import Server, running_server
 from tests.helpers.adapters import PROMPTS
-from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testing.server import running_server
 from tests.helpers.prometheus import binary, by_label, query, running_prometheus, wait_for
-from tests.helpers.server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "loraserve.json"

@@ -21,8 +21,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from loracore.atomic import publish_dir, staging_dir
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import REPO, running_server
+from testing.server import REPO, running_server
+from testing.weights import make_random_lora
 
 PROMPT = "The quick brown fox jumps over the lazy"
 MAX_NEW = 12

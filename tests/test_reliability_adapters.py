@@ -20,8 +20,8 @@ import httpx
 import pytest
 from conftest import FIXED_SENTENCES
 
-from bench.adapters import lora_files, upload_files
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 N_LAYER, N_EMBD = 2, 64  # conftest.TINY_SHAPE
 

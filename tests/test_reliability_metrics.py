@@ -22,8 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.adapters import lora_files, upload_files
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 N_ADAPTERS = 50
 CLIENTS = 6

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers.server import free_port
+from testing.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"

@@ -1,10 +1,10 @@
-"""Benchmark fixtures: a random-weight base and random LoRA adapters.
+"""Random-weight bases and random LoRA adapters, for tests and benchmarks.
 
 Adapters get random, non-zero B matrices (PEFT initialises B to zero, which would make every
 adapter equal to the base and hide LoRA's cost in any output check). ``make_adapters`` writes r=32
 folders in the service's storage layout (safetensors written directly from one PEFT state-dict
 template: 200 adapters in seconds); ``lora_files`` makes the two files of a small one in memory,
-for uploads (the soak, the reliability tests).
+for uploads (the soak, the reliability tests); ``make_random_lora`` saves one through PEFT itself.
 """
 
 from __future__ import annotations
@@ -164,3 +164,22 @@ def upload_files(config: bytes, weights: bytes) -> dict[str, tuple[str, bytes]]:
         "adapter_config": ("adapter_config.json", config),
         "adapter_model": ("adapter_model.safetensors", weights),
     }
+
+
+def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_attn", "c_proj")) -> Path:
+    """A PEFT LoRA with non-zero random B: it changes the output without saying anything in particular."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model import load_base_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(targets),
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )
+    get_peft_model(load_base_model(base), cfg).save_pretrained(out)
+    return out
