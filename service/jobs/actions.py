@@ -195,7 +195,12 @@ def _check_init_shape(init: artifact.Version, cfg: Any, ref: str | None) -> None
     """The job's LoRA must have the warm start's shape (rank, alpha, targets): 422 naming the mismatch."""
     theirs = json.loads((init.folder / artifact.CONFIG_FILE).read_text())
     lora = cfg.lora
-    mine = {"r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora}
+    mine = {
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
+    }
     for key, value in mine.items():
         got = theirs.get(key, False if key.startswith("use_") else None)
         if got != value:
