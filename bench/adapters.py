@@ -137,8 +137,10 @@ def lora_files(
     seed: int = 0,
     modules: tuple[str, ...] = ("attn.c_attn", "attn.c_proj"),
     scale: float = 0.05,
+    dora: bool = False,
 ) -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base."""
+    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base (a DoRA
+    adapter with ``dora``: magnitudes 1 ± ``scale``, not fitted to any base's norms)."""
     import torch
     from safetensors.torch import save
 
@@ -156,6 +158,8 @@ def lora_files(
             key = f"base_model.model.transformer.h.{layer}.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * scale
             tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * scale
+            if dora:
+                tensors[f"{key}.lora_magnitude_vector"] = 1 + torch.randn(fan_out, generator=gen) * scale
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -165,6 +169,7 @@ def lora_files(
         "target_modules": sorted({m.split(".")[-1] for m in modules}),
         "fan_in_fan_out": True,
         "bias": "none",
+        **({"use_dora": True} if dora else {}),
     }
     return json.dumps(config).encode(), save(tensors)
 

@@ -535,12 +535,12 @@ class Engine:
 
 
 def _dora_in_composition(req: GenerationRequest, pinned: list[LoadedAdapter]) -> str | None:
-    """The first DoRA adapter of a weighted composition, by the name the request gave, else None. One
+    """The name of a weighted composition's first DoRA adapter (without its version), else None. One
     entry of weight 1 is the adapter alone (``batch.Row``), DoRA or not."""
     parts = req.adapters
     if parts is None or (len(parts) == 1 and parts[0].weight == 1):
         return None
     for part, entry in zip(parts, pinned, strict=True):
         if getattr(entry.weights, "dora", None) is not None:
-            return part.name
+            return artifact.split_ref(part.name)[0]
     return None
