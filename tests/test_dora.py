@@ -278,3 +278,16 @@ def test_trainer_trains_dora_and_the_engine_serves_it(tiny_base: Path, tmp_path:
     for p in PROMPTS[:2]:
         want = _peft_greedy(peft, eng.tokenizer, p, 8)
         assert solo(eng, request(eng, "t", p, "trained-dora", greedy(8))).tokens == want
+
+
+def test_gguf_and_merged_exports_refuse_dora_naming_it(tiny_base: Path, tmp_path: Path):
+    """llama.cpp's GGUF adapters and the merge here are plain LoRA: a DoRA adapter is refused by name
+    before a byte is written (its PEFT folder is the export that keeps it)."""
+    from trainer.export import write_gguf, write_merged
+    from trainer.export_plan import ExportError
+
+    folder = make_adapter(tiny_base, tmp_path / "dora-x", 31)
+    for write, out in ((write_gguf, tmp_path / "x.gguf"), (write_merged, tmp_path / "merged")):
+        with pytest.raises(ExportError, match="dora-x: a DoRA adapter") as info:
+            write(tiny_base, [(folder, 1.0)], out)
+        assert info.value.code == "export_failed" and not out.exists()
