@@ -152,10 +152,15 @@ def _dora_scale(
     each output's row of the ``[out, in]`` weight) and the bias shift ``(1 - g) * b``, in fp32 on the
     base's device."""
     weight, bias = base
-    w = weight.float()
-    delta = b.to(device=w.device, dtype=torch.float32) @ a.to(device=w.device, dtype=torch.float32)
-    norm = torch.linalg.norm(w + scaling * delta, dim=1)
-    g = magnitude.to(device=w.device, dtype=torch.float32) / norm
+    a32 = a.to(device=weight.device, dtype=torch.float32)
+    b32 = b.to(device=weight.device, dtype=torch.float32)
+    if weight.t().is_contiguous() and not weight.is_contiguous():
+        # stored [in, out] (GPT-2's Conv1D): summed and reduced in that layout, 4x faster than strided
+        total = torch.addmm(weight.t().float(), a32.t(), b32.t(), alpha=scaling)
+        norm = torch.linalg.vector_norm(total, dim=0)
+    else:
+        norm = torch.linalg.vector_norm(torch.addmm(weight.float(), b32, a32, alpha=scaling), dim=1)
+    g = magnitude.to(device=weight.device, dtype=torch.float32) / norm
     if not torch.isfinite(g).all():
         raise LoraFormatError(f"{where}: DoRA's weight norm is zero for some output", WEIGHTS_PART)
     return g, ((1 - g) * bias.float()) if bias is not None else None
