@@ -140,7 +140,7 @@ def template_of(
 
 def prepare_job(
     *,
-    prompt_text: str,
+    prompt_text: str | list[int],
     target: ResolvedTarget | None,
     params: SamplingParams,
     stream: bool,
@@ -152,7 +152,8 @@ def prepare_job(
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
-    ``prompt_text`` is final (already rendered with the target's template when the route wants one);
+    ``prompt_text`` is final (already rendered with the target's template when the route wants one),
+    or the prompt's token ids (OpenAI's completions accept them; each must be in the vocabulary);
     ``params`` are the request's ``SamplingParams``; ``target`` is the adapter (None: the base) and
     ``composition`` the ``(adapter, weight)`` entries of a weighted composition (then ``target`` is
     None), both resolved once by ``resolve_targets``: the job names exactly those versions. Every check
@@ -176,8 +177,20 @@ def prepare_job(
             f"(ids 0..{limits.vocab - 1})",
             "logit_bias",
         )
-    limits.check_prompt_chars(prompt_text)
-    prompt_ids = limits.tokenizer.encode(prompt_text)
+    if isinstance(prompt_text, str):
+        limits.check_prompt_chars(prompt_text)
+        prompt_ids = limits.tokenizer.encode(prompt_text)
+    else:
+        prompt_ids = list(prompt_text)
+        outside = [t for t in prompt_ids if not 0 <= t < limits.vocab]
+        if outside:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the prompt has token id {outside[0]}, outside the model's vocabulary of {limits.vocab} "
+                f"tokens (ids 0..{limits.vocab - 1})",
+                "prompt",
+            )
     prompt_len = max(1, len(prompt_ids))  # the engine starts an empty prompt from BOS
     if prompt_len + max_new > limits.context:
         room = limits.context - prompt_len

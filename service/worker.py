@@ -170,6 +170,12 @@ class _Live:
     # jobs with logprobs: the tokens not yet sent (a token whose text is still held back waits for
     # the next event that carries text)
     logprobs: list[TokenLogprob] | None = None
+    # jobs with prompt_logprobs: the prompt's tokens, until the first event sent carries them
+    prompt: list[TokenLogprob] | None = None
+
+    def take_prompt(self) -> list[TokenLogprob] | None:
+        out, self.prompt = self.prompt, None
+        return out
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         out = self.logprobs
@@ -302,6 +308,8 @@ class _Driver:
                 del self.running[ev.id]
             if live.logprobs is not None and ev.logprob is not None:
                 live.logprobs.append(self.token_logprob(ev))
+            if ev.prompt_logprobs is not None:
+                live.prompt = self.prompt_logprobs(ev)
             if ev.error_code is not None or ev.finish_reason == "error":
                 # error_code says why (adapter_not_found: deleted after the request was accepted)
                 code = ev.error_code or "generation_failed"
@@ -317,11 +325,21 @@ class _Driver:
                         finish_reason=ev.finish_reason,
                         usage={"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens},
                         logprobs=live.take_logprobs(),
+                        prompt_logprobs=live.take_prompt(),
                     ),
                 )
             elif live.job.stream:
                 if ev.text:
-                    self.send(live, Event(ev.id, finished=False, text=ev.text, logprobs=live.take_logprobs()))
+                    self.send(
+                        live,
+                        Event(
+                            ev.id,
+                            finished=False,
+                            text=ev.text,
+                            logprobs=live.take_logprobs(),
+                            prompt_logprobs=live.take_prompt(),
+                        ),
+                    )
             else:
                 live.text.append(ev.text)
 
@@ -331,6 +349,16 @@ class _Driver:
         spell = self.engine.token_bytes
         top = [TokenLogprob.of(t, spell(t), lp) for t, lp in ev.top_logprobs or []]
         return TokenLogprob.of(ev.token_id, spell(ev.token_id), ev.logprob, top)
+
+    def prompt_logprobs(self, ev: TokenEvent) -> list[TokenLogprob]:
+        """The wire form of an event's prompt log-probabilities (the first token's is None)."""
+        spell = self.engine.token_bytes
+        return [
+            TokenLogprob.of(
+                t, spell(t), lp, None if lp is None else [TokenLogprob.of(a, spell(a), v) for a, v in top]
+            )
+            for t, lp, top in ev.prompt_logprobs or []
+        ]
 
     def cancel(self, job_id: str) -> None:
         for live in self.waiting:

@@ -75,6 +75,8 @@ def test_messages_survive_the_queue_as_plain_dicts() -> None:
     params = SamplingParams(max_new_tokens=4, stop=["\n"], logit_bias={7: -1.5})
     job = Job("gen-1", [1, 2], "pirate", params, True, 1.0, 2.0)
     assert request_from_dict(job.to_dict()) == job
+    scoring = Job("gen-3", [1, 2], None, SamplingParams(max_new_tokens=0, prompt_logprobs=2), False, 1.0, 2.0)
+    assert request_from_dict(scoring.to_dict()) == scoring
     composed = Job("gen-2", [1], None, SamplingParams(), False, 1.0, 2.0, adapters=(("a", 0.6), ("b", -0.4)))
     assert request_from_dict(composed.to_dict()) == composed
     assert "adapters" not in job.to_dict()  # a plain job's message is unchanged
@@ -92,8 +94,21 @@ def test_messages_survive_the_queue_as_plain_dicts() -> None:
                 TokenLogprob.of(9, b"\xe2", float("-inf"), []),  # part of a character; ruled out
             ],
         ),
+        Event(
+            "gen-3",
+            True,
+            "",
+            "length",
+            {"prompt_tokens": 2, "completion_tokens": 0},
+            prompt_logprobs=[
+                TokenLogprob.of(1, b"A", None),  # the first prompt token: no logprob
+                TokenLogprob.of(
+                    2, b"h", -3.25, [TokenLogprob.of(5, b"x", -1.0), TokenLogprob.of(2, b"h", -3.25)]
+                ),
+            ],
+        ),
     ]
-    assert events[-1].logprobs[1].text == "\ufffd" and events[-1].logprobs[1].logprob == LOGPROB_FLOOR
+    assert events[3].logprobs[1].text == "\ufffd" and events[3].logprobs[1].logprob == LOGPROB_FLOOR
     for event in events:
         data = event.to_dict()
         assert all(isinstance(v, str | bool | dict | int | list | type(None)) for v in data.values())

@@ -82,6 +82,9 @@ class TokenEvent:
     # as (token id, logprob), most likely first, from the distribution the token was drawn from
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # with SamplingParams.prompt_logprobs, on the row's first event only: per prompt token its
+    # (id, logprob: None for the first, the most likely (token id, logprob) at its position)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass

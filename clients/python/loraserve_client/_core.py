@@ -189,6 +189,7 @@ class GenerateParams(TypedDict, total=False):
     stop: str | list[str] | None  # a matched stop string ends the text and is not included
     raw: bool  # True: send the prompt as is, without the adapter's template
     logprobs: int | None  # 0-20: per generated token its logprob and the k most likely tokens
+    prompt_logprobs: int | None  # 0-20: per prompt token its logprob and the k most likely there
     frequency_penalty: float | None  # -2..2
     presence_penalty: float | None  # -2..2
     logit_bias: Mapping[int, float] | None  # token id -> -100..100
