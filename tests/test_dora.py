@@ -7,7 +7,8 @@ broken one lacks; the runner's logits equal PEFT's in every LoRA form (packed pr
 decode rows, the stacked and the masked decode batch) on GPT-2 (``Conv1D``, transposed) and on a
 Llama-family base with q/k/v biases (qwen2); greedy tokens equal PEFT's generate on a distilgpt2-shaped
 base and on a Llama base, in a mixed batch of base, LoRA and DoRA rows and alone; a composition with a
-DoRA adapter is refused naming it; the trainer trains DoRA and the engine serves what it saved.
+DoRA adapter is refused naming it, and so is a DoRA adapter by the GGUF and merged exports; the
+trainer trains DoRA (a warm start keeps DoRA or plain LoRA) and the engine serves what it saved.
 """
 
 from __future__ import annotations
@@ -291,3 +292,18 @@ def test_gguf_and_merged_exports_refuse_dora_naming_it(tiny_base: Path, tmp_path
         with pytest.raises(ExportError, match="dora-x: a DoRA adapter") as info:
             write(tiny_base, [(folder, 1.0)], out)
         assert info.value.code == "export_failed" and not out.exists()
+
+
+def test_a_warm_start_keeps_dora_or_plain_lora(tiny_base: Path, tmp_path: Path):
+    """``--init-adapter`` must match ``lora.use_dora`` like the rank and the scale: DoRA's magnitudes have
+    no place in a plain LoRA run, and a DoRA run would start them from nothing."""
+    from trainer.config import TrainConfig
+    from trainer.errors import TrainerError
+    from trainer.setup import check_init_adapter
+
+    folder = make_adapter(tiny_base, tmp_path / "dora-init", 41)
+    targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": targets}
+    check_init_adapter(folder, TrainConfig.model_validate({"lora": {**lora, "use_dora": True}}))
+    with pytest.raises(TrainerError, match="use_dora True, this config False"):
+        check_init_adapter(folder, TrainConfig.model_validate({"lora": lora}))
