@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from starlette.requests import Request
+
 from loracore.template import DEFAULT_TEMPLATE, Template
 from service import structured
 from service.errors import ApiError, domain_error, error_body, http_status
@@ -87,6 +89,15 @@ class ModelLimits:
                     param,
                 )
             )
+
+
+async def fetch_missing(request: Request, refs: list[tuple[str | None, str]]) -> None:
+    """The adapters a request names, each (reference, param), that the adapter directory lacks, fetched
+    from ``--adapter-source`` before they are resolved (``service.adapters.source``); nothing without
+    a source. 502/504/422 from the fetch name the source."""
+    fetcher = getattr(request.app.state, "adapter_fetcher", None)
+    if fetcher is not None:
+        await fetcher.ensure_all(refs)
 
 
 def resolve_target(adapter_dir: Path, ref: str, param: str) -> ResolvedTarget:

@@ -219,6 +219,9 @@ class AdapterInfo(BaseModel):
     sha256: str | None
     base_model: str | None
     loaded: bool
+    pinned: bool = Field(
+        False, description="kept loaded by the generation worker and never evicted (PUT /adapters/{name}/pin)"
+    )
     template: dict
     versions: list[AdapterVersion] = Field(
         default_factory=list, description="newest first: the current version, then the kept earlier ones"

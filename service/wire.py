@@ -43,6 +43,7 @@ ERROR_PARAMS: dict[str, str | None] = {
     # non-finite values, a config the engine cannot honour): the adapter's fault, not the server's
     "invalid_adapter": "adapter",
     "invalid_request": None,  # sampling parameters the engine refused
+    "adapter_cache_full": "adapter",  # pinned adapters take every slot of the adapter cache
     "timeout": None,  # the request's deadline passed
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)

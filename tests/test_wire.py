@@ -40,7 +40,14 @@ def test_every_error_code_has_a_status() -> None:
     assert "adapter_not_found" in engine_codes  # the scan really sees the engine's codes
     # what the engine sets, plus what the worker itself reports (refusals of add, deadlines, failures)
     # and the codes an adapter that cannot be loaded carries (``engine.cache.AdapterError.code``)
-    reported = {"prompt_too_long", "invalid_request", "timeout", "generation_failed", "invalid_adapter"}
+    reported = {
+        "prompt_too_long",
+        "invalid_request",
+        "timeout",
+        "generation_failed",
+        "invalid_adapter",
+        "adapter_cache_full",
+    }
     for code in engine_codes | reported:
         assert code in ERROR_PARAMS, f"error code {code!r} has no entry in service.wire.ERROR_PARAMS"
         assert code in DOMAIN_ERRORS, f"error code {code!r} has no entry in service.errors.DOMAIN_ERRORS"
@@ -50,6 +57,7 @@ def test_every_error_code_has_a_status() -> None:
         "prompt_too_long": 400,
         "invalid_adapter": 422,
         "invalid_request": 422,
+        "adapter_cache_full": 409,
         "timeout": 504,
         "generation_failed": 500,
         "worker_restarted": 503,

@@ -52,7 +52,7 @@ from .sampling import (
 )
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
+from .types import AdapterCacheFull, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,9 @@ class Engine:
         for name in names:
             if not self.adapters.exists(name):
                 raise AdapterNotFound(name, "" if valid_ref(name) else "invalid adapter name or version")
+        unpinned = [n for n in dict.fromkeys(names) if not self.adapters.is_pinned(n)]
+        if unpinned and len(unpinned) > self.adapters.free_slots():
+            raise AdapterCacheFull(unpinned, self.adapters.capacity, self.adapters.free_slots())
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         if req.params.json_schema is not None:

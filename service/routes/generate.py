@@ -13,6 +13,7 @@ from service.gateway import (
     ModelLimits,
     Submission,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -63,6 +64,8 @@ def register_generate_routes(
         """Generate text with the base model, one adapter or a weighted composition of adapters;
         ``stream: true`` answers with SSE."""
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
+        parts_named = [(name, f"adapters.{i}.name") for i, (name, _) in enumerate(composition or [])]
+        await fetch_missing(request, [(body.adapter, "adapter"), *parts_named])
         # resolved once: the prompt's template and the weights that serve it are one version's
         target, parts = resolve_targets(settings.adapter_dir, body.adapter, composition)
         template = template_of(target, parts, limits.template)

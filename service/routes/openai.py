@@ -37,6 +37,7 @@ from service.gateway import (
     Submission,
     api_error,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -342,6 +343,12 @@ def register_openai_routes(
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
 
+    async def fetch(body: CompletionRequest | ChatCompletionRequest, request: Request) -> None:
+        """An adapter ``model`` or ``adapters`` names that is not local comes from ``--adapter-source``."""
+        refs = [] if body.model in names else [(body.model, "model")]
+        refs += [(a.name, f"adapters.{i}.name") for i, a in enumerate(body.adapters or [])]
+        await fetch_missing(request, refs)
+
     def target(body: CompletionRequest | ChatCompletionRequest) -> Target:
         """What ``model`` (and the ``adapters`` extension) asks for."""
         adapter = models.resolve(body.model)
@@ -446,6 +453,7 @@ def register_openai_routes(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
         include_usage = check_stream_options(body)
+        await fetch(body, request)
         wanted = target(body)
         if body.best_of not in (None, body.n or 1):
             raise ApiError(
@@ -518,6 +526,7 @@ def register_openai_routes(
         """Chat: the messages are rendered with the base's own chat template when it has one, else the
         adapter's recorded prompt template, else the default one."""
         include_usage = check_stream_options(body)
+        await fetch(body, request)
         wanted = target(body)
         template = template_of(wanted.adapter, wanted.composition, limits.template)
         messages = [

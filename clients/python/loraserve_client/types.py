@@ -83,6 +83,7 @@ class AdapterInfo(_Model):
     sha256: str | None = None
     base_model: str | None = None
     loaded: bool = False
+    pinned: bool = False  # kept loaded, never evicted (PUT /adapters/{name}/pin)
     template: dict[str, Any] | None = None
     versions: list[AdapterVersion] = []  # newest first: the current one, then the kept earlier ones
 
