@@ -158,6 +158,7 @@ class Engine:
             self.layout,
             dtype=self.dtype,
             device=self.device,
+            base_weight=self.runner.base_weight,
         )
         return weights_form, digest
 
@@ -352,6 +353,16 @@ class Engine:
                 return None
             except AdapterError as exc:  # the adapter's fault (422) or the server's (5xx): exc.code
                 report.events.append(self._error(req, str(exc), code=exc.code))
+                return None
+            dora = _dora_in_composition(req, pinned)
+            if dora is not None:
+                for entry in pinned:
+                    self.adapters.release(entry)
+                message = (
+                    f"adapter {dora!r} is a DoRA adapter (use_dora): a weighted composition cannot include "
+                    "it (the weighted sum of DoRA adapters is not defined); request it alone"
+                )
+                report.events.append(self._error(req, message, code="invalid_adapter"))
                 return None
             if req.adapters is not None:
                 return self._new_row(req, None, report, tuple(pinned))
@@ -562,3 +573,15 @@ class Engine:
             self._release(r)
             r.constraint = None  # the grammar state goes with the row
         self.batch.remove(rows)
+
+
+def _dora_in_composition(req: GenerationRequest, pinned: list[LoadedAdapter]) -> str | None:
+    """The name of a weighted composition's first DoRA adapter (without its version), else None. One
+    entry of weight 1 is the adapter alone (``batch.Row``), DoRA or not."""
+    parts = req.adapters
+    if parts is None or (len(parts) == 1 and parts[0].weight == 1):
+        return None
+    for part, entry in zip(parts, pinned, strict=True):
+        if getattr(entry.weights, "dora", None) is not None:
+            return artifact.split_ref(part.name)[0]
+    return None

@@ -98,6 +98,11 @@ class SlotRunner:
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def base_weight(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A LoRA-targetable layer's weight ``[out, in]`` (``nn.Linear``'s orientation) and bias, as the
+        model holds them (DoRA's norm is taken over them, ``lora.parse_adapter``)."""
+        raise NotImplementedError
+
     def _init_cache(self, max_rows: int) -> None:
         self.max_rows = max_rows
         self.kv_dtype = kv_dtype_for(self.device, self.dtype)
