@@ -391,8 +391,9 @@ def train_adapter(
             template=template,
         )
         gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds, min_train_share)
-        # Loading torch, the base and the rows is a burst of work too: it waits like a step does
-        # (a signal meanwhile ends the process, as it would during the load itself).
+        # Loading torch, the base and the rows is a burst of work too: it waits like a step does (a
+        # signal meanwhile ends the process, as it would during the load itself). Under a training
+        # share nothing is earned yet, so it goes on at once, and its duration earns the first pause.
         gate.wait(StopRequest())
         run = setup(inputs, started=time.time())
         state = start_state(run)
