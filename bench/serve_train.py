@@ -14,6 +14,7 @@ server's defaults unless given.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class ServeTrainConfig:
 
 def run(cfg: ServeTrainConfig) -> dict:
     t_start = time.time()
+    load_start = os.getloadavg()  # the shared machine's load, beside the per-phase foreign CPU
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     base = ensure_base(cfg.workdir, shape=cfg.base_shape)
     adapter_dir = cfg.workdir / f"adapters-serve-train-r{cfg.rank}"
@@ -134,6 +136,10 @@ def run(cfg: ServeTrainConfig) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.time() - t_start, 1),
         "machine": machine,
+        "load_average": {
+            "start": [round(x, 2) for x in load_start],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "serving_alone": s_alone,
         "serving_with_job": s_loaded,
@@ -243,6 +249,10 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
+def _loads(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
 def markdown(res: dict) -> str:
     from bench.report import _fmt, _met, machine_md
 
@@ -258,7 +268,13 @@ def markdown(res: dict) -> str:
         f"{cfg['job_batch_size']}; yielding knobs: max pause {cfg['max_pause_s'] or 'default'} s, "
         f"yield rows {cfg['yield_rows'] if cfg['yield_rows'] is not None else 'default'}, min training "
         f"share {cfg.get('min_share') if cfg.get('min_share') is not None else 'default'}, trainer threads "
-        f"{cfg['train_threads'] or 'default'}. Command: `python -m bench serve-train`.",
+        f"{cfg['train_threads'] or 'default'}. Command: `python -m bench serve-train`."
+        + (
+            f" Load average (1/5/15 min) {_loads(res['load_average']['start'])} at the start, "
+            f"{_loads(res['load_average']['end'])} at the end."
+            if res.get("load_average")
+            else ""
+        ),
         "",
         "| target | measured | target | status |",
         "| --- | --- | --- | --- |",
