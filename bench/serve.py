@@ -510,7 +510,7 @@ def _churn(cfg: ServeConfig, srv, churn_names: list[str], stream: bool) -> dict:
         cold = go(cold_reqs, "churn-cold", cfg.churn_duration_s)
     snap1 = promstats.scrape(url)
 
-    buckets = promstats.histogram_delta(snap0, snap1, "loraserve_adapter_load_seconds")
+    buckets = promstats.histogram_delta(snap0, snap1, "loraserve_lora_adapter_load_seconds")
     loads = buckets[-1][1] if buckets else 0
     hot_s, cold_s = hot.summary(), cold.summary()
     samples = rss.samples

@@ -575,7 +575,7 @@ class Load:
         self.tally.count("/metrics", 200)
         running = promstats.total(m, "loraserve_num_requests_running")
         waiting = promstats.total(m, "loraserve_num_requests_waiting")
-        loaded = promstats.total(m, "loraserve_adapters_loaded")
+        loaded = promstats.total(m, "loraserve_num_loaded_lora_adapters")
         if running or waiting:
             problems.append(f"after the load {running:.0f} requests still running, {waiting:.0f} waiting")
         if loaded > self.settings.max_loaded_adapters:
@@ -612,12 +612,12 @@ class Load:
                 problems.append(f"job {job_id} listed {listed.get(job_id, 0)} times")
             elif attempts.get(job_id) != 1:
                 problems.append(f"job {job_id} ran {attempts.get(job_id)} times")
-        # Adapter cache pins back to 0 once idle (the worker publishes them when it turns idle).
+        # Adapter cache references of running rows back to 0 once idle (published when the worker turns idle).
         await asyncio.sleep(1.0)
         status = _read_json(self.data_dir / "worker-status.json") if self.data_dir else None
         pins = (status or {}).get("adapter_pins")
         if self.data_dir is not None and pins != 0:
-            problems.append(f"adapter cache pins after the load: {pins}, expected 0")
+            problems.append(f"adapter cache references after the load: {pins}, expected 0")
         return {
             "ok": not problems,
             "problems": problems,

@@ -47,11 +47,12 @@ from .sampling import (
     apply_token_bitmask,
     choose_tokens,
     make_generator,
+    prompt_logprobs,
     token_logprobs,
 )
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
+from .types import AdapterCacheFull, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,9 @@ class Engine:
         for name in names:
             if not self.adapters.exists(name):
                 raise AdapterNotFound(name, "" if valid_ref(name) else "invalid adapter name or version")
+        unpinned = [n for n in dict.fromkeys(names) if not self.adapters.is_pinned(n)]
+        if unpinned and len(unpinned) > self.adapters.free_slots():
+            raise AdapterCacheFull(unpinned, self.adapters.capacity, self.adapters.free_slots())
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         if req.params.json_schema is not None:
@@ -287,14 +291,23 @@ class Engine:
             report.prefill_rows = len(newcomers)
             report.prefill_tokens = sum(len(r.prompt_ids) for r in newcomers)
             try:
-                logits = self.batch.join(newcomers)
+                logits, full = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
                 log.exception("prefill failed")
                 for row in newcomers:
                     self._release(row)
                     events.append(self._error(row.req, f"prefill failed: {exc}"))
             else:
-                self._sample(newcomers, logits, report)
+                scored = self._score_prompts(newcomers, full)
+                generating = [i for i, r in enumerate(newcomers) if r.req.params.max_new_tokens]
+                if len(generating) < len(newcomers):
+                    keep = torch.tensor(generating, dtype=torch.long, device=logits.device)
+                    logits = logits.index_select(0, keep)
+                    events.extend(
+                        self._scored_only(r, scored) for r in newcomers if not r.req.params.max_new_tokens
+                    )
+                if generating:
+                    self._sample([newcomers[i] for i in generating], logits, report, scored)
             report.prefill_seconds = time.perf_counter() - t0
         if running:
             rows = self.batch.rows[:running]
@@ -395,9 +408,35 @@ class Engine:
             report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         return row
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
+    def _score_prompts(self, rows: list[Row], full: list[torch.Tensor | None]) -> dict[str, list]:
+        """The prompt log-probabilities of the rows that asked (``Batch.join``'s every-position logits),
+        by request id."""
+        return {
+            r.req.id: prompt_logprobs(f, r.prompt_ids, r.req.params.prompt_logprobs or 0)
+            for r, f in zip(rows, full, strict=True)
+            if f is not None
+        }
+
+    def _scored_only(self, row: Row, scored: dict[str, list]) -> TokenEvent:
+        """The one event of a row that scores its prompt and generates nothing (max_new_tokens 0)."""
+        row.finished = True
+        return TokenEvent(
+            id=row.req.id,
+            text="",
+            token_id=None,
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=0,
+            prompt_logprobs=scored.get(row.req.id),
+        )
+
+    def _sample(
+        self, rows: list[Row], logits: torch.Tensor, report: StepReport, scored: dict[str, list] | None = None
+    ) -> None:
         """Choose and record one token per row; a row whose sampling, detokenizing or stop matching
-        raises fails alone (an error event, it leaves the batch) and its batch-mates go on."""
+        raises fails alone (an error event, it leaves the batch) and its batch-mates go on. ``scored``:
+        the prompt log-probabilities of newcomers that asked, put on their first event."""
         params = [r.req.params for r in rows]
         logits = adjust_logits(logits, params, [r.bias for r in rows], [r.counts for r in rows])
         constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
@@ -422,6 +461,8 @@ class Engine:
             else:
                 if lp is not None:
                     event.logprob, event.top_logprobs = lp
+                if scored:
+                    event.prompt_logprobs = scored.get(row.req.id)
                 for label in row.labels:  # a composed row's token counts once for each of its adapters
                     per_adapter[label] = per_adapter.get(label, 0) + 1
                 self.tokens_generated += 1

@@ -37,6 +37,7 @@ from service.gateway import (
     Submission,
     api_error,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -100,6 +101,7 @@ class Choice:
     finish_reason: str | None = None
     want_logprobs: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)  # received, not yet sent
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo: the prompt's, not yet sent
     offset: int = 0  # completions: where the next token starts in the choice's text (text_offset)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
@@ -130,6 +132,8 @@ class Choice:
         """Keep the event's tokens until a chunk (or the reply) carries them."""
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
+        if event.prompt_logprobs and self.want_logprobs:
+            self.prompt_logprobs.extend(event.prompt_logprobs)
 
     def finish(self, event: Event) -> None:
         self.usage = event.usage or {}
@@ -148,24 +152,38 @@ def _usage(choices: list[Choice]) -> Usage:
 
 
 def _completion_logprobs(choice: Choice) -> CompletionLogprobs | None:
-    """The choice's pending tokens in the legacy shape; ``top_logprobs`` holds the chosen token too."""
-    tokens = choice.take_logprobs()
-    if tokens is None:
+    """The choice's pending tokens in the legacy shape (with echo, the prompt's come first, from
+    offset 0; the first has no logprob); ``top_logprobs`` holds the chosen token too."""
+    generated = choice.take_logprobs()
+    if generated is None:
         return None
-    offsets, tops = [], []
-    for t in tokens:
+    prompt, choice.prompt_logprobs = choice.prompt_logprobs, []
+    offsets: list[int] = []
+    tops: list[dict[str, float] | None] = []
+    at = 0
+    for t in prompt:
+        offsets.append(at)
+        at += len(t.text)
+        tops.append(None if t.logprob is None else _top(t))
+    for t in generated:
         offsets.append(choice.offset)
         choice.offset += len(t.text)
-        top: dict[str, float] = {}
-        for alt in [*(t.top or []), t]:
-            top.setdefault(alt.text, alt.logprob)  # tokens that spell alike: the most likely one
-        tops.append(top)
+        tops.append(_top(t))
+    tokens = prompt + generated
     return CompletionLogprobs(
         tokens=[t.text for t in tokens],
         token_logprobs=[t.logprob for t in tokens],
         top_logprobs=tops,
         text_offset=offsets,
     )
+
+
+def _top(t: TokenLogprob) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for alt in [*(t.top or []), t]:
+        if alt.logprob is not None:
+            top.setdefault(alt.text, alt.logprob)  # tokens that spell alike: the most likely one
+    return top
 
 
 def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
@@ -325,6 +343,12 @@ def register_openai_routes(
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
 
+    async def fetch(body: CompletionRequest | ChatCompletionRequest, request: Request) -> None:
+        """An adapter ``model`` or ``adapters`` names that is not local comes from ``--adapter-source``."""
+        refs = [] if body.model in names else [(body.model, "model")]
+        refs += [(a.name, f"adapters.{i}.name") for i, a in enumerate(body.adapters or [])]
+        await fetch_missing(request, refs)
+
     def target(body: CompletionRequest | ChatCompletionRequest) -> Target:
         """What ``model`` (and the ``adapters`` extension) asks for."""
         adapter = models.resolve(body.model)
@@ -348,7 +372,7 @@ def register_openai_routes(
         return Target(None, parts)
 
     def make_jobs(
-        prompts: list[str],
+        prompts: list[str | list[int]],
         target: Target,
         body: CompletionRequest | ChatCompletionRequest,
         max_tokens: int | None,
@@ -356,6 +380,7 @@ def register_openai_routes(
         extra_stop: list[str],
         stream: bool,
         logprobs: int | None,
+        prompt_logprobs: int | None = None,
     ) -> tuple[list[Job], list[int]]:
         """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
         n = body.n or 1
@@ -365,10 +390,12 @@ def register_openai_routes(
         for p, prompt in enumerate(prompts):
             # Refuse a prompt that cannot fit before tokenizing it on the event loop (see ModelLimits).
             param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            limits.check_prompt_chars(prompt, param)
+            if isinstance(prompt, str):
+                limits.check_prompt_chars(prompt, param)
             max_new = max_tokens
             if max_new is None:  # unset: the server default, shortened to what the context has room for
-                room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
+                n_ids = len(limits.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
+                room = limits.context - max(1, n_ids)
                 max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
             for i in range(n):
                 params = SamplingParams(
@@ -383,6 +410,7 @@ def register_openai_routes(
                     presence_penalty=body.presence_penalty or 0.0,
                     logit_bias=dict(body.logit_bias or {}),
                     json_schema=schema,
+                    prompt_logprobs=prompt_logprobs,
                 )
                 try:
                     job = prepare_job(
@@ -397,7 +425,7 @@ def register_openai_routes(
                         max_tokens_param=max_tokens_param,
                     )
                 except ApiError as exc:
-                    if exc.code == "prompt_too_long" and len(prompts) > 1:
+                    if exc.param == "prompt" and len(prompts) > 1:
                         exc.param = f"prompt[{p}]"
                         exc.message = f"prompt[{p}]: {exc.message}"
                     raise
@@ -425,30 +453,41 @@ def register_openai_routes(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
         include_usage = check_stream_options(body)
+        await fetch(body, request)
         wanted = target(body)
         if body.best_of not in (None, body.n or 1):
             raise ApiError(
                 422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
             )
-        if body.echo and body.logprobs is not None:
-            # The engine's prefill computes the logits of each prompt's last position only.
+        if body.max_tokens == 0 and not body.echo:
             raise ApiError(
-                422,
-                "invalid_request",
-                "echo with logprobs is not supported: this server does not compute log-probabilities "
-                "of prompt tokens (send echo or logprobs, not both)",
-                "logprobs",
+                422, "invalid_request", "max_tokens 0 generates nothing: send it with echo", "max_tokens"
             )
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        prompts = body.prompts()
+        # echo with logprobs scores the prompt too; max_tokens 0 (echo only) runs the prompt alone,
+        # which the engine allows for a scoring row only
+        scored = body.logprobs if body.logprobs is not None else 0 if body.max_tokens == 0 else None
         jobs, prompt_of = make_jobs(
-            prompts, wanted, body, body.max_tokens, "max_tokens", [], bool(body.stream), body.logprobs
+            prompts,
+            wanted,
+            body,
+            body.max_tokens,
+            "max_tokens",
+            [],
+            bool(body.stream),
+            body.logprobs,
+            scored if body.echo else None,
         )
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = _submit(client, request, jobs, prompt_of)
+        heads = (
+            [p if isinstance(p, str) else limits.tokenizer.decode(p) for p in prompts] if body.echo else []
+        )
         for c in choices:
             c.want_logprobs = body.logprobs is not None
             if body.echo:
-                c.head = prompts[c.prompt_index]
+                c.head = heads[c.prompt_index]
+                c.offset = len(c.head)  # the generated tokens follow the prompt in the choice's text
 
         def reply(items: list[CompletionChoice], usage: Usage | None) -> Completion:
             return Completion(id=rid, created=created, model=body.model, choices=items, usage=usage)
@@ -487,6 +526,7 @@ def register_openai_routes(
         """Chat: the messages are rendered with the base's own chat template when it has one, else the
         adapter's recorded prompt template, else the default one."""
         include_usage = check_stream_options(body)
+        await fetch(body, request)
         wanted = target(body)
         template = template_of(wanted.adapter, wanted.composition, limits.template)
         messages = [
