@@ -48,22 +48,31 @@ def load_console(root: Path = CONSOLE_DIR) -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
+def _files(request: Request) -> dict[str, tuple[bytes, str, str]]:
+    return request.app.state.console  # set by register_console_routes
+
+
 def register_console_routes(app: FastAPI, root: Path = CONSOLE_DIR) -> None:
     files = load_console(root)
     if "index.html" not in files:
         raise RuntimeError(f"the console's files are missing: no index.html in {root}")
+    app.state.console = files
+    app.add_api_route(UI_PREFIX, console_root, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        UI_PREFIX + "/{path:path}", console_file, methods=["GET", "HEAD"], include_in_schema=False
+    )
 
-    @app.api_route(UI_PREFIX, methods=["GET", "HEAD"], include_in_schema=False)
-    def console_root() -> RedirectResponse:
-        return RedirectResponse(f"{UI_PREFIX}/", status_code=308)  # relative module paths need the slash
 
-    @app.api_route(UI_PREFIX + "/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
-    def console_file(path: str, request: Request) -> Response:
-        found = files.get(path or "index.html")
-        if found is None:
-            raise ApiError(404, "not_found", f"the console has no file '{path}'", "path")
-        data, media, etag = found
-        headers = dict(_HEADERS, ETag=etag)
-        if etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type=media, headers=headers)
+def console_root() -> RedirectResponse:
+    return RedirectResponse(f"{UI_PREFIX}/", status_code=308)  # relative module paths need the slash
+
+
+def console_file(path: str, request: Request) -> Response:
+    found = _files(request).get(path or "index.html")
+    if found is None:
+        raise ApiError(404, "not_found", f"the console has no file '{path}'", "path")
+    data, media, etag = found
+    headers = dict(_HEADERS, ETag=etag)
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media, headers=headers)
