@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -48,15 +49,22 @@ def load_console(root: Path = CONSOLE_DIR) -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
-def _files(request: Request) -> dict[str, tuple[bytes, str, str]]:
-    return request.app.state.console  # set by register_console_routes
+@dataclass(frozen=True)
+class ConsoleContext:
+    """What the handlers share, set on ``app.state.console`` by ``register_console_routes``."""
+
+    files: dict[str, tuple[bytes, str, str]]  # read once: a request touches no disk
+
+
+def _context(request: Request) -> ConsoleContext:
+    return request.app.state.console
 
 
 def register_console_routes(app: FastAPI, root: Path = CONSOLE_DIR) -> None:
     files = load_console(root)
     if "index.html" not in files:
         raise RuntimeError(f"the console's files are missing: no index.html in {root}")
-    app.state.console = files
+    app.state.console = ConsoleContext(files)
     app.add_api_route(UI_PREFIX, console_root, methods=["GET", "HEAD"], include_in_schema=False)
     app.add_api_route(
         UI_PREFIX + "/{path:path}", console_file, methods=["GET", "HEAD"], include_in_schema=False
@@ -68,7 +76,7 @@ def console_root() -> RedirectResponse:
 
 
 def console_file(path: str, request: Request) -> Response:
-    found = _files(request).get(path or "index.html")
+    found = _context(request).files.get(path or "index.html")
     if found is None:
         raise ApiError(404, "not_found", f"the console has no file '{path}'", "path")
     data, media, etag = found
