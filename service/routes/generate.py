@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from service.errors import ApiError
 from service.gateway import (
@@ -22,7 +21,7 @@ from service.gateway import (
     template_of,
     unless_disconnected,
 )
-from service.routes import SSE_DONE, SSE_HEADERS, sse
+from service.routes import SSE_DONE, sse, sse_response
 from service.schemas import (
     GenerateChunk,
     GeneratedToken,
@@ -150,9 +149,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     except BaseException:
         sub.close()
         raise
-    return StreamingResponse(
-        _sse(sub, first, body.adapter), media_type="text/event-stream", headers=SSE_HEADERS
-    )
+    return sse_response(_sse(sub, first, body.adapter))
 
 
 def _tokens(event: Event) -> list[GeneratedToken] | None:

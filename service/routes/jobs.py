@@ -27,7 +27,7 @@ from service.jobs.datasets import save_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.model import PROGRESS_KEYS, STATUSES, Job
 from service.jobs.sql import JobStore, process_store
-from service.routes import SSE_HEADERS, sse
+from service.routes import SSE_PING, sse, sse_response
 from service.settings import Settings
 from service.text_input import check_text
 from service.uploads import read_capped, read_upload
@@ -241,11 +241,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     job = await _load_job(ctx, job_id)
     last = request.headers.get("last-event-id", "")
     offset = int(last) if last.isdigit() else 0
-    return StreamingResponse(
-        _event_stream(request, ctx.store(), ctx.settings, job, offset),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return sse_response(_event_stream(request, ctx.store(), ctx.settings, job, offset))
 
 
 async def create_dataset(request: Request) -> dict[str, Any]:
@@ -290,6 +286,6 @@ async def _event_stream(
         if await request.is_disconnected():
             return
         if time.monotonic() - last_sent > SSE_PING_SECONDS:
-            yield ": ping\n\n"
+            yield SSE_PING
             last_sent = time.monotonic()
         await asyncio.sleep(SSE_POLL_SECONDS)
