@@ -112,7 +112,7 @@ def pin_adapter(name: str, request: Request) -> AdapterInfo:
     adapter_dir = ctx.settings.adapter_dir
     store.check_name(name)
     if not store.exists(adapter_dir, name):
-        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+        raise store.adapter_not_found(name)
     pins.pin(adapter_dir, name, ctx.settings.max_loaded_adapters)
     return _adapter_info(ctx, name)
 
