@@ -110,7 +110,8 @@ def serve_markdown(res: dict) -> str:
             f"Short requests ({s['short_new_tokens']} new tokens) idle vs while {s['long_clients']} clients "
             "run "
             f"{s['long_new_tokens']}-token requests: p50 {_fmt(s['idle_latency_s']['p50'])} s idle vs "
-            f"{_fmt(s['under_load_latency_s']['p50'])} s under load (×{_fmt(s['ratio_p50'])}); TTFT p50 "
+            f"{_fmt(s['under_load_latency_s']['p50'])} s under load (×{_fmt(s['ratio_p50'])}), worst "
+            f"{_fmt(s['under_load_latency_s']['max'])} s (×{_fmt(s.get('ratio_worst'))}); TTFT p50 "
             f"{_fmt(s['idle_ttft_s']['p50'])} s vs {_fmt(s['under_load_ttft_s']['p50'])} s; "
             f"{s['short_overlapping_long']}/{s['short_ok']} short requests ran entirely while long ones "
             "were running.",

@@ -79,13 +79,15 @@ def launch(
     ready_timeout: float,
     *,
     stop_grace: float = 15.0,
+    cwd: Path = REPO,
 ) -> Iterator[Server]:
-    """Start ``cmd`` in its own process group on loopback ``port``; yield it once ``/health/ready``
-    answers 200; stop it (and its group) afterwards."""
+    """Start ``cmd`` in its own process group on loopback ``port`` (in ``cwd``: the source tree
+    ``python -m`` imports from); yield it once ``/health/ready`` answers 200; stop it (and its
+    group) afterwards."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = Server(name, proc, f"http://127.0.0.1:{port}", log_path)
     try:
@@ -115,10 +117,12 @@ def loraserve(
     log_path: Path,
     extra_env: dict | None = None,
     ready_timeout: float = 300.0,
+    source: Path = REPO,
 ):
     """This project's server: ``python -m service``, configured through LORASERVE_* settings.
 
-    ``max_batch_size`` None: the server's default (the batch's rows derived from its KV budget)."""
+    ``max_batch_size`` None: the server's default (the batch's rows derived from its KV budget).
+    ``source``: the source tree to run (another commit's checkout, for before/after rows)."""
     port = free_port()
     env = child_env(
         {
@@ -137,7 +141,9 @@ def loraserve(
             **(extra_env or {}),
         }
     )
-    return launch("loraserve", [sys.executable, "-m", "service"], env, port, log_path, ready_timeout)
+    return launch(
+        "loraserve", [sys.executable, "-m", "service"], env, port, log_path, ready_timeout, cwd=source
+    )
 
 
 def naive(*, model: Path, adapter_dir: Path, device: str, dtype: str, preload: list[str], log_path: Path):

@@ -116,7 +116,10 @@ class EngineAPI(ls.LitAPI):
         capacity = self.engine.adapters.capacity
         self.status = dict(status, status="ready", batch=plan.to_dict(), max_loaded_adapters=capacity)
         idle = Load(0, 0, time.time()).to_dict()
-        write_status(cfg.status_path, dict(self.status, loaded_adapters=[], load=idle))
+        write_status(
+            cfg.status_path,
+            dict(self.status, loaded_adapters=[], load=idle, kv_cache=self.engine.stats()["kv_cache"]),
+        )
         log.info(
             "batch capacity %d rows (limited by %s): KV budget %d MiB (%s), %d KiB per row-position x %d",
             plan.rows,
@@ -390,7 +393,13 @@ class _Driver:
         pins = sum(e["refs"] for e in stats["adapter_cache"]["loaded"])  # 0 once idle, or a pin leaked
         write_status(
             self.api.config.status_path,
-            dict(self.api.status, loaded_adapters=loaded, adapter_pins=pins, load=load.to_dict()),
+            dict(
+                self.api.status,
+                loaded_adapters=loaded,
+                adapter_pins=pins,
+                load=load.to_dict(),
+                kv_cache=stats["kv_cache"],
+            ),
         )
 
 
