@@ -174,7 +174,38 @@ def run(cfg: ShortLoadConfig) -> dict:
         ]
         per = [p for p in per if p is not None]
         res["base_tokens_this_vs_baseline"] = statistics.median(per) if per else None
+    mine = [r["this"]["short_vs_long"] for r in rounds]
+    measured = {
+        "short_under_load_worst_vs_idle": max((m["ratio_worst"] or 0 for m in mine), default=None),
+        "short_under_load_vs_idle": statistics.median([m["ratio_p50"] or 0 for m in mine]) if mine else None,
+        "base_tokens_this_vs_baseline": res.get("base_tokens_this_vs_baseline"),
+    }
+    res["targets"] = [
+        {
+            "key": key,
+            "what": what,
+            "op": op,
+            "target": target,
+            "measured": measured[key],
+            "met": _met(measured[key], op, target),
+        }
+        for key, (op, target, what) in TARGETS.items()
+    ]
     return res
+
+
+TARGETS = {
+    "short_under_load_worst_vs_idle": ("<=", 2.0, "worst short request under long-request load vs idle p50"),
+    "short_under_load_vs_idle": ("<=", 2.0, "median short request under long-request load vs idle p50"),
+    # no regression: same-run ratio, within the shared machine's noise
+    "base_tokens_this_vs_baseline": (">=", 0.95, "base-only tokens/s at --clients, this vs --baseline-src"),
+}
+
+
+def _met(value: float | None, op: str, target: float) -> bool | None:
+    if value is None:
+        return None
+    return value <= target if op == "<=" else value >= target
 
 
 def markdown(res: dict) -> str:
