@@ -104,6 +104,8 @@ def _session(cfg: ShortLoadConfig, label: str, source: Path, base: Path, adapter
         max_batch_size=None,
         max_loaded_adapters=max(16, cfg.adapters),
         log_path=cfg.workdir / f"short-load-{label}.log",
+        # the deadline admission would refuse closed-loop load on a slow (shared) machine: measure the rate
+        extra_env={"LORASERVE_REQUEST_TIMEOUT": 3600},
         source=source,
     ) as srv:
         ready = httpx.get(srv.base_url + "/health/ready", timeout=10).json()
