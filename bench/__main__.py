@@ -6,6 +6,7 @@
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
     python -m bench short-load   # short requests while long ones grow; RSS; base tokens/s (--baseline-src)
+    python -m bench serve-dora   # /generate tokens/s on 8 DoRA adapters vs 8 LoRA adapters of the same rank
     python -m bench serve --base smollm2-135m  # the same serving rows on a SmolLM2-135M-shaped base
     python -m bench fits    # what fits a 12 GB GPU per base, computed from the configs (not measured)
     python -m bench interop      # our GGUF export in llama.cpp: same greedy tokens as our server
@@ -80,6 +81,11 @@ def render(outdir: Path) -> Path:
         from bench import serve_mix
 
         parts.append(serve_mix.markdown(json.loads(serve_mix_json.read_text())))
+    serve_dora_json = outdir / "serve_dora.json"
+    if serve_dora_json.exists():
+        from bench import serve_mix
+
+        parts.append(serve_mix.markdown(json.loads(serve_dora_json.read_text())))
     if interop_json.exists():
         from bench import interop
 
@@ -195,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
 
     sm = sub.add_parser("serve-mix", help="composed and JSON-constrained traffic vs plain adapters")
-    common(sm)
-    sm.add_argument("--clients", type=int, default=32)
-    sm.add_argument("--adapters", type=int, default=8)
-    sm.add_argument("--duration", type=float, default=30.0, help="seconds of load per phase")
-    sm.add_argument(
-        "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
-    )
+    sd = sub.add_parser("serve-dora", help="DoRA adapters vs LoRA adapters of the same rank, in one run")
+    for sp in (sm, sd):
+        common(sp)
+        sp.add_argument("--clients", type=int, default=32)
+        sp.add_argument("--adapters", type=int, default=8)
+        sp.add_argument("--duration", type=float, default=30.0, help="seconds of load per phase")
+        sp.add_argument(
+            "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
+        )
     sm.add_argument(
         "--json-every", type=int, default=4, help="every n-th constrained-traffic request has a schema"
     )
@@ -340,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         res["base"] = a.base
         name = "short_load.json" if a.base == "distilgpt2" else f"short_load-{a.base}.json"
         write_json(a.outdir / name, res)
-    elif a.cmd == "serve-mix":
-        from bench.serve_mix import ServeMixConfig, run
+    elif a.cmd in ("serve-mix", "serve-dora"):
+        from bench.serve_mix import DORA_KINDS, KINDS, ServeMixConfig, run
 
         cfg = ServeMixConfig(
             workdir=a.workdir,
@@ -353,14 +361,15 @@ def main(argv: list[str] | None = None) -> int:
             adapters=a.adapters,
             duration_s=a.duration,
             max_new_tokens=a.max_new_tokens,
-            json_every=a.json_every,
+            json_every=getattr(a, "json_every", 4),
             rounds=a.rounds,
             quiet_wait_s=a.quiet_wait,
             threads=a.threads,
             seed=a.seed,
+            kinds=DORA_KINDS if a.cmd == "serve-dora" else KINDS,
         )
         res = run(cfg)
-        write_json(a.outdir / "serve_mix.json", res)
+        write_json(a.outdir / ("serve_dora.json" if a.cmd == "serve-dora" else "serve_mix.json"), res)
     else:
         from bench.train import TrainConfig, run
 

@@ -235,16 +235,3 @@ def target_rows(targets: dict, ratios: dict, clients: int) -> list[dict]:
         rows.append({"key": key, "what": text.format(c=clients), "op": op, "target": target,
                      "measured": value, "met": met})  # fmt: skip
     return rows
-
-
-def trainer_pid(job_id: str) -> int | None:
-    """The trainer process of a job (its command line names the job's folder)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"trainer" in cmd and any(job_id.encode() in part for part in cmd) and b"train" in cmd:
-                return int(entry)
-    return None

@@ -21,6 +21,9 @@ alternating order each repetition:
 - ``engine_composed``: the ``engine_lora`` batch with each row on one of 8 distinct weighted
   compositions of ``--compose-size`` adapters (drawn from the same adapters) instead of one
   adapter; the target is ``engine_composed / engine_lora`` >= 0.9;
+- ``engine_dora`` (run only when ``--only`` names it): the ``engine_lora`` batch on as many DoRA
+  adapters (``use_dora``, the same rank and targets, magnitudes off their initial norms) instead; the
+  target is ``engine_dora / engine_lora`` >= 0.9;
 - adapter cold loads (read + parse + place, the cache's miss path).
 
 EOS is ignored everywhere so every row produces exactly its token budget (constrained rows cannot
@@ -42,7 +45,10 @@ from pathlib import Path
 import torch
 
 
-def build(root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2") -> tuple[Path, Path]:
+def build(
+    root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2", dora: bool = False
+) -> tuple[Path, Path]:
+    """The base and its adapters ``bench-NN`` (and DoRA adapters ``bench-dora-NN`` with ``dora``)."""
     from peft import LoraConfig, get_peft_model
 
     from loracore.families import family_of_folder
@@ -63,8 +69,10 @@ def build(root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2")
     family = family_of_folder(base)
     # the distilgpt2 adapters keep their folder name; others get their own
     adapters = root / (f"adapters-r{rank}" if base_name == "distilgpt2" else f"adapters-{base_name}-r{rank}")
-    for i in range(n_adapters):
-        out = adapters / f"bench-{i:02d}"
+    for i, use_dora in [(i, False) for i in range(n_adapters)] + [
+        (i, True) for i in range(n_adapters * dora)
+    ]:
+        out = adapters / (f"bench-dora-{i:02d}" if use_dora else f"bench-{i:02d}")
         if (out / "adapter_model.safetensors").exists():
             continue
         torch.manual_seed(1000 + i)
@@ -75,12 +83,15 @@ def build(root: Path, n_adapters: int, rank: int, base_name: str = "distilgpt2")
             target_modules=list(family.default_targets),
             fan_in_fan_out=family.conv1d,
             init_lora_weights="gaussian",
+            use_dora=use_dora,
         )
         pm = get_peft_model(model, cfg)
-        with torch.no_grad():  # non-zero B so the adapters change the output
+        with torch.no_grad():  # non-zero B so the adapters change the output; DoRA's magnitudes moved
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.05 * torch.randn_like(p))
         pm.save_pretrained(out)
     return base, adapters
 
@@ -139,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     from trainer.model import load_base_model
 
     dtype = getattr(torch, args.dtype)
-    base, adapter_dir = build(args.root, args.adapters, args.rank, args.base)
+    only = set(args.only.split(",")) if args.only else set()
+    base, adapter_dir = build(args.root, args.adapters, args.rank, args.base, dora="engine_dora" in only)
     names = [f"bench-{i:02d}" for i in range(args.adapters)]
     rnd = random.Random(0)
     B, N = args.batch, args.new_tokens
@@ -153,9 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         dtype=dtype,
         max_batch_size=B,
-        max_loaded_adapters=max(16, args.adapters),
+        max_loaded_adapters=max(16, 2 * args.adapters),
     )
-    only = set(args.only.split(",")) if args.only else set()
     # the HF and PEFT references load only when a generate_* method runs (they take a while)
     with_generate = not only or any(m.startswith("generate") for m in only)
     hf = peft = None
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k in range(8)
     ]
     composed_rows = [compositions[i % len(compositions)] for i in range(B)]
+    dora_adapters = [f"bench-dora-{i % len(names):02d}" for i in range(B)]
 
     def gen_stream() -> int:
         order = sorted(range(len(prompts)), key=lambda i: (i // (4 * B), stream_new[i]))
@@ -275,12 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_lora": lambda: engine_run(batch_rows, lora_adapters, [N] * B, B),
         "engine_json": lambda: engine_run(batch_rows, [None] * B, [N] * B, B, json_schemas),
         "engine_composed": lambda: engine_run(batch_rows, composed_rows, [N] * B, B),
+        "engine_dora": lambda: engine_run(batch_rows, dora_adapters, [N] * B, B),
     }
     if not args.skip_stream:
         methods["engine_stream"] = lambda: engine_run(prompts, stream_adapters, stream_new, B)
         methods["generate_stream"] = gen_stream
     if only:
         methods = {k: v for k, v in methods.items() if k in only}
+    else:
+        del methods["engine_dora"]  # its adapters are built on request only
     # warm-up (untimed): first calls allocate caches and load adapters
     if with_generate:
         gen_batch(peft, batch_rows[:2], lora_adapters[:2], 4)
@@ -290,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     mask_seconds.clear()
     if "engine_composed" in methods:
         engine_run(batch_rows, composed_rows, [2] * B, B)
+    if "engine_dora" in methods:
+        engine_run(batch_rows, dora_adapters, [2] * B, B)
 
     runs: list[dict[str, float]] = []
     cpu_runs: list[dict[str, float]] = []  # tokens per CPU-second: steadier than wall time on a busy box
@@ -312,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_lora / engine_base": ("engine_lora", "engine_base"),
         "engine_json / engine_base": ("engine_json", "engine_base"),
         "engine_composed / engine_lora": ("engine_composed", "engine_lora"),
+        "engine_dora / engine_lora": ("engine_dora", "engine_lora"),
         "engine_lora / generate_lora": ("engine_lora", "generate_lora"),
         "engine_base / generate_base": ("engine_base", "generate_base"),
         "generate_lora / generate_base": ("generate_lora", "generate_base"),

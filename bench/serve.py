@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import promstats, servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import (
     REPO,
     ForeignLoad,
@@ -34,6 +33,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadRun, probe_streaming, run_load, send_one
 from bench.workload import Request, make_requests, short_and_long
+from testing.weights import ensure_base, make_adapters
 from trainer.hardware import default_dtype
 
 TARGETS = {
@@ -520,7 +520,7 @@ def _churn(cfg: ServeConfig, srv, churn_names: list[str], stream: bool) -> dict:
         cold = go(cold_reqs, "churn-cold", cfg.churn_duration_s)
     snap1 = promstats.scrape(url)
 
-    buckets = promstats.histogram_delta(snap0, snap1, "loraserve_adapter_load_seconds")
+    buckets = promstats.histogram_delta(snap0, snap1, "loraserve_lora_adapter_load_seconds")
     loads = buckets[-1][1] if buckets else 0
     hot_s, cold_s = hot.summary(), cold.summary()
     samples = rss.samples

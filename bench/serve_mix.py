@@ -1,14 +1,16 @@
-"""Serving composed and constrained traffic: /generate tokens/s against plain adapter traffic, in one run.
+"""Serving composed, constrained and DoRA traffic: /generate tokens/s against plain adapters, in one run.
 
-One server, one sitting, three kinds of closed-loop traffic over the same prompts and token budgets,
+One server, one sitting, kinds of closed-loop traffic over the same prompts and token budgets,
 interleaved over rounds (the order alternates, so drift hits all of them alike):
   - **adapters**: every request on one of the ``adapters`` plain adapters (round-robin);
   - **composed**: every request on one of 8 distinct weighted compositions of those adapters
     (composition k weighs adapters k and k+1 by 0.6 / 0.4), ``adapters`` [{name, weight}, ...];
   - **constrained**: the adapters traffic with every ``json_every``-th request carrying a JSON schema
-    (``json_schema``), so constrained and free rows share the batch.
-The headline ratios are tokens/s of composed and of constrained traffic over adapters traffic (median
-over rounds); the composed target is >= 0.9. Only same-run ratios mean anything.
+    (``json_schema``), so constrained and free rows share the batch;
+  - **dora**: the adapters traffic on as many DoRA adapters (``use_dora``) of the same rank and targets.
+``python -m bench serve-mix`` runs the first three, ``python -m bench serve-dora`` adapters and dora.
+The headline ratios are tokens/s of each kind over adapters traffic (median over rounds); the composed
+and the DoRA targets are >= 0.9. Only same-run ratios mean anything.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import REPO, ForeignLoad, log, machine_description, ratio, target_rows, wait_for_quiet_cpu
 from bench.loadgen import LoadRun, run_load
 from bench.workload import Request, make_requests
+from testing.weights import ensure_base, make_adapters
 
 TARGETS = {
     "composed_vs_adapters_tokens": (
@@ -32,8 +35,14 @@ TARGETS = {
         0.9,
         "{c}-client /generate on 8 distinct weighted compositions vs on 8 plain adapters, tokens/s",
     ),
+    "dora_vs_adapters_tokens": (
+        ">=",
+        0.9,
+        "{c}-client /generate on DoRA adapters vs on as many LoRA adapters of the same rank, tokens/s",
+    ),
 }
-KINDS = ("adapters", "composed", "constrained")
+KINDS = ("adapters", "composed", "constrained")  # serve-mix
+DORA_KINDS = ("adapters", "dora")  # serve-dora
 COMPOSITIONS = 8
 # A schema with room to write: the answer is a bounded string, so rows end with complete JSON or run
 # their budget, as free rows do.
@@ -64,12 +73,14 @@ class ServeMixConfig:
     quiet_wait_s: float = 10.0
     threads: int | None = None
     seed: int = 0
+    kinds: tuple[str, ...] = KINDS  # "adapters" first: every other kind's ratio is over it
 
 
 def traffic(cfg: ServeMixConfig, names: list[str]) -> dict[str, list[Request]]:
-    """The three request lists: the same prompts and budgets, different adapters / extras."""
+    """The request lists: the same prompts and budgets, different adapters / extras."""
     plain = make_requests(100_000, list(names), max_new=cfg.max_new_tokens, seed=cfg.seed)
     n = len(names)
+    dora = {name: dora_name(name) for name in names}
     compositions = [
         [{"name": names[k % n], "weight": 0.6}, {"name": names[(k + 1) % n], "weight": 0.4}]
         for k in range(COMPOSITIONS)
@@ -80,7 +91,13 @@ def traffic(cfg: ServeMixConfig, names: list[str]) -> dict[str, list[Request]]:
     constrained = [
         replace(r, extra={"json_schema": SCHEMA}) if r.idx % cfg.json_every == 0 else r for r in plain
     ]
-    return {"adapters": plain, "composed": composed, "constrained": constrained}
+    on_dora = [replace(r, adapter=dora[r.adapter]) for r in plain]
+    lists = {"adapters": plain, "composed": composed, "constrained": constrained, "dora": on_dora}
+    return {kind: lists[kind] for kind in cfg.kinds}
+
+
+def dora_name(name: str) -> str:
+    return f"dora-{name}"
 
 
 def run(cfg: ServeMixConfig) -> dict:
@@ -90,9 +107,12 @@ def run(cfg: ServeMixConfig) -> dict:
     adapter_dir = cfg.workdir / f"adapters-serve-mix-r{cfg.rank}"
     names = [f"mix-{i:02d}" for i in range(cfg.adapters)]
     make_adapters(base, adapter_dir, names, r=cfg.rank, seed=cfg.seed)
+    if "dora" in cfg.kinds:
+        make_adapters(base, adapter_dir, [dora_name(n) for n in names], r=cfg.rank, seed=cfg.seed, dora=True)
     data_dir = cfg.workdir / "serve-mix-data"
     shutil.rmtree(data_dir, ignore_errors=True)
     machine = machine_description()
+    uptime = [_uptime()]
     reqs = traffic(cfg, names)
     rounds: list[dict] = []
     with servers.loraserve(
@@ -101,17 +121,17 @@ def run(cfg: ServeMixConfig) -> dict:
         data_dir=data_dir,
         device=cfg.device,
         max_batch_size=cfg.clients,
-        max_loaded_adapters=max(16, cfg.adapters),
+        max_loaded_adapters=max(16, cfg.adapters * (2 if "dora" in cfg.kinds else 1)),
         log_path=cfg.workdir / "server-serve-mix.log",
     ) as srv:
         url = srv.base_url
         log("server_ready", seconds=round(srv.ready_s, 1))
-        for kind in KINDS:  # warm-up (untimed): loads every adapter, compiles the schema
+        for kind in cfg.kinds:  # warm-up (untimed): loads every adapter, compiles the schema
             warm = reqs[kind][: cfg.clients]
             asyncio.run(run_load(url, [replace(r, max_new_tokens=8) for r in warm],
                                  concurrency=cfg.clients, duration_s=120, label="warm"))  # fmt: skip
         for rnd in range(cfg.rounds):
-            order = KINDS if rnd % 2 == 0 else KINDS[::-1]
+            order = cfg.kinds if rnd % 2 == 0 else cfg.kinds[::-1]
             rec = {"round": rnd, "order": list(order)}
             for kind in order:
                 offset = 1000 * (rnd + 1)  # each round its own requests
@@ -120,7 +140,8 @@ def run(cfg: ServeMixConfig) -> dict:
                 f"{kind}_vs_adapters_tokens": ratio(
                     rec[kind]["tokens_per_s"], rec["adapters"]["tokens_per_s"]
                 )
-                for kind in ("composed", "constrained")
+                for kind in cfg.kinds
+                if kind != "adapters"
             }
             log("round", round=rnd, ratios=rec["ratios"])
             rounds.append(rec)
@@ -128,16 +149,26 @@ def run(cfg: ServeMixConfig) -> dict:
     for key in rounds[0]["ratios"]:
         values = [r["ratios"][key] for r in rounds if r["ratios"][key] is not None]
         ratios[key] = statistics.median(values) if values else None
+    targets = {k: v for k, v in TARGETS.items() if k in ratios}
+    uptime.append(_uptime())
     return {
-        "benchmark": "serve-mix",
+        "benchmark": "serve-dora" if "dora" in cfg.kinds else "serve-mix",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.time() - t_start, 1),
         "machine": machine,
+        "uptime": uptime,  # the machine's load average before and after (it is shared)
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "rounds": rounds,
         "ratios": ratios,
-        "targets": target_rows(TARGETS, ratios, cfg.clients),
+        "targets": target_rows(targets, ratios, cfg.clients),
     }
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _phase(cfg: ServeMixConfig, url: str, reqs: list[Request], label: str) -> dict:
@@ -154,6 +185,8 @@ def _phase(cfg: ServeMixConfig, url: str, reqs: list[Request], label: str) -> di
 
 
 def markdown(res: dict) -> str:
+    if res["benchmark"] == "serve-dora":
+        return dora_markdown(res)
     from bench.report import _fmt, _met, machine_md
 
     cfg, r = res["config"], res["ratios"]
@@ -185,5 +218,41 @@ def markdown(res: dict) -> str:
             lines.append(f"| {rec['round']} | {kind} | {s['requests_ok']} | {s['requests_failed']} | "
                          f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(s['tokens_per_s'], 1)} | "
                          f"{_fmt(s['foreign_cores'])} |")  # fmt: skip
+    lines += ["", "<details><summary>machine</summary>", "", machine_md(res["machine"]), "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def dora_markdown(res: dict) -> str:
+    from bench.report import _fmt, _met, machine_md
+
+    cfg = res["config"]
+    lines = [
+        f"## DoRA adapters vs LoRA adapters ({res['created']}, {res['wall_s']:.0f} s)",
+        "",
+        f"Device {cfg['device']}, {cfg['clients']} clients, {cfg['adapters']} DoRA adapters vs "
+        f"{cfg['adapters']} LoRA adapters (r={cfg['rank']}, the same targets), "
+        f"max_new_tokens 16..{cfg['max_new_tokens']}, "
+        f"{cfg['duration_s']:.0f} s per phase, {cfg['rounds']} rounds, order alternating. "
+        "Command: `python -m bench serve-dora`.",
+        "",
+        "| target | measured | target | status |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in res["targets"]:
+        lines.append(f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |")
+    lines += [
+        "",
+        "| round | traffic | requests | failed | p50 s | p99 s | tokens/s | other CPU load (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rec in res["rounds"]:
+        for kind in rec["order"]:
+            s = rec[kind]
+            lat = s["latency_s"]
+            lines.append(f"| {rec['round']} | {kind} | {s['requests_ok']} | {s['requests_failed']} | "
+                         f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(s['tokens_per_s'], 1)} | "
+                         f"{_fmt(s['foreign_cores'])} |")  # fmt: skip
+    if res.get("uptime"):
+        lines += ["", f"`uptime` before the run: `{res['uptime'][0]}`; after: `{res['uptime'][1]}`."]
     lines += ["", "<details><summary>machine</summary>", "", machine_md(res["machine"]), "", "</details>", ""]
     return "\n".join(lines)

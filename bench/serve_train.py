@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 
 from bench import servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import REPO, ForeignLoad, log, machine_description, ratio, target_rows, wait_for_quiet_cpu
 from bench.loadgen import LoadRun, run_load
 from bench.train_data import make_rows
 from bench.workload import make_requests
+from testing.weights import ensure_base, make_adapters
 
 TARGETS = {
     "p99_with_job_vs_without": (

@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.adapters import PROTOTYPE_LORA, ensure_base
 from bench.common import REPO, ForeignLoad, log, machine_description, ratio, wait_for_quiet_cpu, write_json
 from bench.train_data import write_dataset
+from testing.weights import PROTOTYPE_LORA, ensure_base
 
 TARGETS = {
     "ours_vs_prototype_tokens": (

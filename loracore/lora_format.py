@@ -13,7 +13,8 @@ A base is described by its ``BaseLayout``: per layer, the modules LoRA can wrap 
 (in_features, out_features), for each family of ``loracore.families``. GPT-2's blocks are
 ``transformer.h.<i>.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}`` (``Conv1D``); the Llama
 family's ``model.layers.<i>.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}`` (``nn.Linear``).
-PEFT stores ``lora_A [r, in]`` and ``lora_B [out, r]`` for both.
+PEFT stores ``lora_A [r, in]`` and ``lora_B [out, r]`` for both, and for DoRA (``use_dora``) a
+``lora_magnitude_vector [out]`` per module as well (its name has no ``.weight``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 # Config keys that change what the adapter computes in a way the engine does not honour: set (truthy),
 # the folder is refused, naming the key. Keys not listed are honoured (r, lora_alpha, use_rslora,
-# target_modules, rank_pattern: ranks are read from the tensors) or do not matter when serving
-# (lora_dropout, init_lora_weights, fan_in_fan_out, ...).
+# target_modules, rank_pattern: ranks are read from the tensors; use_dora: a magnitude vector per
+# module, see ``check_tensors``) or do not matter when serving (lora_dropout, init_lora_weights,
+# fan_in_fan_out, ...).
 REFUSED_KEYS: dict[str, str] = {
-    "use_dora": "DoRA adapters (use_dora) are not supported",
     "lora_bias": "lora_bias is not supported (LoRA matrices only)",
     "modules_to_save": "modules_to_save is not supported (LoRA matrices only)",
     "alpha_pattern": "alpha_pattern is not supported (one lora_alpha for every module)",
@@ -136,11 +137,13 @@ class BaseLayout:
         return [f"{self.layer_path}.{i}.{m}" for i, layer in enumerate(self.shapes) for m in layer]
 
     def tensor_name(self) -> re.Pattern[str]:
-        """A LoRA tensor's name: ``<prefix><layer path>.<i>.<module>.lora_<A|B>[.<adapter>].weight``."""
+        """A LoRA tensor's name: ``<prefix><layer path>.<i>.<module>.lora_<A|B>[.<adapter>].weight``, or
+        DoRA's ``….<module>.lora_magnitude_vector[.<adapter>][.weight]`` (group 3: ``A``, ``B`` or ``M``)."""
         modules = "|".join(re.escape(m) for m in self.modules())
         return re.compile(
             rf"^{self.tensor_prefix}(?:{re.escape(self.layer_path)}|{re.escape(self.layer_path.split('.')[-1])})"
-            rf"\.(\d+)\.({modules})\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+            rf"\.(\d+)\.({modules})\.lora_(?:([AB])(?:\.[A-Za-z0-9_-]+)?\.weight"
+            rf"|magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?)$"
         )
 
 
@@ -221,10 +224,12 @@ def check_tensors(
 ) -> dict[tuple[int, str], dict[str, str]]:
     """Check the weights' tensor names and shapes against a checked config and the base.
 
-    Returns ``{(layer, module): {"A": name, "B": name}}``. Rules: only LoRA A/B matrices of modules
-    the base has, in layers it has, selected by ``target_modules``; ``A`` is ``[r, in]`` and ``B``
-    ``[out, r]`` of that module, both halves present with one rank, and that rank is the config's ``r``
-    unless ``rank_pattern`` sets ranks per module.
+    Returns ``{(layer, module): {"A": name, "B": name}}`` (and ``"M": name`` for DoRA). Rules: only
+    LoRA A/B matrices of modules the base has, in layers it has, selected by ``target_modules``; ``A``
+    is ``[r, in]`` and ``B`` ``[out, r]`` of that module, both halves present with one rank, and that
+    rank is the config's ``r`` unless ``rank_pattern`` sets ranks per module. With ``use_dora`` every
+    such module also has its magnitude vector ``M [out]`` (DoRA's output is ``M / ||W + s·B·A||_col``
+    times the LoRA layer's, ``W`` the base's weight); without it, none has one.
     """
     if not tensors:
         raise LoraFormatError(f"{WEIGHTS_PART} holds no tensors", WEIGHTS_PART)
@@ -234,8 +239,10 @@ def check_tensors(
     for key in tensors:
         m = name_re.fullmatch(key)
         if not m:
-            raise LoraFormatError(f"unsupported tensor {key!r} (only LoRA A/B of {modules})", WEIGHTS_PART)
-        layer, module, half = int(m.group(1)), m.group(2), m.group(3)
+            raise LoraFormatError(
+                f"unsupported tensor {key!r} (only LoRA A/B and DoRA magnitudes of {modules})", WEIGHTS_PART
+            )
+        layer, module, half = int(m.group(1)), m.group(2), m.group(3) or "M"
         if layer >= layout.n_layer:
             raise LoraFormatError(
                 f"{key!r} targets layer {layer}, the base has {layout.n_layer}", WEIGHTS_PART
@@ -247,13 +254,30 @@ def check_tensors(
                 WEIGHTS_PART,
             )
         if half in pairs.setdefault((layer, module), {}):
-            raise LoraFormatError(f"{path} has two lora_{half} tensors", WEIGHTS_PART)
+            raise LoraFormatError(f"{path} has two {_TENSOR[half]} tensors", WEIGHTS_PART)
         pairs[(layer, module)][half] = key
+    dora = bool(config.get("use_dora"))
+    if dora and not any("M" in pair for pair in pairs.values()):
+        raise LoraFormatError(
+            f"use_dora is set, but {WEIGHTS_PART} holds no lora_magnitude_vector (a DoRA adapter has one "
+            "per module)",
+            CONFIG_PART,
+        )
     rank_pattern = bool(config.get("rank_pattern"))
     for (layer, module), pair in sorted(pairs.items()):
         where = f"{layout.layer_path}.{layer}.{module}"
-        if set(pair) != {"A", "B"}:
-            raise LoraFormatError(f"{where} has lora_{''.join(pair)} but not both A and B", WEIGHTS_PART)
+        if "M" in pair and not dora:
+            raise LoraFormatError(
+                f"{where} has a DoRA lora_magnitude_vector, but use_dora is not set in {CONFIG_PART}",
+                WEIGHTS_PART,
+            )
+        if dora and "M" not in pair:
+            raise LoraFormatError(
+                f"{where} has no lora_magnitude_vector (use_dora: DoRA needs one per module)", WEIGHTS_PART
+            )
+        if set(pair) - {"M"} != {"A", "B"}:
+            halves = " and ".join(_TENSOR[h] for h in sorted(pair))
+            raise LoraFormatError(f"{where} has {halves} but not both lora_A and lora_B", WEIGHTS_PART)
         a, b = tuple(tensors[pair["A"]]), tuple(tensors[pair["B"]])
         fan_in, fan_out = layout.shapes[layer][module]
         r = a[0] if len(a) == 2 else 0
@@ -265,4 +289,13 @@ def check_tensors(
             )
         if not rank_pattern and r != config["r"]:
             raise LoraFormatError(f"{where} has rank {r}, the config says r={config['r']}", WEIGHTS_PART)
+        if "M" in pair and tuple(tensors[pair["M"]]) != (fan_out,):
+            raise LoraFormatError(
+                f"{where}: lora_magnitude_vector {list(tensors[pair['M']])} does not fit the base "
+                f"{fan_in}->{fan_out} layer (expected [{fan_out}])",
+                WEIGHTS_PART,
+            )
     return pairs
+
+
+_TENSOR = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}  # a tensor's kind, as PEFT names it

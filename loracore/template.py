@@ -38,6 +38,36 @@ class PromptTemplate:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
+    @classmethod
+    def checked(cls, data: Any) -> PromptTemplate:
+        """A template a user wrote (``python -m trainer train --template``): a named object of string
+        fields, unknown keys refused, ``{content}`` in each turn that holds text; fields left out keep
+        the default template's. Raises ValueError naming the problem."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a prompt template is a JSON object, not {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown prompt template key {unknown[0]!r} (known: {', '.join(cls.__dataclass_fields__)})"
+            )
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise ValueError(f"prompt template key {key!r} must be a string")
+        if not data.get("name", "").strip():
+            raise ValueError("a prompt template needs a 'name' (it is recorded with the adapter)")
+        template = cls(**data)
+        for key in ("system", "user", "assistant_answer"):
+            text = getattr(template, key)
+            try:
+                rendered = text.format(content="\0")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"prompt template key {key!r}: only {{content}} may be in braces ({exc})"
+                ) from None
+            if "\0" not in rendered:
+                raise ValueError(f"prompt template key {key!r} must contain {{content}}")
+        return template
+
     def render_prompt(self, prompt: str) -> str:
         """A single-turn prompt, ready for generation (the model continues after ``Assistant:``)."""
         return self.user.format(content=prompt) + self.assistant_prefix

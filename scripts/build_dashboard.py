@@ -160,13 +160,25 @@ ROWS: list[tuple[str, list[Panel]]] = [
         [
             Panel(
                 "Adapters loaded",
-                [(f"sum by (instance) (loraserve_adapters_loaded{{{SEL}}})", "{{instance}}")],
+                [
+                    (f"sum by (instance) (loraserve_num_loaded_lora_adapters{{{SEL}}})", "{{instance}}"),
+                    (
+                        f"max by (instance) (loraserve_max_loaded_lora_adapters{{{SEL}}})",
+                        "limit {{instance}}",
+                    ),
+                    (
+                        f'count by (instance) (loraserve_lora_adapter_loaded{{pinned="true", {SEL}}})',
+                        "pinned {{instance}}",
+                    ),
+                ],
                 unit="short",
                 width=8,
+                description="Adapter versions resident in each worker's cache, its capacity "
+                "(--max-loaded-adapters) and how many of them are pinned.",
             ),
             Panel(
                 "Adapter load latency",
-                quantiles("loraserve_adapter_load_seconds", qs=(0.5, 0.95)),
+                quantiles("loraserve_lora_adapter_load_seconds", qs=(0.5, 0.95)),
                 unit="s",
                 width=8,
             ),
@@ -184,6 +196,19 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 unit="percentunit",
                 width=8,
                 unit_overrides={"evictions/s": "short"},
+            ),
+            Panel(
+                "Resident adapters",
+                [
+                    (
+                        f"loraserve_lora_adapter_loaded{{{SEL}}}",
+                        "{{instance}} {{adapter_name}} r={{rank}} pinned={{pinned}}",
+                    )
+                ],
+                kind="stat",
+                width=24,
+                description="loraserve_lora_adapter_loaded: one series per adapter version in a worker's "
+                "cache (1 while resident), what routers score residency on.",
             ),
         ],
     ),

@@ -31,6 +31,7 @@ from loracore.families import served_context
 from loracore.lora_format import BaseLayout
 from loracore.template import base_chat_template
 from service import metrics
+from service.adapters.source import AdapterSource, Fetcher
 from service.auth import ApiKeyMiddleware, make_auth_dependency
 from service.errors import install_error_handlers
 from service.gateway import EngineClient, ModelLimits
@@ -99,6 +100,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         template=base_chat_template(model.path),
     )
 
+    app.state.adapter_fetcher = adapter_fetcher(settings, model)
     install_error_handlers(app)
     register_health_routes(
         app, lambda: worker_readiness(settings, server.worker_up), settings.worker_status_path
@@ -110,13 +112,28 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
     return server, client
 
 
+def adapter_fetcher(settings: Settings, model: ServedModel) -> Fetcher | None:
+    """What fetches an adapter the adapter directory lacks on its first request (``--adapter-source``)."""
+    if settings.adapter_source is None:
+        return None
+    return Fetcher(
+        AdapterSource(settings.adapter_source, settings.adapter_source_timeout),
+        settings.adapter_dir,
+        BaseLayout.from_model_dir(model.path),
+        model.name,
+        settings.keep_adapter_versions,
+        settings.max_upload_bytes,
+    )
+
+
 def _worker_exited(settings: Settings, gone: WorkerExit) -> None:
     """In the main process, when the generation worker died: readiness 503 until its successor has
     loaded the model (it rewrites the status file), and its live gauges no longer counted."""
     from prometheus_client import multiprocess
 
     previous = read_status(settings.worker_status_path) or {}
-    keep = {k: v for k, v in previous.items() if k not in ("load", "loaded_adapters", "pid", "updated")}
+    gone_with_it = ("load", "loaded_adapters", "adapter_cache", "adapter_pins", "pid", "updated")
+    keep = {k: v for k, v in previous.items() if k not in gone_with_it}
     action = "the server stops" if gone.giving_up else f"restarting it (restart {gone.restarts})"
     detail = f"the generation worker died (exit code {gone.exitcode}); {action}"
     write_status(

@@ -51,6 +51,13 @@ DOMAIN_ERRORS: dict[str, ErrorKind] = {
     "generation_failed": ErrorKind(500),  # the engine, or LitServe's transport, failed
     # the worker that had the request died; a new one is starting (the API side sends this)
     "worker_restarted": ErrorKind(503, retry_after=5),
+    # pinned adapters take every slot of the adapter cache: an unpinned one can never load
+    "adapter_cache_full": ErrorKind(409),
+    # the adapters (service.adapters)
+    "adapter_pin_limit": ErrorKind(409),  # pinning more adapters than --max-loaded-adapters holds
+    "adapter_source_failed": ErrorKind(502),  # --adapter-source answered an error or could not be reached
+    "adapter_source_timeout": ErrorKind(504),  # --adapter-source did not answer in time
+    "adapter_checksum_mismatch": ErrorKind(422),  # fetched weights differ from their loraserve.json sha256
     # the jobs domain (service.jobs.model.JobError)
     "job_not_found": ErrorKind(404),
     "dataset_not_found": ErrorKind(404),

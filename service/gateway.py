@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from starlette.requests import Request
+
 from loracore.template import DEFAULT_TEMPLATE, Template
 from service import structured
 from service.errors import ApiError, domain_error, error_body, http_status
@@ -89,6 +91,15 @@ class ModelLimits:
             )
 
 
+async def fetch_missing(request: Request, refs: list[tuple[str | None, str]]) -> None:
+    """The adapters a request names, each (reference, param), that the adapter directory lacks, fetched
+    from ``--adapter-source`` before they are resolved (``service.adapters.source``); nothing without
+    a source. 502/504/422 from the fetch name the source."""
+    fetcher = getattr(request.app.state, "adapter_fetcher", None)
+    if fetcher is not None:
+        await fetcher.ensure_all(refs)
+
+
 def resolve_target(adapter_dir: Path, ref: str, param: str) -> ResolvedTarget:
     """The version ``ref`` names with its own template, resolved once for the request
     (``store.resolve_target``): 422 for a malformed ref, 404 ``adapter_not_found`` naming it."""
@@ -140,7 +151,7 @@ def template_of(
 
 def prepare_job(
     *,
-    prompt_text: str,
+    prompt_text: str | list[int],
     target: ResolvedTarget | None,
     params: SamplingParams,
     stream: bool,
@@ -152,7 +163,8 @@ def prepare_job(
 ) -> Job:
     """Validate one generation request and turn it into a worker job; raises ApiError (4xx).
 
-    ``prompt_text`` is final (already rendered with the target's template when the route wants one);
+    ``prompt_text`` is final (already rendered with the target's template when the route wants one),
+    or the prompt's token ids (OpenAI's completions accept them; each must be in the vocabulary);
     ``params`` are the request's ``SamplingParams``; ``target`` is the adapter (None: the base) and
     ``composition`` the ``(adapter, weight)`` entries of a weighted composition (then ``target`` is
     None), both resolved once by ``resolve_targets``: the job names exactly those versions. Every check
@@ -176,8 +188,20 @@ def prepare_job(
             f"(ids 0..{limits.vocab - 1})",
             "logit_bias",
         )
-    limits.check_prompt_chars(prompt_text)
-    prompt_ids = limits.tokenizer.encode(prompt_text)
+    if isinstance(prompt_text, str):
+        limits.check_prompt_chars(prompt_text)
+        prompt_ids = limits.tokenizer.encode(prompt_text)
+    else:
+        prompt_ids = list(prompt_text)
+        outside = [t for t in prompt_ids if not 0 <= t < limits.vocab]
+        if outside:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the prompt has token id {outside[0]}, outside the model's vocabulary of {limits.vocab} "
+                f"tokens (ids 0..{limits.vocab - 1})",
+                "prompt",
+            )
     prompt_len = max(1, len(prompt_ids))  # the engine starts an empty prompt from BOS
     if prompt_len + max_new > limits.context:
         room = limits.context - prompt_len

@@ -22,9 +22,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.worker_status import pid_alive, read_load, read_status
+from service.worker_status import pid_alive, read_cache, read_load, read_status
 
 if TYPE_CHECKING:
+    from service.engine.cache import CacheActivity
     from service.engine.types import StepReport
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -90,16 +91,29 @@ LORA_REQUESTS_INFO = StatusGauge(
     ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
 )
 
+# What the adapter cache holds (vLLM's lora_adapter_loaded, llm-d's routing on residency): one series
+# per loaded version, 1 while resident; a version evicted is gone at the next scrape.
+LORA_ADAPTER_LOADED = StatusGauge(
+    "loraserve_lora_adapter_loaded",
+    "1 for each adapter version resident in the generation worker's adapter cache",
+    ("adapter_name", "version", "pinned", "rank"),
+)
+NUM_LOADED_LORA_ADAPTERS = StatusGauge(
+    "loraserve_num_loaded_lora_adapters", "adapter versions resident in the adapter cache", ()
+)
+MAX_LOADED_LORA_ADAPTERS = StatusGauge(
+    "loraserve_max_loaded_lora_adapters", "capacity of the adapter cache (--max-loaded-adapters)", ()
+)
+STATUS_GAUGES = (LORA_REQUESTS_INFO, LORA_ADAPTER_LOADED, NUM_LOADED_LORA_ADAPTERS, MAX_LOADED_LORA_ADAPTERS)
+
 WORKER_RESTARTS = Counter(
     "loraserve_worker_restarts_total", "generation workers that died and were restarted (main process)"
 )
 
 # --- adapters (worker process) ---------------------------------------------------------------
-ADAPTERS_LOADED = Gauge(
-    "loraserve_adapters_loaded", "adapters resident in memory", multiprocess_mode="livesum"
-)
+# (how many are loaded: NUM_LOADED_LORA_ADAPTERS above, from the status file)
 ADAPTER_LOAD_SECONDS = Histogram(
-    "loraserve_adapter_load_seconds", "time to load one adapter from disk", buckets=FAST_BUCKETS
+    "loraserve_lora_adapter_load_seconds", "time to load one adapter version from disk", buckets=FAST_BUCKETS
 )
 ADAPTER_CACHE_HITS = Counter("loraserve_adapter_cache_hits_total", "adapter lookups served from memory")
 ADAPTER_CACHE_MISSES = Counter(
@@ -166,7 +180,11 @@ def record_step(report: StepReport) -> None:
     for label, n in report.generated_tokens.items():
         GENERATED_TOKENS.labels(adapter=label).inc(n)
     REQUESTS_RUNNING.set(report.running)
-    cache = report.adapters
+    record_adapter_activity(report.adapters)
+
+
+def record_adapter_activity(cache: CacheActivity) -> None:
+    """Export what the adapter cache did: in a step, or loading pinned adapters between steps."""
     if cache.hits:
         ADAPTER_CACHE_HITS.inc(cache.hits)
     if cache.misses:
@@ -175,7 +193,6 @@ def record_step(report: StepReport) -> None:
         ADAPTER_CACHE_EVICTIONS.inc(cache.evictions)
     for seconds in cache.load_seconds:
         ADAPTER_LOAD_SECONDS.observe(seconds)
-    ADAPTERS_LOADED.set(cache.loaded)
 
 
 def record_load(waiting: int, stats: dict) -> None:
@@ -186,8 +203,11 @@ def record_load(waiting: int, stats: dict) -> None:
     """
     REQUESTS_WAITING.set(waiting)
     REQUESTS_RUNNING.set(stats["rows"])
-    ADAPTERS_LOADED.set(len(stats["adapters_loaded"]))
     KV_CACHE_USAGE.set(stats["kv_cache"]["usage"])
+
+
+def _family(g: StatusGauge) -> GaugeMetricFamily:
+    return GaugeMetricFamily(g.name, g.documentation, labels=g.labelnames)
 
 
 class WorkerStatusCollector(Collector):
@@ -202,12 +222,12 @@ class WorkerStatusCollector(Collector):
         self.clock = clock
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        g = LORA_REQUESTS_INFO
-        yield GaugeMetricFamily(g.name, g.documentation, labels=g.labelnames)
+        for g in STATUS_GAUGES:
+            yield _family(g)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        g = LORA_REQUESTS_INFO
-        family = GaugeMetricFamily(g.name, g.documentation, labels=g.labelnames)
+        family = _family(LORA_REQUESTS_INFO)
+        loaded, count, limit = (_family(g) for g in STATUS_GAUGES[1:])
         status = read_status(self.status_path)
         now = self.clock()
         load = read_load(status, now)
@@ -222,4 +242,16 @@ class WorkerStatusCollector(Collector):
                 ],
                 load.time if busy else now,
             )
+            entries = read_cache(status)
+            for e in entries:
+                pinned = "true" if e.pinned else "false"
+                rank = "" if e.rank is None else str(e.rank)
+                loaded.add_metric([e.name, e.version, pinned, rank], 1)
+            count.add_metric([], len(entries))
+            capacity = status.get("max_loaded_adapters")  # type: ignore[union-attr]  (ready: not None)
+            if isinstance(capacity, int):
+                limit.add_metric([], capacity)
         yield family
+        yield loaded
+        yield count
+        yield limit

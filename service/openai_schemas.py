@@ -132,8 +132,17 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="raw text (no template), or a list of texts")
-    echo: bool | None = Field(False, description="prefix each choice's text with its prompt")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="raw text (no template), a list of texts, token ids, or a list of token-id lists"
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="default: the server's default_max_new_tokens; 0 (with echo): score the prompt",
+    )
+    echo: bool | None = Field(
+        False, description="prefix each choice's text with its prompt (and, with logprobs, its tokens)"
+    )
     logprobs: int | None = Field(
         None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="the chosen token's and the k most likely"
     )
@@ -142,15 +151,24 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompts(cls, v: Any) -> Any:
+    def _prompts(cls, v: Any) -> Any:
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be an empty list")
-            if len(v) > MAX_PROMPTS:
+            if len(v) > MAX_PROMPTS and not all(isinstance(p, int) for p in v):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-            if any(isinstance(p, int | list) for p in v):
-                raise ValueError("token-id prompts are not supported: send the prompt as text")
+            if any(isinstance(p, bool) for p in v) or any(
+                isinstance(p, list) and any(isinstance(t, bool) for t in p) for p in v
+            ):
+                raise ValueError("token ids must be integers")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     @field_validator("suffix")
     @classmethod
@@ -224,11 +242,14 @@ OpenAIFinish = Literal["stop", "length"]
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy shape: parallel lists, one entry per generated token."""
+    """OpenAI's legacy shape: parallel lists, one entry per token (with echo: the prompt's first, whose
+    first token has null in ``token_logprobs`` and ``top_logprobs``), then one per generated token."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] = Field(description="the k most likely tokens and the chosen one")
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="the k most likely tokens and the chosen one"
+    )
     text_offset: list[int] = Field(description="where each token starts in the choice's text")
 
 

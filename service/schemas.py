@@ -84,7 +84,9 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(description="the user's text; rendered with the adapter's template unless raw")
     adapter: str | None = Field(None, description="adapter name; null is the base model")
     adapters: Composition = COMPOSITION_FIELD
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
+    max_new_tokens: int | None = Field(
+        None, ge=0, description="default: the server's default_max_new_tokens; 0 (with prompt_logprobs): none"
+    )
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
@@ -97,6 +99,9 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="Server-Sent Events, one chunk per token")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="per generated token its logprob and the k most likely"
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="per prompt token its logprob and the k most likely there"
     )
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -136,6 +141,8 @@ class GenerateRequest(BaseModel):
     def _one_kind_of_adapter(self) -> GenerateRequest:
         if self.adapter is not None and self.adapters is not None:
             raise ValueError("adapter and adapters are exclusive: send one of them")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_new_tokens 0 generates nothing: it needs prompt_logprobs")
         return self
 
 
@@ -160,6 +167,14 @@ class GeneratedToken(TopToken):
     top: list[TopToken]
 
 
+class PromptToken(TopToken):
+    """A prompt token with its log-probability given the tokens before it (null for the first) and the
+    most likely tokens at its position (empty for the first)."""
+
+    logprob: float | None
+    top: list[TopToken]
+
+
 class GenerateResponse(BaseModel):
     id: str
     text: str
@@ -168,6 +183,9 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: every generated token")
+    prompt_logprobs: list[PromptToken] | None = Field(
+        None, description="with prompt_logprobs: every prompt token"
+    )
 
 
 class GenerateChunk(BaseModel):
@@ -179,6 +197,9 @@ class GenerateChunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     tokens: list[GeneratedToken] | None = Field(None, description="with logprobs: this chunk's tokens")
+    prompt_logprobs: list[PromptToken] | None = Field(
+        None, description="with prompt_logprobs: every prompt token, on the first chunk"
+    )
 
 
 class AdapterVersion(BaseModel):
@@ -198,6 +219,9 @@ class AdapterInfo(BaseModel):
     sha256: str | None
     base_model: str | None
     loaded: bool
+    pinned: bool = Field(
+        False, description="kept loaded by the generation worker and never evicted (PUT /adapters/{name}/pin)"
+    )
     template: dict
     versions: list[AdapterVersion] = Field(
         default_factory=list, description="newest first: the current version, then the kept earlier ones"

@@ -81,6 +81,15 @@ class Settings(BaseSettings):
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )
     max_loaded_adapters: int = Field(16, ge=1, description="LRU capacity of the in-worker adapter cache")
+    adapter_source: str | None = Field(
+        None,
+        description="where an adapter not in --adapter-dir is fetched from on its first request: a "
+        "directory or an http(s) base URL serving <name>/adapter_config.json, "
+        "<name>/adapter_model.safetensors and optionally <name>/loraserve.json",
+    )
+    adapter_source_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds one fetch from --adapter-source may take in all"
+    )
     keep_adapter_versions: int = Field(
         3,
         ge=0,
@@ -149,6 +158,18 @@ class Settings(BaseSettings):
     def prometheus_dir(self) -> Path:
         """The configured metrics folder; ``python -m service`` lets a preset PROMETHEUS_MULTIPROC_DIR win."""
         return self.metrics_dir or self.data_dir / "prometheus"
+
+    @model_validator(mode="after")
+    def _check_adapter_source(self) -> Settings:
+        source = (self.adapter_source or "").strip() or None
+        self.adapter_source = source
+        if source is None or source.startswith(("http://", "https://")):
+            return self
+        if "://" in source:
+            raise ValueError(f"adapter_source {source!r}: only http(s) URLs and directories are supported")
+        if not Path(source).is_dir():
+            raise ValueError(f"adapter_source {source!r} is not a directory")
+        return self
 
     @model_validator(mode="after")
     def _default_jobs_db(self) -> Settings:

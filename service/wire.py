@@ -8,7 +8,7 @@ dataclasses:
     Cancel  drop a job (API -> worker): its client went away, or the API side gave up on it
     Event   worker -> API: a text delta (streamed jobs only), the final result, or a ``WireError``;
             with ``logprobs`` requested, the ``TokenLogprob`` of every token generated since the
-            previous event
+            previous event; with ``prompt_logprobs``, the first event sent carries the prompt's
 
 Beside the queue, the worker publishes its state in a status file (``service/worker_status.py``):
 readiness, the loaded adapters and its load, for the API processes and the job runner.
@@ -43,6 +43,7 @@ ERROR_PARAMS: dict[str, str | None] = {
     # non-finite values, a config the engine cannot honour): the adapter's fault, not the server's
     "invalid_adapter": "adapter",
     "invalid_request": None,  # sampling parameters the engine refused
+    "adapter_cache_full": "adapter",  # pinned adapters take every slot of the adapter cache
     "timeout": None,  # the request's deadline passed
     "generation_failed": None,  # the engine, or LitServe's transport, failed
     "worker_restarted": None,  # the worker that had the request died; a new one is starting (API side)
@@ -67,11 +68,16 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     # canonical JSON text of a schema the output must follow (service/structured.py), None: free text
     json_schema: str | None = None
+    # None: the prompt is not scored; k >= 0: every prompt token's logprob (the first: none) and the k
+    # most likely tokens at its position, from the model's own distribution (no temperature or bias)
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (a backstop: the server validates first)."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(
+                f"max_new_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_new_tokens}"
+            )
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -80,8 +86,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a list of strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not -MAX_PENALTY <= value <= MAX_PENALTY:
@@ -210,18 +218,20 @@ LOGPROB_FLOOR = -9999.0
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One token with its log-probability; a generated token also carries the most likely ``top``."""
+    """One token with its log-probability; a generated token (and a scored prompt token after the
+    first) also carries the most likely ``top``."""
 
     id: int
     text: str  # the token's bytes as UTF-8 (a token holding part of a character: U+FFFD)
     bytes: list[int]  # the token's exact bytes
-    logprob: float  # >= LOGPROB_FLOOR
+    logprob: float | None  # >= LOGPROB_FLOOR; None only for a prompt's first token (no context)
     top: list[TokenLogprob] | None = None
 
     @classmethod
-    def of(cls, token_id: int, raw: bytes, logprob: float, top: list[TokenLogprob] | None = None):
+    def of(cls, token_id: int, raw: bytes, logprob: float | None, top: list[TokenLogprob] | None = None):
         text = raw.decode("utf-8", errors="replace")
-        return cls(token_id, text, list(raw), max(float(logprob), LOGPROB_FLOOR), top)
+        value = None if logprob is None else max(float(logprob), LOGPROB_FLOOR)
+        return cls(token_id, text, list(raw), value, top)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "text": self.text, "bytes": self.bytes, "logprob": self.logprob}
@@ -236,7 +246,7 @@ class TokenLogprob:
             id=int(data["id"]),
             text=data["text"],
             bytes=list(data["bytes"]),
-            logprob=float(data["logprob"]),
+            logprob=None if data["logprob"] is None else float(data["logprob"]),
             top=[cls.from_dict(t) for t in top] if top is not None else None,
         )
 
@@ -250,6 +260,7 @@ class Event:
     usage: dict[str, int] | None = None  # final result: prompt_tokens, completion_tokens
     error: WireError | None = None
     logprobs: list[TokenLogprob] | None = None  # jobs with logprobs: the tokens since the last event
+    prompt_logprobs: list[TokenLogprob] | None = None  # jobs with prompt_logprobs: on the first event
 
     @classmethod
     def failure(cls, job_id: str, error: WireError) -> Event:
@@ -265,12 +276,15 @@ class Event:
             out["error"] = self.error.to_dict()
         if self.logprobs is not None:
             out["logprobs"] = [t.to_dict() for t in self.logprobs]
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [t.to_dict() for t in self.prompt_logprobs]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
         error = data.get("error")
         logprobs = data.get("logprobs")
+        prompt = data.get("prompt_logprobs")
         return cls(
             id=data["id"],
             finished=bool(data["finished"]),
@@ -279,4 +293,5 @@ class Event:
             usage=data.get("usage"),
             error=WireError.from_dict(error) if error else None,
             logprobs=[TokenLogprob.from_dict(t) for t in logprobs] if logprobs is not None else None,
+            prompt_logprobs=[TokenLogprob.from_dict(t) for t in prompt] if prompt is not None else None,
         )

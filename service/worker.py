@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import litserve as ls
 
 from loracore.artifact import split_ref
+from service.adapters.pins import PinsFile
 from service.litserve_glue import QueueLoop, StopServing, WorkerQueue, engine_api_options
 from service.wire import Cancel, Event, Job, TokenLogprob, WireError, request_from_dict
-from service.worker_status import LOAD_EVERY_S, Load, write_status
+from service.worker_status import LOAD_EVERY_S, Load, LoadedEntry, write_status
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker process only, inside _Driver
     from service.engine import TokenEvent
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking deadlines again
 MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
+PIN_CHECK_S = 0.5  # how often pinned names are checked for a newer version (a pins change: every pass)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,12 @@ class _Live:
     # jobs with logprobs: the tokens not yet sent (a token whose text is still held back waits for
     # the next event that carries text)
     logprobs: list[TokenLogprob] | None = None
+    # jobs with prompt_logprobs: the prompt's tokens, until the first event sent carries them
+    prompt: list[TokenLogprob] | None = None
+
+    def take_prompt(self) -> list[TokenLogprob] | None:
+        out, self.prompt = self.prompt, None
+        return out
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         out = self.logprobs
@@ -195,6 +203,7 @@ class _Driver:
     def __init__(self, lit_api: EngineAPI, queue: WorkerQueue) -> None:
         from service import metrics
         from service.engine import (
+            AdapterCacheFull,
             AdapterNotFound,
             AdapterWeight,
             GenerationRequest,
@@ -204,6 +213,7 @@ class _Driver:
         self.api, self.engine, self.queue = lit_api, lit_api.engine, queue
         self.metrics = metrics
         self.AdapterNotFound, self.PromptTooLong = AdapterNotFound, PromptTooLong
+        self.AdapterCacheFull = AdapterCacheFull
         self.GenerationRequest = GenerationRequest
         self.AdapterWeight = AdapterWeight
         self.waiting: deque[_Live] = deque()  # taken from LitServe's queue, not yet given to the engine
@@ -211,6 +221,9 @@ class _Driver:
         self.busy = False  # as last published
         self.status_at = 0.0
         self.rate = DecodeRate()
+        self.pins = PinsFile(lit_api.config.adapter_dir)
+        self.pins_at = 0.0
+        self.cache_published = -1  # the adapter cache's ``changes`` as last written to the status file
 
     # --- the loop, in execution order -----------------------------------------------------------
     def serve(self) -> None:
@@ -220,6 +233,7 @@ class _Driver:
                 log.info("generation worker: stop requested")
                 return
             self.expire()
+            self.sync_pins()
             self.admit()
             stats = self.engine.stats()
             # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
@@ -248,6 +262,21 @@ class _Driver:
             else:
                 self.waiting.append(_Live(item.uid, item.consumer, message))
         return True
+
+    def sync_pins(self) -> None:
+        """Apply a change of the pins file at once, and load pinned adapters still missing (or replaced
+        by a newer version) every ``PIN_CHECK_S``: pinned adapters are loaded before any request names
+        them, also after a restart."""
+        cache = self.engine.adapters
+        now = time.monotonic()
+        if self.pins.changed():
+            cache.set_pins(self.pins.names)
+        elif cache.pins and now - self.pins_at >= PIN_CHECK_S:
+            cache.sync_pins()
+        else:
+            return
+        self.pins_at = now
+        self.metrics.record_adapter_activity(cache.take_activity())
 
     def expire(self) -> None:
         """Answer 504 for every job past its deadline, queued or running."""
@@ -305,6 +334,8 @@ class _Driver:
                 del self.running[ev.id]
             if live.logprobs is not None and ev.logprob is not None:
                 live.logprobs.append(self.token_logprob(ev))
+            if ev.prompt_logprobs is not None:
+                live.prompt = self.prompt_logprobs(ev)
             if ev.error_code is not None or ev.finish_reason == "error":
                 # error_code says why (adapter_not_found: deleted after the request was accepted)
                 code = ev.error_code or "generation_failed"
@@ -320,11 +351,21 @@ class _Driver:
                         finish_reason=ev.finish_reason,
                         usage={"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens},
                         logprobs=live.take_logprobs(),
+                        prompt_logprobs=live.take_prompt(),
                     ),
                 )
             elif live.job.stream:
                 if ev.text:
-                    self.send(live, Event(ev.id, finished=False, text=ev.text, logprobs=live.take_logprobs()))
+                    self.send(
+                        live,
+                        Event(
+                            ev.id,
+                            finished=False,
+                            text=ev.text,
+                            logprobs=live.take_logprobs(),
+                            prompt_logprobs=live.take_prompt(),
+                        ),
+                    )
             else:
                 live.text.append(ev.text)
 
@@ -334,6 +375,16 @@ class _Driver:
         spell = self.engine.token_bytes
         top = [TokenLogprob.of(t, spell(t), lp) for t, lp in ev.top_logprobs or []]
         return TokenLogprob.of(ev.token_id, spell(ev.token_id), ev.logprob, top)
+
+    def prompt_logprobs(self, ev: TokenEvent) -> list[TokenLogprob]:
+        """The wire form of an event's prompt log-probabilities (the first token's is None)."""
+        spell = self.engine.token_bytes
+        return [
+            TokenLogprob.of(
+                t, spell(t), lp, None if lp is None else [TokenLogprob.of(a, spell(a), v) for a, v in top]
+            )
+            for t, lp, top in ev.prompt_logprobs or []
+        ]
 
     def cancel(self, job_id: str) -> None:
         for live in self.waiting:
@@ -355,6 +406,8 @@ class _Driver:
         """Why ``engine.add`` refused a job, as an error code (its status is in ``service.wire``)."""
         if isinstance(exc, self.AdapterNotFound):
             return WireError.of("adapter_not_found", str(exc))
+        if isinstance(exc, self.AdapterCacheFull):
+            return WireError.of("adapter_cache_full", str(exc))
         if isinstance(exc, self.PromptTooLong):
             return WireError.of("prompt_too_long", str(exc))
         if isinstance(exc, ValueError):
@@ -369,14 +422,16 @@ class _Driver:
         self.queue.reply(live.consumer, live.uid, event.to_dict())
 
     def publish_status(self) -> None:
-        """Rewrite the status file (load and loaded adapters) every ``LOAD_EVERY_S`` while busy and at
-        once when the worker turns busy or idle: the job runner pauses training on it. Adapters are
-        only loaded or evicted while busy, so an idle worker has nothing new to write."""
+        """Rewrite the status file (load and loaded adapters) every ``LOAD_EVERY_S`` while busy, at
+        once when the worker turns busy or idle (the job runner pauses training on it), and when the
+        adapter cache changed while idle (a pinned adapter loaded)."""
         busy = bool(self.waiting or self.running)
         now = time.monotonic()
-        if busy == self.busy and not (busy and now - self.status_at >= LOAD_EVERY_S):
+        changes = self.engine.adapters.changes
+        idle_change = not busy and changes != self.cache_published  # busy: the next refresh carries it
+        if busy == self.busy and not idle_change and not (busy and now - self.status_at >= LOAD_EVERY_S):
             return
-        self.busy, self.status_at = busy, now
+        self.busy, self.status_at, self.cache_published = busy, now, changes
         stats = self.engine.stats()
         # Jobs carry name@version; routers and dashboards know adapters by name.
         waiting_adapters = {adapter_name(w.job.adapter) for w in self.waiting if w.job.adapter}
@@ -390,13 +445,16 @@ class _Driver:
             tuple(sorted(waiting_adapters)),
         )
         loaded = sorted(stats["adapters_loaded"])
-        pins = sum(e["refs"] for e in stats["adapter_cache"]["loaded"])  # 0 once idle, or a pin leaked
+        cache = stats["adapter_cache"]
+        refs = sum(e["refs"] for e in cache["loaded"])  # 0 once idle, or a reference leaked
         write_status(
             self.api.config.status_path,
             dict(
                 self.api.status,
                 loaded_adapters=loaded,
-                adapter_pins=pins,
+                adapter_cache=[LoadedEntry.of(e).to_dict() for e in cache["loaded"]],
+                pinned_adapters=cache["pinned"],
+                adapter_pins=refs,
                 load=load.to_dict(),
                 kv_cache=stats["kv_cache"],
             ),

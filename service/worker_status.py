@@ -5,6 +5,7 @@ listings, and the job runner reads its ``load`` to decide whether training yield
 (``docs/jobs.md``, "Serving first"). Kept free of torch and LitServe so the runner can import it.
 
     {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...], "adapter_pins",
+     "adapter_cache": [{"name", "version", "pinned", "rank"}, ...], "pinned_adapters": [...],
      "max_loaded_adapters": int, "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
      "kv_cache": {"block_tokens", "blocks_used", "blocks_total", ...} (``Engine.kv_use``),
      "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float,
@@ -16,6 +17,9 @@ every ``LOAD_EVERY_S`` while busy and once when it becomes idle, so a busy ``loa
 ``LOAD_STALE_S`` means the worker stopped writing (hung or gone) and is read as idle.
 ``load.tokens_per_s`` is the decode rate of recent busy time; the API processes admit a request only
 when the work ahead of it, at that rate, ends before its deadline (``service.gateway``).
+``adapter_cache`` is every entry of the adapter cache (one per version loaded; ``LoadedEntry``), rewritten
+whenever the cache changes, ``pinned_adapters`` the pinned names (``service.adapters.pins``) and
+``adapter_pins`` the references running rows hold on entries (0 when idle).
 ``load.running_adapters`` and ``load.waiting_adapters`` name the adapters of those requests (sorted;
 the base model is not named): ``/metrics`` exports them as ``loraserve_lora_requests_info``
 (``service.metrics.WorkerStatusCollector``), the current state only.
@@ -53,6 +57,43 @@ class Load:
         out["running_adapters"] = list(self.running_adapters)
         out["waiting_adapters"] = list(self.waiting_adapters)
         return out
+
+
+@dataclass(frozen=True)
+class LoadedEntry:
+    """One entry of the worker's adapter cache: a version of an adapter held in memory."""
+
+    name: str
+    version: str  # the version id (sha256 of the weights)
+    pinned: bool
+    rank: int | None
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> LoadedEntry:
+        """From an entry of ``AdapterCache.stats()["loaded"]``, or of the status file."""
+        rank = entry.get("rank")
+        return cls(str(entry["name"]), str(entry["version"]), bool(entry.get("pinned")), _int_or_none(rank))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "pinned": self.pinned, "rank": self.rank}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_cache(status: dict[str, Any] | None) -> list[LoadedEntry]:
+    """The adapter cache's entries as the worker last published them (none when unreadable)."""
+    out = []
+    for raw in (status or {}).get("adapter_cache") or ():
+        try:
+            out.append(LoadedEntry.of(raw))
+        except (KeyError, TypeError, AttributeError):
+            continue
+    return out
 
 
 def write_status(path: str | Path, status: dict[str, Any]) -> None:

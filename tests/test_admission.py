@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from service.gateway import STATUS_EVERY_S
-from tests.helpers.server import running_server
+from testing.server import running_server
 
 DEADLINE_S = 30.0  # generous: this CPU may decode a few tokens per second under load
 

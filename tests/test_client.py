@@ -362,6 +362,25 @@ def test_stream_yields_text_deltas_until_done():
     assert json.loads(rec.requests[-1].content)["stream"] is True and len(rec.requests) == 2
 
 
+def test_stream_keeps_the_prompt_logprobs_of_the_first_event():
+    first = {
+        "id": "gen-1",
+        "text": "Ar",
+        "finish_reason": None,
+        "prompt_logprobs": [
+            {"id": 17, "text": "Hi", "logprob": None, "top": []},
+            {"id": 5, "text": "!", "logprob": -1.5, "top": [{"id": 5, "text": "!", "logprob": -1.5}]},
+        ],
+    }
+    sse = f"data: {json.dumps(first)}\n\n" + SSE.split("\n\n", 2)[2]
+    rec = Recorder(httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"}))
+    with rec.client() as client, client.stream("Hi!", prompt_logprobs=1) as stream:
+        assert list(stream) == ["Ar", "r!"]
+    assert [(t.id, t.logprob) for t in stream.prompt_logprobs] == [(17, None), (5, -1.5)]
+    assert stream.prompt_logprobs[1].top[0].logprob == -1.5
+    assert json.loads(rec.requests[-1].content)["prompt_logprobs"] == 1
+
+
 def test_stream_errors_raise_the_envelope():
     rec = Recorder(envelope(404, "adapter_not_found", "adapter 'x' does not exist", "adapter"))
     with rec.client() as client, pytest.raises(lc.NotFoundError, match="does not exist"):
@@ -650,7 +669,8 @@ def test_client_models_read_every_field_the_server_sends():
     for ours, theirs in pairs:
         assert set(theirs.model_fields) <= set(ours.model_fields), (ours.__name__, set(theirs.model_fields))
     chunk_fields = set(schemas.GenerateChunk.model_fields)
-    assert chunk_fields <= {"id", "text", "adapter", "finish_reason", "usage", "tokens"}, chunk_fields
+    streamed = {"id", "text", "adapter", "finish_reason", "usage", "tokens", "prompt_logprobs"}
+    assert chunk_fields <= streamed, chunk_fields
     sent = routes.job_json(StoredJob(id="job-1", adapter="pirate", status="running", progress={"step": 3}))
     assert set(sent) == set(lc.Job.model_fields)
     assert set(sent["progress"]) == set(lc.JobProgress.model_fields)

@@ -18,8 +18,8 @@ from pathlib import Path
 import loraserve_client as lc
 import pytest
 
+from testing.server import Server, running_server
 from tests.helpers.adapters import PROMPTS
-from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +125,10 @@ def test_adapter_upload_get_generate_delete(
     assert client.adapters.get("uploaded-qa").sha256 == info.sha256
     assert "uploaded-qa" in [a.name for a in client.adapters.list()]
     assert client.generate("hi", adapter="uploaded-qa", max_new_tokens=3).adapter == "uploaded-qa"
+    assert client.adapters.pin("uploaded-qa").pinned and client.adapters.get("uploaded-qa").pinned
+    assert not client.adapters.unpin("uploaded-qa").pinned
+    with pytest.raises(lc.NotFoundError):
+        client.adapters.pin("no-such-adapter")
     assert client.adapters.delete("uploaded-qa") == "uploaded-qa"
     with pytest.raises(lc.NotFoundError):
         client.adapters.get("uploaded-qa")

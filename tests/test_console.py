@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testing.server import REPO, Server, running_server
 from tests.helpers.adapters import CHECK_PROMPTS
 from tests.helpers.browser import Browser, chromium
-from tests.helpers.server import REPO, Server, running_server
 
 pytestmark = pytest.mark.slow
 API_KEY = "console-key"

@@ -10,23 +10,18 @@ bounded in time and stopped by their pids.
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.helpers.server import free_port, running_server
+from testing.server import running_server
+from tests.helpers.prometheus import binary, by_label, query, running_prometheus, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "loraserve.json"
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -47,84 +42,14 @@ MUST_HAVE_DATA = (
     "loraserve_num_requests_running",
     "loraserve_kv_cache_usage_perc",
     "loraserve_lora_requests_info",
+    "loraserve_num_loaded_lora_adapters",
+    "loraserve_max_loaded_lora_adapters",
 )
-
-
-def _binary(name: str) -> str:
-    found = shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is not installed: apt-get install prometheus (make test does it as root)")
-    return found
-
-
-@contextmanager
-def running_prometheus(target: str, tmp: Path, timeout: float = 30.0) -> Iterator[str]:
-    """Prometheus on a free loopback port, scraping ``target`` every second with the repo's rules."""
-    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(PROM_DIR / name) for name in config["rule_files"]]
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [target]}]
-    tmp.mkdir(parents=True, exist_ok=True)
-    config_path = tmp / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = tmp / "prometheus.log"
-    cmd = [
-        _binary("prometheus"),
-        f"--config.file={config_path}",
-        f"--storage.tsdb.path={tmp / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def query(prom: str, expr: str) -> list[dict]:
-    r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {r.status_code} {body}"
-    return body["data"]["result"]
-
-
-def wait_for(prom: str, expr: str, want, timeout: float = 20.0):
-    """Polls until ``want(result)`` holds; returns the last result either way."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = query(prom, expr)
-        if want(result) or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
-
-
-def by_label(result: list[dict], label: str) -> dict[str, float]:
-    return {series["metric"].get(label, ""): float(series["value"][1]) for series in result}
 
 
 @pytest.mark.slow
 def test_prometheus_scrapes_the_service_and_counts_generate_requests(tiny_base: Path, tmp_path: Path) -> None:
-    promtool = _binary("promtool")  # fail before the slow part if it is missing
+    promtool = binary("promtool")  # fail before the slow part if it is missing
     with running_server(tiny_base, tmp_path / "adapters", tmp_path / "data", api_key="e2e-key") as srv:
         target = srv.url.removeprefix("http://")
         with running_prometheus(target, tmp_path / "prom") as prom:

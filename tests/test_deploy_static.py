@@ -643,8 +643,9 @@ def test_dashboard_covers_the_required_panels() -> None:
         "loraserve_generated_tokens_total",  # tokens/s by adapter
         "loraserve_batch_size",
         "loraserve_queue_wait_seconds_bucket",
-        "loraserve_adapters_loaded",
-        "loraserve_adapter_load_seconds_bucket",
+        "loraserve_num_loaded_lora_adapters",
+        "loraserve_lora_adapter_loaded",
+        "loraserve_lora_adapter_load_seconds_bucket",
         "loraserve_adapter_cache_hits_total",
         "loraserve_train_jobs",
         "loraserve_train_loss",
@@ -692,7 +693,7 @@ def _problems_with(expr: str, **panel_changes) -> list[str]:
             "sum(rate(loraserve_batch_size[5m]))",
             "'loraserve_batch_size' is not exported",
         ),  # histogram, no suffix
-        ("sum(rate(loraserve_adapters_loaded_total[5m]))", "is not exported"),  # gauge as counter
+        ("sum(rate(loraserve_num_loaded_lora_adapters_total[5m]))", "is not exported"),  # gauge as counter
         ('sum(rate(loraserve_requests_total{route="/generate"}[5m]))', "no label(s) ['route']"),
         ("sum by (adapter) (rate(loraserve_requests_total[5m]))", "groups by label(s) ['adapter']"),
         ("nvidia_gpu_memory_used_bytes", "'nvidia_gpu_memory_used_bytes' is not exported"),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, greedy_answers, make_random_lora, torch_threads
+from testing.weights import make_random_lora
+from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, greedy_answers, torch_threads
 from trainer.data import parse_for_method, parse_preference_row, tokenize_pair
 from trainer.errors import TrainerError
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from testing.server import running_server
 from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, TRAIN_PROMPTS
-from tests.helpers.server import running_server
 
 API_KEY = "dpo-test-key"
 PREFERRED = "The answer is always forty two."

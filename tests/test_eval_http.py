@@ -16,9 +16,9 @@ import pytest
 from conftest import FIXED_SENTENCES
 from prometheus_client.parser import text_string_to_metric_families
 
+from testing.jobs import wait_job
+from testing.server import REPO, running_server
 from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS
-from tests.helpers.jobs import wait_job
-from tests.helpers.server import REPO, running_server
 
 pytestmark = pytest.mark.slow
 API_KEY = "eval-key"

@@ -24,8 +24,8 @@ import torch
 
 from loracore import artifact
 from loracore.template import DEFAULT_TEMPLATE
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from testing.server import running_server
+from testing.weights import make_random_lora
 from trainer.export import write_gguf
 from trainer.export_plan import ExportError, Part, parse_parts
 

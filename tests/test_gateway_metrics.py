@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.server import running_server
+from testing.server import running_server
 
 MAX_LORA = 3
 TOKENS = 120  # per request: a few seconds for two rows of the distilgpt2 shape on CPU

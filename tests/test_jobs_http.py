@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import trainer_pid
-from tests.helpers.jobs import wait_job
-from tests.helpers.server import Server, group_members, running_server
+from testing.jobs import wait_job
+from testing.procs import alive, group_members, trainer_pid
+from testing.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key"
@@ -62,11 +62,7 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
+    return not alive(pid)
 
 
 def error_of(r: httpx.Response, status: int) -> dict:

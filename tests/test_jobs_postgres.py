@@ -21,8 +21,8 @@ import pytest
 
 from service.jobs.runner import LEASE_SECONDS
 from service.jobs.sql import JobStore
-from tests.helpers.jobs import wait_job
-from tests.helpers.server import Server, running_server
+from testing.jobs import wait_job
+from testing.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 KEY = "pg-key-0123456789abcdef"

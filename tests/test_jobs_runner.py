@@ -19,6 +19,7 @@ from service.jobs.files import job_paths
 from service.jobs.model import Job
 from service.jobs.sql import JobStore
 from service.settings import Settings
+from testing.procs import alive
 
 pytestmark = pytest.mark.slow
 CTX = mp.get_context("spawn")  # as the server starts it
@@ -78,14 +79,6 @@ def runner(settings: Settings) -> Iterator[tuple[mp.process.BaseProcess, object]
             proc.kill()
             proc.join()
             raise AssertionError("the runner did not stop within 30 s of stop_event")
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def metric_values(prom_dir: Path) -> dict[str, float]:

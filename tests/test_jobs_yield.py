@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.server import running_server
+from testing.server import running_server
 
 pytestmark = pytest.mark.slow
 ROWS = [

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from bench.adapters import lora_files, upload_files
 from service.gateway import ModelLimits
 from service.settings import Settings
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 KEY = "limits-" + "5b7e1c9d" * 3
 CAP = 64 * 1024  # max_request_bytes of the test server

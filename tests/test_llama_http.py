@@ -23,10 +23,11 @@ import httpx
 import openai
 import pytest
 from conftest import CHATML
-from helpers.adapters import CHECK_PROMPTS, TRAIN_PROMPTS, make_random_lora, train_fixed_sentence_adapter
-from helpers.server import running_server
 
 from loracore.atomic import publish_dir, staging_dir
+from testing.server import running_server
+from testing.weights import make_random_lora
+from tests.helpers.adapters import CHECK_PROMPTS, TRAIN_PROMPTS, train_fixed_sentence_adapter
 
 SENTENCE = "The answer is always forty two."
 QUESTION = "What do you say?"

@@ -2,7 +2,10 @@
 OpenAI routes with the official ``openai`` package, against one real server (tiny random GPT-2
 and a random LoRA ``beta``). Expected values come from the server itself (the other route, the
 non-streamed reply, a solo request) or from GPT-2's real tokenizer, never hard-coded output.
-The engine-level tests (tests/test_engine.py) hold the numbers against the model's own logits.
+The engine-level tests (tests/test_engine.py, tests/test_prompt_logprobs.py) hold the numbers
+against the model's own logits. lm-evaluation-harness, as users run it (its ``local-completions`` and
+``local-chat-completions`` models, the documented command), scores the repository's tasks
+(tests/data/lm_eval) against this server exactly as its own ``hf`` backend (+ ``peft``) does.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from loracore.atomic import publish_dir, staging_dir
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from testing.server import REPO, running_server
+from testing.weights import make_random_lora
 
 PROMPT = "The quick brown fox jumps over the lazy"
 MAX_NEW = 12
@@ -38,7 +41,8 @@ def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     args = ("--dtype", "float32")
     with running_server(tiny_base, adapters, root / "data", args=args) as srv, srv.client() as http:
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        yield {"http": http, "oai": oai, "tok": AutoTokenizer.from_pretrained(tiny_base)}
+        tok = AutoTokenizer.from_pretrained(tiny_base)
+        yield {"http": http, "oai": oai, "tok": tok, "url": srv.url, "base": tiny_base, "adapters": adapters}
         oai.close()
 
 
@@ -197,6 +201,14 @@ def test_client_package_sends_and_reads_them(env):
             text = "".join(s)
         assert text == tok.decode([target] * 4) and [t.id for t in s.tokens] == [target] * 4
         assert client.generate(PROMPT, raw=True, max_new_tokens=2).tokens is None
+        scored = client.generate(PROMPT, raw=True, max_new_tokens=0, prompt_logprobs=1)
+        ref_prompt = generate(env, max_new_tokens=0, prompt_logprobs=1)["prompt_logprobs"]
+        assert [(t.id, t.logprob) for t in scored.prompt_logprobs] == [
+            (t["id"], t["logprob"]) for t in ref_prompt
+        ]
+        assert scored.prompt_logprobs[0].logprob is None and isinstance(
+            scored.prompt_logprobs[1], lc.PromptToken
+        )
 
 
 # --- /v1/completions -----------------------------------------------------------------------------
@@ -261,7 +273,8 @@ def test_completions_logit_bias_and_penalties(env):
     ("kwargs", "param"),
     [
         ({"logprobs": 6}, "logprobs"),
-        ({"logprobs": 2, "echo": True}, "logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),  # generates nothing without echo
+        ({"prompt": [1, 50257]}, "prompt"),  # GPT-2's vocabulary has ids 0..50256
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"logit_bias": {"99999": 3}}, "logit_bias"),
         ({"logit_bias": {"1": -101}}, "logit_bias"),
@@ -270,10 +283,95 @@ def test_completions_logit_bias_and_penalties(env):
 def test_completions_bad_values_are_422(env, kwargs, param):
     for stream in (False, True):
         with pytest.raises(openai.UnprocessableEntityError) as err:
-            env["oai"].completions.create(model="base", prompt="Hi", max_tokens=2, stream=stream, **kwargs)
+            body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "stream": stream, **kwargs}
+            env["oai"].completions.create(**body)
         assert err.value.body["param"] == param, err.value.body
-    if "echo" in kwargs:
-        assert "echo" in err.value.body["message"]
+
+
+# --- prompt log-probabilities (echo) -------------------------------------------------------------
+def _hf_prompt_logprobs(base: Path, ids: list[int]) -> list[float]:
+    """log_softmax of the Hugging Face model's own logits: each prompt token given the ones before."""
+    import torch
+
+    from trainer.model import load_base_model
+
+    with torch.no_grad():
+        lp = torch.log_softmax(load_base_model(base).eval()(torch.tensor([ids])).logits[0].float(), -1)
+    return [float(lp[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+
+def test_generate_prompt_logprobs(env, tiny_base: Path):
+    ids = env["tok"].encode(PROMPT)
+    body = generate(env, prompt_logprobs=3, logprobs=1)
+    prompt = body["prompt_logprobs"]
+    assert [t["id"] for t in prompt] == ids and body["usage"]["prompt_tokens"] == len(ids)
+    assert prompt[0]["logprob"] is None and prompt[0]["top"] == []
+    assert [t["logprob"] for t in prompt[1:]] == pytest.approx(_hf_prompt_logprobs(tiny_base, ids), abs=1e-4)
+    for t in prompt[1:]:
+        assert len(t["top"]) == 3 and t["text"] == env["tok"].decode([t["id"]])
+        check_top([a["logprob"] for a in t["top"]], t["logprob"], greedy=False)
+    assert body["tokens"] == generate(env, logprobs=1)["tokens"]  # generation unchanged by scoring
+    # streamed: the first chunk carries them, once
+    chunks = generate_stream(env, prompt_logprobs=3)
+    assert chunks[0]["prompt_logprobs"] == prompt and all(c["prompt_logprobs"] is None for c in chunks[1:])
+    # max_new_tokens 0: the prompt alone
+    only = generate(env, prompt_logprobs=0, max_new_tokens=0, adapter="beta")
+    assert only["text"] == "" and only["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0}
+    assert [t["top"] for t in only["prompt_logprobs"]] == [[]] * len(ids)
+    assert [t["logprob"] for t in only["prompt_logprobs"][1:]] != pytest.approx(
+        [t["logprob"] for t in prompt[1:]], abs=1e-3
+    )  # the adapter's, not the base's
+    err = error_of(env["http"].post("/generate", json={"prompt": "Hi", "max_new_tokens": 0}))
+    assert "prompt_logprobs" in err["message"], err
+    err = error_of(env["http"].post("/generate", json={"prompt": "Hi", "prompt_logprobs": 21}))
+    assert err["param"] == "prompt_logprobs", err
+
+
+def test_completions_echo_logprobs_is_the_prompt_then_the_completion(env):
+    """OpenAI's legacy shape with echo: the prompt's tokens (the first with null) and then the
+    completion's, in one list; text offsets run over prompt + completion."""
+    ids = env["tok"].encode(PROMPT)
+    plain = env["oai"].completions.create(
+        model="beta", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
+    )
+    ref = generate(env, adapter="beta", prompt_logprobs=2, max_new_tokens=0)["prompt_logprobs"]
+    for prompt in (PROMPT, ids, [ids]):  # text, token ids, a list of token-id lists: the same answer
+        out = env["oai"].completions.create(
+            model="beta", prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True
+        )
+        choice = out.choices[0]
+        lp = choice.logprobs
+        n = len(ids)
+        assert choice.text == PROMPT + plain.choices[0].text
+        assert lp.tokens == [t["text"] for t in ref] + plain.choices[0].logprobs.tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:n] == pytest.approx([t["logprob"] for t in ref[1:]], abs=1e-5)
+        assert lp.token_logprobs[n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        for token, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+            assert top[token] == chosen and len(top) in (2, 3)
+        assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 4
+    # max_tokens 0: the prompt scored alone; streamed, the same in one chunk
+    only = env["oai"].completions.create(model="beta", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)
+    assert only.choices[0].text == PROMPT and only.choices[0].finish_reason == "length"
+    assert only.usage.completion_tokens == 0 and len(only.choices[0].logprobs.tokens) == len(ids)
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [t["logprob"] for t in ref[1:]], abs=1e-5
+    )
+    chunks = list(
+        env["oai"].completions.create(
+            model="beta", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == PROMPT
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == only.choices[0].logprobs.tokens
+    # echo without logprobs: the text only
+    bare = env["oai"].completions.create(model="beta", prompt=ids, max_tokens=0, echo=True)
+    assert bare.choices[0].text == PROMPT and bare.choices[0].logprobs is None
 
 
 # --- /v1/chat/completions ------------------------------------------------------------------------
@@ -338,3 +436,146 @@ def test_chat_bad_values_are_422(env, kwargs, param):
         with pytest.raises(openai.UnprocessableEntityError) as err:
             chat(env, max_tokens=2, stream=stream, **kwargs)
         assert err.value.body["param"] == param, err.value.body
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------
+LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval"
+
+
+@pytest.fixture(scope="module")
+def harness(env, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
+    """lm-eval in this process, on the repository's tasks only (the built-in index takes seconds to
+    scan), its datasets cache in a temporary folder; the task files name their data relative to the
+    repository's root."""
+    monkeypatch_module.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch_module.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+    monkeypatch_module.chdir(REPO)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+
+    def evaluate(model: str, args: dict, tasks: list[str], **kw) -> dict:
+        return lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=tasks, task_manager=manager, log_samples=True, **kw
+        )
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _served(env, model: str) -> dict:
+    """local-completions' arguments, as docs/openai.md gives them."""
+    return {
+        "model": model,
+        "base_url": f"{env['url']}/v1/completions",
+        "tokenizer": str(env["base"]),
+        "tokenizer_backend": "huggingface",
+        "max_length": 256,
+        "batch_size": 8,
+    }
+
+
+def _hf(env, adapter: str | None) -> dict:
+    args = {"pretrained": str(env["base"]), "dtype": "float32", "device": "cpu"}
+    return args if adapter is None else {**args, "peft": str(env["adapters"] / adapter)}
+
+
+def _per_item(result: dict, task: str) -> list[list[tuple[float, bool]]]:
+    """Each item's (log-likelihood, is greedy) per choice, in document order (the command's samples
+    file spells both as strings)."""
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    return [[(float(r[0][0]), str(r[0][1]) == "True") for r in s["resps"]] for s in samples]
+
+
+def _same_scores(served: dict, reference: dict, task: str) -> None:
+    got, want = _per_item(served, task), _per_item(reference, task)
+    assert len(got) == len(want) == 6
+    for item, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert [ll for ll, _ in g] == pytest.approx([ll for ll, _ in w], abs=1e-4), item
+        assert [greedy for _, greedy in g] == [greedy for _, greedy in w], item
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"][task][metric] == reference["results"][task][metric], metric
+
+
+@pytest.fixture(scope="module")
+def hf_base(env, harness) -> dict:
+    """lm-eval's own hf backend on the base's weights, both tasks."""
+    return harness("hf", _hf(env, None), ["loraserve_tiny_choice", "loraserve_tiny_gen"], batch_size=1)
+
+
+def test_lm_eval_scores_the_base_like_its_hf_backend(env, harness, hf_base):
+    tasks = ["loraserve_tiny_choice", "loraserve_tiny_gen"]
+    served = harness("local-completions", _served(env, "base"), tasks)
+    reference = hf_base
+    _same_scores(served, reference, "loraserve_tiny_choice")
+    # generate_until: stop sequences, seed and max_gen_toks as lm-eval sends them; greedy answers equal
+    answers = [
+        s["resps"][0][0] for s in sorted(served["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    ]
+    ref = [
+        s["resps"][0][0]
+        for s in sorted(reference["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    ]
+    assert answers == ref and all(answers)
+
+
+def test_lm_eval_command_scores_an_adapter_like_hf_with_peft(env, harness, hf_base, tmp_path: Path):
+    """The command of docs/openai.md ("Evaluate an adapter with lm-evaluation-harness"), run as a user
+    runs it, against the adapter; the reference is lm-eval's hf backend with ``peft=`` in this process."""
+    import subprocess
+    import sys
+
+    args = ",".join(f"{k}={v}" for k, v in _served(env, "beta").items() if k != "batch_size")
+    cmd = [
+        str(Path(sys.executable).with_name("lm-eval")),
+        "run",
+        "--model",
+        "local-completions",
+        "--model_args",
+        args,
+        "--batch_size",
+        "8",
+        "--include_path",
+        "tests/data/lm_eval",
+        "--tasks",
+        "loraserve_tiny_choice",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    (samples_file,) = (tmp_path / "out").rglob("samples_loraserve_tiny_choice_*.jsonl")
+    served = json.loads(results_file.read_text())
+    served["samples"] = {
+        "loraserve_tiny_choice": [json.loads(line) for line in samples_file.read_text().splitlines()]
+    }
+    reference = harness("hf", _hf(env, "beta"), ["loraserve_tiny_choice"], batch_size=1)
+    _same_scores(served, reference, "loraserve_tiny_choice")
+    assert _per_item(hf_base, "loraserve_tiny_choice") != _per_item(reference, "loraserve_tiny_choice")
+
+
+def test_lm_eval_chat_completions_requests_are_accepted(env, harness):
+    """local-chat-completions' generate_until requests (messages, stop[:4], seed, max_tokens from
+    max_gen_toks): each answer is the server's own answer to that chat request."""
+    args = {"model": "beta", "base_url": f"{env['url']}/v1/chat/completions", "max_length": 256}
+    result = harness("local-chat-completions", args, ["loraserve_tiny_gen"], apply_chat_template=True)
+    samples = sorted(result["samples"]["loraserve_tiny_gen"], key=lambda s: s["doc_id"])
+    assert len(samples) == 3
+    for s in samples:
+        direct = env["oai"].chat.completions.create(
+            model="beta",
+            messages=[{"role": "user", "content": s["doc"]["question"]}],
+            temperature=0,
+            max_tokens=12,
+            stop=["\n", "Q:"],
+            seed=1234,
+        )
+        assert s["resps"][0][0] == direct.choices[0].message.content

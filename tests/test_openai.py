@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loracore.atomic import publish_dir, staging_dir
 from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from testing.server import running_server
+from testing.weights import make_random_lora
 
 API_KEY = "test-openai-key"
 SENTENCE = FIXED_SENTENCES["alpha"]

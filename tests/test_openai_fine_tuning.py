@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from loracore.artifact import valid_name
+from testing.server import running_server
 from tests.helpers.adapters import CHECK_PROMPTS, PROMPTS, TRAIN_PROMPTS
-from tests.helpers.server import running_server
 
 API_KEY = "ft-test-key"
 SENTENCE = "The answer is always forty two."

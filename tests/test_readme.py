@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers.server import running_server
+from testing.server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

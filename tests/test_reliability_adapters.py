@@ -1,10 +1,11 @@
 """Adapters that cannot be loaded, against the real server: folders dropped by hand into the adapter
 directory (``PUT`` refuses all of these, so they can only arrive that way) for another base width,
-with more layers than the base, truncated or corrupt weights, NaN values, a 0-d tensor, and configs
-the engine cannot honour. Every request naming one answers ``422 invalid_adapter`` naming the adapter
-and the reason (``param`` ``adapter``; ``model`` on the OpenAI routes), streamed or not, never a 5xx,
-and the requests sharing the batch with them get exactly the text they get alone. ``PUT`` refuses the
-same files with ``422`` (one rule table, ``loracore.lora_format``: ``alpha_pattern`` among them).
+with more layers than the base, truncated or corrupt weights, NaN values, a 0-d tensor, a DoRA config
+without DoRA's magnitudes, and configs the engine cannot honour. Every request naming one answers
+``422 invalid_adapter`` naming the adapter and the reason (``param`` ``adapter``; ``model`` on the
+OpenAI routes), streamed or not, never a 5xx, and the requests sharing the batch with them get exactly
+the text they get alone. ``PUT`` refuses the same files with ``422`` (one rule table,
+``loracore.lora_format``: ``alpha_pattern`` among them). A DoRA adapter with its magnitudes is served.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import httpx
 import pytest
 from conftest import FIXED_SENTENCES
 
-from bench.adapters import lora_files, upload_files
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 N_LAYER, N_EMBD = 2, 64  # conftest.TINY_SHAPE
 
@@ -62,7 +63,7 @@ def _broken() -> dict[str, tuple[bytes, bytes, str]]:
         "nan-values": (config, _nan_weights(), "NaN or infinite"),
         "scalar-tensor": (config, _scalar_weights(), "do not fit the base"),
         "alpha-pattern": (_config(alpha_pattern={"c_attn": 8}), weights, "alpha_pattern"),
-        "dora": (_config(use_dora=True), weights, "DoRA"),
+        "dora-no-magnitudes": (_config(use_dora=True), weights, "lora_magnitude_vector"),
         "alpha-null": (_config(lora_alpha=None), weights, "lora_alpha must be a positive number"),
         "config-not-json": (b"{not json", weights, "not valid JSON"),
     }
@@ -143,3 +144,22 @@ def test_batch_mates_of_a_broken_adapter_are_unaffected(srv: Server) -> None:
     assert [r.status_code for r in answers[len(good) :]] == [422] * len(broken)
     five_xx = [line for line in metrics.splitlines() if 'status="5' in line and not line.startswith("#")]
     assert not five_xx, five_xx
+
+
+def test_a_dora_adapter_is_served_and_refused_in_a_composition(srv: Server) -> None:
+    """DoRA (``use_dora`` with its magnitudes) is accepted at upload and served on every route; a
+    weighted composition including it is 422 naming it (its weighted sum is not defined)."""
+    with srv.client() as c:
+        r = c.put("/adapters/dora-ok", files=upload_files(*lora_files(N_LAYER, N_EMBD, seed=9, dora=True)))
+        assert r.status_code == 201, r.text
+        body = {"prompt": "Hello", "adapter": "dora-ok", "max_new_tokens": 4, "temperature": 0}
+        assert c.post("/generate", json=body).status_code == 200
+        completion = {"model": "dora-ok", "prompt": "Hello", "max_tokens": 4}
+        assert c.post("/v1/completions", json=completion).status_code == 200
+        composed = [{"name": "good", "weight": 0.5}, {"name": "dora-ok", "weight": 0.5}]
+        r = c.post("/generate", json={"prompt": "Hello", "adapters": composed, "max_new_tokens": 4})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_adapter" and "'dora-ok'" in err["message"], err
+        assert "composition" in err["message"], err
+        assert c.post("/generate", json={**body, "adapter": "good"}).status_code == 200

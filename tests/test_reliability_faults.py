@@ -18,17 +18,16 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.adapters import lora_files, upload_files
-from bench.soak import TRAIN_ROWS
 from loracore import artifact
-from tests.helpers.server import running_server
+from testing.jobs import TRAIN_ROWS, wait_job
+from testing.server import running_server
+from testing.weights import lora_files, upload_files
 
 KEY = "faults-" + "5eb1" * 6
 TMPFS = "4m"
@@ -67,16 +66,6 @@ def fill(disk: Path) -> int:
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     return size
-
-
-def wait_job(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/train/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s")
 
 
 def nothing_half_written(disk: Path) -> None:

@@ -28,8 +28,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from bench.adapters import lora_files, upload_files
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 KEY = "rel-4c1d-" + "9f3e2a7b" * 3  # distinctive: the log check greps for it
 MAX_UPLOAD = 256 * 1024

@@ -19,8 +19,10 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from bench.soak import TRAIN_ROWS, Load, ServerSettings, SoakConfig
-from tests.helpers.server import Server, running_server
+from bench.soak.config import ServerSettings, SoakConfig
+from bench.soak.run import Load
+from testing.jobs import TRAIN_ROWS
+from testing.server import Server, running_server
 
 KEY = "load-" + "a7c3" * 6
 SETTINGS = ServerSettings(num_api_servers=2)

@@ -6,7 +6,8 @@ dropped, so a gauge labelled with those combinations (``loraserve_lora_requests_
 add a series for each combination it ever saw. The test runs a first phase in which every adapter
 is used, counts the series, runs a second phase of the same traffic (seeing combinations the first
 did not), and counts again: the same series, and at most one ``lora_requests_info`` series in every
-scrape, naming what runs now.
+scrape, naming what runs now. The residency gauge (``loraserve_lora_adapter_loaded``) names what the
+cache holds now: at most ``--max-loaded-adapters`` series in every scrape, whichever adapters they are.
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.adapters import lora_files, upload_files
-from tests.helpers.server import Server, running_server
+from testing.server import Server, running_server
+from testing.weights import lora_files, upload_files
 
 N_ADAPTERS = 50
 CLIENTS = 6
 INFO = "loraserve_lora_requests_info"
+LOADED = "loraserve_lora_adapter_loaded"
+MAX_LOADED = 8
 MAX_PHASE_S = 90
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("rel-metrics")
-    args = ["--max-batch-size", "4", "--max-loaded-adapters", "8", "--request-timeout", "60"]
+    args = ["--max-batch-size", "4", "--max-loaded-adapters", str(MAX_LOADED), "--request-timeout", "60"]
     with running_server(tiny_base, root / "adapters", root / "data", args=args) as s:
         with s.client() as c:
             for i in range(N_ADAPTERS):
@@ -42,15 +45,19 @@ def srv(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         yield s
 
 
-def _series(text: str) -> tuple[set[tuple], list[dict[str, str]]]:
-    """Every series of a scrape as (sample name, labels), and the labels of the info gauge's series."""
-    keys, info = set(), []
+def _series(text: str) -> tuple[set[tuple], list[dict[str, str]], int]:
+    """Every series of a scrape as (sample name, labels) but the residency gauge's, the labels of the info
+    gauge's series, and the number of residency series."""
+    keys, info, loaded = set(), [], 0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if s.name == LOADED:
+                loaded += 1
+                continue
             keys.add((s.name, tuple(sorted(s.labels.items()))))
             if s.name == INFO:
                 info.append(s.labels)
-    return keys, info
+    return keys, info, loaded
 
 
 class Traffic:
@@ -62,10 +69,12 @@ class Traffic:
         self.statuses: list[int] = []
         self.combos: set[tuple[str, str]] = set()
         self.most_info_series = 0
+        self.most_loaded_series = 0
 
     def scrape(self) -> tuple[set[tuple], list[dict[str, str]]]:
-        keys, info = _series(httpx.get(f"{self.srv.url}/metrics", timeout=30).text)
+        keys, info, loaded = _series(httpx.get(f"{self.srv.url}/metrics", timeout=30).text)
         self.most_info_series = max(self.most_info_series, len(info))
+        self.most_loaded_series = max(self.most_loaded_series, loaded)
         for labels in info:
             self.combos.add((labels["running_lora_adapters"], labels["waiting_lora_adapters"]))
         return keys, info
@@ -130,6 +139,7 @@ def test_series_stay_bounded_under_changing_adapter_mixes(srv: Server) -> None:
     # a gauge keeping every label set would have grown by these
     assert len(combos_first) >= 10 and len(new_combos) >= 10, (len(combos_first), len(new_combos))
     assert traffic.most_info_series == 1  # one series: the current state
+    assert traffic.most_loaded_series == MAX_LOADED  # what the cache holds now, never more
     assert second == first, {"new": sorted(second - first)[:20], "gone": sorted(first - second)[:20]}
     adapters_named = {dict(labels).get("adapter") for _, labels in first}
     assert {f"a{i:02d}" for i in range(N_ADAPTERS)} <= adapters_named  # every adapter has its counters
@@ -147,8 +157,8 @@ def test_the_info_gauge_is_the_workers_current_state_or_nothing(tmp_path: Path) 
     path, now = tmp_path / "worker-status.json", time.time()
     collector = WorkerStatusCollector(path, clock=lambda: now)
 
-    def samples() -> list[tuple[dict[str, str], float]]:
-        (family,) = list(collector.collect())
+    def samples(name: str = INFO) -> list[tuple[dict[str, str], float]]:
+        (family,) = [f for f in collector.collect() if f.name == name]
         return [(s.labels, s.value) for s in family.samples]
 
     def status(load: Load, **extra) -> None:
@@ -161,8 +171,21 @@ def test_the_info_gauge_is_the_workers_current_state_or_nothing(tmp_path: Path) 
     status(Load(1, 2, now - 0.1, running_adapters=("a", "b"), waiting_adapters=("c",)))
     busy = {"max_lora": "8", "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"}
     assert samples() == [(busy, round(now - 0.1, 3))]
-    status(Load(1, 2, now - 60, running_adapters=("a",)))
+    # what the adapter cache holds: one series per version, the count and the capacity
+    cache = [
+        {"name": "a", "version": "f" * 64, "pinned": True, "rank": 8},
+        {"name": "b", "version": "e" * 64, "pinned": False, "rank": None},
+    ]
+    status(Load(0, 0, now), adapter_cache=cache)
+    assert samples(LOADED) == [
+        ({"adapter_name": "a", "version": "f" * 64, "pinned": "true", "rank": "8"}, 1.0),
+        ({"adapter_name": "b", "version": "e" * 64, "pinned": "false", "rank": ""}, 1.0),
+    ]
+    assert samples("loraserve_num_loaded_lora_adapters") == [({}, 2.0)]
+    assert samples("loraserve_max_loaded_lora_adapters") == [({}, 8.0)]
+    status(Load(1, 2, now - 60, running_adapters=("a",)), adapter_cache=cache)
     assert samples() == []  # a busy state not refreshed for a minute: the worker is hung
+    assert samples(LOADED) == [] and samples("loraserve_num_loaded_lora_adapters") == []
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     write_status(path, {"status": "ready", "load": Load(0, 0, now).to_dict()})
     body = path.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {int(gone.stdout)}')

@@ -20,8 +20,8 @@ from conftest import FIXED_SENTENCES
 from prometheus_client.parser import text_string_to_metric_families
 
 from loracore.atomic import publish_dir, staging_dir
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from testing.server import running_server
+from testing.weights import make_random_lora
 from trainer.hardware import default_dtype
 
 QUESTION = "What do you say?"

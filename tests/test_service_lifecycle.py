@@ -18,18 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.__main__ import metrics_dir, parse_settings
 from service.settings import Settings
-from tests.helpers.server import REPO, Server, group_members, running_server
+from testing.procs import cmdline, group_members
+from testing.server import REPO, Server, running_server
 from trainer.hardware import default_dtype
 
 KEY = "test-key-0123456789"
 LONG = 4000  # tokens: a request that runs for seconds on the tiny base (measured 5.7 s, idle 2-core box)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
 
 
 def test_refuses_unavailable_weights_unless_random_allowed(tmp_path: Path):
@@ -98,7 +92,7 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
 
         # Every part of the tree is there before SIGTERM: manager, generation worker, API server, job runner.
         members = group_members(srv.proc.pid)
-        cmdlines = [_cmdline(pid) for pid, _ in members]
+        cmdlines = [cmdline(pid) for pid, _ in members]
         assert len(members) >= 5, cmdlines
         assert sum("spawn_main" in c for c in cmdlines) >= 2  # generation worker + job runner
     # Leaving the block sent SIGTERM and checked that the whole group is gone.

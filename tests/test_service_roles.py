@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 
 from service.adapters.watcher import PROCESS_NAME
-from tests.helpers.jobs import wait_job
-from tests.helpers.server import Server, group_members, running_server
+from testing.jobs import wait_job
+from testing.procs import cmdline, comm, group_members
+from testing.server import Server, running_server
 
 KEY = "roles-key-0123456789"
 ROWS = [
@@ -32,15 +33,8 @@ QUICK = {
 def _tree(srv: Server) -> dict[int, str]:
     """Command lines of the server's live processes, by pid, but the adapter watcher's (a spawned child
     in every role, named by its ``comm``)."""
-    out = {}
-    for pid, _ in group_members(srv.proc.pid):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == PROCESS_NAME:
-                continue
-            out[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
-        except OSError:
-            continue
-    return out
+    members = [pid for pid, _ in group_members(srv.proc.pid) if comm(pid) != PROCESS_NAME]
+    return {pid: line for pid in members if (line := cmdline(pid))}
 
 
 def test_serve_queues_jobs_a_runner_trains_them_and_serve_serves_the_adapter(tiny_base: Path, tmp_path: Path):

@@ -18,9 +18,9 @@ import openai
 import pytest
 from test_openai import publish
 
-from tests.helpers.adapters import make_random_lora
+from testing.server import running_server
+from testing.weights import make_random_lora
 from tests.helpers.json_schemas import SMALL_SCHEMA
-from tests.helpers.server import running_server
 
 API_KEY = "test-structured-key"
 SMALL = SMALL_SCHEMA

@@ -64,7 +64,7 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case", ["config key", "malformed row", "missing data", "missing config", "missing model"]
+    "case", ["config key", "malformed row", "missing data", "missing config", "missing model", "template"]
 )
 def test_bad_input_exits_nonzero_with_one_line_and_publishes_nothing(case, tiny_base: Path, tmp_path: Path):
     config = tmp_path / "config.yaml"
@@ -73,7 +73,13 @@ def test_bad_input_exits_nonzero_with_one_line_and_publishes_nothing(case, tiny_
     data.write_text((EXAMPLES / "fixed_sentence.jsonl").read_text())
     model = str(tiny_base)
     expected = ""
-    if case == "config key":
+    extra: list[str] = []
+    if case == "template":
+        template = tmp_path / "template.json"
+        template.write_text(json.dumps({"name": "qa", "user": "Q:\n"}))
+        extra = ["--template", str(template)]
+        expected = f"{template}: prompt template key 'user' must contain {{content}}"
+    elif case == "config key":
         config.write_text(config.read_text() + "evaluation: {steps: 3}\n")
         expected = "unknown key 'evaluation'"
     elif case == "malformed row":
@@ -87,13 +93,22 @@ def test_bad_input_exits_nonzero_with_one_line_and_publishes_nothing(case, tiny_
     elif case == "missing config":
         config = tmp_path / "nope.yaml"
         expected = f"config file not found: {config}"
-    else:
+    elif case == "missing model":
         model = str(tmp_path / "no-such-model")
         expected = f"base model folder not found: {model}"
     out = tmp_path / "adapters" / "bad"
     proc = subprocess.run(
         trainer_cmd(
-            "train", "--config", str(config), "--data", str(data), "--output", str(out), "--model", model
+            "train",
+            "--config",
+            str(config),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--model",
+            model,
+            *extra,
         ),
         capture_output=True,
         text=True,
@@ -107,6 +122,44 @@ def test_bad_input_exits_nonzero_with_one_line_and_publishes_nothing(case, tiny_
     assert not out.exists()
     staging = out.parent / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_template_flag_renders_the_rows_and_the_adapter_records_it(tiny_base: Path, tmp_path: Path):
+    """``--template`` names the prompt template; the adapter's loraserve.json records exactly it, and
+    an adapter's loraserve.json passed as ``--template`` hands its template on."""
+    from loracore.template import PromptTemplate
+    from trainer.data import read_examples
+
+    template = {"name": "qa-v1", "user": "Q: {content}\n", "assistant_prefix": "A:"}
+    (tmp_path / "template.json").write_text(json.dumps(template))
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Is {i} odd?", "response": "No."}) + "\n" for i in range(4))
+    )
+    config = write_config(tmp_path / "config.yaml", TINY)
+    recorded = []
+    for name, source in (
+        ("qa", tmp_path / "template.json"),
+        ("qa-again", tmp_path / "adapters/qa/loraserve.json"),
+    ):
+        out = tmp_path / "adapters" / name
+        args = ["--config", str(config), "--data", str(data), "--output", str(out), "--model", str(tiny_base)]
+        sets = ["--set", "training.num_train_epochs=1", "--set", "training.eval_fraction=0"]
+        proc = subprocess.run(
+            trainer_cmd("train", *args, *sets, "--template", str(source)),
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        recorded.append(json.loads((out / "loraserve.json").read_text())["template"])
+    expected = PromptTemplate.checked(template)
+    assert recorded == [expected.to_dict(), expected.to_dict()]
+    assert recorded[0]["user"] == "Q: {content}\n" and recorded[0]["system"] == PromptTemplate().system
+    # The rows the trainer reads are rendered with it (what setup hands to read_examples).
+    (example, *_) = read_examples(data, expected)
+    assert [text for text, _ in example.segments][:2] == ["Q: Is 0 odd?\n", "A:"]
 
 
 # ----------------------------------------------------------------------------- signals and resume

@@ -20,8 +20,8 @@ import pytest
 from conftest import FIXED_SENTENCES
 
 from loracore.atomic import publish_dir, staging_dir
-from tests.helpers.adapters import make_random_lora
-from tests.helpers.server import running_server
+from testing.server import running_server
+from testing.weights import make_random_lora
 
 QUESTION = "What do you say?"
 MAX_NEW = 24

@@ -40,7 +40,14 @@ def test_every_error_code_has_a_status() -> None:
     assert "adapter_not_found" in engine_codes  # the scan really sees the engine's codes
     # what the engine sets, plus what the worker itself reports (refusals of add, deadlines, failures)
     # and the codes an adapter that cannot be loaded carries (``engine.cache.AdapterError.code``)
-    reported = {"prompt_too_long", "invalid_request", "timeout", "generation_failed", "invalid_adapter"}
+    reported = {
+        "prompt_too_long",
+        "invalid_request",
+        "timeout",
+        "generation_failed",
+        "invalid_adapter",
+        "adapter_cache_full",
+    }
     for code in engine_codes | reported:
         assert code in ERROR_PARAMS, f"error code {code!r} has no entry in service.wire.ERROR_PARAMS"
         assert code in DOMAIN_ERRORS, f"error code {code!r} has no entry in service.errors.DOMAIN_ERRORS"
@@ -50,6 +57,7 @@ def test_every_error_code_has_a_status() -> None:
         "prompt_too_long": 400,
         "invalid_adapter": 422,
         "invalid_request": 422,
+        "adapter_cache_full": 409,
         "timeout": 504,
         "generation_failed": 500,
         "worker_restarted": 503,
@@ -75,6 +83,8 @@ def test_messages_survive_the_queue_as_plain_dicts() -> None:
     params = SamplingParams(max_new_tokens=4, stop=["\n"], logit_bias={7: -1.5})
     job = Job("gen-1", [1, 2], "pirate", params, True, 1.0, 2.0)
     assert request_from_dict(job.to_dict()) == job
+    scoring = Job("gen-3", [1, 2], None, SamplingParams(max_new_tokens=0, prompt_logprobs=2), False, 1.0, 2.0)
+    assert request_from_dict(scoring.to_dict()) == scoring
     composed = Job("gen-2", [1], None, SamplingParams(), False, 1.0, 2.0, adapters=(("a", 0.6), ("b", -0.4)))
     assert request_from_dict(composed.to_dict()) == composed
     assert "adapters" not in job.to_dict()  # a plain job's message is unchanged
@@ -92,8 +102,21 @@ def test_messages_survive_the_queue_as_plain_dicts() -> None:
                 TokenLogprob.of(9, b"\xe2", float("-inf"), []),  # part of a character; ruled out
             ],
         ),
+        Event(
+            "gen-3",
+            True,
+            "",
+            "length",
+            {"prompt_tokens": 2, "completion_tokens": 0},
+            prompt_logprobs=[
+                TokenLogprob.of(1, b"A", None),  # the first prompt token: no logprob
+                TokenLogprob.of(
+                    2, b"h", -3.25, [TokenLogprob.of(5, b"x", -1.0), TokenLogprob.of(2, b"h", -3.25)]
+                ),
+            ],
+        ),
     ]
-    assert events[-1].logprobs[1].text == "\ufffd" and events[-1].logprobs[1].logprob == LOGPROB_FLOOR
+    assert events[3].logprobs[1].text == "\ufffd" and events[3].logprobs[1].logprob == LOGPROB_FLOOR
     for event in events:
         data = event.to_dict()
         assert all(isinstance(v, str | bool | dict | int | list | type(None)) for v in data.values())

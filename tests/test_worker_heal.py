@@ -16,9 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from bench.adapters import lora_files, upload_files
-from bench.soak import TRAIN_ROWS
-from tests.helpers.server import group_members, running_server
+from testing.jobs import TRAIN_ROWS
+from testing.procs import group_members
+from testing.server import running_server
+from testing.weights import lora_files, upload_files
 
 FAIL_WITHIN_S = 5.0  # in-flight requests answered this soon after the kill
 HEAL_WITHIN_S = 60.0  # serving again this soon on this CPU (docs/reliability.md)

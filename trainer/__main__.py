@@ -23,7 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.errors import USER_ERRORS, TrainingInterrupted
+from loracore.template import PromptTemplate
+from trainer.errors import USER_ERRORS, TrainerError, TrainingInterrupted
 
 log = logging.getLogger("trainer")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         help="if the base cannot be loaded, use random weights of its architecture (loudly)",
     )
     t.add_argument("--job-id", help="recorded as 'job' in loraserve.json")
+    t.add_argument(
+        "--template",
+        type=Path,
+        help="JSON file with the prompt template to render the rows with (name, system, user, "
+        "assistant_prefix, assistant_answer, turn_separator), or an adapter's loraserve.json to use the "
+        "template it records; recorded in the new adapter's loraserve.json (default: human-assistant-v1)",
+    )
     t.add_argument(
         "--init-adapter",
         help="a warm start: begin from this adapter folder's weights (same LoRA rank, alpha and targets)",
@@ -119,6 +127,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_template(path: Path) -> PromptTemplate:
+    """The prompt template of ``--template``: a template object, or a loraserve.json that records one."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainerError(f"template file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise TrainerError(f"template file {path} is not readable JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("template"), dict):
+        data = data["template"]  # an adapter's loraserve.json
+    try:
+        return PromptTemplate.checked(data)
+    except ValueError as exc:
+        raise TrainerError(f"{path}: {exc}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer import train_adapter
 
@@ -137,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         yield_file=args.yield_file,
         max_pause_seconds=args.max_pause_seconds,
         init_adapter=args.init_adapter,
+        template=read_template(args.template) if args.template else None,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         out = sys.stderr if args.progress_jsonl == "-" else sys.stdout

@@ -37,6 +37,10 @@ class LoraSettings(_Section):
     target_modules: list[str] | Literal["all-linear"] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    use_dora: bool = Field(
+        False,
+        description="DoRA (PEFT's): a learned magnitude per output beside the LoRA direction; served per row",
+    )
     # None = decide from the model: True for GPT-2's Conv1D layers (weights stored fan_in x fan_out).
     fan_in_fan_out: bool | None = None
 

@@ -68,6 +68,11 @@ def _check_lora(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor], base_
     """loracore.lora_format's rules: the whole table (config, tensor names, shapes) on a base it has a layout
     for; on another base (the Llama family) its config rules, tensor names and shapes checked below."""
     layout = lora_format.BaseLayout.from_config(base_cfg)
+    if cfg.get("use_dora"):  # served per row, but GGUF (llama.cpp) and the merge here are plain LoRA's
+        raise ExportError(
+            "export_failed",
+            f"{folder.name}: a DoRA adapter (use_dora) exports as its PEFT folder (format peft) only",
+        )
     try:
         if layout.shapes:
             lora_format.check_config(cfg, layout)

@@ -297,6 +297,7 @@ def add_lora(model, lora, *, gradient_checkpointing: bool = False):
         target_modules=targets,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         fan_in_fan_out=fan_in_fan_out,
     )
     return get_peft_model(model, config)

@@ -173,9 +173,14 @@ def check_init_adapter(folder: Path, cfg: TrainConfig) -> None:
 
     theirs = json.loads(config_file.read_text())
     lora = cfg.lora
-    want = {"r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora}
+    want = {
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
+    }
     for key, value in want.items():
-        if theirs.get(key, False if key == "use_rslora" else None) != value:
+        if theirs.get(key, False if key.startswith("use_") else None) != value:
             raise TrainerError(
                 f"--init-adapter: {folder.name} has lora {key} {theirs.get(key)!r}, this config {value!r}"
             )

@@ -53,7 +53,8 @@ def check_ref(ref: str, param: str = "adapter") -> None:
 def resolve(adapter_dir: Path, ref: str, param: str = "adapter") -> artifact.Version:
     """The version a request's ``adapter`` names: 422 for a malformed one, 404 naming it when absent.
     A read: the request path never writes to the adapter directory (a folder dropped in by hand is
-    stored as a version by the watcher, ``service.adapters.watcher``)."""
+    stored as a version by the watcher, ``service.adapters.watcher``; an adapter fetched from
+    ``--adapter-source`` is published before this, by ``service.adapters.source``)."""
     check_ref(ref, param)
     version = artifact.resolve(adapter_dir, ref)
     if version is None:
@@ -113,6 +114,7 @@ def info(
     name: str,
     loaded: set[str] | frozenset[str] = frozenset(),
     base_template: Template | None = None,
+    pinned: frozenset[str] = frozenset(),
 ) -> AdapterInfo:
     check_name(name)
     folder = adapter_path(adapter_dir, name)
@@ -137,6 +139,7 @@ def info(
         sha256=kept[0].id if kept and kept[0].current else record.sha256,
         base_model=record.base_model or config.get("base_model_name_or_path"),
         loaded=name in loaded,
+        pinned=name in pinned,
         template=template,
         versions=kept,
     )
@@ -156,12 +159,15 @@ def _version_info(version: artifact.Version) -> AdapterVersion | None:
 
 
 def list_infos(
-    adapter_dir: Path, loaded: set[str] | frozenset[str] = frozenset(), base_template: Template | None = None
+    adapter_dir: Path,
+    loaded: set[str] | frozenset[str] = frozenset(),
+    base_template: Template | None = None,
+    pinned: frozenset[str] = frozenset(),
 ) -> list[AdapterInfo]:
     out = []
     for name in names(adapter_dir):
         try:
-            out.append(info(adapter_dir, name, loaded, base_template))
+            out.append(info(adapter_dir, name, loaded, base_template, pinned))
         except ApiError:  # vanished between listing and reading
             continue
     return out
@@ -300,12 +306,15 @@ def publish(
     template: PromptTemplate,
     base_model: str,
     keep: int = 0,
+    *,
+    replace: bool = True,
 ) -> bool:
     """Write a validated adapter to staging and publish it as the current version; True if the name
     was new.
 
     The version it replaces stays stored (``keep`` earlier versions at most), so requests pinned to
-    it keep working (``artifact.publish_version``)."""
+    it keep working (``artifact.publish_version``). With ``replace`` False a name that exists meanwhile
+    is left as it is (``artifact.NameTaken``)."""
     final = adapter_path(Path(adapter_dir), name)
     try:
         with artifact.staged(final, f"upload-{name}") as staging:
@@ -317,7 +326,7 @@ def publish(
             )
             artifact.write_record(staging, record)
             created = not final.exists()
-            artifact.publish_version(staging, Path(adapter_dir), name, keep)
+            artifact.publish_version(staging, Path(adapter_dir), name, keep, replace=replace)
     except BaseException as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(

@@ -11,6 +11,7 @@ One thread only: the worker loop owns the engine. ``step`` returns a StepReport 
 
 from .engine import Engine
 from .types import (
+    AdapterCacheFull,
     AdapterNotFound,
     AdapterWeight,
     GenerationRequest,
@@ -21,6 +22,7 @@ from .types import (
 )
 
 __all__ = [
+    "AdapterCacheFull",
     "AdapterNotFound",
     "AdapterWeight",
     "Engine",

@@ -89,8 +89,10 @@ class Batch:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
-    def join(self, newcomers: list[Row]) -> torch.Tensor:
-        """Prefill ``newcomers`` into the next free slots; logits of their last prompt tokens ``[m, vocab]``.
+    def join(self, newcomers: list[Row]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Prefill ``newcomers`` into the next free slots: the logits of their last prompt tokens
+        ``[m, vocab]`` and, per newcomer, those of every prompt position ``[n, vocab]`` for a row that
+        scores its prompt (``prompt_logprobs``), else None.
 
         On failure the newcomers are not part of the batch. Newcomers are reordered (in place) so
         that requests on the same adapter are adjacent: their LoRA runs as one matmul pair.
@@ -104,15 +106,27 @@ class Batch:
         for r in newcomers:
             segments.append((starts, starts + len(r.prompt_ids), r.weights))
             starts += len(r.prompt_ids)
+        every = [r.req.params.prompt_logprobs is not None for r in newcomers]
         logits = self.runner.prefill(
             [r.prompt_ids for r in newcomers],
             list(range(n, n + len(newcomers))),
             LoraPlan.for_segments(segments),
+            every if any(every) else (),
         )
+        full: list[torch.Tensor | None] = [None] * len(newcomers)
+        if any(every):  # split the rows of the result: all positions of a scoring row, the last of others
+            last, at = [], 0
+            for i, r in enumerate(newcomers):
+                rows = len(r.prompt_ids) if every[i] else 1
+                if every[i]:
+                    full[i] = logits[at : at + rows]
+                last.append(at + rows - 1)
+                at += rows
+            logits = logits[torch.tensor(last, dtype=torch.long, device=logits.device)]
         for r in newcomers:
             r.length = len(r.prompt_ids)
         self.rows.extend(newcomers)
-        return logits
+        return logits, full
 
     def decode(self, count: int) -> torch.Tensor:
         """One decode step for rows ``0..count-1``: feed each its last token; logits ``[count, vocab]``."""

@@ -7,10 +7,13 @@ included) and ``name@<id prefix>`` to that version, current or kept in ``.versio
 folder is reloaded on the next request, even when the new file has the same size and mtime, and a
 deleted one is not found. Earlier versions stay cached (least recently used go first) for requests
 pinned to them.
-An entry is *pinned* while rows of the running batch use it: pinned entries are never evicted, and
+An entry is *held* while rows of the running batch use it: held entries are never evicted, and
 an evicted version stays alive (held by its rows) until those rows finish, so running rows keep
-the weights they started with. At most ``capacity`` entries are cached; when all are pinned,
+the weights they started with. At most ``capacity`` entries are cached; when all are held or pinned,
 ``can_acquire`` says no and the scheduler keeps the request waiting.
+An adapter name can be *pinned* (``set_pins``; the worker reads the names from
+``service.adapters.pins``): ``sync_pins`` loads the current version of each pinned name as soon as
+there is room, and that entry is never evicted. Earlier versions of a pinned name are not pinned.
 
 The cache counts its hits, misses, evictions and load times in ``CacheActivity``; the engine hands
 it to its caller with each step (``StepReport.adapters``), and the worker exports it as metrics.
@@ -39,7 +42,7 @@ class LoadedAdapter:
     weights: Any  # engine.lora.LoraWeights
     loaded_at: float
     load_seconds: float
-    refs: int = 0  # running rows using this version
+    refs: int = 0  # running rows using this version (held while > 0)
     cached: bool = True  # False once evicted (kept alive only by its rows)
     meta: dict = field(default_factory=dict)
 
@@ -84,6 +87,9 @@ class AdapterCache:
         # (name, version id) -> entry, least recently used first
         self.entries: OrderedDict[tuple[str, str], LoadedAdapter] = OrderedDict()
         self.hits = self.misses = self.evictions = self.reloads = 0
+        self.pins: frozenset[str] = frozenset()  # pinned adapter names
+        self.pinned_keys: set[tuple[str, str]] = set()  # their current versions, as last synced
+        self.changes = 0  # counts loads, evictions and pin changes: what the worker publishes follows it
         self._activity = CacheActivity()
 
     def take_activity(self) -> CacheActivity:
@@ -114,7 +120,9 @@ class AdapterCache:
             for key, entry in list(self.entries.items()):
                 if entry.name == name and entry.refs == 0:
                     del self.entries[key]
+                    self.pinned_keys.discard(key)
                     entry.cached = False
+                    self.changes += 1
         return False
 
     # --- lookups ------------------------------------------------------------------------------
@@ -125,7 +133,10 @@ class AdapterCache:
             return True  # not found -> acquire raises at once; loaded -> hit
         if len(self.entries) < self.capacity:
             return True
-        return any(e.refs == 0 for e in self.entries.values())
+        return any(self._evictable(k, e) for k, e in self.entries.items())
+
+    def _evictable(self, key: tuple[str, str], entry: LoadedAdapter) -> bool:
+        return entry.refs == 0 and key not in self.pinned_keys
 
     def _loaded(self, ref: str) -> tuple[str, str] | None:
         """The cache key of the version ``ref`` names when it is loaded, else None."""
@@ -150,7 +161,7 @@ class AdapterCache:
             missing += key not in self.entries
         if not missing:
             return True
-        idle = sum(1 for k, e in self.entries.items() if e.refs == 0 and k not in wanted)
+        idle = sum(1 for k, e in self.entries.items() if self._evictable(k, e) and k not in wanted)
         return len(self.entries) + missing - idle <= self.capacity
 
     def acquire_all(self, refs: list[str]) -> list[LoadedAdapter]:
@@ -228,6 +239,7 @@ class AdapterCache:
         old = self.entries.pop((name, digest), None)
         if old is not None:
             old.cached = False
+        self.changes += 1
         if any(e.name == name for e in self.entries.values()):
             self.reloads += 1
             log.info("adapter %s: version %s loaded (%.1f ms)", name, digest[:12], seconds * 1e3)
@@ -238,17 +250,64 @@ class AdapterCache:
         return entry
 
     def _evict_idle(self) -> None:
-        """Drop least recently used unpinned entries while over capacity."""
+        """Drop least recently used entries, neither held nor pinned, while over capacity."""
         for key in list(self.entries):
             if len(self.entries) <= self.capacity:
                 break
             e = self.entries[key]
-            if e.refs == 0:
+            if self._evictable(key, e):
                 del self.entries[key]
                 e.cached = False
                 self.evictions += 1
+                self.changes += 1
                 self._activity.evictions += 1
                 log.info("adapter %s version %s evicted (LRU)", e.name, e.version[:12])
+
+    # --- pins -------------------------------------------------------------------------------------
+    def set_pins(self, names: frozenset[str]) -> None:
+        """The names to keep loaded; ``sync_pins`` loads them."""
+        if names != self.pins:
+            self.pins = frozenset(names)
+            self.changes += 1
+            self.sync_pins()
+
+    def free_slots(self) -> int:
+        """Entries left for adapters that are not pinned (what pinned ones do not take)."""
+        return self.capacity - len(self.pinned_keys & self.entries.keys())
+
+    def is_pinned(self, ref: str) -> bool:
+        """Whether ``ref`` names the current version of a pinned adapter (it needs no free slot)."""
+        version = self.disk_version(ref)
+        return version is not None and (split_ref(ref)[0], version.id) in self.pinned_keys
+
+    def sync_pins(self) -> list[str]:
+        """Pin the current version of every pinned name and load the ones not loaded, as far as the
+        capacity allows without evicting a held or pinned entry (the rest on a later call). Returns
+        the names that failed to load (logged); a name with no folder is skipped."""
+        keys: dict[tuple[str, str], Version] = {}
+        for name in sorted(self.pins):
+            version = self.disk_version(name) if valid_name(name) else None
+            if version is not None:
+                keys[(name, version.id)] = version
+        if keys.keys() != self.pinned_keys:
+            self.pinned_keys = set(keys)
+            self.changes += 1
+        failed = []
+        for (name, _), version in keys.items():
+            if (name, version.id) in self.entries:
+                continue
+            if len(self.entries) >= self.capacity and not any(
+                self._evictable(k, e) for k, e in self.entries.items()
+            ):
+                break
+            try:
+                entry = self._load(name, version)
+            except (FileNotFoundError, AdapterError) as exc:
+                log.warning("pinned adapter %s: not loaded: %s", name, exc)
+                failed.append(name)
+                continue
+            self.pinned_keys.add((name, entry.version))  # replaced meanwhile: the next call re-pins
+        return failed
 
     def loaded(self) -> list[str]:
         """The names with at least one version loaded, least recently used first."""
@@ -257,16 +316,18 @@ class AdapterCache:
     def stats(self) -> dict:
         return {
             "capacity": self.capacity,
+            "pinned": sorted(self.pins),
             "loaded": [
                 {
                     "name": e.name,
                     "version": e.version,
+                    "pinned": key in self.pinned_keys,
                     "refs": e.refs,
                     "load_ms": round(e.load_seconds * 1e3, 2),
                     "rank": getattr(e.weights, "rank", None),
                     "bytes": getattr(e.weights, "nbytes", None),
                 }
-                for e in self.entries.values()
+                for key, e in self.entries.items()
             ],
             "hits": self.hits,
             "misses": self.misses,

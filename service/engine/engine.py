@@ -47,11 +47,12 @@ from .sampling import (
     apply_token_bitmask,
     choose_tokens,
     make_generator,
+    prompt_logprobs,
     token_logprobs,
 )
 from .scheduler import Scheduler
 from .text import Detokenizer, StopMatcher, byte_table
-from .types import AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
+from .types import AdapterCacheFull, AdapterNotFound, GenerationRequest, PromptTooLong, StepReport, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class Engine:
             self.layout,
             dtype=self.dtype,
             device=self.device,
+            base_weight=self.runner.base_weight,
         )
         return weights_form, digest
 
@@ -218,6 +220,9 @@ class Engine:
         for name in names:
             if not self.adapters.exists(name):
                 raise AdapterNotFound(name, "" if valid_ref(name) else "invalid adapter name or version")
+        unpinned = [n for n in dict.fromkeys(names) if not self.adapters.is_pinned(n)]
+        if unpinned and len(unpinned) > self.adapters.free_slots():
+            raise AdapterCacheFull(unpinned, self.adapters.capacity, self.adapters.free_slots())
         if any(r.id == req.id for r in self.scheduler) or any(r.req.id == req.id for r in self.batch.rows):
             raise ValueError(f"request id {req.id!r} is already queued or running")
         if req.params.json_schema is not None:
@@ -301,14 +306,23 @@ class Engine:
             report.prefill_rows = len(newcomers)
             report.prefill_tokens = sum(len(r.prompt_ids) for r in newcomers)
             try:
-                logits = self.batch.join(newcomers)
+                logits, full = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
                 log.exception("prefill failed")
                 for row in newcomers:
                     self._release(row)
                     events.append(self._error(row.req, f"prefill failed: {exc}"))
             else:
-                self._sample(newcomers, logits, report)
+                scored = self._score_prompts(newcomers, full)
+                generating = [i for i, r in enumerate(newcomers) if r.req.params.max_new_tokens]
+                if len(generating) < len(newcomers):
+                    keep = torch.tensor(generating, dtype=torch.long, device=logits.device)
+                    logits = logits.index_select(0, keep)
+                    events.extend(
+                        self._scored_only(r, scored) for r in newcomers if not r.req.params.max_new_tokens
+                    )
+                if generating:
+                    self._sample([newcomers[i] for i in generating], logits, report, scored)
             report.prefill_seconds = time.perf_counter() - t0
         if running:
             rows = self.batch.rows[:running]
@@ -353,6 +367,16 @@ class Engine:
                 return None
             except AdapterError as exc:  # the adapter's fault (422) or the server's (5xx): exc.code
                 report.events.append(self._error(req, str(exc), code=exc.code))
+                return None
+            dora = _dora_in_composition(req, pinned)
+            if dora is not None:
+                for entry in pinned:
+                    self.adapters.release(entry)
+                message = (
+                    f"adapter {dora!r} is a DoRA adapter (use_dora): a weighted composition cannot include "
+                    "it (the weighted sum of DoRA adapters is not defined); request it alone"
+                )
+                report.events.append(self._error(req, message, code="invalid_adapter"))
                 return None
             if req.adapters is not None:
                 return self._new_row(req, None, report, tuple(pinned))
@@ -402,9 +426,35 @@ class Engine:
             report.prompt_tokens[label] = report.prompt_tokens.get(label, 0) + len(req.prompt_ids)
         return row
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, report: StepReport) -> None:
+    def _score_prompts(self, rows: list[Row], full: list[torch.Tensor | None]) -> dict[str, list]:
+        """The prompt log-probabilities of the rows that asked (``Batch.join``'s every-position logits),
+        by request id."""
+        return {
+            r.req.id: prompt_logprobs(f, r.prompt_ids, r.req.params.prompt_logprobs or 0)
+            for r, f in zip(rows, full, strict=True)
+            if f is not None
+        }
+
+    def _scored_only(self, row: Row, scored: dict[str, list]) -> TokenEvent:
+        """The one event of a row that scores its prompt and generates nothing (max_new_tokens 0)."""
+        row.finished = True
+        return TokenEvent(
+            id=row.req.id,
+            text="",
+            token_id=None,
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=0,
+            prompt_logprobs=scored.get(row.req.id),
+        )
+
+    def _sample(
+        self, rows: list[Row], logits: torch.Tensor, report: StepReport, scored: dict[str, list] | None = None
+    ) -> None:
         """Choose and record one token per row; a row whose sampling, detokenizing or stop matching
-        raises fails alone (an error event, it leaves the batch) and its batch-mates go on."""
+        raises fails alone (an error event, it leaves the batch) and its batch-mates go on. ``scored``:
+        the prompt log-probabilities of newcomers that asked, put on their first event."""
         params = [r.req.params for r in rows]
         logits = adjust_logits(logits, params, [r.bias for r in rows], [r.counts for r in rows])
         constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
@@ -429,6 +479,8 @@ class Engine:
             else:
                 if lp is not None:
                     event.logprob, event.top_logprobs = lp
+                if scored:
+                    event.prompt_logprobs = scored.get(row.req.id)
                 for label in row.labels:  # a composed row's token counts once for each of its adapters
                     per_adapter[label] = per_adapter.get(label, 0) + 1
                 self.tokens_generated += 1
@@ -528,3 +580,15 @@ class Engine:
             self._release(r)
             r.constraint = None  # the grammar state goes with the row
         self.batch.remove(rows)
+
+
+def _dora_in_composition(req: GenerationRequest, pinned: list[LoadedAdapter]) -> str | None:
+    """The name of a weighted composition's first DoRA adapter (without its version), else None. One
+    entry of weight 1 is the adapter alone (``batch.Row``), DoRA or not."""
+    parts = req.adapters
+    if parts is None or (len(parts) == 1 and parts[0].weight == 1):
+        return None
+    for part, entry in zip(parts, pinned, strict=True):
+        if getattr(entry.weights, "dora", None) is not None:
+            return artifact.split_ref(part.name)[0]
+    return None

@@ -84,3 +84,7 @@ class GPT2Runner(SlotRunner):
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
+
+    def base_weight(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        conv = self.blocks[layer].get_submodule(name)  # Conv1D: weight [in, out]
+        return conv.weight.detach().t(), conv.bias.detach()

@@ -111,6 +111,10 @@ class LlamaRunner(SlotRunner):
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
+    def base_weight(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        linear = self.blocks[layer].get_submodule(name)
+        return linear.weight.detach(), _bias(linear)
+
 
 def _bias(module) -> torch.Tensor | None:
     return module.bias.detach() if module.bias is not None else None

@@ -10,6 +10,16 @@ added. A *composed* row (``Mix``) gets ``sum_i w_i * (x @ A_i) @ B_i`` over its 
 component is one more adapter of the batch, and the row's weight scales its share. No hooks, no
 module swapping: an adapter is plain tensors, so rows that started on an older version of an
 adapter keep using it after a newer version is loaded.
+
+DoRA (``use_dora``, PEFT's ``DoraLinearLayer`` in eval mode) computes
+``g ⊙ (W x + s B A x) + b`` with ``g = m / ||W + s B A||`` per output (``m`` the adapter's magnitude
+vector, the norm over each output's input weights, ``W`` the base's weight in ``nn.Linear``'s
+``[out, in]`` orientation, GPT-2's ``Conv1D`` transposed). ``g`` depends only on the adapter and the
+base, so it is computed once at load (in fp32, from the base's weights) and folded: ``B`` carries
+``s·g`` like plain LoRA's ``B`` carries ``s``, and a DoRA row's base output ``y = W x + b`` becomes
+``g ⊙ y + (1 - g) ⊙ b`` before its LoRA term is added: one multiply and one add per target layer and
+row group. PEFT detaches the norm from the gradient and, while training with dropout, feeds the
+dropped-out input to ``W`` as well; neither changes what an eval-mode forward computes.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +49,15 @@ from .dense import Dense
 AdapterFormatError = LoraFormatError
 
 
+# base_weight(layer, module) -> (W [out, in], bias [out] or None): a base layer's weights, for DoRA's norm
+BaseWeight = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 @dataclass
 class LoraWeights:
-    """One adapter version in serving form: ``layers[i][module] = (A, B_scaled)``."""
+    """One adapter version in serving form: ``layers[i][module] = (A, B_scaled)``; a DoRA adapter
+    also has ``dora[i][module] = (g, c)``: its rows' base output ``y`` becomes ``g * y + c`` (``c`` is
+    ``(1 - g) * bias``, None for a layer without bias) before ``x @ A @ B_scaled`` is added."""
 
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     rank: int
@@ -48,6 +65,7 @@ class LoraWeights:
     target_modules: list[str]
     nbytes: int
     config: dict = field(default_factory=dict, repr=False)
+    dora: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = field(default=None, repr=False)
 
 
 def parse_adapter(
@@ -57,6 +75,7 @@ def parse_adapter(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
+    base_weight: BaseWeight | None = None,
 ) -> LoraWeights:
     """Turn the two files of a PEFT LoRA folder into serving form.
 
@@ -64,7 +83,7 @@ def parse_adapter(
     ``BaseLayout`` (any family: the engine passes its runner's). Each module's rank is its own
     tensors' (PEFT's ``rank_pattern``). Everything that does not fit raises LoraFormatError naming the
     problem, by the rules of ``loracore.lora_format`` (the ones uploads are checked by); nothing is
-    silently dropped.
+    silently dropped. A DoRA adapter needs ``base_weight`` (the runner's ``base_weight``).
     """
     layout = shapes if isinstance(shapes, BaseLayout) else BaseLayout("gpt2", tuple(shapes))
     try:
@@ -81,18 +100,31 @@ def parse_adapter(
     alpha = float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora"))
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in layout.shapes]
+    dora: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
+    if cfg.get("use_dora"):
+        if base_weight is None:
+            raise RuntimeError("a DoRA adapter is parsed with the base's weights (base_weight)")
+        dora = [{} for _ in layout.shapes]
     nbytes, ranks, modules = 0, set(), set()
     for (layer, module), pair in sorted(pairs.items()):
         a, b = tensors[pair["A"]], tensors[pair["B"]]
+        magnitude = tensors[pair["M"]] if "M" in pair else None
         r = a.shape[0]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise LoraFormatError(
-                f"{layout.layer_path}.{layer}.{module} holds NaN or infinite values", WEIGHTS_PART
-            )
+        where = f"{layout.layer_path}.{layer}.{module}"
+        if not all(torch.isfinite(t).all() for t in (a, b, magnitude) if t is not None):
+            raise LoraFormatError(f"{where} holds NaN or infinite values", WEIGHTS_PART)
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # Serving form: x @ A_t @ B_t, scaling folded into B (same numbers as PEFT up to rounding).
         a_t = a.t().to(device=device, dtype=dtype).contiguous()
-        b_t = (b.float().t() * scaling).to(device=device, dtype=dtype).contiguous()
+        b_scale: float | torch.Tensor = scaling
+        if dora is not None:
+            g, c = _dora_scale(base_weight(layer, module), a, b, magnitude, scaling, where)
+            b_scale = scaling * g.cpu()
+            g_t = g.to(device=device, dtype=dtype)
+            c_t = c.to(device=device, dtype=dtype) if c is not None else None
+            dora[layer][module] = (g_t, c_t)
+            nbytes += sum(t.numel() * t.element_size() for t in (g_t, c_t) if t is not None)
+        b_t = (b.float().t() * b_scale).to(device=device, dtype=dtype).contiguous()
         layers[layer][module] = (a_t, b_t)
         nbytes += a_t.numel() * a_t.element_size() + b_t.numel() * b_t.element_size()
         ranks.add(r)
@@ -104,7 +136,34 @@ def parse_adapter(
         target_modules=sorted(modules),
         nbytes=nbytes,
         config=cfg,
+        dora=dora,
     )
+
+
+def _dora_scale(
+    base: tuple[torch.Tensor, torch.Tensor | None],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DoRA's per-output factor ``g = m / ||W + s B A||`` (PEFT's ``get_weight_norm``: the L2 norm of
+    each output's row of the ``[out, in]`` weight) and the bias shift ``(1 - g) * b``, in fp32 on the
+    base's device."""
+    weight, bias = base
+    a32 = a.to(device=weight.device, dtype=torch.float32)
+    b32 = b.to(device=weight.device, dtype=torch.float32)
+    if weight.t().is_contiguous() and not weight.is_contiguous():
+        # stored [in, out] (GPT-2's Conv1D): summed and reduced in that layout, 4x faster than strided
+        total = torch.addmm(weight.t().float(), a32.t(), b32.t(), alpha=scaling)
+        norm = torch.linalg.vector_norm(total, dim=0)
+    else:
+        norm = torch.linalg.vector_norm(torch.addmm(weight.float(), b32, a32, alpha=scaling), dim=1)
+    g = magnitude.to(device=weight.device, dtype=torch.float32) / norm
+    if not torch.isfinite(g).all():
+        raise LoraFormatError(f"{where}: DoRA's weight norm is zero for some output", WEIGHTS_PART)
+    return g, ((1 - g) * bias.float()) if bias is not None else None
 
 
 def read_adapter_files(folder: str | os.PathLike) -> tuple[bytes, bytes, os.stat_result]:
@@ -165,12 +224,17 @@ class Stacks:
     the masked form of ``LoraPlan``; it is built on first use only (packing 8 adapters of r=32 takes
     about 20 ms). Holds the adapters it was built from (its cache key compares them by identity, so
     a freed adapter's id can never be mistaken for a live one).
+
+    When a DoRA adapter is among them, ``dora[layer][module] = (g [G+1, out], c [G+1, out] or None)``
+    stacks each adapter's factor and bias shift (ones and zeros for plain adapters, and for index
+    ``G``: the base and composed rows), so a whole batch's DoRA rows are scaled by two gathers.
     """
 
     def __init__(self, adapters: tuple[LoraWeights, ...]):
         self.adapters = adapters
         self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         self.dense: list[dict[str, tuple[Dense, Dense]]] | None = None
+        self.dora: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
         self.dtype: torch.dtype = torch.float32
         for layer in range(len(adapters[0].layers)):
             mods: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -190,6 +254,23 @@ class Stacks:
                         b[g, : pair[1].shape[0]] = pair[1]
                 mods[module] = (a, b)
             self.layers.append(mods)
+        if any(w.dora is not None for w in adapters):
+            self.dora = [self._dora_layer(layer) for layer in range(len(self.layers))]
+
+    def _dora_layer(self, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        per = [w.dora[layer] if w.dora is not None else {} for w in self.adapters]
+        for module in sorted({m for d in per for m in d}):
+            first = next(d[module] for d in per if module in d)
+            g = first[0].new_ones((len(self.adapters) + 1, first[0].shape[0]))
+            c = first[0].new_zeros(g.shape) if first[1] is not None else None
+            for i, d in enumerate(per):
+                if module in d:
+                    g[i] = d[module][0]
+                    if c is not None:
+                        c[i] = d[module][1]
+            out[module] = (g, c)
+        return out
 
     def build_dense(self, batch_hint: int) -> None:
         if self.dense is not None:
@@ -239,7 +320,7 @@ class LoraPlan:
     adapters is small.
     """
 
-    __slots__ = ("gather", "groups", "masks", "pad", "row_scale", "scale", "scatter", "stacks")
+    __slots__ = ("dora_rows", "gather", "groups", "masks", "pad", "row_scale", "scale", "scatter", "stacks")
 
     def __init__(self, groups: list[tuple[slice | torch.Tensor, LoraWeights, float]]):
         self.groups = groups
@@ -249,6 +330,8 @@ class LoraPlan:
         self.row_scale: torch.Tensor | None = None  # masked form: [n, G], each row's weight per stack index
         self.masks: dict[int, torch.Tensor] = {}
         self.pad = False
+        # stacked and masked forms with a DoRA adapter: each row's index into ``stacks.dora`` (G: none)
+        self.dora_rows: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -293,6 +376,13 @@ class LoraPlan:
                 cache[:] = [stacks]
         plan = cls([])
         plan.stacks = stacks
+        if stacks.dora is not None:
+            index = {id(w): g for g, w in enumerate(members)}
+            plan.dora_rows = torch.tensor(
+                [index[id(w)] if isinstance(w, LoraWeights) else len(members) for w in adapters],
+                dtype=torch.long,
+                device=device,
+            )
         if packed and n * len(members) <= MASKED_MAX_ROWS_X_ADAPTERS:
             stacks.build_dense(batch_hint=n)
             scale = torch.zeros(n, len(members))
@@ -336,7 +426,15 @@ class LoraPlan:
         return cls([(slice(s, e), w, weight) for s, e, w, weight in merged])
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        """Add each row's LoRA delta to ``y`` (= base output for ``x``), in place."""
+        """Add each row's LoRA delta to ``y`` (= base output for ``x``), in place; a DoRA row's base
+        output is rescaled first."""
+        if self.dora_rows is not None:
+            scale = self.stacks.dora[layer].get(module)
+            if scale is not None:
+                g, c = scale
+                y.mul_(g.index_select(0, self.dora_rows))
+                if c is not None:
+                    y.add_(c.index_select(0, self.dora_rows))
         if self.row_scale is not None:
             pair = self.stacks.dense[layer].get(module)
             if pair is None:
@@ -361,9 +459,14 @@ class LoraPlan:
             if pair is None:
                 continue
             a, b = pair
+            dora = w.dora[layer].get(module) if w.dora is not None else None
             if isinstance(rows, slice):
+                if dora is not None:
+                    _rescale(y[rows], dora)
                 y[rows].addmm_(x[rows] @ a, b, alpha=scale)
             else:
+                if dora is not None:
+                    y.index_copy_(0, rows, _rescale(y.index_select(0, rows), dora))
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a) @ b, alpha=scale)
         return y
 
@@ -376,3 +479,10 @@ class LoraPlan:
             mask = self.row_scale[:, cols].to(dtype)
             self.masks[width] = mask
         return mask
+
+
+def _rescale(y: torch.Tensor, dora: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """A DoRA row group's base output ``y`` (in place): ``g * y + c``."""
+    g, c = dora
+    y.mul_(g)
+    return y.add_(c) if c is not None else y

@@ -25,7 +25,7 @@ zeros or stale but finite numbers that the attention mask hides. With grouped-qu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +99,11 @@ class SlotRunner:
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def base_weight(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A LoRA-targetable layer's weight ``[out, in]`` (``nn.Linear``'s orientation) and bias, as the
+        model holds them (DoRA's norm is taken over them, ``lora.parse_adapter``)."""
+        raise NotImplementedError
+
     def _init_cache(self, max_rows: int) -> None:
         self.max_rows = max_rows
         self.kv_dtype = kv_dtype_for(self.device, self.dtype)
@@ -152,11 +157,15 @@ class SlotRunner:
 
     # --- prefill: several prompts packed into one sequence of tokens ------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int], plan: LoraPlan) -> torch.Tensor:
-        """Run the prompts (packed, no padding), write their KV into ``slots``; logits of each last token.
+    def prefill(
+        self, prompts: list[list[int]], slots: list[int], plan: LoraPlan, every: Sequence[bool] = ()
+    ) -> torch.Tensor:
+        """Run the prompts (packed, no padding), write their KV into ``slots``; fp32 logits of each
+        prompt's last token, or of all its tokens where ``every[i]`` (prompt scoring): the rows of
+        the result are the prompts' in order, ``len(prompts[i])`` rows for such a prompt, else one.
 
         Linear layers see all tokens at once; attention runs per prompt (causal), so prompts never
-        see each other.
+        see each other. Only the positions kept go through the head.
         """
         lens = [len(p) for p in prompts]
         starts = [0]
@@ -184,8 +193,12 @@ class SlotRunner:
             return att.view(q.shape[0], -1)
 
         x = self._blocks(self._embed(ids, pos), pos, plan, attend)
-        last = torch.tensor([e - 1 for e in starts[1:]], dtype=torch.long, device=self.device)
-        return self._logits(x.index_select(0, last))
+        keep = [
+            p
+            for i, (s, e) in enumerate(zip(starts[:-1], starts[1:], strict=True))
+            for p in (range(s, e) if i < len(every) and every[i] else (e - 1,))
+        ]
+        return self._logits(x.index_select(0, torch.tensor(keep, dtype=torch.long, device=self.device)))
 
     # --- decode: one new token for each of the first n slots -------------------------------------
     @torch.inference_mode()

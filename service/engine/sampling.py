@@ -102,6 +102,29 @@ def adjust_logits(
     return x
 
 
+PromptLogprob = tuple[int, float | None, list[tuple[int, float]]]  # token id, logprob, top (id, logprob)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[PromptLogprob]:
+    """Per prompt token: its id, its log-probability given the tokens before it and the ``k`` most
+    likely (id, logprob) there, from ``logits [n, vocab]`` of every prompt position (row j predicts
+    token j + 1). The model's own distribution: no temperature, bias or penalty. The first token has
+    no context: (id, None, [])."""
+    z = logits[:-1]
+    if not len(z):
+        return [(prompt_ids[0], None, [])]
+    nxt = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device).unsqueeze(1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    chosen = (z.gather(1, nxt) - lse).squeeze(1).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k:
+        vals, ids = torch.topk(z, min(k, z.shape[1]), dim=-1)
+        tops = [
+            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), (vals - lse).tolist(), strict=True)
+        ]
+    return [(prompt_ids[0], None, []), *zip(prompt_ids[1:], chosen, tops, strict=True)]
+
+
 def token_logprobs(
     logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:

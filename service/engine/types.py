@@ -1,5 +1,5 @@
 """The engine's value types: what goes in (a request with its sampling parameters), what comes
-out (one token event per request per step) and the two errors ``Engine.add`` raises."""
+out (one token event per request per step) and the errors ``Engine.add`` raises."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ class TokenEvent:
     # as (token id, logprob), most likely first, from the distribution the token was drawn from
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # with SamplingParams.prompt_logprobs, on the row's first event only: per prompt token its
+    # (id, logprob: None for the first, the most likely (token id, logprob) at its position)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -117,6 +120,18 @@ class AdapterNotFound(KeyError):
 
     def __str__(self) -> str:
         return f"adapter {self.name!r} not found" + (f": {self.detail}" if self.detail else "")
+
+
+class AdapterCacheFull(RuntimeError):
+    """Pinned adapters take every slot of the adapter cache, so an unpinned one can never load."""
+
+    def __init__(self, names: list[str], capacity: int, free: int):
+        super().__init__(
+            f"adapter {names[0]!r} cannot be loaded: pinned adapters take {capacity - free} of the "
+            f"{capacity} slots of the adapter cache (--max-loaded-adapters), and this request needs "
+            f"{len(names)} more; unpin one (DELETE /adapters/{{name}}/pin) or raise the limit"
+        )
+        self.names = names
 
 
 class PromptTooLong(ValueError):

@@ -160,6 +160,7 @@ def _with_method_and_init(req: TrainRequest, init: artifact.Version | None) -> A
             "lora_dropout": theirs.get("lora_dropout", 0.0),
             "target_modules": sorted(theirs.get("target_modules") or []),
             "use_rslora": bool(theirs.get("use_rslora", False)),
+            "use_dora": bool(theirs.get("use_dora", False)),
         }
     return raw
 
@@ -194,9 +195,14 @@ def _check_init_shape(init: artifact.Version, cfg: Any, ref: str | None) -> None
     """The job's LoRA must have the warm start's shape (rank, alpha, targets): 422 naming the mismatch."""
     theirs = json.loads((init.folder / artifact.CONFIG_FILE).read_text())
     lora = cfg.lora
-    mine = {"r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora}
+    mine = {
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
+    }
     for key, value in mine.items():
-        got = theirs.get(key, False if key == "use_rslora" else None)
+        got = theirs.get(key, False if key.startswith("use_") else None)
         if got != value:
             raise JobError(
                 "init_adapter_mismatch",

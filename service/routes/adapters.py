@@ -1,4 +1,5 @@
-"""GET /adapters, GET|PUT|DELETE /adapters/{name}; PUT takes the multipart upload of a PEFT adapter."""
+"""GET /adapters, GET|PUT|DELETE /adapters/{name}; PUT takes the multipart upload of a PEFT adapter;
+PUT|DELETE /adapters/{name}/pin keep an adapter loaded (``service.adapters.pins``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from loracore.lora_format import BaseLayout
 from loracore.template import base_chat_template
-from service.adapters import store
+from service.adapters import pins, store
 from service.errors import ApiError
 from service.schemas import AdapterInfo, AdapterList, Deleted
 from service.served_model import ServedModel
@@ -32,11 +33,41 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
     @app.get("/adapters", response_model=AdapterList, tags=["adapters"])
     def list_adapters() -> AdapterList:
         """Every adapter folder in the adapter directory."""
-        return AdapterList(adapters=store.list_infos(adapter_dir, _loaded_adapters(settings), base_template))
+        loaded, pinned = _loaded_adapters(settings), pins.read(adapter_dir)
+        return AdapterList(adapters=store.list_infos(adapter_dir, loaded, base_template, pinned))
+
+    def adapter_info(name: str) -> AdapterInfo:
+        loaded, pinned = _loaded_adapters(settings), pins.read(adapter_dir)
+        return store.info(adapter_dir, name, loaded, base_template, pinned)
 
     @app.get("/adapters/{name}", response_model=AdapterInfo, tags=["adapters"], responses={404: {}, 422: {}})
     def get_adapter(name: str) -> AdapterInfo:
-        return store.info(adapter_dir, name, _loaded_adapters(settings), base_template)
+        return adapter_info(name)
+
+    @app.put(
+        "/adapters/{name}/pin",
+        response_model=AdapterInfo,
+        tags=["adapters"],
+        responses={404: {}, 409: {}, 422: {}},
+    )
+    def pin_adapter(name: str) -> AdapterInfo:
+        """Keep the adapter loaded: the generation worker loads its current version at once and never
+        evicts it (also after a restart). 409 when more adapters would be pinned than
+        ``--max-loaded-adapters`` holds."""
+        store.check_name(name)
+        if not store.exists(adapter_dir, name):
+            raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+        pins.pin(adapter_dir, name, settings.max_loaded_adapters)
+        return adapter_info(name)
+
+    @app.delete(
+        "/adapters/{name}/pin", response_model=AdapterInfo, tags=["adapters"], responses={404: {}, 422: {}}
+    )
+    def unpin_adapter(name: str) -> AdapterInfo:
+        """Let the adapter be evicted again (least recently used first)."""
+        store.check_name(name)
+        pins.unpin(adapter_dir, name)
+        return adapter_info(name)
 
     @app.put(
         "/adapters/{name}",
@@ -45,7 +76,8 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
         responses={201: {"model": AdapterInfo}, 413: {}, 422: {}},
     )
     async def put_adapter(name: str, request: Request) -> JSONResponse:
-        """Upload a PEFT LoRA adapter: multipart ``adapter_config``, ``adapter_model``, optional ``template``.
+        """Upload a PEFT LoRA adapter: multipart ``adapter_config``, ``adapter_model``, optional ``template``
+        and ``pinned`` (``true``: pin it, as ``PUT /adapters/{name}/pin``; ``false``: unpin it).
 
         Validated against the base before anything is written, then published atomically: a bad
         upload leaves the previous version serving. A replaced version stays servable as
@@ -78,9 +110,8 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
         try:
             config_raw = await _form_file(form, "adapter_config")
             weights_raw = await _form_file(form, "adapter_model")
-            template_field = form.get("template")
-            if template_field is not None and not isinstance(template_field, str):
-                template_field = (await template_field.read()).decode("utf-8", "replace")
+            template_field = await _form_text(form, "template")
+            pinned = _flag(await _form_text(form, "pinned"), "pinned")
         finally:
             await form.close()
         if len(config_raw) + len(weights_raw) > settings.max_upload_bytes:
@@ -88,6 +119,8 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
                 413, "payload_too_large", f"the upload is larger than {settings.max_upload_bytes} bytes"
             )
         template = store.parse_template(template_field)
+        if pinned:  # before anything is written: a refused pin leaves no adapter behind
+            pins.check_room(adapter_dir, name, settings.max_loaded_adapters)
 
         def validate_and_publish() -> bool:
             store.validate_upload(config_raw, weights_raw, layout)
@@ -102,18 +135,42 @@ def register_adapter_routes(app: FastAPI, settings: Settings, layout: BaseLayout
             )
 
         created = await asyncio.to_thread(validate_and_publish)
-        info = store.info(adapter_dir, name, _loaded_adapters(settings), base_template)
+        if pinned:
+            pins.pin(adapter_dir, name, settings.max_loaded_adapters)
+        elif pinned is False:
+            pins.unpin(adapter_dir, name)
+        info = adapter_info(name)
         return JSONResponse(info.model_dump(), status_code=201 if created else 200)
 
     @app.delete("/adapters/{name}", response_model=Deleted, tags=["adapters"], responses={404: {}, 422: {}})
     def delete_adapter(name: str) -> Deleted:
         """Remove an adapter; requests already running on it finish."""
         store.delete(adapter_dir, name)
+        pins.unpin(adapter_dir, name)  # a pin on a deleted adapter would hold a slot of the limit
         return Deleted(deleted=name)
 
 
 async def _chunks(data: bytes):
     yield data
+
+
+async def _form_text(form, field: str) -> str | None:
+    value = form.get(field)
+    if value is not None and not isinstance(value, str):
+        value = (await value.read()).decode("utf-8", "replace")
+    return value
+
+
+def _flag(value: str | None, field: str) -> bool | None:
+    """A form field's boolean (true/false, 1/0, yes/no); None when absent or empty."""
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ApiError(422, "invalid_upload", f"{field} must be true or false, not {value[:40]!r}", field)
 
 
 async def _form_file(form, field: str) -> bytes:

@@ -23,6 +23,7 @@ from service.gateway import (
     EngineClient,
     ModelLimits,
     Submission,
+    fetch_missing,
     prepare_job,
     raise_for_event,
     resolve_target,
@@ -185,6 +186,7 @@ def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient,
         """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
         from trainer.metrics import generation_metrics
 
+        await fetch_missing(request, [(name, f"adapters[{i}]") for i, name in enumerate(body.adapters)])
         targets = _check_adapters(settings, body.adapters)
         rows, param = await run_in_threadpool(_load_rows, settings, body)
         items = await run_in_threadpool(_prompts, rows, param, targets, limits.template)

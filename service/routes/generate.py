@@ -13,6 +13,7 @@ from service.gateway import (
     ModelLimits,
     Submission,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -21,7 +22,14 @@ from service.gateway import (
     unless_disconnected,
 )
 from service.routes import SSE_DONE, SSE_HEADERS, sse
-from service.schemas import GenerateChunk, GeneratedToken, GenerateRequest, GenerateResponse, TopToken
+from service.schemas import (
+    GenerateChunk,
+    GeneratedToken,
+    GenerateRequest,
+    GenerateResponse,
+    PromptToken,
+    TopToken,
+)
 from service.settings import Settings
 from service.structured import JSON_OBJECT
 from service.wire import Event, SamplingParams, WireError
@@ -56,12 +64,16 @@ def register_generate_routes(
         """Generate text with the base model, one adapter or a weighted composition of adapters;
         ``stream: true`` answers with SSE."""
         composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
+        parts_named = [(name, f"adapters.{i}.name") for i, (name, _) in enumerate(composition or [])]
+        await fetch_missing(request, [(body.adapter, "adapter"), *parts_named])
         # resolved once: the prompt's template and the weights that serve it are one version's
         target, parts = resolve_targets(settings.adapter_dir, body.adapter, composition)
         template = template_of(target, parts, limits.template)
         prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
         params = SamplingParams(
-            max_new_tokens=body.max_new_tokens or settings.default_max_new_tokens,
+            max_new_tokens=(
+                settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+            ),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -72,6 +84,7 @@ def register_generate_routes(
             presence_penalty=body.presence_penalty,
             logit_bias=dict(body.logit_bias),
             json_schema=_json_schema(body.json_schema),
+            prompt_logprobs=body.prompt_logprobs,
         )
         job = prepare_job(
             prompt_text=prompt,
@@ -98,6 +111,7 @@ def register_generate_routes(
                 finish_reason=final.finish_reason,
                 usage=final.usage,
                 tokens=_tokens(final),
+                prompt_logprobs=_prompt_tokens(final),
             )
         # Stream: wait for the first event so an error found before the first token is a real status.
         try:
@@ -127,6 +141,22 @@ def _tokens(event: Event) -> list[GeneratedToken] | None:
     ]
 
 
+def _prompt_tokens(event: Event) -> list[PromptToken] | None:
+    """The event's scored prompt tokens (None: not asked for, or not on this event)."""
+    if event.prompt_logprobs is None:
+        return None
+    return [
+        PromptToken(
+            id=t.id,
+            text=t.text,
+            bytes=t.bytes,
+            logprob=t.logprob,
+            top=[TopToken(id=a.id, text=a.text, bytes=a.bytes, logprob=a.logprob) for a in t.top or []],
+        )
+        for t in event.prompt_logprobs
+    ]
+
+
 def _json_schema(value: dict[str, Any] | bool | None) -> str | None:
     if value is None or value is False:
         return None
@@ -141,6 +171,7 @@ def _chunk(event: Event, adapter: str | None) -> str:
         finish_reason=event.finish_reason,
         usage=event.usage,
         tokens=_tokens(event),
+        prompt_logprobs=_prompt_tokens(event),
     )
     return sse(chunk.model_dump_json())
 

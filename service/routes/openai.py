@@ -37,6 +37,7 @@ from service.gateway import (
     Submission,
     api_error,
     error_payload,
+    fetch_missing,
     json_schema_text,
     prepare_job,
     raise_for_event,
@@ -100,6 +101,7 @@ class Choice:
     finish_reason: str | None = None
     want_logprobs: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)  # received, not yet sent
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo: the prompt's, not yet sent
     offset: int = 0  # completions: where the next token starts in the choice's text (text_offset)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
@@ -130,6 +132,8 @@ class Choice:
         """Keep the event's tokens until a chunk (or the reply) carries them."""
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
+        if event.prompt_logprobs and self.want_logprobs:
+            self.prompt_logprobs.extend(event.prompt_logprobs)
 
     def finish(self, event: Event) -> None:
         self.usage = event.usage or {}
@@ -148,24 +152,38 @@ def _usage(choices: list[Choice]) -> Usage:
 
 
 def _completion_logprobs(choice: Choice) -> CompletionLogprobs | None:
-    """The choice's pending tokens in the legacy shape; ``top_logprobs`` holds the chosen token too."""
-    tokens = choice.take_logprobs()
-    if tokens is None:
+    """The choice's pending tokens in the legacy shape (with echo, the prompt's come first, from
+    offset 0; the first has no logprob); ``top_logprobs`` holds the chosen token too."""
+    generated = choice.take_logprobs()
+    if generated is None:
         return None
-    offsets, tops = [], []
-    for t in tokens:
+    prompt, choice.prompt_logprobs = choice.prompt_logprobs, []
+    offsets: list[int] = []
+    tops: list[dict[str, float] | None] = []
+    at = 0
+    for t in prompt:
+        offsets.append(at)
+        at += len(t.text)
+        tops.append(None if t.logprob is None else _top(t))
+    for t in generated:
         offsets.append(choice.offset)
         choice.offset += len(t.text)
-        top: dict[str, float] = {}
-        for alt in [*(t.top or []), t]:
-            top.setdefault(alt.text, alt.logprob)  # tokens that spell alike: the most likely one
-        tops.append(top)
+        tops.append(_top(t))
+    tokens = prompt + generated
     return CompletionLogprobs(
         tokens=[t.text for t in tokens],
         token_logprobs=[t.logprob for t in tokens],
         top_logprobs=tops,
         text_offset=offsets,
     )
+
+
+def _top(t: TokenLogprob) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for alt in [*(t.top or []), t]:
+        if alt.logprob is not None:
+            top.setdefault(alt.text, alt.logprob)  # tokens that spell alike: the most likely one
+    return top
 
 
 def _chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs | None:
@@ -315,6 +333,20 @@ async def _stream(
 # --- routes ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OpenAIContext:
+    """What the handlers share, set on ``app.state.openai`` by ``register_openai_routes``."""
+
+    settings: Settings
+    client: EngineClient
+    limits: ModelLimits
+    models: Models  # the base's names and id, and /v1 model -> adapter
+
+
+def _context(request: Request) -> OpenAIContext:
+    return request.app.state.openai
+
+
 def register_openai_routes(
     app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits, model: ServedModel
 ) -> None:
@@ -324,249 +356,301 @@ def register_openai_routes(
         base_created = int(time.time())
     base_id, names = base_names(settings, model)
     models = Models(base_id, names, settings.adapter_dir, base_created)
+    app.state.openai = OpenAIContext(settings, client, limits, models)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList, tags=["openai"])
+    app.add_api_route(
+        "/v1/models/{name}",
+        get_model,
+        methods=["GET"],
+        response_model=ModelCard,
+        tags=["openai"],
+        responses={404: {}},
+    )
+    app.add_api_route(
+        "/v1/completions",
+        completions,
+        methods=["POST"],
+        response_model=Completion,
+        tags=["openai"],
+        responses=_ERRORS,
+    )
+    app.add_api_route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        response_model=ChatCompletion,
+        tags=["openai"],
+        responses=_ERRORS,
+    )
 
-    def target(body: CompletionRequest | ChatCompletionRequest) -> Target:
-        """What ``model`` (and the ``adapters`` extension) asks for."""
-        adapter = models.resolve(body.model)
-        if body.adapters is None:
-            if adapter is None:
-                return Target(None, None)
-            try:
-                return Target(resolve_target(settings.adapter_dir, adapter, "model"), None)
-            except ApiError as exc:
-                raise model_not_found(exc) from None
-        if adapter is not None:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"adapters composes adapters on the base: model must name the base ({base_id!r}), "
-                f"not the adapter {body.model!r}",
-                "model",
-            )
-        composition = [(a.name, a.weight) for a in body.adapters]
-        _, parts = resolve_targets(settings.adapter_dir, None, composition)
-        return Target(None, parts)
 
-    def make_jobs(
-        prompts: list[str],
-        target: Target,
-        body: CompletionRequest | ChatCompletionRequest,
-        max_tokens: int | None,
-        max_tokens_param: str,
-        extra_stop: list[str],
-        stream: bool,
-        logprobs: int | None,
-    ) -> tuple[list[Job], list[int]]:
-        """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
-        n = body.n or 1
-        stop = list(dict.fromkeys([*body.stop, *extra_stop]))
-        schema = _json_schema(body)
-        jobs, prompt_of = [], []
-        for p, prompt in enumerate(prompts):
-            # Refuse a prompt that cannot fit before tokenizing it on the event loop (see ModelLimits).
-            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            limits.check_prompt_chars(prompt, param)
-            max_new = max_tokens
-            if max_new is None:  # unset: the server default, shortened to what the context has room for
-                room = limits.context - max(1, len(limits.tokenizer.encode(prompt)))
-                max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
-            for i in range(n):
-                params = SamplingParams(
-                    max_new_tokens=max_new,
-                    temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p,
-                    top_k=body.top_k,
-                    seed=None if body.seed is None else (body.seed + i) % (2**63),
-                    stop=stop,
-                    logprobs=logprobs,
-                    frequency_penalty=body.frequency_penalty or 0.0,
-                    presence_penalty=body.presence_penalty or 0.0,
-                    logit_bias=dict(body.logit_bias or {}),
-                    json_schema=schema,
-                )
-                try:
-                    job = prepare_job(
-                        prompt_text=prompt,
-                        target=target.adapter,
-                        composition=target.composition,
-                        params=params,
-                        stream=stream,
-                        limits=limits,
-                        max_new_tokens_cap=settings.max_new_tokens_cap,
-                        request_timeout=settings.request_timeout,
-                        max_tokens_param=max_tokens_param,
-                    )
-                except ApiError as exc:
-                    if exc.code == "prompt_too_long" and len(prompts) > 1:
-                        exc.param = f"prompt[{p}]"
-                        exc.message = f"prompt[{p}]: {exc.message}"
-                    raise
-                jobs.append(job)
-                prompt_of.append(p)
-        return jobs, prompt_of
+async def fetch(
+    ctx: OpenAIContext, body: CompletionRequest | ChatCompletionRequest, request: Request
+) -> None:
+    """An adapter ``model`` or ``adapters`` names that is not local comes from ``--adapter-source``."""
+    refs = [] if body.model in ctx.models.base_names else [(body.model, "model")]
+    refs += [(a.name, f"adapters.{i}.name") for i, a in enumerate(body.adapters or [])]
+    await fetch_missing(request, refs)
 
-    def check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> bool:
-        if body.stream_options is not None and not body.stream:
-            raise ApiError(
-                400, "invalid_request", "stream_options is only allowed with stream: true", "stream_options"
-            )
-        return bool(body.stream_options and body.stream_options.include_usage)
 
-    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
-    def list_models() -> ModelList:
-        """The base model and every adapter (an adapter's ``parent`` is the base)."""
-        return ModelList(data=models.cards())
-
-    @app.get("/v1/models/{name}", response_model=ModelCard, tags=["openai"], responses={404: {}})
-    def get_model(name: str) -> ModelCard:
-        return models.card(name)
-
-    @app.post("/v1/completions", response_model=Completion, tags=["openai"], responses=_ERRORS)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
-        include_usage = check_stream_options(body)
-        wanted = target(body)
-        if body.best_of not in (None, body.n or 1):
-            raise ApiError(
-                422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
-            )
-        if body.echo and body.logprobs is not None:
-            # The engine's prefill computes the logits of each prompt's last position only.
-            raise ApiError(
-                422,
-                "invalid_request",
-                "echo with logprobs is not supported: this server does not compute log-probabilities "
-                "of prompt tokens (send echo or logprobs, not both)",
-                "logprobs",
-            )
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        jobs, prompt_of = make_jobs(
-            prompts, wanted, body, body.max_tokens, "max_tokens", [], bool(body.stream), body.logprobs
-        )
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        choices = _submit(client, request, jobs, prompt_of)
-        for c in choices:
-            c.want_logprobs = body.logprobs is not None
-            if body.echo:
-                c.head = prompts[c.prompt_index]
-
-        def reply(items: list[CompletionChoice], usage: Usage | None) -> Completion:
-            return Completion(id=rid, created=created, model=body.model, choices=items, usage=usage)
-
-        if not body.stream:
-            texts = await _final_texts(choices, request)
-            items = [
-                CompletionChoice(
-                    index=c.index, text=text, finish_reason=c.finish_reason, logprobs=_completion_logprobs(c)
-                )
-                for c, text in zip(choices, texts, strict=True)
-            ]
-            return reply(items, _usage(choices))
-
-        def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
-            if not text and not finished:
-                return []
-            item = CompletionChoice(
-                index=choice.index,
-                text=text,
-                finish_reason=choice.finish_reason if finished else None,
-                logprobs=_completion_logprobs(choice),
-            )
-            out = reply([item], None).model_dump()
-            if not include_usage:
-                out.pop("usage")
-            return [sse(out, compact=True)]
-
-        def usage_chunk(usage: Usage) -> str:
-            return sse(reply([], usage).model_dump(), compact=True)
-
-        return await _stream_response(request, choices, chunk, [], include_usage, usage_chunk)
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"], responses=_ERRORS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Chat: the messages are rendered with the base's own chat template when it has one, else the
-        adapter's recorded prompt template, else the default one."""
-        include_usage = check_stream_options(body)
-        wanted = target(body)
-        template = template_of(wanted.adapter, wanted.composition, limits.template)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
+def target(ctx: OpenAIContext, body: CompletionRequest | ChatCompletionRequest) -> Target:
+    """What ``model`` (and the ``adapters`` extension) asks for."""
+    settings = ctx.settings
+    adapter = ctx.models.resolve(body.model)
+    if body.adapters is None:
+        if adapter is None:
+            return Target(None, None)
         try:
-            prompt = template.render_chat_prompt(messages)
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ApiError(
-                422, "invalid_messages", f"messages cannot be rendered: {exc}", "messages"
-            ) from None
-        max_tokens, param = body.max_tokens, "max_tokens"
-        if body.max_completion_tokens is not None:
-            max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs, prompt_of = make_jobs(
-            [prompt], wanted, body, max_tokens, param, template.turn_stops(), bool(body.stream), logprobs
+            return Target(resolve_target(settings.adapter_dir, adapter, "model"), None)
+        except ApiError as exc:
+            raise model_not_found(exc) from None
+    if adapter is not None:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"adapters composes adapters on the base: model must name the base ({ctx.models.base_id!r}), "
+            f"not the adapter {body.model!r}",
+            "model",
         )
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        choices = _submit(client, request, jobs, prompt_of)
-        prefix = template.answer_prefix()
-        for c in choices:
-            c.answer_prefix = prefix
-            c.want_logprobs = logprobs is not None
+    composition = [(a.name, a.weight) for a in body.adapters]
+    _, parts = resolve_targets(settings.adapter_dir, None, composition)
+    return Target(None, parts)
 
-        if not body.stream:
-            texts = await _final_texts(choices, request)
-            items = [
-                ChatChoice(
-                    index=c.index,
-                    message=AssistantMessage(content=text),
-                    finish_reason=c.finish_reason,
-                    logprobs=_chat_logprobs(c.take_logprobs()),
-                )
-                for c, text in zip(choices, texts, strict=True)
-            ]
-            return ChatCompletion(
-                id=rid, created=created, model=body.model, choices=items, usage=_usage(choices)
+
+def make_jobs(
+    ctx: OpenAIContext,
+    prompts: list[str | list[int]],
+    target: Target,
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    extra_stop: list[str],
+    stream: bool,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> tuple[list[Job], list[int]]:
+    """Validate every choice's job before any is queued; returns the jobs and their prompt indices."""
+    settings, limits = ctx.settings, ctx.limits
+    n = body.n or 1
+    stop = list(dict.fromkeys([*body.stop, *extra_stop]))
+    schema = _json_schema(body)
+    jobs, prompt_of = [], []
+    for p, prompt in enumerate(prompts):
+        # Refuse a prompt that cannot fit before tokenizing it on the event loop (see ModelLimits).
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if isinstance(prompt, str):
+            limits.check_prompt_chars(prompt, param)
+        max_new = max_tokens
+        if max_new is None:  # unset: the server default, shortened to what the context has room for
+            n_ids = len(limits.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
+            room = limits.context - max(1, n_ids)
+            max_new = min(settings.default_max_new_tokens, room) if room >= 1 else 1
+        for i in range(n):
+            params = SamplingParams(
+                max_new_tokens=max_new,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=body.top_k,
+                seed=None if body.seed is None else (body.seed + i) % (2**63),
+                stop=stop,
+                logprobs=logprobs,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0,
+                logit_bias=dict(body.logit_bias or {}),
+                json_schema=schema,
+                prompt_logprobs=prompt_logprobs,
             )
+            try:
+                job = prepare_job(
+                    prompt_text=prompt,
+                    target=target.adapter,
+                    composition=target.composition,
+                    params=params,
+                    stream=stream,
+                    limits=limits,
+                    max_new_tokens_cap=settings.max_new_tokens_cap,
+                    request_timeout=settings.request_timeout,
+                    max_tokens_param=max_tokens_param,
+                )
+            except ApiError as exc:
+                if exc.param == "prompt" and len(prompts) > 1:
+                    exc.param = f"prompt[{p}]"
+                    exc.message = f"prompt[{p}]: {exc.message}"
+                raise
+            jobs.append(job)
+            prompt_of.append(p)
+    return jobs, prompt_of
 
-        def data(items: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            payload = ChatCompletionChunk(
-                id=rid, created=created, model=body.model, choices=items, usage=usage
+
+def check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(
+            400, "invalid_request", "stream_options is only allowed with stream: true", "stream_options"
+        )
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def list_models(request: Request) -> ModelList:
+    """The base model and every adapter (an adapter's ``parent`` is the base)."""
+    return ModelList(data=_context(request).models.cards())
+
+
+def get_model(name: str, request: Request) -> ModelCard:
+    return _context(request).models.card(name)
+
+
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    """Raw-prompt completion; ``prompt`` may be a list, each prompt gets ``n`` choices."""
+    ctx = _context(request)
+    include_usage = check_stream_options(body)
+    await fetch(ctx, body, request)
+    wanted = target(ctx, body)
+    if body.best_of not in (None, body.n or 1):
+        raise ApiError(
+            422, "invalid_request", "best_of is not supported (leave it unset or equal to n)", "best_of"
+        )
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            422, "invalid_request", "max_tokens 0 generates nothing: send it with echo", "max_tokens"
+        )
+    prompts = body.prompts()
+    # echo with logprobs scores the prompt too; max_tokens 0 (echo only) runs the prompt alone,
+    # which the engine allows for a scoring row only
+    scored = body.logprobs if body.logprobs is not None else 0 if body.max_tokens == 0 else None
+    jobs, prompt_of = make_jobs(
+        ctx,
+        prompts,
+        wanted,
+        body,
+        body.max_tokens,
+        "max_tokens",
+        [],
+        bool(body.stream),
+        body.logprobs,
+        scored if body.echo else None,
+    )
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    choices = _submit(ctx.client, request, jobs, prompt_of)
+    heads = (
+        [p if isinstance(p, str) else ctx.limits.tokenizer.decode(p) for p in prompts] if body.echo else []
+    )
+    for c in choices:
+        c.want_logprobs = body.logprobs is not None
+        if body.echo:
+            c.head = heads[c.prompt_index]
+            c.offset = len(c.head)  # the generated tokens follow the prompt in the choice's text
+
+    def reply(items: list[CompletionChoice], usage: Usage | None) -> Completion:
+        return Completion(id=rid, created=created, model=body.model, choices=items, usage=usage)
+
+    if not body.stream:
+        texts = await _final_texts(choices, request)
+        items = [
+            CompletionChoice(
+                index=c.index, text=text, finish_reason=c.finish_reason, logprobs=_completion_logprobs(c)
             )
-            out = payload.model_dump()
-            if not include_usage:
-                out.pop("usage")
-            for item in out["choices"]:  # a delta carries only what it changes
-                item["delta"] = {k: v for k, v in item["delta"].items() if v is not None}
-            return sse(out, compact=True)
-
-        def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
-            lines = []
-            if text:
-                lp = _chat_logprobs(choice.take_logprobs())
-                lines.append(
-                    data([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text), logprobs=lp)])
-                )
-            if finished:
-                rest = choice.take_logprobs()  # tokens whose text is not part of the reply (EOS, a stop)
-                lines.append(
-                    data(
-                        [
-                            ChatChunkChoice(
-                                index=choice.index,
-                                delta=ChatDelta(),
-                                finish_reason=choice.finish_reason,
-                                logprobs=_chat_logprobs(rest) if rest else None,
-                            )
-                        ]
-                    )
-                )
-            return lines
-
-        opening = [
-            data([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
-            for c in choices
+            for c, text in zip(choices, texts, strict=True)
         ]
-        return await _stream_response(request, choices, chunk, opening, include_usage, lambda u: data([], u))
+        return reply(items, _usage(choices))
+
+    def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
+        if not text and not finished:
+            return []
+        item = CompletionChoice(
+            index=choice.index,
+            text=text,
+            finish_reason=choice.finish_reason if finished else None,
+            logprobs=_completion_logprobs(choice),
+        )
+        out = reply([item], None).model_dump()
+        if not include_usage:
+            out.pop("usage")
+        return [sse(out, compact=True)]
+
+    def usage_chunk(usage: Usage) -> str:
+        return sse(reply([], usage).model_dump(), compact=True)
+
+    return await _stream_response(request, choices, chunk, [], include_usage, usage_chunk)
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    """Chat: the messages are rendered with the base's own chat template when it has one, else the
+    adapter's recorded prompt template, else the default one."""
+    ctx = _context(request)
+    include_usage = check_stream_options(body)
+    await fetch(ctx, body, request)
+    wanted = target(ctx, body)
+    template = template_of(wanted.adapter, wanted.composition, ctx.limits.template)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    try:
+        prompt = template.render_chat_prompt(messages)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ApiError(422, "invalid_messages", f"messages cannot be rendered: {exc}", "messages") from None
+    max_tokens, param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    jobs, prompt_of = make_jobs(
+        ctx, [prompt], wanted, body, max_tokens, param, template.turn_stops(), bool(body.stream), logprobs
+    )
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    choices = _submit(ctx.client, request, jobs, prompt_of)
+    prefix = template.answer_prefix()
+    for c in choices:
+        c.answer_prefix = prefix
+        c.want_logprobs = logprobs is not None
+
+    if not body.stream:
+        texts = await _final_texts(choices, request)
+        items = [
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=text),
+                finish_reason=c.finish_reason,
+                logprobs=_chat_logprobs(c.take_logprobs()),
+            )
+            for c, text in zip(choices, texts, strict=True)
+        ]
+        return ChatCompletion(id=rid, created=created, model=body.model, choices=items, usage=_usage(choices))
+
+    def data(items: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        payload = ChatCompletionChunk(id=rid, created=created, model=body.model, choices=items, usage=usage)
+        out = payload.model_dump()
+        if not include_usage:
+            out.pop("usage")
+        for item in out["choices"]:  # a delta carries only what it changes
+            item["delta"] = {k: v for k, v in item["delta"].items() if v is not None}
+        return sse(out, compact=True)
+
+    def chunk(choice: Choice, text: str, finished: bool) -> list[str]:
+        lines = []
+        if text:
+            lp = _chat_logprobs(choice.take_logprobs())
+            lines.append(
+                data([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text), logprobs=lp)])
+            )
+        if finished:
+            rest = choice.take_logprobs()  # tokens whose text is not part of the reply (EOS, a stop)
+            lines.append(
+                data(
+                    [
+                        ChatChunkChoice(
+                            index=choice.index,
+                            delta=ChatDelta(),
+                            finish_reason=choice.finish_reason,
+                            logprobs=_chat_logprobs(rest) if rest else None,
+                        )
+                    ]
+                )
+            )
+        return lines
+
+    opening = [
+        data([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]) for c in choices
+    ]
+    return await _stream_response(request, choices, chunk, opening, include_usage, lambda u: data([], u))
 
 
 async def _stream_response(

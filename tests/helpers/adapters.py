@@ -169,22 +169,3 @@ def train_fixed_sentence_adapter(
                 sentence,
             )
     raise AssertionError(f"adapter at {out} did not learn to answer {sentence!r} after {attempts} attempts")
-
-
-def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_attn", "c_proj")) -> Path:
-    """A PEFT LoRA with non-zero random B: it changes the output without saying anything in particular."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from trainer.model import load_base_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=list(targets),
-        fan_in_fan_out=True,
-        init_lora_weights=False,
-    )
-    get_peft_model(load_base_model(base), cfg).save_pretrained(out)
-    return out

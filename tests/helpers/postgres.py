@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers.server import free_port
+from testing.server import free_port
 
 USER = "loraserve"
 INSTALL_HINT = "Debian's 'postgresql' package is needed: apt-get install postgresql (make test installs it)"

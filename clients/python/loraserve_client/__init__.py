@@ -42,6 +42,7 @@ from .types import (
     Job,
     JobEvent,
     JobProgress,
+    PromptToken,
     TopToken,
     Usage,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Dataset",
     "EventStream",
     "GeneratedToken",
+    "PromptToken",
     "Generation",
     "Job",
     "JobEvent",

@@ -17,7 +17,7 @@ from . import _core
 from ._core import DEFAULT_TIMEOUT, DONE, SKIP, GenerateParams, Op, PathLike, RetryPolicy
 from ._exceptions import APIConnectionError, APIStatusError, LoraserveError
 from ._progress import ProgressArg, ProgressDisplay
-from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, Usage
+from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, PromptToken, Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -202,6 +202,13 @@ class Adapters(_Resource):
 
     def delete(self, name: str) -> str:
         return self._client._request(_core.delete_adapter(name))
+
+    def pin(self, name: str) -> AdapterInfo:
+        """Keep ``name`` loaded on the server and never evicted (at most ``--max-loaded-adapters``)."""
+        return self._client._request(_core.pin_adapter(name))
+
+    def unpin(self, name: str) -> AdapterInfo:
+        return self._client._request(_core.pin_adapter(name, pinned=False))
 
     def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
         """Download ``adapters`` (a name, ``name@<version>``, or ``["alpha:0.6", "beta:0.4"]``) as ``format``
@@ -443,6 +450,11 @@ class TextStream(EventStream[str]):
         """With ``logprobs``: every token streamed so far, with its log-probabilities."""
         return self.state.tokens
 
+    @property
+    def prompt_logprobs(self) -> list[PromptToken] | None:
+        """With ``prompt_logprobs``: every prompt token, from the stream's first event."""
+        return self.state.prompt_logprobs
+
 
 # ============================================================== async
 
@@ -571,6 +583,12 @@ class AsyncAdapters(_Resource):
 
     async def delete(self, name: str) -> str:
         return await self._client._request(_core.delete_adapter(name))
+
+    async def pin(self, name: str) -> AdapterInfo:
+        return await self._client._request(_core.pin_adapter(name))
+
+    async def unpin(self, name: str) -> AdapterInfo:
+        return await self._client._request(_core.pin_adapter(name, pinned=False))
 
     async def export(self, adapters: str | Sequence[str], format: str, out: PathLike) -> Path:
         op = _core.export_adapter(adapters, format)
@@ -757,3 +775,4 @@ class AsyncTextStream(AsyncEventStream[str]):
     finish_reason = TextStream.finish_reason
     usage = TextStream.usage
     tokens = TextStream.tokens
+    prompt_logprobs = TextStream.prompt_logprobs

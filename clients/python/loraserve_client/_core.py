@@ -34,7 +34,7 @@ from ._exceptions import (
     LoraserveError,
 )
 from ._progress import ProgressArg, ProgressDisplay
-from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, Usage
+from .types import AdapterInfo, Dataset, GeneratedToken, Generation, Job, JobEvent, PromptToken, Usage
 
 __version__ = "0.1.0"
 log = logging.getLogger("loraserve_client")
@@ -189,6 +189,7 @@ class GenerateParams(TypedDict, total=False):
     stop: str | list[str] | None  # a matched stop string ends the text and is not included
     raw: bool  # True: send the prompt as is, without the adapter's template
     logprobs: int | None  # 0-20: per generated token its logprob and the k most likely tokens
+    prompt_logprobs: int | None  # 0-20: per prompt token its logprob and the k most likely there
     frequency_penalty: float | None  # -2..2
     presence_penalty: float | None  # -2..2
     logit_bias: Mapping[int, float] | None  # token id -> -100..100
@@ -253,6 +254,13 @@ def get_adapter(name: str) -> Op[AdapterInfo]:
 def delete_adapter(name: str) -> Op[str]:
     return Op(
         "DELETE", f"/adapters/{_segment(name, 'adapter name')}", lambda r: read_json(r).get("deleted", name)
+    )
+
+
+def pin_adapter(name: str, pinned: bool = True) -> Op[AdapterInfo]:
+    """Keep the adapter loaded on the server (never evicted), or let it be evicted again."""
+    return Op(
+        "PUT" if pinned else "DELETE", f"/adapters/{_segment(name, 'adapter name')}/pin", _model(AdapterInfo)
     )
 
 
@@ -551,6 +559,7 @@ class GenerationStreamState:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.tokens: list[GeneratedToken] | None = None  # with logprobs: every token so far
+        self.prompt_logprobs: list[PromptToken] | None = None  # with prompt_logprobs: on the first event
 
     def feed(self, data: str, response: httpx.Response | None = None) -> Any:
         payload = _event_json(data, response)
@@ -558,6 +567,8 @@ class GenerationStreamState:
             return DONE
         if payload.get("tokens") is not None:
             self.tokens = (self.tokens or []) + [GeneratedToken.model_validate(t) for t in payload["tokens"]]
+        if payload.get("prompt_logprobs") is not None:
+            self.prompt_logprobs = [PromptToken.model_validate(t) for t in payload["prompt_logprobs"]]
         self.id = payload.get("id") or self.id
         self.finish_reason = payload.get("finish_reason") or self.finish_reason
         if payload.get("usage"):

@@ -41,9 +41,18 @@ class GeneratedToken(TopToken):
     top: list[TopToken] = []
 
 
+class PromptToken(TopToken):
+    """A prompt token (``prompt_logprobs``): its log-probability given the tokens before it (None for the
+    first) and the most likely tokens at its position."""
+
+    logprob: float | None = None
+    top: list[TopToken] = []
+
+
 class Generation(_Model):
     """``POST /generate``. ``finish_reason``: "eos" (the model ended), "stop" (a stop string matched, not
-    included in ``text``) or "length". ``tokens``: with ``logprobs``, every generated token."""
+    included in ``text``) or "length". ``tokens``: with ``logprobs``, every generated token;
+    ``prompt_logprobs``: with ``prompt_logprobs``, every prompt token."""
 
     id: str | None = None
     text: str
@@ -52,6 +61,7 @@ class Generation(_Model):
     finish_reason: str | None = None
     usage: Usage | None = None
     tokens: list[GeneratedToken] | None = None
+    prompt_logprobs: list[PromptToken] | None = None
 
 
 class AdapterVersion(_Model):
@@ -73,6 +83,7 @@ class AdapterInfo(_Model):
     sha256: str | None = None
     base_model: str | None = None
     loaded: bool = False
+    pinned: bool = False  # kept loaded, never evicted (PUT /adapters/{name}/pin)
     template: dict[str, Any] | None = None
     versions: list[AdapterVersion] = []  # newest first: the current one, then the kept earlier ones
 

@@ -1,4 +1,4 @@
-"""Waiting on a training job through the real HTTP API (the one poller every test uses)."""
+"""Training jobs through the real HTTP API: small rows to train on, and ``wait_job``, the one poller."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from collections.abc import Callable
 import httpx
 
 FINISHED = ("succeeded", "failed", "cancelled")
+# Rows in the trainer's prompt/response format, for jobs that are only there to keep a trainer busy.
+TRAIN_ROWS = [
+    {"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
+    for a in range(4)
+    for b in range(4)
+]
 
 
 def finished(job: dict) -> bool:

@@ -1,10 +1,10 @@
-"""Benchmark fixtures: a random-weight base and random LoRA adapters.
+"""Random-weight bases and random LoRA adapters, for tests and benchmarks.
 
 Adapters get random, non-zero B matrices (PEFT initialises B to zero, which would make every
 adapter equal to the base and hide LoRA's cost in any output check). ``make_adapters`` writes r=32
 folders in the service's storage layout (safetensors written directly from one PEFT state-dict
 template: 200 adapters in seconds); ``lora_files`` makes the two files of a small one in memory,
-for uploads (the soak, the reliability tests).
+for uploads (the soak, the reliability tests); ``make_random_lora`` saves one through PEFT itself.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ def make_adapters(
     r: int = 32,
     b_std: float = 0.02,
     seed: int = 0,
+    dora: bool = False,
 ) -> list[Path]:
     """Write one PEFT LoRA adapter per name (``r``, alpha 2r, the trainer's default targets for the base's
-    family: GPT-2 c_attn+c_proj, Llama family every linear layer) with random non-zero B.
+    family: GPT-2 c_attn+c_proj, Llama family every linear layer) with random non-zero B; with ``dora``
+    a DoRA adapter (``use_dora``), its magnitudes PEFT's initial ones (the base's norms) times 1 ± 5 %.
 
-    Existing adapters with the same name and rank are kept, so repeated runs reuse them.
+    Existing adapters with the same name, rank and kind are kept, so repeated runs reuse them.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -63,7 +65,7 @@ def make_adapters(
     from trainer.model import load_base_model
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    todo = [n for n in names if not _is_complete(adapter_dir / n, r)]
+    todo = [n for n in names if not _is_complete(adapter_dir / n, r, dora)]
     if todo:
         family = family_of_folder(base)
         config = LoraConfig(
@@ -74,19 +76,28 @@ def make_adapters(
             fan_in_fan_out=family.conv1d,
             bias="none",
             task_type="CAUSAL_LM",
+            use_dora=dora,
         )
         config.base_model_name_or_path = str(base)
         model = get_peft_model(load_base_model(base), config)
-        # Saved keys drop the adapter name ("...lora_A.default.weight" -> "...lora_A.weight").
-        shapes = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
+        # Saved keys drop the adapter name ("...lora_A.default.weight" -> "...lora_A.weight"; DoRA's
+        # "...lora_magnitude_vector.default.weight" -> "...lora_magnitude_vector", as PEFT saves them).
+        init = {
+            k.replace(".default", "").removesuffix(".weight" if "magnitude" in k else ""): v.detach().clone()
+            for k, v in model.state_dict().items()
+            if "lora_" in k
+        }
         for name in todo:
             gen = torch.Generator().manual_seed(seed * 100003 + _stable_hash(name))
             tensors = {}
-            for key, shape in shapes.items():
+            for key, value in init.items():
+                shape = value.shape
                 if "lora_A" in key:  # kaiming-like scale, as PEFT's own init
                     t = torch.randn(shape, generator=gen) / (shape[1] ** 0.5)
-                else:
+                elif "lora_B" in key:
                     t = torch.randn(shape, generator=gen) * b_std
+                else:  # DoRA's magnitude
+                    t = value * (1 + 0.05 * torch.randn(shape, generator=gen))
                 tensors[key] = t.contiguous()
             final = adapter_dir / name
             with artifact.staged(final) as stage:
@@ -100,12 +111,12 @@ def make_adapters(
     return [adapter_dir / n for n in names]
 
 
-def _is_complete(path: Path, r: int) -> bool:
+def _is_complete(path: Path, r: int, dora: bool = False) -> bool:
     try:
         cfg = json.loads((path / artifact.CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return cfg.get("r") == r and artifact.is_complete(path)
+    return cfg.get("r") == r and bool(cfg.get("use_dora")) == dora and artifact.is_complete(path)
 
 
 def _stable_hash(name: str) -> int:
@@ -126,8 +137,10 @@ def lora_files(
     seed: int = 0,
     modules: tuple[str, ...] = ("attn.c_attn", "attn.c_proj"),
     scale: float = 0.05,
+    dora: bool = False,
 ) -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base."""
+    """(adapter_config.json, adapter_model.safetensors) of a random PEFT LoRA for a GPT-2 base (a DoRA
+    adapter with ``dora``: magnitudes 1 ± ``scale``, not fitted to any base's norms)."""
     import torch
     from safetensors.torch import save
 
@@ -145,6 +158,8 @@ def lora_files(
             key = f"base_model.model.transformer.h.{layer}.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * scale
             tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * scale
+            if dora:
+                tensors[f"{key}.lora_magnitude_vector"] = 1 + torch.randn(fan_out, generator=gen) * scale
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -154,6 +169,7 @@ def lora_files(
         "target_modules": sorted({m.split(".")[-1] for m in modules}),
         "fan_in_fan_out": True,
         "bias": "none",
+        **({"use_dora": True} if dora else {}),
     }
     return json.dumps(config).encode(), save(tensors)
 
@@ -164,3 +180,22 @@ def upload_files(config: bytes, weights: bytes) -> dict[str, tuple[str, bytes]]:
         "adapter_config": ("adapter_config.json", config),
         "adapter_model": ("adapter_model.safetensors", weights),
     }
+
+
+def make_random_lora(base: Path, out: Path, seed: int, r: int = 4, targets=("c_attn", "c_proj")) -> Path:
+    """A PEFT LoRA with non-zero random B: it changes the output without saying anything in particular."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model import load_base_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(targets),
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )
+    get_peft_model(load_base_model(base), cfg).save_pretrained(out)
+    return out
