@@ -28,11 +28,11 @@ from pathlib import Path
 import httpx
 
 from bench import servers
-from bench.adapters import ensure_base, make_adapters
 from bench.common import REPO, RssSampler, log, machine_description, ratio, tree_rss
-from bench.loadgen import Request, run_load
+from bench.loadgen import run_load
 from bench.serve import ServeConfig, _short_vs_long, _timed
-from bench.workload import make_requests
+from bench.workload import Request, make_requests
+from testing.weights import ensure_base, make_adapters
 
 
 @dataclass
@@ -220,20 +220,23 @@ def markdown(res: dict) -> str:
         f"{c['long_new_tokens']}-token requests; then base-only traffic at {c['clients']} clients. "
         "Worst and median: under-load latency over the idle median. RSS: the server's process tree.",
         "",
-        "| round | server | rows | idle p50 s | worst × | median × | RSS ready MB | RSS peak MB | plan KV MB "
-        "| KV blocks used (MB) | base tok/s | foreign cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | server | rows | long ok / failed | idle p50 s | worst × | median × | RSS ready MB "
+        "| RSS peak MB | plan KV MB | KV blocks used (MB) | base tok/s (ok / failed) | foreign cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, rnd in enumerate(res["rounds"]):
         for label, s in rnd.items():
             svl, kv = s["short_vs_long"], s.get("kv_cache_peak")
             used = "-" if not kv else f"{kv['blocks_used']} ({kv['blocks_used'] * kv['block_bytes'] >> 20})"
+            long, base = svl["long_summary"], s["base_only"]
             lines.append(
                 f"| {i} | {label} | {(s.get('batch') or {}).get('rows', '-')} | "
+                f"{long['requests_ok']} / {long['requests_failed']} | "
                 f"{svl['idle_latency_s']['p50']:.3f} | {svl['ratio_worst']:.2f} | {svl['ratio_p50']:.2f} | "
                 f"{s['rss_ready_mb']} | {s['rss_peak_under_load_mb']} | {s.get('kv_plan_mb', '-')} | "
                 f"{used} | "
-                f"{s['base_only']['tokens_per_s']:.1f} | {svl['foreign_cores']} |"
+                f"{base['tokens_per_s']:.1f} ({base['requests_ok']} / {base['requests_failed']}) | "
+                f"{svl['foreign_cores']} |"
             )
     if res.get("base_tokens_this_vs_baseline") is not None:
         lines += ["", f"Base-only tokens/s, this / baseline: ×{res['base_tokens_this_vs_baseline']:.3f}."]
