@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument(
         "--yield-rows", type=int, default=None, help="LORASERVE_TRAIN_YIELD_ROWS (0: no yielding)"
     )
+    st.add_argument(
+        "--min-share", type=float, default=None, help="LORASERVE_TRAIN_MIN_SHARE (server default)"
+    )
     st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
 
     sm = sub.add_parser("serve-mix", help="composed and JSON-constrained traffic vs plain adapters")
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             job_rows=a.job_rows,
             max_pause_s=a.max_pause,
             yield_rows=a.yield_rows,
+            min_share=a.min_share,
             train_threads=a.train_threads,
             quiet_wait_s=a.quiet_wait,
             threads=a.threads,

@@ -138,6 +138,15 @@ class Settings(BaseSettings):
         description="seconds one pause lasts at most; then at least one optimizer step runs, so a job "
         "finishes under constant traffic",
     )
+    train_min_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a yielding job still trains at least this share of the wall time: each pause is "
+        "earned by the job's measured work, (1 - share) / share s per s worked, at most train_max_pause "
+        "banked (0: pauses bounded by train_max_pause only, a busy server can starve the job; 1: never "
+        "pause)",
+    )
     train_threads: int = Field(
         0,
         ge=0,

@@ -164,8 +164,15 @@ def test_train_wait_then_generate_the_sentence(server: Server, client: lc.Client
     assert (queued["adapter"], queued["status"]) == ("cli-fixed", "queued")
     assert queued["dataset"]  # the file went up as a dataset first
     assert job_id in cli(server, "jobs", "list", "--status", "queued").stdout
+    # paused while queued (at once), listed as paused, queued again by resume
+    assert f"job {job_id}: paused" in cli(server, "jobs", "pause", job_id).stdout
+    assert job_id in cli(server, "jobs", "list", "--status", "paused").stdout
+    resumed = json.loads(cli(server, "jobs", "resume", job_id, "--json").stdout)
+    assert resumed["status"] == "queued" and not resumed["pause_requested"]
     assert f"job {job_id}: cancelled" in cli(server, "jobs", "cancel", job_id).stdout
     assert json.loads(cli(server, "jobs", "get", job_id, "--json").stdout)["status"] == "cancelled"
+    refused = cli(server, "jobs", "resume", job_id, check=False)  # an ended job does not resume
+    assert refused.returncode != 0 and "already cancelled" in refused.stderr, refused
     waited = cli(server, "jobs", "wait", job_id, "--no-progress", check=False)
     assert waited.returncode == 1 and waited.stderr.strip().endswith("cancelled")
 

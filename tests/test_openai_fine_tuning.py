@@ -209,8 +209,12 @@ def test_pause_and_resume_keep_the_loss_curve(env) -> None:
     deadline = time.monotonic() + 120
     while http.get(f"/train/{paused.id}").json()["progress"]["step"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
+    before = oai.fine_tuning.jobs.retrieve(paused.id)
+    if before.status == "running":  # steps reported: the trainer's ETA, anchored at its report
+        assert before.estimated_finish is not None and before.estimated_finish >= before.created_at
     assert oai.fine_tuning.jobs.pause(paused.id).status in ("running", "paused")
     assert poll(oai, paused.id, {"paused", "succeeded", "failed"}, timeout=60).status == "paused"
+    assert oai.fine_tuning.jobs.retrieve(paused.id).estimated_finish is None  # the clock stops
     progress = http.get(f"/train/{paused.id}").json()["progress"]
     total = progress["total_steps"]
     if progress["step"] == total:  # on a fast machine the last step can beat the pause to the trainer
@@ -218,7 +222,8 @@ def test_pause_and_resume_keep_the_loss_curve(env) -> None:
     assert 3 <= progress["step"] < total
     # its slot is free: the job queued behind it runs (one job at a time), and to the end
     assert poll(oai, straight.id, {"succeeded", "failed"}, timeout=240).status == "succeeded"
-    assert oai.fine_tuning.jobs.retrieve(paused.id).status == "paused"
+    still = oai.fine_tuning.jobs.retrieve(paused.id)
+    assert still.status == "paused" and still.estimated_finish is None
     assert oai.fine_tuning.jobs.resume(paused.id).status in ("queued", "running")
     done = poll(oai, paused.id, {"succeeded", "failed", "cancelled"}, timeout=240)
     assert done.status == "succeeded" and done.fine_tuned_model is not None
@@ -233,6 +238,20 @@ def test_pause_and_resume_keep_the_loss_curve(env) -> None:
     with pytest.raises(openai.ConflictError) as err:
         oai.fine_tuning.jobs.pause(paused.id)
     assert err.value.body["code"] == "job_finished"
+
+
+def test_estimated_finish_counts_from_the_trainers_report_and_stops_while_paused() -> None:
+    """The trainer's ETA is measured over its own run (paused time never enters it) and reported at a
+    moment: the estimate is that moment plus the ETA, the same on every read until the next report."""
+    from service.jobs.model import Job
+    from service.routes.fine_tuning import estimated_finish
+
+    progress = {"step": 3, "total_steps": 10, "eta_seconds": 14.6}
+    job = Job(id="job-x", adapter="a", status="running", progress=progress, updated_at=1_000.0)
+    assert estimated_finish(job) == 1_014  # not the reader's clock: the same on every read
+    for status in ("queued", "paused", "succeeded", "failed", "cancelled"):
+        assert estimated_finish(Job(id="job-x", adapter="a", status=status, progress=progress)) is None
+    assert estimated_finish(Job(id="job-x", adapter="a", status="running", progress={"step": 0})) is None
 
 
 def test_a_runner_role_server_takes_fine_tuning_jobs(tiny_base: Path, tmp_path: Path) -> None:

@@ -450,6 +450,41 @@ def test_resume_after_a_kill_keeps_the_best_weights(tiny_base: Path, disagreeing
     assert done["eval_loss"] == done["best_eval_loss"] < done["last_eval_loss"]
 
 
+def test_yield_gate_pauses_only_what_the_trainer_earned_by_working(tmp_path: Path) -> None:
+    """The minimum training share: each second worked earns (1 - share) / share seconds of pause, at most
+    max_pause banked; a pause spends them. So a file that never goes cannot starve the trainer."""
+    import time
+
+    from trainer.loop import StopRequest, YieldGate
+
+    flag = tmp_path / "yield"
+    flag.touch()
+    stop = StopRequest()
+    gate = YieldGate(flag, max_pause=0.6, min_share=0.5)
+    start = gate.since
+    assert gate.wait(stop) == pytest.approx(0.0, abs=0.02)  # nothing worked yet, nothing to spend
+    for _ in range(3):  # "steps" of 0.2 s: each earns a pause as long as itself (share 0.5)
+        since = gate.since
+        time.sleep(0.2)
+        worked = time.monotonic() - since
+        waited = gate.wait(stop)
+        assert 0.19 <= waited <= worked + 0.05, (waited, worked)
+    assert gate.total <= (time.monotonic() - start) / 2 + 0.05  # overall: yielded <= worked
+
+    quiet = YieldGate(tmp_path / "absent", max_pause=0.3, min_share=0.5)  # serving idle: no pause...
+    time.sleep(0.5)
+    assert quiet.wait(stop) == 0.0 and quiet.credit == pytest.approx(0.3)  # ...and at most max_pause banked
+    quiet.path = flag  # traffic arrives: the banked pause at once, then only what the next step earns
+    assert 0.28 <= quiet.wait(stop) <= 0.4 and quiet.wait(stop) <= 0.05
+
+    assert YieldGate(flag, max_pause=0.3, min_share=0).wait(stop) >= 0.28  # share 0: the bound alone
+    never = YieldGate(flag, max_pause=0.3, min_share=1)
+    time.sleep(0.1)
+    assert never.wait(stop) == 0.0  # share 1: never pauses
+    with pytest.raises(ValueError, match="min_share"):
+        YieldGate(flag, min_share=1.5)
+
+
 def test_yielding_pauses_between_steps_and_leaves_the_loss_curve_unchanged(tiny_base: Path, tmp_path: Path):
     """Serving first: a yield file pauses training between optimizer steps (bounded by the max pause, or
     until the file goes), and the per-step losses (dropout on: the RNG too) equal an unpaused run's."""
@@ -479,8 +514,10 @@ def test_yielding_pauses_between_steps_and_leaves_the_loss_curve_unchanged(tiny_
     plain, plain_events, _ = run("plain")
     flag = tmp_path / "yield"
 
-    flag.touch()  # held for the whole run: the model load and every step wait the full 0.2 s bound
-    bounded, events, _ = run("bounded", yield_file=flag, max_pause_seconds=0.2)
+    # held for the whole run: the model load and every step wait the full 0.2 s bound (share 0: the bound
+    # alone; the share's own bound is the next test's)
+    flag.touch()
+    bounded, events, _ = run("bounded", yield_file=flag, max_pause_seconds=0.2, min_train_share=0)
     assert bounded == plain  # exactly: pausing changes nothing a step computes
     done = events[-1]
     assert done["event"] == "done" and 7 * 0.2 <= done["yielded_seconds"] < 7 * 0.2 + 3
@@ -496,7 +533,7 @@ def test_yielding_pauses_between_steps_and_leaves_the_loss_curve_unchanged(tiny_
 
     releaser = threading.Thread(target=release, daemon=True)
     releaser.start()
-    released, events, wall = run("released", yield_file=flag, max_pause_seconds=60)
+    released, events, wall = run("released", yield_file=flag, max_pause_seconds=60, min_train_share=0)
     releaser.join(5)
     assert released == plain
     assert 1.4 <= events[-1]["yielded_seconds"] < 10 and wall < 45

@@ -3,7 +3,7 @@
     python -m trainer train --config examples/prototype.yaml --data rows.jsonl --output adapters/a \\
         [--model M] [--val PATH] [--set training.learning_rate=1e-4 ...] [--resume [CKPT_DIR]] \\
         [--checkpoint-dir DIR] [--progress-jsonl PATH|-] [--allow-random-weights]
-        [--yield-file PATH [--max-pause-seconds 10]] [--init-adapter DIR]
+        [--yield-file PATH [--max-pause-seconds 10] [--min-train-share 0.5]] [--init-adapter DIR]
     python -m trainer eval --adapter adapters/a --data val.jsonl
     python -m trainer make-random-base OUT [--layers 6 --n-embd 768 --n-head 12]
     python -m trainer demo --workdir runs/local
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from loracore.template import PromptTemplate
 from trainer.errors import USER_ERRORS, TrainerError, TrainingInterrupted
+from trainer.loop import DEFAULT_MIN_TRAIN_SHARE
 
 log = logging.getLogger("trainer")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -32,6 +33,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # --config examples/demo.json`): short enough for a CPU in about a minute; on random weights the
 # point is the pipeline, not the prose.
 DEMO_CONFIG = EXAMPLES / "demo.json"
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share is within [0, 1], not {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="longest single pause for --yield-file; then at least one step runs (default 10)",
+    )
+    t.add_argument(
+        "--min-train-share",
+        type=_share,
+        default=DEFAULT_MIN_TRAIN_SHARE,
+        help="while --yield-file exists, still train at least this share of the wall time: pauses are "
+        "earned by measured work, (1 - share) / share s per s worked (0: only --max-pause-seconds "
+        f"bounds them; 1: never pause; default {DEFAULT_MIN_TRAIN_SHARE})",
     )
 
     e = sub.add_parser("eval", help="eval loss/perplexity and generation metrics, base vs adapter")
@@ -160,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         job=args.job_id,
         yield_file=args.yield_file,
         max_pause_seconds=args.max_pause_seconds,
+        min_train_share=args.min_train_share,
         init_adapter=args.init_adapter,
         template=read_template(args.template) if args.template else None,
     )

@@ -29,7 +29,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ from trainer.setup import Setup, resolve_inputs, setup, start_state
 
 log = logging.getLogger("trainer")
 SUMMARY_FORMAT = 1
+# While asked to yield, a trainer still works at least this share of the wall time (YieldGate).
+DEFAULT_MIN_TRAIN_SHARE = 0.5
 
 
 # ----------------------------------------------------------------------------- one step, one eval
@@ -284,27 +286,55 @@ class YieldGate:
     """Between optimizer steps, wait while ``path`` exists: someone else (live serving) needs the device.
 
     The trainer only knows the file; whoever shares the device creates and removes it (the job runner
-    does, from the generation worker's load). One wait lasts at most ``max_pause`` seconds, then a
-    step runs whatever the file says, so training always finishes. A signal ends the wait at once.
-    Waiting changes nothing the step computes: the loss curve equals that of an unpaused run.
+    does, from the generation worker's load). Waiting is bounded twice, so the job is never starved:
+      * one wait lasts at most ``max_pause`` seconds, then a step runs whatever the file says;
+      * a minimum training share: the gate earns ``(1 - min_share) / min_share`` seconds of waiting per
+        second the trainer worked (steps, evaluations, checkpoints, the model load: all measured, since
+        the last wait), holds at most ``max_pause`` of them, and a wait spends them. So however long
+        serving stays busy, the trainer works at least ``min_share`` of the wall time (0.5: half), and a
+        burst of traffic after a quiet stretch still gets up to ``max_pause`` at once. ``min_share`` 0
+        is the first bound alone; 1 never waits.
+    A signal ends the wait at once. Waiting changes nothing the step computes: the loss curve equals
+    that of an unpaused run.
     """
 
     path: Path | None = None
     max_pause: float = 10.0
+    min_share: float = DEFAULT_MIN_TRAIN_SHARE
     poll: float = 0.05
     total: float = 0.0  # seconds yielded so far in this process
+    credit: float = 0.0  # seconds the trainer may still wait (min_share's budget)
+    since: float = field(default_factory=time.monotonic)  # when the trainer last began working
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"min_share must be within [0, 1], not {self.min_share}")
+
+    def _earn(self, now: float) -> None:
+        if self.min_share <= 0:
+            self.credit = self.max_pause
+        else:
+            worked = max(0.0, now - self.since)
+            earned = worked * (1.0 - self.min_share) / self.min_share
+            self.credit = min(self.max_pause, self.credit + earned)
+        self.since = now
 
     def wait(self, stop: StopRequest) -> float:
-        if self.path is None or not self.path.exists():
-            return 0.0
         t0 = time.monotonic()
-        deadline = t0 + self.max_pause
+        self._earn(t0)
+        bound = min(self.max_pause, self.credit)
+        if bound <= 0 or self.path is None or not self.path.exists():
+            return 0.0
+        deadline = t0 + bound
         while stop.signal_name is None and self.path.exists():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             time.sleep(min(self.poll, left))
-        waited = time.monotonic() - t0
+        now = time.monotonic()
+        waited = now - t0
+        self.credit = max(0.0, self.credit - waited)
+        self.since = now
         self.total += waited
         return waited
 
@@ -328,6 +358,7 @@ def train_adapter(
     progress: Progress | None = None,
     yield_file: str | Path | None = None,
     max_pause_seconds: float = 10.0,
+    min_train_share: float = DEFAULT_MIN_TRAIN_SHARE,
     init_adapter: str | Path | None = None,
     template: PromptTemplate | None = None,
 ) -> dict[str, Any]:
@@ -337,9 +368,9 @@ def train_adapter(
     True for the newest one in the checkpoint folder. Raises ``TrainerError`` for bad input
     (nothing is written under ``output``) and ``TrainingInterrupted`` after a signal. While
     ``yield_file`` exists, training pauses before loading the model and between steps
-    (``YieldGate``, at most ``max_pause_seconds`` each time). ``init_adapter`` (an adapter folder of
-    the same LoRA shape) is a warm start: training begins from its weights.
-    (``YieldGate``, at most ``max_pause_seconds`` each time). ``template`` renders the rows (default:
+    (``YieldGate``: at most ``max_pause_seconds`` each time, and never below ``min_train_share`` of the
+    wall time). ``init_adapter`` (an adapter folder of the same LoRA shape) is a warm start: training
+    begins from its weights. ``template`` renders the rows (default:
     ``DEFAULT_TEMPLATE``) and is recorded with the adapter, so serving renders prompts the same way.
     """
     # Only the main process reports; under `accelerate launch` RANK is set before anything starts.
@@ -359,9 +390,10 @@ def train_adapter(
             init_adapter=init_adapter,
             template=template,
         )
-        gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds)
-        # Loading torch, the base and the rows is a burst of work too: it waits like a step does
-        # (a signal meanwhile ends the process, as it would during the load itself).
+        gate = YieldGate(Path(yield_file) if yield_file else None, max_pause_seconds, min_train_share)
+        # Loading torch, the base and the rows is a burst of work too: it waits like a step does (a
+        # signal meanwhile ends the process, as it would during the load itself). Under a training
+        # share nothing is earned yet, so it goes on at once, and its duration earns the first pause.
         gate.wait(StopRequest())
         run = setup(inputs, started=time.time())
         state = start_state(run)

@@ -19,7 +19,8 @@ The loop (single-threaded, every ``POLL_SECONDS``):
     and this runner has fewer than ``settings.runner_slots``;
   * serving first: while the generation worker's status file shows it busy
     (``service.worker_status.serving_busy``), creates each running job's ``yield`` file, which the
-    trainer (``--yield-file``) waits on between optimizer steps, at most ``train_max_pause`` s a time.
+    trainer (``--yield-file``) waits on between optimizer steps, at most ``train_max_pause`` s a time
+    and never so long that it trains less than ``train_min_share`` of the time (``YieldGate``).
 On ``stop_event`` (or SIGTERM/SIGINT, or the parent's death) running trainers get SIGTERM, write a
 checkpoint and exit; their jobs go back to the queue and resume on the next start.
 """

@@ -84,7 +84,11 @@ def trainer_command(settings: Settings, paths: JobPaths, base: tuple[str, bool])
     if base[1]:
         cmd.append("--allow-random-weights")
     if settings.train_yield_rows > 0:
-        cmd += ["--yield-file", str(paths.yield_flag), "--max-pause-seconds", str(settings.train_max_pause)]
+        cmd += [
+            "--yield-file", str(paths.yield_flag),
+            "--max-pause-seconds", str(settings.train_max_pause),
+            "--min-train-share", str(settings.train_min_share),
+        ]  # fmt: skip
     if _has_checkpoint(paths.checkpoints):
         cmd.append("--resume")
     return cmd

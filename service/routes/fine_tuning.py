@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
@@ -217,10 +216,23 @@ def read_spec(paths: JobPaths) -> dict[str, Any] | None:
         return None
 
 
+def estimated_finish(job: Job) -> int | None:
+    """Unix seconds a running job should end at: the trainer's ETA, from the moment it reported it.
+
+    The trainer measures its rate over its own run (a resumed job's trainer starts a new one), so the
+    time a job spent paused or queued never slows the rate down; serving yields (``progress.
+    yielded_seconds``) do count, as they recur. Anchored at the report, not at the request, the
+    estimate stays put between progress lines. A job that is not running (queued, paused, ended) has
+    none: the clock of a paused job stops until it is resumed."""
+    eta = job.progress.get("eta_seconds")
+    if job.status != "running" or eta is None:
+        return None
+    return int(job.updated_at + float(eta))
+
+
 def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's FineTuningJob for a native job. Native statuses are OpenAI's, less ``validating_files``
     (files are validated during the create request itself)."""
-    eta = job.progress.get("eta_seconds")
     hp = spec["hyperparameters"]
     kind = spec.get("method", "supervised")
     return {
@@ -242,7 +254,7 @@ def job_object(job: Job, spec: dict[str, Any]) -> dict[str, Any]:
         "metadata": spec.get("metadata"),
         "integrations": [],
         "trained_tokens": job.progress.get("trained_tokens"),
-        "estimated_finish": int(time.time() + eta) if job.status == "running" and eta is not None else None,
+        "estimated_finish": estimated_finish(job),
         "error": (
             {"code": "training_failed", "message": job.error or "training failed", "param": None}
             if job.status == "failed"

@@ -159,10 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, type=Path, help="a .gguf file, a folder (merged) or a .zip")
 
     p = command(
-        commands, "jobs", cmd_jobs_list, "list, show, follow, cancel training jobs or print their logs"
+        commands,
+        "jobs",
+        cmd_jobs_list,
+        "list, show, follow, cancel, pause or resume training jobs, or print their logs",
     )
     p.add_argument(
-        "--status", help="only jobs in this status (queued, running, succeeded, failed, cancelled)"
+        "--status", help="only jobs in this status (queued, running, paused, succeeded, failed, cancelled)"
     )
     sub = p.add_subparsers(title="actions", metavar="ACTION")
     q = command(sub, "list", cmd_jobs_list, "list jobs")
@@ -172,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("job_id")
     q.add_argument("--no-progress", action="store_true")
     command(sub, "cancel", cmd_jobs_cancel, "cancel a queued or running job").add_argument("job_id")
+    command(
+        sub, "pause", cmd_jobs_pause, "pause a job: a running one checkpoints and frees its slot"
+    ).add_argument("job_id")
+    command(
+        sub, "resume", cmd_jobs_resume, "queue a paused job again; it goes on from its checkpoint"
+    ).add_argument("job_id")
     command(sub, "logs", cmd_jobs_logs, "print a job's training log").add_argument("job_id")
 
     p = command(commands, "datasets", cmd_datasets, "upload training rows for later jobs")
@@ -315,6 +324,21 @@ def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
         else f"cancel requested ({job.status}, stops at the next step)"
     )
     _out(args, job, f"job {job.job_id}: {note}")
+
+
+def cmd_jobs_pause(client: Client, args: argparse.Namespace) -> None:
+    job = client.jobs.pause(args.job_id)
+    note = (
+        "paused"
+        if job.status == "paused"
+        else f"pause requested ({job.status}, checkpoints and stops at the next step)"
+    )
+    _out(args, job, f"job {job.job_id}: {note}")
+
+
+def cmd_jobs_resume(client: Client, args: argparse.Namespace) -> None:
+    job = client.jobs.resume(args.job_id)
+    _out(args, job, f"job {job.job_id}: resumed ({job.status})")
 
 
 def cmd_jobs_logs(client: Client, args: argparse.Namespace) -> None:
