@@ -5,6 +5,7 @@
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
+    python -m bench short-load   # short requests while long ones grow; RSS; base tokens/s (--baseline-src)
     python -m bench serve-dora   # /generate tokens/s on 8 DoRA adapters vs 8 LoRA adapters of the same rank
     python -m bench serve --base smollm2-135m  # the same serving rows on a SmolLM2-135M-shaped base
     python -m bench fits    # what fits a 12 GB GPU per base, computed from the configs (not measured)
@@ -70,6 +71,10 @@ def render(outdir: Path) -> Path:
     for path in sorted(outdir.glob("serve-*.json")):  # other bases' serving rows
         res = json.loads(path.read_text())
         parts += [f"## Serving on a {res.get('base', path.stem)}-shaped base", "", report.serve_markdown(res)]
+    for path in sorted(outdir.glob("short_load*.json")):
+        from bench import short_load
+
+        parts.append(short_load.markdown(json.loads(path.read_text())))
     interop_json = outdir / "interop.json"
     serve_mix_json = outdir / "serve_mix.json"
     if serve_mix_json.exists():
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tuned: --max-batch-size = the clients; default: the server derives its batch capacity",
     )
     s.add_argument("--long-new-tokens", type=int, default=256)
+    s.add_argument("--short-new-tokens", type=int, default=16)
     s.add_argument("--n-short", type=int, default=8)
     s.add_argument("--profile", action="store_true", help="py-spy the server during an extra, unmeasured run")
 
@@ -209,6 +215,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     sm.add_argument(
         "--json-every", type=int, default=4, help="every n-th constrained-traffic request has a schema"
+    )
+
+    sl = sub.add_parser(
+        "short-load", help="short requests while long ones grow, fresh server, default capacity"
+    )
+    common(sl)
+    sl.add_argument("--adapters", type=int, default=8)
+    sl.add_argument("--clients", type=int, default=32, help="closed-loop clients of the base-only run")
+    sl.add_argument("--duration", type=float, default=30.0, help="time bound of the base-only run, seconds")
+    sl.add_argument("--max-new-tokens", type=int, default=256, help="upper end of the base-only 16..N mix")
+    sl.add_argument("--long-clients", type=int, default=8)
+    sl.add_argument("--long-new-tokens", type=int, default=480)
+    sl.add_argument("--short-new-tokens", type=int, default=4)
+    sl.add_argument("--n-short", type=int, default=15)
+    sl.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also run the server of this source tree (before/after)",
     )
 
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
@@ -265,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             long_clients=a.long_clients,
             server_batch=a.server_batch,
             long_new_tokens=a.long_new_tokens,
+            short_new_tokens=a.short_new_tokens,
             n_short=a.n_short,
             quiet_wait_s=a.quiet_wait,
             threads=a.threads,
@@ -300,6 +326,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         res = run(cfg)
         write_json(a.outdir / "serve_train.json", res)
+    elif a.cmd == "short-load":
+        from bench.short_load import ShortLoadConfig, run
+
+        cfg = ShortLoadConfig(
+            workdir=a.workdir,
+            outdir=a.outdir,
+            device=a.device,
+            base_shape=shape,
+            rank=a.rank,
+            adapters=a.adapters,
+            clients=a.clients,
+            duration_s=a.duration,
+            max_new_tokens=a.max_new_tokens,
+            long_clients=a.long_clients,
+            long_new_tokens=a.long_new_tokens,
+            short_new_tokens=a.short_new_tokens,
+            n_short=a.n_short,
+            rounds=a.rounds,
+            baseline_src=a.baseline_src,
+            quiet_wait_s=a.quiet_wait,
+            seed=a.seed,
+        )
+        res = run(cfg)
+        res["base"] = a.base
+        name = "short_load.json" if a.base == "distilgpt2" else f"short_load-{a.base}.json"
+        write_json(a.outdir / name, res)
     elif a.cmd in ("serve-mix", "serve-dora"):
         from bench.serve_mix import DORA_KINDS, KINDS, ServeMixConfig, run
 

@@ -110,7 +110,13 @@ def serve_markdown(res: dict) -> str:
             f"Short requests ({s['short_new_tokens']} new tokens) idle vs while {s['long_clients']} clients "
             "run "
             f"{s['long_new_tokens']}-token requests: p50 {_fmt(s['idle_latency_s']['p50'])} s idle vs "
-            f"{_fmt(s['under_load_latency_s']['p50'])} s under load (×{_fmt(s['ratio_p50'])}); TTFT p50 "
+            f"{_fmt(s['under_load_latency_s']['p50'])} s under load (×{_fmt(s['ratio_p50'])})"
+            + (
+                f", worst {_fmt(s['under_load_latency_s']['max'])} s (×{_fmt(s['ratio_worst'])})"
+                if s.get("ratio_worst") is not None
+                else ""
+            )
+            + f"; TTFT p50 "
             f"{_fmt(s['idle_ttft_s']['p50'])} s vs {_fmt(s['under_load_ttft_s']['p50'])} s; "
             f"{s['short_overlapping_long']}/{s['short_ok']} short requests ran entirely while long ones "
             "were running.",

@@ -19,10 +19,12 @@ def loraserve(
     log_path: Path,
     extra_env: dict | None = None,
     ready_timeout: float = 300.0,
+    source: Path | None = None,
 ):
     """This project's server: ``python -m service``, configured through LORASERVE_* settings.
 
-    ``max_batch_size`` None: the server's default (the batch's rows derived from its KV budget)."""
+    ``max_batch_size`` None: the server's default (the batch's rows derived from its KV budget).
+    ``source``: the source tree to run (another commit's checkout, for before/after rows)."""
     port = free_port()
     env = child_env(
         {
@@ -42,7 +44,10 @@ def loraserve(
         }
     )
     cmd = [sys.executable, "-m", "service"]
-    return launch(cmd, env, port, log_path, name="loraserve", ready_timeout=ready_timeout, stop_grace=15.0)
+    where = {"cwd": source} if source is not None else {}
+    return launch(
+        cmd, env, port, log_path, name="loraserve", ready_timeout=ready_timeout, stop_grace=15.0, **where
+    )
 
 
 def naive(*, model: Path, adapter_dir: Path, device: str, dtype: str, preload: list[str], log_path: Path):

@@ -67,7 +67,7 @@ REQUESTS_WAITING = Gauge(
 )
 KV_CACHE_USAGE = Gauge(
     "loraserve_kv_cache_usage_perc",
-    "fraction (0-1) of the KV cache's token positions (batch rows x context length) holding live tokens",
+    "fraction (0-1) of the KV cache's blocks (batch rows x context length) holding live tokens",
     multiprocess_mode="livemax",
 )
 
@@ -203,7 +203,7 @@ def record_load(waiting: int, stats: dict) -> None:
     """
     REQUESTS_WAITING.set(waiting)
     REQUESTS_RUNNING.set(stats["rows"])
-    KV_CACHE_USAGE.set(stats["kv_tokens_used"] / stats["kv_tokens_max"] if stats["kv_tokens_max"] else 0.0)
+    KV_CACHE_USAGE.set(stats["kv_cache"]["usage"])
 
 
 def _family(g: StatusGauge) -> GaugeMetricFamily:

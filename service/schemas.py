@@ -252,6 +252,17 @@ class BatchCapacity(BaseModel):
     limited_by: Literal["kv_budget", "max_batch_size", "ceiling"]
 
 
+class KVCacheUse(BaseModel):
+    """The KV cache's blocks: a block is ``block_tokens`` positions of one row (every layer's K and V);
+    memory is committed block by block as rows grow and given back when they leave."""
+
+    block_tokens: int
+    block_bytes: int
+    blocks_used: int = Field(description="blocks the running rows hold")
+    blocks_total: int = Field(description="blocks of every row at full context")
+    usage: float = Field(description="blocks_used / blocks_total (the gateway's kv_cache_usage_perc)")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "starting", "failed"]
     role: Literal["all", "serve", "runner"] | None = None
@@ -262,3 +273,4 @@ class Readiness(BaseModel):
     random_weights: bool | None = None
     detail: str | None = None
     batch: BatchCapacity | None = None
+    kv_cache: KVCacheUse | None = None

@@ -118,7 +118,10 @@ class EngineAPI(ls.LitAPI):
         capacity = self.engine.adapters.capacity
         self.status = dict(status, status="ready", batch=plan.to_dict(), max_loaded_adapters=capacity)
         idle = Load(0, 0, time.time()).to_dict()
-        write_status(cfg.status_path, dict(self.status, loaded_adapters=[], load=idle))
+        write_status(
+            cfg.status_path,
+            dict(self.status, loaded_adapters=[], load=idle, kv_cache=self.engine.stats()["kv_cache"]),
+        )
         log.info(
             "batch capacity %d rows (limited by %s): KV budget %d MiB (%s), %d KiB per row-position x %d",
             plan.rows,
@@ -453,6 +456,7 @@ class _Driver:
                 pinned_adapters=cache["pinned"],
                 adapter_pins=refs,
                 load=load.to_dict(),
+                kv_cache=stats["kv_cache"],
             ),
         )
 

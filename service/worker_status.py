@@ -7,6 +7,7 @@ listings, and the job runner reads its ``load`` to decide whether training yield
     {"status": "starting|ready|failed", "model", "device", ..., "loaded_adapters": [...], "adapter_pins",
      "adapter_cache": [{"name", "version", "pinned", "rank"}, ...], "pinned_adapters": [...],
      "max_loaded_adapters": int, "batch": {"rows", "kv_budget_bytes", ...} (``engine.capacity.BatchPlan``),
+     "kv_cache": {"block_tokens", "blocks_used", "blocks_total", ...} (``Engine.kv_use``),
      "load": {"waiting": int, "running": int, "time": unix seconds, "tokens_per_s": float,
               "running_adapters": [...], "waiting_adapters": [...]}, "pid", "updated"}
 

@@ -87,8 +87,10 @@ def test_gateway_gauges_follow_the_load_and_return_to_zero(distil_base: Path, tm
         for t in threads:
             t.start()
         seen: list[dict] = []
+        kv_seen: list[dict] = []  # /health/ready's KV blocks
         while any(t.is_alive() for t in threads):
             seen.append(gauges(srv.url))
+            kv_seen.append(httpx.get(f"{srv.url}/health/ready", timeout=10).json()["kv_cache"])
             time.sleep(0.05)
         for t in threads:
             t.join()
@@ -97,8 +99,12 @@ def test_gateway_gauges_follow_the_load_and_return_to_zero(distil_base: Path, tm
 
         assert max(g["num_requests_running"] for g in seen) == 2
         assert max(g["num_requests_waiting"] for g in seen) >= 1
-        # at most 2 rows x 1024 positions, each holding its prompt plus up to TOKENS tokens
+        # at most 2 rows x 1024 positions, each holding its prompt plus up to TOKENS tokens, in blocks
+        # of 16 positions (a 64-wide fp32 head's 4 KiB page): (TOKENS + 8) is a whole number of blocks
         assert 0 < max(g["kv_cache_usage_perc"] for g in seen) <= 2 * (TOKENS + 8) / (2 * 1024)
+        assert {kv["block_tokens"] for kv in kv_seen} == {16}
+        assert {kv["blocks_total"] for kv in kv_seen} == {2 * 1024 // 16}
+        assert 0 < max(kv["blocks_used"] for kv in kv_seen) <= 2 * (TOKENS + 8) // 16
         running = {n for g in seen for n in g["running_lora_adapters"].split(",") if n}
         waiting = {n for g in seen for n in g["waiting_lora_adapters"].split(",") if n}
         assert running == {"alpha", "beta"}
@@ -113,5 +119,6 @@ def test_gateway_gauges_follow_the_load_and_return_to_zero(distil_base: Path, tm
         after = gauges(srv.url)
         assert after["num_requests_running"] == 0 and after["num_requests_waiting"] == 0
         assert after["kv_cache_usage_perc"] == 0
+        assert httpx.get(f"{srv.url}/health/ready", timeout=10).json()["kv_cache"]["blocks_used"] == 0
         assert after["running_lora_adapters"] == "" and after["waiting_lora_adapters"] == ""
         assert after["info_time"] >= time.time() - 5

@@ -89,9 +89,6 @@ class Batch:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
-    def reserve(self, positions: int) -> None:
-        self.runner.ensure_capacity(positions)
-
     def join(self, newcomers: list[Row]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Prefill ``newcomers`` into the next free slots: the logits of their last prompt tokens
         ``[m, vocab]`` and, per newcomer, those of every prompt position ``[n, vocab]`` for a row that
@@ -143,13 +140,16 @@ class Batch:
         return logits
 
     def remove(self, leaving: list[Row]) -> None:
-        """Take rows out of the batch, refilling holes from the end (one row copy per hole)."""
+        """Take rows out of the batch, refilling holes from the end (one row copy per hole); the freed
+        slots' KV memory goes back."""
         gone = {id(r) for r in leaving}
         holes = sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True)
         rows = self.rows
         for i in holes:  # highest first, so the row moved into a hole is always one that stays
             last = len(rows) - 1
             if i != last:
-                self.runner.move_row(last, i, rows[last].length)
+                self.runner.move_row(last, i, rows[last].length, replaced=rows[i].length)
                 rows[i] = rows[last]
+            else:
+                self.runner.free_row(i)
             rows.pop()

@@ -1,10 +1,10 @@
 """How many rows the running batch gets: as many as the KV cache budget holds at the longest length a
 row can reach, capped by ``max_batch_size`` when one is given.
 
-The cache is one slot per row with a shared time axis (``model.py``): it grows to the longest row's
-need, up to the model's context, in every slot. So a batch of ``rows`` can need
-``rows x n_positions x kv_bytes_per_token`` bytes; the plan keeps that within the budget, and decode
-never allocates more than was planned for.
+The cache is one slot per row at the full context (``kv.py``): a batch of ``rows`` can hold
+``rows x n_positions x kv_bytes_per_token`` bytes when every row is full, and the plan keeps that
+within the budget. On CPU only the blocks rows hold are committed, so the budget bounds the cache's
+memory; it is not taken up front.
 
 The budget, unless given (``kv_cache_bytes``): on CUDA half the device memory free once the model is
 loaded (the rest is for activations, adapters and the allocator's slack); on CPU a quarter of the

@@ -39,7 +39,7 @@ from .cache import AdapterCache, AdapterError, LoadedAdapter, valid_ref
 from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
 from .lora import AdapterFormatError, parse_adapter, read_adapter_files
-from .model import CAPACITY_STEP, kv_dtype_for
+from .model import kv_dtype_for
 from .runners import cache_shape, make_runner
 from .sampling import (
     LogitBias,
@@ -266,11 +266,25 @@ class Engine:
             # what the KV cache holds of what it can hold at most (every row at full context)
             "kv_tokens_used": sum(r.length for r in self.batch.rows),
             "kv_tokens_max": self.max_batch_size * self.n_positions,
+            "kv_cache": self.kv_use(),
             "running_adapters": sorted({r.req.adapter for r in self.batch.rows if r.req.adapter}),
             "waiting_adapters": sorted({r.adapter for r in self.scheduler if r.adapter}),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "n_positions": self.n_positions,
+        }
+
+    def kv_use(self) -> dict:
+        """The KV cache's blocks (``kv.py``): a block is ``block_tokens`` positions of one row, every
+        layer's K and V, ``block_bytes`` of memory; a row holds the blocks its length reaches."""
+        kv = self.runner.kv
+        used = sum(kv.blocks(r.length) for r in self.batch.rows)
+        return {
+            "block_tokens": kv.block_tokens,
+            "block_bytes": kv.block_bytes,
+            "blocks_used": used,
+            "blocks_total": kv.blocks_total,
+            "usage": used / kv.blocks_total,
         }
 
     def step(self) -> StepReport:
@@ -333,7 +347,7 @@ class Engine:
 
     # --- internals ------------------------------------------------------------------------------
     def _admit(self, running: int, report: StepReport) -> list[Row]:
-        """The newcomers the scheduler lets in, each with its adapter pinned, and KV room for them.
+        """The newcomers the scheduler lets in, each with its adapter pinned.
 
         A request whose adapter (or one of whose composition's adapters) cannot be loaded without
         evicting a pinned one waits (others may pass it); a request whose adapter vanished or is
@@ -370,13 +384,6 @@ class Engine:
 
         admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
         self._share_mixes(admitted)
-        if admitted:
-            reserve = max(len(r.prompt_ids) + r.req.params.max_new_tokens for r in admitted)
-            for r in self.batch.rows:
-                reserve = max(reserve, r.length + r.req.params.max_new_tokens - r.completion + 1)
-            # reserve the KV positions the admitted rows may need, so decode never grows the cache
-            step = CAPACITY_STEP
-            self.batch.reserve(min(self.n_positions, -(-reserve // step) * step))
         return admitted
 
     def _share_mixes(self, newcomers: list[Row]) -> None:

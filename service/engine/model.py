@@ -14,11 +14,13 @@ rest at start-up).
 Every method that touches the cache runs under ``torch.inference_mode`` (the cache tensors are
 inference tensors).
 
-KV layout: per layer ``K, V: [slots, kv_heads, capacity, head_dim]``. Running rows occupy slots
-``0..n-1`` contiguously, so a decode step reads the view ``K[:n, :, :L]`` without copying; a row
-that leaves is replaced by the last row (one row copy). Row ``i`` has ``lengths[i]`` cached tokens;
-positions past a row's length hold stale but finite numbers that the attention mask hides. With
-grouped-query attention (fewer KV heads than query heads) the cache holds the KV heads only.
+KV layout (``kv.py``): per layer ``K, V: [slots, kv_heads, positions, head_dim]``, every row's whole
+context reserved once and committed block by block as it fills, so the cache never grows by copying.
+Running rows occupy slots ``0..n-1`` contiguously, so a decode step reads the view ``K[:n, :, :L]``
+without copying; a row that leaves is replaced by the last row (one row copy) and the freed slot's
+memory goes back. Row ``i`` has ``lengths[i]`` cached tokens; positions past a row's length hold
+zeros or stale but finite numbers that the attention mask hides. With grouped-query attention
+(fewer KV heads than query heads) the cache holds the KV heads only.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ import torch.nn.functional as F
 from loracore.families import DEFAULT_MAX_CONTEXT, Family, UnsupportedBase  # noqa: F401 (re-exported)
 
 from .dense import Dense
+from .kv import KVCache
 from .lora import LoraPlan
-
-CAPACITY_STEP = 64  # the cache's time axis grows in steps of this many positions
 
 UnsupportedModel = UnsupportedBase  # the engine's name for it
 
@@ -107,9 +108,17 @@ class SlotRunner:
         self.max_rows = max_rows
         self.kv_dtype = kv_dtype_for(self.device, self.dtype)
         self.prepacked = all(d.packed is not None for layer in self.dense for d in layer.values())
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.kv = KVCache(
+            n_layer=self.n_layer,
+            slots=max_rows,
+            kv_heads=self.n_kv_head,
+            positions=self.n_positions,
+            head_dim=self.head_dim,
+            dtype=self.kv_dtype,
+            device=self.device,
+        )
+        self.capacity = self.n_positions  # every slot holds a full context: no step grows the cache
+        self.k, self.v = self.kv.k, self.kv.v
 
     # --- shapes -------------------------------------------------------------------------------
     kv_dtype_for = staticmethod(kv_dtype_for)
@@ -118,33 +127,21 @@ class SlotRunner:
         """``(in, out)`` of every LoRA-targetable layer, per layer (what an adapter must fit)."""
         return [{name: (d.in_features, d.out_features) for name, d in layer.items()} for layer in self.dense]
 
-    @torch.inference_mode()
-    def ensure_capacity(self, positions: int) -> None:
-        """Grow the cache's time axis to hold ``positions`` tokens per row (copies once per growth)."""
-        if positions <= self.capacity:
-            return
-        new = min(self.n_positions, -(-positions // CAPACITY_STEP) * CAPACITY_STEP)
-        shape = (self.max_rows, self.n_kv_head, new, self.head_dim)
-        ks, vs = [], []
-        for i in range(self.n_layer):
-            k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            if self.capacity:
-                k[:, :, : self.capacity] = self.k[i]
-                v[:, :, : self.capacity] = self.v[i]
-            ks.append(k)
-            vs.append(v)
-        self.k, self.v, self.capacity = ks, vs, new
-
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes the cache reserves (committed on CPU only as rows fill it: ``kv.py``)."""
+        return self.kv.reserved_bytes()
 
-    @torch.inference_mode()
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` cached positions into slot ``dst`` (compaction)."""
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+    def move_row(self, src: int, dst: int, length: int, replaced: int | None = None) -> None:
+        """Move slot ``src``'s first ``length`` cached positions into slot ``dst`` (compaction), whose row
+        held ``replaced`` positions (default: unknown, the whole context); slot ``src`` is free after,
+        and so is ``dst`` past ``length``."""
+        self.kv.copy_prefix(src, dst, length)
+        self.kv.release(dst, keep=length, upto=replaced)
+        self.kv.release(src)
+
+    def free_row(self, slot: int) -> None:
+        """Slot ``slot``'s row left: its KV memory goes back."""
+        self.kv.release(slot)
 
     # --- pieces ---------------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, plan: LoraPlan, layer: int, name: str) -> torch.Tensor:
@@ -174,7 +171,6 @@ class SlotRunner:
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
-        self.ensure_capacity(max(lens))
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
         gqa = self._gqa
@@ -210,7 +206,6 @@ class SlotRunner:
         """Rows ``0..n-1``: feed ``tokens[i]`` at position ``lengths[i]``; logits ``[n, vocab]`` (fp32)."""
         n = len(tokens)
         L = max(lengths) + 1
-        self.ensure_capacity(L)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
         rows = torch.arange(n, device=self.device)
