@@ -86,6 +86,11 @@ def adapter_path(adapter_dir: Path, name: str) -> Path:
     return Path(adapter_dir) / name
 
 
+def adapter_not_found(name: str) -> ApiError:
+    """404 for the adapter a path's ``name`` names that does not exist."""
+    return ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+
+
 def exists(adapter_dir: Path, name: str) -> bool:
     return artifact.servable(adapter_path(adapter_dir, name))
 
@@ -119,7 +124,7 @@ def info(
     check_name(name)
     folder = adapter_path(adapter_dir, name)
     if not exists(adapter_dir, name):
-        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+        raise adapter_not_found(name)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
@@ -350,12 +355,12 @@ def delete(adapter_dir: Path, name: str) -> None:
     adapter_dir = Path(adapter_dir)
     folder = adapter_path(adapter_dir, name)
     if not folder.is_dir():
-        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name")
+        raise adapter_not_found(name)
     trash = adapter_dir / STAGING / f"deleted-{name}-{uuid.uuid4().hex[:12]}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(folder, trash)
     except FileNotFoundError as exc:  # a concurrent delete won
-        raise ApiError(404, "adapter_not_found", f"adapter {name!r} does not exist", "name") from exc
+        raise adapter_not_found(name) from exc
     artifact.remove_versions(adapter_dir, name)
     shutil.rmtree(trash, ignore_errors=True)

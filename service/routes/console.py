@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -48,22 +49,38 @@ def load_console(root: Path = CONSOLE_DIR) -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
+@dataclass(frozen=True)
+class ConsoleContext:
+    """What the handlers share, set on ``app.state.console`` by ``register_console_routes``."""
+
+    files: dict[str, tuple[bytes, str, str]]  # read once: a request touches no disk
+
+
+def _context(request: Request) -> ConsoleContext:
+    return request.app.state.console
+
+
 def register_console_routes(app: FastAPI, root: Path = CONSOLE_DIR) -> None:
     files = load_console(root)
     if "index.html" not in files:
         raise RuntimeError(f"the console's files are missing: no index.html in {root}")
+    app.state.console = ConsoleContext(files)
+    app.add_api_route(UI_PREFIX, console_root, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        UI_PREFIX + "/{path:path}", console_file, methods=["GET", "HEAD"], include_in_schema=False
+    )
 
-    @app.api_route(UI_PREFIX, methods=["GET", "HEAD"], include_in_schema=False)
-    def console_root() -> RedirectResponse:
-        return RedirectResponse(f"{UI_PREFIX}/", status_code=308)  # relative module paths need the slash
 
-    @app.api_route(UI_PREFIX + "/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
-    def console_file(path: str, request: Request) -> Response:
-        found = files.get(path or "index.html")
-        if found is None:
-            raise ApiError(404, "not_found", f"the console has no file '{path}'", "path")
-        data, media, etag = found
-        headers = dict(_HEADERS, ETag=etag)
-        if etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type=media, headers=headers)
+def console_root() -> RedirectResponse:
+    return RedirectResponse(f"{UI_PREFIX}/", status_code=308)  # relative module paths need the slash
+
+
+def console_file(path: str, request: Request) -> Response:
+    found = _context(request).files.get(path or "index.html")
+    if found is None:
+        raise ApiError(404, "not_found", f"the console has no file '{path}'", "path")
+    data, media, etag = found
+    headers = dict(_HEADERS, ETag=etag)
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media, headers=headers)

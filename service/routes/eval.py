@@ -12,6 +12,7 @@ the job runner over loopback (``service.jobs.evaluation``).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -180,43 +181,67 @@ async def _answer_all(client: EngineClient, jobs: list[Job], request: Request) -
             s.close()  # an unfinished job is dropped by the worker
 
 
-def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits) -> None:
-    @app.post("/eval", tags=["generation"], responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}})
-    async def evaluate(body: EvalRequest, request: Request) -> dict[str, Any]:
-        """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
-        from trainer.metrics import generation_metrics
+@dataclass(frozen=True)
+class EvalContext:
+    """What the handler shares, set on ``app.state.eval`` by ``register_eval_routes``."""
 
-        await fetch_missing(request, [(name, f"adapters[{i}]") for i, name in enumerate(body.adapters)])
-        targets = _check_adapters(settings, body.adapters)
-        rows, param = await run_in_threadpool(_load_rows, settings, body)
-        items = await run_in_threadpool(_prompts, rows, param, targets, limits.template)
-        jobs, max_new = await run_in_threadpool(
-            _prepare_jobs, settings, limits, items, targets, client.max_in_flight
+    settings: Settings
+    client: EngineClient
+    limits: ModelLimits
+
+
+def _context(request: Request) -> EvalContext:
+    return request.app.state.eval
+
+
+def register_eval_routes(app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits) -> None:
+    app.state.eval = EvalContext(settings, client, limits)
+    app.add_api_route(
+        "/eval",
+        evaluate,
+        methods=["POST"],
+        tags=["generation"],
+        responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}},
+    )
+
+
+async def evaluate(body: EvalRequest, request: Request) -> dict[str, Any]:
+    """Greedy answers of each adapter (null: the base) to every row, scored against the rows' answers."""
+    from trainer.metrics import generation_metrics
+
+    ctx = _context(request)
+    settings, client, limits = ctx.settings, ctx.client, ctx.limits
+    await fetch_missing(request, [(name, f"adapters[{i}]") for i, name in enumerate(body.adapters)])
+    targets = _check_adapters(settings, body.adapters)
+    rows, param = await run_in_threadpool(_load_rows, settings, body)
+    items = await run_in_threadpool(_prompts, rows, param, targets, limits.template)
+    jobs, max_new = await run_in_threadpool(
+        _prepare_jobs, settings, limits, items, targets, client.max_in_flight
+    )
+    finals = await _answer_all(client, jobs, request)
+    keys = [key_of(a) for a in body.adapters]
+    out_rows = []
+    for n, (index, reference, _, rejected) in enumerate(items):
+        outputs = {}
+        for k, key in enumerate(keys):
+            ev = finals[n * len(keys) + k]
+            outputs[key] = {
+                "text": ev.text.strip(),  # as the trainer's eval decodes it
+                "finish_reason": ev.finish_reason,
+                "tokens": (ev.usage or {}).get("completion_tokens", 0),
+            }
+        row = {"index": index, "reference": reference, "outputs": outputs}
+        if rejected is not None:  # a preference row: the reference is its chosen answer
+            row["rejected"] = rejected
+        out_rows.append(row)
+    references = [ref for _, ref, _, _ in items]
+    metrics = {
+        key: generation_metrics(
+            [row["outputs"][key]["text"] for row in out_rows],
+            references,
+            [row["outputs"][key]["finish_reason"] == "eos" for row in out_rows],
+            [row["outputs"][key]["tokens"] for row in out_rows],
         )
-        finals = await _answer_all(client, jobs, request)
-        keys = [key_of(a) for a in body.adapters]
-        out_rows = []
-        for n, (index, reference, _, rejected) in enumerate(items):
-            outputs = {}
-            for k, key in enumerate(keys):
-                ev = finals[n * len(keys) + k]
-                outputs[key] = {
-                    "text": ev.text.strip(),  # as the trainer's eval decodes it
-                    "finish_reason": ev.finish_reason,
-                    "tokens": (ev.usage or {}).get("completion_tokens", 0),
-                }
-            row = {"index": index, "reference": reference, "outputs": outputs}
-            if rejected is not None:  # a preference row: the reference is its chosen answer
-                row["rejected"] = rejected
-            out_rows.append(row)
-        references = [ref for _, ref, _, _ in items]
-        metrics = {
-            key: generation_metrics(
-                [row["outputs"][key]["text"] for row in out_rows],
-                references,
-                [row["outputs"][key]["finish_reason"] == "eos" for row in out_rows],
-                [row["outputs"][key]["tokens"] for row in out_rows],
-            )
-            for key in keys
-        }
-        return {"adapters": body.adapters, "max_new_tokens": max_new, "metrics": metrics, "rows": out_rows}
+        for key in keys
+    }
+    return {"adapters": body.adapters, "max_new_tokens": max_new, "metrics": metrics, "rows": out_rows}

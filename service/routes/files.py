@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -59,87 +60,115 @@ def _delete_file(settings: Settings, file_id: str) -> bool:
     return True
 
 
-def register_file_routes(app: FastAPI, settings: Settings, auth: Callable) -> None:
-    deps = [Depends(auth)]
-
-    def store():
-        return process_store(settings.jobs_db)
-
-    async def load(file_id: str) -> Dataset:
-        ds = await run_in_threadpool(store().get_dataset, file_id) if DATASET_ID.match(file_id) else None
-        if ds is None:
-            raise file_not_found(file_id)
-        return ds
-
-    upload_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "purpose": {"type": "string", "enum": [PURPOSE]},
-                        },
-                        "required": ["file", "purpose"],
-                    }
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": [PURPOSE]},
+                    },
+                    "required": ["file", "purpose"],
                 }
-            },
-        }
+            }
+        },
     }
+}
 
-    @app.post("/v1/files", dependencies=deps, tags=["fine-tuning"], openapi_extra=upload_body)
-    async def create_file(request: Request) -> dict[str, Any]:
-        """Upload JSONL training rows (chat ``{"messages": [...]}`` or prompt/completion rows)."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "multipart/form-data":
-            msg = "upload the file as multipart/form-data (fields file and purpose)"
-            raise ApiError(422, "invalid_request", msg, "file")
-        upload = await read_upload_form(request, settings)
-        purpose = upload.fields.get("purpose")
-        if purpose != PURPOSE:
-            got = "missing" if purpose is None else repr(purpose)
-            raise ApiError(
-                422,
-                "invalid_purpose",
-                f"purpose must be '{PURPOSE}' (got {got}): files are training data",
-                "purpose",
-            )
-        ds = await run_in_threadpool(_save_file, settings, upload.data, upload.filename)
-        return file_json(settings, ds)
 
-    @app.get("/v1/files", dependencies=deps, tags=["fine-tuning"])
-    async def list_files(
-        purpose: str | None = None,
-        limit: int = Query(10000, ge=1, le=10000),
-        order: Literal["asc", "desc"] = "desc",
-        after: str | None = None,
-    ) -> dict[str, Any]:
-        datasets = await run_in_threadpool(store().list_datasets)
-        if order == "asc":
-            datasets.reverse()
-        files = [file_json(settings, ds) for ds in datasets]
-        if purpose is not None:
-            files = [f for f in files if f["purpose"] == purpose]
-        if after is not None:
-            ids = [f["id"] for f in files]
-            files = files[ids.index(after) + 1 :] if after in ids else []
-        return {"object": "list", "data": files[:limit], "has_more": len(files) > limit}
+@dataclass(frozen=True)
+class FilesContext:
+    """What the handlers share, set on ``app.state.files`` by ``register_file_routes``."""
 
-    @app.get("/v1/files/{file_id}", dependencies=deps, tags=["fine-tuning"])
-    async def get_file(file_id: str) -> dict[str, Any]:
-        return file_json(settings, await load(file_id))
+    settings: Settings
 
-    @app.get("/v1/files/{file_id}/content", dependencies=deps, tags=["fine-tuning"])
-    async def file_content(file_id: str) -> FileResponse:
-        """The stored rows as JSON lines (as validated: one compact JSON object a line)."""
-        ds = await load(file_id)
-        return FileResponse(dataset_path(settings, ds.id), media_type="application/jsonl")
 
-    @app.delete("/v1/files/{file_id}", dependencies=deps, tags=["fine-tuning"])
-    async def delete_file(file_id: str) -> dict[str, Any]:
-        await load(file_id)
-        if not await run_in_threadpool(_delete_file, settings, file_id):
-            raise file_not_found(file_id)
-        return {"id": file_id, "object": "file", "deleted": True}
+def _context(request: Request) -> FilesContext:
+    return request.app.state.files
+
+
+def register_file_routes(app: FastAPI, settings: Settings, auth: Callable) -> None:
+    app.state.files = FilesContext(settings)
+    deps = [Depends(auth)]
+    tags = ["fine-tuning"]
+    app.add_api_route(
+        "/v1/files", create_file, methods=["POST"], dependencies=deps, tags=tags, openapi_extra=_UPLOAD_BODY
+    )
+    app.add_api_route("/v1/files", list_files, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route("/v1/files/{file_id}", get_file, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route(
+        "/v1/files/{file_id}/content", file_content, methods=["GET"], dependencies=deps, tags=tags
+    )
+    app.add_api_route("/v1/files/{file_id}", delete_file, methods=["DELETE"], dependencies=deps, tags=tags)
+
+
+async def _load(settings: Settings, file_id: str) -> Dataset:
+    store = process_store(settings.jobs_db)
+    ds = await run_in_threadpool(store.get_dataset, file_id) if DATASET_ID.match(file_id) else None
+    if ds is None:
+        raise file_not_found(file_id)
+    return ds
+
+
+async def create_file(request: Request) -> dict[str, Any]:
+    """Upload JSONL training rows (chat ``{"messages": [...]}`` or prompt/completion rows)."""
+    settings = _context(request).settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        msg = "upload the file as multipart/form-data (fields file and purpose)"
+        raise ApiError(422, "invalid_request", msg, "file")
+    upload = await read_upload_form(request, settings)
+    purpose = upload.fields.get("purpose")
+    if purpose != PURPOSE:
+        got = "missing" if purpose is None else repr(purpose)
+        raise ApiError(
+            422,
+            "invalid_purpose",
+            f"purpose must be '{PURPOSE}' (got {got}): files are training data",
+            "purpose",
+        )
+    ds = await run_in_threadpool(_save_file, settings, upload.data, upload.filename)
+    return file_json(settings, ds)
+
+
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict[str, Any]:
+    settings = _context(request).settings
+    datasets = await run_in_threadpool(process_store(settings.jobs_db).list_datasets)
+    if order == "asc":
+        datasets.reverse()
+    files = [file_json(settings, ds) for ds in datasets]
+    if purpose is not None:
+        files = [f for f in files if f["purpose"] == purpose]
+    if after is not None:
+        ids = [f["id"] for f in files]
+        files = files[ids.index(after) + 1 :] if after in ids else []
+    return {"object": "list", "data": files[:limit], "has_more": len(files) > limit}
+
+
+async def get_file(file_id: str, request: Request) -> dict[str, Any]:
+    settings = _context(request).settings
+    return file_json(settings, await _load(settings, file_id))
+
+
+async def file_content(file_id: str, request: Request) -> FileResponse:
+    """The stored rows as JSON lines (as validated: one compact JSON object a line)."""
+    settings = _context(request).settings
+    ds = await _load(settings, file_id)
+    return FileResponse(dataset_path(settings, ds.id), media_type="application/jsonl")
+
+
+async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
+    settings = _context(request).settings
+    await _load(settings, file_id)
+    if not await run_in_threadpool(_delete_file, settings, file_id):
+        raise file_not_found(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -19,6 +19,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -385,185 +386,215 @@ _NATIVE_PARAMS = {
 }
 
 
+@dataclass(frozen=True)
+class FineTuningContext:
+    """What the handlers share, set on ``app.state.fine_tuning`` by ``register_fine_tuning_routes``."""
+
+    settings: Settings
+    base_id: str  # the served base's id: the model a job is trained on
+    base_names: frozenset[str]  # every name ``model`` may give the base by
+
+    def store(self) -> JobStore:
+        return process_store(self.settings.jobs_db)
+
+
+def _context(request: Request) -> FineTuningContext:
+    return request.app.state.fine_tuning
+
+
 def register_fine_tuning_routes(app: FastAPI, settings: Settings, auth: Callable, model: ServedModel) -> None:
-    deps = [Depends(auth)]
     base_id, names = base_names(settings, model)
+    app.state.fine_tuning = FineTuningContext(settings, base_id, names)
+    deps = [Depends(auth)]
+    tags = ["fine-tuning"]
+    one = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
+    app.add_api_route("/v1/fine_tuning/jobs", create_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route("/v1/fine_tuning/jobs", list_jobs, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route(one, retrieve_job, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route(one + "/cancel", cancel_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route(one + "/pause", pause_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route(one + "/resume", resume_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route(one + "/events", list_events, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route(one + "/checkpoints", list_checkpoints, methods=["GET"], dependencies=deps, tags=tags)
 
-    def store() -> JobStore:
-        return process_store(settings.jobs_db)
 
-    def load(job_id: str) -> tuple[Job, dict[str, Any]]:
-        job = store().get(job_id) if JOB_ID.match(job_id) else None
-        spec = read_spec(job_paths(settings, job.id)) if job is not None else None
-        if job is None or spec is None:
-            made_by_train = " (jobs made by POST /train are under GET /train)" if job is not None else ""
-            raise ApiError(
-                404, "job_not_found", f"no fine-tuning job '{job_id}'{made_by_train}", "fine_tuning_job_id"
-            )
-        return job, spec
-
-    def check_model(name: str) -> str | None:
-        """None for the served base; an adapter (``name`` or ``name@version``) is a warm start from it."""
-        if name in names:
-            return None
-        if artifact.valid_ref(name) and artifact.resolve(settings.adapter_dir, name) is not None:
-            return name
+def _load(ctx: FineTuningContext, job_id: str) -> tuple[Job, dict[str, Any]]:
+    job = ctx.store().get(job_id) if JOB_ID.match(job_id) else None
+    spec = read_spec(job_paths(ctx.settings, job.id)) if job is not None else None
+    if job is None or spec is None:
+        made_by_train = " (jobs made by POST /train are under GET /train)" if job is not None else ""
         raise ApiError(
-            404,
-            "model_not_found",
-            f"the model {name!r} is neither the served base ({base_id!r}) nor an adapter",
-            "model",
+            404, "job_not_found", f"no fine-tuning job '{job_id}'{made_by_train}", "fine_tuning_job_id"
         )
+    return job, spec
 
-    def check_file(file_id: str | None, param: str) -> None:
-        if file_id is None:
-            return
-        if not (DATASET_ID.match(file_id) and store().get_dataset(file_id)):
-            raise file_not_found(file_id, param)
 
-    def create(body: FineTuningJobRequest) -> dict[str, Any]:
-        init_adapter = check_model(body.model)
-        if body.integrations:
-            raise ApiError(422, "invalid_request", "integrations are not supported", "integrations")
-        hp: Hyperparameters | None = body.hyperparameters
-        kind = body.method.type if body.method is not None else "supervised"
-        inner = getattr(body.method, kind, None) if body.method is not None else None
-        if kind == "dpo" and hp is not None:
-            msg = "a dpo job takes its hyperparameters in method.dpo.hyperparameters"
+def _check_model(ctx: FineTuningContext, name: str) -> str | None:
+    """None for the served base; an adapter (``name`` or ``name@version``) is a warm start from it."""
+    if name in ctx.base_names:
+        return None
+    if artifact.valid_ref(name) and artifact.resolve(ctx.settings.adapter_dir, name) is not None:
+        return name
+    raise ApiError(
+        404,
+        "model_not_found",
+        f"the model {name!r} is neither the served base ({ctx.base_id!r}) nor an adapter",
+        "model",
+    )
+
+
+def _check_file(ctx: FineTuningContext, file_id: str | None, param: str) -> None:
+    if file_id is None:
+        return
+    if not (DATASET_ID.match(file_id) and ctx.store().get_dataset(file_id)):
+        raise file_not_found(file_id, param)
+
+
+def _create(ctx: FineTuningContext, body: FineTuningJobRequest) -> dict[str, Any]:
+    init_adapter = _check_model(ctx, body.model)
+    if body.integrations:
+        raise ApiError(422, "invalid_request", "integrations are not supported", "integrations")
+    hp: Hyperparameters | None = body.hyperparameters
+    kind = body.method.type if body.method is not None else "supervised"
+    inner = getattr(body.method, kind, None) if body.method is not None else None
+    if kind == "dpo" and hp is not None:
+        msg = "a dpo job takes its hyperparameters in method.dpo.hyperparameters"
+        raise ApiError(422, "invalid_request", msg, "hyperparameters")
+    if inner is not None and inner.hyperparameters is not None:
+        if hp is not None:
+            msg = "give hyperparameters once: top-level or in method.supervised, not both"
             raise ApiError(422, "invalid_request", msg, "hyperparameters")
-        if inner is not None and inner.hyperparameters is not None:
-            if hp is not None:
-                msg = "give hyperparameters once: top-level or in method.supervised, not both"
-                raise ApiError(422, "invalid_request", msg, "hyperparameters")
-            hp = inner.hyperparameters
-        if kind == "dpo" and hp is None:
-            hp = DpoHyperparameters()
-        check_file(body.training_file, "training_file")
-        check_file(body.validation_file, "validation_file")
-        from trainer.config import TrainingSettings
+        hp = inner.hyperparameters
+    if kind == "dpo" and hp is None:
+        hp = DpoHyperparameters()
+    _check_file(ctx, body.training_file, "training_file")
+    _check_file(ctx, body.validation_file, "validation_file")
+    from trainer.config import TrainingSettings
 
-        seed = TrainingSettings().seed if body.seed is None else body.seed
-        dataset = store().get_dataset(body.training_file)
-        config, resolved = trainer_config(
-            hp or Hyperparameters(),
-            seed,
-            body.validation_file is not None,
-            dataset.num_rows if dataset is not None else None,
-        )
-        spec = {
-            "model": body.model,
-            "training_file": body.training_file,
-            "validation_file": body.validation_file,
-            "hyperparameters": resolved,
-            "method": kind,
-            "suffix": body.suffix,
-            "seed": seed,
-            "metadata": body.metadata,
-        }
-        req = TrainRequest(
-            adapter=adapter_name(base_id, body.suffix),
-            dataset=body.training_file,
-            validation_dataset=body.validation_file,
-            config=config,
-            init_adapter=init_adapter,
-        )
+    seed = TrainingSettings().seed if body.seed is None else body.seed
+    dataset = ctx.store().get_dataset(body.training_file)
+    config, resolved = trainer_config(
+        hp or Hyperparameters(),
+        seed,
+        body.validation_file is not None,
+        dataset.num_rows if dataset is not None else None,
+    )
+    spec = {
+        "model": body.model,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "hyperparameters": resolved,
+        "method": kind,
+        "suffix": body.suffix,
+        "seed": seed,
+        "metadata": body.metadata,
+    }
+    req = TrainRequest(
+        adapter=adapter_name(ctx.base_id, body.suffix),
+        dataset=body.training_file,
+        validation_dataset=body.validation_file,
+        config=config,
+        init_adapter=init_adapter,
+    )
 
-        def write_spec(paths: JobPaths) -> None:
-            write_atomic(paths.fine_tuning, json.dumps(spec, ensure_ascii=False))
+    def write_spec(paths: JobPaths) -> None:
+        write_atomic(paths.fine_tuning, json.dumps(spec, ensure_ascii=False))
 
-        try:
-            job, _ = submit_job(store(), settings, req, extra=write_spec)
-        except StoreConflict:  # its param is the native request's too
-            raise
-        except JobError as exc:  # the native request's field names, in this API's terms
-            if exc.param is not None:  # "dataset[3]" -> "training_file[3]"
-                head, bracket, rest = exc.param.partition("[")
-                exc.param = _NATIVE_PARAMS.get(head, head) + bracket + rest
-            raise
-        return job_object(job, spec)
+    try:
+        job, _ = submit_job(ctx.store(), ctx.settings, req, extra=write_spec)
+    except StoreConflict:  # its param is the native request's too
+        raise
+    except JobError as exc:  # the native request's field names, in this API's terms
+        if exc.param is not None:  # "dataset[3]" -> "training_file[3]"
+            head, bracket, rest = exc.param.partition("[")
+            exc.param = _NATIVE_PARAMS.get(head, head) + bracket + rest
+        raise
+    return job_object(job, spec)
 
-    @app.post("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
-    async def create_job(body: FineTuningJobRequest) -> dict[str, Any]:
-        """A native training job on the served base, from uploaded files (see docs/openai.md)."""
-        return await run_in_threadpool(create, body)
 
-    def list_all(after: str | None, limit: int, metadata: dict[str, str]) -> dict[str, Any]:
-        out = []
-        for job in store().list_jobs(None, 1_000_000):  # newest first
-            spec = read_spec(job_paths(settings, job.id))
-            if spec is None:
-                continue
-            tags = spec.get("metadata") or {}
-            if all(tags.get(key) == value for key, value in metadata.items()):
-                out.append(job_object(job, spec))
-        return _page(out, after, limit)
+async def create_job(body: FineTuningJobRequest, request: Request) -> dict[str, Any]:
+    """A native training job on the served base, from uploaded files (see docs/openai.md)."""
+    return await run_in_threadpool(_create, _context(request), body)
 
-    @app.get("/v1/fine_tuning/jobs", dependencies=deps, tags=["fine-tuning"])
-    async def list_jobs(
-        request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
-    ) -> dict[str, Any]:
-        """``?metadata[key]=value`` (any number) keeps the jobs whose metadata has every such pair."""
-        metadata = {
-            k[len("metadata[") : -1]: v
-            for k, v in request.query_params.multi_items()
-            if k.startswith("metadata[") and k.endswith("]")
-        }
-        return await run_in_threadpool(list_all, after, limit, metadata)
 
-    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}", dependencies=deps, tags=["fine-tuning"])
-    async def retrieve_job(fine_tuning_job_id: str) -> dict[str, Any]:
-        return job_object(*await run_in_threadpool(load, fine_tuning_job_id))
+def _list_all(
+    ctx: FineTuningContext, after: str | None, limit: int, metadata: dict[str, str]
+) -> dict[str, Any]:
+    out = []
+    for job in ctx.store().list_jobs(None, 1_000_000):  # newest first
+        spec = read_spec(job_paths(ctx.settings, job.id))
+        if spec is None:
+            continue
+        tags = spec.get("metadata") or {}
+        if all(tags.get(key) == value for key, value in metadata.items()):
+            out.append(job_object(job, spec))
+    return _page(out, after, limit)
 
-    def cancel_one(job_id: str) -> dict[str, Any]:
-        job, spec = load(job_id)
-        return job_object(cancel(store(), job), spec)
 
-    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", dependencies=deps, tags=["fine-tuning"])
-    async def cancel_job(fine_tuning_job_id: str) -> dict[str, Any]:
-        """Queued: cancelled now. Running: the trainer stops at its next step (status ``running`` until
-        then, ``cancelled`` after)."""
-        return await run_in_threadpool(cancel_one, fine_tuning_job_id)
+async def list_jobs(
+    request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+) -> dict[str, Any]:
+    """``?metadata[key]=value`` (any number) keeps the jobs whose metadata has every such pair."""
+    metadata = {
+        k[len("metadata[") : -1]: v
+        for k, v in request.query_params.multi_items()
+        if k.startswith("metadata[") and k.endswith("]")
+    }
+    return await run_in_threadpool(_list_all, _context(request), after, limit, metadata)
 
-    def pause_one(job_id: str) -> dict[str, Any]:
-        job, spec = load(job_id)
-        return job_object(pause(store(), job), spec)
 
-    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", dependencies=deps, tags=["fine-tuning"])
-    async def pause_job(fine_tuning_job_id: str) -> dict[str, Any]:
-        """Queued: paused now. Running: the trainer writes a checkpoint at its next step and exits, freeing
-        its slot (status ``running`` until then, ``paused`` after)."""
-        return await run_in_threadpool(pause_one, fine_tuning_job_id)
+async def retrieve_job(fine_tuning_job_id: str, request: Request) -> dict[str, Any]:
+    return job_object(*await run_in_threadpool(_load, _context(request), fine_tuning_job_id))
 
-    def resume_one(job_id: str) -> dict[str, Any]:
-        job, spec = load(job_id)
-        return job_object(resume(store(), job), spec)
 
-    @app.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", dependencies=deps, tags=["fine-tuning"])
-    async def resume_job(fine_tuning_job_id: str) -> dict[str, Any]:
-        """Paused: queued again; training resumes from the pause's checkpoint with the same loss curve."""
-        return await run_in_threadpool(resume_one, fine_tuning_job_id)
+def _act(ctx: FineTuningContext, job_id: str, action: Callable[[JobStore, Job], Job]) -> dict[str, Any]:
+    job, spec = _load(ctx, job_id)
+    return job_object(action(ctx.store(), job), spec)
 
-    def lines_of(job: Job) -> list[tuple[int, dict[str, Any]]]:
-        return read_progress(job_paths(settings, job.id).progress, 0)[0]
 
-    def events(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
-        job, _ = load(job_id)
-        return _page(job_events(job, lines_of(job))[::-1], after, limit)
+async def cancel_job(fine_tuning_job_id: str, request: Request) -> dict[str, Any]:
+    """Queued: cancelled now. Running: the trainer stops at its next step (status ``running`` until
+    then, ``cancelled`` after)."""
+    return await run_in_threadpool(_act, _context(request), fine_tuning_job_id, cancel)
 
-    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", dependencies=deps, tags=["fine-tuning"])
-    async def list_events(
-        fine_tuning_job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)
-    ) -> dict[str, Any]:
-        """Newest first; for a live stream of the same progress use GET /train/{id}/events (SSE)."""
-        return await run_in_threadpool(events, fine_tuning_job_id, after, limit)
 
-    def checkpoints(job_id: str, after: str | None, limit: int) -> dict[str, Any]:
-        job, _ = load(job_id)
-        servable = servable_checkpoints(settings, job_paths(settings, job.id), job.adapter)
-        return _page(job_checkpoints(job, lines_of(job), servable), after, limit)
+async def pause_job(fine_tuning_job_id: str, request: Request) -> dict[str, Any]:
+    """Queued: paused now. Running: the trainer writes a checkpoint at its next step and exits, freeing
+    its slot (status ``running`` until then, ``paused`` after)."""
+    return await run_in_threadpool(_act, _context(request), fine_tuning_job_id, pause)
 
-    @app.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", dependencies=deps, tags=["fine-tuning"])
-    async def list_checkpoints(
-        fine_tuning_job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000)
-    ) -> dict[str, Any]:
-        return await run_in_threadpool(checkpoints, fine_tuning_job_id, after, limit)
+
+async def resume_job(fine_tuning_job_id: str, request: Request) -> dict[str, Any]:
+    """Paused: queued again; training resumes from the pause's checkpoint with the same loss curve."""
+    return await run_in_threadpool(_act, _context(request), fine_tuning_job_id, resume)
+
+
+def _lines_of(ctx: FineTuningContext, job: Job) -> list[tuple[int, dict[str, Any]]]:
+    return read_progress(job_paths(ctx.settings, job.id).progress, 0)[0]
+
+
+def _events(ctx: FineTuningContext, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
+    job, _ = _load(ctx, job_id)
+    return _page(job_events(job, _lines_of(ctx, job))[::-1], after, limit)
+
+
+async def list_events(
+    fine_tuning_job_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=10000),
+) -> dict[str, Any]:
+    """Newest first; for a live stream of the same progress use GET /train/{id}/events (SSE)."""
+    return await run_in_threadpool(_events, _context(request), fine_tuning_job_id, after, limit)
+
+
+def _checkpoints(ctx: FineTuningContext, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
+    job, _ = _load(ctx, job_id)
+    servable = servable_checkpoints(ctx.settings, job_paths(ctx.settings, job.id), job.adapter)
+    return _page(job_checkpoints(job, _lines_of(ctx, job), servable), after, limit)
+
+
+async def list_checkpoints(
+    fine_tuning_job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=1000)
+) -> dict[str, Any]:
+    return await run_in_threadpool(_checkpoints, _context(request), fine_tuning_job_id, after, limit)

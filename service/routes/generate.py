@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from service.errors import ApiError
 from service.gateway import (
@@ -21,7 +21,7 @@ from service.gateway import (
     template_of,
     unless_disconnected,
 )
-from service.routes import SSE_DONE, SSE_HEADERS, sse
+from service.routes import SSE_DONE, sse, sse_response
 from service.schemas import (
     GenerateChunk,
     GeneratedToken,
@@ -35,94 +35,121 @@ from service.structured import JSON_OBJECT
 from service.wire import Event, SamplingParams, WireError
 
 
+@dataclass(frozen=True)
+class NoGenerationContext:
+    """What the ``runner`` role's stand-in shares, set on ``app.state.no_generation``."""
+
+    role: str
+
+
 def register_no_generation_routes(app: FastAPI, settings: Settings) -> None:
     """The ``runner`` role loads no model: generation routes say so instead of a bare 404."""
-
-    async def no_generation(request: Request) -> None:
-        raise ApiError(
-            503,
-            "generation_not_served",
-            f"this server runs with role '{settings.role}': it runs training jobs and loads no generation "
-            f"model; send {request.url.path} to a server with role 'serve' or 'all'",
-        )
-
+    app.state.no_generation = NoGenerationContext(settings.role)
     app.add_api_route("/generate", no_generation, methods=["POST"], include_in_schema=False)
     app.add_api_route("/eval", no_generation, methods=["POST"], include_in_schema=False)
     app.add_api_route("/v1/{path:path}", no_generation, methods=["GET", "POST"], include_in_schema=False)
 
 
+async def no_generation(request: Request) -> None:
+    role = request.app.state.no_generation.role
+    raise ApiError(
+        503,
+        "generation_not_served",
+        f"this server runs with role '{role}': it runs training jobs and loads no generation "
+        f"model; send {request.url.path} to a server with role 'serve' or 'all'",
+    )
+
+
+@dataclass(frozen=True)
+class GenerateContext:
+    """What the handler shares, set on ``app.state.generate`` by ``register_generate_routes``."""
+
+    settings: Settings
+    client: EngineClient
+    limits: ModelLimits
+
+
+def _context(request: Request) -> GenerateContext:
+    return request.app.state.generate
+
+
 def register_generate_routes(
     app: FastAPI, settings: Settings, client: EngineClient, limits: ModelLimits
 ) -> None:
-    @app.post(
+    app.state.generate = GenerateContext(settings, client, limits)
+    app.add_api_route(
         "/generate",
+        generate,
+        methods=["POST"],
         response_model=GenerateResponse,
         tags=["generation"],
         responses={400: {}, 404: {}, 422: {}, 503: {}, 504: {}},
     )
-    async def generate(body: GenerateRequest, request: Request) -> Any:
-        """Generate text with the base model, one adapter or a weighted composition of adapters;
-        ``stream: true`` answers with SSE."""
-        composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
-        parts_named = [(name, f"adapters.{i}.name") for i, (name, _) in enumerate(composition or [])]
-        await fetch_missing(request, [(body.adapter, "adapter"), *parts_named])
-        # resolved once: the prompt's template and the weights that serve it are one version's
-        target, parts = resolve_targets(settings.adapter_dir, body.adapter, composition)
-        template = template_of(target, parts, limits.template)
-        prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
-        params = SamplingParams(
-            max_new_tokens=(
-                settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
-            ),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=body.stop,
-            logprobs=body.logprobs,
-            frequency_penalty=body.frequency_penalty,
-            presence_penalty=body.presence_penalty,
-            logit_bias=dict(body.logit_bias),
-            json_schema=_json_schema(body.json_schema),
-            prompt_logprobs=body.prompt_logprobs,
-        )
-        job = prepare_job(
-            prompt_text=prompt,
-            target=target,
-            params=params,
-            stream=body.stream,
-            limits=limits,
-            max_new_tokens_cap=settings.max_new_tokens_cap,
-            request_timeout=settings.request_timeout,
-            composition=parts,
-        )
-        client.reserve(job)
-        sub = client.submit(job, request)
-        if not body.stream:
-            try:
-                final = await unless_disconnected(sub.final(raise_for_event), request)
-            finally:
-                sub.close()  # also when the client went away: the worker drops the job
-            return GenerateResponse(
-                id=final.id,
-                text=final.text,
-                adapter=body.adapter,
-                adapters=body.adapters,
-                finish_reason=final.finish_reason,
-                usage=final.usage,
-                tokens=_tokens(final),
-                prompt_logprobs=_prompt_tokens(final),
-            )
-        # Stream: wait for the first event so an error found before the first token is a real status.
+
+
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    """Generate text with the base model, one adapter or a weighted composition of adapters;
+    ``stream: true`` answers with SSE."""
+    ctx = _context(request)
+    settings, limits = ctx.settings, ctx.limits
+    composition = [(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None
+    parts_named = [(name, f"adapters.{i}.name") for i, (name, _) in enumerate(composition or [])]
+    await fetch_missing(request, [(body.adapter, "adapter"), *parts_named])
+    # resolved once: the prompt's template and the weights that serve it are one version's
+    target, parts = resolve_targets(settings.adapter_dir, body.adapter, composition)
+    template = template_of(target, parts, limits.template)
+    prompt = body.prompt if body.raw else template.render_prompt(body.prompt)
+    params = SamplingParams(
+        max_new_tokens=(
+            settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+        ),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop,
+        logprobs=body.logprobs,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        logit_bias=dict(body.logit_bias),
+        json_schema=_json_schema(body.json_schema),
+        prompt_logprobs=body.prompt_logprobs,
+    )
+    job = prepare_job(
+        prompt_text=prompt,
+        target=target,
+        params=params,
+        stream=body.stream,
+        limits=limits,
+        max_new_tokens_cap=settings.max_new_tokens_cap,
+        request_timeout=settings.request_timeout,
+        composition=parts,
+    )
+    ctx.client.reserve(job)
+    sub = ctx.client.submit(job, request)
+    if not body.stream:
         try:
-            first = await unless_disconnected(sub.next_or_504(), request)
-            raise_for_event(first)
-        except BaseException:
-            sub.close()
-            raise
-        return StreamingResponse(
-            _sse(sub, first, body.adapter), media_type="text/event-stream", headers=SSE_HEADERS
+            final = await unless_disconnected(sub.final(raise_for_event), request)
+        finally:
+            sub.close()  # also when the client went away: the worker drops the job
+        return GenerateResponse(
+            id=final.id,
+            text=final.text,
+            adapter=body.adapter,
+            adapters=body.adapters,
+            finish_reason=final.finish_reason,
+            usage=final.usage,
+            tokens=_tokens(final),
+            prompt_logprobs=_prompt_tokens(final),
         )
+    # Stream: wait for the first event so an error found before the first token is a real status.
+    try:
+        first = await unless_disconnected(sub.next_or_504(), request)
+        raise_for_event(first)
+    except BaseException:
+        sub.close()
+        raise
+    return sse_response(_sse(sub, first, body.adapter))
 
 
 def _tokens(event: Event) -> list[GeneratedToken] | None:

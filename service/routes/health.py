@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
@@ -51,6 +52,18 @@ def runner_readiness(
     return readiness
 
 
+@dataclass(frozen=True)
+class HealthContext:
+    """What the handlers share, set on ``app.state.health`` by ``register_health_routes``."""
+
+    readiness: Callable[[], dict[str, Any]]
+    registry: CollectorRegistry  # every process's metrics, and the worker's status gauges
+
+
+def _context(request: Request) -> HealthContext:
+    return request.app.state.health
+
+
 def register_health_routes(
     app: FastAPI, readiness: Callable[[], dict[str, Any]], worker_status: Path | None = None
 ) -> None:
@@ -60,24 +73,35 @@ def register_health_routes(
     multiprocess.MultiProcessCollector(registry)
     if worker_status is not None:
         registry.register(WorkerStatusCollector(worker_status))
-
-    @app.get("/health", response_model=Health, tags=["health"])
-    def health() -> Health:
-        """Liveness: the API process answers."""
-        return Health(status="ok")
-
-    @app.get(
-        "/health/ready", response_model=Readiness, tags=["health"], responses={503: {"model": Readiness}}
+    app.state.health = HealthContext(readiness, registry)
+    app.add_api_route("/health", health, methods=["GET"], response_model=Health, tags=["health"])
+    app.add_api_route(
+        "/health/ready",
+        ready,
+        methods=["GET"],
+        response_model=Readiness,
+        tags=["health"],
+        responses={503: {"model": Readiness}},
     )
-    def ready() -> JSONResponse:
-        """Readiness for this server's role: the generation worker has loaded the model (it publishes a
-        status file), or, in the ``runner`` role, the job runner runs."""
-        status = readiness()
-        body = Readiness.model_validate({k: status.get(k) for k in Readiness.model_fields if k in status})
-        code = 200 if body.status == "ready" else 503
-        return JSONResponse(body.model_dump(), status_code=code)
+    app.add_api_route(
+        "/metrics", prometheus_metrics, methods=["GET"], tags=["health"], response_class=Response
+    )
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Prometheus text format, aggregated over every process of the server."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+def health() -> Health:
+    """Liveness: the API process answers."""
+    return Health(status="ok")
+
+
+def ready(request: Request) -> JSONResponse:
+    """Readiness for this server's role: the generation worker has loaded the model (it publishes a
+    status file), or, in the ``runner`` role, the job runner runs."""
+    status = _context(request).readiness()
+    body = Readiness.model_validate({k: status.get(k) for k in Readiness.model_fields if k in status})
+    code = 200 if body.status == "ready" else 503
+    return JSONResponse(body.model_dump(), status_code=code)
+
+
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format, aggregated over every process of the server."""
+    return Response(generate_latest(_context(request).registry), media_type=CONTENT_TYPE_LATEST)

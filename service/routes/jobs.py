@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from service.jobs.datasets import save_dataset
 from service.jobs.files import JOB_ID, job_paths, read_progress, tail_text
 from service.jobs.model import PROGRESS_KEYS, STATUSES, Job
 from service.jobs.sql import JobStore, process_store
-from service.routes import SSE_HEADERS, sse
+from service.routes import SSE_PING, sse, sse_response
 from service.settings import Settings
 from service.text_input import check_text
 from service.uploads import read_capped, read_upload
@@ -91,119 +92,163 @@ def _parse_train_request(raw: bytes) -> tuple[TrainRequest, dict[str, Any]]:
     return req, body
 
 
+_TRAIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": TrainRequest.model_json_schema()}},
+    }
+}
+_DATASET_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+
+@dataclass(frozen=True)
+class JobsContext:
+    """What the handlers share, set on ``app.state.jobs`` by ``register_job_routes``."""
+
+    settings: Settings
+
+    def store(self) -> JobStore:
+        return process_store(self.settings.jobs_db)
+
+
+def _context(request: Request) -> JobsContext:
+    return request.app.state.jobs
+
+
 def register_job_routes(app: FastAPI, settings: Settings, auth: Callable) -> None:
     """Add /train and /datasets to ``app``; every route depends on ``auth``."""
+    app.state.jobs = JobsContext(settings)
     deps = [Depends(auth)]
+    tags = ["training"]
+    app.add_api_route(
+        "/train",
+        create_job,
+        methods=["POST"],
+        status_code=202,
+        dependencies=deps,
+        tags=tags,
+        openapi_extra=_TRAIN_BODY,
+    )
+    app.add_api_route("/train", list_jobs, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}", get_job, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}", cancel_job, methods=["DELETE"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}/pause", pause_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}/resume", resume_job, methods=["POST"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}/logs", job_logs, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route("/train/{job_id}/events", job_events, methods=["GET"], dependencies=deps, tags=tags)
+    app.add_api_route(
+        "/datasets",
+        create_dataset,
+        methods=["POST"],
+        status_code=201,
+        dependencies=deps,
+        tags=tags,
+        openapi_extra=_DATASET_BODY,
+    )
 
-    def store() -> JobStore:
-        return process_store(settings.jobs_db)
 
-    async def call(fn, *args, **kwargs):
-        return await run_in_threadpool(fn, *args, **kwargs)
+async def _call(fn, *args, **kwargs):
+    return await run_in_threadpool(fn, *args, **kwargs)
 
-    async def load_job(job_id: str) -> Job:
-        job = await call(store().get, job_id) if JOB_ID.match(job_id) else None
-        if job is None:
-            raise ApiError(404, "job_not_found", f"training job '{job_id}' does not exist", "job_id")
-        return job
 
-    train_body = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": TrainRequest.model_json_schema()}},
-        }
-    }
+async def _load_job(ctx: JobsContext, job_id: str) -> Job:
+    job = await _call(ctx.store().get, job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", f"training job '{job_id}' does not exist", "job_id")
+    return job
 
-    @app.post("/train", status_code=202, dependencies=deps, tags=["training"], openapi_extra=train_body)
-    async def create_job(request: Request) -> JSONResponse:
-        raw = await read_capped(
-            request,
-            settings.max_dataset_bytes,
-            "the request body",
-            "; upload large datasets with POST /datasets and pass their id as 'dataset'",
+
+async def create_job(request: Request) -> JSONResponse:
+    ctx = _context(request)
+    raw = await read_capped(
+        request,
+        ctx.settings.max_dataset_bytes,
+        "the request body",
+        "; upload large datasets with POST /datasets and pass their id as 'dataset'",
+    )
+    req, body = await _call(_parse_train_request, raw)  # large bodies: keep the event loop free
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 255):
+        raise ApiError(
+            422, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters", "Idempotency-Key"
         )
-        req, body = await call(_parse_train_request, raw)  # large bodies: keep the event loop free
-        key = request.headers.get("idempotency-key")
-        if key is not None and not (0 < len(key) <= 255):
-            raise ApiError(
-                422, "invalid_idempotency_key", "Idempotency-Key must be 1-255 characters", "Idempotency-Key"
-            )
-        digest = await call(_request_hash, body)
-        if key is not None:
-            existing = await call(store().find_idempotent, key, digest)
-            if existing is not None:
-                return _accepted(existing)
-        created, _ = await call(submit_job, store(), settings, req, key, digest)
-        return _accepted(created)
+    digest = await _call(_request_hash, body)
+    if key is not None:
+        existing = await _call(ctx.store().find_idempotent, key, digest)
+        if existing is not None:
+            return _accepted(existing)
+    created, _ = await _call(submit_job, ctx.store(), ctx.settings, req, key, digest)
+    return _accepted(created)
 
-    @app.get("/train", dependencies=deps, tags=["training"])
-    async def list_jobs(
-        status: str | None = Query(None, description="queued|running|paused|succeeded|failed|cancelled"),
-        limit: int = Query(100, ge=1, le=1000),
-    ) -> dict[str, Any]:
-        if status is not None and status not in STATUSES:
-            raise ApiError(422, "invalid_status", f"status must be one of {', '.join(STATUSES)}", "status")
-        jobs = await call(store().list_jobs, status, limit)
-        return {"jobs": [job_json(j) for j in jobs]}
 
-    @app.get("/train/{job_id}", dependencies=deps, tags=["training"])
-    async def get_job(job_id: str) -> dict[str, Any]:
-        return job_json(await load_job(job_id))
+async def list_jobs(
+    request: Request,
+    status: str | None = Query(None, description="queued|running|paused|succeeded|failed|cancelled"),
+    limit: int = Query(100, ge=1, le=1000),
+) -> dict[str, Any]:
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, "invalid_status", f"status must be one of {', '.join(STATUSES)}", "status")
+    jobs = await _call(_context(request).store().list_jobs, status, limit)
+    return {"jobs": [job_json(j) for j in jobs]}
 
-    @app.delete("/train/{job_id}", dependencies=deps, tags=["training"])
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        return job_json(await call(cancel, store(), await load_job(job_id)))
 
-    @app.post("/train/{job_id}/pause", dependencies=deps, tags=["training"])
-    async def pause_job(job_id: str) -> dict[str, Any]:
-        """Queued: paused now. Running: checkpoint at the next step, trainer exits, then ``paused``."""
-        return job_json(await call(pause, store(), await load_job(job_id)))
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    return job_json(await _load_job(_context(request), job_id))
 
-    @app.post("/train/{job_id}/resume", dependencies=deps, tags=["training"])
-    async def resume_job(job_id: str) -> dict[str, Any]:
-        """Paused: back in the queue, resumed from the pause's checkpoint."""
-        return job_json(await call(resume, store(), await load_job(job_id)))
 
-    @app.get("/train/{job_id}/logs", dependencies=deps, tags=["training"])
-    async def job_logs(
-        job_id: str, tail: int = Query(1024 * 1024, ge=1, le=MAX_LOG_BYTES)
-    ) -> PlainTextResponse:
-        job = await load_job(job_id)
-        text = await call(tail_text, job_paths(settings, job.id).log, tail)
-        return PlainTextResponse(text)
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    ctx = _context(request)
+    return job_json(await _call(cancel, ctx.store(), await _load_job(ctx, job_id)))
 
-    @app.get("/train/{job_id}/events", dependencies=deps, tags=["training"])
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        job = await load_job(job_id)
-        last = request.headers.get("last-event-id", "")
-        offset = int(last) if last.isdigit() else 0
-        return StreamingResponse(
-            _event_stream(request, store(), settings, job, offset),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
 
-    dataset_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-ndjson": {"schema": {"type": "string"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                },
-            },
-        }
-    }
+async def pause_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Queued: paused now. Running: checkpoint at the next step, trainer exits, then ``paused``."""
+    ctx = _context(request)
+    return job_json(await _call(pause, ctx.store(), await _load_job(ctx, job_id)))
 
-    @app.post("/datasets", status_code=201, dependencies=deps, tags=["training"], openapi_extra=dataset_body)
-    async def create_dataset(request: Request) -> dict[str, Any]:
-        raw = await read_upload(request, settings)
-        ds = await call(save_dataset, store(), settings, raw)
-        return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}
+
+async def resume_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Paused: back in the queue, resumed from the pause's checkpoint."""
+    ctx = _context(request)
+    return job_json(await _call(resume, ctx.store(), await _load_job(ctx, job_id)))
+
+
+async def job_logs(
+    job_id: str, request: Request, tail: int = Query(1024 * 1024, ge=1, le=MAX_LOG_BYTES)
+) -> PlainTextResponse:
+    ctx = _context(request)
+    job = await _load_job(ctx, job_id)
+    text = await _call(tail_text, job_paths(ctx.settings, job.id).log, tail)
+    return PlainTextResponse(text)
+
+
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    ctx = _context(request)
+    job = await _load_job(ctx, job_id)
+    last = request.headers.get("last-event-id", "")
+    offset = int(last) if last.isdigit() else 0
+    return sse_response(_event_stream(request, ctx.store(), ctx.settings, job, offset))
+
+
+async def create_dataset(request: Request) -> dict[str, Any]:
+    ctx = _context(request)
+    raw = await read_upload(request, ctx.settings)
+    ds = await _call(save_dataset, ctx.store(), ctx.settings, raw)
+    return {"dataset": ds.id, "rows": ds.num_rows, "size_bytes": ds.size_bytes, "sha256": ds.sha256}
 
 
 def _accepted(job: Job) -> JSONResponse:
@@ -241,6 +286,6 @@ async def _event_stream(
         if await request.is_disconnected():
             return
         if time.monotonic() - last_sent > SSE_PING_SECONDS:
-            yield ": ping\n\n"
+            yield SSE_PING
             last_sent = time.monotonic()
         await asyncio.sleep(SSE_POLL_SECONDS)

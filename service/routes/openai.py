@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from service.errors import ApiError, http_status
 from service.gateway import (
@@ -65,7 +64,7 @@ from service.openai_schemas import (
     ModelList,
     Usage,
 )
-from service.routes import SSE_DONE, SSE_HEADERS, sse
+from service.routes import SSE_DONE, sse, sse_response
 from service.served_model import Models, ServedModel, base_names, model_not_found
 from service.settings import Settings
 from service.structured import JSON_OBJECT
@@ -664,11 +663,7 @@ async def _stream_response(
     except BaseException:
         _close(choices)
         raise
-    return StreamingResponse(
-        _stream(choices, firsts, chunk, opening, include_usage, usage_chunk),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return sse_response(_stream(choices, firsts, chunk, opening, include_usage, usage_chunk))
 
 
 def _json_schema(body: CompletionRequest | ChatCompletionRequest) -> str | None:
