@@ -51,6 +51,15 @@ def _dtype(res: dict) -> str:
     return f"{asked} = {used}" if asked == "auto" and used else str(asked)
 
 
+def targets_md(targets: list[dict]) -> list[str]:
+    """The one-run benchmarks' targets as markdown table lines."""
+    lines = ["| target | measured | target | status |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |" for t in targets
+    ]
+    return lines
+
+
 def serve_markdown(res: dict) -> str:
     cfg, r = res["config"], res["ratios"]
     lines = [

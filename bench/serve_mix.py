@@ -184,10 +184,27 @@ def _phase(cfg: ServeMixConfig, url: str, reqs: list[Request], label: str) -> di
     return s
 
 
+def _rounds_md(rounds: list[dict]) -> list[str]:
+    from bench.report import _fmt
+
+    lines = [
+        "| round | traffic | requests | failed | p50 s | p99 s | tokens/s | other CPU load (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rec in rounds:
+        for kind in rec["order"]:
+            s = rec[kind]
+            lat = s["latency_s"]
+            lines.append(f"| {rec['round']} | {kind} | {s['requests_ok']} | {s['requests_failed']} | "
+                         f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(s['tokens_per_s'], 1)} | "
+                         f"{_fmt(s['foreign_cores'])} |")  # fmt: skip
+    return lines
+
+
 def markdown(res: dict) -> str:
     if res["benchmark"] == "serve-dora":
         return dora_markdown(res)
-    from bench.report import _fmt, _met, machine_md
+    from bench.report import _fmt, machine_md, targets_md
 
     cfg, r = res["config"], res["ratios"]
     lines = [
@@ -198,32 +215,21 @@ def markdown(res: dict) -> str:
         f"{cfg['rounds']} rounds; composed: {COMPOSITIONS} distinct 2-adapter compositions; constrained: "
         f"every {cfg['json_every']}th request with a JSON schema. Command: `python -m bench serve-mix`.",
         "",
-        "| target | measured | target | status |",
-        "| --- | --- | --- | --- |",
+        *targets_md(res["targets"]),
     ]
-    for t in res["targets"]:
-        lines.append(f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |")
     lines += [
         "",
         f"Constrained traffic vs plain adapters, tokens/s: {_fmt(r['constrained_vs_adapters_tokens'])} "
         "(no target).",
         "",
-        "| round | traffic | requests | failed | p50 s | p99 s | tokens/s | other CPU load (cores) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_rounds_md(res["rounds"]),
     ]
-    for rec in res["rounds"]:
-        for kind in rec["order"]:
-            s = rec[kind]
-            lat = s["latency_s"]
-            lines.append(f"| {rec['round']} | {kind} | {s['requests_ok']} | {s['requests_failed']} | "
-                         f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(s['tokens_per_s'], 1)} | "
-                         f"{_fmt(s['foreign_cores'])} |")  # fmt: skip
     lines += ["", "<details><summary>machine</summary>", "", machine_md(res["machine"]), "", "</details>", ""]
     return "\n".join(lines)
 
 
 def dora_markdown(res: dict) -> str:
-    from bench.report import _fmt, _met, machine_md
+    from bench.report import machine_md, targets_md
 
     cfg = res["config"]
     lines = [
@@ -235,23 +241,12 @@ def dora_markdown(res: dict) -> str:
         f"{cfg['duration_s']:.0f} s per phase, {cfg['rounds']} rounds, order alternating. "
         "Command: `python -m bench serve-dora`.",
         "",
-        "| target | measured | target | status |",
-        "| --- | --- | --- | --- |",
+        *targets_md(res["targets"]),
     ]
-    for t in res["targets"]:
-        lines.append(f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |")
     lines += [
         "",
-        "| round | traffic | requests | failed | p50 s | p99 s | tokens/s | other CPU load (cores) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_rounds_md(res["rounds"]),
     ]
-    for rec in res["rounds"]:
-        for kind in rec["order"]:
-            s = rec[kind]
-            lat = s["latency_s"]
-            lines.append(f"| {rec['round']} | {kind} | {s['requests_ok']} | {s['requests_failed']} | "
-                         f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(s['tokens_per_s'], 1)} | "
-                         f"{_fmt(s['foreign_cores'])} |")  # fmt: skip
     if res.get("uptime"):
         lines += ["", f"`uptime` before the run: `{res['uptime'][0]}`; after: `{res['uptime'][1]}`."]
     lines += ["", "<details><summary>machine</summary>", "", machine_md(res["machine"]), "", "</details>", ""]

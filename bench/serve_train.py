@@ -254,7 +254,7 @@ def _loads(values: list[float]) -> str:
 
 
 def markdown(res: dict) -> str:
-    from bench.report import _fmt, _met, machine_md
+    from bench.report import _fmt, machine_md, targets_md
 
     cfg, r = res["config"], res["ratios"]
     a, w = res["serving_alone"], res["serving_with_job"]
@@ -276,11 +276,8 @@ def markdown(res: dict) -> str:
             else ""
         ),
         "",
-        "| target | measured | target | status |",
-        "| --- | --- | --- | --- |",
+        *targets_md(res["targets"]),
     ]
-    for t in res["targets"]:
-        lines.append(f"| {t['what']} | {_fmt(t['measured'])} | {t['op']} {t['target']} | {_met(t)} |")
     lines += [
         "",
         "| phase | requests | p50 s | p99 s | tokens/s | other CPU load (cores) |",
