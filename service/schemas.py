@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.wire import (
     MAX_COMPOSITION,
@@ -142,8 +151,16 @@ class GenerateRequest(BaseModel):
         if self.adapter is not None and self.adapters is not None:
             raise ValueError("adapter and adapters are exclusive: send one of them")
         if self.max_new_tokens == 0 and self.prompt_logprobs is None:
-            raise ValueError("max_new_tokens 0 generates nothing: it needs prompt_logprobs")
+            raise field_error(self, "max_new_tokens", "0 generates nothing: it needs prompt_logprobs")
         return self
+
+
+def field_error(model: BaseModel, field: str, message: str) -> ValidationError:
+    """A cross-field check's failure located at ``field``, so the error envelope's ``param`` names it."""
+    error = InitErrorDetails(
+        type=PydanticCustomError("value_error", message), loc=(field,), input=getattr(model, field)
+    )
+    return ValidationError.from_exception_data(type(model).__name__, [error])
 
 
 class Usage(BaseModel):
