@@ -203,7 +203,7 @@ def test_pause_and_resume_keep_the_loss_curve(env) -> None:
     the loss curve of the same job run straight through (same seed, same data order)."""
     _, http, oai = env
     train = upload(oai, TRAIN_ROWS, "train.jsonl")
-    hp = {"n_epochs": 60, "batch_size": 2, "learning_rate_multiplier": 5}  # 360 steps: more than a pause takes
+    hp = {"n_epochs": 60, "batch_size": 2, "learning_rate_multiplier": 5}  # 360 steps: outlasts the pause
     paused = oai.fine_tuning.jobs.create(model="base", training_file=train.id, hyperparameters=hp, seed=11)
     straight = oai.fine_tuning.jobs.create(model="base", training_file=train.id, hyperparameters=hp, seed=11)
     deadline = time.monotonic() + 120
