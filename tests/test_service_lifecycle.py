@@ -56,6 +56,9 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
         batch = ready.pop("batch")  # what the batch's capacity was derived from (distilgpt2 at fp32 KV)
         assert batch["kv_bytes_per_token"] == 2 * 6 * 768 * 4 and batch["row_tokens"] == 1024
         assert batch["rows"] >= 1 and batch["cap"] is None and batch["limited_by"] != "max_batch_size"
+        kv = ready.pop("kv_cache")  # the KV reservation in blocks of 16 positions, none in use while idle
+        assert kv["block_bytes"] == 16 * batch["kv_bytes_per_token"] and kv["block_tokens"] == 16
+        assert kv["blocks_total"] == batch["rows"] * 1024 // 16 and (kv["blocks_used"], kv["usage"]) == (0, 0)
         assert ready == {
             "status": "ready",
             "role": "all",
