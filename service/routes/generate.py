@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 
@@ -152,36 +152,33 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     return sse_response(_sse(sub, first, body.adapter))
 
 
-def _tokens(event: Event) -> list[GeneratedToken] | None:
-    """The event's tokens with their log-probabilities (None: the request did not ask for them)."""
-    if event.logprobs is None:
+TokenT = TypeVar("TokenT", GeneratedToken, PromptToken)
+
+
+def _scored(tokens: list | None, kind: type[TokenT]) -> list[TokenT] | None:
+    """Wire tokens with their log-probabilities as response tokens (None: not asked for)."""
+    if tokens is None:
         return None
     return [
-        GeneratedToken(
+        kind(
             id=t.id,
             text=t.text,
             bytes=t.bytes,
             logprob=t.logprob,
             top=[TopToken(id=a.id, text=a.text, bytes=a.bytes, logprob=a.logprob) for a in t.top or []],
         )
-        for t in event.logprobs
+        for t in tokens
     ]
+
+
+def _tokens(event: Event) -> list[GeneratedToken] | None:
+    """The event's tokens with their log-probabilities (None: the request did not ask for them)."""
+    return _scored(event.logprobs, GeneratedToken)
 
 
 def _prompt_tokens(event: Event) -> list[PromptToken] | None:
     """The event's scored prompt tokens (None: not asked for, or not on this event)."""
-    if event.prompt_logprobs is None:
-        return None
-    return [
-        PromptToken(
-            id=t.id,
-            text=t.text,
-            bytes=t.bytes,
-            logprob=t.logprob,
-            top=[TopToken(id=a.id, text=a.text, bytes=a.bytes, logprob=a.logprob) for a in t.top or []],
-        )
-        for t in event.prompt_logprobs
-    ]
+    return _scored(event.prompt_logprobs, PromptToken)
 
 
 def _json_schema(value: dict[str, Any] | bool | None) -> str | None:
