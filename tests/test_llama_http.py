@@ -139,6 +139,8 @@ def test_mixed_batch_and_chat_with_the_bases_template(env):
     assert reply.choices[0].message.content.strip() == SENTENCE
     info = client.get("/adapters/alpha").json()
     assert info["template"]["chat_template"] == CHATML.read_text()
+    for model in (env["base"].name, "alpha", "rand"):  # the served model's info names it too
+        assert client.get(f"/v1/models/{model}").json()["template"]["chat_template"] == CHATML.read_text()
     assert sorted(info["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
