@@ -5,12 +5,13 @@ shipped in tests/data/chatml, ``<|im_end|>`` ending a turn and first of two EOS 
 adapter the trainer taught one sentence, a random all-linear LoRA, and two folders made for other
 bases dropped in beside them. Checked: readiness shows the plan from the base's own config; chat,
 completions, /generate, logprobs, structured output and compositions run on it; chat renders with
-the base's template (visible in GET /adapters/{name}); adapters for another base fail alone with a
-4xx naming what differs, at upload and when dropped in; an OpenAI fine-tuning job names the served
-base, trains LoRA on every linear layer with the base's template and is served, its checkpoints too;
-the features distilgpt2's own modules test, once each on this base: a DoRA job through POST /train
-(the client package) served the moment it succeeds, a DPO job from it, served evaluation, streaming,
-JSON-schema output, versions and pins, prompt log-probabilities (/generate and echo, as lm-eval asks).
+the base's template (visible in GET /adapters/{name} and GET /v1/models/{model}); adapters for
+another base fail alone with a 4xx naming what differs, at upload and when dropped in; an OpenAI
+fine-tuning job names the served base, trains LoRA on every linear layer with the base's template
+and is served, its checkpoints too; the features distilgpt2's own modules test, once each on this
+base: a DoRA job through POST /train (the client package) served the moment it succeeds, a DPO job
+from it, served evaluation, streaming, JSON-schema output, versions and pins, prompt
+log-probabilities (/generate and echo, as lm-eval asks), GGUF and PEFT exports.
 """
 
 from __future__ import annotations
@@ -361,3 +362,11 @@ def test_prompt_logprobs_equal_the_models_and_echo_gives_the_same(env):
     got = echo.choices[0].logprobs.token_logprobs
     assert got[0] is None and got[1:] == pytest.approx([t["logprob"] for t in mine[1:]], abs=1e-4)
     assert got[1:] != pytest.approx(want, abs=1e-3)  # the adapter changes them
+
+
+def test_exports_of_an_adapter_on_this_base(env):
+    client = env["client"]
+    gguf = client.get("/adapters/rand/export", params={"format": "gguf"})
+    assert gguf.status_code == 200 and gguf.content[:4] == b"GGUF", gguf.text[:200]
+    peft = client.get("/adapters/rand/export", params={"format": "peft"})
+    assert peft.status_code == 200 and peft.content[:2] == b"PK"
