@@ -40,6 +40,8 @@ from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
 from .lora import AdapterFormatError, parse_adapter, read_adapter_files
 from .model import kv_dtype_for
+from .prefix import PrefixCache
+from .prefix import identity as prefix_identity
 from .runners import cache_shape, make_runner
 from .sampling import (
     LogitBias,
@@ -77,13 +79,15 @@ class Engine:
         max_loaded_adapters: int = 16,
         max_prefill_tokens: int = 2048,
         max_context: int | None = None,
+        prefix_cache: bool = True,
     ):
         """Load the base and its tokenizer. The batch's capacity is what ``kv_cache_bytes`` (default:
         measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
         ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
         prefill delays every running row's next token). ``max_context`` caps the context served
         (default ``loracore.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
-        unsupported family raises ``model.UnsupportedModel`` before its weights load."""
+        unsupported family raises ``model.UnsupportedModel`` before its weights load. ``prefix_cache``:
+        reuse the KV of prompt prefixes already prefilled (``prefix.py``), within the KV budget."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.device = torch.device(device)
@@ -120,7 +124,8 @@ class Engine:
         if self.byte_table is None:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
-        self.batch = Batch(self.runner, self.max_batch_size)
+        self.prefix = PrefixCache(self.runner.kv, str(self.model_path)) if prefix_cache else None
+        self.batch = Batch(self.runner, self.max_batch_size, self.prefix)
         self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
@@ -304,7 +309,10 @@ class Engine:
             running = 0  # this step prefills only
             t0 = time.perf_counter()
             report.prefill_rows = len(newcomers)
-            report.prefill_tokens = sum(len(r.prompt_ids) for r in newcomers)
+            self._lookup_prefixes(newcomers)
+            report.prefill_tokens = sum(
+                len(r.prompt_ids) - len(r.prefix_hit) * self._block for r in newcomers
+            )
             try:
                 logits, full = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
@@ -323,11 +331,13 @@ class Engine:
                     )
                 if generating:
                     self._sample([newcomers[i] for i in generating], logits, report, scored)
+            self._fit_prefixes()
             report.prefill_seconds = time.perf_counter() - t0
         if running:
             rows = self.batch.rows[:running]
             t0 = time.perf_counter()
             report.decode_rows = running
+            self._fit_prefixes(grow=1)
             try:
                 logits = self.batch.decode(running)
             except Exception as exc:
@@ -342,10 +352,41 @@ class Engine:
             self._leave(finished)
         report.running = len(self.batch.rows)
         report.adapters = self.adapters.take_activity()
+        if self.prefix is not None:
+            report.prefix = self.prefix.take_activity()
         self.steps += 1
         return report
 
     # --- internals ------------------------------------------------------------------------------
+    @property
+    def _block(self) -> int:
+        return self.runner.kv.block_tokens
+
+    def _lookup_prefixes(self, newcomers: list[Row]) -> None:
+        """Each newcomer's longest cached prefix (``prefix.py``), then room for their prompts. A row
+        that scores its prompt needs every position's logits, so it prefills all of it (no lookup)."""
+        if self.prefix is None:
+            return
+        for row in newcomers:
+            if row.req.params.prompt_logprobs is None:
+                row.prefix_hit = self.prefix.match(prefix_identity(row), row.prompt_ids)
+        self._fit_prefixes(newcomers=newcomers)
+
+    def _fit_prefixes(self, grow: int = 0, newcomers: list[Row] = ()) -> None:
+        """Evict cached prefix blocks (least recently used first) until the cache holds no more than
+        the KV budget leaves beside the running rows, each ``grow`` tokens longer, and the newcomers'
+        prompts: the rows always come first."""
+        if self.prefix is None or not self.prefix.blocks:
+            return
+        kv = self.runner.kv
+        if kv.lazy:  # on CPU rows commit the blocks they reach
+            blocks = sum(kv.blocks(r.length + grow) for r in self.batch.rows)
+            blocks += sum(kv.blocks(len(r.prompt_ids)) for r in newcomers)
+            rows = blocks * kv.block_bytes
+        else:  # on CUDA the slots are allocated whole
+            rows = kv.reserved_bytes()
+        self.prefix.evict_to(self.plan.kv_budget_bytes - rows)
+
     def _admit(self, running: int, report: StepReport) -> list[Row]:
         """The newcomers the scheduler lets in, each with its adapter pinned.
 
