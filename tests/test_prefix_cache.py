@@ -1,0 +1,245 @@
+"""The prefix cache (service/engine/prefix.py): the same tokens and log-probabilities with it on and off,
+no block ever reached across adapter versions or adapters, eviction within the KV budget.
+
+Real engines on random-weight bases of two families (distilgpt2's shape; a Llama with grouped-query
+attention), real PEFT adapters published as versions, greedy decoding. A cached block is
+``block_tokens`` positions (16 for distilgpt2's 64-wide heads, 64 for the Llama's 16-wide ones), so
+the shared prefixes here span several blocks.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loracore import artifact
+from loracore.template import DEFAULT_TEMPLATE
+from service.engine import Engine
+from service.engine.capacity import kv_bytes_per_token
+from service.engine.types import AdapterWeight, GenerationRequest
+from service.wire import SamplingParams
+
+LLAMA_GQA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+PREFIX = 200  # shared prompt tokens: 12 blocks of distilgpt2, 3 of the Llama
+NEW = 3
+LOGPROB_TOL = 1e-4  # the suffix runs in other matmul shapes than a full prefill: float rounding only
+
+
+def _make_lora(base: Path, out: Path, seed: int, *, dora: bool = False) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from loracore.families import family_of_folder
+    from trainer.model import load_base_model
+
+    torch.manual_seed(seed)
+    model = load_base_model(base)
+    gpt2 = model.config.model_type == "gpt2"
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj"] if family_of_folder(base).name == "gpt2" else "all-linear",
+        init_lora_weights=False,
+        fan_in_fan_out=gpt2,
+        use_dora=dora,
+    )
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
+def _publish(adapters: Path, name: str, source: Path) -> str:
+    """Publish ``source`` as the current version of ``name``; its version id."""
+    with artifact.staged(adapters / name) as staging:
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy(f, staging / f.name)
+        artifact.write_record(staging, artifact.Record(template=DEFAULT_TEMPLATE.to_dict()))
+        return artifact.publish_version(staging, adapters, name, keep=3).sha256
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.model import make_random_llama_base
+
+    return make_random_llama_base(tmp_path_factory.mktemp("bases") / "llama-gqa", seed=2, **LLAMA_GQA)
+
+
+@pytest.fixture(scope="module")
+def setups(distil_base: Path, llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per base: an adapter folder with ``a`` (two versions made, the first published), ``b`` and a
+    DoRA adapter ``d``."""
+    out = {}
+    for label, base in (("distilgpt2", distil_base), ("llama-gqa", llama_base)):
+        root = tmp_path_factory.mktemp(f"prefix-{label}")
+        src = root / "src"
+        made = {n: _make_lora(base, src / n, seed) for n, seed in (("a1", 1), ("a2", 2), ("b", 3))}
+        made["d"] = _make_lora(base, src / "d", 4, dora=True)
+        adapters = root / "adapters"
+        adapters.mkdir()
+        versions = {n: _publish(adapters, n, made[n if n != "a" else "a1"]) for n in ("a", "b", "d")}
+        out[label] = {"base": base, "adapters": adapters, "src": made, "versions": versions}
+    return out
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50, 50000) for _ in range(n)]
+
+
+SHARED = _prompt(0, PREFIX)
+
+
+def _request(rid: str, target, prompt: list[int], new: int = NEW) -> GenerationRequest:
+    params = SamplingParams(max_new_tokens=new, temperature=0.0, logprobs=1)
+    if isinstance(target, tuple):  # a weighted composition
+        parts = tuple(AdapterWeight(name, weight) for name, weight in target)
+        return GenerationRequest(rid, list(prompt), None, params, adapters=parts)
+    return GenerationRequest(rid, list(prompt), target, params)
+
+
+def _run(eng: Engine, requests: list[GenerationRequest], check_budget: bool = False) -> dict:
+    """Run requests added together to the end: per id (tokens, logprobs); the prefix activity summed
+    (``hits`` per id: the hit tokens of the step that admitted it, when it was admitted alone)."""
+    for req in requests:
+        eng.add(req)
+    out: dict = {r.id: ([], []) for r in requests}
+    queried = hit = evicted = 0
+    while eng.has_active():
+        report = eng.step()
+        for e in report.events:
+            assert e.error is None, e.error
+            if e.token_id is not None:
+                out[e.id][0].append(e.token_id)
+                out[e.id][1].append(e.logprob)
+        queried += report.prefix.queried_tokens
+        hit += report.prefix.hit_tokens
+        evicted += report.prefix.evicted_blocks
+        if check_budget and eng.prefix is not None:
+            kv = eng.runner.kv
+            rows = sum(kv.blocks(r.length) for r in eng.batch.rows) * kv.block_bytes
+            assert rows + eng.prefix.nbytes <= eng.plan.kv_budget_bytes
+    return {"out": out, "queried": queried, "hit": hit, "evicted": evicted}
+
+
+def _same(on: dict, off: dict) -> None:
+    assert on.keys() == off.keys()
+    for rid in on:
+        assert on[rid][0] == off[rid][0], rid
+        worst = max(abs(a - b) for a, b in zip(on[rid][1], off[rid][1], strict=True))
+        assert worst <= LOGPROB_TOL, (rid, worst)
+
+
+@pytest.mark.parametrize("label", ["distilgpt2", "llama-gqa"])
+def test_outputs_equal_with_the_cache_on_and_off(setups: dict, label: str) -> None:
+    """Base, an adapter, its pinned version, a weighted composition, a DoRA adapter: a first wave
+    fills the cache, a second wave with the same prefix and other endings hits it; every token and
+    log-probability equals the run without the cache."""
+    s = setups[label]
+    pinned = f"a@{s['versions']['a'][:12]}"
+    targets = [None, "a", pinned, (("a", 0.6), ("b", 0.4)), "d"]
+    waves = [
+        [_request(f"w{w}-{i}", t, SHARED + _prompt(100 * w + i, 5)) for i, t in enumerate(targets)]
+        for w in range(2)
+    ]
+    results = {}
+    for on in (True, False):
+        eng = Engine(s["base"], s["adapters"], max_batch_size=8, prefix_cache=on)
+        results[on] = [_run(eng, wave) for wave in waves]
+    for got, want in zip(results[True], results[False], strict=True):
+        _same(got["out"], want["out"])
+    first, second = results[True]
+    assert first["hit"] == 0  # nothing cached yet: every row of the first wave prefilled it all
+    # the second wave: each row hits the full blocks of the shared prefix its own target cached
+    # (192 tokens: 12 blocks of 16 on distilgpt2, 3 of 64 on the Llama)
+    assert second["hit"] == len(targets) * 192
+    assert results[False][1]["queried"] == 0  # off: no lookups at all
+
+
+def test_a_new_version_never_reaches_the_old_versions_blocks(setups: dict) -> None:
+    """``a`` is cached on version 1; after version 2 is published, a row on ``a`` finds nothing and
+    answers as a cold engine does on version 2; a row pinned to version 1 still hits version 1's
+    blocks. Other adapters, the base and a composition with the same prompt find nothing either."""
+    s = setups["llama-gqa"]
+    root = s["adapters"].parent / "republish"
+    adapters = root / "adapters"
+    shutil.copytree(s["adapters"], adapters, symlinks=True)
+    v1 = s["versions"]["a"]
+    eng = Engine(s["base"], adapters, max_batch_size=4, prefix_cache=True)
+    prompt = SHARED + [7, 8, 9]
+    first = _run(eng, [_request("v1", "a", prompt)])
+    assert first["hit"] == 0 and eng.prefix.blocks
+    assert _run(eng, [_request("v1-again", "a", prompt)])["hit"] == 192  # 3 blocks of 64
+
+    for rid, target in (("b", "b"), ("base", None), ("mix", (("a", 0.5), ("b", 0.5))), ("dora", "d")):
+        assert _run(eng, [_request(rid, target, prompt)])["hit"] == 0, rid  # another identity: no share
+
+    v2 = _publish(adapters, "a", s["src"]["a2"])
+    assert v2 != v1
+    new = _run(eng, [_request("v2", "a", prompt)])
+    assert new["hit"] == 0  # version 2 never reaches version 1's blocks
+    cold = Engine(s["base"], adapters, max_batch_size=4, prefix_cache=False)
+    _same(new["out"], _run(cold, [_request("v2", "a", prompt)])["out"])
+    assert new["out"]["v2"][0] != first["out"]["v1"][0]  # the versions differ: the check has teeth
+
+    pinned = _run(eng, [_request("pin", f"a@{v1[:12]}", prompt)])
+    assert pinned["hit"] > 0  # version 1's own blocks are still its own
+    assert pinned["out"]["pin"][0] == first["out"]["v1"][0]
+    _same(pinned["out"], _run(cold, [_request("pin", f"a@{v1[:12]}", prompt)])["out"])
+
+
+def test_eviction_under_a_small_budget_keeps_running_rows_going(llama_base: Path, tmp_path: Path) -> None:
+    """A KV budget of three rows at a 256-token context: two rows of 200-token prompts hold most of
+    it, so the blocks their prompts leave in the cache are evicted as rows grow and arrive. Every
+    request finishes with the cache-off answer, and after every step the rows and the cache together
+    stay within the budget."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    row_bytes = kv_bytes_per_token(2, 2 * 16, torch.float32) * 256  # 2 layers, 2 KV heads of 16
+    prompts = [_prompt(500 + i, 200) for i in range(3)] * 2  # each prefix twice: hits between evictions
+    runs = {}
+    for on in (True, False):
+        eng = Engine(
+            llama_base,
+            adapters,
+            max_context=256,
+            kv_cache_bytes=3 * row_bytes,
+            max_batch_size=2,
+            prefix_cache=on,
+        )
+        assert eng.max_batch_size == 2
+        runs[on] = _run(
+            eng, [_request(f"r{i}", None, p, new=8) for i, p in enumerate(prompts)], check_budget=on
+        )
+    _same(runs[True]["out"], runs[False]["out"])
+    assert all(len(t) == 8 for t, _ in runs[True]["out"].values())
+    assert runs[True]["evicted"] > 0
+
+
+def test_prompt_scoring_rows_skip_the_lookup_but_fill_the_cache(setups: dict) -> None:
+    s = setups["llama-gqa"]
+    eng = Engine(s["base"], s["adapters"], max_batch_size=4, prefix_cache=True)
+    prompt = SHARED + [11, 12]
+    scoring = GenerationRequest(
+        "score", list(prompt), None, SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=1)
+    )
+    first = _run(eng, [scoring])
+    assert first["queried"] == 0 and len(eng.prefix.blocks) == (len(prompt) - 1) // eng.runner.kv.block_tokens
+    again = GenerationRequest(
+        "again", list(prompt), None, SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=1)
+    )
+    assert _run(eng, [again])["queried"] == 0
+    assert (
+        _run(eng, [_request("gen", None, prompt)])["hit"]
+        == len(eng.prefix.blocks) * eng.runner.kv.block_tokens
+    )
