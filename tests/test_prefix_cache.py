@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from service.engine import Engine
 from service.engine.capacity import kv_bytes_per_token
 from service.engine.types import AdapterWeight, GenerationRequest
 from service.wire import SamplingParams
+from testing.server import running_server
 
 LLAMA_GQA = {
     "model_type": "llama",
@@ -243,3 +246,68 @@ def test_prompt_scoring_rows_skip_the_lookup_but_fill_the_cache(setups: dict) ->
         _run(eng, [_request("gen", None, prompt)])["hit"]
         == len(eng.prefix.blocks) * eng.runner.kv.block_tokens
     )
+
+
+SYSTEM = (
+    "You are a careful assistant. Answer in one short sentence, name the facts you rely on, and say "
+    "so when you do not know. Never invent a source, a number or a name. Keep the tone plain. "
+) * 3  # ~110 tokens of GPT-2: three 32-token blocks of the tiny base (head width 32)
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def _complete(url: str, question: str) -> dict:
+    body = {
+        "model": "base",
+        "prompt": SYSTEM + question,
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": 1,
+    }
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return {"tokens": lp["tokens"], "logprobs": lp["token_logprobs"]}
+
+
+@pytest.mark.slow
+def test_a_shared_prefix_hits_over_http_and_answers_as_with_the_cache_off(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """Two servers, ``--prefix-cache on`` and ``off``: the second request sharing the long system
+    prompt hits the cache (its counters and /health/ready say so) and both answer alike."""
+    args = ["--dtype", "float32"]  # bf16 matmuls round per shape: the comparison is fp32's
+    answers = {}
+    with (
+        running_server(
+            tiny_base, tmp_path / "ad", tmp_path / "on", args=[*args, "--prefix-cache", "on"]
+        ) as on,
+        running_server(
+            tiny_base, tmp_path / "ad", tmp_path / "off", args=[*args, "--prefix-cache", "off"]
+        ) as off,
+    ):
+        for label, srv in (("on", on), ("off", off)):
+            answers[label] = [_complete(srv.url, q) for q in ("What is a prime?", "Who wrote Hamlet?")]
+        assert _metric(on.url, "loraserve_prefix_cache_queries_total") > 0
+        hits = _metric(on.url, "loraserve_prefix_cache_hits_total")
+        assert hits >= 96  # the second request's three blocks of the system prompt, at least
+        kv = httpx.get(f"{on.url}/health/ready", timeout=10).json()["kv_cache"]
+        assert kv["prefix_cache"] is True and kv["prefix_blocks"] >= 3
+        assert kv["prefix_bytes"] == kv["prefix_blocks"] * kv["block_bytes"]
+        deadline = time.monotonic() + 5  # the gauge is refreshed between steps and while idle
+        while _metric(on.url, "loraserve_prefix_cache_bytes") != kv["prefix_bytes"]:
+            assert time.monotonic() < deadline, "loraserve_prefix_cache_bytes never showed the bytes held"
+            time.sleep(0.2)
+        info = httpx.get(f"{on.url}/metrics", timeout=10).text
+        assert f'loraserve_cache_config_info{{block_size="{kv["block_tokens"]}"' in info
+        assert _metric(off.url, "loraserve_prefix_cache_hits_total") == 0
+        assert "loraserve_cache_config_info{" not in httpx.get(f"{off.url}/metrics", timeout=10).text
+        assert httpx.get(f"{off.url}/health/ready", timeout=10).json()["kv_cache"]["prefix_cache"] is False
+    for got, want in zip(answers["on"], answers["off"], strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) <= LOGPROB_TOL

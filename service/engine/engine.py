@@ -290,6 +290,10 @@ class Engine:
             "blocks_used": used,
             "blocks_total": kv.blocks_total,
             "usage": used / kv.blocks_total,
+            # the prefix cache's blocks (``prefix.py``), out of the same budget
+            "prefix_cache": self.prefix is not None,
+            "prefix_blocks": len(self.prefix.blocks) if self.prefix is not None else 0,
+            "prefix_bytes": self.prefix.nbytes if self.prefix is not None else 0,
         }
 
     def step(self) -> StepReport:
