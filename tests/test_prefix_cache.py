@@ -248,6 +248,23 @@ def test_prompt_scoring_rows_skip_the_lookup_but_fill_the_cache(setups: dict) ->
     )
 
 
+def test_the_prefill_budget_counts_what_rows_prefill_not_their_cached_prefix() -> None:
+    """Three 530-token prompts and a 1000-token prefill budget: whole prompts, one joins a step
+    (the second does not fit what the first left); with 512 of each cached, all three join."""
+    from service.engine.scheduler import Scheduler
+
+    def run(cached: int) -> list[str]:
+        s = Scheduler(max_prefill_tokens=1000)
+        for rid in "abc":
+            s.add(_request(rid, None, list(range(530))))
+        return s.admit(
+            running=0, free=8, ready=lambda r: True, join=lambda r: r.id, cost=lambda rid: 530 - cached
+        )
+
+    assert run(cached=0) == ["a"]
+    assert run(cached=512) == ["a", "b", "c"]
+
+
 SYSTEM = (
     "You are a careful assistant. Answer in one short sentence, name the facts you rely on, and say "
     "so when you do not know. Never invent a source, a number or a name. Keep the tone plain. "

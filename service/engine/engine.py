@@ -313,7 +313,7 @@ class Engine:
             running = 0  # this step prefills only
             t0 = time.perf_counter()
             report.prefill_rows = len(newcomers)
-            self._lookup_prefixes(newcomers)
+            self._fit_prefixes(newcomers=newcomers)
             report.prefill_tokens = sum(
                 len(r.prompt_ids) - len(r.prefix_hit) * self._block for r in newcomers
             )
@@ -366,15 +366,11 @@ class Engine:
     def _block(self) -> int:
         return self.runner.kv.block_tokens
 
-    def _lookup_prefixes(self, newcomers: list[Row]) -> None:
-        """Each newcomer's longest cached prefix (``prefix.py``), then room for their prompts. A row
-        that scores its prompt needs every position's logits, so it prefills all of it (no lookup)."""
-        if self.prefix is None:
-            return
-        for row in newcomers:
-            if row.req.params.prompt_logprobs is None:
-                row.prefix_hit = self.prefix.match(prefix_identity(row), row.prompt_ids)
-        self._fit_prefixes(newcomers=newcomers)
+    def _lookup_prefix(self, row: Row) -> None:
+        """A newcomer's longest cached prefix (``prefix.py``). A row that scores its prompt needs every
+        position's logits, so it prefills all of it (no lookup)."""
+        if self.prefix is not None and row.req.params.prompt_logprobs is None:
+            row.prefix_hit = self.prefix.match(prefix_identity(row), row.prompt_ids)
 
     def _fit_prefixes(self, grow: int = 0, newcomers: list[Row] = ()) -> None:
         """Evict cached prefix blocks (least recently used first) until the cache holds no more than
@@ -424,10 +420,18 @@ class Engine:
                 report.events.append(self._error(req, message, code="invalid_adapter"))
                 return None
             if req.adapters is not None:
-                return self._new_row(req, None, report, tuple(pinned))
-            return self._new_row(req, pinned[0] if pinned else None, report)
+                row = self._new_row(req, None, report, tuple(pinned))
+            else:
+                row = self._new_row(req, pinned[0] if pinned else None, report)
+            self._lookup_prefix(row)
+            return row
 
-        admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
+        def cost(row: Row) -> int:  # what the row prefills: its prompt less the cached prefix
+            return len(row.prompt_ids) - len(row.prefix_hit) * self._block
+
+        admitted = self.scheduler.admit(
+            running=running, free=self.batch.free, ready=ready, join=join, cost=cost
+        )
         self._share_mixes(admitted)
         return admitted
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import mmap
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -185,12 +187,9 @@ class PrefixCache:
             )  # [n_layer, 2, kv_heads, added * bt, head_dim]
             kv = kv.view(*kv.shape[:3], added, bt, kv.shape[-1])
             for m in range(added):
-                block = Block(
-                    self._key(parent, ident, tokens, j + m),
-                    next(self._serials),
-                    kv[:, :, :, m].clone(),
-                    parent,
-                )
+                data = self._tensor((*kv.shape[:3], *kv.shape[4:]))
+                data.copy_(kv[:, :, :, m])
+                block = Block(self._key(parent, ident, tokens, j + m), next(self._serials), data, parent)
                 if parent is not None:
                     parent.children.add(block)
                 self.blocks[block.key] = block
@@ -201,6 +200,15 @@ class PrefixCache:
         return max(0, added)
 
     # --- memory ---------------------------------------------------------------------------------
+    def _tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A block's own memory. On CPU its own anonymous mapping, unmapped when the block is dropped
+        (freed heap memory could stay with the allocator, beside the rows the budget made room for)."""
+        if not self.kv.lazy:
+            return torch.empty(shape, dtype=self.kv.dtype, device=self.kv.device)
+        numel = math.prod(shape)
+        mem = mmap.mmap(-1, numel * self.kv.element_size)
+        return torch.frombuffer(mem, dtype=self.kv.dtype, count=numel).view(shape)
+
     def evict_to(self, room: int) -> int:
         """Drop least recently used blocks (with their descendants) until at most ``room`` bytes are
         held; the number dropped."""
