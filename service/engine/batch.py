@@ -7,6 +7,7 @@ running rows stay in slots ``0..n-1`` and a decode step never copies the cache.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from .prefix import identity as prefix_identity
 from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
 from .types import GenerationRequest, adapter_label
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -127,7 +130,10 @@ class Batch:
         )
         if self.prefix is not None:
             for r, slot in zip(newcomers, slots, strict=True):
-                self.prefix.insert(prefix_identity(r), r.prompt_ids, slot, r.prefix_hit)
+                try:
+                    self.prefix.insert(prefix_identity(r), r.prompt_ids, slot, r.prefix_hit)
+                except Exception:  # e.g. no memory for a copy: the cache is an optimisation, the row goes on
+                    log.warning("prefix cache: blocks of request %s not inserted", r.req.id, exc_info=True)
                 r.prefix_hit = []  # the row holds no block: eviction is free to drop them
         full: list[torch.Tensor | None] = [None] * len(newcomers)
         if any(every):  # split the rows of the result: all positions of a scoring row, the last of others

@@ -5,7 +5,8 @@
 runs one decode step for the running rows (one token each). A prefill step is always followed by a
 decode step, so arrivals cannot starve running rows. A finished row leaves the batch in the same
 step, so its slot is free for the next request at once. Which waiting requests join is the
-``Scheduler``'s decision (``scheduler.py``).
+``Scheduler``'s decision (``scheduler.py``). A newcomer whose prompt starts with blocks the prefix
+cache holds for its base, adapter version or composition (``prefix.py``) prefills only the rest.
 
 Metrics: the engine writes none. ``step`` returns a ``StepReport`` (events, prefill and decode
 timings, latencies, adapter cache activity) and the worker exports it (``service.metrics``).
