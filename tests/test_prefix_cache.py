@@ -144,6 +144,27 @@ def _same(on: dict, off: dict) -> None:
 
 
 @pytest.mark.parametrize("label", ["distilgpt2", "llama-gqa"])
+def test_prefill_after_a_cached_prefix_equals_a_full_prefill(setups: dict, label: str) -> None:
+    """``SlotRunner.prefill`` with ``offsets``: slot 1 gets slot 0's first 128 positions (a hit's copy)
+    and prefills the other 77 tokens at positions 128..204; its last logits and the K/V it writes
+    equal a full prefill's (slot 0) to float rounding, next to a full prompt in the same call."""
+    from service.engine.lora import LoraPlan
+    from service.engine.runners import make_runner
+    from trainer.model import load_base_model
+
+    runner = make_runner(load_base_model(setups[label]["base"]), max_rows=3, max_context=256)
+    prompt, other, p = SHARED + [3, 4, 5, 6, 7], _prompt(9, 40), 128
+    full = runner.prefill([prompt], [0], LoraPlan([]))
+    runner.kv.copy_prefix(0, 1, p)
+    split = runner.prefill([other, prompt[p:]], [2, 1], LoraPlan([]), offsets=[0, p])
+    assert torch.allclose(split[1], full[0], atol=1e-4), (split[1] - full[0]).abs().max()
+    for k in runner.kv.k:
+        assert torch.allclose(k[1, :, : len(prompt)], k[0, :, : len(prompt)], atol=1e-5)
+    alone = runner.prefill([other], [0], LoraPlan([]))
+    assert torch.allclose(split[0], alone[0], atol=1e-4)  # a batch-mate without offset is untouched
+
+
+@pytest.mark.parametrize("label", ["distilgpt2", "llama-gqa"])
 def test_outputs_equal_with_the_cache_on_and_off(setups: dict, label: str) -> None:
     """Base, an adapter, its pinned version, a weighted composition, a DoRA adapter: a first wave
     fills the cache, a second wave with the same prefix and other endings hits it; every token and
