@@ -349,3 +349,39 @@ def test_a_shared_prefix_hits_over_http_and_answers_as_with_the_cache_off(
     for got, want in zip(answers["on"], answers["off"], strict=True):
         assert got["tokens"] == want["tokens"]
         assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) <= LOGPROB_TOL
+
+
+def test_the_store_keeps_exact_token_chains_and_evicts_least_recently_used_leaves() -> None:
+    from service.engine.kv import KVCache
+    from service.engine.prefix import PrefixCache
+
+    kv = KVCache(
+        n_layer=2,
+        slots=2,
+        kv_heads=2,
+        positions=64,
+        head_dim=256,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    assert kv.block_tokens == 4
+    for t in kv.k + kv.v:
+        t[0].copy_(torch.randn_like(t[0]))
+    store = PrefixCache(kv, "base-path")
+    base = ("base",)
+    a = list(range(100, 113))  # 13 tokens: 3 full blocks may be cached (never the last token)
+    b = a[:8] + [7] * 5  # shares a's first two blocks
+    assert store.insert(base, a, 0, []) == 3
+    assert store.insert(base, b, 0, store.match(base, b)) == 1  # only its own third block
+    assert len(store.blocks) == 4 and store.nbytes == 4 * kv.block_bytes
+    assert len(store.match(base, a[:12])) == 2  # 12 tokens: the last is never matched
+    assert len(store.match(base, a[:9] + [0] + a[10:])) == 2  # one token off in block 3: no match there
+    assert store.match(("adapter", ("a", "v", "c", False)), a) == []  # another identity: nothing
+    assert store.restore(store.match(base, a), 1) == 12
+    for t in kv.k + kv.v:
+        assert torch.equal(t[1, :, :12], t[0, :, :12])
+    # a was used last: b's own block is the least recently used leaf (a parent is never older than
+    # its children, so eviction never strands one)
+    assert store.evict_to(3 * kv.block_bytes) == 1
+    assert len(store.match(base, a)) == 3 and len(store.match(base, b)) == 2
+    assert store.evict_to(0) == 3 and not store.blocks and store.nbytes == 0
