@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -321,14 +323,15 @@ def test_a_shared_prefix_hits_over_http_and_answers_as_with_the_cache_off(
     prompt hits the cache (its counters and /health/ready say so) and both answer alike."""
     args = ["--dtype", "float32"]  # bf16 matmuls round per shape: the comparison is fp32's
     answers = {}
-    with (
-        running_server(
-            tiny_base, tmp_path / "ad", tmp_path / "on", args=[*args, "--prefix-cache", "on"]
-        ) as on,
-        running_server(
-            tiny_base, tmp_path / "ad", tmp_path / "off", args=[*args, "--prefix-cache", "off"]
-        ) as off,
-    ):
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:  # the two start side by side
+        on, off = pool.map(
+            lambda mode: stack.enter_context(
+                running_server(
+                    tiny_base, tmp_path / "ad", tmp_path / mode, args=[*args, "--prefix-cache", mode]
+                )
+            ),
+            ("on", "off"),
+        )
         for label, srv in (("on", on), ("off", off)):
             answers[label] = [_complete(srv.url, q) for q in ("What is a prime?", "Who wrote Hamlet?")]
         assert _metric(on.url, "loraserve_prefix_cache_queries_total") > 0
