@@ -13,7 +13,6 @@ full attention, and a longer request is refused like any request past the contex
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loracore.families import LLAMA, check_config, served_context
 
@@ -24,15 +23,6 @@ from .model import Attend, CacheShape, SlotRunner, UnsupportedModel
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """HF's ``LlamaRMSNorm`` (and Qwen's) in 4 ops instead of 8: normalized in fp32, cast back, then
-    scaled by the weight, as HF orders it."""
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None:
-        return norm(x)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +131,12 @@ class LlamaRunner(SlotRunner):
         cos, sin = self.cos[pos], self.sin[pos]
         for i, block in enumerate(self.blocks):
             attn = block.self_attn
-            h = _rms_norm(block.input_layernorm, x)
+            h = block.input_layernorm(x)
             qkv = self._linear_parts(h, plan, i, "self_attn.qkv").view(T, Hq + 2 * Hkv, D)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head, before rotary
                 q, k = (
-                    _rms_norm(attn.q_norm, qkv[:, :Hq]).to(self.kv_dtype),
-                    _rms_norm(attn.k_norm, qkv[:, Hq : Hq + Hkv]).to(self.kv_dtype),
+                    attn.q_norm(qkv[:, :Hq]).to(self.kv_dtype),
+                    attn.k_norm(qkv[:, Hq : Hq + Hkv]).to(self.kv_dtype),
                 )
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
@@ -158,7 +148,7 @@ class LlamaRunner(SlotRunner):
                 q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
             att = attend(i, q, k, v, self.scaling[i]).to(self.dtype)
             x = x + self._linear(att, plan, i, "self_attn.o_proj")
-            h = _rms_norm(block.post_attention_layernorm, x)
+            h = block.post_attention_layernorm(x)
             gate_up = self._linear_parts(h, plan, i, "mlp.gate_up")
             inner = gate_up.shape[1] // 2
             x = x + self._linear(
@@ -167,7 +157,7 @@ class LlamaRunner(SlotRunner):
         return x
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(self.norm, x)
+        return self.norm(x)
 
     def base_weight(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         linear = self.blocks[layer].get_submodule(name)
