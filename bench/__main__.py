@@ -2,6 +2,7 @@
 
     python -m bench serve   # server vs naive FastAPI + PEFT vs offline ceiling; churn; short vs long
     python -m bench engine  # the engine in-process vs batched HF generate / PEFT (its own options: --help)
+    python -m bench decode  # where a decode step's time goes, against the dense-matmul limit
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows

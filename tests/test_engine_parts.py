@@ -308,7 +308,7 @@ def test_engine_package_writes_no_metrics():
 
 
 def test_greedy_rows_take_the_first_of_tied_maxima():
-    """Greedy choice equals ``argmax`` (the first maximum) where the top logits tie, as bf16 logits often do."""
+    """Greedy choice equals ``argmax`` (the first maximum) where top logits tie, as bf16 logits often do."""
     from service.engine.sampling import choose_tokens
     from service.engine.types import SamplingParams
 
