@@ -34,11 +34,19 @@ MIN_SPAN = 64
 
 
 class _Graph:
+    """One captured step: its input buffers (filled before every replay) and its output."""
+
     __slots__ = ("graph", "ids", "logits", "pos")
 
-    def __init__(self, runner: SlotRunner, rows: int, span: int, pool) -> None:
+    def __init__(self, runner: SlotRunner, rows: int) -> None:
         self.ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=runner.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def capture(self, runner: SlotRunner, span: int, pool) -> None:
+        """Capture with the buffers holding the step at hand: the warm-up runs really write the KV
+        cache, so they must write what this step writes (the replay then writes the same again)."""
         plan = LoraPlan([])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -46,9 +54,10 @@ class _Graph:
             for _ in range(2):
                 runner.decode_rows(self.ids, self.pos, span, plan)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
             self.logits = runner.decode_rows(self.ids, self.pos, span, plan)
+        self.graph = graph
 
 
 class DecodeGraphs:
@@ -77,18 +86,18 @@ class DecodeGraphs:
         if rows is None:
             return None
         key = (rows, self._span(span))
-        graph = self.graphs.get(key)
-        if graph is None:
-            try:
-                graph = _Graph(self.runner, rows, key[1], self.pool)
-            except RuntimeError as exc:  # capture failed: this shape runs eagerly from now on
-                log.warning("CUDA graph capture at %s rows x %s positions failed: %s", *key, exc)
-                self.rows = [r for r in self.rows if r != rows]
-                return None
-            self.graphs[key] = graph
+        graph = self.graphs.get(key) or _Graph(self.runner, rows)
         graph.ids[:n].copy_(ids)
         graph.pos[:n].copy_(pos)
         graph.ids[n:].zero_()
         graph.pos[n:].zero_()
+        if graph.graph is None:
+            try:
+                graph.capture(self.runner, key[1], self.pool)
+            except RuntimeError as exc:  # capture failed: this row count runs eagerly from now on
+                log.warning("CUDA graph capture at %s rows x %s positions failed: %s", *key, exc)
+                self.rows = [r for r in self.rows if r != rows]
+                return None
+            self.graphs[key] = graph
         graph.graph.replay()
         return graph.logits[:n].clone()
