@@ -8,6 +8,7 @@
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
     python -m bench short-load   # short requests while long ones grow; RSS; base tokens/s (--baseline-src)
     python -m bench serve-dora   # /generate tokens/s on 8 DoRA adapters vs 8 LoRA adapters of the same rank
+    python -m bench prefix-cache # 512-token system prompt, 8 adapters: TTFT, tokens/s, prefix cache on vs off
     python -m bench serve --base smollm2-135m  # the same serving rows on a SmolLM2-135M-shaped base
     python -m bench fits    # what fits a 12 GB GPU per base, computed from the configs (not measured)
     python -m bench interop      # our GGUF export in llama.cpp: same greedy tokens as our server
@@ -237,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the server of this source tree (before/after)",
     )
 
+    pc = sub.add_parser("prefix-cache", help="a shared system prompt over adapters: --prefix-cache on vs off")
+    common(pc)
+    pc.add_argument("--clients", type=int, default=32)
+    pc.add_argument("--adapters", type=int, default=8)
+    pc.add_argument("--system-tokens", type=int, default=512, help="the shared system prompt's length")
+    pc.add_argument("--duration", type=float, default=25.0, help="seconds of load per phase")
+    pc.add_argument("--max-new-tokens", type=int, default=32, help="upper end of the 8..N max_new_tokens mix")
+
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
     r.add_argument("--outdir", type=Path, default=REPO / "docs" / "benchmarks")
 
@@ -272,6 +281,28 @@ def main(argv: list[str] | None = None) -> int:
     shape = TINY_SHAPE if a.tiny else BASES[a.base]
     if a.threads:  # inherited by every server, offline and training process this command starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
+    if a.cmd == "prefix-cache":
+        from bench import prefix_cache
+
+        res = prefix_cache.run(
+            prefix_cache.PrefixCacheConfig(
+                workdir=a.workdir,
+                outdir=a.outdir,
+                device=a.device,
+                base_shape=shape,
+                rank=a.rank,
+                clients=a.clients,
+                adapters=a.adapters,
+                system_tokens=a.system_tokens,
+                duration_s=a.duration,
+                max_new_tokens=a.max_new_tokens,
+                rounds=a.rounds,
+                seed=a.seed,
+            )
+        )
+        write_json(a.outdir / "prefix_cache.json", res)
+        print(prefix_cache.markdown(res))
+        return 0
     if a.cmd == "serve":
         from bench.serve import ServeConfig, run
 

@@ -117,6 +117,21 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 unit="s",
                 description="From arrival to joining a batch.",
             ),
+            Panel(
+                "Prefix cache",
+                [
+                    (
+                        f"sum(rate(loraserve_prefix_cache_hits_total{{{SEL}}}[{RATE}])) / "
+                        f"sum(rate(loraserve_prefix_cache_queries_total{{{SEL}}}[{RATE}]))",
+                        "hit ratio (prompt tokens)",
+                    ),
+                    (f"max(loraserve_prefix_cache_bytes{{{SEL}}})", "bytes held"),
+                ],
+                unit="percentunit",
+                unit_overrides={"bytes held": "bytes"},
+                description="Share of looked-up prompt tokens whose KV came from the prefix cache "
+                "(--prefix-cache on), and what its blocks hold of the KV budget.",
+            ),
         ],
     ),
     (

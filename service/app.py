@@ -71,6 +71,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         max_batch_size=settings.max_batch_size,
         kv_cache_bytes=settings.kv_cache_bytes,
         max_context=settings.max_context,
+        prefix_cache=settings.prefix_cache == "on",
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
         log_level=settings.log_level,

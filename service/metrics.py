@@ -70,6 +70,27 @@ KV_CACHE_USAGE = Gauge(
     "fraction (0-1) of the KV cache's blocks (batch rows x context length) holding live tokens",
     multiprocess_mode="livemax",
 )
+# The prefix cache (service/engine/prefix.py): vLLM's prefix_cache_queries / prefix_cache_hits, in tokens.
+PREFIX_CACHE_QUERIES = Counter(
+    "loraserve_prefix_cache_queries_total", "prompt tokens of the rows that looked up the prefix cache"
+)
+PREFIX_CACHE_HITS = Counter(
+    "loraserve_prefix_cache_hits_total", "prompt tokens whose KV came from the prefix cache (not prefilled)"
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "loraserve_prefix_cache_bytes",
+    "bytes the prefix cache's blocks hold (within the KV cache budget)",
+    multiprocess_mode="livemax",
+)
+# The Inference Gateway's optional cache_config_info (vLLM's): value 1; block_size in tokens, num_gpu_blocks
+# the blocks the KV budget holds (running rows and cached prefixes share them). Exported with the prefix
+# cache on only: a prefix-aware picker has nothing to find on a server with it off.
+CACHE_CONFIG_INFO = Gauge(
+    "loraserve_cache_config_info",
+    "constant 1, labelled with the KV cache's block size (tokens) and the blocks its budget holds",
+    ["block_size", "num_gpu_blocks"],
+    multiprocess_mode="livemax",
+)
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,10 @@ def record_step(report: StepReport) -> None:
     for label, n in report.generated_tokens.items():
         GENERATED_TOKENS.labels(adapter=label).inc(n)
     REQUESTS_RUNNING.set(report.running)
+    if report.prefix.queried_tokens:
+        PREFIX_CACHE_QUERIES.inc(report.prefix.queried_tokens)
+    if report.prefix.hit_tokens:
+        PREFIX_CACHE_HITS.inc(report.prefix.hit_tokens)
     record_adapter_activity(report.adapters)
 
 
@@ -204,6 +229,7 @@ def record_load(waiting: int, stats: dict) -> None:
     REQUESTS_WAITING.set(waiting)
     REQUESTS_RUNNING.set(stats["rows"])
     KV_CACHE_USAGE.set(stats["kv_cache"]["usage"])
+    PREFIX_CACHE_BYTES.set(stats["kv_cache"].get("prefix_bytes", 0))
 
 
 def _family(g: StatusGauge) -> GaugeMetricFamily:

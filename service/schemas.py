@@ -278,6 +278,9 @@ class KVCacheUse(BaseModel):
     blocks_used: int = Field(description="blocks the running rows hold")
     blocks_total: int = Field(description="blocks of every row at full context")
     usage: float = Field(description="blocks_used / blocks_total (the gateway's kv_cache_usage_perc)")
+    prefix_cache: bool = Field(False, description="whether the prefix cache is on (--prefix-cache)")
+    prefix_blocks: int = Field(0, description="blocks of prompt prefixes the prefix cache holds")
+    prefix_bytes: int = Field(0, description="their memory, out of the same KV budget as the rows")
 
 
 class Readiness(BaseModel):

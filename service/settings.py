@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         description="longest prompt + completion served; default: the base's context, at most 4096 "
         "(Llama-family configs allow far more, and the batch plan reserves every row's full context)",
     )
+    prefix_cache: Literal["on", "off"] = Field(
+        "on",
+        description="reuse the KV of prompt prefixes already prefilled, per base, adapter version or "
+        "composition and exact tokens, within the KV cache budget (off: every prompt is prefilled whole)",
+    )
     batch_timeout: float = Field(
         0.01, gt=0, le=1.0, description="unused: requests join the running batch at the next step"
     )

@@ -58,6 +58,7 @@ class WorkerConfig:
     status_path: str
     log_level: str = "info"
     max_context: int | None = None  # the longest row served (loracore.families.served_context)
+    prefix_cache: bool = True  # --prefix-cache on (engine.prefix)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -106,6 +107,7 @@ class EngineAPI(ls.LitAPI):
                 kv_cache_bytes=cfg.kv_cache_bytes,
                 max_loaded_adapters=cfg.max_loaded_adapters,
                 max_context=cfg.max_context,
+                prefix_cache=cfg.prefix_cache,
             )
         except Exception as exc:
             write_status(
@@ -132,6 +134,10 @@ class EngineAPI(ls.LitAPI):
             plan.row_tokens,
         )
         metrics.MODEL_INFO.labels(cfg.model_name, device, cfg.dtype, cfg.origin).set(1)
+        kv = self.engine.kv_use()
+        if self.engine.prefix is not None:
+            budget_blocks = plan.kv_budget_bytes // kv["block_bytes"]
+            metrics.CACHE_CONFIG_INFO.labels(str(kv["block_tokens"]), str(budget_blocks)).set(1)
         if cfg.random_weights:
             log.warning(
                 "generation worker serves RANDOM WEIGHTS of %s: output is meaningless", cfg.model_name

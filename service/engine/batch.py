@@ -7,6 +7,7 @@ running rows stay in slots ``0..n-1`` and a decode step never copies the cache.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +16,13 @@ from .cache import LoadedAdapter
 from .constraints import Constraint
 from .lora import LoraPlan, Mix, RowLora, Stacks
 from .model import SlotRunner
+from .prefix import Block, PrefixCache
+from .prefix import identity as prefix_identity
 from .sampling import LogitBias
 from .text import Detokenizer, StopMatcher
 from .types import GenerationRequest, adapter_label
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -45,6 +50,8 @@ class Row:
     # a composed request: its components' pinned entries, in the request's order (``adapter`` is None)
     parts: tuple[LoadedAdapter, ...] = ()
     mix: Mix | None = field(default=None, repr=False)
+    # the prefix cache's blocks this row's prompt starts with (looked up at admission, ``prefix.py``)
+    prefix_hit: list[Block] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         composition = self.req.adapters
@@ -76,9 +83,10 @@ class Row:
 
 
 class Batch:
-    def __init__(self, runner: SlotRunner, max_rows: int):
+    def __init__(self, runner: SlotRunner, max_rows: int, prefix: PrefixCache | None = None):
         self.runner = runner
         self.max_rows = max_rows
+        self.prefix = prefix  # None: no prefix cache
         self.rows: list[Row] = []
         self.stacks: list[Stacks] = []  # the last decode step's stacked adapters (reused while unchanged)
 
@@ -102,17 +110,31 @@ class Batch:
         n = len(self.rows)
         if len(newcomers) > self.free:
             raise RuntimeError("more newcomers than free slots")
+        slots = list(range(n, n + len(newcomers)))
+        # a prefix cache hit goes into the row's slot first; its prefill starts after it
+        offsets = [
+            self.prefix.restore(r.prefix_hit, slot) if self.prefix is not None else 0
+            for r, slot in zip(newcomers, slots, strict=True)
+        ]
         starts, segments = 0, []
-        for r in newcomers:
-            segments.append((starts, starts + len(r.prompt_ids), r.weights))
-            starts += len(r.prompt_ids)
+        for r, offset in zip(newcomers, offsets, strict=True):
+            segments.append((starts, starts + len(r.prompt_ids) - offset, r.weights))
+            starts += len(r.prompt_ids) - offset
         every = [r.req.params.prompt_logprobs is not None for r in newcomers]
         logits = self.runner.prefill(
-            [r.prompt_ids for r in newcomers],
-            list(range(n, n + len(newcomers))),
+            [r.prompt_ids[o:] for r, o in zip(newcomers, offsets, strict=True)],
+            slots,
             LoraPlan.for_segments(segments),
             every if any(every) else (),
+            offsets if any(offsets) else (),
         )
+        if self.prefix is not None:
+            for r, slot in zip(newcomers, slots, strict=True):
+                try:
+                    self.prefix.insert(prefix_identity(r), r.prompt_ids, slot, r.prefix_hit)
+                except Exception:  # e.g. no memory for a copy: the cache is an optimisation, the row goes on
+                    log.warning("prefix cache: blocks of request %s not inserted", r.req.id, exc_info=True)
+                r.prefix_hit = []  # the row holds no block: eviction is free to drop them
         full: list[torch.Tensor | None] = [None] * len(newcomers)
         if any(every):  # split the rows of the result: all positions of a scoring row, the last of others
             last, at = [], 0

@@ -5,7 +5,8 @@
 runs one decode step for the running rows (one token each). A prefill step is always followed by a
 decode step, so arrivals cannot starve running rows. A finished row leaves the batch in the same
 step, so its slot is free for the next request at once. Which waiting requests join is the
-``Scheduler``'s decision (``scheduler.py``).
+``Scheduler``'s decision (``scheduler.py``). A newcomer whose prompt starts with blocks the prefix
+cache holds for its base, adapter version or composition (``prefix.py``) prefills only the rest.
 
 Metrics: the engine writes none. ``step`` returns a ``StepReport`` (events, prefill and decode
 timings, latencies, adapter cache activity) and the worker exports it (``service.metrics``).
@@ -40,6 +41,8 @@ from .capacity import kv_bytes_per_token, plan_batch
 from .constraints import Grammars
 from .lora import AdapterFormatError, parse_adapter, read_adapter_files
 from .model import kv_dtype_for
+from .prefix import PrefixCache
+from .prefix import identity as prefix_identity
 from .runners import cache_shape, make_runner
 from .sampling import (
     LogitBias,
@@ -77,13 +80,15 @@ class Engine:
         max_loaded_adapters: int = 16,
         max_prefill_tokens: int = 2048,
         max_context: int | None = None,
+        prefix_cache: bool = True,
     ):
         """Load the base and its tokenizer. The batch's capacity is what ``kv_cache_bytes`` (default:
         measured on the device, ``capacity.py``) holds at full context, at most ``max_batch_size``.
         ``max_prefill_tokens`` bounds the prompt tokens admitted in one step (a step with a huge
         prefill delays every running row's next token). ``max_context`` caps the context served
         (default ``loracore.families.DEFAULT_MAX_CONTEXT``; the model's own is the ceiling). A base of an
-        unsupported family raises ``model.UnsupportedModel`` before its weights load."""
+        unsupported family raises ``model.UnsupportedModel`` before its weights load. ``prefix_cache``:
+        reuse the KV of prompt prefixes already prefilled (``prefix.py``), within the KV budget."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.device = torch.device(device)
@@ -120,7 +125,8 @@ class Engine:
         if self.byte_table is None:
             log.warning("tokenizer is not byte-level BPE: incremental detokenization decodes whole sequences")
         self.adapters = AdapterCache(self.adapter_dir, self._load_adapter, max_loaded_adapters)
-        self.batch = Batch(self.runner, self.max_batch_size)
+        self.prefix = PrefixCache(self.runner.kv, str(self.model_path)) if prefix_cache else None
+        self.batch = Batch(self.runner, self.max_batch_size, self.prefix)
         self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.scheduler = Scheduler(max_prefill_tokens)
         self._owner: int | None = None
@@ -285,6 +291,10 @@ class Engine:
             "blocks_used": used,
             "blocks_total": kv.blocks_total,
             "usage": used / kv.blocks_total,
+            # the prefix cache's blocks (``prefix.py``), out of the same budget
+            "prefix_cache": self.prefix is not None,
+            "prefix_blocks": len(self.prefix.blocks) if self.prefix is not None else 0,
+            "prefix_bytes": self.prefix.nbytes if self.prefix is not None else 0,
         }
 
     def step(self) -> StepReport:
@@ -304,7 +314,10 @@ class Engine:
             running = 0  # this step prefills only
             t0 = time.perf_counter()
             report.prefill_rows = len(newcomers)
-            report.prefill_tokens = sum(len(r.prompt_ids) for r in newcomers)
+            self._fit_prefixes(newcomers=newcomers)
+            report.prefill_tokens = sum(
+                len(r.prompt_ids) - len(r.prefix_hit) * self._block for r in newcomers
+            )
             try:
                 logits, full = self.batch.join(newcomers)
             except Exception as exc:  # e.g. out of memory: only these requests fail
@@ -323,11 +336,13 @@ class Engine:
                     )
                 if generating:
                     self._sample([newcomers[i] for i in generating], logits, report, scored)
+            self._fit_prefixes()
             report.prefill_seconds = time.perf_counter() - t0
         if running:
             rows = self.batch.rows[:running]
             t0 = time.perf_counter()
             report.decode_rows = running
+            self._fit_prefixes(grow=1)
             try:
                 logits = self.batch.decode(running)
             except Exception as exc:
@@ -342,10 +357,37 @@ class Engine:
             self._leave(finished)
         report.running = len(self.batch.rows)
         report.adapters = self.adapters.take_activity()
+        if self.prefix is not None:
+            report.prefix = self.prefix.take_activity()
         self.steps += 1
         return report
 
     # --- internals ------------------------------------------------------------------------------
+    @property
+    def _block(self) -> int:
+        return self.runner.kv.block_tokens
+
+    def _lookup_prefix(self, row: Row) -> None:
+        """A newcomer's longest cached prefix (``prefix.py``). A row that scores its prompt needs every
+        position's logits, so it prefills all of it (no lookup)."""
+        if self.prefix is not None and row.req.params.prompt_logprobs is None:
+            row.prefix_hit = self.prefix.match(prefix_identity(row), row.prompt_ids)
+
+    def _fit_prefixes(self, grow: int = 0, newcomers: list[Row] = ()) -> None:
+        """Evict cached prefix blocks (least recently used first) until the cache holds no more than
+        the KV budget leaves beside the running rows, each ``grow`` tokens longer, and the newcomers'
+        prompts: the rows always come first."""
+        if self.prefix is None or not self.prefix.blocks:
+            return
+        kv = self.runner.kv
+        if kv.lazy:  # on CPU rows commit the blocks they reach
+            blocks = sum(kv.blocks(r.length + grow) for r in self.batch.rows)
+            blocks += sum(kv.blocks(len(r.prompt_ids)) for r in newcomers)
+            rows = blocks * kv.block_bytes
+        else:  # on CUDA the slots are allocated whole
+            rows = kv.reserved_bytes()
+        self.prefix.evict_to(self.plan.kv_budget_bytes - rows)
+
     def _admit(self, running: int, report: StepReport) -> list[Row]:
         """The newcomers the scheduler lets in, each with its adapter pinned.
 
@@ -379,10 +421,18 @@ class Engine:
                 report.events.append(self._error(req, message, code="invalid_adapter"))
                 return None
             if req.adapters is not None:
-                return self._new_row(req, None, report, tuple(pinned))
-            return self._new_row(req, pinned[0] if pinned else None, report)
+                row = self._new_row(req, None, report, tuple(pinned))
+            else:
+                row = self._new_row(req, pinned[0] if pinned else None, report)
+            self._lookup_prefix(row)
+            return row
 
-        admitted = self.scheduler.admit(running=running, free=self.batch.free, ready=ready, join=join)
+        def cost(row: Row) -> int:  # what the row prefills: its prompt less the cached prefix
+            return len(row.prompt_ids) - len(row.prefix_hit) * self._block
+
+        admitted = self.scheduler.admit(
+            running=running, free=self.batch.free, ready=ready, join=join, cost=cost
+        )
         self._share_mixes(admitted)
         return admitted
 

@@ -158,38 +158,60 @@ class SlotRunner:
     # --- prefill: several prompts packed into one sequence of tokens ------------------------------
     @torch.inference_mode()
     def prefill(
-        self, prompts: list[list[int]], slots: list[int], plan: LoraPlan, every: Sequence[bool] = ()
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        plan: LoraPlan,
+        every: Sequence[bool] = (),
+        offsets: Sequence[int] = (),
     ) -> torch.Tensor:
         """Run the prompts (packed, no padding), write their KV into ``slots``; fp32 logits of each
         prompt's last token, or of all its tokens where ``every[i]`` (prompt scoring): the rows of
         the result are the prompts' in order, ``len(prompts[i])`` rows for such a prompt, else one.
 
+        ``offsets[i]`` (default 0): slot ``slots[i]`` already holds the KV of the prompt's first
+        ``offsets[i]`` positions (a prefix cache's hit, ``prefix.py``) and ``prompts[i]`` are the
+        tokens after them: they run at positions ``offsets[i]..`` and attend to the cached positions
+        and to each other, causally, so the logits are a full prefill's to float rounding.
+
         Linear layers see all tokens at once; attention runs per prompt (causal), so prompts never
         see each other. Only the positions kept go through the head.
         """
         lens = [len(p) for p in prompts]
+        offs = list(offsets) if offsets else [0] * len(prompts)
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
-        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        pos = torch.cat([torch.arange(o, o + n, device=self.device) for o, n in zip(offs, lens, strict=True)])
+        # a row after a cached prefix: query j (position o + j) sees cached and new positions 0..o + j
+        masks = {
+            r: torch.arange(o + n, device=self.device).unsqueeze(0)
+            <= torch.arange(o, o + n, device=self.device).unsqueeze(1)
+            for r, (o, n) in enumerate(zip(offs, lens, strict=True))
+            if o
+        }
         gqa = self._gqa
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             att = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            for s, e, slot in zip(starts[:-1], starts[1:], slots, strict=True):
+            for r, (s, e, slot) in enumerate(zip(starts[:-1], starts[1:], slots, strict=True)):
+                o = offs[r]
                 kr, vr = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [Hkv, n, D]
-                self.k[i][slot, :, : e - s] = kr
-                self.v[i][slot, :, : e - s] = vr
-                o = F.scaled_dot_product_attention(
+                self.k[i][slot, :, o : o + e - s] = kr
+                self.v[i][slot, :, o : o + e - s] = vr
+                if o:
+                    kr, vr = self.k[i][slot, :, : o + e - s], self.v[i][slot, :, : o + e - s]
+                out = F.scaled_dot_product_attention(
                     q[s:e].transpose(0, 1).unsqueeze(0),
                     kr.unsqueeze(0),
                     vr.unsqueeze(0),
-                    is_causal=True,
+                    attn_mask=masks.get(r),
+                    is_causal=not o,
                     scale=scale,
                     enable_gqa=gqa,
                 )
-                att[s:e] = o[0].transpose(0, 1)
+                att[s:e] = out[0].transpose(0, 1)
             return att.view(q.shape[0], -1)
 
         x = self._blocks(self._embed(ids, pos), pos, plan, attend)

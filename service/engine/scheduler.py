@@ -6,7 +6,9 @@ for a row and decides, each step, whether newcomers join and which:
 
 - A prefill step is always followed by a decode step, so arrivals cannot starve running rows.
 - Requests join in arrival order while rows are free and the prefill token budget lasts. The first
-  newcomer always joins, however long its prompt, so a long prompt cannot wait forever.
+  newcomer always joins, however long its prompt, so a long prompt cannot wait forever. A joined
+  row spends what it will prefill (``cost``: its prompt less a prefix cache's hit); whether the next
+  one fits is judged on its whole prompt, which it prefills at most.
 - A request that cannot join yet (its adapter needs a cache slot that every pinned entry holds)
   keeps its place at the head of the queue, and requests behind it may pass it.
 
@@ -55,12 +57,14 @@ class Scheduler:
         free: int,
         ready: Callable[[GenerationRequest], bool],
         join: Callable[[GenerationRequest], R | None],
+        cost: Callable[[R], int] | None = None,
     ) -> list[R]:
         """The newcomers of this step, taken from the queue in order; [] when this step decodes.
 
         ``running`` rows are in the batch and ``free`` rows are open. ``ready(req)`` says whether a
         request can join now; one that cannot stays queued. ``join(req)`` makes its row, or returns
-        None when the request failed (it leaves the queue; ``join`` has answered it).
+        None when the request failed (it leaves the queue; ``join`` has answered it). ``cost(row)``:
+        the prompt tokens the row will prefill (default: its whole prompt).
         """
         if running and self.prefilled_last:
             self.prefilled_last = False
@@ -80,7 +84,7 @@ class Scheduler:
             if row is None:
                 continue
             joined.append(row)
-            budget -= len(req.prompt_ids)
+            budget -= cost(row) if cost is not None else len(req.prompt_ids)
         self.waiting.extendleft(reversed(passed))
         self.prefilled_last = bool(joined)
         return joined

@@ -11,6 +11,17 @@ from service.wire import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT, SamplingParams
 
 from .cache import CacheActivity
 
+
+@dataclass
+class PrefixActivity:
+    """What the prefix cache (``prefix.py``) did since its last ``take_activity``."""
+
+    queried_tokens: int = 0  # prompt tokens of the rows that looked up
+    hit_tokens: int = 0  # of those, the tokens whose KV came from the cache
+    inserted_blocks: int = 0
+    evicted_blocks: int = 0
+
+
 # Label used for base-model rows in metrics and stats ("__base__" cannot be an adapter name:
 # names must start with a letter or digit).
 BASE_LABEL = "__base__"
@@ -97,7 +108,7 @@ class StepReport:
 
     events: list[TokenEvent] = field(default_factory=list)
     prefill_rows: int = 0  # newcomers prefilled (an error event counts too: it was attempted)
-    prefill_tokens: int = 0  # their prompt tokens
+    prefill_tokens: int = 0  # their prompt tokens prefilled (a prefix cache hit's are not)
     prefill_seconds: float = 0.0  # forward pass and sampling of the prefill
     decode_rows: int = 0  # rows decoded
     decode_seconds: float = 0.0  # forward pass and sampling of the decode step
@@ -108,6 +119,7 @@ class StepReport:
     inter_token_seconds: list[float] = field(default_factory=list)  # every later token
     generated_tokens: dict[str, int] = field(default_factory=dict)  # per adapter label
     adapters: CacheActivity = field(default_factory=CacheActivity)  # since the previous step
+    prefix: PrefixActivity = field(default_factory=PrefixActivity)  # the prefix cache's, this step
 
 
 class AdapterNotFound(KeyError):
