@@ -2,6 +2,7 @@
 
     python -m bench serve   # server vs naive FastAPI + PEFT vs offline ceiling; churn; short vs long
     python -m bench engine  # the engine in-process vs batched HF generate / PEFT (its own options: --help)
+    python -m bench decode  # where a decode step's time goes, against the dense-matmul limit
     python -m bench train   # this trainer vs HF Trainer + PEFT (padding to max_length, and dynamic padding)
     python -m bench serve-train  # 32-client /generate p99 with a training job running vs without
     python -m bench serve-mix    # /generate tokens/s on weighted compositions and JSON-constrained rows
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("interop", help="GGUF export in llama.cpp vs our server (python -m bench interop --help)")
     sub.add_parser("engine", help="engine micro-benchmark in one process (python -m bench engine --help)")
+    sub.add_parser("decode", help="decode-step time and profile vs the dense-matmul limit (bench/decode.py)")
     sub.add_parser("fits", help="print what fits a 12 GB GPU per base, computed from configs (bench/fits.py)")
 
     argv = sys.argv[1:] if argv is None else argv
@@ -322,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import engine
 
         engine.main(argv[1:])
+        return 0
+    if argv[:1] == ["decode"]:  # its options are its own (bench/decode.py)
+        from bench import decode
+
+        decode.main(argv[1:])
         return 0
     a = p.parse_args(argv)
     if a.cmd == "fits":

@@ -11,6 +11,12 @@ checks both families (``--llama-model ''`` skips it).
 Each step prints one JSON line ({"step", "ok", ...}); the last line is the summary. Exit status 0
 only when every step passed. ``--allow-cpu`` rehearses the same steps on a machine without a GPU
 (fp32, says so, and is never a pass of the GPU check).
+
+Last, ``decode:<family>`` times the engine's decode step in-process on random-weight bases of both
+families (distilgpt2's and SmolLM2-135M's shapes, 64 steps after a prompt of 32 tokens) at 1, 8, 32
+and 128 rows: tokens/s eager and replayed from CUDA graphs (``service/engine/graphs.py``), and the
+largest logit difference between the two. ``--decode-only`` runs just that (on CPU with
+``--allow-cpu``: eager only, graphs are CUDA's).
 """
 
 from __future__ import annotations
@@ -240,6 +246,64 @@ def train(server: Server, work: Path, fp16: bool, steps: int, timeout: float) ->
     }
 
 
+def decode_rates(family: str, device: str, work: Path, rows: list[int], steps: int) -> dict[str, Any]:
+    """Decode tokens/s of a random-weight base at each row count, eager and from CUDA graphs."""
+    import torch
+
+    from service.engine.lora import LoraPlan
+    from service.engine.runners import make_runner
+    from trainer.model import (
+        DISTILGPT2_SHAPE,
+        load_base_model,
+        make_random_base,
+        make_random_llama_base,
+    )
+
+    base = work / f"decode-{family}"
+    if not (base / "config.json").exists():
+        if family == "llama":
+            make_random_llama_base(base, seed=0)  # SmolLM2-135M's shape
+        else:
+            make_random_base(base, **DISTILGPT2_SHAPE, seed=0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    runner = make_runner(
+        load_base_model(base, dtype=dtype, device=device), max_rows=max(rows), max_context=1024
+    )
+    plan, prompt = LoraPlan([]), 32
+    result: dict[str, Any] = {"ok": True, "family": family, "dtype": str(dtype), "steps": steps}
+
+    def run(n: int) -> tuple[float, torch.Tensor]:
+        logits = None
+        start = time.perf_counter()
+        for s in range(steps):
+            logits = runner.decode([(11 * i + s) % 50000 for i in range(n)], [prompt + s] * n, plan)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return n * steps / (time.perf_counter() - start), logits
+
+    for n in rows:
+        prompts = [[(7 * i + j) % 50000 for j in range(prompt)] for i in range(n)]
+        runner.prefill(prompts, list(range(n)), plan)
+        row: dict[str, Any] = {}
+        runner.graphs = None
+        run(n)  # warm-up
+        rate, eager = run(n)
+        row["eager_tokens_per_s"] = round(rate, 1)
+        if runner.enable_graphs(rows):
+            run(n)  # captures every (rows, span) graph the timed run uses
+            rate, graphed = run(n)
+            row["graphs_tokens_per_s"] = round(rate, 1)
+            row["graphs_over_eager"] = round(rate / row["eager_tokens_per_s"], 2)
+            row["max_logit_diff"] = float((graphed - eager).abs().max())
+            row["ok"] = bool(torch.isfinite(graphed).all()) and row["max_logit_diff"] < 0.05
+            result["ok"] = result["ok"] and row["ok"]
+        else:
+            row["graphs_tokens_per_s"] = None  # CUDA only
+        result[f"rows_{n}"] = row
+        runner.graphs = None
+    return result
+
+
 def check_base(args: argparse.Namespace, work: Path, device: str, model: str, prefix: str) -> list[dict]:
     """Serve, train, serve the trained adapter on one base; step names start with ``prefix``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -291,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=600, help="seconds for start-up and for training")
     parser.add_argument("--allow-cpu", action="store_true", help="rehearse on CPU (fp32); never a GPU pass")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode tokens/s step")
+    parser.add_argument("--decode-rows", default="1,8,32,128", help="row counts of the decode step")
+    parser.add_argument("--decode-steps", type=int, default=64)
     args = parser.parse_args(argv)
 
     steps: list[dict[str, Any]] = []
@@ -304,9 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loraserve-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    for n, model in enumerate(m for m in (args.model, args.llama_model) if m):
+    for n, model in enumerate(m for m in (args.model, args.llama_model) if m and not args.decode_only):
         prefix = "" if n == 0 else "llama:"
         steps += check_base(args, work / f"base-{n}", device, model, prefix)
+    rows = [int(r) for r in args.decode_rows.split(",") if r]
+    for family in ("gpt2", "llama"):
+        try:
+            result = decode_rates(family, device, work, rows, args.decode_steps)
+        except Exception as exc:  # reported, the rest still runs
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        steps.append(emit(f"decode:{family}", **result))
     failed = [s["step"] for s in steps if not s["ok"]]
     emit(
         "summary",

@@ -305,3 +305,33 @@ def test_engine_package_writes_no_metrics():
 
     code = "import sys, service.engine; assert 'service.metrics' not in sys.modules, 'engine imports metrics'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima():
+    """Greedy choice equals ``argmax`` (the first maximum) where top logits tie, as bf16 logits often do."""
+    from service.engine.sampling import choose_tokens
+    from service.engine.types import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50257, generator=g).bfloat16().float()
+    for row in range(64):
+        tied = torch.randint(0, 50257, (1 + row % 5,), generator=g)
+        logits[row, tied] = 9.0
+    want = torch.argmax(logits, dim=-1).tolist()
+    assert choose_tokens(logits, [SamplingParams(temperature=0)] * 64, [None] * 64) == want
+
+
+def test_decode_at_padded_rows_and_a_wider_span_gives_the_same_logits(tiny):
+    """What a CUDA graph replays (``graphs.py``): the step at more rows than running (padding rows
+    writing position 0 of free slots) and over more cached positions than the longest row (masked)."""
+    model, _ = tiny
+    runner = GPT2Runner(model, max_rows=8)
+    plan = LoraPlan([])
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    runner.prefill(prompts, [0, 1], plan)
+    want = runner.decode([3, 4], [5, 3], plan)
+    runner.prefill(prompts, [0, 1], plan)  # the same cache state again
+    ids, pos = torch.tensor([3, 4, 0, 0, 0]), torch.tensor([5, 3, 0, 0, 0])
+    got = runner.decode_rows(ids, pos, 64, plan)[:2]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert runner.enable_graphs() is False and runner.graphs is None  # CUDA only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from loracore.families import Family
 from loracore.families import check_config as check_family
 
@@ -25,4 +27,7 @@ def cache_shape(config, max_context: int | None = None) -> CacheShape:
 
 def make_runner(model, *, max_rows: int, max_context: int | None = None) -> SlotRunner:
     cls = check_config(model.config)
-    return cls(model, max_rows=max_rows, max_context=max_context or DEFAULT_MAX_CONTEXT)
+    runner = cls(model, max_rows=max_rows, max_context=max_context or DEFAULT_MAX_CONTEXT)
+    if os.environ.get("LORASERVE_CUDA_GRAPHS") == "1":  # unmeasured, so off by default (graphs.py)
+        runner.enable_graphs()
+    return runner
