@@ -23,7 +23,9 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from bench.common import REPO, log, write_json
 from trainer.model import SMOLLM2_135M_SHAPE
@@ -97,6 +99,21 @@ def render(outdir: Path) -> Path:
     return path
 
 
+def config_from(cls: type, a: argparse.Namespace, **given: Any) -> Any:
+    """A benchmark's config dataclass from the parsed options: every field named like an option's
+    ``dest`` takes its value, the others keep their defaults; ``given`` wins over both."""
+    values = {f.name: getattr(a, f.name) for f in fields(cls) if f.init and hasattr(a, f.name)}
+    return cls(**{**values, **given})
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
 def print_targets(res: dict) -> None:
     print(f"\n{res['benchmark']} benchmark: targets (printed, never asserted)")
     for t in res["targets"]:
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         sp.add_argument(
             "--quiet-wait",
+            dest="quiet_wait_s",
+            metavar="SECONDS",
             type=float,
             default=10.0,
             help="seconds to wait for other processes to calm down before each timed phase",
@@ -149,8 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     s.add_argument("--clients", type=int, default=32)
     s.add_argument("--adapters", type=int, default=8)
-    s.add_argument("--sweep", default="1,8,32", help="concurrency levels for the throughput plot")
-    s.add_argument("--duration", type=float, default=40.0, help="time bound of each load run, seconds")
+    s.add_argument(
+        "--sweep", type=_ints, default=(1, 8, 32), help="concurrency levels for the throughput plot"
+    )
+    s.add_argument(
+        "--duration",
+        dest="duration_s",
+        metavar="SECONDS",
+        type=float,
+        default=40.0,
+        help="time bound of each load run, seconds",
+    )
     s.add_argument("--max-requests", type=int, default=512, help="count bound of each load run")
     s.add_argument(
         "--max-new-tokens", type=int, default=256, help="upper end of the 16..N max_new_tokens mix"
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--churn-adapters", type=int, default=200)
     s.add_argument("--churn-requests", type=int, default=200)
     s.add_argument("--cache-size", type=int, default=16)
-    s.add_argument("--churn-duration", type=float, default=90.0)
+    s.add_argument("--churn-duration", dest="churn_duration_s", metavar="SECONDS", type=float, default=90.0)
     s.add_argument("--long-clients", type=int, default=8)
     s.add_argument(
         "--server-batch",
@@ -179,14 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-length", type=int, default=256, help="the prototype pads every row to this")
     t.add_argument("--train-rows", type=int, default=160)
     t.add_argument("--eval-rows", type=int, default=40)
-    t.add_argument("--methods", default="loraserve,hf-maxlen,hf-dynamic,hf-dynamic-bf16")
+    t.add_argument(
+        "--methods", type=_names, default=("loraserve", "hf-maxlen", "hf-dynamic", "hf-dynamic-bf16")
+    )
 
     st = sub.add_parser("serve-train", help="serving latency with a training job running vs without")
     common(st)
     st.add_argument("--clients", type=int, default=32)
     st.add_argument("--adapters", type=int, default=4)
     st.add_argument(
-        "--duration", type=float, default=60.0, help="seconds of load alone (and at least with the job)"
+        "--duration",
+        dest="duration_s",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="seconds of load alone (and at least with the job)",
     )
     st.add_argument(
         "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
@@ -195,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--job-batch-size", type=int, default=4)
     st.add_argument("--job-rows", type=int, default=64)
     st.add_argument(
-        "--max-pause", type=float, default=None, help="LORASERVE_TRAIN_MAX_PAUSE (server default)"
+        "--max-pause",
+        dest="max_pause_s",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="LORASERVE_TRAIN_MAX_PAUSE (server default)",
     )
     st.add_argument(
         "--yield-rows", type=int, default=None, help="LORASERVE_TRAIN_YIELD_ROWS (0: no yielding)"
@@ -211,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         common(sp)
         sp.add_argument("--clients", type=int, default=32)
         sp.add_argument("--adapters", type=int, default=8)
-        sp.add_argument("--duration", type=float, default=30.0, help="seconds of load per phase")
+        sp.add_argument(
+            "--duration",
+            dest="duration_s",
+            metavar="SECONDS",
+            type=float,
+            default=30.0,
+            help="seconds of load per phase",
+        )
         sp.add_argument(
             "--max-new-tokens", type=int, default=64, help="upper end of the 16..N max_new_tokens mix"
         )
@@ -225,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     common(sl)
     sl.add_argument("--adapters", type=int, default=8)
     sl.add_argument("--clients", type=int, default=32, help="closed-loop clients of the base-only run")
-    sl.add_argument("--duration", type=float, default=30.0, help="time bound of the base-only run, seconds")
+    sl.add_argument(
+        "--duration",
+        dest="duration_s",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="time bound of the base-only run, seconds",
+    )
     sl.add_argument("--max-new-tokens", type=int, default=256, help="upper end of the base-only 16..N mix")
     sl.add_argument("--long-clients", type=int, default=8)
     sl.add_argument("--long-new-tokens", type=int, default=480)
@@ -243,7 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--clients", type=int, default=32)
     pc.add_argument("--adapters", type=int, default=8)
     pc.add_argument("--system-tokens", type=int, default=512, help="the shared system prompt's length")
-    pc.add_argument("--duration", type=float, default=25.0, help="seconds of load per phase")
+    pc.add_argument(
+        "--duration",
+        dest="duration_s",
+        metavar="SECONDS",
+        type=float,
+        default=25.0,
+        help="seconds of load per phase",
+    )
     pc.add_argument("--max-new-tokens", type=int, default=32, help="upper end of the 8..N max_new_tokens mix")
 
     r = sub.add_parser("report", help="re-render results.md and plots from the JSON results")
@@ -284,156 +345,38 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "prefix-cache":
         from bench import prefix_cache
 
-        res = prefix_cache.run(
-            prefix_cache.PrefixCacheConfig(
-                workdir=a.workdir,
-                outdir=a.outdir,
-                device=a.device,
-                base_shape=shape,
-                rank=a.rank,
-                clients=a.clients,
-                adapters=a.adapters,
-                system_tokens=a.system_tokens,
-                duration_s=a.duration,
-                max_new_tokens=a.max_new_tokens,
-                rounds=a.rounds,
-                seed=a.seed,
-            )
-        )
+        res = prefix_cache.run(config_from(prefix_cache.PrefixCacheConfig, a, base_shape=shape))
         write_json(a.outdir / "prefix_cache.json", res)
         print(prefix_cache.markdown(res))
         return 0
     if a.cmd == "serve":
         from bench.serve import ServeConfig, run
 
-        sweep = tuple(int(x) for x in a.sweep.split(",") if x)
-        cfg = ServeConfig(
-            workdir=a.workdir,
-            outdir=a.outdir,
-            device=a.device,
-            dtype=a.dtype,
-            base_shape=shape,
-            rank=a.rank,
-            clients=a.clients,
-            adapters=a.adapters,
-            sweep=sweep,
-            duration_s=a.duration,
-            max_requests=a.max_requests,
-            max_new_tokens=a.max_new_tokens,
-            rounds=a.rounds,
-            churn_adapters=a.churn_adapters,
-            churn_requests=a.churn_requests,
-            cache_size=a.cache_size,
-            churn_duration_s=a.churn_duration,
-            long_clients=a.long_clients,
-            server_batch=a.server_batch,
-            long_new_tokens=a.long_new_tokens,
-            short_new_tokens=a.short_new_tokens,
-            n_short=a.n_short,
-            quiet_wait_s=a.quiet_wait,
-            threads=a.threads,
-            profile=a.profile,
-            seed=a.seed,
-        )
-        res = run(cfg)
+        res = run(config_from(ServeConfig, a, base_shape=shape))
         res["base"] = a.base
         write_json(a.outdir / ("serve.json" if a.base == "distilgpt2" else f"serve-{a.base}.json"), res)
     elif a.cmd == "serve-train":
         from bench.serve_train import ServeTrainConfig, run
 
-        cfg = ServeTrainConfig(
-            workdir=a.workdir,
-            outdir=a.outdir,
-            device=a.device,
-            base_shape=shape,
-            rank=a.rank,
-            clients=a.clients,
-            adapters=a.adapters,
-            duration_s=a.duration,
-            max_new_tokens=a.max_new_tokens,
-            job_steps=a.job_steps,
-            job_batch_size=a.job_batch_size,
-            job_rows=a.job_rows,
-            max_pause_s=a.max_pause,
-            yield_rows=a.yield_rows,
-            min_share=a.min_share,
-            train_threads=a.train_threads,
-            quiet_wait_s=a.quiet_wait,
-            threads=a.threads,
-            seed=a.seed,
-        )
-        res = run(cfg)
+        res = run(config_from(ServeTrainConfig, a, base_shape=shape))
         write_json(a.outdir / "serve_train.json", res)
     elif a.cmd == "short-load":
         from bench.short_load import ShortLoadConfig, run
 
-        cfg = ShortLoadConfig(
-            workdir=a.workdir,
-            outdir=a.outdir,
-            device=a.device,
-            base_shape=shape,
-            rank=a.rank,
-            adapters=a.adapters,
-            clients=a.clients,
-            duration_s=a.duration,
-            max_new_tokens=a.max_new_tokens,
-            long_clients=a.long_clients,
-            long_new_tokens=a.long_new_tokens,
-            short_new_tokens=a.short_new_tokens,
-            n_short=a.n_short,
-            rounds=a.rounds,
-            baseline_src=a.baseline_src,
-            quiet_wait_s=a.quiet_wait,
-            seed=a.seed,
-        )
-        res = run(cfg)
+        res = run(config_from(ShortLoadConfig, a, base_shape=shape))
         res["base"] = a.base
         name = "short_load.json" if a.base == "distilgpt2" else f"short_load-{a.base}.json"
         write_json(a.outdir / name, res)
     elif a.cmd in ("serve-mix", "serve-dora"):
         from bench.serve_mix import DORA_KINDS, KINDS, ServeMixConfig, run
 
-        cfg = ServeMixConfig(
-            workdir=a.workdir,
-            outdir=a.outdir,
-            device=a.device,
-            base_shape=shape,
-            rank=a.rank,
-            clients=a.clients,
-            adapters=a.adapters,
-            duration_s=a.duration,
-            max_new_tokens=a.max_new_tokens,
-            json_every=getattr(a, "json_every", 4),
-            rounds=a.rounds,
-            quiet_wait_s=a.quiet_wait,
-            threads=a.threads,
-            seed=a.seed,
-            kinds=DORA_KINDS if a.cmd == "serve-dora" else KINDS,
-        )
-        res = run(cfg)
+        kinds = DORA_KINDS if a.cmd == "serve-dora" else KINDS
+        res = run(config_from(ServeMixConfig, a, base_shape=shape, kinds=kinds))
         write_json(a.outdir / ("serve_dora.json" if a.cmd == "serve-dora" else "serve_mix.json"), res)
     else:
         from bench.train import TrainConfig, run
 
-        cfg = TrainConfig(
-            workdir=a.workdir,
-            outdir=a.outdir,
-            device=a.device,
-            base_shape=shape,
-            rank=a.rank,
-            steps=a.steps,
-            batch_size=a.batch_size,
-            grad_accum=a.grad_accum,
-            max_length=a.max_length,
-            train_rows=a.train_rows,
-            eval_rows=a.eval_rows,
-            rounds=a.rounds,
-            methods=tuple(a.methods.split(",")),
-            seed=a.seed,
-            quiet_wait_s=a.quiet_wait,
-            threads=a.threads,
-        )
-        res = run(cfg)
+        res = run(config_from(TrainConfig, a, base_shape=shape))
         write_json(a.outdir / "train.json", res)
     path = render(a.outdir)
     print_targets(res)

@@ -54,6 +54,7 @@ class LoadRun:
     wall: float = 0.0  # start to last finish
     censored: int = 0  # still running at the time bound + drain, cancelled
     foreign_cores: float | None = None
+    cpu_s: float | None = None  # CPU seconds the server's process tree used meanwhile
 
     def ok(self) -> list[Result]:
         return [r for r in self.results if r.ok]
@@ -76,6 +77,10 @@ class LoadRun:
             "ttft_s": summarize(ttfts) if ttfts else None,
             "ttft_available": bool(ttfts),
             "foreign_cores": self.foreign_cores,
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 2),
+            # on a shared machine the CPU a method got varies from phase to phase: its tokens per CPU
+            # second compare methods without that (not what a user waits for: tokens/s is)
+            "tokens_per_cpu_s": tokens / self.cpu_s if self.cpu_s else None,
             "errors": sorted({r.error for r in self.results if r.error})[:5],
         }
 

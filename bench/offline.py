@@ -78,7 +78,7 @@ def run_offline(
     window = 4 * batch_size
     per_request: dict[int, int] = {}
     batches = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for w in range(0, len(requests), window):
         chunk = sorted(requests[w : w + window], key=lambda r: r.max_new_tokens)
         for b in range(0, len(chunk), batch_size):
@@ -88,7 +88,7 @@ def run_offline(
             batches += 1
         if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
             break
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = sum(per_request.values())
     return {
         "batch_size": batch_size,
@@ -99,6 +99,8 @@ def run_offline(
         "generated_tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "requests_per_s": len(per_request) / wall if wall > 0 else None,
+        "cpu_s": cpu,  # this process's CPU seconds (every thread) over the same span
+        "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,
         "per_request_tokens": per_request,
         "device": device,
         "dtype": dtype,
@@ -146,9 +148,9 @@ def run_offline_engine(
         return done
 
     run(requests[:2])  # warm-up (loads two adapters), untimed
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     per_request = run(requests)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = sum(per_request.values())
     return {
         "method": "engine",
@@ -159,6 +161,8 @@ def run_offline_engine(
         "generated_tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "requests_per_s": len(per_request) / wall if wall > 0 else None,
+        "cpu_s": cpu,  # this process's CPU seconds (every thread) over the same span
+        "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,
         "per_request_tokens": per_request,
         "device": device,
         "dtype": dtype,

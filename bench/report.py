@@ -86,11 +86,28 @@ def serve_markdown(res: dict) -> str:
         lines.append(
             f"| {t['what']} | {_fmt(t['measured'], 3)} | {t['op']} {t['target']} | {_met(t)} | {per} |"
         )
+    per_cpu = [
+        (what, r.get(key + "_per_cpu_s"))
+        for key, what in (
+            ("server_vs_naive_tokens", "server vs naive FastAPI + PEFT"),
+            ("server_vs_offline_tokens", "server vs offline engine ceiling"),
+            ("server_vs_offline_generate_tokens", "server vs offline HF generate + PEFT"),
+            ("lora_vs_base_tokens", "LoRA vs base-only traffic"),
+        )
+    ]
+    if any(v is not None for _, v in per_cpu):  # results from before CPU seconds were recorded have none
+        lines += [
+            "",
+            "The same ratios per CPU-second (tokens / CPU seconds of the method's own processes; on a "
+            "shared machine the CPU each phase got varies): "
+            + "; ".join(f"{what} {_fmt(v, 2)}" for what, v in per_cpu)
+            + ".",
+        ]
     lines += [
         "",
         "| run | clients | ok | censored | tokens/s | req/s | p50 s | p95 s | p99 s | TTFT p50 s | "
-        "other CPU load (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "other CPU load (cores) | tokens/CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in res["rounds"]:
         for key in ("server", "server_base_only", "naive"):
@@ -100,7 +117,7 @@ def serve_markdown(res: dict) -> str:
                 f"| {s['label']} | {s['concurrency']} | {s['requests_ok']} | {s['censored']} | "
                 f"{_fmt(s['tokens_per_s'], 1)} | {_fmt(s['requests_per_s'], 2)} | {_fmt(lat['p50'])} | "
                 f"{_fmt(lat['p95'])} | {_fmt(lat['p99'])} | {_fmt(ttft.get('p50'))} | "
-                f"{_fmt(s['foreign_cores'])} |"
+                f"{_fmt(s['foreign_cores'])} | {_fmt(s.get('tokens_per_cpu_s'), 1)} |"
             )
         for key, what in (("offline_engine", "engine"), ("offline", "HF generate")):
             o = rec.get(key)
@@ -109,7 +126,8 @@ def serve_markdown(res: dict) -> str:
             lines.append(
                 f"| {o['label']} ({what}, batch {o['batch_size']}) | - | {o['requests_done']} | - | "
                 f"{_fmt(o['tokens_per_s'], 1)} | "
-                f"{_fmt(o['requests_per_s'], 2)} | - | - | - | - | {_fmt(o['foreign_cores'])} |"
+                f"{_fmt(o['requests_per_s'], 2)} | - | - | - | - | {_fmt(o['foreign_cores'])} | "
+                f"{_fmt(o.get('tokens_per_cpu_s'), 1)} |"
             )
     ex = res.get("extras", {})
     if "short_vs_long" in ex:

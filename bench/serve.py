@@ -198,10 +198,14 @@ def run(cfg: ServeConfig) -> dict:
 # --- sessions ---------------------------------------------------------------------------------
 
 
-def _timed(label: str, cfg: ServeConfig, coro_fn) -> LoadRun:
+def _timed(label: str, cfg: ServeConfig, coro_fn, pid: int | None = None) -> LoadRun:
+    """One load run; with ``pid`` (the server's) also the CPU seconds its process tree used."""
     foreign_before = wait_for_quiet_cpu(cfg.quiet_wait_s)
+    cpu0 = tree_cpu_seconds(pid) if pid else None
     with ForeignLoad() as fl:
         result: LoadRun = asyncio.run(coro_fn())
+    if cpu0 is not None:
+        result.cpu_s = tree_cpu_seconds(pid) - cpu0
     result.foreign_cores = round(fl.cores, 2)
     s = result.summary()
     log(
@@ -256,6 +260,7 @@ def _server_session(cfg, base, adapter_dir, k_names, churn_names, lora_reqs, bas
                     stream=stream,
                     label=label,
                 ),
+                pid=srv.pid,
             )
 
         pair = [("lora", lora_reqs), ("base", base_reqs)]
@@ -343,6 +348,7 @@ def _naive_session(cfg, base, adapter_dir, k_names, lora_reqs, rnd) -> dict:
                 stream=False,
                 label=f"naive-r{rnd}",
             ),
+            pid=srv.pid,
         )
         out["headline"] = lr.to_dict()
     return out
@@ -628,24 +634,22 @@ def _profile(cfg: ServeConfig, srv, lora_reqs, stream: bool) -> dict:
 
 
 def _round_ratios(rec: dict) -> dict:
-    s = rec["server"]["summary"]
-    return {
-        "server_vs_naive_tokens": ratio(s["tokens_per_s"], rec["naive"]["summary"]["tokens_per_s"]),
-        "server_vs_offline_tokens": ratio(s["tokens_per_s"], rec["offline_engine"]["tokens_per_s"]),
-        "server_vs_offline_generate_tokens": ratio(s["tokens_per_s"], rec["offline"]["tokens_per_s"]),
-        "lora_vs_base_tokens": ratio(s["tokens_per_s"], rec["server_base_only"]["summary"]["tokens_per_s"]),
-    }
+    out = {}
+    for unit, suffix in (("tokens_per_s", ""), ("tokens_per_cpu_s", "_per_cpu_s")):
+        s = rec["server"]["summary"].get(unit)
+        out |= {
+            f"server_vs_naive_tokens{suffix}": ratio(s, rec["naive"]["summary"].get(unit)),
+            f"server_vs_offline_tokens{suffix}": ratio(s, rec["offline_engine"].get(unit)),
+            f"server_vs_offline_generate_tokens{suffix}": ratio(s, rec["offline"].get(unit)),
+            f"lora_vs_base_tokens{suffix}": ratio(s, rec["server_base_only"]["summary"].get(unit)),
+        }
+    return out
 
 
 def _combine(rounds: list[dict], extras: dict) -> dict:
     out: dict = {}
-    for key in (
-        "server_vs_naive_tokens",
-        "server_vs_offline_tokens",
-        "server_vs_offline_generate_tokens",
-        "lora_vs_base_tokens",
-    ):
-        vals = [r["ratios"][key] for r in rounds if r["ratios"][key] is not None]
+    for key in rounds[0]["ratios"]:
+        vals = [r["ratios"][key] for r in rounds if r["ratios"].get(key) is not None]
         out[key] = statistics.median(vals) if vals else None
         out[key + "_rounds"] = vals
     svl = extras.get("short_vs_long", {})

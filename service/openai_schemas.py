@@ -338,6 +338,11 @@ class ModelCard(BaseModel):
     owned_by: str
     parent: str | None = Field(description="for an adapter: the base model's id; null for the base")
     root: str = Field(description="the base model's id")
+    template: dict[str, Any] | None = Field(
+        None,
+        description="the prompt template chat requests for this model render with: the base's own chat "
+        "template, else the adapter's recorded one, else the default (docs/openai.md)",
+    )
 
 
 class ModelList(BaseModel):

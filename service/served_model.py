@@ -10,6 +10,7 @@ from typing import Any
 
 from loracore import artifact
 from loracore.artifact import valid_name, valid_ref
+from loracore.template import DEFAULT_TEMPLATE, Template, choose_template
 from service.adapters import store
 from service.errors import ApiError
 from service.openai_schemas import ModelCard
@@ -61,6 +62,7 @@ class Models:
     base_names: frozenset[str]
     adapter_dir: Path
     base_created: int
+    base_template: Template | None = None  # the base's own chat template, when it ships one
 
     def resolve(self, name: str) -> str | None:
         if name in self.base_names:
@@ -86,7 +88,12 @@ class Models:
     def cards(self) -> list[ModelCard]:
         out = [
             ModelCard(
-                id=self.base_id, created=self.base_created, owned_by=OWNER, parent=None, root=self.base_id
+                id=self.base_id,
+                created=self.base_created,
+                owned_by=OWNER,
+                parent=None,
+                root=self.base_id,
+                template=(self.base_template or DEFAULT_TEMPLATE).to_dict(),
             )
         ]
         for name in store.names(self.adapter_dir):
@@ -99,13 +106,22 @@ class Models:
         """The card of an adapter, or of one of its versions (``name@<version id prefix>``)."""
         version = artifact.resolve(self.adapter_dir, name)
         folder = version.folder if version is not None else store.adapter_path(self.adapter_dir, name)
-        created = _timestamp((artifact.read_record(folder) or artifact.Record()).created)
+        record = artifact.read_record(folder) or artifact.Record()
+        created = _timestamp(record.created)
         if created is None:
             try:
                 created = int(folder.stat().st_mtime)
             except OSError:
                 created = 0
-        return ModelCard(id=name, created=created, owned_by=OWNER, parent=self.base_id, root=self.base_id)
+        template = choose_template(self.base_template, record.template).to_dict()
+        return ModelCard(
+            id=name,
+            created=created,
+            owned_by=OWNER,
+            parent=self.base_id,
+            root=self.base_id,
+            template=template,
+        )
 
     def card(self, name: str) -> ModelCard:
         adapter = self.resolve(name)

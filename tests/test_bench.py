@@ -98,7 +98,12 @@ def test_serve_benchmark_smoke(tmp_path: Path) -> None:
             assert 0 < r["ttft"] <= r["latency"]
     ratios = ("server_vs_naive_tokens", "server_vs_offline_tokens", "server_vs_offline_generate_tokens")
     for key in (*ratios, "lora_vs_base_tokens"):
-        assert res["ratios"][key] > 0, key
+        assert res["ratios"][key] > 0 and res["ratios"][key + "_per_cpu_s"] > 0, key
+    # CPU seconds of each method's own processes over its timed span: some, and at most every core's (+ slack)
+    for s, wall in [(rnd[k]["summary"], rnd[k]["summary"]["wall_s"]) for k in ("server", "naive")] + [
+        (rnd[k], rnd[k]["wall_s"]) for k in ("offline", "offline_engine")
+    ]:
+        assert 0 < s["cpu_s"] <= 2.5 * wall * (os.cpu_count() or 1) and s["tokens_per_cpu_s"] > 0, s
     churn = res["extras"]["churn"]
     assert churn["cold"]["requests_ok"] == 10 and churn["hot"]["requests_ok"] >= 1
     assert churn["loads_in_metrics"] >= 6  # 10 adapters through a 4-slot cache: most requests load one

@@ -73,6 +73,24 @@ def test_the_three_preference_shapes_render_the_same_pair():
     assert simple.prompt_text == "Human: Hi\nAssistant:"
 
 
+def test_a_bases_chat_template_renders_the_pair_as_sft_renders_a_turn(chat_base: Path):
+    """On a base with a chat template (ChatML), each answer is the text the template adds for an
+    assistant turn (the answer and ``<|im_end|>``), as an SFT row of the same conversation has it."""
+    from loracore.template import base_chat_template
+    from trainer.data import parse_row
+    from trainer.model import load_tokenizer
+
+    template = base_chat_template(chat_base)
+    pair = parse_preference_row({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}, "r", template)
+    sft = parse_row({"prompt": "Hi", "response": "Hello."}, "r", template)
+    assert pair.prompt_text == sft.prompt_text and pair.prompt_text.endswith("<|im_start|>assistant\n")
+    assert pair.chosen_text == sft.segments[-1][0] and pair.chosen_text.startswith("Hello.<|im_end|>")
+    assert pair.rejected_text.startswith("Go away.<|im_end|>") and pair.reference == "Hello."
+    tok = load_tokenizer(chat_base)
+    row = tokenize_pair(pair, tok, 256).chosen
+    assert tok.decode([t for t in row.labels if t != -100]).startswith("Hello.<|im_end|>")
+
+
 @pytest.mark.parametrize(
     ("row", "method", "says"),
     [

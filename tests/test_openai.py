@@ -107,6 +107,10 @@ def test_models_list_the_base_and_every_adapter(env):
         assert card.object == "model" and card.parent == "tiny-gpt2" and card.root == "tiny-gpt2"
         assert card.owned_by and card.created > 1_600_000_000
     assert env["oai"].models.retrieve("beta").parent == "tiny-gpt2"
+    # the template chat renders with: the default for the base (it has none) and a plain PEFT folder,
+    # the recorded one for an adapter that has one
+    assert by_id["tiny-gpt2"].template == DEFAULT_TEMPLATE.to_dict() == by_id["beta"].template
+    assert by_id["gamma"].template == GAMMA_TEMPLATE.to_dict()
     with pytest.raises(openai.NotFoundError):
         env["oai"].models.retrieve("nope")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loracore.template import DEFAULT_TEMPLATE, PromptTemplate
+from loracore.template import DEFAULT_TEMPLATE, Template
 from trainer.errors import TrainerError
 from trainer.text import find_lone_surrogate
 
@@ -56,21 +56,19 @@ class Example:
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """One parsed preference row: the rendered prompt and the two answers (each as the template renders
-    an answer, EOS appended at tokenizing)."""
+    """One parsed preference row: the rendered prompt and the two answers, each also as the template
+    renders an assistant turn after that prompt (EOS appended at tokenizing), as SFT rows are."""
 
-    prompt_text: str  # ends with the template's "Assistant:"
+    prompt_text: str  # the generation prompt: ends with "Assistant:" (a base's chat template: its own)
     chosen: str  # the preferred answer, as written
     rejected: str
     where: str
-    template: PromptTemplate = DEFAULT_TEMPLATE
+    chosen_text: str  # the chosen answer rendered (" answer"; ChatML: "answer<|im_end|>\n")
+    rejected_text: str
 
     @property
     def reference(self) -> str:
         return self.chosen
-
-    def answer_text(self, answer: str) -> str:
-        return self.template.assistant_answer.format(content=answer)
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,7 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def parse_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE) -> Example:
+def parse_row(row: Any, where: str, template: Template = DEFAULT_TEMPLATE) -> Example:
     """Validate one row and render it into template segments."""
     if not isinstance(row, dict):
         raise TrainerError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -278,9 +276,7 @@ def _prompt_messages(messages: Any, where: str, key: str) -> list[dict[str, str]
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def parse_preference_row(
-    row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE
-) -> PreferenceExample:
+def parse_preference_row(row: Any, where: str, template: Template = DEFAULT_TEMPLATE) -> PreferenceExample:
     """Validate one preference row (one prompt, a preferred and a dispreferred answer)."""
     if not isinstance(row, dict):
         raise TrainerError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -316,11 +312,19 @@ def parse_preference_row(
         raise TrainerError(
             f"{where}: the chosen and rejected answers are the same, so the row teaches nothing"
         )
-    prompt_text = "".join(text for text, _ in template.render_chat(messages))
-    return PreferenceExample(prompt_text, chosen, rejected, where, template)
+    prompt_text, chosen_text = _prompt_and_answer(template, messages, chosen)
+    rejected_text = _prompt_and_answer(template, messages, rejected)[1]
+    return PreferenceExample(prompt_text, chosen, rejected, where, chosen_text, rejected_text)
 
 
-def parse_for_method(row: Any, where: str, method: str, template: PromptTemplate = DEFAULT_TEMPLATE):
+def _prompt_and_answer(template: Template, messages: list[dict], answer: str) -> tuple[str, str]:
+    """The conversation rendered with ``answer`` as the assistant's turn, split where the answer
+    starts: the rendering SFT rows get, so both methods teach the same text."""
+    segments = template.render_chat([*messages, {"role": "assistant", "content": answer}])
+    return "".join(text for text, _ in segments[:-1]), segments[-1][0]
+
+
+def parse_for_method(row: Any, where: str, method: str, template: Template = DEFAULT_TEMPLATE):
     """A row checked against the training method: preference rows for ``dpo``, the others for ``sft``;
     the wrong kind is an error naming the row and what the method expects."""
     if method == "dpo":
@@ -333,7 +337,7 @@ def parse_for_method(row: Any, where: str, method: str, template: PromptTemplate
     return parse_row(row, where, template)
 
 
-def parse_any_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPLATE):
+def parse_any_row(row: Any, where: str, template: Template = DEFAULT_TEMPLATE):
     """A row of either kind (an uploaded file: the method is chosen later, by the job)."""
     if is_preference_row(row):
         return parse_preference_row(row, where, template)
@@ -341,7 +345,7 @@ def parse_any_row(row: Any, where: str, template: PromptTemplate = DEFAULT_TEMPL
 
 
 def read_examples(
-    path: str | Path, template: PromptTemplate = DEFAULT_TEMPLATE, method: str = "sft"
+    path: str | Path, template: Template = DEFAULT_TEMPLATE, method: str = "sft"
 ) -> list[Example] | list[PreferenceExample]:
     """Parse and validate every row of a file; the first bad row raises, naming file and line."""
     path = Path(path)
@@ -372,11 +376,11 @@ def tokenize_pair(example: PreferenceExample, tokenizer, max_seq_length: int) ->
     prompt = tokenizer(example.prompt_text, add_special_tokens=False)["input_ids"]
 
     def one(answer: str) -> Row:
-        ids = tokenizer(example.answer_text(answer), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = ids + [tokenizer.eos_token_id]
         return Row((prompt + ids)[:max_seq_length], ([IGNORE_INDEX] * len(prompt) + ids)[:max_seq_length])
 
-    return PairRow(one(example.chosen), one(example.rejected))
+    return PairRow(one(example.chosen_text), one(example.rejected_text))
 
 
 def tokenize_pairs(

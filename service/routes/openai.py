@@ -354,7 +354,7 @@ def register_openai_routes(
     except OSError:
         base_created = int(time.time())
     base_id, names = base_names(settings, model)
-    models = Models(base_id, names, settings.adapter_dir, base_created)
+    models = Models(base_id, names, settings.adapter_dir, base_created, limits.template)
     app.state.openai = OpenAIContext(settings, client, limits, models)
     app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList, tags=["openai"])
     app.add_api_route(
