@@ -68,6 +68,13 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    shares_json = outdir / "serve_train_shares.json"
+    if shares_json.exists():
+        from bench import serve_train
+
+        res = json.loads(shares_json.read_text())
+        serve_train.plot_shares(res, outdir / "serve_train_shares.png")
+        parts.append(serve_train.shares_markdown(res))
     for path in sorted(outdir.glob("serve-*.json")):  # other bases' serving rows
         res = json.loads(path.read_text())
         parts += [f"## Serving on a {res.get('base', path.stem)}-shaped base", "", report.serve_markdown(res)]
@@ -199,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         "--yield-rows", type=int, default=None, help="LORASERVE_TRAIN_YIELD_ROWS (0: no yielding)"
     )
     st.add_argument(
-        "--min-share", type=float, default=None, help="LORASERVE_TRAIN_MIN_SHARE (server default)"
+        "--min-share",
+        type=float,
+        nargs="+",
+        default=None,
+        help="LORASERVE_TRAIN_MIN_SHARE (server default); several: one run each, the trade-off drawn "
+        "(serve_train_shares.json and .png)",
     )
     st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
 
@@ -318,14 +330,18 @@ def main(argv: list[str] | None = None) -> int:
             job_rows=a.job_rows,
             max_pause_s=a.max_pause,
             yield_rows=a.yield_rows,
-            min_share=a.min_share,
+            min_share=a.min_share[0] if a.min_share else None,
             train_threads=a.train_threads,
             quiet_wait_s=a.quiet_wait,
             threads=a.threads,
             seed=a.seed,
         )
-        res = run(cfg)
-        write_json(a.outdir / "serve_train.json", res)
+        if a.min_share and len(a.min_share) > 1:
+            from bench.serve_train import sweep_shares
+
+            write_json(a.outdir / "serve_train_shares.json", sweep_shares(cfg, a.min_share))
+        else:
+            write_json(a.outdir / "serve_train.json", run(cfg))
     elif a.cmd == "short-load":
         from bench.short_load import ShortLoadConfig, run
 
