@@ -339,9 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.min_share and len(a.min_share) > 1:
             from bench.serve_train import sweep_shares
 
-            write_json(a.outdir / "serve_train_shares.json", sweep_shares(cfg, a.min_share))
+            shares = sweep_shares(cfg, a.min_share)
+            write_json(a.outdir / "serve_train_shares.json", shares)
+            for share, res in zip(a.min_share, shares["runs"], strict=True):
+                log("share_done", min_share=share, **res["ratios"])
+                if share != a.min_share[-1]:
+                    print_targets(res)  # the last one's are printed below
         else:
-            write_json(a.outdir / "serve_train.json", run(cfg))
+            res = run(cfg)
+            write_json(a.outdir / "serve_train.json", res)
     elif a.cmd == "short-load":
         from bench.short_load import ShortLoadConfig, run
 
