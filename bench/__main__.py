@@ -72,6 +72,13 @@ def render(outdir: Path) -> Path:
         from bench import serve_train
 
         parts.append(serve_train.markdown(json.loads(serve_train_json.read_text())))
+    shares_json = outdir / "serve_train_shares.json"
+    if shares_json.exists():
+        from bench import serve_train
+
+        res = json.loads(shares_json.read_text())
+        serve_train.plot_shares(res, outdir / "serve_train_shares.png")
+        parts.append(serve_train.shares_markdown(res))
     for path in sorted(outdir.glob("serve-*.json")):  # other bases' serving rows
         res = json.loads(path.read_text())
         parts += [f"## Serving on a {res.get('base', path.stem)}-shaped base", "", report.serve_markdown(res)]
@@ -241,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         "--yield-rows", type=int, default=None, help="LORASERVE_TRAIN_YIELD_ROWS (0: no yielding)"
     )
     st.add_argument(
-        "--min-share", type=float, default=None, help="LORASERVE_TRAIN_MIN_SHARE (server default)"
+        "--min-share",
+        dest="min_shares",
+        metavar="SHARE",
+        type=float,
+        nargs="+",
+        default=None,
+        help="LORASERVE_TRAIN_MIN_SHARE (server default); several: one run each, the trade-off drawn "
+        "(serve_train_shares.json and .png)",
     )
     st.add_argument("--train-threads", type=int, default=None, help="LORASERVE_TRAIN_THREADS")
 
@@ -358,8 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "serve-train":
         from bench.serve_train import ServeTrainConfig, run
 
-        res = run(config_from(ServeTrainConfig, a, base_shape=shape))
-        write_json(a.outdir / "serve_train.json", res)
+        shares = a.min_shares or [None]
+        cfg = config_from(ServeTrainConfig, a, base_shape=shape, min_share=shares[0])
+        if len(shares) > 1:
+            from bench.serve_train import sweep_shares
+
+            swept = sweep_shares(cfg, shares)
+            write_json(a.outdir / "serve_train_shares.json", swept)
+            for share, res in zip(shares, swept["runs"], strict=True):
+                log("share_done", min_share=share, **res["ratios"])
+                if share != shares[-1]:
+                    print_targets(res)  # the last one's are printed below
+        else:
+            res = run(cfg)
+            write_json(a.outdir / "serve_train.json", res)
     elif a.cmd == "short-load":
         from bench.short_load import ShortLoadConfig, run
 

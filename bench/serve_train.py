@@ -17,7 +17,7 @@ import asyncio
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -148,6 +148,23 @@ def run(cfg: ServeTrainConfig) -> dict:
         "yield_seconds_total_metric": _metric(metrics, "loraserve_train_yield_seconds_total"),
         "ratios": ratios,
         "targets": target_rows(TARGETS, ratios, cfg.clients),
+    }
+
+
+def sweep_shares(cfg: ServeTrainConfig, shares: list[float]) -> dict:
+    """The same run at each minimum training share (one fresh server each): where the two ratios land
+    as the share trades the job's time against serving's tail."""
+    t_start = time.time()
+    runs = []
+    for share in shares:
+        log("share", min_share=share)
+        runs.append(run(replace(cfg, min_share=share)))
+    return {
+        "benchmark": "serve-train-shares",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": round(time.time() - t_start, 1),
+        "shares": shares,
+        "runs": runs,
     }
 
 
@@ -309,3 +326,63 @@ def markdown(res: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def shares_markdown(res: dict) -> str:
+    from bench.report import _fmt
+
+    cfg = res["runs"][0]["config"]
+    lines = [
+        f"## Serving with a training job, by minimum training share ({res['created']}, "
+        f"{res['wall_s']:.0f} s)",
+        "",
+        f"{cfg['clients']} clients, {cfg['duration_s']:.0f} s of load per phase, job of {cfg['job_steps']} "
+        f"steps of batch {cfg['job_batch_size']}; one fresh server per share. Command: `python -m bench "
+        f"serve-train --min-share {' '.join(str(s) for s in res['shares'])}`.",
+        "",
+        "| min share | job with traffic / alone | p99 with job / without | p50 with / without | "
+        "tokens/s with / without | yielded s | load average at start |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for share, run_ in zip(res["shares"], res["runs"], strict=True):
+        r = run_["ratios"]
+        lines.append(
+            f"| {share} | {_fmt(r['job_seconds_with_traffic_vs_alone'])} | "
+            f"{_fmt(r['p99_with_job_vs_without'])} | {_fmt(r['p50_with_job_vs_without'])} | "
+            f"{_fmt(r['tokens_per_s_with_job_vs_without'])} | "
+            f"{_fmt(run_['job_with_traffic']['yielded_seconds'], 1)} | "
+            f"{_loads(run_['load_average']['start'])} |"
+        )
+    return "\n".join([*lines, "", "![serve-train by share](serve_train_shares.png)", ""])
+
+
+def plot_shares(res: dict, path: Path) -> None:
+    """Each share's (job ratio, p99 ratio), the target box, and the time-sharing model's curve."""
+    from bench.report import plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    job_max, p99_max = TARGETS["job_seconds_with_traffic_vs_alone"][1], TARGETS["p99_with_job_vs_without"][1]
+    ax.fill_between([1, job_max], 1, p99_max, color="tab:green", alpha=0.15, label="both targets met")
+    xs = [1.05 + i * 0.05 for i in range(120)]
+    # the model: the job gets a share s = 1/x of the saturated CPU, serving keeps 1 - s: p99 x 1/(1 - s)
+    ax.plot(xs, [x / (x - 1) for x in xs], ":", color="grey", label="model: job 1/s, serving 1/(1 − s)")
+    pts = [
+        (share, r["ratios"]["job_seconds_with_traffic_vs_alone"], r["ratios"]["p99_with_job_vs_without"])
+        for share, r in zip(res["shares"], res["runs"], strict=True)
+    ]
+    pts = [(s, x, y) for s, x, y in pts if x is not None and y is not None]
+    ax.plot([x for _, x, _ in pts], [y for _, _, y in pts], "o-", label="measured, by minimum share")
+    for share, x, y in pts:
+        ax.annotate(f"{share}", (x, y), textcoords="offset points", xytext=(6, 4))
+    top = max([y for _, _, y in pts] + [2.0]) * 1.1
+    right = max([x for _, x, _ in pts] + [job_max]) * 1.1
+    ax.set_xlim(1, right)
+    ax.set_ylim(0.9, top)
+    ax.set_xlabel("job duration with traffic / alone")
+    ax.set_ylabel("/generate p99 with the job / without")
+    ax.set_title("Serving with a training job: the minimum training share's trade-off")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -177,6 +177,16 @@ def test_serve_train_benchmark_smoke(tmp_path: Path) -> None:
     both = ["p99_with_job_vs_without", "job_seconds_with_traffic_vs_alone"]  # side by side, one run
     assert [t["key"] for t in res["targets"]] == both
     assert "## Serving with a training job" in (out / "results.md").read_text()
+    # several shares: this run's result stands for each share, to check the table and the trade-off plot
+    shares = {"benchmark": "serve-train-shares", "created": res["created"], "wall_s": 1.0,
+              "shares": [0.5, 1.0], "runs": [res, res]}  # fmt: skip
+    (out / "serve_train_shares.json").write_text(json.dumps(shares))
+    proc = subprocess.run([sys.executable, "-m", "bench", "report", "--outdir", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (out / "results.md").read_text()
+    assert "by minimum training share" in text and "| 1.0 |" in text
+    assert_png(out / "serve_train_shares.png")
 
 
 def test_percentiles_and_histogram_quantiles() -> None:
