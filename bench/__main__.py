@@ -97,6 +97,11 @@ def render(outdir: Path) -> Path:
         from bench import serve_mix
 
         parts.append(serve_mix.markdown(json.loads(serve_dora_json.read_text())))
+    prefix_json = outdir / "prefix_cache.json"
+    if prefix_json.exists():
+        from bench import prefix_cache
+
+        parts.append(prefix_cache.markdown(json.loads(prefix_json.read_text())))
     if interop_json.exists():
         from bench import interop
 
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         res = prefix_cache.run(config_from(prefix_cache.PrefixCacheConfig, a, base_shape=shape))
         write_json(a.outdir / "prefix_cache.json", res)
         print(prefix_cache.markdown(res))
+        log("done", results=str(render(a.outdir)))
         return 0
     if a.cmd == "serve":
         from bench.serve import ServeConfig, run
