@@ -173,33 +173,52 @@ class ForeignLoad:
     """How many CPU cores processes *outside* this benchmark used during a phase.
 
     The machine is shared, so every phase records this next to its numbers: a phase that
-    ran while someone else used a core is worth less, and the report says so.
+    ran while someone else used a core is worth less, and the report says so. Our own
+    descendants are sampled every ``EVERY_S``, so one that is born and exits within the
+    phase (a trainer child, say) still counts as ours up to its last sample.
     """
+
+    EVERY_S = 0.2
 
     def __init__(self) -> None:
         self.me = psutil.Process()
+        self.first: dict[int, float] = {}  # pid -> CPU seconds when first seen (0 for one born in the phase)
+        self.last: dict[int, float] = {}  # pid -> CPU seconds when last seen
+        self.stop = threading.Event()
 
-    def _ours(self) -> float:
-        t = self.me.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
+    def _sample(self, born_now: bool) -> None:
         for p in self.me.children(recursive=True):
             try:
                 c = p.cpu_times()
-                total += c.user + c.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
+            except psutil.Error:
+                continue
+            self.first.setdefault(p.pid, 0.0 if born_now else c.user + c.system)
+            self.last[p.pid] = c.user + c.system
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.EVERY_S):
+            self._sample(born_now=True)
+
+    def _mine(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system
 
     def __enter__(self) -> ForeignLoad:
         self.t0 = time.perf_counter()
         self.sys0 = _busy_seconds()
-        self.ours0 = self._ours()
+        self.mine0 = self._mine()
+        self._sample(born_now=False)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample(born_now=True)
         wall = time.perf_counter() - self.t0
         sys_busy = _busy_seconds() - self.sys0
-        ours = self._ours() - self.ours0
+        ours = self._mine() - self.mine0 + sum(self.last[pid] - self.first[pid] for pid in self.last)
         self.cores = max(0.0, (sys_busy - ours) / wall) if wall > 0 else 0.0
         self.ours_cores = ours / wall if wall > 0 else 0.0
 

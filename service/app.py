@@ -74,6 +74,7 @@ def build_server(settings: Settings, model: ServedModel) -> tuple[Server, Engine
         prefix_cache=settings.prefix_cache == "on",
         max_loaded_adapters=settings.max_loaded_adapters,
         status_path=str(settings.worker_status_path),
+        generation_threads_path=str(settings.generation_threads_path),
         log_level=settings.log_level,
     )
     accelerator = {"cpu": {"accelerator": "cpu"}, "cuda": {"accelerator": "cuda", "devices": 1}}[model.device]

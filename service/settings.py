@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         return self.data_dir / "worker-status.json"
 
     @property
+    def generation_threads_path(self) -> Path:
+        """While a trainer child shares this CPU: the CPU threads generation keeps (the job runner writes
+        it, the generation worker reads it between steps)."""
+        return self.data_dir / "generation-threads"
+
+    @property
     def model_cache_dir(self) -> Path:
         """Where random-weights bases are built when ``allow_random_weights`` is set."""
         return self.data_dir / "models"

@@ -21,6 +21,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import litserve as ls
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker blocks on the queue before checking deadlines again
 MAX_DRAIN = 256  # queue items taken between two steps, so a flood cannot starve running rows
+THREADS_EVERY_S = 0.25  # how often the job runner's word on CPU threads is read (a trainer starts in seconds)
 PIN_CHECK_S = 0.5  # how often pinned names are checked for a newer version (a pins change: every pass)
 
 
@@ -56,6 +58,7 @@ class WorkerConfig:
     kv_cache_bytes: int | None
     max_loaded_adapters: int
     status_path: str
+    generation_threads_path: str | None = None  # the job runner's word while a trainer shares the CPU
     log_level: str = "info"
     max_context: int | None = None  # the longest row served (loracore.families.served_context)
     prefix_cache: bool = True  # --prefix-cache on (engine.prefix)
@@ -230,6 +233,12 @@ class _Driver:
         self.pins = PinsFile(lit_api.config.adapter_dir)
         self.pins_at = 0.0
         self.cache_published = -1  # the adapter cache's ``changes`` as last written to the status file
+        import torch
+
+        self.torch = torch
+        self.full_threads = torch.get_num_threads()
+        self.threads_at = 0.0
+        self.threads_published = self.full_threads
 
     # --- the loop, in execution order -----------------------------------------------------------
     def serve(self) -> None:
@@ -240,6 +249,7 @@ class _Driver:
                 return
             self.expire()
             self.sync_pins()
+            self.share_cpu()
             self.admit()
             stats = self.engine.stats()
             # a cancel, an expiry or a deleted adapter's lookup changes these between steps too
@@ -283,6 +293,25 @@ class _Driver:
             return
         self.pins_at = now
         self.metrics.record_adapter_activity(cache.take_activity())
+
+    def share_cpu(self) -> None:
+        """While a trainer runs beside generation on the CPU, the job runner names the threads generation
+        keeps (``jobs.trainer_process.generation_threads``): a decode step that spreads over the core
+        the trainer works on waits for it. Read between steps, at most every ``THREADS_EVERY_S``."""
+        path = self.api.config.generation_threads_path
+        now = time.monotonic()
+        if path is None or now - self.threads_at < THREADS_EVERY_S:
+            return
+        self.threads_at = now
+        try:
+            want = int(Path(path).read_text())
+        except (OSError, ValueError):  # no trainer beside us (or a half-written word): every thread
+            want = self.full_threads
+        want = max(1, min(want, self.full_threads))
+        if want != self.torch.get_num_threads():
+            self.torch.set_num_threads(want)
+            log.info("generation worker: %d CPU threads (a trainer %s)", want,
+                     "runs beside it" if want < self.full_threads else "no longer runs")  # fmt: skip
 
     def expire(self) -> None:
         """Answer 504 for every job past its deadline, queued or running."""
@@ -435,9 +464,16 @@ class _Driver:
         now = time.monotonic()
         changes = self.engine.adapters.changes
         idle_change = not busy and changes != self.cache_published  # busy: the next refresh carries it
-        if busy == self.busy and not idle_change and not (busy and now - self.status_at >= LOAD_EVERY_S):
+        threads_change = self.torch.get_num_threads() != self.threads_published
+        if (
+            busy == self.busy
+            and not idle_change
+            and not threads_change
+            and not (busy and now - self.status_at >= LOAD_EVERY_S)
+        ):
             return
         self.busy, self.status_at, self.cache_published = busy, now, changes
+        self.threads_published = self.torch.get_num_threads()
         stats = self.engine.stats()
         # Jobs carry name@version; routers and dashboards know adapters by name.
         waiting_adapters = {adapter_name(w.job.adapter) for w in self.waiting if w.job.adapter}
@@ -463,6 +499,7 @@ class _Driver:
                 adapter_pins=refs,
                 load=load.to_dict(),
                 kv_cache=stats["kv_cache"],
+                threads=self.torch.get_num_threads(),
             ),
         )
 

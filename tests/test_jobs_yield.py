@@ -8,7 +8,9 @@ unpaused runs is
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from datetime import datetime
@@ -68,15 +70,18 @@ def test_a_job_yields_to_live_traffic_without_being_starved(tiny_base: Path, tmp
                 time.sleep(0.1)
             load = status["load"]
             assert load["running"] >= 1 and time.time() - load["time"] < 5, status
+            full_threads = status["threads"]  # no trainer yet: torch's default, every core
 
             r = client.post("/train", json={"adapter": "yielding", "data": ROWS, "config": QUICK})
             assert r.status_code == 202, r.text
             job_id = r.json()["job_id"]
             flag = data_dir / "jobs" / job_id / "yield"
-            saw_flag, job = False, {}
+            saw_flag, job, threads_seen = False, {}, set()
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
                 saw_flag = saw_flag or flag.exists()
+                with contextlib.suppress(OSError, ValueError):
+                    threads_seen.add(json.loads((data_dir / "worker-status.json").read_text())["threads"])
                 job = client.get(f"/train/{job_id}").json()
                 if job["status"] in ("succeeded", "failed", "cancelled"):
                     break
@@ -105,3 +110,12 @@ def test_a_job_yields_to_live_traffic_without_being_starved(tiny_base: Path, tmp
         # serving idle again: the worker said so at once, and the runner lowered the flag
         status = json.loads((data_dir / "worker-status.json").read_text())
         assert status["load"]["running"] == status["load"]["waiting"] == 0
+        # while the trainer (one thread) ran, generation kept the other cores; all of them once it ended
+        beside = max(1, min(full_threads, (os.cpu_count() or 1) - 1))
+        assert min(threads_seen) == beside, (threads_seen, full_threads)
+        deadline = time.monotonic() + 10  # the runner's next pass, then the worker's next read
+        while status["threads"] != full_threads and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = json.loads((data_dir / "worker-status.json").read_text())
+        assert status["threads"] == full_threads
+        assert not (data_dir / "generation-threads").exists()

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from loracore.artifact import is_complete
+from loracore.atomic import write_atomic
 from service.jobs.checkpoints import export as export_checkpoint
 from service.jobs.checkpoints import remove_all as remove_checkpoint_versions
 from service.jobs.evaluation import served_eval
@@ -49,6 +50,7 @@ from service.jobs.publish import PublishError, publish_adapter, published_by
 from service.jobs.sql import JobStore, redact
 from service.jobs.trainer_process import (
     ProgressTail,
+    generation_threads,
     kill_group,
     kill_orphan,
     set_flag,
@@ -117,6 +119,8 @@ class Runner:
         self._last_recover = 0.0
         self._last_metrics = 0.0
         self.yielding = False  # whether the yield files are up
+        self.generation_threads: int | None = None  # as last written for the generation worker
+        settings.generation_threads_path.unlink(missing_ok=True)  # a previous runner's word
         # Final states (``_end`` arguments) that could not be written while the store was unreachable.
         self.pending: list[tuple] = []
         self.pending_logged: set[str] = set()
@@ -152,6 +156,15 @@ class Runner:
         if busy != self.yielding:
             self.yielding = busy
             _metrics().TRAIN_YIELDING.set(int(busy))
+        # while a trainer works beside generation on the CPU, generation keeps cores of its own
+        threads = generation_threads(self.settings) if self.runs else None
+        if threads != self.generation_threads:
+            path = self.settings.generation_threads_path
+            if threads is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, str(threads), durable=False)
+            self.generation_threads = threads
 
     def recover(self) -> None:
         for job, new in self.store.recover_stale(MAX_ATTEMPTS, owner_is_dead, skip_owner=self.owner):
@@ -417,6 +430,7 @@ class Runner:
             kill_group(run.proc.pid, signal.SIGKILL)
             run.proc.wait()
             self._finished(run, run.proc.returncode)
+        self.settings.generation_threads_path.unlink(missing_ok=True)
 
 
 def run_runner(settings: Settings, stop_event: multiprocessing.synchronize.Event) -> None:

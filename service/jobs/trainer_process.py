@@ -107,6 +107,19 @@ def trainer_threads(settings: Settings) -> int | None:
     return None
 
 
+def generation_threads(settings: Settings) -> int | None:
+    """CPU threads the generation worker keeps while a trainer child runs beside it (None: no change).
+
+    Measured on 2 cores (docs/jobs.md, "CPU threads"): a two-thread decode step waits on the thread that
+    shares its core with the trainer, about 2.5x slower, where one thread of its own is about 1.1x slower
+    than two on an idle CPU.
+    """
+    threads = trainer_threads(settings)
+    if threads is None or settings.device != "cpu" or not settings.serves_generation:
+        return None
+    return max(1, (os.cpu_count() or 1) - threads)
+
+
 def trainer_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the trainer exports no metrics of its own
