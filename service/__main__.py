@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m service: {exc}", file=sys.stderr)
             return 2
         device, dtype = resolve_device(settings)
+        # every process from here on (runner, trainers, worker) sees the device chosen, never "auto":
+        # the CPU thread split between a trainer and generation depends on it (jobs.trainer_process)
+        settings = settings.model_copy(update={"device": device})
 
         from service.adapters.watcher import run_watcher
         from service.app import build_server

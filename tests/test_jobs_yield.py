@@ -47,7 +47,12 @@ def test_a_job_yields_to_live_traffic_without_being_starved(tiny_base: Path, tmp
     # 6 steps) 5 s, far longer than the tiny job works; the share keeps the pauses within its work.
     env = {"LORASERVE_TRAIN_MAX_PAUSE": "5.0", "LORASERVE_TRAIN_THREADS": "1"}
     data_dir = tmp_path / "data"
-    with running_server(tiny_base, tmp_path / "adapters", data_dir, env=env) as srv, srv.client() as client:
+    # --device auto, as `make run` starts it: the CPU thread split must follow the device it resolves to
+    device = ["--device", "auto"]
+    with (
+        running_server(tiny_base, tmp_path / "adapters", data_dir, env=env, args=device) as srv,
+        srv.client() as client,
+    ):
         stop = threading.Event()
         answered: list[int] = []
 
