@@ -99,12 +99,15 @@ def test_gateway_gauges_follow_the_load_and_return_to_zero(distil_base: Path, tm
 
         assert max(g["num_requests_running"] for g in seen) == 2
         assert max(g["num_requests_waiting"] for g in seen) >= 1
-        # at most 2 rows x 1024 positions, each holding its prompt plus up to TOKENS tokens, in blocks
-        # of 16 positions (a 64-wide fp32 head's 4 KiB page): (TOKENS + 8) is a whole number of blocks
+        # at most 2 rows x 1024 positions, each holding its prompt plus up to TOKENS tokens, in blocks of
+        # one 4 KiB page of a 64-wide head (32 positions in bf16, 16 in fp32): (TOKENS + 8) is a whole
+        # number of blocks either way
+        dtype = httpx.get(f"{srv.url}/health/ready", timeout=10).json()["dtype"]
+        block = 4096 // (64 * (4 if dtype == "float32" else 2))
         assert 0 < max(g["kv_cache_usage_perc"] for g in seen) <= 2 * (TOKENS + 8) / (2 * 1024)
-        assert {kv["block_tokens"] for kv in kv_seen} == {16}
-        assert {kv["blocks_total"] for kv in kv_seen} == {2 * 1024 // 16}
-        assert 0 < max(kv["blocks_used"] for kv in kv_seen) <= 2 * (TOKENS + 8) // 16
+        assert {kv["block_tokens"] for kv in kv_seen} == {block}
+        assert {kv["blocks_total"] for kv in kv_seen} == {2 * 1024 // block}
+        assert 0 < max(kv["blocks_used"] for kv in kv_seen) <= 2 * (TOKENS + 8) // block
         running = {n for g in seen for n in g["running_lora_adapters"].split(",") if n}
         waiting = {n for g in seen for n in g["waiting_lora_adapters"].split(",") if n}
         assert running == {"alpha", "beta"}

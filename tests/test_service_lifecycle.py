@@ -53,12 +53,16 @@ def test_random_weights_api_key_and_sigterm(tmp_path: Path):
         "distilgpt2", tmp_path / "adapters", data, api_key=KEY, args=["--allow-random-weights"]
     ) as srv:
         ready = httpx.get(f"{srv.url}/health/ready").json()  # open without the key
-        batch = ready.pop("batch")  # what the batch's capacity was derived from (distilgpt2 at fp32 KV)
-        assert batch["kv_bytes_per_token"] == 2 * 6 * 768 * 4 and batch["row_tokens"] == 1024
+        batch = ready.pop("batch")  # what the batch's capacity was derived from (distilgpt2's KV shape)
+        element = 4 if ready["dtype"] == "float32" else 2  # the cache follows the weights' dtype
+        assert batch["kv_bytes_per_token"] == 2 * 6 * 768 * element and batch["row_tokens"] == 1024
         assert batch["rows"] >= 1 and batch["cap"] is None and batch["limited_by"] != "max_batch_size"
-        kv = ready.pop("kv_cache")  # the KV reservation in blocks of 16 positions, none in use while idle
-        assert kv["block_bytes"] == 16 * batch["kv_bytes_per_token"] and kv["block_tokens"] == 16
-        assert kv["blocks_total"] == batch["rows"] * 1024 // 16 and (kv["blocks_used"], kv["usage"]) == (0, 0)
+        # the KV reservation in blocks of one 4 KiB page per 64-wide head, none in use while idle
+        kv = ready.pop("kv_cache")
+        block = 4096 // (64 * element)
+        assert kv["block_bytes"] == block * batch["kv_bytes_per_token"] and kv["block_tokens"] == block
+        assert kv["blocks_total"] == batch["rows"] * 1024 // block
+        assert (kv["blocks_used"], kv["usage"]) == (0, 0)
         assert ready == {
             "status": "ready",
             "role": "all",
