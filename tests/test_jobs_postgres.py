@@ -186,6 +186,12 @@ def test_database_going_away_mid_job_loses_nothing(postgres, tiny_base: Path, tm
             log = srv.log_path.read_text()
             assert log.count("job store postgresql://loraserve:***@") >= 1 and "unreachable" in log
             assert postgres.password not in log
+            # the runner meets the outage at its next store write (a progress line, the final state):
+            # wait for its own line, so that its recovery below is exercised every time
+            deadline = time.monotonic() + 90
+            while "job runner: job store" not in srv.log_path.read_text():
+                assert time.monotonic() < deadline, "the job runner never met the outage"
+                time.sleep(0.2)
         finally:
             postgres.start()
         job = wait_job(
